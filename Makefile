@@ -1,0 +1,38 @@
+# One command each: `make test`, `make demo`. Both install into .venv first when it is missing or stale.
+PY ?= python3.11
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo lint bench proto clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH" >&2; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: this pin resolves to the local CPU wheel; anything looser pulls a multi-GB CUDA build
+	$(VPY) -m pip install --quiet torch==2.13.0
+	$(VPY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(VENV)/bin/fedkit demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check provision runtime tests bench
+
+bench: $(STAMP)
+	$(VPY) bench/provision.py
+	$(VPY) bench/round_overhead.py
+
+proto: $(STAMP)
+	$(VPY) -m grpc_tools.protoc -I runtime/proto --python_out=runtime/proto --grpc_python_out=runtime/proto runtime/proto/fedkit.proto
+	sed -i 's/^import fedkit_pb2/from . import fedkit_pb2/' runtime/proto/fedkit_pb2_grpc.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

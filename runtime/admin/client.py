@@ -1,0 +1,85 @@
+"""AdminClient: the admin service's calls as plain async methods returning Python data."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from .. import kit_config as kc
+from ..errors import FedkitError
+from ..job_spec import load_job_folder, zip_folder
+from ..proto import fedkit_pb2 as pb
+from ..transport import TlsFiles, admin_stub, call_errors, iter_chunks, open_channel
+
+COMMAND_TIMEOUT_S = 30.0
+TRANSFER_TIMEOUT_S = 3600.0
+
+
+class CommandFailed(FedkitError):
+    """The server refused or could not carry out an admin command."""
+
+
+class AdminClient:
+    def __init__(self, kit: Path):
+        startup = kit / kc.STARTUP
+        self.config = kc.load_model(startup / kc.ADMIN_CONFIG, kc.AdminKitConfig)
+        self._tls = TlsFiles(startup / self.config.cert, startup / self.config.key, startup / self.config.root_ca)
+        self._target = f"{self.config.server_host}:{self.config.admin_port}"
+        self._channel = None
+        self._stub = None
+
+    async def __aenter__(self) -> AdminClient:
+        self._channel = open_channel(self._tls, self.config.server_host, self.config.admin_port)
+        self._stub = admin_stub(self._channel)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def command(self, name: str, **args: Any) -> Any:
+        with call_errors(name, self._target):
+            reply = await self._stub.Command(pb.AdminRequest(command=name, args_json=json.dumps(args)),
+                                             timeout=COMMAND_TIMEOUT_S)
+        if not reply.ok:
+            raise CommandFailed(reply.message)
+        return json.loads(reply.data_json or "null")
+
+    async def submit_job(self, folder: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+        load_job_folder(folder, overrides)  # fail here, before the upload, on a bad folder or override
+        archive = await asyncio.to_thread(zip_folder, folder)
+        header = pb.AdminRequest(command="submit_job",
+                                 args_json=json.dumps({"folder": folder.name, "overrides": overrides or []}))
+
+        async def chunks() -> AsyncIterator[pb.UploadChunk]:
+            yield pb.UploadChunk(header=header)
+            for piece in iter_chunks(archive):
+                yield pb.UploadChunk(data=piece)
+
+        with call_errors("submit_job", self._target):
+            reply = await self._stub.Upload(chunks(), timeout=TRANSFER_TIMEOUT_S)
+        if not reply.ok:
+            raise CommandFailed(reply.message)
+        return json.loads(reply.data_json)
+
+    async def download_job(self, job_id: str, dest: Path,
+                           progress: Callable[[int], None] | None = None) -> Path:
+        """Save the job's results (models, metrics, record) as DEST/<job_id>.zip and unpack them."""
+        dest.mkdir(parents=True, exist_ok=True)
+        zip_path = dest / f"{job_id}.zip"
+        with call_errors("download_job", self._target), zip_path.open("wb") as f:
+            async for chunk in self._stub.Download(
+                    pb.AdminRequest(command="download_job", args_json=json.dumps({"job_id": job_id})),
+                    timeout=TRANSFER_TIMEOUT_S):
+                await asyncio.to_thread(f.write, chunk.data)
+                if progress:
+                    progress(len(chunk.data))
+        import zipfile
+
+        out = dest / job_id
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(out)
+        return out

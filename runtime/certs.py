@@ -1,0 +1,47 @@
+"""Certificate checks the runtime makes itself, beyond what the TLS handshake verifies:
+a process refuses to start on an expired or not-yet-valid certificate of its own, and the server
+refuses peers listed in the project's certificate revocation list (local/crl.pem)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from .errors import CertificateError
+from .identity import Identity
+
+
+def check_validity(cert: x509.Certificate, label: str, now: datetime | None = None) -> None:
+    now = now or datetime.now(UTC)
+    if now < cert.not_valid_before_utc:
+        raise CertificateError(f"{label} is not valid until {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    if now > cert.not_valid_after_utc:
+        raise CertificateError(f"{label} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+                               "ask lead IT for a new kit")
+
+
+def load_revoked_serials(crl_path: Path, root_ca: Path) -> frozenset[int]:
+    """Serial numbers revoked by the CA's CRL at `crl_path` (empty when there is no CRL file)."""
+    if not crl_path.exists():
+        return frozenset()
+    try:
+        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+        ca = x509.load_pem_x509_certificate(root_ca.read_bytes())
+    except ValueError as e:
+        raise CertificateError(f"{crl_path}: not a PEM certificate revocation list ({e})") from None
+    if not crl.is_signature_valid(ca.public_key()):
+        raise CertificateError(f"{crl_path}: not signed by this project's root CA")
+    return frozenset(r.serial_number for r in crl)
+
+
+def not_revoked(revoked: Callable[[], frozenset[int]]) -> Callable[[Identity, x509.Certificate], None]:
+    """A peer check refusing revoked certificates; `revoked` is re-read so a new CRL applies at once."""
+
+    def check(identity: Identity, cert: x509.Certificate) -> None:
+        if cert.serial_number in revoked():
+            raise CertificateError(f"certificate of '{identity.name}' has been revoked")
+
+    return check

@@ -1,0 +1,65 @@
+"""`python -m runtime.client --kit KIT_DIR`: what a client kit's start.sh runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .. import kit_config as kc
+from ..audit import AuditLog
+from ..certs import check_validity
+from ..errors import FedkitError
+from ..procs import LOG_FILE, setup_logging, stop_event_on_signals, workspace, write_pid
+from ..transport import TlsFiles
+from .daemon import ClientDaemon
+from .job_policy import JobPolicy
+
+log = logging.getLogger("fedkit.client")
+
+
+async def run(kit: Path, debug: bool) -> bool:
+    """Run the site daemon until stopped; True when the server asked for a restart."""
+    startup, local = kit / kc.STARTUP, kit / kc.LOCAL
+    cfg = kc.load_model(startup / kc.CLIENT_CONFIG, kc.ClientKitConfig)
+    settings = kc.load_optional(local / "site.yml", kc.SiteLocalSettings)
+    policy = JobPolicy.load(local / "job_policy.yml")
+    ws = workspace(kit)
+    setup_logging(ws / LOG_FILE, debug)
+    check_validity(TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca).own_certificate(),
+                   str(startup / cfg.cert))
+    write_pid(ws)
+    audit = AuditLog(ws / "audit.jsonl")
+    audit.append("client_started", site=cfg.name, org=cfg.org)
+    log.info("site %s (%s) starting; server %s:%d", cfg.name, cfg.org, cfg.server_host, cfg.fed_learn_port)
+    daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals())
+    try:
+        await daemon.run()
+    finally:
+        audit.append("client_stopped", site=cfg.name)
+        (ws / "daemon.pid").unlink(missing_ok=True)
+    return daemon.restart_requested
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedkit-client")
+    parser.add_argument("--kit", type=Path, required=True, help="the unzipped client startup kit")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        restart = asyncio.run(run(args.kit.resolve(), args.debug), debug=args.debug)
+    except FedkitError as e:
+        print(f"fedkit client: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if restart:
+        os.execv(sys.executable, [sys.executable, "-m", "runtime.client", *sys.argv[1:]])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

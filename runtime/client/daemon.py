@@ -1,0 +1,306 @@
+"""The client daemon: register with the server, heartbeat, fetch tasks, run them in the training
+worker, filter and upload the result. Reconnects with exponential backoff and jitter whenever the
+server or the link goes away, and keeps heartbeating while the worker trains.
+
+It never imports torch and never unpickles: weights are safetensors files and bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import platform
+import random
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import kit_config as kc
+from ..audit import AuditLog
+from ..errors import FedkitError, JobRejected, ServerUnreachable, SessionExpired
+from ..filters import apply_filters, build_filters
+from ..job_spec import ClientJobConfig, safe_extract, sha256_hex
+from ..proto import fedkit_pb2 as pb
+from ..transport import PayloadReceiver, TlsFiles, call_errors, federation_stub, iter_chunks, open_channel
+from ..weights import load_file, to_bytes
+from .job_policy import JobPolicy
+from .worker_handle import WorkerFailed, WorkerHandle
+
+log = logging.getLogger("fedkit.client")
+
+VERSION = "0.1.0"
+RPC_TIMEOUT_S = 30.0
+POLL_WAIT_S = 20.0
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 15.0
+MAX_TASK_BYTES = 64 << 30
+
+
+@dataclass
+class _Task:
+    header: pb.TaskHeader
+    payload: bytes
+    config: dict[str, Any]
+
+
+class ClientDaemon:
+    def __init__(self, kit: Path, cfg: kc.ClientKitConfig, settings: kc.SiteLocalSettings, ws: Path,
+                 audit: AuditLog, policy: JobPolicy, stop: asyncio.Event):
+        self._kit = kit
+        self._cfg = cfg
+        self._settings = settings
+        self._ws = ws
+        self._audit = audit
+        self._policy = policy
+        self._stop = stop
+        startup = kit / kc.STARTUP
+        self._tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
+        self._target = f"{cfg.server_host}:{cfg.fed_learn_port}"
+        self._session_id = ""
+        self._heartbeat_interval_s = settings.heartbeat_interval_s
+        self._worker: WorkerHandle | None = None
+        self._job_id = ""
+        self._round = 0
+        self._aborted: set[str] = set()
+        self._current: asyncio.Task | None = None
+        self.restart_requested = False
+        self._rng = np.random.default_rng()
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        channel = open_channel(self._tls, self._cfg.server_host, self._cfg.fed_learn_port)
+        self._stub = federation_stub(channel)
+        backoff = BACKOFF_START_S
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._register()
+                    backoff = BACKOFF_START_S
+                    await self._session()
+                except (ServerUnreachable, SessionExpired) as e:
+                    log.warning("%s; retrying in up to %.1f s", e, backoff)
+                except FedkitError as e:  # e.g. certificate refused: worth a line, and a slower retry
+                    log.error("%s", e)
+                    backoff = BACKOFF_MAX_S
+                # full jitter: many sites coming back at once do not hammer the server in step
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), random.uniform(0, backoff))
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+        finally:
+            await self._stop_worker()
+            await channel.close()
+
+    async def _register(self) -> None:
+        info = {"hostname": platform.node(), "python": platform.python_version(), "platform": platform.platform(),
+                "gpus": ",".join(map(str, self._settings.gpus))}
+        with call_errors("register", self._target):
+            reply = await self._stub.Register(
+                pb.RegisterRequest(runtime_version=VERSION, host_info_json=json.dumps(info)), timeout=RPC_TIMEOUT_S)
+        self._session_id = reply.session_id
+        self._heartbeat_interval_s = reply.heartbeat_interval_s or self._heartbeat_interval_s
+        log.info("registered with %s as %s", self._target, self._cfg.name)
+
+    async def _session(self) -> None:
+        """Heartbeat and task loops side by side until one fails or we are told to stop."""
+        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        tasks = asyncio.create_task(self._task_loop(), name="tasks")
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait({heartbeat, tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stop and t.exception():
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            for t in (heartbeat, tasks, stop):
+                t.cancel()
+            await asyncio.gather(heartbeat, tasks, stop, return_exceptions=True)
+
+    # ---- heartbeat -------------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            with call_errors("heartbeat", self._target):
+                reply = await self._stub.Heartbeat(pb.HeartbeatRequest(
+                    session_id=self._session_id, job_id=self._job_id, round=self._round), timeout=RPC_TIMEOUT_S)
+            if reply.must_reregister:
+                raise SessionExpired("server lost our session; registering again")
+            for job_id in reply.aborted_jobs:
+                await self._abandon_job(job_id)
+            if reply.control in ("shutdown", "restart"):
+                log.warning("server asked this site to %s", reply.control)
+                self._audit.append("control_received", control=reply.control)
+                self.restart_requested = reply.control == "restart"
+                self._stop.set()
+            await asyncio.sleep(self._heartbeat_interval_s)
+
+    async def _abandon_job(self, job_id: str) -> None:
+        if job_id in self._aborted:
+            return
+        self._aborted.add(job_id)
+        if self._job_id == job_id:
+            log.info("job %s ended on the server; stopping its worker", job_id)
+            if self._current is not None:
+                self._current.cancel()
+            if self._worker is not None:
+                self._worker.kill()
+            await self._stop_worker()
+            self._job_id, self._round = "", 0
+
+    # ---- tasks -----------------------------------------------------------------------------------
+
+    async def _task_loop(self) -> None:
+        while True:
+            task = await self._poll()
+            if task is None:
+                continue
+            if task.header.job_id in self._aborted:
+                continue
+            self._current = asyncio.current_task()
+            try:
+                await self._do_task(task)
+            except asyncio.CancelledError:
+                if task.header.job_id not in self._aborted:
+                    raise
+                log.info("task %s of aborted job %s dropped", task.header.task_name, task.header.job_id)
+                self._uncancel()
+            finally:
+                self._current = None
+
+    @staticmethod
+    def _uncancel() -> None:
+        current = asyncio.current_task()
+        if current is not None:
+            while current.cancelling():
+                current.uncancel()
+
+    async def _poll(self) -> _Task | None:
+        with call_errors("get task", self._target):
+            stream = self._stub.GetTask(pb.GetTaskRequest(session_id=self._session_id, wait_s=POLL_WAIT_S),
+                                        timeout=POLL_WAIT_S + RPC_TIMEOUT_S)
+            first = await anext(aiter(stream))
+            if first.WhichOneof("kind") != "header":
+                return None
+            h = first.header
+            receiver = PayloadReceiver(h.payload_bytes, MAX_TASK_BYTES, h.payload_sha256)
+            async for chunk in stream:
+                receiver.add(chunk.data)
+            payload = bytes(receiver.finish()) if h.payload_bytes else b""
+        return _Task(header=h, payload=payload, config=json.loads(h.config_json or "{}"))
+
+    async def _do_task(self, task: _Task) -> None:
+        h = task.header
+        self._job_id, self._round = h.job_id, h.round
+        job_dir = self._ws / "jobs" / h.job_id
+        round_dir = job_dir / f"round_{h.round:04d}_{h.task_name}"
+        round_dir.mkdir(parents=True, exist_ok=True)
+        self._audit.append("task_received", job_id=h.job_id, task=h.task_name, round=h.round, task_id=h.task_id,
+                           payload_sha256=h.payload_sha256)
+        try:
+            client_cfg = ClientJobConfig.model_validate(task.config.get("client", {}))
+            await self._ensure_job(h, task.config, job_dir, client_cfg)
+            n_samples, metrics, payload = await self._execute(h, task, round_dir, client_cfg)
+        except (WorkerFailed, JobRejected, FedkitError) as e:
+            log.error("job %s %s round %d failed: %s", h.job_id, h.task_name, h.round, e)
+            self._audit.append("task_failed", job_id=h.job_id, task=h.task_name, round=h.round, reason=str(e))
+            await self._submit(h, 0, {}, b"", error=str(e))
+            return
+        finally:
+            if not (task.config.get("client", {}).get("keep_updates")):
+                shutil.rmtree(round_dir, ignore_errors=True)
+        await self._submit(h, n_samples, metrics, payload)
+
+    async def _ensure_job(self, h: pb.TaskHeader, config: dict[str, Any], job_dir: Path,
+                          client_cfg: ClientJobConfig) -> None:
+        """Fetch, check and unpack the job folder, and start its worker, once per job."""
+        if self._worker is not None and self._worker.job_id == h.job_id and self._worker.alive:
+            return
+        await self._stop_worker()
+        submitter = config.get("submitter", {})
+        self._policy.check(h.job_id, submitter)  # raises JobRejected with the site's reason
+        code_dir = job_dir / "job"
+        if not code_dir.exists():
+            parts = []
+            with call_errors("get job", self._target):
+                async for chunk in self._stub.GetJob(pb.GetJobRequest(session_id=self._session_id, job_id=h.job_id),
+                                                     timeout=RPC_TIMEOUT_S * 4):
+                    parts.append(chunk.data)
+            archive = b"".join(parts)
+            digest = await asyncio.to_thread(sha256_hex, archive)
+            if h.job_sha256 and digest != h.job_sha256:
+                raise JobRejected(f"job {h.job_id}: archive hash {digest[:12]} differs from the announced one")
+            await asyncio.to_thread(safe_extract, archive, code_dir)
+            self._audit.append("job_received", job_id=h.job_id, job_name=config.get("job_name", ""),
+                               job_sha256=digest, submitter=submitter)
+        log_path = self._ws / f"worker_{h.job_id}.log"
+        self._worker = await WorkerHandle.start(
+            python=self._settings.python or "", kit=self._kit, job_dir=code_dir, work_dir=job_dir,
+            site=self._cfg.name, job_id=h.job_id, data_root=self._settings.data_root or "",
+            gpus=self._settings.gpus, learner=client_cfg.learner.path, learner_args=client_cfg.learner.args,
+            log_path=log_path)
+
+    async def _execute(self, h: pb.TaskHeader, task: _Task, round_dir: Path,
+                       client_cfg: ClientJobConfig) -> tuple[int, dict[str, Any], bytes]:
+        assert self._worker is not None
+        timeout_s = min(h.timeout_s or client_cfg.task_timeout_s, client_cfg.task_timeout_s)
+        if h.task_name == "init":
+            out = round_dir / "initial.safetensors"
+            await self._worker.call({"op": "init", "out": str(out)}, timeout_s)
+            return 0, {}, await asyncio.to_thread(out.read_bytes)
+        received = round_dir / "global_in.safetensors"
+        await asyncio.to_thread(received.write_bytes, task.payload)
+        validation = (await self._worker.call({"op": "validate", "weights": str(received)}, timeout_s))["metrics"]
+        if h.task_name == "validate":
+            return 0, {"validation": validation}, b""
+        if h.task_name != "train":
+            raise JobRejected(f"unknown task '{h.task_name}'")
+        out = round_dir / "delta_out.safetensors"
+        reply = await self._worker.call({"op": "train", "weights": str(received), "round": h.round,
+                                         "out": str(out)}, timeout_s)
+        filters = build_filters(client_cfg.filters)
+        payload = await asyncio.to_thread(self._filtered_payload, out, filters)
+        if client_cfg.keep_updates:
+            (round_dir / "update_sent.safetensors").write_bytes(payload)
+            (round_dir / "update_sent.json").write_text(json.dumps({"n_samples": reply["n_samples"],
+                                                                   "round": h.round, "task_id": h.task_id}))
+        return int(reply["n_samples"]), {"train": reply["metrics"], "validation": validation}, payload
+
+    def _filtered_payload(self, delta_path: Path, filters: list) -> bytes:
+        if not filters:
+            return delta_path.read_bytes()  # already safetensors: no need to parse and re-serialize
+        return to_bytes(apply_filters(load_file(delta_path), filters, self._rng))
+
+    async def _submit(self, h: pb.TaskHeader, n_samples: int, metrics: dict[str, Any], payload: bytes,
+                      error: str = "") -> None:
+        digest = await asyncio.to_thread(sha256_hex, payload) if payload else ""
+        header = pb.ResultHeader(session_id=self._session_id, task_id=h.task_id, n_samples=n_samples,
+                                 metrics_json=json.dumps(metrics), payload_bytes=len(payload),
+                                 payload_sha256=digest, error=error)
+
+        async def chunks() -> AsyncIterator[pb.ResultChunk]:
+            yield pb.ResultChunk(header=header)
+            for piece in iter_chunks(payload):
+                yield pb.ResultChunk(data=piece)
+
+        with call_errors("submit result", self._target):
+            reply = await self._stub.SubmitResult(chunks(), timeout=RPC_TIMEOUT_S + len(payload) / 1e6)
+        if reply.accepted:
+            self._audit.append("update_sent", job_id=h.job_id, task=h.task_name, round=h.round,
+                               n_samples=n_samples, payload_sha256=digest)
+            log.info("job %s %s round %d: result accepted (%d bytes, n_samples=%d)", h.job_id, h.task_name,
+                     h.round, len(payload), n_samples)
+        else:
+            self._audit.append("update_refused_by_server", job_id=h.job_id, round=h.round, reason=reply.reason)
+            log.warning("job %s %s round %d: server refused our result: %s", h.job_id, h.task_name, h.round,
+                        reply.reason)
+
+    async def _stop_worker(self) -> None:
+        if self._worker is not None:
+            await self._worker.stop()
+            self._worker = None

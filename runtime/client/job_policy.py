@@ -1,0 +1,32 @@
+"""A site's own say over its data: which organisations and roles may run jobs here, from the site kit's
+`local/job_policy.yml` (everything from a project_admin, org_admin or lead of any org when absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import JobRejected
+from ..identity import Role
+from ..kit_config import load_optional
+
+
+class JobPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allowed_orgs: list[str] = Field(default_factory=lambda: ["*"])
+    allowed_roles: list[Role] = Field(default_factory=lambda: [Role.PROJECT_ADMIN, Role.ORG_ADMIN, Role.LEAD])
+
+    @classmethod
+    def load(cls, path: Path) -> JobPolicy:
+        return load_optional(path, cls)
+
+    def check(self, job_id: str, submitter: dict[str, Any]) -> None:
+        """Raise JobRejected, with the reason the submitter will read, if this site refuses the job."""
+        org, role, name = submitter.get("org", ""), submitter.get("role", ""), submitter.get("name", "?")
+        if "*" not in self.allowed_orgs and org not in self.allowed_orgs:
+            raise JobRejected(f"site policy refuses job {job_id}: org '{org}' of {name} is not allowed here")
+        if role not in {r.value for r in self.allowed_roles}:
+            raise JobRejected(f"site policy refuses job {job_id}: role '{role}' of {name} may not run jobs here")

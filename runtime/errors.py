@@ -1,0 +1,77 @@
+"""fedkit's exception tree: every error a person can hit has a named class and a one-line message.
+
+    FedkitError                    base; str(e) is the one line the CLI prints
+    ├── ProjectConfigError         project.yml is malformed (names file, participant, field)
+    ├── ConfigError                a kit, job or local settings file is malformed
+    ├── CertificateError           a certificate is missing, foreign, expired or of the wrong kind
+    ├── KitTamperedError           a startup kit's files differ from its signed manifest
+    ├── ServerUnreachable          the federated server did not answer within its deadline
+    ├── SessionExpired             the server no longer knows this site's session: register again
+    ├── JobRejected                a job folder or submission was refused (bad folder, policy, auth)
+    ├── PermissionDenied           an admin's role does not allow a command
+    ├── UpdateRejected             a site's model update failed validation (names, shapes, NaN, size)
+    └── AuditChainBroken           an audit log's hash chain does not verify
+
+Only the CLI layer catches these; everything below raises. This module never imports grpc or torch.
+"""
+
+from __future__ import annotations
+
+
+class FedkitError(Exception):
+    """Base of every fedkit error; its message is a single line meant for a person."""
+
+
+class ProjectConfigError(FedkitError):
+    """project.yml is malformed."""
+
+
+class ConfigError(FedkitError):
+    """A kit, job or local settings file is malformed."""
+
+
+class CertificateError(FedkitError):
+    """A certificate is missing, foreign, expired or of the wrong kind."""
+
+
+class KitTamperedError(FedkitError):
+    """A startup kit's files differ from its signed manifest."""
+
+
+class ServerUnreachable(FedkitError):
+    """The federated server did not answer within its deadline."""
+
+
+class SessionExpired(FedkitError):
+    """The server no longer knows this site's session (it restarted, or the site was presumed dead)."""
+
+
+class JobRejected(FedkitError):
+    """A job folder or submission was refused."""
+
+
+class PermissionDenied(FedkitError):
+    """An admin's role does not allow this command."""
+
+
+class UpdateRejected(FedkitError):
+    """A site's model update failed validation."""
+
+
+class AuditChainBroken(FedkitError):
+    """An audit log's hash chain does not verify."""
+
+
+__all__ = [
+    "AuditChainBroken",
+    "CertificateError",
+    "ConfigError",
+    "FedkitError",
+    "JobRejected",
+    "KitTamperedError",
+    "PermissionDenied",
+    "ProjectConfigError",
+    "ServerUnreachable",
+    "SessionExpired",
+    "UpdateRejected",
+]

@@ -1,0 +1,111 @@
+"""Privacy filters applied on the site to the delta before it leaves. Pure NumPy; no torch.
+
+    exclude_vars        drop named tensors (regex) from what is sent
+    percentile          send only the largest-magnitude fraction of each tensor's entries (rest zeroed)
+    gaussian_dp         clip the whole delta to an L2 norm, then add Gaussian noise (sigma * clip)
+    svt                 sparse vector technique: noisy threshold selection of a fraction of entries
+
+Each filter is a function (delta, rng) -> delta; `build_filters` turns config_fed_client.yml entries
+into them and rejects unknown names or arguments with a one-line error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+from .weights import Weights
+
+Filter = Callable[[Weights, np.random.Generator], Weights]
+
+
+def exclude_vars(pattern: str) -> Filter:
+    regex = re.compile(pattern)
+
+    def apply(delta: Weights, rng: np.random.Generator) -> Weights:
+        return {k: v for k, v in delta.items() if not regex.search(k)}
+
+    return apply
+
+
+def percentile(fraction: float = 0.1) -> Filter:
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"percentile filter: fraction must be in (0, 1], got {fraction}")
+
+    def apply(delta: Weights, rng: np.random.Generator) -> Weights:
+        out = {}
+        for k, v in delta.items():
+            if v.dtype.kind != "f" or v.size == 0:
+                out[k] = v
+                continue
+            keep = max(1, int(np.ceil(fraction * v.size)))
+            threshold = np.partition(np.abs(v).ravel(), v.size - keep)[v.size - keep]
+            out[k] = np.where(np.abs(v) >= threshold, v, 0).astype(v.dtype)
+        return out
+
+    return apply
+
+
+def gaussian_dp(clip_norm: float = 1.0, noise_multiplier: float = 1.0) -> Filter:
+    if clip_norm <= 0 or noise_multiplier < 0:
+        raise ConfigError("gaussian_dp filter: clip_norm must be > 0 and noise_multiplier >= 0")
+
+    def apply(delta: Weights, rng: np.random.Generator) -> Weights:
+        floats = [v for v in delta.values() if v.dtype.kind == "f"]
+        norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in floats)))
+        scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+        sigma = noise_multiplier * clip_norm
+        return {k: (v * scale + rng.normal(0.0, sigma, v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
+                for k, v in delta.items()}
+
+    return apply
+
+
+def svt(fraction: float = 0.1, epsilon: float = 1.0, clip: float = 0.01) -> Filter:
+    """Simplified SVT: clip each entry to [-clip, clip], pick entries whose noisy magnitude passes a noisy
+    threshold (the (1-fraction) quantile), and release them with Laplace noise."""
+    if not 0 < fraction <= 1 or epsilon <= 0 or clip <= 0:
+        raise ConfigError("svt filter: need 0 < fraction <= 1, epsilon > 0, clip > 0")
+
+    def apply(delta: Weights, rng: np.random.Generator) -> Weights:
+        out = {}
+        for k, v in delta.items():
+            if v.dtype.kind != "f" or v.size == 0:
+                out[k] = v
+                continue
+            c = np.clip(v, -clip, clip)
+            b = 2 * clip / epsilon
+            threshold = np.quantile(np.abs(c), 1 - fraction) + rng.laplace(0, b)
+            chosen = np.abs(c) + rng.laplace(0, 2 * b, c.shape) >= threshold
+            out[k] = np.where(chosen, c + rng.laplace(0, b, c.shape), 0).astype(v.dtype)
+        return out
+
+    return apply
+
+
+FILTERS: dict[str, Callable[..., Filter]] = {
+    "exclude_vars": exclude_vars, "percentile": percentile, "gaussian_dp": gaussian_dp, "svt": svt,
+}
+
+
+def build_filters(entries: list[Any]) -> list[Filter]:
+    built = []
+    for entry in entries:
+        factory = FILTERS.get(entry.name)
+        if factory is None:
+            raise ConfigError(f"config_fed_client.yml: unknown filter '{entry.name}' (known: {', '.join(FILTERS)})")
+        try:
+            built.append(factory(**entry.args))
+        except TypeError as e:
+            raise ConfigError(f"config_fed_client.yml: filter '{entry.name}': {e}") from None
+    return built
+
+
+def apply_filters(delta: Weights, filters: list[Filter], rng: np.random.Generator) -> Weights:
+    for f in filters:
+        delta = f(delta, rng)
+    return delta

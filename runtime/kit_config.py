@@ -1,0 +1,133 @@
+"""The schemas of what a startup kit holds: `startup/fed_*.json` (written by provisioning) and the
+site-owned `local/*.yml` settings (written by site IT).
+
+Provisioning imports these models to write the files, the runtime to read them, so both always agree.
+Loading raises ConfigError naming the file and the field; it never returns a half-valid config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+from .identity import Role
+
+# File names inside a kit, in one place.
+STARTUP = "startup"
+LOCAL = "local"
+SERVER_CONFIG = "fed_server.json"
+CLIENT_CONFIG = "fed_client.json"
+ADMIN_CONFIG = "fed_admin.json"
+SIGNATURE = "signature.json"
+ROOT_CA = "rootCA.pem"
+REVOCATION_LIST = "crl.pem"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClientEntry(_Strict):
+    name: str
+    org: str
+
+
+class AdminEntry(_Strict):
+    name: str
+    org: str
+    role: Role
+
+
+class ServerKitConfig(_Strict):
+    """startup/fed_server.json"""
+
+    project: str
+    name: str = Field(description="the server's TLS host name (CN and first SAN)")
+    org: str
+    fed_learn_port: int
+    admin_port: int
+    cert: str = "server.crt"
+    key: str = "server.key"
+    root_ca: str = ROOT_CA
+    clients: list[ClientEntry] = Field(default_factory=list, description="the roster of client sites")
+    admins: list[AdminEntry] = Field(default_factory=list)
+
+
+class ClientKitConfig(_Strict):
+    """startup/fed_client.json"""
+
+    project: str
+    name: str
+    org: str
+    server_host: str
+    fed_learn_port: int
+    cert: str = "client.crt"
+    key: str = "client.key"
+    root_ca: str = ROOT_CA
+
+
+class AdminKitConfig(_Strict):
+    """startup/fed_admin.json"""
+
+    project: str
+    name: str
+    org: str
+    role: Role
+    server_host: str
+    admin_port: int
+    cert: str = "client.crt"
+    key: str = "client.key"
+    root_ca: str = ROOT_CA
+
+
+class ServerLocalSettings(_Strict):
+    """local/server.yml (optional; defaults apply when absent)."""
+
+    listen_host: str | None = Field(None, description="address to bind; default: the server's host name")
+    heartbeat_timeout_s: float = 30.0
+    max_update_bytes_factor: float = Field(1.5, description="largest accepted update, as a multiple of the model")
+    max_concurrent_uploads: int = Field(2, description="updates buffered at once; bounds server memory")
+
+
+class SiteLocalSettings(_Strict):
+    """local/site.yml on a client site (optional; defaults apply when absent)."""
+
+    data_root: str | None = Field(None, description="folder holding this site's data; passed to the learner")
+    gpus: list[int] = Field(default_factory=list, description="GPU indices the learner may use; [] = CPU")
+    heartbeat_interval_s: float = 5.0
+    python: str | None = Field(None, description="interpreter for the training worker; default: this one")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    return f"{path}: field '{where}': {first['msg']}"
+
+
+def load_model(path: Path, model: type[M]) -> M:
+    """Load a JSON or YAML file into `model`; raise ConfigError with one line naming file and field."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'yaml'}: {str(e).splitlines()[0]}") from None
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(path, e)) from None
+
+
+def load_optional(path: Path, model: type[M]) -> M:
+    """Like load_model, but a missing file yields the model's defaults."""
+    return load_model(path, model) if path.exists() else model()

@@ -1,0 +1,293 @@
+"""Verify a startup kit against its signed manifest, from inside the kit.
+
+A kit's `startup/signature.json` lists the SHA-256 of every file the kit was issued with, and an ECDSA
+(P-256, SHA-256) signature by the study's root CA over a canonical JSON form of that list. This module
+holds the one definition of which files are covered, how they are hashed and what bytes are signed;
+provisioning imports these functions to sign, so signer and verifier cannot disagree.
+
+It runs before anything else in a kit (`start.sh` calls `python -m runtime.kitsig KIT_DIR`), so it imports
+only the standard library and `cryptography`, never `provision`, grpc or torch, and it never writes into
+the kit. It answers with a per-file report (ok, changed, missing, extra) rather than a bare bool, so a
+person can see what differs.
+
+Not covered, because site IT or the running runtime owns them: everything under `local/` except the
+`*.example` files, everything under `workspace/`, and `*.pyc` files inside `__pycache__/` folders.
+A `*.pyc` anywhere else is reported as extra: with the kit on PYTHONPATH, a stray `json.pyc` at the kit's
+top would shadow the standard library, so it must not pass silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .errors import ConfigError, KitTamperedError
+
+# Same names as runtime.kit_config's STARTUP/SIGNATURE/ROOT_CA (a test pins them equal); spelled out here
+# so this check needs only `cryptography`, not pydantic or yaml, on a host that only runs docker.sh.
+SIGNATURE_PATH = "startup/signature.json"
+ROOT_CA_PATH = "startup/rootCA.pem"
+MANIFEST_FORMAT = 1
+SIGNATURE_ALGORITHM = "ecdsa-p256-sha256"
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+class FileStatus(StrEnum):
+    OK = "ok"
+    CHANGED = "changed"
+    MISSING = "missing"
+    EXTRA = "extra"
+
+
+_STATUS_TEXT = {
+    FileStatus.CHANGED: "changed since the kit was signed",
+    FileStatus.MISSING: "missing (listed in signature.json)",
+    FileStatus.EXTRA: "extra (not listed in signature.json)",
+}
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """One file's verdict; `path` is kit-relative with forward slashes."""
+
+    path: str
+    status: FileStatus
+
+
+@dataclass(frozen=True)
+class KitReport:
+    """The outcome of checking one kit: per-file verdicts plus whether the signature itself holds.
+
+    `signature_problem` is None when signature.json was signed by the trusted root CA; otherwise it says
+    why not, in one line. `files` is sorted by path and is empty when signature.json could not be read.
+    """
+
+    kit_dir: Path
+    files: tuple[FileCheck, ...]
+    signature_problem: str | None
+
+    @property
+    def is_intact(self) -> bool:
+        return self.signature_problem is None and all(f.status is FileStatus.OK for f in self.files)
+
+    def problems(self) -> list[str]:
+        """One line per problem, kit-relative paths first so the lines sort and grep well."""
+        lines = [f"{SIGNATURE_PATH}: {self.signature_problem}"] if self.signature_problem else []
+        lines += [f"{f.path}: {_STATUS_TEXT[f.status]}" for f in self.files if f.status is not FileStatus.OK]
+        return lines
+
+    def raise_if_tampered(self) -> None:
+        """Raise KitTamperedError (first problem, and how many more) unless the kit is intact."""
+        problems = self.problems()
+        if problems:
+            more = f" (+{len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise KitTamperedError(f"{self.kit_dir}: {problems[0]}{more}; re-unzip the kit you were sent")
+
+
+def is_covered(rel_path: str) -> bool:
+    """Whether a kit-relative POSIX path is part of the signed manifest (see the module docstring)."""
+    parts = PurePosixPath(rel_path).parts
+    if not parts or rel_path == SIGNATURE_PATH:
+        return False
+    if parts[0] == "workspace":
+        return False
+    if parts[0] == "local" and not rel_path.endswith(".example"):
+        return False
+    return not ("__pycache__" in parts[:-1] and parts[-1].endswith(".pyc"))
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks so a large file never sits whole in memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def kit_files(kit_dir: Path) -> list[str]:
+    """Every covered file under `kit_dir`, as sorted kit-relative POSIX paths.
+
+    Symlinked folders are not followed (their files then show up as missing); skipped folders
+    (`workspace/`, `__pycache__/` and non-example `local/` files) are never read.
+    """
+    found: list[str] = []
+    for root, dirs, files in os.walk(kit_dir):
+        rel_root = Path(root).relative_to(kit_dir).as_posix()
+        if rel_root == "." and "workspace" in dirs:
+            dirs.remove("workspace")
+        for name in files:
+            rel = name if rel_root == "." else f"{rel_root}/{name}"
+            if is_covered(rel):
+                found.append(rel)
+    return sorted(found)
+
+
+def manifest_of_dir(kit_dir: Path) -> dict[str, str]:
+    """kit-relative path -> SHA-256 hex of every covered file on disk."""
+    return {rel: hash_file(kit_dir / rel) for rel in kit_files(kit_dir)}
+
+
+def signed_payload(files: Mapping[str, str], signed_by: str) -> bytes:
+    """The exact bytes the CA signs: canonical JSON (sorted keys, no spaces, ASCII) of the manifest."""
+    body = {
+        "algorithm": SIGNATURE_ALGORITHM,
+        "files": dict(sorted(files.items())),
+        "format": MANIFEST_FORMAT,
+        "signed_by": signed_by,
+    }
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def signature_document(files: Mapping[str, str], signed_by: str, signature: bytes) -> bytes:
+    """The bytes of `startup/signature.json`: the manifest, readable, plus the base64 signature."""
+    body = json.loads(signed_payload(files, signed_by))
+    body["signature"] = base64.b64encode(signature).decode("ascii")
+    return (json.dumps(body, indent=2, sort_keys=True) + "\n").encode("ascii")
+
+
+@dataclass(frozen=True)
+class _SignedManifest:
+    files: dict[str, str]
+    signed_by: str
+    signature: bytes
+
+
+def _read_signature(path: Path) -> _SignedManifest | str:
+    """Parse signature.json; on failure return the one-line reason instead."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return "missing; this folder is not a signed fedkit kit"
+    except (OSError, ValueError) as e:
+        return f"unreadable ({e.__class__.__name__}: {e})"
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+        return f"unsupported format (expected format {MANIFEST_FORMAT})"
+    if doc.get("algorithm") != SIGNATURE_ALGORITHM:
+        return f"unsupported algorithm {doc.get('algorithm')!r} (expected {SIGNATURE_ALGORITHM})"
+    files, signed_by, sig_text = doc.get("files"), doc.get("signed_by"), doc.get("signature")
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        return "malformed 'files' (expected a mapping of path to sha256)"
+    if not isinstance(signed_by, str) or not isinstance(sig_text, str):
+        return "malformed ('signed_by' and 'signature' must be strings)"
+    try:
+        signature = base64.b64decode(sig_text, validate=True)
+    except (binascii.Error, ValueError):
+        return "malformed 'signature' (not base64)"
+    return _SignedManifest(files=files, signed_by=signed_by, signature=signature)
+
+
+def _check_signature(manifest: _SignedManifest, ca_pem: bytes, ca_label: str) -> str | None:
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError:
+        return f"cannot check: {ca_label} is not a PEM certificate"
+    public_key = ca_cert.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        return f"cannot check: {ca_label} does not hold an EC key"
+    try:
+        public_key.verify(
+            manifest.signature,
+            signed_payload(manifest.files, manifest.signed_by),
+            ec.ECDSA(hashes.SHA256()),
+        )
+    except InvalidSignature:
+        return f"signature does not verify against {ca_label}"
+    return None
+
+
+def verify_kit(kit_dir: Path, root_ca_pem: bytes | None = None) -> KitReport:
+    """Check every file of the kit in `kit_dir` against its signed manifest.
+
+    `root_ca_pem` is the CA to trust; None trusts the kit's own `startup/rootCA.pem`, which catches
+    accidental and in-transit changes but not a kit re-signed by someone else's CA (pass the study CA
+    obtained separately for that). Raises ConfigError only when `kit_dir` is not a folder; every other
+    finding is in the report.
+    """
+    kit_dir = Path(kit_dir)
+    if not kit_dir.is_dir():
+        raise ConfigError(f"{kit_dir}: not a folder; pass the unzipped kit's top folder")
+    manifest = _read_signature(kit_dir / SIGNATURE_PATH)
+    if isinstance(manifest, str):
+        return KitReport(kit_dir=kit_dir, files=(), signature_problem=manifest)
+
+    on_disk = manifest_of_dir(kit_dir)
+    checks = []
+    for rel in sorted(set(on_disk) | set(manifest.files)):
+        if rel not in on_disk:
+            status = FileStatus.MISSING
+        elif rel not in manifest.files:
+            status = FileStatus.EXTRA
+        else:
+            status = FileStatus.OK if on_disk[rel] == manifest.files[rel] else FileStatus.CHANGED
+        checks.append(FileCheck(path=rel, status=status))
+
+    if root_ca_pem is None:
+        try:
+            ca_pem, ca_label = (kit_dir / ROOT_CA_PATH).read_bytes(), ROOT_CA_PATH
+        except OSError:
+            return KitReport(kit_dir, tuple(checks), f"cannot check: {ROOT_CA_PATH} is unreadable")
+    else:
+        ca_pem, ca_label = root_ca_pem, "the given root CA"
+    problem = _check_signature(manifest, ca_pem, ca_label)
+    return KitReport(kit_dir=kit_dir, files=tuple(checks), signature_problem=problem)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m runtime.kitsig KIT_DIR [--ca PEM]`: print one line per problem to stderr; 0 when intact."""
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime.kitsig", description="Verify a fedkit startup kit."
+    )
+    parser.add_argument("kit_dir", type=Path)
+    parser.add_argument("--ca", type=Path, help="root CA to trust (default: the kit's startup/rootCA.pem)")
+    args = parser.parse_args(argv)
+    try:
+        ca_pem = args.ca.read_bytes() if args.ca else None
+        report = verify_kit(args.kit_dir, ca_pem)
+    except OSError as e:
+        print(f"{args.ca}: cannot read ({e.strerror})", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    for line in report.problems():
+        print(f"{args.kit_dir}/{line}", file=sys.stderr)
+    return 0 if report.is_intact else 1
+
+
+__all__ = [
+    "FileCheck",
+    "FileStatus",
+    "KitReport",
+    "hash_file",
+    "is_covered",
+    "kit_files",
+    "manifest_of_dir",
+    "sha256_hex",
+    "signature_document",
+    "signed_payload",
+    "verify_kit",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""`python -m runtime.server --kit KIT_DIR`: what the server kit's start.sh runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from ..errors import FedkitError
+from .app import serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedkit-server")
+    parser.add_argument("--kit", type=Path, required=True, help="the unzipped server startup kit")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        asyncio.run(serve(args.kit.resolve(), debug=args.debug), debug=args.debug)
+    except FedkitError as e:
+        print(f"fedkit server: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Wires the server together from its kit and runs it until SIGTERM or an admin's shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from .. import kit_config as kc
+from ..audit import AuditLog
+from ..certs import check_validity, load_revoked_serials, not_revoked
+from ..identity import Kind
+from ..procs import LOG_FILE, setup_logging, stop_event_on_signals, workspace, write_pid
+from ..transport import RpcServer, TlsFiles, require_kind
+from .admin_service import AdminService
+from .authz import Policy
+from .federation import FederationService
+from .job_store import JobStore
+from .registry import Registry
+from .runner import JobRunner
+from .taskboard import TaskBoard
+
+log = logging.getLogger("fedkit.server")
+
+
+class _Crl:
+    """The revocation list, re-read when its file changes."""
+
+    def __init__(self, path: Path, root_ca: Path):
+        self._path, self._root_ca = path, root_ca
+        self._mtime: float | None = None
+        self._serials: frozenset[int] = frozenset()
+
+    def __call__(self) -> frozenset[int]:
+        mtime = self._path.stat().st_mtime if self._path.exists() else None
+        if mtime != self._mtime:
+            self._serials = load_revoked_serials(self._path, self._root_ca)
+            self._mtime = mtime
+        return self._serials
+
+
+async def serve(kit: Path, debug: bool = False) -> None:
+    startup, local = kit / kc.STARTUP, kit / kc.LOCAL
+    cfg = kc.load_model(startup / kc.SERVER_CONFIG, kc.ServerKitConfig)
+    settings = kc.load_optional(local / "server.yml", kc.ServerLocalSettings)
+    ws = workspace(kit)
+    setup_logging(ws / LOG_FILE, debug)
+    tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
+    check_validity(tls.own_certificate(), f"{startup / cfg.cert}")
+    crl = _Crl(local / kc.REVOCATION_LIST, tls.root_ca)
+    crl()  # a malformed CRL stops the start, with its reason
+
+    audit = AuditLog(ws / "audit.jsonl")
+    registry = Registry(settings.heartbeat_timeout_s, time.monotonic)
+    board = TaskBoard(time.monotonic)
+    runner = JobRunner(JobStore(ws / "jobs"), board, registry, audit, settings.max_update_bytes_factor)
+    controls: dict[str, str] = {}
+    stop = stop_event_on_signals()
+    heartbeat_interval_s = min(5.0, settings.heartbeat_timeout_s / 4)
+    federation = FederationService(registry, board, runner, audit, heartbeat_interval_s,
+                                   settings.max_concurrent_uploads, controls)
+    admin = AdminService(runner, registry, Policy.load(local / "authorization.yml"), audit, cfg.org,
+                         ws / LOG_FILE, controls, stop.set)
+
+    host = settings.listen_host or cfg.name
+    fed_server = RpcServer(tls, host, cfg.fed_learn_port)
+    fed_server.add_federation(federation, require_kind(Kind.CLIENT, not_revoked(crl)))
+    admin_server = RpcServer(tls, host, cfg.admin_port)
+    admin_server.add_admin(admin, require_kind(Kind.ADMIN, not_revoked(crl)))
+    await fed_server.start()
+    await admin_server.start()
+    write_pid(ws)
+    audit.append("server_started", project=cfg.project, name=cfg.name)
+    log.info("server %s for project %s listening on %s:%d (federation) and :%d (admin)",
+             cfg.name, cfg.project, host, cfg.fed_learn_port, cfg.admin_port)
+
+    runner_task = asyncio.create_task(runner.run_forever(), name="job-runner")
+    stop_wait = asyncio.create_task(stop.wait())
+    await asyncio.wait({runner_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if runner_task.done() and runner_task.exception():
+        log.error("job runner stopped: %s", runner_task.exception())
+    log.info("server shutting down")
+    runner_task.cancel()
+    stop_wait.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner_task
+    await fed_server.stop(2.0)
+    await admin_server.stop(2.0)
+    audit.append("server_stopped", name=cfg.name)
+    (ws / "daemon.pid").unlink(missing_ok=True)

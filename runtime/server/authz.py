@@ -1,0 +1,74 @@
+"""Who may run which admin command on what. The role comes from the admin's certificate; the policy
+from the server kit's `local/authorization.yml` (the defaults below when absent).
+
+A policy maps role -> command -> scope:
+    any       on anything
+    own_org   only on sites (or the server) of the admin's own organisation
+    own_jobs  only on jobs the admin submitted
+A command missing from a role's map (and no "*" entry) is denied.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import RootModel
+
+from ..errors import PermissionDenied
+from ..identity import Identity, Role
+from ..kit_config import load_model
+
+
+class Scope(StrEnum):
+    ANY = "any"
+    OWN_ORG = "own_org"
+    OWN_JOBS = "own_jobs"
+
+
+READ_ONLY = {"help": Scope.ANY, "check_status": Scope.ANY, "list_jobs": Scope.ANY, "show_job": Scope.ANY}
+
+DEFAULT_POLICY: dict[str, dict[str, Scope]] = {
+    Role.PROJECT_ADMIN: {"*": Scope.ANY},
+    Role.ORG_ADMIN: {**READ_ONLY, "download_job": Scope.ANY, "sys_info": Scope.OWN_ORG,
+                     "tail_log": Scope.OWN_ORG, "shutdown_client": Scope.OWN_ORG,
+                     "restart_client": Scope.OWN_ORG},
+    Role.LEAD: {**READ_ONLY, "submit_job": Scope.ANY, "abort_job": Scope.OWN_JOBS, "clone_job": Scope.OWN_JOBS,
+                "delete_job": Scope.OWN_JOBS, "download_job": Scope.OWN_JOBS},
+    Role.MEMBER: dict(READ_ONLY),
+}
+
+
+class _PolicyFile(RootModel[dict[Role, dict[str, Scope]]]):
+    pass
+
+
+class Policy:
+    def __init__(self, rules: dict[str, dict[str, Scope]]):
+        self._rules = rules
+
+    @classmethod
+    def load(cls, path: Path) -> Policy:
+        if not path.exists():
+            return cls(DEFAULT_POLICY)
+        parsed = load_model(path, _PolicyFile).root
+        return cls({role.value: rules for role, rules in parsed.items()})
+
+    def scope(self, admin: Identity, command: str) -> Scope:
+        """The scope `admin` holds for `command`; raises PermissionDenied when none."""
+        role = admin.role.value if admin.role else ""
+        rules = self._rules.get(role, {})
+        scope = rules.get(command) or rules.get("*")
+        if scope is None:
+            raise PermissionDenied(f"role '{role}' may not run '{command}'")
+        return scope
+
+    def check(self, admin: Identity, command: str, target_org: str | None = None,
+              job_submitter: str | None = None) -> None:
+        """Raise PermissionDenied unless `admin` may run `command` on this target."""
+        scope = self.scope(admin, command)
+        if scope is Scope.OWN_ORG and target_org is not None and target_org != admin.org:
+            raise PermissionDenied(f"role '{admin.role}' may run '{command}' only on sites of org '{admin.org}'")
+        if scope is Scope.OWN_JOBS and job_submitter is not None and job_submitter != admin.name:
+            raise PermissionDenied(f"role '{admin.role}' may run '{command}' only on its own jobs "
+                                   f"(this one was submitted by {job_submitter})")

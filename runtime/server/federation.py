@@ -1,0 +1,131 @@
+"""The Federation service's behaviour, free of gRPC: register, heartbeat, hand out tasks, stream job
+archives, and take results in. Identity always comes from the caller's certificate (`peer`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from ..audit import AuditLog
+from ..errors import JobRejected, SessionExpired, UpdateRejected
+from ..identity import Identity
+from ..proto import fedkit_pb2 as pb
+from ..transport import PayloadReceiver, iter_chunks
+from .controller import decode_metrics
+from .registry import Registry
+from .runner import JobRunner
+from .taskboard import TaskBoard
+
+log = logging.getLogger(__name__)
+
+MAX_POLL_S = 30.0
+
+
+class FederationService:
+    def __init__(self, registry: Registry, board: TaskBoard, runner: JobRunner, audit: AuditLog,
+                 heartbeat_interval_s: float, max_concurrent_uploads: int, controls: dict[str, str]):
+        self._registry = registry
+        self._board = board
+        self._runner = runner
+        self._audit = audit
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._controls = controls  # site -> control word an admin queued for it
+        self.site_logs: dict[str, str] = {}
+        # Bounds the update buffers held at once, so server memory stays O(model), not O(sites x model).
+        self._upload_slots = asyncio.Semaphore(max_concurrent_uploads)
+
+    def _check_session(self, peer: Identity, session_id: str) -> None:
+        session = self._registry.session(peer.name)
+        if session is None or session.session_id != session_id:
+            raise SessionExpired(f"unknown session for {peer.name}; register again")
+
+    async def register(self, peer: Identity, request: pb.RegisterRequest) -> pb.RegisterReply:
+        try:
+            host_info = json.loads(request.host_info_json or "{}")
+        except json.JSONDecodeError:
+            host_info = {}
+        session, rejoin = self._registry.register(peer, {str(k): str(v) for k, v in dict(host_info).items()})
+        resent = self._board.resend_all(peer.name) if rejoin else 0
+        log.info("site %s (%s) %s%s", peer.name, peer.org, "rejoined" if rejoin else "registered",
+                 f", {resent} unanswered task(s) resent" if resent else "")
+        self._audit.append("site_registered", site=peer.name, org=peer.org, rejoin=rejoin)
+        return pb.RegisterReply(session_id=session.session_id, heartbeat_interval_s=self._heartbeat_interval_s)
+
+    async def heartbeat(self, peer: Identity, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        known = self._registry.touch(peer.name, request.session_id, request.job_id, request.round)
+        stale: list[str] = []
+        current = self._runner.current
+        if request.job_id and (current is None or current.record.job_id != request.job_id):
+            stale.append(request.job_id)  # finished, aborted or never ours: the site should stop it
+        if request.log_tail:
+            self.site_logs[peer.name] = request.log_tail
+        control = self._controls.pop(peer.name, "") if known else ""
+        if control:
+            self._audit.append("control_delivered", site=peer.name, control=control)
+        return pb.HeartbeatReply(must_reregister=not known, aborted_jobs=stale, control=control)
+
+    async def get_task(self, peer: Identity, request: pb.GetTaskRequest) -> AsyncIterator[pb.TaskChunk]:
+        self._check_session(peer, request.session_id)
+        self._registry.touch(peer.name, request.session_id)
+        task = await self._board.next_for(peer.name, min(max(request.wait_s, 0.0), MAX_POLL_S))
+        if task is None:
+            yield pb.TaskChunk(idle=pb.Idle())
+            return
+        payload = task.payload
+        try:
+            yield pb.TaskChunk(header=pb.TaskHeader(
+                task_id=task.task_id, job_id=task.job_id, task_name=task.name, round=task.round,
+                config_json=json.dumps(task.config), payload_bytes=len(payload),
+                payload_sha256=task.payload_sha256, timeout_s=task.timeout_s, job_sha256=task.job_sha256))
+            for chunk in iter_chunks(payload):
+                yield pb.TaskChunk(data=chunk)
+        except BaseException:
+            self._board.unsend(task)  # the transfer broke: offer the task again
+            raise
+        self._audit.append("task_sent", site=peer.name, job_id=task.job_id, task=task.name, round=task.round,
+                           task_id=task.task_id)
+
+    async def get_job(self, peer: Identity, request: pb.GetJobRequest) -> AsyncIterator[pb.DataChunk]:
+        self._check_session(peer, request.session_id)
+        current = self._runner.current
+        if current is None or current.record.job_id != request.job_id:
+            raise JobRejected(f"job {request.job_id} is not running")
+        archive = await asyncio.to_thread(self._runner.store.archive, request.job_id)
+        for chunk in iter_chunks(archive):
+            yield pb.DataChunk(data=chunk)
+
+    async def submit_result(self, peer: Identity, chunks: AsyncIterator[pb.ResultChunk]) -> pb.SubmitReply:
+        first = await anext(chunks, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise UpdateRejected("result stream must start with a header")
+        header = first.header
+        self._check_session(peer, header.session_id)
+        self._registry.touch(peer.name, header.session_id)
+        try:
+            task = self._board.claim(header.task_id, peer.name)
+            controller = self._runner.controller_for(task.job_id)
+            metrics = decode_metrics(header.metrics_json)
+            payload = None
+            if header.payload_bytes and not header.error:
+                async with self._upload_slots:
+                    receiver = PayloadReceiver(header.payload_bytes, controller.max_payload_bytes(task),
+                                               header.payload_sha256)
+                    async for chunk in chunks:
+                        if chunk.WhichOneof("kind") != "data":
+                            raise UpdateRejected("a second header inside one result stream")
+                        receiver.add(chunk.data)
+                    payload = receiver.finish()
+                    await controller.accept_result(task, int(header.n_samples), metrics, header.error, payload)
+                    del payload, receiver
+            else:
+                await controller.accept_result(task, int(header.n_samples), metrics, header.error, None)
+        except (UpdateRejected, JobRejected) as e:
+            log.warning("result from %s refused: %s", peer.name, e)
+            self._audit.append("result_refused", site=peer.name, task_id=header.task_id[:24], reason=str(e))
+            return pb.SubmitReply(accepted=False, reason=str(e))
+        self._audit.append("result_accepted", site=peer.name, job_id=task.job_id, round=task.round,
+                           task=task.name, n_samples=int(header.n_samples),
+                           payload_sha256=header.payload_sha256)
+        return pb.SubmitReply(accepted=True)

@@ -1,0 +1,141 @@
+"""Jobs on the server's disk: the submitted archive, its record (state, submitter, timings, metrics)
+and its outputs (models, per-round metrics). Everything a restart needs to resume lives here.
+
+    <workspace>/jobs/<job_id>/
+        job.zip  record.json  progress.json  metrics.jsonl
+        models/initial.safetensors  global.safetensors  best.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from ..errors import JobRejected
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+FINAL_STATES = (JobState.FINISHED, JobState.FAILED, JobState.ABORTED)
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    name: str
+    state: JobState
+    submitter: str
+    submitter_org: str
+    submitter_role: str
+    submitted_at: float
+    job_sha256: str
+    config_hash: str
+    overrides: list[str] = field(default_factory=list)
+    started_at: float | None = None
+    finished_at: float | None = None
+    rounds_done: int = 0
+    rounds_total: int = 0
+    error: str = ""
+    best_round: int | None = None
+    best_metric: float | None = None
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    sites: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobRecord:
+        data = dict(data)
+        data["state"] = JobState(data["state"])
+        return cls(**data)
+
+
+@dataclass
+class Progress:
+    """The checkpoint of a running job: the last round whose global model is on disk."""
+
+    round_done: int = 0
+    best_round: int | None = None
+    best_metric: float | None = None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+class JobStore:
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def job_dir(self, job_id: str) -> Path:
+        if not job_id or "/" in job_id or job_id.startswith("."):
+            raise JobRejected(f"no such job '{job_id}'")
+        return self.root / job_id
+
+    def create(self, archive: bytes, record: JobRecord) -> JobRecord:
+        d = self.job_dir(record.job_id)
+        (d / "models").mkdir(parents=True)
+        (d / "job.zip").write_bytes(archive)
+        self.save(record)
+        return record
+
+    @staticmethod
+    def new_id() -> str:
+        return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+    def save(self, record: JobRecord) -> None:
+        _write_json(self.job_dir(record.job_id) / "record.json", asdict(record))
+
+    def load(self, job_id: str) -> JobRecord:
+        path = self.job_dir(job_id) / "record.json"
+        if not path.exists():
+            raise JobRejected(f"no such job '{job_id}'")
+        return JobRecord.from_json(json.loads(path.read_text()))
+
+    def all(self) -> list[JobRecord]:
+        records = []
+        for d in sorted(self.root.iterdir()):
+            if (d / "record.json").exists():
+                records.append(JobRecord.from_json(json.loads((d / "record.json").read_text())))
+        return sorted(records, key=lambda r: r.submitted_at)
+
+    def archive(self, job_id: str) -> bytes:
+        return (self.job_dir(job_id) / "job.zip").read_bytes()
+
+    def models_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "models"
+
+    def save_progress(self, job_id: str, progress: Progress) -> None:
+        _write_json(self.job_dir(job_id) / "progress.json", asdict(progress))
+
+    def load_progress(self, job_id: str) -> Progress:
+        path = self.job_dir(job_id) / "progress.json"
+        return Progress(**json.loads(path.read_text())) if path.exists() else Progress()
+
+    def append_metrics(self, job_id: str, entry: dict[str, Any]) -> None:
+        with (self.job_dir(job_id) / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def metrics(self, job_id: str) -> list[dict[str, Any]]:
+        path = self.job_dir(job_id) / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def delete(self, job_id: str) -> None:
+        import shutil
+
+        shutil.rmtree(self.job_dir(job_id))

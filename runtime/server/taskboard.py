@@ -1,0 +1,129 @@
+"""Tasks waiting for each site, and the long polls waiting for tasks.
+
+A task stays owed until its result arrives or it is cancelled; a site that restarts (registers again)
+gets its unanswered tasks resent. A result is accepted once per task and only from the site the task
+was for, so late, replayed or foreign results are refused by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from ..errors import UpdateRejected
+
+
+class TaskState(StrEnum):
+    PENDING = "pending"   # not yet handed to the site
+    SENT = "sent"         # handed over, no result yet
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class Task:
+    job_id: str
+    site: str
+    name: str
+    round: int
+    config: dict[str, Any]
+    payload: bytes = b""
+    payload_sha256: str = ""
+    timeout_s: float = 600.0
+    job_sha256: str = ""
+    task_id: str = field(default_factory=lambda: secrets.token_hex(12))
+    state: TaskState = TaskState.PENDING
+    sent_at: float = 0.0
+
+
+class TaskBoard:
+    def __init__(self, clock: Callable[[], float]):
+        self._clock = clock
+        self._tasks: dict[str, Task] = {}
+        self._wakeups: dict[str, asyncio.Event] = {}
+
+    def _wakeup(self, site: str) -> asyncio.Event:
+        return self._wakeups.setdefault(site, asyncio.Event())
+
+    def post(self, task: Task) -> None:
+        self._tasks[task.task_id] = task
+        self._wakeup(task.site).set()
+
+    def _next_pending(self, site: str) -> Task | None:
+        for task in self._tasks.values():  # dicts keep insertion order: oldest first
+            if task.site == site and task.state is TaskState.PENDING:
+                return task
+        return None
+
+    async def next_for(self, site: str, wait_s: float) -> Task | None:
+        """The oldest pending task for `site`, waiting at most `wait_s` for one; marks it SENT."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            task = self._next_pending(site)
+            if task is not None:
+                task.state, task.sent_at = TaskState.SENT, self._clock()
+                return task
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            event = self._wakeup(site)
+            event.clear()
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                return None
+
+    def unsend(self, task: Task) -> None:
+        """The transfer of `task` failed; offer it again."""
+        if task.state is TaskState.SENT:
+            task.state = TaskState.PENDING
+            self._wakeup(task.site).set()
+
+    def resend_all(self, site: str) -> int:
+        """The site restarted: everything it was sent but never answered is owed again."""
+        count = 0
+        for task in self._tasks.values():
+            if task.site == site and task.state is TaskState.SENT:
+                task.state = TaskState.PENDING
+                count += 1
+        if count:
+            self._wakeup(site).set()
+        return count
+
+    def claim(self, task_id: str, site: str) -> Task:
+        """The task a result answers; refuses unknown, foreign, cancelled and already answered tasks."""
+        task = self._tasks.get(task_id)
+        if task is None or task.site != site:
+            raise UpdateRejected(f"result for task '{task_id[:12]}' which was never sent to {site}")
+        if task.state is TaskState.DONE:
+            raise UpdateRejected(f"result for task '{task_id[:12]}' was already received (replay)")
+        if task.state is TaskState.CANCELLED:
+            raise UpdateRejected(f"result for task '{task_id[:12]}' arrived after its round closed (late)")
+        return task
+
+    def complete(self, task: Task) -> None:
+        task.state = TaskState.DONE
+        task.payload = b""  # release the shared model bytes
+
+    def cancel(self, tasks: list[Task]) -> None:
+        for task in tasks:
+            if task.state in (TaskState.PENDING, TaskState.SENT):
+                task.state = TaskState.CANCELLED
+                task.payload = b""
+
+    def forget(self, job_id: str) -> None:
+        """Drop a finished job's tasks, keeping only tombstones small enough to refuse replays."""
+        for task in self._tasks.values():
+            if task.job_id == job_id and task.state is not TaskState.DONE:
+                task.state = TaskState.CANCELLED
+            if task.job_id == job_id:
+                task.payload = b""
+                task.config = {}
+
+    def get(self, task_id: str) -> Task | None:
+        return self._tasks.get(task_id)

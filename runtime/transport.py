@@ -1,0 +1,313 @@
+"""The network seam: gRPC (grpc.aio) with mutual TLS. The only runtime module that imports grpc.
+
+Servers: `RpcServer` hosts adapters that turn each RPC into a call on a plain-Python handler, passing the
+peer's `Identity` read from its verified certificate, and map fedkit errors to gRPC status codes.
+Clients: `open_channel` plus `call_errors`, which turns gRPC failures into fedkit errors.
+Every call has a deadline; nothing here waits forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+from cryptography import x509
+
+from .errors import (
+    CertificateError,
+    ConfigError,
+    FedkitError,
+    JobRejected,
+    PermissionDenied,
+    ServerUnreachable,
+    SessionExpired,
+    UpdateRejected,
+)
+from .identity import Identity, Kind, identity_from_cert
+from .proto import fedkit_pb2 as pb
+from .proto import fedkit_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+# Chunks are 1 MiB; the cap leaves room for headers and refuses anything absurd early.
+MAX_MESSAGE_BYTES = 4 * CHUNK_BYTES
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_connection_idle_ms", 0),
+    # Large streams: bigger HTTP/2 windows mean fewer flow-control stalls on fast links.
+    ("grpc.http2.lookahead_bytes", 8 * CHUNK_BYTES),
+]
+_CLIENT_OPTIONS = [*_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 10_000)]
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A participant's certificate, private key and the project's root CA, as read from its kit."""
+
+    cert: Path
+    key: Path
+    root_ca: Path
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        try:
+            return self.cert.read_bytes(), self.key.read_bytes(), self.root_ca.read_bytes()
+        except OSError as e:
+            raise CertificateError(f"{e.filename}: cannot read ({e.strerror})") from None
+
+    def own_certificate(self) -> x509.Certificate:
+        try:
+            return x509.load_pem_x509_certificate(self.cert.read_bytes())
+        except (OSError, ValueError) as e:
+            raise CertificateError(f"{self.cert}: not a readable PEM certificate ({e})") from None
+
+
+def peer_identity(context: grpc.aio.ServicerContext) -> tuple[Identity, x509.Certificate]:
+    """Identity of the caller, from the certificate the TLS handshake verified."""
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        raise CertificateError("peer presented no client certificate")
+    cert = x509.load_pem_x509_certificate(pems[0])
+    return identity_from_cert(cert), cert
+
+
+class PeerCheck(Protocol):
+    """Decides whether a verified certificate may use a service (kind, revocation)."""
+
+    def __call__(self, identity: Identity, cert: x509.Certificate) -> None: ...
+
+
+_STATUS_FOR: list[tuple[type[FedkitError], grpc.StatusCode]] = [
+    (CertificateError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (UpdateRejected, grpc.StatusCode.INVALID_ARGUMENT),
+    (JobRejected, grpc.StatusCode.FAILED_PRECONDITION),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (SessionExpired, grpc.StatusCode.ABORTED),
+]
+
+
+def _status_for(err: FedkitError) -> grpc.StatusCode:
+    for cls, code in _STATUS_FOR:
+        if isinstance(err, cls):
+            return code
+    return grpc.StatusCode.FAILED_PRECONDITION
+
+
+class _Guard:
+    """Checks the caller and maps errors, shared by every adapter method."""
+
+    def __init__(self, check: PeerCheck, service: str):
+        self._check = check
+        self._service = service
+
+    async def identify(self, context: grpc.aio.ServicerContext) -> Identity:
+        try:
+            identity, cert = peer_identity(context)
+            self._check(identity, cert)
+            return identity
+        except FedkitError as e:
+            log.warning("%s refused peer %s: %s", self._service, context.peer(), e)
+            await context.abort(_status_for(e), str(e))
+            raise  # unreachable: abort raises
+
+    async def fail(self, context: grpc.aio.ServicerContext, err: Exception, identity: Identity | None) -> None:
+        who = identity.name if identity else context.peer()
+        if isinstance(err, FedkitError):
+            log.warning("%s: %s: %s", self._service, who, err)
+            await context.abort(_status_for(err), str(err))
+        log.exception("%s: internal error serving %s", self._service, who)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal server error (see server log)")
+
+
+class FederationHandler(Protocol):
+    async def register(self, peer: Identity, request: pb.RegisterRequest) -> pb.RegisterReply: ...
+    async def heartbeat(self, peer: Identity, request: pb.HeartbeatRequest) -> pb.HeartbeatReply: ...
+    def get_task(self, peer: Identity, request: pb.GetTaskRequest) -> AsyncIterator[pb.TaskChunk]: ...
+    def get_job(self, peer: Identity, request: pb.GetJobRequest) -> AsyncIterator[pb.DataChunk]: ...
+    async def submit_result(self, peer: Identity, chunks: AsyncIterator[pb.ResultChunk]) -> pb.SubmitReply: ...
+
+
+class AdminHandler(Protocol):
+    async def command(self, peer: Identity, request: pb.AdminRequest) -> pb.AdminReply: ...
+    async def upload(self, peer: Identity, chunks: AsyncIterator[pb.UploadChunk]) -> pb.AdminReply: ...
+    def download(self, peer: Identity, request: pb.AdminRequest) -> AsyncIterator[pb.DataChunk]: ...
+
+
+def _unary(guard: _Guard, fn: Callable[..., Any]):
+    async def method(request, context):
+        identity = await guard.identify(context)
+        try:
+            return await fn(identity, request)
+        except Exception as e:
+            await guard.fail(context, e, identity)
+    return method
+
+
+def _server_stream(guard: _Guard, fn: Callable[..., AsyncIterator[Any]]):
+    async def method(request, context):
+        identity = await guard.identify(context)
+        try:
+            async for item in fn(identity, request):
+                yield item
+        except Exception as e:
+            await guard.fail(context, e, identity)
+    return method
+
+
+def _client_stream(guard: _Guard, fn: Callable[..., Any]):
+    async def method(request_iterator, context):
+        identity = await guard.identify(context)
+        try:
+            return await fn(identity, request_iterator)
+        except Exception as e:
+            await guard.fail(context, e, identity)
+    return method
+
+
+class _FederationAdapter(pb_grpc.FederationServicer):
+    def __init__(self, handler: FederationHandler, check: PeerCheck):
+        guard = _Guard(check, "federation")
+        self.Register = _unary(guard, handler.register)
+        self.Heartbeat = _unary(guard, handler.heartbeat)
+        self.GetTask = _server_stream(guard, handler.get_task)
+        self.GetJob = _server_stream(guard, handler.get_job)
+        self.SubmitResult = _client_stream(guard, handler.submit_result)
+
+
+class _AdminAdapter(pb_grpc.AdminServicer):
+    def __init__(self, handler: AdminHandler, check: PeerCheck):
+        guard = _Guard(check, "admin")
+        self.Command = _unary(guard, handler.command)
+        self.Upload = _client_stream(guard, handler.upload)
+        self.Download = _server_stream(guard, handler.download)
+
+
+def require_kind(kind: Kind, extra: PeerCheck | None = None) -> PeerCheck:
+    """A PeerCheck that admits only certificates of `kind` (and passes `extra`, e.g. revocation)."""
+
+    def check(identity: Identity, cert: x509.Certificate) -> None:
+        if identity.kind is not kind:
+            raise CertificateError(
+                f"a {identity.kind.value} certificate ('{identity.name}') cannot be used on the {kind.value} port")
+        if extra is not None:
+            extra(identity, cert)
+
+    return check
+
+
+class RpcServer:
+    """One gRPC server on one port with mutual TLS; start/stop it from async code."""
+
+    def __init__(self, tls: TlsFiles, host: str, port: int):
+        cert, key, root = tls.read()
+        self._server = grpc.aio.server(options=_OPTIONS)
+        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=root, require_client_auth=True)
+        address = f"{host}:{port}"
+        try:
+            self.port = self._server.add_secure_port(address, creds)
+        except RuntimeError as e:
+            raise ConfigError(f"cannot listen on {address}: {e}") from None
+        if self.port == 0:
+            raise ConfigError(f"cannot listen on {address}: address in use or not local")
+
+    def add_federation(self, handler: FederationHandler, check: PeerCheck) -> None:
+        pb_grpc.add_FederationServicer_to_server(_FederationAdapter(handler, check), self._server)
+
+    def add_admin(self, handler: AdminHandler, check: PeerCheck) -> None:
+        pb_grpc.add_AdminServicer_to_server(_AdminAdapter(handler, check), self._server)
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self._server.stop(grace_s)
+
+
+def open_channel(tls: TlsFiles, host: str, port: int) -> grpc.aio.Channel:
+    """A mutual-TLS channel to the server; the server's certificate must name `host`."""
+    cert, key, root = tls.read()
+    creds = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=cert)
+    return grpc.aio.secure_channel(f"{host}:{port}", creds, options=_CLIENT_OPTIONS)
+
+
+def federation_stub(channel: grpc.aio.Channel) -> pb_grpc.FederationStub:
+    return pb_grpc.FederationStub(channel)
+
+
+def admin_stub(channel: grpc.aio.Channel) -> pb_grpc.AdminStub:
+    return pb_grpc.AdminStub(channel)
+
+
+@contextlib.contextmanager
+def call_errors(what: str, target: str) -> Iterator[None]:
+    """Turn a failed gRPC call into the fedkit error a person can act on."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as e:
+        code, details = e.code(), (e.details() or "").replace("\n", " ")
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if "handshake" in details.lower() or "ssl" in details.lower() or "certificate" in details.lower():
+                raise CertificateError(f"{what}: TLS handshake with {target} failed: {details}") from None
+            raise ServerUnreachable(f"{what}: server {target} unreachable ({code.name}): {details}") from None
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            raise CertificateError(f"{what}: {target} refused our certificate: {details}") from None
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            raise PermissionDenied(f"{what}: {details}") from None
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise UpdateRejected(f"{what}: {details}") from None
+        if code == grpc.StatusCode.ABORTED:
+            raise SessionExpired(f"{what}: {details}") from None
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            raise JobRejected(f"{what}: {details}") from None
+        raise FedkitError(f"{what}: {target} answered {code.name}: {details}") from None
+
+
+def is_retryable(err: FedkitError) -> bool:
+    """Errors worth a retry with backoff (the link or server may come back)."""
+    return isinstance(err, ServerUnreachable)
+
+
+def iter_chunks(payload: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterable[bytes]:
+    view = memoryview(payload)
+    for start in range(0, len(view), chunk_bytes):
+        yield bytes(view[start:start + chunk_bytes])
+
+
+class PayloadReceiver:
+    """Collects a declared-size payload from chunks; refuses more bytes than declared, fewer than
+    declared, and a hash mismatch, so a partial or corrupted transfer never becomes a model."""
+
+    def __init__(self, declared_bytes: int, limit_bytes: int, sha256: str):
+        if declared_bytes > limit_bytes:
+            raise UpdateRejected(f"declared payload of {declared_bytes} bytes exceeds the limit of {limit_bytes}")
+        self._buf = bytearray(declared_bytes)
+        self._pos = 0
+        self._sha = sha256
+        self._hash = hashlib.sha256()
+
+    def add(self, chunk: bytes) -> None:
+        end = self._pos + len(chunk)
+        if end > len(self._buf):
+            raise UpdateRejected(f"payload longer than the declared {len(self._buf)} bytes")
+        self._buf[self._pos:end] = chunk
+        self._hash.update(chunk)
+        self._pos = end
+
+    def finish(self) -> bytearray:
+        if self._pos != len(self._buf):
+            raise UpdateRejected(f"payload ended after {self._pos} of {len(self._buf)} declared bytes")
+        if self._hash.hexdigest() != self._sha:
+            raise UpdateRejected("payload SHA-256 does not match its header")
+        return self._buf

@@ -1,0 +1,84 @@
+"""Model weights as they cross process and network boundaries: an ordered mapping name -> NumPy array,
+serialized with safetensors. Never unpickles anything.
+
+Also the checks an incoming update must pass before it may touch the global model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load as _st_load
+from safetensors.numpy import load_file as _st_load_file
+from safetensors.numpy import save as _st_save
+from safetensors.numpy import save_file as _st_save_file
+
+from .errors import UpdateRejected
+
+Weights = dict[str, np.ndarray]
+
+
+def to_bytes(weights: Weights) -> bytes:
+    """Serialize to safetensors bytes."""
+    return _st_save(_contiguous(weights))
+
+
+def from_bytes(data: bytes | bytearray | memoryview) -> Weights:
+    """Parse safetensors bytes; raise UpdateRejected on anything malformed."""
+    try:
+        return _st_load(bytes(data) if not isinstance(data, bytes) else data)
+    except Exception as e:  # safetensors raises its own SafetensorError and others
+        raise UpdateRejected(f"not a valid safetensors payload: {e}") from None
+
+
+def save_file(weights: Weights, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    _st_save_file(_contiguous(weights), str(tmp))
+    tmp.replace(path)  # atomic: a crash never leaves a half-written model
+
+
+def load_file(path: Path) -> Weights:
+    try:
+        return _st_load_file(str(path))
+    except Exception as e:
+        raise UpdateRejected(f"{path}: not a valid safetensors file: {e}") from None
+
+
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def nbytes(weights: Weights) -> int:
+    return sum(int(a.nbytes) for a in weights.values())
+
+
+def _contiguous(weights: Weights) -> Weights:
+    return {k: np.ascontiguousarray(v) for k, v in weights.items()}
+
+
+def check_update(update: Weights, reference: Weights) -> None:
+    """Refuse an update that cannot be folded into `reference` (the global model).
+
+    Names must be a subset of the model's (a site may leave variables out, e.g. by a privacy filter);
+    each tensor must match the model's shape and dtype and be all finite.
+    Raises UpdateRejected naming the first offending tensor.
+    """
+    if not update:
+        raise UpdateRejected("update holds no tensors")
+    for name, arr in update.items():
+        ref = reference.get(name)
+        if ref is None:
+            raise UpdateRejected(f"unknown tensor '{name}' (not in the global model)")
+        if arr.shape != ref.shape:
+            raise UpdateRejected(f"tensor '{name}' has shape {arr.shape}, model has {ref.shape}")
+        if arr.dtype != ref.dtype:
+            raise UpdateRejected(f"tensor '{name}' has dtype {arr.dtype}, model has {ref.dtype}")
+        if arr.dtype.kind == "f" and not _all_finite(arr):
+            raise UpdateRejected(f"tensor '{name}' holds NaN or Inf")
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    # One pass, no temporary the size of the tensor: NaN and Inf propagate into the sum.
+    return bool(np.isfinite(arr.sum(dtype=np.float64)))
