@@ -45,7 +45,6 @@ _OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_connection_idle_ms", 0),
     # Large streams: bigger HTTP/2 windows mean fewer flow-control stalls on fast links.
     ("grpc.http2.lookahead_bytes", 8 * CHUNK_BYTES),
 ]
