@@ -76,7 +76,8 @@ class AdminConsole:
             raise UsageError(f"unknown command '{words[0]}' (try 'help')")
         result = await handler(words[1:])
         if self._json and result is not None:
-            self._out.print_json(json.dumps(result, default=str))
+            # plain print: rich would wrap long lines and break the JSON a script parses
+            print(json.dumps(result, default=str), flush=True)
 
     # ---- commands --------------------------------------------------------------------------------
 
