@@ -48,11 +48,17 @@ class AuditLog:
         self._prev = self._last_hash()
 
     def _last_hash(self) -> str:
+        """The hash to chain the next record to. A record cut off by a crash mid-write (no final newline)
+        is removed first, so the log stays verifiable: that record was never complete."""
         if not self._path.exists() or self._path.stat().st_size == 0:
             return GENESIS
-        with self._path.open("rb") as f:
-            f.seek(max(0, self._path.stat().st_size - 65536))
-            lines = [ln for ln in f.read().split(b"\n") if ln.strip()]
+        data = self._path.read_bytes()
+        if not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            with self._path.open("r+b") as f:
+                f.truncate(keep)
+            data = data[:keep]
+        lines = [ln for ln in data.split(b"\n") if ln.strip()]
         return json.loads(lines[-1]).get("hash", GENESIS) if lines else GENESIS
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:

@@ -66,8 +66,9 @@ def gaussian_dp(clip_norm: float = 1.0, noise_multiplier: float = 1.0) -> Filter
 
 
 def svt(fraction: float = 0.1, epsilon: float = 1.0, clip: float = 0.01) -> Filter:
-    """Simplified SVT: clip each entry to [-clip, clip], pick entries whose noisy magnitude passes a noisy
-    threshold (the (1-fraction) quantile), and release them with Laplace noise."""
+    """Sparse vector technique, simplified: clip each entry to [-clip, clip], score it by its magnitude
+    plus Laplace noise, release at most `fraction` of the entries (the best noisy scores above a noisy
+    threshold) with Laplace noise added, and zero the rest."""
     if not 0 < fraction <= 1 or epsilon <= 0 or clip <= 0:
         raise ConfigError("svt filter: need 0 < fraction <= 1, epsilon > 0, clip > 0")
 
@@ -77,11 +78,16 @@ def svt(fraction: float = 0.1, epsilon: float = 1.0, clip: float = 0.01) -> Filt
             if v.dtype.kind != "f" or v.size == 0:
                 out[k] = v
                 continue
-            c = np.clip(v, -clip, clip)
+            c = np.clip(v, -clip, clip).ravel()
             b = 2 * clip / epsilon
+            scores = np.abs(c) + rng.laplace(0, 2 * b, c.shape)
             threshold = np.quantile(np.abs(c), 1 - fraction) + rng.laplace(0, b)
-            chosen = np.abs(c) + rng.laplace(0, 2 * b, c.shape) >= threshold
-            out[k] = np.where(chosen, c + rng.laplace(0, b, c.shape), 0).astype(v.dtype)
+            k_max = max(1, int(np.ceil(fraction * c.size)))
+            top = np.argpartition(scores, c.size - k_max)[c.size - k_max:]
+            top = top[scores[top] >= threshold]
+            released = np.zeros_like(c)
+            released[top] = c[top] + rng.laplace(0, b, top.shape)
+            out[k] = released.reshape(v.shape).astype(v.dtype)
         return out
 
     return apply
@@ -100,7 +106,7 @@ def build_filters(entries: list[Any]) -> list[Filter]:
             raise ConfigError(f"config_fed_client.yml: unknown filter '{entry.name}' (known: {', '.join(FILTERS)})")
         try:
             built.append(factory(**entry.args))
-        except TypeError as e:
+        except (TypeError, ValueError, re.error) as e:
             raise ConfigError(f"config_fed_client.yml: filter '{entry.name}': {e}") from None
     return built
 

@@ -125,7 +125,10 @@ def parse_override(text: str) -> tuple[str, list[str], Any]:
     parts = key.strip().split(".")
     if not sep or len(parts) < 2 or parts[0] not in ("meta", "server", "client"):
         raise JobRejected(f"override '{text}': use meta.KEY=VALUE, server.KEY=VALUE or client.KEY=VALUE")
-    return parts[0], parts[1:], yaml.safe_load(value)
+    try:
+        return parts[0], parts[1:], yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise JobRejected(f"override '{text}': value is not valid YAML: {str(e).splitlines()[0]}") from None
 
 
 def _apply(data: dict[str, Any], path: list[str], value: Any) -> None:

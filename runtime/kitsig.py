@@ -184,9 +184,7 @@ def _read_signature(path: Path) -> _SignedManifest | str:
     if doc.get("algorithm") != SIGNATURE_ALGORITHM:
         return f"unsupported algorithm {doc.get('algorithm')!r} (expected {SIGNATURE_ALGORITHM})"
     files, signed_by, sig_text = doc.get("files"), doc.get("signed_by"), doc.get("signature")
-    if not isinstance(files, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
-    ):
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         return "malformed 'files' (expected a mapping of path to sha256)"
     if not isinstance(signed_by, str) or not isinstance(sig_text, str):
         return "malformed ('signed_by' and 'signature' must be strings)"
@@ -255,9 +253,7 @@ def verify_kit(kit_dir: Path, root_ca_pem: bytes | None = None) -> KitReport:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m runtime.kitsig KIT_DIR [--ca PEM]`: print one line per problem to stderr; 0 when intact."""
-    parser = argparse.ArgumentParser(
-        prog="python -m runtime.kitsig", description="Verify a fedkit startup kit."
-    )
+    parser = argparse.ArgumentParser(prog="python -m runtime.kitsig", description="Verify a fedkit startup kit.")
     parser.add_argument("kit_dir", type=Path)
     parser.add_argument("--ca", type=Path, help="root CA to trust (default: the kit's startup/rootCA.pem)")
     args = parser.parse_args(argv)

@@ -55,7 +55,8 @@ def nbytes(weights: Weights) -> int:
 
 
 def _contiguous(weights: Weights) -> Weights:
-    return {k: np.ascontiguousarray(v) for k, v in weights.items()}
+    # ascontiguousarray would turn a 0-d tensor into shape (1,); leave contiguous ones as they are
+    return {k: v if v.flags.c_contiguous else np.ascontiguousarray(v) for k, v in weights.items()}
 
 
 def check_update(update: Weights, reference: Weights) -> None:
@@ -80,5 +81,9 @@ def check_update(update: Weights, reference: Weights) -> None:
 
 
 def _all_finite(arr: np.ndarray) -> bool:
-    # One pass, no temporary the size of the tensor: NaN and Inf propagate into the sum.
-    return bool(np.isfinite(arr.sum(dtype=np.float64)))
+    # One pass, no temporary the size of the tensor: NaN and Inf propagate into the sum. Only when the
+    # sum is not finite (a bad value, or finite values that overflow) look at every element.
+    with np.errstate(all="ignore"):
+        if np.isfinite(arr.sum(dtype=np.float64)):
+            return True
+    return bool(np.isfinite(arr).all())

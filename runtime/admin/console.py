@@ -172,16 +172,18 @@ class AdminConsole:
         timeout_s = float(args[1]) if len(args) > 1 else 3600.0
         deadline = time.monotonic() + timeout_s
         shown = 0
-        table_header_shown = False
+        columns: list[str] = []
         while True:
             data = await self._client.command("show_job", job_id=job_id)
             for entry in [e for e in data["metrics"] if e["type"] == "validation"][shown:]:
                 if not self._json:
-                    if not table_header_shown:
-                        self._out.print(f"{'model':>6}  {'sites':>5}  global validation")
-                        table_header_shown = True
-                    self._out.print(f"{entry['model_round']:>6}  {len(entry['sites']):>5}  "
-                                    f"{_fmt_metrics(entry['global'])}{'  [best]' if entry['is_best'] else ''}")
+                    if not columns:
+                        columns = sorted(entry["global"])
+                        self._out.print("round  sites  " + "  ".join(f"{c:>9}" for c in columns), highlight=False)
+                    values = "  ".join(f"{entry['global'].get(c, float('nan')):>9.4f}" for c in columns)
+                    best = "  best so far" if entry["is_best"] else ""
+                    self._out.print(f"{entry['model_round']:>5}  {len(entry['sites']):>5}  {values}{best}",
+                                    highlight=False)
                 shown += 1
             record = data["record"]
             if record["state"] in ("finished", "failed", "aborted"):

@@ -5,7 +5,9 @@ A policy maps role -> command -> scope:
     any       on anything
     own_org   only on sites (or the server) of the admin's own organisation
     own_jobs  only on jobs the admin submitted
-A command missing from a role's map (and no "*" entry) is denied.
+A command missing from a role's map (and no "*" entry) is denied, and so is an own_org / own_jobs
+command whose target is unknown. A policy file replaces the rules of the roles it names; roles it
+does not name keep their defaults.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class Policy:
         if not path.exists():
             return cls(DEFAULT_POLICY)
         parsed = load_model(path, _PolicyFile).root
-        return cls({role.value: rules for role, rules in parsed.items()})
+        # a file changes the roles it names and leaves the others at their defaults
+        return cls({**DEFAULT_POLICY, **{role.value: rules for role, rules in parsed.items()}})
 
     def scope(self, admin: Identity, command: str) -> Scope:
         """The scope `admin` holds for `command`; raises PermissionDenied when none."""
@@ -67,8 +70,8 @@ class Policy:
               job_submitter: str | None = None) -> None:
         """Raise PermissionDenied unless `admin` may run `command` on this target."""
         scope = self.scope(admin, command)
-        if scope is Scope.OWN_ORG and target_org is not None and target_org != admin.org:
+        if scope is Scope.OWN_ORG and target_org != admin.org:
             raise PermissionDenied(f"role '{admin.role}' may run '{command}' only on sites of org '{admin.org}'")
-        if scope is Scope.OWN_JOBS and job_submitter is not None and job_submitter != admin.name:
+        if scope is Scope.OWN_JOBS and job_submitter != admin.name:
             raise PermissionDenied(f"role '{admin.role}' may run '{command}' only on its own jobs "
                                    f"(this one was submitted by {job_submitter})")

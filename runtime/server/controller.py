@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +110,16 @@ class JobController:
             self._board.complete(task)
             rnd.changed.set()
 
+    def reject(self, task: Task, reason: str) -> None:
+        """Record a result refused before it could be parsed (size, hash, stream) as the site's failure."""
+        rnd = self._round
+        if rnd is not None and rnd.tasks.get(task.site) is task and not rnd.answered(task.site):
+            rnd.failures[task.site] = f"update rejected: {reason}"
+            self._audit.append("update_rejected", job_id=self.record.job_id, site=task.site, round=rnd.round,
+                               reason=reason)
+            rnd.changed.set()
+        self._board.complete(task)
+
     @staticmethod
     def _parse_result(site: str, n_samples: int, metrics: dict[str, Any], payload: bytearray | None) -> SiteResult:
         delta = from_bytes(payload) if payload else None
@@ -151,7 +162,7 @@ class JobController:
             progress.round_done = rnd
             self._store.save_progress(job_id, progress)
             self._store.append_metrics(job_id, {
-                "type": "round", "round": rnd, "sites": sorted(done.results),
+                "type": "round", "round": rnd, "time": time.time(), "sites": sorted(done.results),
                 "failed": done.failures,
                 "n_samples": {s: r.n_samples for s, r in done.results.items()},
                 "train": {s: r.train_metrics for s, r in done.results.items()},

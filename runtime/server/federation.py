@@ -96,6 +96,21 @@ class FederationService:
         for chunk in iter_chunks(archive):
             yield pb.DataChunk(data=chunk)
 
+    async def _receive(self, task, controller, header: pb.ResultHeader,
+                       chunks: AsyncIterator[pb.ResultChunk]) -> None:
+        metrics = decode_metrics(header.metrics_json)
+        if not header.payload_bytes or header.error:
+            await controller.accept_result(task, int(header.n_samples), metrics, header.error, None)
+            return
+        async with self._upload_slots:
+            receiver = PayloadReceiver(header.payload_bytes, controller.max_payload_bytes(task), header.payload_sha256)
+            async for chunk in chunks:
+                if chunk.WhichOneof("kind") != "data":
+                    raise UpdateRejected("a second header inside one result stream")
+                receiver.add(chunk.data)
+            payload = receiver.finish()
+            await controller.accept_result(task, int(header.n_samples), metrics, header.error, payload)
+
     async def submit_result(self, peer: Identity, chunks: AsyncIterator[pb.ResultChunk]) -> pb.SubmitReply:
         first = await anext(chunks, None)
         if first is None or first.WhichOneof("kind") != "header":
@@ -103,28 +118,23 @@ class FederationService:
         header = first.header
         self._check_session(peer, header.session_id)
         self._registry.touch(peer.name, header.session_id)
+        task = None
         try:
             task = self._board.claim(header.task_id, peer.name)
             controller = self._runner.controller_for(task.job_id)
-            metrics = decode_metrics(header.metrics_json)
-            payload = None
-            if header.payload_bytes and not header.error:
-                async with self._upload_slots:
-                    receiver = PayloadReceiver(header.payload_bytes, controller.max_payload_bytes(task),
-                                               header.payload_sha256)
-                    async for chunk in chunks:
-                        if chunk.WhichOneof("kind") != "data":
-                            raise UpdateRejected("a second header inside one result stream")
-                        receiver.add(chunk.data)
-                    payload = receiver.finish()
-                    await controller.accept_result(task, int(header.n_samples), metrics, header.error, payload)
-                    del payload, receiver
-            else:
-                await controller.accept_result(task, int(header.n_samples), metrics, header.error, None)
+            try:
+                await self._receive(task, controller, header, chunks)
+            except (UpdateRejected, JobRejected) as e:
+                controller.reject(task, str(e))  # a malformed result counts as this site's answer: failed
+                raise
+            except BaseException:
+                self._board.unclaim(task)  # the stream broke: the site may send it again
+                raise
         except (UpdateRejected, JobRejected) as e:
             log.warning("result from %s refused: %s", peer.name, e)
             self._audit.append("result_refused", site=peer.name, task_id=header.task_id[:24], reason=str(e))
             return pb.SubmitReply(accepted=False, reason=str(e))
+        assert task is not None
         self._audit.append("result_accepted", site=peer.name, job_id=task.job_id, round=task.round,
                            task=task.name, n_samples=int(header.n_samples),
                            payload_sha256=header.payload_sha256)

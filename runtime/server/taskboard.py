@@ -20,6 +20,7 @@ from ..errors import UpdateRejected
 class TaskState(StrEnum):
     PENDING = "pending"   # not yet handed to the site
     SENT = "sent"         # handed over, no result yet
+    RECEIVING = "receiving"  # a result for it is streaming in
     DONE = "done"
     CANCELLED = "cancelled"
 
@@ -88,7 +89,7 @@ class TaskBoard:
         """The site restarted: everything it was sent but never answered is owed again."""
         count = 0
         for task in self._tasks.values():
-            if task.site == site and task.state is TaskState.SENT:
+            if task.site == site and task.state in (TaskState.SENT, TaskState.RECEIVING):
                 task.state = TaskState.PENDING
                 count += 1
         if count:
@@ -104,7 +105,15 @@ class TaskBoard:
             raise UpdateRejected(f"result for task '{task_id[:12]}' was already received (replay)")
         if task.state is TaskState.CANCELLED:
             raise UpdateRejected(f"result for task '{task_id[:12]}' arrived after its round closed (late)")
+        if task.state is TaskState.RECEIVING:
+            raise UpdateRejected(f"a result for task '{task_id[:12]}' is already being received")
+        task.state = TaskState.RECEIVING
         return task
+
+    def unclaim(self, task: Task) -> None:
+        """The result transfer broke before it could be judged: the site may send it again."""
+        if task.state is TaskState.RECEIVING:
+            task.state = TaskState.SENT
 
     def complete(self, task: Task) -> None:
         task.state = TaskState.DONE
@@ -112,7 +121,7 @@ class TaskBoard:
 
     def cancel(self, tasks: list[Task]) -> None:
         for task in tasks:
-            if task.state in (TaskState.PENDING, TaskState.SENT):
+            if task.state in (TaskState.PENDING, TaskState.SENT, TaskState.RECEIVING):
                 task.state = TaskState.CANCELLED
                 task.payload = b""
 

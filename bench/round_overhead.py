@@ -1,0 +1,155 @@
+"""What one FedAvg round costs fedkit, against the bytes alone over TLS.
+
+A model of P float32 parameters, a trivial learner (returns a constant delta), N sites as separate
+processes started from their kits, over loopback with mutual TLS. Prints per-round median time, bytes
+moved per round, peak RSS of all processes, and, in the same run, the time a plain TLS socket needs to
+move the same bytes (server sends the model to N receivers and takes N models back), as a ratio.
+
+    python bench/round_overhead.py                 # P=10M, N=2,4,8, 5 rounds
+    python bench/round_overhead.py --params 1000000 --sites 2 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import shutil
+import socket
+import ssl
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._procs import tree_peak_rss_bytes  # noqa: E402
+from provision.local_study import LocalStudy, wait_until  # noqa: E402
+
+JOB = REPO / "bench" / "jobs" / "trivial"
+
+
+def _sites_edit(n: int):
+    def edit(data):
+        others = [p for p in data["participants"] if p.get("type") != "client"]
+        data["participants"] = others + [{"type": "client", "name": f"site-{i + 1}", "org": f"org-{i + 1}"}
+                                         for i in range(n)]
+    return edit
+
+
+def run_fedkit(params: int, n_sites: int, rounds: int, root: Path) -> dict:
+    study = LocalStudy.create(REPO / "project.yml.example", root, edit=_sites_edit(n_sites))
+    for site in study.clients:
+        study.write_local(site, "site.yml", {"heartbeat_interval_s": 2.0})
+    try:
+        study.start_server()
+        for site in study.clients:
+            study.start(site)
+        wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == n_sites,
+                   120, "all sites online", interval_s=0.5)
+        job = root / "job"
+        shutil.copytree(JOB, job)
+        record = study.admin_json(f"submit_job {job} --set server.rounds={rounds} "
+                                  f"--set client.learner.args.n_params={params} --set meta.min_clients={n_sites}")
+        study.admin_json(f"wait_job {record['job_id']} 1800", timeout_s=1900)
+        metrics = study.admin_json(f"show_job {record['job_id']}")["metrics"]
+        ends = [m["time"] for m in metrics if m["type"] == "round"]
+        per_round = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+        rss = {name: tree_peak_rss_bytes(proc.pid) for name, proc in study.procs.items()}
+    finally:
+        study.stop_all()
+    return {"round_s": statistics.median(per_round), "rounds_measured": len(per_round),
+            "server_rss": rss[study.server], "all_rss": sum(rss.values()),
+            "kits": study.kits, "server": study.server}
+
+
+# ---- the baseline: the same bytes over plain TLS sockets -----------------------------------------------
+
+def _recv_exact(sock: ssl.SSLSocket, n: int, buf: bytearray) -> None:
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError("closed early")
+        got += k
+
+
+def _tls_receiver(port: int, nbytes: int, cafile: str, cert: str, key: str) -> None:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+    ctx.load_cert_chain(cert, key)
+    with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        buf = bytearray(nbytes)
+        _recv_exact(s, nbytes, buf)
+        s.sendall(buf)  # the "update" back: same size as the model
+
+
+def run_raw_tls(nbytes: int, n_sites: int, server_kit: Path, client_kit: Path) -> float:
+    startup, cstartup = server_kit / "startup", client_kit / "startup"
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(startup / "rootCA.pem"))
+    ctx.load_cert_chain(str(startup / "server.crt"), str(startup / "server.key"))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    payload = bytes(nbytes)
+    procs = [mp.get_context("spawn").Process(target=_tls_receiver, args=(
+        port, nbytes, str(cstartup / "rootCA.pem"), str(cstartup / "client.crt"), str(cstartup / "client.key")))
+        for _ in range(n_sites)]
+    for p in procs:
+        p.start()
+    conns = []
+    for _ in range(n_sites):
+        raw, _ = listener.accept()
+        conns.append(ctx.wrap_socket(raw, server_side=True))
+    start = time.perf_counter()
+
+    def serve(conn: ssl.SSLSocket) -> None:
+        conn.sendall(payload)
+        _recv_exact(conn, nbytes, bytearray(nbytes))
+
+    threads = [threading.Thread(target=serve, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    for p in procs:
+        p.join()
+    for c in conns:
+        c.close()
+    listener.close()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=int, default=10_000_000)
+    parser.add_argument("--sites", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    model_bytes = 4 * args.params
+    rows = []
+    for n in args.sites:
+        with tempfile.TemporaryDirectory(prefix="fedkit-bench-") as tmp:
+            result = run_fedkit(args.params, n, args.rounds, Path(tmp))
+            raw_s = statistics.median(run_raw_tls(model_bytes, n, result["kits"][result["server"]],
+                                                  result["kits"]["site-1"]) for _ in range(3))
+        moved = 2 * n * model_bytes
+        row = {"P": args.params, "N": n, "round_s": round(result["round_s"], 3), "MB_per_round": round(moved / 1e6, 1),
+               "raw_tls_s": round(raw_s, 3), "ratio": round(result["round_s"] / raw_s, 2),
+               "server_peak_rss_MB": round(result["server_rss"] / 1e6), "all_peak_rss_MB": round(result["all_rss"] / 1e6)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print()
+    print(f"{'P':>10} {'N':>3} {'round s':>8} {'MB/round':>9} {'raw TLS s':>10} {'ratio':>6} "
+          f"{'server RSS MB':>14} {'all RSS MB':>11}")
+    for r in rows:
+        print(f"{r['P']:>10} {r['N']:>3} {r['round_s']:>8.3f} {r['MB_per_round']:>9.1f} {r['raw_tls_s']:>10.3f} "
+              f"{r['ratio']:>6.2f} {r['server_peak_rss_MB']:>14} {r['all_peak_rss_MB']:>11}")
+
+
+if __name__ == "__main__":
+    main()

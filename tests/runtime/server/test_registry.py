@@ -1,0 +1,120 @@
+"""runtime/server/registry.py: sessions, heartbeats and liveness under a pinned clock."""
+
+from __future__ import annotations
+
+from runtime.identity import Identity, Kind
+from runtime.server.registry import Registry
+
+TIMEOUT_S = 30.0
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _site(name: str, org: str = "org-a") -> Identity:
+    return Identity(name=name, org=org, kind=Kind.CLIENT)
+
+
+def _registry(clock: FakeClock) -> Registry:
+    return Registry(heartbeat_timeout_s=TIMEOUT_S, clock=clock)
+
+
+def test_register_creates_a_live_session() -> None:
+    clock = FakeClock()
+    reg = _registry(clock)
+
+    session, had_session = reg.register(_site("site-1"), {"os": "linux"})
+
+    assert had_session is False
+    assert (session.name, session.org, session.host_info) == ("site-1", "org-a", {"os": "linux"})
+    assert session.registered_at == session.last_seen == 1000.0
+    assert reg.is_alive("site-1")
+    assert reg.alive() == ["site-1"]
+
+
+def test_an_unknown_site_is_not_alive() -> None:
+    reg = _registry(FakeClock())
+
+    assert reg.is_alive("ghost") is False
+    assert reg.alive() == []
+
+
+def test_touch_keeps_a_site_alive_past_the_first_timeout() -> None:
+    clock = FakeClock()
+    reg = _registry(clock)
+    session, _ = reg.register(_site("site-1"))
+
+    clock.now += TIMEOUT_S - 1
+    touched = reg.touch("site-1", session.session_id, job_id="job-1", round=3)
+    clock.now += TIMEOUT_S - 1
+
+    assert touched is True
+    assert reg.is_alive("site-1")
+    assert (reg.session("site-1").job_id, reg.session("site-1").round) == ("job-1", 3)
+
+
+def test_a_silent_site_is_dead_after_the_heartbeat_timeout() -> None:
+    clock = FakeClock()
+    reg = _registry(clock)
+    reg.register(_site("site-1"))
+    reg.register(_site("site-2"))
+    s2 = reg.session("site-2")
+
+    clock.now += TIMEOUT_S  # exactly at the limit: still alive
+    at_limit = reg.is_alive("site-1")
+    reg.touch("site-2", s2.session_id)
+    clock.now += 0.001
+
+    assert at_limit is True
+    assert reg.is_alive("site-1") is False
+    assert reg.alive() == ["site-2"]
+
+
+def test_a_rejoin_reports_the_old_session_and_gets_a_new_id() -> None:
+    clock = FakeClock()
+    reg = _registry(clock)
+    first, _ = reg.register(_site("site-1"))
+
+    clock.now += 5
+    second, had_session = reg.register(_site("site-1"))
+
+    assert had_session is True
+    assert second.session_id != first.session_id
+    assert second.registered_at == 1005.0
+    assert reg.touch("site-1", first.session_id) is False
+    assert reg.touch("site-1", second.session_id) is True
+
+
+def test_touch_with_a_wrong_session_id_is_refused_and_does_not_count() -> None:
+    clock = FakeClock()
+    reg = _registry(clock)
+    reg.register(_site("site-1"))
+
+    clock.now += TIMEOUT_S
+    touched = reg.touch("site-1", "0" * 32)
+    clock.now += 1
+
+    assert touched is False
+    assert reg.is_alive("site-1") is False
+
+
+def test_touch_for_an_unknown_site_is_refused() -> None:
+    reg = _registry(FakeClock())
+
+    assert reg.touch("ghost", "0" * 32) is False
+
+
+def test_drop_forgets_the_site() -> None:
+    reg = _registry(FakeClock())
+    session, _ = reg.register(_site("site-1"))
+
+    reg.drop("site-1")
+
+    assert reg.session("site-1") is None
+    assert reg.touch("site-1", session.session_id) is False
+    assert reg.register(_site("site-1"))[1] is False

@@ -1,0 +1,149 @@
+"""runtime/audit.py: the hash chain verifies a clean log and names the first line that does not follow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runtime.audit import GENESIS, AuditLog, record_hash, verify
+from runtime.errors import AuditChainBroken
+
+
+def _fixed_clock() -> str:
+    return "2024-01-01T00:00:00.000+00:00"
+
+
+def _write_log(path: Path, n: int) -> list[dict]:
+    log = AuditLog(path, clock=_fixed_clock)
+    return [log.append("job_submitted", job_id=f"job-{i}", n=i) for i in range(n)]
+
+
+def _lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def test_a_clean_log_verifies_and_counts_its_records(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    records = _write_log(path, 3)
+
+    report = verify(path)
+
+    assert report.records == 3
+    assert records[0]["prev"] == GENESIS
+    assert records[1]["prev"] == records[0]["hash"]
+    assert records[2]["prev"] == records[1]["hash"]
+
+
+def test_each_record_carries_its_own_hash(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 2)
+
+    on_disk = [json.loads(line) for line in _lines(path)]
+
+    assert [r["hash"] for r in on_disk] == [record_hash(r) for r in on_disk]
+
+
+def test_a_modified_record_is_named_by_its_line(tmp_path: Path) -> None:
+    # Prepare: change a field of record 2 and keep its old hash
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 3)
+    lines = _lines(path)
+    lines[1] = lines[1].replace(b'"job-1"', b'"job-X"')
+    path.write_bytes(b"".join(lines))
+    # Execute / Assert
+    with pytest.raises(AuditChainBroken, match=r":2: record was modified"):
+        verify(path)
+
+
+def test_a_modified_record_with_a_recomputed_hash_breaks_the_next_line(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 3)
+    lines = _lines(path)
+    forged = json.loads(lines[1])
+    forged["job_id"] = "job-X"
+    forged["hash"] = record_hash(forged)
+    lines[1] = json.dumps(forged).encode() + b"\n"
+    path.write_bytes(b"".join(lines))
+
+    with pytest.raises(AuditChainBroken, match=r":3: chain broken"):
+        verify(path)
+
+
+def test_a_deleted_record_is_named_by_the_line_that_now_stands_there(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 3)
+    lines = _lines(path)
+    del lines[1]
+    path.write_bytes(b"".join(lines))
+
+    with pytest.raises(AuditChainBroken, match=r":2: chain broken"):
+        verify(path)
+
+
+def test_a_copied_record_inserted_is_named_by_its_line(tmp_path: Path) -> None:
+    # Prepare: a verbatim copy of record 1 inserted as line 2 (its own hash is valid, its prev is not)
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 3)
+    lines = _lines(path)
+    lines.insert(1, lines[0])
+    path.write_bytes(b"".join(lines))
+    # Execute / Assert
+    with pytest.raises(AuditChainBroken, match=r":2: chain broken"):
+        verify(path)
+
+
+def test_a_forged_record_inserted_breaks_the_line_after_it(tmp_path: Path) -> None:
+    # Prepare: a well-formed record that follows record 1, inserted as line 2
+    path = tmp_path / "audit.jsonl"
+    records = _write_log(path, 3)
+    forged = {"time": _fixed_clock(), "event": "job_submitted", "job_id": "evil", "prev": records[0]["hash"]}
+    forged["hash"] = record_hash(forged)
+    lines = _lines(path)
+    lines.insert(1, json.dumps(forged).encode() + b"\n")
+    path.write_bytes(b"".join(lines))
+    # Execute / Assert: the old record 2, now on line 3, no longer follows the one before it
+    with pytest.raises(AuditChainBroken, match=r":3: chain broken"):
+        verify(path)
+
+
+def test_a_line_that_is_not_json_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 2)
+    path.write_bytes(path.read_bytes() + b"{not json\n")
+
+    with pytest.raises(AuditChainBroken, match=r":3: not a JSON record"):
+        verify(path)
+
+
+def test_reopening_a_log_continues_its_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    first = _write_log(path, 2)
+
+    reopened = AuditLog(path, clock=_fixed_clock)
+    third = reopened.append("server_started")
+
+    assert third["prev"] == first[-1]["hash"]
+    assert verify(path).records == 3
+
+
+def test_reopening_after_a_crash_mid_record_keeps_the_log_usable(tmp_path: Path) -> None:
+    # Prepare: the process died while writing a third record (no trailing newline, cut JSON)
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 2)
+    path.write_bytes(path.read_bytes() + b'{"time":"2024-01-01","ev')
+    # Execute: the server starts again and keeps auditing
+    log = AuditLog(path, clock=_fixed_clock)
+    log.append("server_started")
+    # Assert: only the record being written was lost ("a crash loses at most the record being written")
+    assert verify(path).records == 3
+
+
+def test_tail_returns_the_last_records(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    records = _write_log(path, 4)
+    log = AuditLog(path, clock=_fixed_clock)
+
+    assert log.tail(2) == records[2:]
+    assert log.tail(0) == []
