@@ -69,8 +69,9 @@ class LocalStudy:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, project_yml: Path, root: Path, *, free_ports: bool = True,
-               edit: Any = None, python: str = sys.executable) -> LocalStudy:
+    def create(
+        cls, project_yml: Path, root: Path, *, free_ports: bool = True, edit: Any = None, python: str = sys.executable
+    ) -> LocalStudy:
         """Provision `project_yml` under `root/workspace` and unzip each kit into `root/kits/<name>`.
 
         With `free_ports`, the server's two ports are replaced by free ones (so studies never collide);
@@ -91,10 +92,17 @@ class LocalStudy:
             _unzip_preserving_modes(kit.zip_path, kits_dir)
             kits[kit.name] = kits_dir / kit.name
         by_kind = {k: [kit.name for kit in result.kits if kit.kind is k] for k in Kind}
-        return cls(root=root, project_name=project.name, server=by_kind[Kind.SERVER][0],
-                   clients=by_kind[Kind.CLIENT], admins=by_kind[Kind.ADMIN], kits=kits,
-                   fed_learn_port=int(server_entry["fed_learn_port"]), admin_port=int(server_entry["admin_port"]),
-                   python=python)
+        return cls(
+            root=root,
+            project_name=project.name,
+            server=by_kind[Kind.SERVER][0],
+            clients=by_kind[Kind.CLIENT],
+            admins=by_kind[Kind.ADMIN],
+            kits=kits,
+            fed_learn_port=int(server_entry["fed_learn_port"]),
+            admin_port=int(server_entry["admin_port"]),
+            python=python,
+        )
 
     # ---- site IT's edits to local/ ---------------------------------------------------------------
 
@@ -115,16 +123,24 @@ class LocalStudy:
     def start(self, name: str) -> subprocess.Popen:
         """Run the participant's own `startup/start.sh` in the background, logging to root/logs/NAME.log."""
         with self.log_path(name).open("ab") as log:
-            proc = subprocess.Popen(["bash", str(self.kits[name] / "startup" / "start.sh")], stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env(),
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                ["bash", str(self.kits[name] / "startup" / "start.sh")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env(),
+                start_new_session=True,
+            )
         self.procs[name] = proc
         return proc
 
     def start_server(self, timeout_s: float = 60.0) -> subprocess.Popen:
         proc = self.start(self.server)
-        wait_until(lambda: proc.poll() is not None or _listening(self.fed_learn_port)
-                   and _listening(self.admin_port), timeout_s, "the server to listen")
+        wait_until(
+            lambda: proc.poll() is not None or _listening(self.fed_learn_port) and _listening(self.admin_port),
+            timeout_s,
+            "the server to listen",
+        )
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode}: {self.log_tail(self.server)}")
         return proc
@@ -158,13 +174,15 @@ class LocalStudy:
 
     # ---- the admin console, one-shot ---------------------------------------------------------------
 
-    def admin(self, command: str, admin: str | None = None, timeout_s: float = 300.0,
-              as_json: bool = True) -> subprocess.CompletedProcess:
+    def admin(
+        self, command: str, admin: str | None = None, timeout_s: float = 300.0, as_json: bool = True
+    ) -> subprocess.CompletedProcess:
         """Run `fl_admin.sh -c COMMAND` from an admin kit (the first admin by default)."""
         kit = self.kits[admin or self.admins[0]]
         args = ["bash", str(kit / "startup" / "fl_admin.sh"), "-c", command] + (["--json"] if as_json else [])
-        return subprocess.run(args, capture_output=True, text=True, env=self.env(), timeout=timeout_s,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            args, capture_output=True, text=True, env=self.env(), timeout=timeout_s, stdin=subprocess.DEVNULL
+        )
 
     def admin_json(self, command: str, admin: str | None = None, timeout_s: float = 300.0) -> Any:
         done = self.admin(command, admin, timeout_s)

@@ -7,6 +7,8 @@ Also the checks an incoming update must pass before it may touch the global mode
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,49 @@ def from_bytes(data: bytes | bytearray | memoryview) -> Weights:
         return _st_load(bytes(data) if not isinstance(data, bytes) else data)
     except Exception as e:  # safetensors raises its own SafetensorError and others
         raise UpdateRejected(f"not a valid safetensors payload: {e}") from None
+
+
+# safetensors dtype names -> NumPy (bfloat16 has no NumPy dtype; such models travel as float32 here)
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+           "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
+           "BOOL": np.bool_}
+MAX_HEADER_BYTES = 100 << 20
+
+
+def view_bytes(buf: bytearray | bytes) -> Weights:
+    """Read safetensors bytes as NumPy views into `buf`, without copying tensor data.
+
+    The server receives every update into one buffer; safetensors' own `load` would copy it twice more.
+    The format is an 8-byte little-endian header length, a JSON header of name -> {dtype, shape,
+    data_offsets}, then the data. Every field is checked; anything off raises UpdateRejected.
+    """
+    if len(buf) < 8:
+        raise UpdateRejected("not a valid safetensors payload: shorter than its header length")
+    n_header = int.from_bytes(buf[:8], "little")
+    if n_header > min(MAX_HEADER_BYTES, len(buf) - 8):
+        raise UpdateRejected(f"not a valid safetensors payload: header length {n_header} exceeds the payload")
+    try:
+        header = json.loads(bytes(buf[8:8 + n_header]))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UpdateRejected("not a valid safetensors payload: header is not JSON") from None
+    if not isinstance(header, dict):
+        raise UpdateRejected("not a valid safetensors payload: header is not an object")
+    start, size = 8 + n_header, len(buf) - 8 - n_header
+    out: Weights = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(_DTYPES[info["dtype"]])
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise UpdateRejected(f"tensor '{name}': malformed or unsupported entry in the header") from None
+        count = math.prod(shape)
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size or end - begin != count * dtype.itemsize:
+            raise UpdateRejected(f"tensor '{name}': its offsets do not match its shape and dtype")
+        out[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=start + begin).reshape(shape)
+    return out
 
 
 def save_file(weights: Weights, path: Path) -> None:

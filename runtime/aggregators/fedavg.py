@@ -31,6 +31,15 @@ def start_sum(model: Weights) -> WeightedSum:
                        totals={k: 0.0 for k in model})
 
 
+def reset_sum(acc: WeightedSum) -> WeightedSum:
+    """Zero `acc` in place for the next round; reusing its memory avoids faulting in fresh pages."""
+    for arr in acc.sums.values():
+        arr.fill(0)
+    acc.totals = {k: 0.0 for k in acc.totals}
+    acc.n_updates = 0
+    return acc
+
+
 def fold(acc: WeightedSum, delta: Weights, weight: float) -> WeightedSum:
     """Add `weight * delta` into `acc` in place and return it. A weight of 0 counts the update but
     changes nothing."""

@@ -13,7 +13,7 @@ from .. import kit_config as kc
 from ..audit import AuditLog
 from ..certs import check_validity
 from ..errors import FedkitError
-from ..procs import LOG_FILE, setup_logging, stop_event_on_signals, workspace, write_pid
+from ..procs import LOG_FILE, setup_logging, stop_event_on_signals, tune_malloc, workspace, write_pid
 from ..transport import TlsFiles
 from .daemon import ClientDaemon
 from .job_policy import JobPolicy
@@ -29,6 +29,7 @@ async def run(kit: Path, debug: bool) -> bool:
     policy = JobPolicy.load(local / "job_policy.yml")
     ws = workspace(kit)
     setup_logging(ws / LOG_FILE, debug)
+    tune_malloc()
     check_validity(TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca).own_certificate(),
                    str(startup / cfg.cert))
     write_pid(ws)

@@ -45,7 +45,7 @@ MAX_TASK_BYTES = 64 << 30
 @dataclass
 class _Task:
     header: pb.TaskHeader
-    payload: bytes
+    payload: bytes | bytearray
     config: dict[str, Any]
 
 
@@ -191,7 +191,7 @@ class ClientDaemon:
             receiver = PayloadReceiver(h.payload_bytes, MAX_TASK_BYTES, h.payload_sha256)
             async for chunk in stream:
                 receiver.add(chunk.data)
-            payload = bytes(receiver.finish()) if h.payload_bytes else b""
+            payload = receiver.finish() if h.payload_bytes else b""
         return _Task(header=h, payload=payload, config=json.loads(h.config_json or "{}"))
 
     async def _do_task(self, task: _Task) -> None:
@@ -255,14 +255,16 @@ class ClientDaemon:
             return 0, {}, await asyncio.to_thread(out.read_bytes)
         received = round_dir / "global_in.safetensors"
         await asyncio.to_thread(received.write_bytes, task.payload)
-        validation = (await self._worker.call({"op": "validate", "weights": str(received)}, timeout_s))["metrics"]
+        task.payload = b""  # the worker reads the file; do not hold a second copy
         if h.task_name == "validate":
+            validation = (await self._worker.call({"op": "validate", "weights": str(received)}, timeout_s))["metrics"]
             return 0, {"validation": validation}, b""
         if h.task_name != "train":
             raise JobRejected(f"unknown task '{h.task_name}'")
         out = round_dir / "delta_out.safetensors"
         reply = await self._worker.call({"op": "train", "weights": str(received), "round": h.round,
                                          "out": str(out)}, timeout_s)
+        validation = reply["validation"]
         filters = build_filters(client_cfg.filters)
         payload = await asyncio.to_thread(self._filtered_payload, out, filters)
         if client_cfg.keep_updates:

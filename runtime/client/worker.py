@@ -7,8 +7,8 @@ the reply channel. Weights move through safetensors files in the job's work fold
     {"op": "init", "out": PATH}                       -> {"ok": true}
     {"op": "validate", "weights": PATH}               -> {"ok": true, "metrics": {...}}
     {"op": "train", "weights": PATH, "round": R, "out": PATH}
-                                                      -> {"ok": true, "n_samples": N, "metrics": {...}}
-       (out holds the delta: trained weights minus the weights received)
+                                  -> {"ok": true, "n_samples": N, "metrics": {...}, "validation": {...}}
+       (validation scores the received weights first; out holds the delta: trained minus received)
     {"op": "stop"}                                    -> exits
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..learner import Learner, SiteContext
+from ..procs import tune_malloc
 from ..weights import load_file, save_file
 
 
@@ -57,10 +58,12 @@ def handle(learner: Learner, cmd: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "metrics": {k: float(v) for k, v in metrics.items()}}
     if op == "train":
         received = load_file(Path(cmd["weights"]))
+        # the global model is scored on local validation data before training changes the learner
+        validation = {k: float(v) for k, v in learner.validate(received).items()}
         result = learner.train(received, int(cmd["round"]))
         delta = result.weights if result.is_delta else _delta(result.weights, received)
         save_file(delta, Path(cmd["out"]))
-        return {"ok": True, "n_samples": int(result.n_samples),
+        return {"ok": True, "n_samples": int(result.n_samples), "validation": validation,
                 "metrics": {k: float(v) for k, v in result.metrics.items()}}
     raise ValueError(f"unknown op {op!r}")
 
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learner-args", default="{}", help="JSON object")
     a = p.parse_args(argv)
 
+    tune_malloc()
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # from here on, print() lands in the log, not in the reply channel
     context = SiteContext(site=a.site, job_id=a.job_id, data_root=Path(a.data_root) if a.data_root else None,

@@ -12,7 +12,7 @@ from .. import kit_config as kc
 from ..audit import AuditLog
 from ..certs import check_validity, load_revoked_serials, not_revoked
 from ..identity import Kind
-from ..procs import LOG_FILE, setup_logging, stop_event_on_signals, workspace, write_pid
+from ..procs import LOG_FILE, setup_logging, stop_event_on_signals, tune_malloc, workspace, write_pid
 from ..transport import RpcServer, TlsFiles, require_kind
 from .admin_service import AdminService
 from .authz import Policy
@@ -47,6 +47,7 @@ async def serve(kit: Path, debug: bool = False) -> None:
     settings = kc.load_optional(local / "server.yml", kc.ServerLocalSettings)
     ws = workspace(kit)
     setup_logging(ws / LOG_FILE, debug)
+    tune_malloc()
     tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
     check_validity(tls.own_certificate(), f"{startup / cfg.cert}")
     crl = _Crl(local / kc.REVOCATION_LIST, tls.root_ca)

@@ -22,7 +22,7 @@ import numpy as np
 from ..audit import AuditLog
 from ..errors import FedkitError, UpdateRejected
 from ..job_spec import JobSpec, read_zip_member
-from ..weights import Weights, from_bytes, load_file, nbytes, save_file, sha256_hex, to_bytes
+from ..weights import Weights, from_bytes, load_file, nbytes, save_file, sha256_hex, to_bytes, view_bytes
 from ..workflows import FedAvg, SiteResult, weighted_metrics
 from .job_store import JobRecord, JobStore, Progress
 from .registry import Registry
@@ -122,7 +122,7 @@ class JobController:
 
     @staticmethod
     def _parse_result(site: str, n_samples: int, metrics: dict[str, Any], payload: bytearray | None) -> SiteResult:
-        delta = from_bytes(payload) if payload else None
+        delta = view_bytes(payload) if payload else None  # views into the received buffer: no copy
         return SiteResult(site=site, n_samples=n_samples, train_metrics=_numbers(metrics.get("train")),
                           validation=_numbers(metrics.get("validation")), delta=delta)
 

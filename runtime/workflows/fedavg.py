@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..aggregators import apply_server_step, fold, start_sum, weighted_mean
+from ..aggregators import apply_server_step, fold, reset_sum, start_sum, weighted_mean
 from ..errors import UpdateRejected
 from ..job_spec import ServerJobConfig
 from ..weights import Weights, check_update
@@ -53,7 +53,7 @@ class FedAvg:
         return list(alive) if wanted == "all" else [s for s in alive if s in wanted]
 
     def begin_round(self) -> None:
-        self._sum = start_sum(self.model)
+        reset_sum(self._sum)
 
     def fold_result(self, result: SiteResult) -> None:
         """Check and fold one site's delta. Raises UpdateRejected; the sum is untouched then."""

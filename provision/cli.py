@@ -1,0 +1,182 @@
+"""The `fedkit` command line: the only place errors are caught and turned into one line and an exit code.
+
+    fedkit provision -p project.yml -w WORKSPACE              every kit, into WORKSPACE/<study>/prod_NN
+    fedkit provision add-site NAME -p project.yml -w WORKSPACE one more kit (NAME must be in project.yml)
+    fedkit provision revoke NAME -p project.yml -w WORKSPACE   add NAME's certificates to the study CRL
+    fedkit verify-kit DIR [--ca rootCA.pem]                    check a kit against its signature
+
+Exit codes: 0 ok; 1 failure (including a kit that does not verify); 2 bad input (project.yml, a config
+file, or usage). A traceback is printed only with `fedkit --debug ...`; locals never are, because
+commands here hold private keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from runtime.errors import ConfigError, FedkitError, ProjectConfigError
+from runtime.kitsig import verify_kit
+
+from .pipeline import ProvisionResult, add_site, provision
+from .project import load_project
+from .revoke import revoke
+from .state import StudyWorkspace
+
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+def exit_code_for(error: BaseException) -> int:
+    return EXIT_BAD_INPUT if isinstance(error, ProjectConfigError | ConfigError) else EXIT_FAILURE
+
+
+def one_line(error: BaseException) -> str:
+    """The line a person sees: a FedkitError's text, an OS error's file and reason, or a labelled surprise."""
+    if isinstance(error, FedkitError):
+        return " ".join(str(error).split())
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror}"
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return f"unexpected error: {text} (rerun with --debug for the traceback)"
+
+
+class _FedkitGroup(TyperGroup):
+    """Root command group that maps any error from any command to one stderr line and an exit code."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # typer's own exits and usage errors already carry their message and code
+        except Exception as error:
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            typer.echo(one_line(error), err=True)
+            raise typer.Exit(exit_code_for(error)) from None
+
+
+app = typer.Typer(
+    cls=_FedkitGroup,
+    name="fedkit",
+    help="fedkit: provisioning-first federated learning for multi-institution studies.",
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+    add_completion=False,
+)
+provision_app = typer.Typer(
+    help="Issue signed startup kits from project.yml; add a site; revoke a participant.",
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(provision_app, name="provision")
+
+ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="the study's project.yml")]
+WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="folder holding <study>/state and prod_NN")]
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _print_result(result: ProvisionResult) -> None:
+    typer.echo(f"study CA: {result.ca_cert_path} ({'created' if result.is_ca_new else 'reused'})")
+    typer.echo(f"kits in {result.prod_dir}:")
+    width = max(len(k.name) for k in result.kits)
+    for kit in result.kits:
+        typer.echo(f"  {kit.kind.value:<6}  {kit.name:<{width}}  {kit.zip_path}")
+    typer.echo("Send each participant its own zip over a trusted channel; keep state/ private and backed up.")
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="print tracebacks on errors")] = False,
+) -> None:
+    """fedkit: provisioning-first federated learning for multi-institution studies."""
+
+
+@provision_app.callback(invoke_without_command=True)
+def provision_cmd(
+    ctx: typer.Context,
+    project: ProjectOpt = Path("project.yml"),
+    workspace: WorkspaceOpt = Path("workspace"),
+) -> None:
+    """Issue a signed kit (folder + zip) for every participant into WORKSPACE/<study>/prod_NN."""
+    if ctx.invoked_subcommand is not None:
+        return
+    result = provision(load_project(project), workspace, _utc_now())
+    _print_result(result)
+
+
+@provision_app.command("add-site")
+def add_site_cmd(
+    name: Annotated[str, typer.Argument(help="a client site (or admin) already listed in project.yml")],
+    project: ProjectOpt = Path("project.yml"),
+    workspace: WorkspaceOpt = Path("workspace"),
+) -> None:
+    """Issue a kit for one new participant into the newest prod_NN under the same CA; others stay untouched.
+
+    Add the site to project.yml first: project.yml stays the one record of who is in the study.
+    The server's roster (fed_server.json) is not re-issued; the server trusts any site the CA signed.
+    """
+    result = add_site(load_project(project), workspace, name, _utc_now(), project_source=str(project))
+    _print_result(result)
+
+
+@provision_app.command("revoke")
+def revoke_cmd(
+    name: Annotated[str, typer.Argument(help="participant whose certificates to revoke")],
+    project: ProjectOpt = Path("project.yml"),
+    workspace: WorkspaceOpt = Path("workspace"),
+) -> None:
+    """Revoke every certificate issued to NAME and rewrite the study's CRL."""
+    study = load_project(project)
+    result = revoke(StudyWorkspace.for_study(workspace, study.name), name, _utc_now())
+    if result.newly_revoked:
+        typer.echo(f"revoked '{name}': serial(s) {', '.join(result.newly_revoked)}")
+    if result.already_revoked:
+        typer.echo(f"already revoked: serial(s) {', '.join(result.already_revoked)}")
+    typer.echo(f"CRL written to {result.published_crl_path} (and {result.crl_path})")
+    typer.echo(
+        "Next: send that crl.pem to the server's site IT; they copy it to the server kit's local/crl.pem "
+        "and restart the server."
+    )
+
+
+@app.command("verify-kit")
+def verify_kit_cmd(
+    kit_dir: Annotated[Path, typer.Argument(help="an unzipped kit's top folder")],
+    ca: Annotated[Path | None, typer.Option("--ca", help="root CA to trust (default: the kit's own)")] = None,
+    show_all: Annotated[bool, typer.Option("--all", help="list every file, not only problems")] = False,
+) -> None:
+    """Check every file of a kit against its signature.json: one line per changed, missing or extra file."""
+    try:
+        ca_pem = ca.read_bytes() if ca is not None else None
+    except OSError as e:
+        raise ConfigError(f"{ca}: cannot read ({e.strerror})") from None
+    report = verify_kit(kit_dir, ca_pem)
+    if show_all:
+        for check in report.files:
+            typer.echo(f"{check.status.value:<8} {check.path}")
+    problems = report.problems()
+    for line in problems:
+        typer.echo(f"{kit_dir}/{line}")
+    if problems:
+        raise typer.Exit(EXIT_FAILURE)
+    typer.echo(f"{kit_dir}: ok ({len(report.files)} files match the CA-signed manifest)")
+
+
+# --- More commands register here (runtime side, added by the runtime owner): ---------------------------
+#   app.command("demo")(...)            fedkit demo
+#   app.add_typer(audit_app, name="audit")   fedkit audit verify LOG
+# Anything registered on `app` gets the one-line error handling of _FedkitGroup for free.
+# -----------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    """Console-script entry point (`fedkit`); errors are already mapped to one line by _FedkitGroup."""
+    app(prog_name="fedkit")

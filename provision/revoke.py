@@ -1,0 +1,83 @@
+"""Revoke a participant: add every serial ever issued to it to the study's CA-signed CRL.
+
+Kits are signed, so the CRL never goes into one: it is written to `state/crl.pem` and published as
+`WORKSPACE/<study>/crl.pem`, and site IT copies it to the server kit's `local/crl.pem` (local/ is
+site-owned and unsigned). Serials come from the issued-cert ledger, so a name issued in several runs
+is revoked in all of them. Re-running regenerates the CRL from the ledger, so it is safe to repeat.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from runtime.errors import CertificateError
+
+from ._files import replace_file
+from .certs import SIGNATURE_HASH, CertificateAuthority, load_ca
+from .state import Revocation, StudyWorkspace, load_ledger, save_ledger
+
+
+@dataclass(frozen=True)
+class RevokeResult:
+    name: str
+    newly_revoked: tuple[str, ...]
+    already_revoked: tuple[str, ...]
+    crl_path: Path
+    published_crl_path: Path
+
+
+def build_crl(ca: CertificateAuthority, revocations: tuple[Revocation, ...], now: dt.datetime) -> bytes:
+    """A PEM CRL listing `revocations`, signed by the CA.
+
+    nextUpdate is the CA's own expiry: OpenSSL rejects every peer once a CRL is past nextUpdate, and this
+    CRL changes only when lead IT revokes someone, so an earlier date would only break the study silently.
+    The CRL number is the issue time in seconds, so later CRLs always carry larger numbers.
+    """
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now)
+        .next_update(ca.cert.not_valid_after_utc)
+        .add_extension(x509.CRLNumber(int(now.timestamp())), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+    )
+    for r in revocations:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(int(r.serial)).revocation_date(r.revoked_at).build()
+        )
+    return builder.sign(ca.key, SIGNATURE_HASH()).public_bytes(serialization.Encoding.PEM)
+
+
+def revoke(workspace: StudyWorkspace, name: str, now: dt.datetime) -> RevokeResult:
+    """Revoke every certificate issued to `name` and rewrite both CRL files.
+
+    Raises CertificateError when no certificate was ever issued to `name` or the CA cannot be loaded.
+    """
+    ledger = load_ledger(workspace.ledger_path)
+    serials = ledger.serials_of(name)
+    if not serials:
+        known = sorted({c.name for c in ledger.issued})
+        raise CertificateError(
+            f"{workspace.ledger_path}: no certificate was issued to '{name}'"
+            + (f" (issued: {', '.join(known)})" if known else "; nothing has been provisioned here")
+        )
+    ca = load_ca(workspace.ca_cert_path, workspace.ca_key_path, now)
+    done = ledger.revoked_serials()
+    new = [s for s in serials if s not in done]
+    ledger = ledger.with_revoked([Revocation(name=name, serial=s, revoked_at=now) for s in new])
+    crl_pem = build_crl(ca, ledger.revoked, now)
+    replace_file(workspace.crl_path, crl_pem)
+    replace_file(workspace.published_crl_path, crl_pem)
+    save_ledger(workspace.ledger_path, ledger)
+    return RevokeResult(
+        name=name,
+        newly_revoked=tuple(new),
+        already_revoked=tuple(s for s in serials if s in done),
+        crl_path=workspace.crl_path,
+        published_crl_path=workspace.published_crl_path,
+    )

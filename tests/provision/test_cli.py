@@ -1,0 +1,148 @@
+"""The `fedkit` CLI: results on stdout, one error line on stderr, exit 2 for bad input and 1 for failures,
+a traceback only with --debug."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from provision.certs import create_ca
+from provision.cli import app
+
+from .conftest import EXAMPLE, NOW
+from .test_project import BAD_CASES
+
+runner = CliRunner()
+
+
+def fedkit(*args: str):
+    return runner.invoke(app, list(args))
+
+
+@pytest.fixture
+def project_file(tmp_path: Path) -> Path:
+    path = tmp_path / "project.yml"
+    shutil.copy(EXAMPLE, path)
+    return path
+
+
+@pytest.mark.parametrize(("text", "expected"), [c[1:] for c in BAD_CASES], ids=[c[0] for c in BAD_CASES])
+@pytest.mark.parametrize("command", [["provision"], ["provision", "add-site", "site-1"], ["provision", "revoke", "x"]])
+def test_bad_project_yml_is_one_line_and_exit_2(tmp_path: Path, command: list[str], text: str, expected: str) -> None:
+    path = tmp_path / "project.yml"
+    path.write_text(text)
+    result = fedkit(*command, "-p", str(path), "-w", str(tmp_path / "ws"))
+    assert result.exit_code == 2
+    assert result.stderr == expected.replace("project.yml", str(path), 1) + "\n"
+    assert result.stdout == ""
+    assert not (tmp_path / "ws").exists()
+
+
+def test_missing_project_file(tmp_path: Path) -> None:
+    result = fedkit("provision", "-p", str(tmp_path / "none.yml"), "-w", str(tmp_path))
+    assert result.exit_code == 2
+    assert result.stderr == f"{tmp_path / 'none.yml'}: cannot read (No such file or directory)\n"
+
+
+def test_debug_adds_the_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "project.yml"
+    path.write_text("")
+    result = fedkit("--debug", "provision", "-p", str(path), "-w", str(tmp_path / "ws"))
+    assert result.exit_code == 2
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.endswith(f"{path}: empty; start from project.yml.example\n")
+
+
+def test_provision_add_site_and_revoke_end_to_end(tmp_path: Path, project_file: Path) -> None:
+    ws = tmp_path / "ws"
+    first = fedkit("provision", "-p", str(project_file), "-w", str(ws))
+    assert first.exit_code == 0, first.stderr
+    assert f"study CA: {ws}/example-study/state/rootCA.pem (created)" in first.stdout
+    assert f"{ws}/example-study/prod_01/site-3.zip" in first.stdout
+    assert first.stderr == ""
+
+    second = fedkit("provision", "-p", str(project_file), "-w", str(ws))
+    assert "(reused)" in second.stdout and "prod_02" in second.stdout
+
+    project_file.write_text(project_file.read_text() + "  - type: client\n    name: site-4\n    org: hospital-d\n")
+    added = fedkit("provision", "add-site", "site-4", "-p", str(project_file), "-w", str(ws))
+    assert added.exit_code == 0, added.stderr
+    assert f"{ws}/example-study/prod_02/site-4.zip" in added.stdout
+    assert sorted(p.name for p in (ws / "example-study").iterdir()) == ["prod_01", "prod_02", "state"]
+
+    revoked = fedkit("provision", "revoke", "site-4", "-p", str(project_file), "-w", str(ws))
+    assert revoked.exit_code == 0, revoked.stderr
+    assert f"CRL written to {ws}/example-study/crl.pem" in revoked.stdout
+    assert "local/crl.pem" in revoked.stdout
+
+    unknown = fedkit("provision", "revoke", "site-9", "-p", str(project_file), "-w", str(ws))
+    assert unknown.exit_code == 1
+    assert unknown.stderr.count("\n") == 1 and "no certificate was issued to 'site-9'" in unknown.stderr
+
+    not_listed = fedkit("provision", "add-site", "site-9", "-p", str(project_file), "-w", str(ws))
+    assert not_listed.exit_code == 2
+    assert not_listed.stderr.startswith(f"{project_file}: no participant named 'site-9'")
+
+
+def test_verify_kit_ok_and_per_file_report(provisioned, kit_copy, tmp_path: Path) -> None:
+    ok = fedkit("verify-kit", str(provisioned.kit("site-1")))
+    assert ok.exit_code == 0
+    assert ok.stdout.startswith(f"{provisioned.kit('site-1')}: ok (")
+
+    listing = fedkit("verify-kit", "--all", str(provisioned.kit("site-1")))
+    assert "ok       startup/client.crt" in listing.stdout.splitlines()
+
+    kit = kit_copy("site-1")
+    (kit / "readme.txt").write_text("changed")
+    (kit / "startup" / "fed_client.json").unlink()
+    (kit / "startup" / "extra").write_text("")
+    bad = fedkit("verify-kit", str(kit))
+    assert bad.exit_code == 1
+    assert bad.stdout.splitlines() == [
+        f"{kit}/readme.txt: changed since the kit was signed",
+        f"{kit}/startup/extra: extra (not listed in signature.json)",
+        f"{kit}/startup/fed_client.json: missing (listed in signature.json)",
+    ]
+
+
+def test_verify_kit_against_another_ca_fails(provisioned, tmp_path: Path) -> None:
+    other = tmp_path / "other.pem"
+    other.write_bytes(create_ca("other", NOW, 30).cert_pem)
+    result = fedkit("verify-kit", str(provisioned.kit("site-1")), "--ca", str(other))
+    assert result.exit_code == 1
+    assert result.stdout == (
+        f"{provisioned.kit('site-1')}/startup/signature.json: signature does not verify against the given root CA\n"
+    )
+    study_ca = provisioned.study_dir / "state" / "rootCA.pem"
+    assert fedkit("verify-kit", str(provisioned.kit("site-1")), "--ca", str(study_ca)).exit_code == 0
+
+
+def test_verify_kit_bad_arguments_exit_2(tmp_path: Path, provisioned) -> None:
+    missing = fedkit("verify-kit", str(tmp_path / "nope"))
+    assert (
+        missing.exit_code == 2
+        and missing.stderr == f"{tmp_path / 'nope'}: not a folder; pass the unzipped kit's top folder\n"
+    )
+    no_ca = fedkit("verify-kit", str(provisioned.kit("site-1")), "--ca", str(tmp_path / "ca.pem"))
+    assert no_ca.exit_code == 2 and no_ca.stderr == f"{tmp_path / 'ca.pem'}: cannot read (No such file or directory)\n"
+
+
+def test_an_os_error_is_one_line_and_exit_1(tmp_path: Path, project_file: Path) -> None:
+    blocker = tmp_path / "ws"
+    blocker.write_text("a file where the workspace folder should be")
+    result = fedkit("provision", "-p", str(project_file), "-w", str(blocker))
+    assert result.exit_code == 1
+    assert result.stderr == f"{blocker}/example-study/state: Not a directory\n"
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "fedkit"
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0
+    for command in ("provision", "verify-kit"):
+        assert command in done.stdout
