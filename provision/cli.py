@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
+from runtime import audit
 from runtime.errors import ConfigError, FedkitError, ProjectConfigError
 from runtime.kitsig import verify_kit
 
@@ -142,8 +143,8 @@ def revoke_cmd(
         typer.echo(f"already revoked: serial(s) {', '.join(result.already_revoked)}")
     typer.echo(f"CRL written to {result.published_crl_path} (and {result.crl_path})")
     typer.echo(
-        "Next: send that crl.pem to the server's site IT; they copy it to the server kit's local/crl.pem "
-        "and restart the server."
+        "Next: send that crl.pem to the server's site IT; they copy it to the server kit's local/crl.pem. "
+        "A running server picks it up at the next connection; no restart is needed."
     )
 
 
@@ -170,11 +171,32 @@ def verify_kit_cmd(
     typer.echo(f"{kit_dir}: ok ({len(report.files)} files match the CA-signed manifest)")
 
 
-# --- More commands register here (runtime side, added by the runtime owner): ---------------------------
-#   app.command("demo")(...)            fedkit demo
-#   app.add_typer(audit_app, name="audit")   fedkit audit verify LOG
-# Anything registered on `app` gets the one-line error handling of _FedkitGroup for free.
-# -----------------------------------------------------------------------------------------------------
+audit_app = typer.Typer(help="Check audit trails.", pretty_exceptions_show_locals=False)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify_cmd(
+    log: Annotated[Path, typer.Argument(help="an audit.jsonl from a server or site workspace")],
+) -> None:
+    """Check an audit log's hash chain; names the line where it breaks (exit 1)."""
+    if not log.is_file():
+        raise ConfigError(f"{log}: no such audit log")
+    report = audit.verify(log)
+    typer.echo(f"{log}: ok ({report.records} records, chain intact)")
+
+
+@app.command("demo")
+def demo_cmd(
+    workspace: Annotated[
+        Path | None, typer.Option("--workspace", help="where to put it (default: a new temp dir)")
+    ] = None,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="FedAvg rounds")] = 5,
+) -> None:
+    """Run the local demo study: provision, start a server and 3 sites from their kits, train, report."""
+    from .demo import run_demo  # imports scikit-learn; keep it off the other commands' start-up path
+
+    run_demo(workspace, rounds)
 
 
 def main() -> None:

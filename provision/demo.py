@@ -63,10 +63,8 @@ def run_demo(workspace: Path | None = None, rounds: int = 5, python: str = sys.e
         record = study.admin_json(f"submit_job {job} --set server.rounds={rounds}", admin=lead)
         job_id = record["job_id"]
         _say(f"job {job_id} queued; following it (fl_admin.sh -c 'wait_job {job_id}'):")
-        follow = study.admin(f"wait_job {job_id} 300", admin=lead, as_json=False)
-        print(follow.stdout, end="", flush=True)
-        if follow.returncode != 0:
-            raise RuntimeError(f"job did not finish: {follow.stderr.strip()}")
+        if study.admin_live(f"wait_job {job_id} 300", admin=lead) != 0:
+            raise RuntimeError(f"job {job_id} did not finish (see above)")
         results = root / "results"
         study.admin_json(f"download_job {job_id} {results}", admin=lead)
         models = results / job_id / "models"

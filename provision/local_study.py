@@ -184,6 +184,12 @@ class LocalStudy:
             args, capture_output=True, text=True, env=self.env(), timeout=timeout_s, stdin=subprocess.DEVNULL
         )
 
+    def admin_live(self, command: str, admin: str | None = None, timeout_s: float = 600.0) -> int:
+        """Run `fl_admin.sh -c COMMAND` with its output going straight to this terminal; its exit code."""
+        kit = self.kits[admin or self.admins[0]]
+        args = ["bash", str(kit / "startup" / "fl_admin.sh"), "-c", command]
+        return subprocess.run(args, env=self.env(), timeout=timeout_s, stdin=subprocess.DEVNULL).returncode
+
     def admin_json(self, command: str, admin: str | None = None, timeout_s: float = 300.0) -> Any:
         done = self.admin(command, admin, timeout_s)
         if done.returncode != 0:
