@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import grpc
 from cryptography import x509
@@ -285,28 +285,46 @@ def iter_chunks(payload: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> 
 
 
 class PayloadReceiver:
-    """Collects a declared-size payload from chunks; refuses more bytes than declared, fewer than
-    declared, and a hash mismatch, so a partial or corrupted transfer never becomes a model."""
+    """Collects a declared-size payload from chunks, into a buffer or straight into a file (`sink`).
 
-    def __init__(self, declared_bytes: int, limit_bytes: int, sha256: str):
+    Refuses more bytes than declared, fewer than declared, and a SHA-256 mismatch, so a partial or
+    corrupted transfer never becomes a model. The hash is given up front or, with `sha256=""`, at
+    `finish` (a trailer)."""
+
+    def __init__(self, declared_bytes: int, limit_bytes: int, sha256: str = "",
+                 buffer: bytearray | None = None, sink: BinaryIO | None = None):
         if declared_bytes > limit_bytes:
             raise UpdateRejected(f"declared payload of {declared_bytes} bytes exceeds the limit of {limit_bytes}")
-        self._buf = bytearray(declared_bytes)
+        self._declared = declared_bytes
+        self._sink = sink
+        if sink is None:
+            self._buf = buffer if buffer is not None and len(buffer) == declared_bytes else bytearray(declared_bytes)
         self._pos = 0
         self._sha = sha256
         self._hash = hashlib.sha256()
 
     def add(self, chunk: bytes) -> None:
         end = self._pos + len(chunk)
-        if end > len(self._buf):
-            raise UpdateRejected(f"payload longer than the declared {len(self._buf)} bytes")
-        self._buf[self._pos:end] = chunk
+        if end > self._declared:
+            raise UpdateRejected(f"payload longer than the declared {self._declared} bytes")
+        if self._sink is not None:
+            self._sink.write(chunk)
+        else:
+            self._buf[self._pos:end] = chunk
         self._hash.update(chunk)
         self._pos = end
 
-    def finish(self) -> bytearray:
-        if self._pos != len(self._buf):
-            raise UpdateRejected(f"payload ended after {self._pos} of {len(self._buf)} declared bytes")
-        if self._hash.hexdigest() != self._sha:
-            raise UpdateRejected("payload SHA-256 does not match its header")
-        return self._buf
+    def finish(self, trailer_sha256: str = "") -> bytearray:
+        """The payload (empty when it went to a sink), once complete and matching its hash."""
+        if self._pos != self._declared:
+            raise UpdateRejected(f"payload ended after {self._pos} of {self._declared} declared bytes")
+        expected = self._sha or trailer_sha256
+        if not expected:
+            raise UpdateRejected("payload came without a SHA-256")
+        if self._hash.hexdigest() != expected:
+            raise UpdateRejected("payload SHA-256 does not match what the sender declared")
+        return self._buf if self._sink is None else bytearray()
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()

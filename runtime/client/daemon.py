@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import platform
@@ -23,12 +24,12 @@ import numpy as np
 
 from .. import kit_config as kc
 from ..audit import AuditLog
-from ..errors import FedkitError, JobRejected, ServerUnreachable, SessionExpired
+from ..errors import ConfigError, FedkitError, JobRejected, ServerUnreachable, SessionExpired
 from ..filters import apply_filters, build_filters
 from ..job_spec import ClientJobConfig, safe_extract, sha256_hex
 from ..proto import fedkit_pb2 as pb
-from ..transport import PayloadReceiver, TlsFiles, call_errors, federation_stub, iter_chunks, open_channel
-from ..weights import load_file, to_bytes
+from ..transport import CHUNK_BYTES, PayloadReceiver, TlsFiles, call_errors, federation_stub, open_channel
+from ..weights import load_file, save_file
 from .job_policy import JobPolicy
 from .worker_handle import WorkerFailed, WorkerHandle
 
@@ -45,7 +46,8 @@ MAX_TASK_BYTES = 64 << 30
 @dataclass
 class _Task:
     header: pb.TaskHeader
-    payload: bytes | bytearray
+    round_dir: Path
+    payload_path: Path | None  # the weights that came with the task, streamed straight to disk
     config: dict[str, Any]
 
 
@@ -188,33 +190,39 @@ class ClientDaemon:
             if first.WhichOneof("kind") != "header":
                 return None
             h = first.header
-            receiver = PayloadReceiver(h.payload_bytes, MAX_TASK_BYTES, h.payload_sha256)
-            async for chunk in stream:
-                receiver.add(chunk.data)
-            payload = receiver.finish() if h.payload_bytes else b""
-        return _Task(header=h, payload=payload, config=json.loads(h.config_json or "{}"))
+            round_dir = self._ws / "jobs" / _safe_name(h.job_id) / f"round_{h.round:04d}_{_safe_name(h.task_name)}"
+            round_dir.mkdir(parents=True, exist_ok=True)
+            path = round_dir / "global_in.safetensors"
+            if h.payload_bytes:
+                part = path.with_suffix(".part")
+                with part.open("wb") as f:
+                    receiver = PayloadReceiver(h.payload_bytes, MAX_TASK_BYTES, h.payload_sha256, sink=f)
+                    async for chunk in stream:
+                        receiver.add(chunk.data)
+                    receiver.finish()
+                part.replace(path)  # only a complete, verified model ever gets the real name
+        return _Task(header=h, round_dir=round_dir, payload_path=path if h.payload_bytes else None,
+                     config=json.loads(h.config_json or "{}"))
 
     async def _do_task(self, task: _Task) -> None:
         h = task.header
         self._job_id, self._round = h.job_id, h.round
-        job_dir = self._ws / "jobs" / h.job_id
-        round_dir = job_dir / f"round_{h.round:04d}_{h.task_name}"
-        round_dir.mkdir(parents=True, exist_ok=True)
+        job_dir = self._ws / "jobs" / _safe_name(h.job_id)
+        round_dir = task.round_dir
         self._audit.append("task_received", job_id=h.job_id, task=h.task_name, round=h.round, task_id=h.task_id,
                            payload_sha256=h.payload_sha256)
         try:
             client_cfg = ClientJobConfig.model_validate(task.config.get("client", {}))
             await self._ensure_job(h, task.config, job_dir, client_cfg)
             n_samples, metrics, payload = await self._execute(h, task, round_dir, client_cfg)
-        except (WorkerFailed, JobRejected, FedkitError) as e:
+            await self._submit(h, n_samples, metrics, payload)
+        except (WorkerFailed, JobRejected, ConfigError) as e:
             log.error("job %s %s round %d failed: %s", h.job_id, h.task_name, h.round, e)
             self._audit.append("task_failed", job_id=h.job_id, task=h.task_name, round=h.round, reason=str(e))
-            await self._submit(h, 0, {}, b"", error=str(e))
-            return
+            await self._submit(h, 0, {}, None, error=str(e))
         finally:
             if not (task.config.get("client", {}).get("keep_updates")):
                 shutil.rmtree(round_dir, ignore_errors=True)
-        await self._submit(h, n_samples, metrics, payload)
 
     async def _ensure_job(self, h: pb.TaskHeader, config: dict[str, Any], job_dir: Path,
                           client_cfg: ClientJobConfig) -> None:
@@ -246,19 +254,20 @@ class ClientDaemon:
             log_path=log_path)
 
     async def _execute(self, h: pb.TaskHeader, task: _Task, round_dir: Path,
-                       client_cfg: ClientJobConfig) -> tuple[int, dict[str, Any], bytes]:
+                       client_cfg: ClientJobConfig) -> tuple[int, dict[str, Any], Path | None]:
+        """Run the task in the worker; returns n_samples, metrics and the file of weights to send."""
         assert self._worker is not None
         timeout_s = min(h.timeout_s or client_cfg.task_timeout_s, client_cfg.task_timeout_s)
         if h.task_name == "init":
             out = round_dir / "initial.safetensors"
             await self._worker.call({"op": "init", "out": str(out)}, timeout_s)
-            return 0, {}, await asyncio.to_thread(out.read_bytes)
-        received = round_dir / "global_in.safetensors"
-        await asyncio.to_thread(received.write_bytes, task.payload)
-        task.payload = b""  # the worker reads the file; do not hold a second copy
+            return 0, {}, out
+        received = task.payload_path
+        if received is None:
+            raise JobRejected(f"{h.task_name} task came without weights")
         if h.task_name == "validate":
             validation = (await self._worker.call({"op": "validate", "weights": str(received)}, timeout_s))["metrics"]
-            return 0, {"validation": validation}, b""
+            return 0, {"validation": validation}, None
         if h.task_name != "train":
             raise JobRejected(f"unknown task '{h.task_name}'")
         out = round_dir / "delta_out.safetensors"
@@ -266,37 +275,43 @@ class ClientDaemon:
                                          "out": str(out)}, timeout_s)
         validation = reply["validation"]
         filters = build_filters(client_cfg.filters)
-        payload = await asyncio.to_thread(self._filtered_payload, out, filters)
+        if filters:  # privacy filters decide what leaves the site: the filtered delta replaces the raw one
+            await asyncio.to_thread(self._filter_file, out, filters)
         if client_cfg.keep_updates:
-            (round_dir / "update_sent.safetensors").write_bytes(payload)
+            await asyncio.to_thread(shutil.copyfile, out, round_dir / "update_sent.safetensors")
             (round_dir / "update_sent.json").write_text(json.dumps({"n_samples": reply["n_samples"],
                                                                    "round": h.round, "task_id": h.task_id}))
-        return int(reply["n_samples"]), {"train": reply["metrics"], "validation": validation}, payload
+        return int(reply["n_samples"]), {"train": reply["metrics"], "validation": validation}, out
 
-    def _filtered_payload(self, delta_path: Path, filters: list) -> bytes:
-        if not filters:
-            return delta_path.read_bytes()  # already safetensors: no need to parse and re-serialize
-        return to_bytes(apply_filters(load_file(delta_path), filters, self._rng))
+    def _filter_file(self, delta_path: Path, filters: list) -> None:
+        save_file(apply_filters(load_file(delta_path), filters, self._rng), delta_path)
 
-    async def _submit(self, h: pb.TaskHeader, n_samples: int, metrics: dict[str, Any], payload: bytes,
+    async def _submit(self, h: pb.TaskHeader, n_samples: int, metrics: dict[str, Any], payload: Path | None,
                       error: str = "") -> None:
-        digest = await asyncio.to_thread(sha256_hex, payload) if payload else ""
+        """Stream the result from disk, hashing as it goes; the hash follows as a trailer."""
+        size = payload.stat().st_size if payload is not None else 0
         header = pb.ResultHeader(session_id=self._session_id, task_id=h.task_id, n_samples=n_samples,
-                                 metrics_json=json.dumps(metrics), payload_bytes=len(payload),
-                                 payload_sha256=digest, error=error)
+                                 metrics_json=json.dumps(metrics), payload_bytes=size, error=error)
+        digest = hashlib.sha256()
 
         async def chunks() -> AsyncIterator[pb.ResultChunk]:
             yield pb.ResultChunk(header=header)
-            for piece in iter_chunks(payload):
-                yield pb.ResultChunk(data=piece)
+            if payload is None:
+                return
+            with payload.open("rb") as f:
+                while piece := f.read(CHUNK_BYTES):
+                    digest.update(piece)
+                    yield pb.ResultChunk(data=piece)
+            yield pb.ResultChunk(sha256=digest.hexdigest())
 
         with call_errors("submit result", self._target):
-            reply = await self._stub.SubmitResult(chunks(), timeout=RPC_TIMEOUT_S + len(payload) / 1e6)
+            reply = await self._stub.SubmitResult(chunks(), timeout=RPC_TIMEOUT_S + size / 1e6)
+        size_sent, digest_hex = size, digest.hexdigest() if size else ""
         if reply.accepted:
             self._audit.append("update_sent", job_id=h.job_id, task=h.task_name, round=h.round,
-                               n_samples=n_samples, payload_sha256=digest)
+                               n_samples=n_samples, payload_sha256=digest_hex)
             log.info("job %s %s round %d: result accepted (%d bytes, n_samples=%d)", h.job_id, h.task_name,
-                     h.round, len(payload), n_samples)
+                     h.round, size_sent, n_samples)
         else:
             self._audit.append("update_refused_by_server", job_id=h.job_id, round=h.round, reason=reply.reason)
             log.warning("job %s %s round %d: server refused our result: %s", h.job_id, h.task_name, h.round,
@@ -306,3 +321,10 @@ class ClientDaemon:
         if self._worker is not None:
             await self._worker.stop()
             self._worker = None
+
+
+def _safe_name(text: str) -> str:
+    """A server-given id used as a folder name: no path tricks."""
+    if not text or "/" in text or "\\" in text or text.startswith("."):
+        raise JobRejected(f"invalid id '{text[:40]}' from the server")
+    return text

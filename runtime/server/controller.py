@@ -99,8 +99,9 @@ class JobController:
             if rnd.fold is not None:
                 async with self._fold_lock:
                     await asyncio.to_thread(rnd.fold, result)
-            rnd.results[site] = SiteResult(site, result.n_samples, result.train_metrics, result.validation,
-                                           result.delta if task.name == "init" else None)
+            # an init result is kept past this call, so copy it out of the (reused) receive buffer
+            kept = {k: v.copy() for k, v in result.delta.items()} if task.name == "init" and result.delta else None
+            rnd.results[site] = SiteResult(site, result.n_samples, result.train_metrics, result.validation, kept)
         except UpdateRejected as e:
             rnd.failures[site] = f"update rejected: {e}"
             self._audit.append("update_rejected", job_id=self.record.job_id, site=site, round=rnd.round,
