@@ -89,6 +89,10 @@ class ServerLocalSettings(_Strict):
     """local/server.yml (optional; defaults apply when absent)."""
 
     listen_host: str | None = Field(None, description="address to bind; default: the server's host name")
+    fed_learn_listen_port: int | None = Field(None, ge=1, le=65535,
+                                              description="port to bind for sites, when a proxy or NAT "
+                                                          "forwards the kit's fed_learn_port to another")
+    admin_listen_port: int | None = Field(None, ge=1, le=65535, description="likewise for the admin port")
     heartbeat_timeout_s: float = 30.0
     max_update_bytes_factor: float = Field(1.5, description="largest accepted update, as a multiple of the model")
     max_concurrent_uploads: int = Field(2, description="updates buffered at once; bounds server memory")

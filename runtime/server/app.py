@@ -66,16 +66,16 @@ async def serve(kit: Path, debug: bool = False) -> None:
                          ws / LOG_FILE, controls, stop.set)
 
     host = settings.listen_host or cfg.name
-    fed_server = RpcServer(tls, host, cfg.fed_learn_port)
+    fed_server = RpcServer(tls, host, settings.fed_learn_listen_port or cfg.fed_learn_port)
     fed_server.add_federation(federation, require_kind(Kind.CLIENT, not_revoked(crl)))
-    admin_server = RpcServer(tls, host, cfg.admin_port)
+    admin_server = RpcServer(tls, host, settings.admin_listen_port or cfg.admin_port)
     admin_server.add_admin(admin, require_kind(Kind.ADMIN, not_revoked(crl)))
     await fed_server.start()
     await admin_server.start()
     write_pid(ws)
     audit.append("server_started", project=cfg.project, name=cfg.name)
     log.info("server %s for project %s listening on %s:%d (federation) and :%d (admin)",
-             cfg.name, cfg.project, host, cfg.fed_learn_port, cfg.admin_port)
+             cfg.name, cfg.project, host, fed_server.port, admin_server.port)
 
     runner_task = asyncio.create_task(runner.run_forever(), name="job-runner")
     stop_wait = asyncio.create_task(stop.wait())
