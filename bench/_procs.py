@@ -42,3 +42,17 @@ def peak_rss_bytes(pid: int) -> int:
 
 def tree_peak_rss_bytes(root: int) -> int:
     return sum(peak_rss_bytes(p) for p in tree_pids(root) if p != os.getpid())
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int) -> dict[int, float]:
+    return {p: cpu_seconds(p) for p in tree_pids(root)}

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._procs import tree_peak_rss_bytes  # noqa: E402
+from bench._procs import cpu_seconds, tree_peak_rss_bytes, tree_pids  # noqa: E402
 from provision.local_study import LocalStudy, wait_until  # noqa: E402
 
 JOB = REPO / "bench" / "jobs" / "trivial"
@@ -55,16 +55,29 @@ def run_fedkit(params: int, n_sites: int, rounds: int, root: Path) -> dict:
         shutil.copytree(JOB, job)
         record = study.admin_json(f"submit_job {job} --set server.rounds={rounds} "
                                   f"--set client.learner.args.n_params={params} --set meta.min_clients={n_sites}")
+        cpu_before = _cpu_by_role(study)
         study.admin_json(f"wait_job {record['job_id']} 1800", timeout_s=1900)
+        cpu_after = _cpu_by_role(study)
         metrics = study.admin_json(f"show_job {record['job_id']}")["metrics"]
         ends = [m["time"] for m in metrics if m["type"] == "round"]
         per_round = [b - a for a, b in zip(ends, ends[1:], strict=False)]
         rss = {name: tree_peak_rss_bytes(proc.pid) for name, proc in study.procs.items()}
     finally:
         study.stop_all()
-    return {"round_s": statistics.median(per_round), "rounds_measured": len(per_round),
+    cpu = {role: round((cpu_after[role] - cpu_before.get(role, 0.0)) / rounds, 3) for role in cpu_after}
+    return {"round_s": statistics.median(per_round), "rounds_measured": len(per_round), "cpu_s_per_round": cpu,
             "server_rss": rss[study.server], "all_rss": sum(rss.values()),
             "kits": study.kits, "server": study.server}
+
+
+def _cpu_by_role(study: LocalStudy) -> dict[str, float]:
+    """CPU seconds so far of the server, all site daemons, and all training workers."""
+    totals = {"server": 0.0, "daemons": 0.0, "workers": 0.0}
+    for name, proc in study.procs.items():
+        for pid in tree_pids(proc.pid):
+            role = "server" if name == study.server else ("daemons" if pid == proc.pid else "workers")
+            totals[role] += cpu_seconds(pid)
+    return totals
 
 
 # ---- the baseline: the same bytes over plain TLS sockets -----------------------------------------------
@@ -140,7 +153,8 @@ def main() -> None:
         moved = 2 * n * model_bytes
         row = {"P": args.params, "N": n, "round_s": round(result["round_s"], 3), "MB_per_round": round(moved / 1e6, 1),
                "raw_tls_s": round(raw_s, 3), "ratio": round(result["round_s"] / raw_s, 2),
-               "server_peak_rss_MB": round(result["server_rss"] / 1e6), "all_peak_rss_MB": round(result["all_rss"] / 1e6)}
+               "server_peak_rss_MB": round(result["server_rss"] / 1e6), "all_peak_rss_MB": round(result["all_rss"] / 1e6),
+               "cpu_s_per_round": result["cpu_s_per_round"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()

@@ -22,11 +22,12 @@ import numpy as np
 from ..audit import AuditLog
 from ..errors import FedkitError, UpdateRejected
 from ..job_spec import JobSpec, read_zip_member
-from ..weights import Weights, from_bytes, load_file, nbytes, save_file, sha256_hex, to_bytes, view_bytes
+from ..transport import CHUNK_BYTES
+from ..weights import Weights, from_bytes, load_file, nbytes, save_file, to_bytes, view_bytes
 from ..workflows import FedAvg, SiteResult, weighted_metrics
 from .job_store import JobRecord, JobStore, Progress
 from .registry import Registry
-from .taskboard import Task, TaskBoard
+from .taskboard import NO_PAYLOAD, Payload, Task, TaskBoard
 
 log = logging.getLogger(__name__)
 
@@ -230,14 +231,14 @@ class JobController:
                          fold: Callable[[SiteResult], None] | None, max_sites: int | None = None) -> _Round:
         cfg, meta = self.spec.server, self.spec.meta
         sites = await self._wait_for_sites(rnd, max_sites)
-        payload = await asyncio.to_thread(to_bytes, model) if model is not None else b""
-        sha = await asyncio.to_thread(sha256_hex, payload) if payload else ""
+        payload = (await asyncio.to_thread(lambda: Payload.of(to_bytes(model), CHUNK_BYTES))
+                   if model is not None else NO_PAYLOAD)
         config = {"rounds": cfg.rounds, "client": self.spec.client.model_dump(mode="json"),
                   "job_name": meta.name,
                   "submitter": {"name": self.record.submitter, "org": self.record.submitter_org,
                                 "role": self.record.submitter_role}}
         tasks = {site: Task(job_id=self.record.job_id, site=site, name=name, round=rnd, config=config,
-                            payload=payload, payload_sha256=sha, timeout_s=cfg.round_timeout_s,
+                            payload=payload, timeout_s=cfg.round_timeout_s,
                             job_sha256=self._job_sha) for site in sites}
         self._round = _Round(name=name, round=rnd, tasks=tasks, fold=fold)
         for task in tasks.values():

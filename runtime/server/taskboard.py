@@ -8,6 +8,7 @@ was for, so late, replayed or foreign results are refused by name.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,25 @@ class TaskState(StrEnum):
     CANCELLED = "cancelled"
 
 
+@dataclass(frozen=True)
+class Payload:
+    """The weights a round sends, cut into wire-sized chunks once and shared by every site's task,
+    so sending to N sites copies nothing N times."""
+
+    chunks: tuple[bytes, ...] = ()
+    nbytes: int = 0
+    sha256: str = ""
+
+    @classmethod
+    def of(cls, data: bytes, chunk_bytes: int) -> Payload:
+        view = memoryview(data)
+        chunks = tuple(bytes(view[i:i + chunk_bytes]) for i in range(0, len(view), chunk_bytes))
+        return cls(chunks=chunks, nbytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+NO_PAYLOAD = Payload()
+
+
 @dataclass
 class Task:
     job_id: str
@@ -32,8 +52,7 @@ class Task:
     name: str
     round: int
     config: dict[str, Any]
-    payload: bytes = b""
-    payload_sha256: str = ""
+    payload: Payload = NO_PAYLOAD
     timeout_s: float = 600.0
     job_sha256: str = ""
     task_id: str = field(default_factory=lambda: secrets.token_hex(12))
@@ -117,13 +136,13 @@ class TaskBoard:
 
     def complete(self, task: Task) -> None:
         task.state = TaskState.DONE
-        task.payload = b""  # release the shared model bytes
+        task.payload = NO_PAYLOAD  # release the shared model bytes
 
     def cancel(self, tasks: list[Task]) -> None:
         for task in tasks:
             if task.state in (TaskState.PENDING, TaskState.SENT, TaskState.RECEIVING):
                 task.state = TaskState.CANCELLED
-                task.payload = b""
+                task.payload = NO_PAYLOAD
 
     def forget(self, job_id: str) -> None:
         """Drop a finished job's tasks, keeping only tombstones small enough to refuse replays."""
@@ -131,7 +150,7 @@ class TaskBoard:
             if task.job_id == job_id and task.state is not TaskState.DONE:
                 task.state = TaskState.CANCELLED
             if task.job_id == job_id:
-                task.payload = b""
+                task.payload = NO_PAYLOAD
                 task.config = {}
 
     def get(self, task_id: str) -> Task | None:
