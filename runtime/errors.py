@@ -6,6 +6,7 @@
     ├── CertificateError           a certificate is missing, foreign, expired or of the wrong kind
     ├── KitTamperedError           a startup kit's files differ from its signed manifest
     ├── ServerUnreachable          the federated server did not answer within its deadline
+    │   └── TransferStalled        a stream moved nothing for longer than its idle timeout
     ├── SessionExpired             the server no longer knows this site's session: register again
     ├── JobRejected                a job folder or submission was refused (bad folder, policy, auth)
     ├── PermissionDenied           an admin's role does not allow a command
@@ -42,6 +43,10 @@ class ServerUnreachable(FedkitError):
     """The federated server did not answer within its deadline."""
 
 
+class TransferStalled(ServerUnreachable):
+    """A stream moved nothing for longer than its idle timeout (a stalled link)."""
+
+
 class SessionExpired(FedkitError):
     """The server no longer knows this site's session (it restarted, or the site was presumed dead)."""
 
@@ -73,5 +78,6 @@ __all__ = [
     "ProjectConfigError",
     "ServerUnreachable",
     "SessionExpired",
+    "TransferStalled",
     "UpdateRejected",
 ]

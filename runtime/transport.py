@@ -8,13 +8,14 @@ Every call has a deadline; nothing here waits forever.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import grpc
 from cryptography import x509
@@ -27,6 +28,7 @@ from .errors import (
     PermissionDenied,
     ServerUnreachable,
     SessionExpired,
+    TransferStalled,
     UpdateRejected,
 )
 from .identity import Identity, Kind, identity_from_cert
@@ -275,7 +277,29 @@ def call_errors(what: str, target: str) -> Iterator[None]:
 
 def is_retryable(err: FedkitError) -> bool:
     """Errors worth a retry with backoff (the link or server may come back)."""
-    return isinstance(err, ServerUnreachable)
+    return isinstance(err, ServerUnreachable | TransferStalled)
+
+
+T = TypeVar("T")
+# A transfer that moves no message for this long is considered stalled, whatever its total size.
+IDLE_TIMEOUT_S = 60.0
+
+
+async def with_idle_timeout(messages: AsyncIterator[T], idle_timeout_s: float = IDLE_TIMEOUT_S,
+                            what: str = "transfer") -> AsyncIterator[T]:
+    """Yield from `messages`, raising TransferStalled if the next one takes longer than `idle_timeout_s`.
+
+    A whole-call deadline cannot fit both a 4 MB and a 4 GB model on links of unknown speed; a bound on
+    the gap between messages catches a stalled link either way."""
+    iterator = aiter(messages)
+    while True:
+        try:
+            item = await asyncio.wait_for(anext(iterator), idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise TransferStalled(f"{what} stalled: nothing arrived for {idle_timeout_s:g} s") from None
+        yield item
 
 
 def iter_chunks(payload: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterable[bytes]:

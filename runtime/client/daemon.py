@@ -28,7 +28,15 @@ from ..errors import ConfigError, FedkitError, JobRejected, ServerUnreachable, S
 from ..filters import apply_filters, build_filters
 from ..job_spec import ClientJobConfig, safe_extract, sha256_hex
 from ..proto import fedkit_pb2 as pb
-from ..transport import CHUNK_BYTES, PayloadReceiver, TlsFiles, call_errors, federation_stub, open_channel
+from ..transport import (
+    CHUNK_BYTES,
+    PayloadReceiver,
+    TlsFiles,
+    call_errors,
+    federation_stub,
+    open_channel,
+    with_idle_timeout,
+)
 from ..weights import load_file, save_file
 from .job_policy import JobPolicy
 from .worker_handle import WorkerFailed, WorkerHandle
@@ -184,9 +192,13 @@ class ClientDaemon:
 
     async def _poll(self) -> _Task | None:
         with call_errors("get task", self._target):
-            stream = self._stub.GetTask(pb.GetTaskRequest(session_id=self._session_id, wait_s=POLL_WAIT_S),
-                                        timeout=POLL_WAIT_S + RPC_TIMEOUT_S)
-            first = await anext(aiter(stream))
+            call = self._stub.GetTask(pb.GetTaskRequest(session_id=self._session_id, wait_s=POLL_WAIT_S))
+            try:
+                first = await asyncio.wait_for(anext(aiter(call)), POLL_WAIT_S + RPC_TIMEOUT_S)
+            except TimeoutError:
+                call.cancel()
+                raise ServerUnreachable(f"get task: {self._target} did not answer a long poll in time") from None
+            stream = with_idle_timeout(call, what="model download")
             if first.WhichOneof("kind") != "header":
                 return None
             h = first.header
@@ -195,11 +207,16 @@ class ClientDaemon:
             path = round_dir / "global_in.safetensors"
             if h.payload_bytes:
                 part = path.with_suffix(".part")
-                with part.open("wb") as f:
-                    receiver = PayloadReceiver(h.payload_bytes, MAX_TASK_BYTES, h.payload_sha256, sink=f)
-                    async for chunk in stream:
-                        receiver.add(chunk.data)
-                    receiver.finish()
+                try:
+                    with part.open("wb") as f:
+                        receiver = PayloadReceiver(h.payload_bytes, MAX_TASK_BYTES, h.payload_sha256, sink=f)
+                        async for chunk in stream:
+                            receiver.add(chunk.data)
+                        receiver.finish()
+                except BaseException:
+                    call.cancel()
+                    part.unlink(missing_ok=True)  # never leave a partial model behind
+                    raise
                 part.replace(path)  # only a complete, verified model ever gets the real name
         return _Task(header=h, round_dir=round_dir, payload_path=path if h.payload_bytes else None,
                      config=json.loads(h.config_json or "{}"))
@@ -236,8 +253,8 @@ class ClientDaemon:
         if not code_dir.exists():
             parts = []
             with call_errors("get job", self._target):
-                async for chunk in self._stub.GetJob(pb.GetJobRequest(session_id=self._session_id, job_id=h.job_id),
-                                                     timeout=RPC_TIMEOUT_S * 4):
+                call = self._stub.GetJob(pb.GetJobRequest(session_id=self._session_id, job_id=h.job_id))
+                async for chunk in with_idle_timeout(call, what="job download"):
                     parts.append(chunk.data)
             archive = b"".join(parts)
             digest = await asyncio.to_thread(sha256_hex, archive)

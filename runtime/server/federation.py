@@ -12,7 +12,7 @@ from ..audit import AuditLog
 from ..errors import JobRejected, SessionExpired, UpdateRejected
 from ..identity import Identity
 from ..proto import fedkit_pb2 as pb
-from ..transport import PayloadReceiver, iter_chunks
+from ..transport import PayloadReceiver, iter_chunks, with_idle_timeout
 from .controller import decode_metrics
 from .registry import Registry
 from .runner import JobRunner
@@ -109,7 +109,7 @@ class FederationService:
             receiver = PayloadReceiver(header.payload_bytes, controller.max_payload_bytes(task),
                                        header.payload_sha256, buffer=buffer)
             trailer = ""
-            async for chunk in chunks:
+            async for chunk in with_idle_timeout(chunks, what=f"upload from {task.site}"):
                 kind = chunk.WhichOneof("kind")
                 if kind == "data" and not trailer:
                     receiver.add(chunk.data)
