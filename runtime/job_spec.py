@@ -61,7 +61,8 @@ class ServerJobConfig(_Strict):
     aggregator: AggregatorConfig = AggregatorConfig()
     key_metric: KeyMetric = KeyMetric()
     initial_model: str | None = Field(None, description="safetensors file in the job folder; else a site makes it")
-    cross_site_validation: bool = False
+    cross_site_validation: bool = Field(False, description="after training, score every site's model, the global "
+                                                           "and the best model on every site's data")
     max_n_samples: int = Field(10**9, ge=1, description="an update claiming more samples is refused")
 
 

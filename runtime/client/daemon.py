@@ -279,6 +279,11 @@ class ClientDaemon:
             out = round_dir / "initial.safetensors"
             await self._worker.call({"op": "init", "out": str(out)}, timeout_s)
             return 0, {}, out
+        if h.task_name == "submit_model":
+            out = round_dir / "local_model.safetensors"
+            await self._worker.call({"op": "local_model", "out": str(out)}, timeout_s)
+            self._audit.append("local_model_shared", job_id=h.job_id, round=h.round)
+            return 0, {}, out
         received = task.payload_path
         if received is None:
             raise JobRejected(f"{h.task_name} task came without weights")

@@ -9,6 +9,7 @@ the reply channel. Weights move through safetensors files in the job's work fold
     {"op": "train", "weights": PATH, "round": R, "out": PATH}
                                   -> {"ok": true, "n_samples": N, "metrics": {...}, "validation": {...}}
        (validation scores the received weights first; out holds the delta: trained minus received)
+    {"op": "local_model", "out": PATH}                -> {"ok": true}  (the weights last trained here)
     {"op": "stop"}                                    -> exits
 """
 
@@ -48,8 +49,20 @@ def _delta(trained: dict, received: dict) -> dict:
             if received[k].dtype.kind in "fc" else trained[k] for k in trained}
 
 
-def handle(learner: Learner, cmd: dict[str, Any]) -> dict[str, Any]:
+class _LocalModel:
+    """The weights this site last trained, kept for cross-site validation (`local_model`)."""
+
+    weights: dict | None = None
+
+
+def handle(learner: Learner, cmd: dict[str, Any], local: _LocalModel | None = None) -> dict[str, Any]:
+    local = local if local is not None else _LocalModel()
     op = cmd.get("op")
+    if op == "local_model":
+        if local.weights is None:
+            raise RuntimeError("this site has not trained in this job, so it has no local model")
+        save_file(local.weights, Path(cmd["out"]))
+        return {"ok": True}
     if op == "init":
         save_file(learner.initial_weights(), Path(cmd["out"]))
         return {"ok": True}
@@ -62,6 +75,8 @@ def handle(learner: Learner, cmd: dict[str, Any]) -> dict[str, Any]:
         validation = {k: float(v) for k, v in learner.validate(received).items()}
         result = learner.train(received, int(cmd["round"]))
         delta = result.weights if result.is_delta else _delta(result.weights, received)
+        local.weights = ({k: received[k] + delta[k] if k in delta else received[k] for k in received}
+                         if result.is_delta else result.weights)
         save_file(delta, Path(cmd["out"]))
         return {"ok": True, "n_samples": int(result.n_samples), "validation": validation,
                 "metrics": {k: float(v) for k, v in result.metrics.items()}}
@@ -93,12 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         reply.write(json.dumps({"ok": False, "error": error}) + "\n")
         return 1
     reply.write(json.dumps({"ok": True, "ready": True}) + "\n")
+    local = _LocalModel()
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("op") == "stop":
             break
         try:
-            answer = handle(learner, cmd)
+            answer = handle(learner, cmd, local)
         except Exception as e:  # the learner is researcher code: report, keep serving
             traceback.print_exc()
             answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}

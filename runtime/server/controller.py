@@ -15,6 +15,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from ..audit import AuditLog
 from ..errors import FedkitError, UpdateRejected
 from ..job_spec import JobSpec, read_zip_member
 from ..transport import CHUNK_BYTES
-from ..weights import Weights, from_bytes, load_file, nbytes, save_file, to_bytes, view_bytes
+from ..weights import Weights, check_update, from_bytes, load_file, nbytes, save_file, to_bytes, view_bytes
 from ..workflows import FedAvg, SiteResult, weighted_metrics
 from .job_store import JobRecord, JobStore, Progress
 from .registry import Registry
@@ -31,7 +32,8 @@ from .taskboard import NO_PAYLOAD, Payload, Task, TaskBoard
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.5  # how often a waiting round re-checks liveness and its deadline
+TICK_S = 0.5
+CROSS_SITE_FILE = "cross_site.json"  # how often a waiting round re-checks liveness and its deadline
 
 
 class RoundFailed(FedkitError):
@@ -78,6 +80,8 @@ class JobController:
     # ---- called by the federation service -------------------------------------------------------
 
     def max_payload_bytes(self, task: Task) -> int:
+        if task.name == "submit_model":
+            return int(self._model_bytes * 1.05) + 65536 + 256 * self._n_tensors
         if task.name == "init":
             return 16 << 30  # no model yet to compare against; the site that makes it is trusted this far
         if task.name == "validate":
@@ -178,6 +182,43 @@ class JobController:
         final = await self._run_round("validate", cfg.rounds + 1, workflow.model, None)
         await self._record_validation(cfg.rounds, final, progress)
         self.record.final_metrics = weighted_metrics({s: r.validation for s, r in final.results.items()})
+        if cfg.cross_site_validation:
+            await self._cross_site_validation(workflow.model, cfg.rounds + 2)
+
+    async def _cross_site_validation(self, global_model: Weights, first_round: int) -> None:
+        """Score every site's own model, and the global and best models, on every site's data.
+
+        Site models are collected once and kept on disk, then each model is sent to all sites in turn,
+        so the server never holds more than one extra model in memory. Writes cross_site.json:
+        matrix[model][site] = that site's validation metrics of that model.
+        """
+        models_dir = self._store.models_dir(self.record.job_id)
+
+        def keep_site_model(result: SiteResult) -> None:
+            if not result.delta:
+                raise UpdateRejected("submit_model result carries no weights")
+            check_update(result.delta, global_model)
+            if set(result.delta) != set(global_model):
+                raise UpdateRejected("a site model must hold every tensor of the global model")
+            save_file(result.delta, models_dir / f"site_{result.site}.safetensors")
+
+        collected = await self._run_round("submit_model", first_round, None, keep_site_model)
+        candidates: list[tuple[str, Path]] = [("global", models_dir / "global.safetensors")]
+        if (models_dir / "best.safetensors").exists():
+            candidates.append(("best", models_dir / "best.safetensors"))
+        candidates += [(f"site:{site}", models_dir / f"site_{site}.safetensors") for site in sorted(collected.results)]
+        matrix: dict[str, dict[str, dict[str, float]]] = {}
+        for offset, (label, path) in enumerate(candidates, start=1):
+            model = await asyncio.to_thread(load_file, path)
+            done = await self._run_round("validate", first_round + offset, model, None)
+            matrix[label] = {site: r.validation for site, r in sorted(done.results.items())}
+            log.info("job %s: cross-site validation of %s on %d sites", self.record.job_id, label, len(done.results))
+        result = {"models": [c[0] for c in candidates],
+                  "sites": sorted({s for row in matrix.values() for s in row}), "matrix": matrix}
+        path = self._store.job_dir(self.record.job_id) / CROSS_SITE_FILE
+        path.with_suffix(".tmp").write_text(json.dumps(result, indent=2, sort_keys=True))
+        path.with_suffix(".tmp").replace(path)
+        self._audit.append("cross_site_validation_done", job_id=self.record.job_id, models=len(candidates))
 
     async def _initial_model(self) -> Weights:
         """Round 0: the job's own initial_model file, or else weights built by one site's learner."""

@@ -89,3 +89,32 @@ def test_fedavg_three_sites_three_rounds(make_study, tmp_path):
     validations = [m for m in shown["metrics"] if m["type"] == "validation"]
     assert [m["model_round"] for m in validations] == [0, 1, 2, 3]
     assert sum(m["is_best"] for m in validations) >= 1
+
+
+def test_cross_site_validation_matrix(make_study, tmp_path):
+    handle = make_study()
+    study = handle.study
+    study.start_server()
+    for site in study.clients:
+        study.start(site)
+    wait_until(lambda: len([s for s in study.admin_json("check_status client")["sites"] if s["online"]]) == 3,
+               60, "three sites online")
+    job = handle.job(tmp_path / "job")
+    record = study.admin_json(f"submit_job {job} --set server.rounds=2 --set server.cross_site_validation=true "
+                              "--set meta.min_clients=3")
+    assert study.admin_json(f"wait_job {record['job_id']} 240")["state"] == "finished"
+
+    results = tmp_path / "results"
+    study.admin_json(f"download_job {record['job_id']} {results}")
+    cross = json.loads((results / record["job_id"] / "cross_site.json").read_text())
+
+    sites = sorted(study.clients)
+    assert cross["sites"] == sites
+    assert cross["models"][:1] == ["global"]
+    assert {m for m in cross["models"] if m.startswith("site:")} == {f"site:{s}" for s in sites}
+    for model in cross["models"]:
+        assert sorted(cross["matrix"][model]) == sites  # every model scored on every site's data
+        for metrics in cross["matrix"][model].values():
+            assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n_samples"] > 0
+    # a site's own model differs from the global one, so its scores do too somewhere off the diagonal
+    assert any(cross["matrix"][f"site:{s}"] != cross["matrix"]["global"] for s in sites)
