@@ -43,10 +43,14 @@ MAX_MESSAGE_BYTES = 4 * CHUNK_BYTES
 _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    # find a dead link well within a site's heartbeat timeout (30 s by default)
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # let peers ping that often without being told "too many pings"
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
     # Large streams: bigger HTTP/2 windows mean fewer flow-control stalls on fast links.
     ("grpc.http2.lookahead_bytes", 8 * CHUNK_BYTES),
 ]
@@ -106,12 +110,16 @@ def _status_for(err: FedkitError) -> grpc.StatusCode:
     return grpc.StatusCode.FAILED_PRECONDITION
 
 
+RefusalHook = Callable[[str, str, str], None]  # (service, peer, reason), e.g. to write an audit record
+
+
 class _Guard:
     """Checks the caller and maps errors, shared by every adapter method."""
 
-    def __init__(self, check: PeerCheck, service: str):
+    def __init__(self, check: PeerCheck, service: str, on_refused: RefusalHook | None = None):
         self._check = check
         self._service = service
+        self._on_refused = on_refused
 
     async def identify(self, context: grpc.aio.ServicerContext) -> Identity:
         try:
@@ -120,6 +128,8 @@ class _Guard:
             return identity
         except FedkitError as e:
             log.warning("%s refused peer %s: %s", self._service, context.peer(), e)
+            if self._on_refused is not None:
+                self._on_refused(self._service, str(context.peer()), str(e))
             await context.abort(_status_for(e), str(e))
             raise  # unreachable: abort raises
 
@@ -167,19 +177,28 @@ def _server_stream(guard: _Guard, fn: Callable[..., AsyncIterator[Any]]):
     return method
 
 
+async def _until_broken(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """The peer's messages; raises TransferStalled if the stream ended because the call broke (a reset
+    connection ends gRPC's request iterator as if the peer had finished)."""
+    async for message in request_iterator:
+        yield message
+    if context.cancelled() or context.done():
+        raise TransferStalled("the peer's stream broke off before it finished")
+
+
 def _client_stream(guard: _Guard, fn: Callable[..., Any]):
     async def method(request_iterator, context):
         identity = await guard.identify(context)
         try:
-            return await fn(identity, request_iterator)
+            return await fn(identity, _until_broken(request_iterator, context))
         except Exception as e:
             await guard.fail(context, e, identity)
     return method
 
 
 class _FederationAdapter(pb_grpc.FederationServicer):
-    def __init__(self, handler: FederationHandler, check: PeerCheck):
-        guard = _Guard(check, "federation")
+    def __init__(self, handler: FederationHandler, check: PeerCheck, on_refused: RefusalHook | None):
+        guard = _Guard(check, "federation", on_refused)
         self.Register = _unary(guard, handler.register)
         self.Heartbeat = _unary(guard, handler.heartbeat)
         self.GetTask = _server_stream(guard, handler.get_task)
@@ -188,8 +207,8 @@ class _FederationAdapter(pb_grpc.FederationServicer):
 
 
 class _AdminAdapter(pb_grpc.AdminServicer):
-    def __init__(self, handler: AdminHandler, check: PeerCheck):
-        guard = _Guard(check, "admin")
+    def __init__(self, handler: AdminHandler, check: PeerCheck, on_refused: RefusalHook | None):
+        guard = _Guard(check, "admin", on_refused)
         self.Command = _unary(guard, handler.command)
         self.Upload = _client_stream(guard, handler.upload)
         self.Download = _server_stream(guard, handler.download)
@@ -201,7 +220,7 @@ def require_kind(kind: Kind, extra: PeerCheck | None = None) -> PeerCheck:
     def check(identity: Identity, cert: x509.Certificate) -> None:
         if identity.kind is not kind:
             raise CertificateError(
-                f"a {identity.kind.value} certificate ('{identity.name}') cannot be used on the {kind.value} port")
+                f"the {identity.kind.value} certificate of '{identity.name}' cannot be used on the {kind.value} port")
         if extra is not None:
             extra(identity, cert)
 
@@ -223,11 +242,12 @@ class RpcServer:
         if self.port == 0:
             raise ConfigError(f"cannot listen on {address}: address in use or not local")
 
-    def add_federation(self, handler: FederationHandler, check: PeerCheck) -> None:
-        pb_grpc.add_FederationServicer_to_server(_FederationAdapter(handler, check), self._server)
+    def add_federation(self, handler: FederationHandler, check: PeerCheck,
+                       on_refused: RefusalHook | None = None) -> None:
+        pb_grpc.add_FederationServicer_to_server(_FederationAdapter(handler, check, on_refused), self._server)
 
-    def add_admin(self, handler: AdminHandler, check: PeerCheck) -> None:
-        pb_grpc.add_AdminServicer_to_server(_AdminAdapter(handler, check), self._server)
+    def add_admin(self, handler: AdminHandler, check: PeerCheck, on_refused: RefusalHook | None = None) -> None:
+        pb_grpc.add_AdminServicer_to_server(_AdminAdapter(handler, check, on_refused), self._server)
 
     async def start(self) -> None:
         await self._server.start()
@@ -282,7 +302,7 @@ def is_retryable(err: FedkitError) -> bool:
 
 T = TypeVar("T")
 # A transfer that moves no message for this long is considered stalled, whatever its total size.
-IDLE_TIMEOUT_S = 60.0
+IDLE_TIMEOUT_S = 20.0
 
 
 async def with_idle_timeout(messages: AsyncIterator[T], idle_timeout_s: float = IDLE_TIMEOUT_S,

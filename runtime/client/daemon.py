@@ -138,7 +138,8 @@ class ClientDaemon:
         while True:
             with call_errors("heartbeat", self._target):
                 reply = await self._stub.Heartbeat(pb.HeartbeatRequest(
-                    session_id=self._session_id, job_id=self._job_id, round=self._round), timeout=RPC_TIMEOUT_S)
+                    session_id=self._session_id, job_id=self._job_id, round=self._round),
+                    timeout=min(max(2 * self._heartbeat_interval_s, 5.0), RPC_TIMEOUT_S))
             if reply.must_reregister:
                 raise SessionExpired("server lost our session; registering again")
             for job_id in reply.aborted_jobs:

@@ -50,13 +50,20 @@ class WorkerHandle:
         return handle
 
     async def call(self, command: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Send one command and await its reply. Cancelling a call kills the worker: its reply would
+        otherwise be read as the answer to the next command, and it may still be writing files."""
         async with self._lock:
             if self._proc.returncode is not None:
                 raise WorkerFailed(f"training worker exited with code {self._proc.returncode}")
             assert self._proc.stdin is not None
-            self._proc.stdin.write((json.dumps(command) + "\n").encode())
-            await self._proc.stdin.drain()
-            reply = await self._read_reply(timeout_s)
+            try:
+                self._proc.stdin.write((json.dumps(command) + "\n").encode())
+                await self._proc.stdin.drain()
+                reply = await self._read_reply(timeout_s)
+            except asyncio.CancelledError:
+                self.kill()
+                await asyncio.shield(self._proc.wait())
+                raise
         if not reply.get("ok"):
             raise WorkerFailed(reply.get("error", "unknown worker error"))
         return reply

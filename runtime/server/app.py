@@ -67,9 +67,12 @@ async def serve(kit: Path, debug: bool = False) -> None:
 
     host = settings.listen_host or cfg.name
     fed_server = RpcServer(tls, host, settings.fed_learn_listen_port or cfg.fed_learn_port)
-    fed_server.add_federation(federation, require_kind(Kind.CLIENT, not_revoked(crl)))
+    def refused(service: str, peer: str, reason: str) -> None:
+        audit.append("peer_refused", service=service, peer=peer, reason=reason)
+
+    fed_server.add_federation(federation, require_kind(Kind.CLIENT, not_revoked(crl)), refused)
     admin_server = RpcServer(tls, host, settings.admin_listen_port or cfg.admin_port)
-    admin_server.add_admin(admin, require_kind(Kind.ADMIN, not_revoked(crl)))
+    admin_server.add_admin(admin, require_kind(Kind.ADMIN, not_revoked(crl)), refused)
     await fed_server.start()
     await admin_server.start()
     write_pid(ws)

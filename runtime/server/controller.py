@@ -285,17 +285,19 @@ class JobController:
         for task in tasks.values():
             self._board.post(task)
         log.info("job %s: %s round %d sent to %s", self.record.job_id, name, rnd, ", ".join(sites))
+        need = 1 if max_sites == 1 else meta.min_clients
+        started = asyncio.get_running_loop().time()
         try:
-            await self._collect(self._round)
+            await self._collect(self._round, need)
         finally:
             self._board.cancel(list(tasks.values()))
             done, self._round = self._round, None
-        need = 1 if max_sites == 1 else meta.min_clients
         if len(done.results) < need:
             missing = sorted(set(sites) - set(done.results))
             reasons = "; ".join(f"{s}: {done.failures.get(s, 'no answer')}" for s in missing)
+            waited = asyncio.get_running_loop().time() - started
             raise RoundFailed(f"{name} round {rnd}: {len(done.results)} of min {need} sites answered "
-                              f"within {cfg.round_timeout_s:g} s ({reasons})")
+                              f"in {waited:.0f} s (round_timeout_s {cfg.round_timeout_s:g}; {reasons})")
         return done
 
     async def _wait_for_sites(self, rnd: int, max_sites: int | None) -> list[str]:
@@ -318,15 +320,17 @@ class JobController:
             except TimeoutError:
                 pass
 
-    async def _collect(self, rnd: _Round) -> None:
-        """Wait until every selected site answered or is dead, or the round's deadline passes."""
+    async def _collect(self, rnd: _Round, need: int) -> None:
+        """Wait until every selected site answered; or until the ones still owing an answer are all dead
+        and `need` answers are in; or until the round's deadline. Dead sites may come back (they register
+        again and are re-sent their task) until then, so a short outage does not fail a round."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.spec.server.round_timeout_s
         while True:
             self._check_aborted()
             waiting = [s for s in rnd.tasks if not rnd.answered(s)]
             alive_waiting = [s for s in waiting if self._registry.is_alive(s)]
-            if not alive_waiting:
+            if not waiting or (not alive_waiting and len(rnd.results) >= need):
                 for site in waiting:
                     rnd.failures.setdefault(site, "site went silent (missed heartbeats)")
                     self._audit.append("site_timed_out", job_id=self.record.job_id, site=site, round=rnd.round)

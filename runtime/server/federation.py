@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from ..audit import AuditLog
-from ..errors import JobRejected, SessionExpired, UpdateRejected
+from ..errors import FedkitError, JobRejected, SessionExpired, TransferStalled, UpdateRejected
 from ..identity import Identity
 from ..proto import fedkit_pb2 as pb
 from ..transport import PayloadReceiver, iter_chunks, with_idle_timeout
@@ -117,6 +117,9 @@ class FederationService:
                     trailer = chunk.sha256
                 else:
                     raise UpdateRejected(f"unexpected '{kind}' message in a result stream")
+            if not trailer and not header.payload_sha256:
+                # an honest site always ends with the hash trailer: the link broke, the site may resend
+                raise TransferStalled(f"upload from {task.site} ended before its end marker")
             payload = receiver.finish(trailer)
             try:
                 await controller.accept_result(task, int(header.n_samples), metrics, header.error, payload)
@@ -127,9 +130,15 @@ class FederationService:
         return receiver.sha256
 
     async def submit_result(self, peer: Identity, chunks: AsyncIterator[pb.ResultChunk]) -> pb.SubmitReply:
-        first = await anext(chunks, None)
-        if first is None or first.WhichOneof("kind") != "header":
-            raise UpdateRejected("result stream must start with a header")
+        chunks = _decoded(chunks)
+        try:
+            first = await anext(chunks, None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise UpdateRejected("result stream must start with a header")
+        except UpdateRejected as e:
+            log.warning("result from %s refused: %s", peer.name, e)
+            self._audit.append("result_refused", site=peer.name, task_id="", reason=str(e))
+            return pb.SubmitReply(accepted=False, reason=str(e))
         header = first.header
         self._check_session(peer, header.session_id)
         self._registry.touch(peer.name, header.session_id)
@@ -154,3 +163,19 @@ class FederationService:
                            task=task.name, n_samples=int(header.n_samples),
                            payload_sha256=sha256)
         return pb.SubmitReply(accepted=True)
+
+
+async def _decoded(chunks: AsyncIterator[pb.ResultChunk]) -> AsyncIterator[pb.ResultChunk]:
+    """The stream's messages; a message that does not decode (malformed protobuf) becomes UpdateRejected
+    rather than an internal error."""
+    iterator = aiter(chunks)
+    while True:
+        try:
+            chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except FedkitError:
+            raise
+        except Exception as e:  # gRPC surfaces a failed deserialization as a plain exception
+            raise UpdateRejected(f"malformed message in the result stream ({type(e).__name__})") from None
+        yield chunk

@@ -1,0 +1,221 @@
+"""How fedkit scales with the number of sites: N client processes on this machine, a model of P float32
+parameters (the trivial learner: fedkit's own cost, not training), a few FedAvg rounds.
+
+For each N it prints: seconds until every site registered (from launching the first site), seconds per
+round, peak RSS of the server, of all processes together and per site (daemon + its training worker),
+the daemons' own peak RSS, and whether any client daemon has torch loaded (/proc/PID/maps). Peaks are
+sampled while the study runs (workers exit when a job ends), so they are VmHWM as last seen per process.
+
+    python bench/scale.py                          # P=1M, N=16,32,64,100, 3 rounds
+    python bench/scale.py --sites 16 32 --rounds 3
+"""
+
+from __future__ import annotations
+
+import _thread
+import argparse
+import json
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._procs import peak_rss_bytes, tree_pids  # noqa: E402
+from bench.round_overhead import _sites_edit  # noqa: E402
+from provision.local_study import LocalStudy, wait_until  # noqa: E402
+
+JOB = REPO / "bench" / "jobs" / "trivial"
+SAMPLE_S = 0.5
+HEARTBEAT_INTERVAL_S = 5.0
+MB = 1e6
+
+
+class OutOfMemory(Exception):
+    """The machine ran low on memory during a run; the study was stopped before the kernel's OOM killer."""
+
+
+def _mem_available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakSampler:
+    """Polls every process of the study and keeps each one's VmHWM as last seen, by owner. When the
+    machine's available memory falls below `min_free_bytes` it interrupts the run (KeyboardInterrupt in
+    the main thread), so the study is stopped by PID before the kernel picks something to kill."""
+
+    def __init__(self, study: LocalStudy, min_free_bytes: int):
+        self._study = study
+        self._min_free_bytes = min_free_bytes
+        self.low_memory = False
+        self.start_available_bytes = self.min_available_bytes = _mem_available_bytes()
+        self._stop = threading.Event()
+        self.peaks: dict[int, tuple[str, bool, int]] = {}  # pid -> (owner, is the owner's main process, bytes)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sample()
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            self.sample()
+            available = _mem_available_bytes()
+            self.min_available_bytes = min(self.min_available_bytes, available)
+            if available < self._min_free_bytes and not self.low_memory:
+                self.low_memory = True
+                _thread.interrupt_main()
+
+    def sample(self) -> None:
+        for name, proc in list(self._study.procs.items()):
+            for pid in tree_pids(proc.pid):
+                rss = peak_rss_bytes(pid)
+                if rss:
+                    self.peaks[pid] = (name, pid == proc.pid, max(rss, self.peaks.get(pid, ("", False, 0))[2]))
+
+    def by_owner(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for owner, _, rss in self.peaks.values():
+            out[owner] = out.get(owner, 0) + rss
+        return out
+
+    def main_process(self, owner: str) -> int:
+        return max((rss for o, main, rss in self.peaks.values() if o == owner and main), default=0)
+
+
+def _audit(study: LocalStudy) -> list[dict[str, Any]]:
+    path = study.kits[study.server] / "workspace" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _t(record: dict[str, Any]) -> float:
+    return datetime.fromisoformat(record["time"]).timestamp()
+
+
+def _registered(study: LocalStudy) -> set[str]:
+    return {r["site"] for r in _audit(study) if r["event"] == "site_registered"}
+
+
+def _loads_torch(pid: int) -> bool:
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+    return "libtorch" in maps or "/torch/_C" in maps
+
+
+def _stop_sites_at_once(study: LocalStudy) -> None:
+    """SIGTERM every site first (by PID), so N sites stop in parallel; then stop_all reaps them."""
+    for name, proc in study.procs.items():
+        if name != study.server and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    study.stop_all()
+
+
+def run(params: int, n_sites: int, rounds: int, root: Path, timeout_s: float, min_free_bytes: int) -> dict[str, Any]:
+    study = LocalStudy.create(REPO / "project.yml.example", root, edit=_sites_edit(n_sites))
+    for site in study.clients:
+        study.write_local(site, "site.yml", {"heartbeat_interval_s": HEARTBEAT_INTERVAL_S})
+    row: dict[str, Any] = {"P": params, "N": n_sites, "rounds": rounds}
+    sampler = PeakSampler(study, min_free_bytes)
+    try:
+        with sampler:
+            study.start_server()
+            launched = time.time()
+            for site in study.clients:
+                study.start(site)
+            wait_until(lambda: len(_registered(study)) == n_sites, timeout_s, "every site registered",
+                       interval_s=0.5)
+            last = max(_t(r) for r in _audit(study) if r["event"] == "site_registered")
+            row["all_registered_s"] = round(last - launched, 2)
+            daemons_with_torch = [s for s in study.clients if _loads_torch(study.procs[s].pid)]
+
+            job = root / "job"
+            shutil.copytree(JOB, job)
+            record = study.admin_json(f"submit_job {job} --set server.rounds={rounds} "
+                                      f"--set client.learner.args.n_params={params} "
+                                      f"--set meta.min_clients={n_sites}")
+            final = study.admin_json(f"wait_job {record['job_id']} {timeout_s:g}", timeout_s=timeout_s + 60)
+            row["state"] = final["state"]
+            audit = _audit(study)
+            job_id = record["job_id"]
+            done = {r["round"]: _t(r) for r in audit if r["event"] == "round_done" and r["job_id"] == job_id}
+            first_sent = min(_t(r) for r in audit if r["event"] == "task_sent" and r["job_id"] == job_id
+                             and r["round"] == 1 and r["task"] == "train")
+            ends = [first_sent] + [done[r] for r in sorted(done)]
+            row["round_s"] = [round(b - a, 2) for a, b in zip(ends, ends[1:], strict=False)]
+            row["round_s_median"] = round(statistics.median(row["round_s"]), 2)
+            sites_in_rounds = [len(m["sites"]) for m in study.admin_json(f"show_job {job_id}")["metrics"]
+                               if m["type"] == "round"]
+            row["sites_per_round"] = sites_in_rounds
+    except KeyboardInterrupt:
+        if not sampler.low_memory:
+            raise
+        raise OutOfMemory(f"available memory fell below {min_free_bytes / MB:.0f} MB; study stopped") from None
+    finally:
+        _stop_sites_at_once(study)
+    owners = sampler.by_owner()
+    per_site = [owners.get(s, 0) for s in study.clients]
+    daemons = [sampler.main_process(s) for s in study.clients]
+    row.update({
+        "server_peak_rss_MB": round(owners.get(study.server, 0) / MB),
+        "all_peak_rss_MB": round(sum(owners.values()) / MB),
+        "site_peak_rss_MB_mean": round(statistics.mean(per_site) / MB),
+        "site_peak_rss_MB_max": round(max(per_site) / MB),
+        "daemon_peak_rss_MB_mean": round(statistics.mean(daemons) / MB),
+        "daemons_with_torch": len(daemons_with_torch),
+        # what the machine really gave the study (RSS counts shared pages once per process)
+        "machine_used_peak_MB": round((sampler.start_available_bytes - sampler.min_available_bytes) / MB),
+    })
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=int, default=1_000_000)
+    parser.add_argument("--sites", type=int, nargs="+", default=[16, 32, 64, 100])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--timeout-s", type=float, default=900.0, help="bound on registration and on the job")
+    parser.add_argument("--min-free-mb", type=float, default=1500.0,
+                        help="stop a run when the machine's available memory falls below this")
+    args = parser.parse_args()
+    rows = []
+    for n in args.sites:
+        with tempfile.TemporaryDirectory(prefix="fedkit-scale-") as tmp:
+            try:
+                row = run(args.params, n, args.rounds, Path(tmp), args.timeout_s, int(args.min_free_mb * MB))
+            except Exception as e:  # report and go on: a bigger N may fail where a smaller one did not
+                row = {"P": args.params, "N": n, "error": f"{type(e).__name__}: {e}"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print()
+    print(f"{'N':>4} {'registered s':>12} {'round s (each)':>22} {'server MB':>10} {'all MB':>8} "
+          f"{'site MB':>8} {'daemon MB':>10} {'torch':>6}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['N']:>4} failed: {r['error']}")
+            continue
+        print(f"{r['N']:>4} {r['all_registered_s']:>12.2f} {' '.join(f'{x:.2f}' for x in r['round_s']):>22} "
+              f"{r['server_peak_rss_MB']:>10} {r['all_peak_rss_MB']:>8} {r['site_peak_rss_MB_mean']:>8} "
+              f"{r['daemon_peak_rss_MB_mean']:>10} {r['daemons_with_torch']:>6}")
+    sys.exit(1 if any("error" in r or r.get("state") != "finished" for r in rows) else 0)
+
+
+if __name__ == "__main__":
+    main()
