@@ -153,7 +153,8 @@ def main() -> None:
         moved = 2 * n * model_bytes
         row = {"P": args.params, "N": n, "round_s": round(result["round_s"], 3), "MB_per_round": round(moved / 1e6, 1),
                "raw_tls_s": round(raw_s, 3), "ratio": round(result["round_s"] / raw_s, 2),
-               "server_peak_rss_MB": round(result["server_rss"] / 1e6), "all_peak_rss_MB": round(result["all_rss"] / 1e6),
+               "server_peak_rss_MB": round(result["server_rss"] / 1e6),
+               "all_peak_rss_MB": round(result["all_rss"] / 1e6),
                "cpu_s_per_round": result["cpu_s_per_round"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
