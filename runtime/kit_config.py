@@ -95,7 +95,9 @@ class ServerLocalSettings(_Strict):
     admin_listen_port: int | None = Field(None, ge=1, le=65535, description="likewise for the admin port")
     heartbeat_timeout_s: float = 30.0
     max_update_bytes_factor: float = Field(1.5, description="largest accepted update, as a multiple of the model")
-    max_concurrent_uploads: int = Field(2, description="updates buffered at once; bounds server memory")
+    max_concurrent_uploads: int = Field(4, ge=1, description="updates received at once: bounds server memory "
+                                                             "(about this many models); raise it for many "
+                                                             "sites on slow links")
 
 
 class SiteLocalSettings(_Strict):

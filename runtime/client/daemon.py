@@ -309,12 +309,24 @@ class ClientDaemon:
     def _filter_file(self, delta_path: Path, filters: list) -> None:
         save_file(apply_filters(load_file(delta_path), filters, self._rng), delta_path)
 
+    async def _reserve_upload(self, task_id: str) -> str:
+        """Wait (in bounded long polls) for an upload slot on the server; returns its lease."""
+        while True:
+            with call_errors("reserve upload", self._target):
+                reply = await self._stub.ReserveUpload(
+                    pb.ReserveRequest(session_id=self._session_id, task_id=task_id, wait_s=POLL_WAIT_S),
+                    timeout=POLL_WAIT_S + RPC_TIMEOUT_S)
+            if reply.lease_id:
+                return reply.lease_id
+
     async def _submit(self, h: pb.TaskHeader, n_samples: int, metrics: dict[str, Any], payload: Path | None,
                       error: str = "") -> None:
         """Stream the result from disk, hashing as it goes; the hash follows as a trailer."""
         size = payload.stat().st_size if payload is not None else 0
+        lease = await self._reserve_upload(h.task_id) if size else ""
         header = pb.ResultHeader(session_id=self._session_id, task_id=h.task_id, n_samples=n_samples,
-                                 metrics_json=json.dumps(metrics), payload_bytes=size, error=error)
+                                 metrics_json=json.dumps(metrics), payload_bytes=size, error=error,
+                                 lease_id=lease)
         digest = hashlib.sha256()
 
         async def chunks() -> AsyncIterator[pb.ResultChunk]:

@@ -55,6 +55,11 @@ class FederationStub:
                 request_serializer=fedkit__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=fedkit__pb2.DataChunk.FromString,
                 _registered_method=True)
+        self.ReserveUpload = channel.unary_unary(
+                '/fedkit.Federation/ReserveUpload',
+                request_serializer=fedkit__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=fedkit__pb2.ReserveReply.FromString,
+                _registered_method=True)
         self.SubmitResult = channel.stream_unary(
                 '/fedkit.Federation/SubmitResult',
                 request_serializer=fedkit__pb2.ResultChunk.SerializeToString,
@@ -92,6 +97,14 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveUpload(self, request, context):
+        """Long poll for one of the server's upload slots. Sites stream results only once they hold one, so
+        the server buffers at most max_concurrent_uploads updates however many sites answer at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubmitResult(self, request_iterator, context):
         """Header first, then payload chunks.
         """
@@ -121,6 +134,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.GetJob,
                     request_deserializer=fedkit__pb2.GetJobRequest.FromString,
                     response_serializer=fedkit__pb2.DataChunk.SerializeToString,
+            ),
+            'ReserveUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveUpload,
+                    request_deserializer=fedkit__pb2.ReserveRequest.FromString,
+                    response_serializer=fedkit__pb2.ReserveReply.SerializeToString,
             ),
             'SubmitResult': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitResult,
@@ -237,6 +255,33 @@ class Federation:
             '/fedkit.Federation/GetJob',
             fedkit__pb2.GetJobRequest.SerializeToString,
             fedkit__pb2.DataChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedkit.Federation/ReserveUpload',
+            fedkit__pb2.ReserveRequest.SerializeToString,
+            fedkit__pb2.ReserveReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,6 +17,7 @@ from .controller import decode_metrics
 from .registry import Registry
 from .runner import JobRunner
 from .taskboard import TaskBoard
+from .upload_slots import UploadSlots
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class FederationService:
         self._controls = controls  # site -> control word an admin queued for it
         self.site_logs: dict[str, str] = {}
         # Bounds the update buffers held at once, so server memory stays O(model), not O(sites x model).
-        self._upload_slots = asyncio.Semaphore(max_concurrent_uploads)
+        self._upload_slots = UploadSlots(max_concurrent_uploads)
         self._free_buffers: list[bytearray] = []
 
     def _check_session(self, peer: Identity, session_id: str) -> None:
@@ -104,7 +105,8 @@ class FederationService:
         if not header.payload_bytes or header.error:
             await controller.accept_result(task, int(header.n_samples), metrics, header.error, None)
             return ""
-        async with self._upload_slots:
+        await self._upload_slots.acquire(header.lease_id)
+        try:
             buffer = self._free_buffers.pop() if self._free_buffers else None
             receiver = PayloadReceiver(header.payload_bytes, controller.max_payload_bytes(task),
                                        header.payload_sha256, buffer=buffer)
@@ -127,7 +129,15 @@ class FederationService:
                 # reuse the buffer for the next update: a fresh 40 MB buffer costs more in page faults
                 # than in copying; at most one per upload slot is kept
                 self._free_buffers.append(payload)
+        finally:
+            self._upload_slots.release()
         return receiver.sha256
+
+    async def reserve_upload(self, peer: Identity, request: pb.ReserveRequest) -> pb.ReserveReply:
+        self._check_session(peer, request.session_id)
+        self._registry.touch(peer.name, request.session_id)
+        lease = await self._upload_slots.reserve(min(max(request.wait_s, 0.0), MAX_POLL_S))
+        return pb.ReserveReply(lease_id=lease, lease_s=self._upload_slots.lease_s)
 
     async def submit_result(self, peer: Identity, chunks: AsyncIterator[pb.ResultChunk]) -> pb.SubmitReply:
         chunks = _decoded(chunks)
