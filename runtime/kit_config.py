@@ -98,6 +98,8 @@ class ServerLocalSettings(_Strict):
     max_concurrent_uploads: int = Field(4, ge=1, description="updates received at once: bounds server memory "
                                                              "(about this many models); raise it for many "
                                                              "sites on slow links")
+    max_concurrent_downloads: int = Field(8, ge=1, description="sites fetching the model at once: bounds "
+                                                               "server memory per site")
 
 
 class SiteLocalSettings(_Strict):

@@ -38,6 +38,9 @@ from .proto import fedkit_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
+# What the server streams to every site at once is cut finer: each stream in flight holds a few chunks'
+# worth of copies (message, serialized bytes, transport buffer), so memory per site follows this size.
+BROADCAST_CHUNK_BYTES = 256 << 10
 # Chunks are 1 MiB; the cap leaves room for headers and refuses anything absurd early.
 MAX_MESSAGE_BYTES = 4 * CHUNK_BYTES
 _OPTIONS = [
@@ -51,8 +54,8 @@ _OPTIONS = [
     # let peers ping that often without being told "too many pings"
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
-    # Large streams: bigger HTTP/2 windows mean fewer flow-control stalls on fast links.
-    ("grpc.http2.lookahead_bytes", 8 * CHUNK_BYTES),
+    # No larger fixed HTTP/2 windows: every stream's window is memory the sender may fill, per site.
+    # gRPC's bandwidth-delay probing still widens them on long, fast links.
 ]
 _CLIENT_OPTIONS = [*_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 10_000)]
 

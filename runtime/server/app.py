@@ -61,7 +61,7 @@ async def serve(kit: Path, debug: bool = False) -> None:
     stop = stop_event_on_signals()
     heartbeat_interval_s = min(5.0, settings.heartbeat_timeout_s / 4)
     federation = FederationService(registry, board, runner, audit, heartbeat_interval_s,
-                                   settings.max_concurrent_uploads, controls)
+                                   settings.max_concurrent_uploads, settings.max_concurrent_downloads, controls)
     admin = AdminService(runner, registry, Policy.load(local / "authorization.yml"), audit, cfg.org,
                          ws / LOG_FILE, controls, stop.set)
 

@@ -17,7 +17,7 @@ from .controller import decode_metrics
 from .registry import Registry
 from .runner import JobRunner
 from .taskboard import TaskBoard
-from .upload_slots import UploadSlots
+from .transfer_slots import TransferSlots
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ MAX_POLL_S = 30.0
 
 class FederationService:
     def __init__(self, registry: Registry, board: TaskBoard, runner: JobRunner, audit: AuditLog,
-                 heartbeat_interval_s: float, max_concurrent_uploads: int, controls: dict[str, str]):
+                 heartbeat_interval_s: float, max_concurrent_uploads: int, max_concurrent_downloads: int,
+                 controls: dict[str, str]):
         self._registry = registry
         self._board = board
         self._runner = runner
@@ -35,7 +36,8 @@ class FederationService:
         self._controls = controls  # site -> control word an admin queued for it
         self.site_logs: dict[str, str] = {}
         # Bounds the update buffers held at once, so server memory stays O(model), not O(sites x model).
-        self._upload_slots = UploadSlots(max_concurrent_uploads)
+        self._upload_slots = TransferSlots(max_concurrent_uploads)
+        self._download_slots = TransferSlots(max_concurrent_downloads)
         self._free_buffers: list[bytearray] = []
 
     def _check_session(self, peer: Identity, session_id: str) -> None:
@@ -71,11 +73,16 @@ class FederationService:
     async def get_task(self, peer: Identity, request: pb.GetTaskRequest) -> AsyncIterator[pb.TaskChunk]:
         self._check_session(peer, request.session_id)
         self._registry.touch(peer.name, request.session_id)
-        task = await self._board.next_for(peer.name, min(max(request.wait_s, 0.0), MAX_POLL_S))
+        wait_s = min(max(request.wait_s, 0.0), MAX_POLL_S)
+        task = await self._board.next_for(peer.name, wait_s)
         if task is None:
             yield pb.TaskChunk(idle=pb.Idle())
             return
         payload = task.payload
+        if payload.nbytes and not await self._download_slots.try_acquire(wait_s):
+            self._board.unsend(task)  # every slot busy: the site polls again and gets it then
+            yield pb.TaskChunk(idle=pb.Idle())
+            return
         try:
             yield pb.TaskChunk(header=pb.TaskHeader(
                 task_id=task.task_id, job_id=task.job_id, task_name=task.name, round=task.round,
@@ -86,6 +93,9 @@ class FederationService:
         except BaseException:
             self._board.unsend(task)  # the transfer broke: offer the task again
             raise
+        finally:
+            if payload.nbytes:
+                self._download_slots.release()
         self._audit.append("task_sent", site=peer.name, job_id=task.job_id, task=task.name, round=task.round,
                            task_id=task.task_id)
 

@@ -1,7 +1,11 @@
-"""Admission control for uploads: a fixed number of slots, handed out as short leases.
+"""Admission control for model transfers: a fixed number of slots per direction.
 
-A site reserves a slot (long poll) before it streams its update, so the server holds at most
-`n_slots` updates in memory, and gRPC buffers no more, however many sites answer at once. A lease not
+Every stream in flight costs the server memory (buffers, HTTP/2 windows), so with 100 sites sending
+or fetching a model at once it would grow with the number of sites. Slots cap the streams that move
+weights at the same time; the others wait their turn, which costs little because the link or the CPU
+is the bottleneck anyway.
+
+Uploads use leases: a site reserves a slot (long poll) before it streams its update, and a lease not
 used within `lease_s` goes back to the pool, so a site that reserves and vanishes blocks nobody.
 """
 
@@ -11,7 +15,7 @@ import asyncio
 import secrets
 
 
-class UploadSlots:
+class TransferSlots:
     def __init__(self, n_slots: int, lease_s: float = 30.0):
         self._slots = asyncio.Semaphore(n_slots)
         self.lease_s = lease_s
@@ -38,6 +42,14 @@ class UploadSlots:
             handle.cancel()
             return
         await self._slots.acquire()
+
+    async def try_acquire(self, wait_s: float) -> bool:
+        """Hold a slot if one comes free within `wait_s`; the caller must release it."""
+        try:
+            await asyncio.wait_for(self._slots.acquire(), wait_s)
+        except TimeoutError:
+            return False
+        return True
 
     def release(self) -> None:
         self._slots.release()
