@@ -54,6 +54,8 @@ _OPTIONS = [
     # let peers ping that often without being told "too many pings"
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
+    # Each connection's read buffer grows toward this; with one connection per site it is memory per site.
+    ("grpc.experimental.tcp_max_read_chunk_size", 256 << 10),
     # No larger fixed HTTP/2 windows: every stream's window is memory the sender may fill, per site.
     # gRPC's bandwidth-delay probing still widens them on long, fast links.
 ]
