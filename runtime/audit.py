@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,12 +86,16 @@ class AuditLog:
 @dataclass(frozen=True)
 class VerifyReport:
     records: int
+    last_hash: str = GENESIS  # anchor it elsewhere: a log cut short at its end still verifies
 
 
-def verify(path: Path) -> VerifyReport:
-    """Check the whole chain; raise AuditChainBroken naming the first line that does not follow."""
-    prev = GENESIS
-    count = 0
+@dataclass(frozen=True)
+class _Line:
+    lineno: int
+    record: dict[str, Any] | None  # None: not a JSON object
+
+
+def _lines(path: Path) -> Iterator[_Line]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             line = raw.rstrip(b"\n")
@@ -100,13 +104,64 @@ def verify(path: Path) -> VerifyReport:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise AuditChainBroken(f"{path}:{lineno}: not a JSON record") from None
-            if not isinstance(record, dict) or record.get("hash") != record_hash(record):
-                raise AuditChainBroken(f"{path}:{lineno}: record was modified (its hash does not match)")
-            if record.get("prev") != prev:
-                raise AuditChainBroken(
-                    f"{path}:{lineno}: chain broken: this record does not follow the one before it "
-                    "(a record was deleted or inserted just before this line)")
-            prev = record["hash"]
-            count += 1
-    return VerifyReport(records=count)
+                record = None
+            yield _Line(lineno, record if isinstance(record, dict) else None)
+
+
+def verify(path: Path) -> VerifyReport:
+    """Check the whole chain; raise AuditChainBroken naming the first line that does not follow, and
+    saying what happened there where the neighbours tell (modified, inserted, or a record deleted)."""
+    before: _Link | None = None
+    prev = _Link(0, GENESIS)
+    count = 0
+    lines = _lines(path)
+    current = next(lines, None)
+    while current is not None:
+        following = next(lines, None)
+        _check_line(path, current, prev, before, following)
+        before, prev = prev, _Link(current.lineno, current.record["hash"])  # type: ignore[index]
+        count += 1
+        current = following
+    return VerifyReport(records=count, last_hash=prev.hash)
+
+
+@dataclass(frozen=True)
+class _Link:
+    """A good record's line (0: the start of the log) and hash."""
+
+    lineno: int
+    hash: str
+
+    def __str__(self) -> str:
+        return f"line {self.lineno}" if self.lineno else "the start of the log"
+
+
+def _check_line(path: Path, line: _Line, prev: _Link, before: _Link | None, following: _Line | None) -> None:
+    """Raise AuditChainBroken unless `line` follows `prev`, the last good record (`before` is the one
+    before that).
+
+    A record whose successor links to `prev` was inserted; a record that links to `before` means the line
+    between was inserted; any other broken link is a deletion (or a rewrite of the record before, with its
+    hash recomputed: from the file alone the two look the same)."""
+    where = f"{path}:{line.lineno}"
+    record = line.record
+    if record is None:
+        raise AuditChainBroken(f"{where}: not a JSON record")
+    next_links_past = following is not None and following.record is not None and \
+        following.record.get("prev") == prev.hash
+    if record.get("hash") != record_hash(record):
+        if next_links_past:
+            raise AuditChainBroken(f"{where}: record was inserted (line {following.lineno} follows {prev})")
+        raise AuditChainBroken(f"{where}: record was modified (its hash does not match its content)")
+    if record.get("prev") == prev.hash:
+        return
+    if next_links_past:
+        raise AuditChainBroken(f"{where}: chain broken: this record was inserted (line {following.lineno} "
+                               f"follows {prev})")
+    if before is not None and record.get("prev") == before.hash:
+        raise AuditChainBroken(f"{where}: chain broken: {prev} was inserted (this record follows {before})")
+    if not prev.lineno:
+        raise AuditChainBroken(f"{where}: chain broken: the log does not start here (its first records were "
+                               "deleted)")
+    raise AuditChainBroken(f"{where}: chain broken: this record does not follow {prev} (a record was deleted "
+                           f"just before this line, or {prev} was rewritten)")

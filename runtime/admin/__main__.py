@@ -1,26 +1,42 @@
 """`python -m runtime.admin --kit KIT_DIR [-c COMMAND] [--json]`: what an admin kit's fl_admin.sh runs.
 
 Without -c it is interactive, with history and tab completion; with -c it runs one command and exits
-0 on success, 1 on failure (one line on stderr)."""
+0 on success, 1 on failure (denied, refused, unreachable) and 2 on a command line that does not parse,
+with one line on stderr."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import cmd
+import os
 import sys
 from pathlib import Path
 
-from rich.console import Console
+# gRPC's C core logs failed TLS handshakes to stderr on its own; the console says it in one line instead.
+# Set before grpc is imported (by .client), and only where the caller has not chosen a level.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from ..errors import FedkitError
-from .client import AdminClient
-from .console import USAGE, AdminConsole
+from rich.console import Console  # noqa: E402
+
+from ..errors import FedkitError, ServerUnreachable  # noqa: E402
+from .client import AdminClient  # noqa: E402
+from .console import USAGE, AdminConsole, UsageError  # noqa: E402
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _console() -> Console:
+    """Rich output, with markup off: job names, overrides (`meta.sites=[site-1]`) and errors print as they
+    are. Piped into a file or another program, wide enough that tables are not cut to 80 columns."""
+    width = None if sys.stdout.isatty() else 200
+    return Console(width=width, markup=False, highlight=False)
 
 
 async def one_shot(kit: Path, line: str, as_json: bool) -> int:
     async with AdminClient(kit) as client:
-        await AdminConsole(client, Console(), as_json).run_line(line)
+        await AdminConsole(client, _console(), as_json).run_line(line)
     return 0
 
 
@@ -30,7 +46,7 @@ class _Shell(cmd.Cmd):
         self._loop = asyncio.new_event_loop()
         self._client = AdminClient(kit)
         self._loop.run_until_complete(self._client.__aenter__())
-        self._console = AdminConsole(self._client, Console(), as_json)
+        self._console = AdminConsole(self._client, _console(), as_json)
         cfg = self._client.config
         self.prompt = f"{cfg.name}@{cfg.project}> "
         self.intro = f"fedkit admin console: {cfg.name} ({cfg.role}) on {cfg.server_host}:{cfg.admin_port}. " \
@@ -39,6 +55,13 @@ class _Shell(cmd.Cmd):
 
     def completenames(self, text: str, *ignored: object) -> list[str]:
         return [c for c in [*self._console.commands, "bye"] if c.startswith(text)]
+
+    def complete_help(self, text: str, *ignored: object) -> list[str]:
+        return [c for c in self._console.commands if c.startswith(text)]
+
+    def completedefault(self, text: str, *ignored: object) -> list[str]:
+        """Arguments: the fixed words commands take (site names and job ids are typed)."""
+        return [w for w in ("server", "client", "--set") if w.startswith(text)]
 
     def do_bye(self, arg: str) -> bool:
         return True
@@ -53,6 +76,8 @@ class _Shell(cmd.Cmd):
             self._loop.run_until_complete(self._console.run_line(line))
         except FedkitError as e:
             print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C stops the command (e.g. a wait_job), not the console
+            print("interrupted", file=sys.stderr)
         return False
 
     def do_help(self, arg: str) -> None:
@@ -85,6 +110,14 @@ def interactive(kit: Path, as_json: bool) -> int:
     return 0
 
 
+def _hint(error: FedkitError) -> str:
+    """With TLS 1.3 a server that refuses our certificate just closes the socket after the handshake,
+    which gRPC reports as an unreachable server; say what it most likely is."""
+    if isinstance(error, ServerUnreachable) and "socket closed" in str(error).lower():
+        return " (if the server is up, it refused this kit's certificate: use a kit from this study's provisioning)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fl_admin.sh", epilog="commands:\n  " + "\n  ".join(USAGE.values()),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     except FedkitError as e:
         if args.debug:
             raise
-        print(f"fl_admin: {e}", file=sys.stderr)
-        return 1
+        print(f"fl_admin: {e}{_hint(e)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILED
     except KeyboardInterrupt:
         return 130
 

@@ -1,9 +1,11 @@
-"""AdminClient: the admin service's calls as plain async methods returning Python data."""
+"""AdminClient: the admin service's calls as plain async methods returning Python data. Every call has
+a deadline (COMMAND_TIMEOUT_S, or TRANSFER_TIMEOUT_S for uploads and downloads)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import zipfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,9 @@ class AdminClient:
             raise CommandFailed(reply.message)
         return json.loads(reply.data_json or "null")
 
-    async def submit_job(self, folder: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    async def submit_job(self, folder: Path, overrides: list[str] | None = None,
+                         progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Upload a job folder (zipped) with its overrides; `progress(bytes_sent, bytes_total)` follows it."""
         load_job_folder(folder, overrides)  # fail here, before the upload, on a bad folder or override
         archive = await asyncio.to_thread(zip_folder, folder)
         header = pb.AdminRequest(command="submit_job",
@@ -56,8 +60,12 @@ class AdminClient:
 
         async def chunks() -> AsyncIterator[pb.UploadChunk]:
             yield pb.UploadChunk(header=header)
+            sent = 0
             for piece in iter_chunks(archive):
                 yield pb.UploadChunk(data=piece)
+                sent += len(piece)
+                if progress:
+                    progress(sent, len(archive))
 
         with call_errors("submit_job", self._target):
             reply = await self._stub.Upload(chunks(), timeout=TRANSFER_TIMEOUT_S)
@@ -65,21 +73,30 @@ class AdminClient:
             raise CommandFailed(reply.message)
         return json.loads(reply.data_json)
 
-    async def download_job(self, job_id: str, dest: Path,
-                           progress: Callable[[int], None] | None = None) -> Path:
-        """Save the job's results (models, metrics, record) as DEST/<job_id>.zip and unpack them."""
+    async def download_job(self, job_id: str, dest: Path, progress: Callable[[int, int], None] | None = None,
+                           total_bytes: int = 0) -> tuple[Path, int]:
+        """Save the job's results (models, metrics, record, log lines) as DEST/<job_id>.zip and unpack them
+        into DEST/<job_id>/; returns that folder and the bytes received. `progress(received, total_bytes)`
+        follows the transfer (total_bytes 0: unknown)."""
         dest.mkdir(parents=True, exist_ok=True)
         zip_path = dest / f"{job_id}.zip"
+        received = 0
         with call_errors("download_job", self._target), zip_path.open("wb") as f:
             async for chunk in self._stub.Download(
                     pb.AdminRequest(command="download_job", args_json=json.dumps({"job_id": job_id})),
                     timeout=TRANSFER_TIMEOUT_S):
                 await asyncio.to_thread(f.write, chunk.data)
+                received += len(chunk.data)
                 if progress:
-                    progress(len(chunk.data))
-        import zipfile
-
+                    progress(received, total_bytes)
         out = dest / job_id
+        await asyncio.to_thread(_unzip, zip_path, out)
+        return out, received
+
+
+def _unzip(zip_path: Path, out: Path) -> None:
+    try:
         with zipfile.ZipFile(zip_path) as zf:
             zf.extractall(out)
-        return out
+    except zipfile.BadZipFile:
+        raise CommandFailed(f"{zip_path}: the download is incomplete or damaged; run download_job again") from None

@@ -3,37 +3,39 @@ JSON for scripts). Used both one-shot (`fl_admin.sh -c "list_jobs"`) and interac
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import shlex
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.filesize import decimal
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from ..errors import FedkitError, JobRejected
 from .client import AdminClient
 
 USAGE = {
-    "help": "help [COMMAND]                      commands your role may run",
-    "check_status": "check_status server|client [SITE...]  online sites, heartbeats, running job",
-    "submit_job": "submit_job FOLDER [--set KEY=VALUE ...]  queue a job (overrides: server.rounds=5, ...)",
-    "list_jobs": "list_jobs                           every job with state, submitter, metrics",
-    "show_job": "show_job JOB_ID                     state, rounds, per-round metrics per site",
-    "wait_job": "wait_job JOB_ID [TIMEOUT_S]         follow a job until it ends, printing each round",
-    "abort_job": "abort_job JOB_ID",
-    "clone_job": "clone_job JOB_ID                    queue the same job again",
-    "delete_job": "delete_job JOB_ID",
-    "download_job": "download_job JOB_ID [DEST]          models, metrics and logs into DEST (default .)",
-    "tail_log": "tail_log server [N]",
-    "sys_info": "sys_info server|SITE",
-    "shutdown": "shutdown client SITE | shutdown server",
-    "restart": "restart client SITE",
-    "show_audit": "show_audit [N]                      the last N audit records",
+    "help": "help [COMMAND]                          the commands your role may run, or one command's usage",
+    "check_status": "check_status server|client [SITE...]    online sites, last heartbeat, running job and round",
+    "submit_job": "submit_job FOLDER [--set KEY=VALUE...]  queue a job (overrides: server.rounds=5, ...)",
+    "list_jobs": "list_jobs                               every job: state, submitter, config, timings, results",
+    "show_job": "show_job JOB_ID                         one job: settings, timings, per-round metrics per site",
+    "wait_job": "wait_job JOB_ID [TIMEOUT_S]             follow a job until it ends, printing each round",
+    "abort_job": "abort_job JOB_ID                        stop a queued or running job",
+    "clone_job": "clone_job JOB_ID                        queue the same job, with the same overrides, again",
+    "delete_job": "delete_job JOB_ID                       remove a job that is not running, and its results",
+    "download_job": "download_job JOB_ID [DEST]              models, metrics and log lines into DEST (default .)",
+    "tail_log": "tail_log server|SITE [N]                the last N lines (default 50) of a log",
+    "sys_info": "sys_info server|SITE                    host, Python, load; a site's as it reported it",
+    "shutdown": "shutdown client SITE | shutdown server  stop a site (at its next heartbeat) or the server",
+    "restart": "restart client SITE                     restart a site's daemon (at its next heartbeat)",
+    "show_audit": "show_audit [N]                          the last N (default 20) audit records",
 }
 
 
@@ -41,8 +43,26 @@ class UsageError(FedkitError):
     """A console command line that does not parse."""
 
 
+FINAL_STATES = ("finished", "failed", "aborted")
+WIDE_TABLE_COLUMNS = 150  # list_jobs prints a table from this terminal width on, two lines per job below it
+Transfer = Callable[[int, int], None]  # (bytes done, bytes in all; 0 when unknown)
+
+
 def _fmt_time(ts: float | None) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _fmt_best(record: dict[str, Any]) -> str:
+    return f"{record['best_metric']:.4f} (r{record['best_round']})" if record["best_metric"] is not None else "-"
+
+
+def _fmt_took(record: dict[str, Any]) -> str:
+    """Wall time from start to end (or to now, for a running job)."""
+    start = record.get("started_at")
+    if not start:
+        return "-"
+    end = record.get("finished_at") or time.time()
+    return f"{end - start:.1f} s"
 
 
 def _fmt_metrics(m: dict[str, Any]) -> str:
@@ -50,6 +70,9 @@ def _fmt_metrics(m: dict[str, Any]) -> str:
 
 
 class AdminConsole:
+    """Runs console lines. `out` should have markup off (see __main__), since what it prints comes from
+    people: job names, overrides such as `meta.sites=[site-1]`, error messages."""
+
     def __init__(self, client: AdminClient, out: Console, as_json: bool = False):
         self._client = client
         self._out = out
@@ -83,11 +106,7 @@ class AdminConsole:
 
     async def _help(self, args: list[str]) -> Any:
         if args:
-            text = USAGE.get(args[0])
-            if text is None:
-                raise UsageError(f"unknown command '{args[0]}'")
-            self._out.print(text)
-            return None
+            return await self._help_one(args[0])
         data = await self._client.command("help")
         allowed = set(data["commands"])
         if not self._json:
@@ -97,21 +116,41 @@ class AdminConsole:
                 self._out.print(f"  {USAGE[name]}{mark}")
         return data
 
+    async def _help_one(self, name: str) -> Any:
+        """`help CMD`: its usage, and whether this admin's role may run it."""
+        if name not in USAGE:
+            raise UsageError(f"unknown command '{name}' (try 'help')")
+        data = await self._client.command("help")
+        allowed = _console_allowed(name, set(data["commands"]))
+        if not self._json:
+            self._out.print(USAGE[name], markup=False, highlight=False)
+            if not allowed:
+                self._out.print(f"(role '{data['role']}' may not run it)", markup=False)
+        return {"command": name, "usage": USAGE[name], "allowed": allowed}
+
     async def _check_status(self, args: list[str]) -> Any:
         target = args[0] if args else "server"
-        if target not in ("server", "client"):
-            raise UsageError("usage: check_status server|client [SITE...]")
+        if target not in ("server", "client") or (target == "server" and len(args) > 1):
+            raise UsageError("usage: check_status server | check_status client [SITE...]")
         data = await self._client.command("check_status", sites=args[1:])
         if not self._json:
             s = data["server"]
-            self._out.print(f"server: running job {s['running_job'] or '-'} round {s['round'] or '-'}, "
-                            f"queued {len(s['queued'])}")
-            table = Table("site", "org", "online", "last heartbeat", "job", "round")
-            for site in data["sites"]:
-                table.add_row(site["site"], site["org"], "yes" if site["online"] else "NO",
-                              f"{site['last_heartbeat_s_ago']} s ago", site["job_id"] or "-", str(site["round"]))
-            self._out.print(table)
+            running = f"{s['running_job']} ({s['running_job_name']}) round {s['round']}/{s['rounds_total']}" \
+                if s["running_job"] else "no job"
+            self._out.print(f"server: up {s['uptime_s']:.0f} s, {s['sites_online']} site(s) online, running "
+                            f"{running}, {len(s['queued'])} queued{': ' if s['queued'] else ''}"
+                            f"{' '.join(s['queued'])}", markup=False, highlight=False)
+            if target == "client":
+                self._out.print(self._sites_table(data["sites"]))
         return data
+
+    @staticmethod
+    def _sites_table(sites: list[dict[str, Any]]) -> Table:
+        table = Table("site", "org", "online", "last heartbeat", "job", "round")
+        for site in sites:
+            table.add_row(site["site"], site["org"], "yes" if site["online"] else "NO",
+                          f"{site['last_heartbeat_s_ago']} s ago", site["job_id"] or "-", str(site["round"]))
+        return table
 
     async def _submit_job(self, args: list[str]) -> Any:
         if not args:
@@ -122,35 +161,45 @@ class AdminConsole:
                 raise UsageError(f"unexpected '{rest[0]}': use --set KEY=VALUE")
             overrides.append(rest[1])
             rest = rest[2:]
-        record = await self._client.submit_job(folder, overrides)
+        with self._transfer_bar(f"uploading {folder.name}") as progress:
+            record = await self._client.submit_job(folder, overrides, progress)
         if not self._json:
             self._out.print(f"submitted job {record['job_id']} ({record['name']}), state {record['state']}")
         return record
 
     async def _list_jobs(self, args: list[str]) -> Any:
         jobs = await self._client.command("list_jobs")
-        if not self._json:
-            table = Table("job id", "name", "state", "submitter", "submitted", "rounds", "config", "overrides",
-                          "best", "final metrics")
+        if not self._json and not jobs:
+            self._out.print("no jobs yet")
+        elif not self._json and self._out.width < WIDE_TABLE_COLUMNS:
+            self._print_jobs_narrow(jobs)
+        elif not self._json:
+            # one row per run, with what makes runs comparable: config hash, overrides, timings, results
+            table = Table("job id", "name", "state", "submitter", "submitted", "took", "rounds", "config",
+                          "overrides", "best", "final metrics")
+            table.columns[0].no_wrap = True
             for j in jobs:
-                best = f"{j['best_metric']:.4f} (r{j['best_round']})" if j["best_metric"] is not None else "-"
                 table.add_row(j["job_id"], j["name"], j["state"], j["submitter"], _fmt_time(j["submitted_at"]),
-                              f"{j['rounds_done']}/{j['rounds_total']}", j["config_hash"][:8],
-                              " ".join(j["overrides"]) or "-", best, _fmt_metrics(j["final_metrics"]))
+                              _fmt_took(j), f"{j['rounds_done']}/{j['rounds_total']}", j["config_hash"][:8],
+                              " ".join(j["overrides"]) or "-", _fmt_best(j), _fmt_metrics(j["final_metrics"]))
             self._out.print(table)
         return jobs
+
+    def _print_jobs_narrow(self, jobs: list[dict[str, Any]]) -> None:
+        """Two lines per job, for a terminal too narrow for the table's eleven columns."""
+        for j in jobs:
+            self._out.print(f"{j['job_id']}  {j['name']}  {j['state']}  by {j['submitter']}  submitted "
+                            f"{_fmt_time(j['submitted_at'])}, took {_fmt_took(j)}", markup=False, soft_wrap=True)
+            self._out.print(f"    rounds {j['rounds_done']}/{j['rounds_total']}, config {j['config_hash'][:8]}, "
+                            f"overrides: {' '.join(j['overrides']) or '-'}, best {_fmt_best(j)}, final: "
+                            f"{_fmt_metrics(j['final_metrics'])}", markup=False, soft_wrap=True)
 
     async def _show_job(self, args: list[str]) -> Any:
         if len(args) != 1:
             raise UsageError("usage: show_job JOB_ID")
         data = await self._client.command("show_job", job_id=args[0])
         if not self._json:
-            r = data["record"]
-            self._out.print(f"job {r['job_id']} ({r['name']}): {r['state']}, rounds {r['rounds_done']}/"
-                            f"{r['rounds_total']}, submitted by {r['submitter']} ({r['submitter_org']}, "
-                            f"{r['submitter_role']}) at {_fmt_time(r['submitted_at'])}")
-            if r["error"]:
-                self._out.print(f"error: {r['error']}")
+            self._print_job_header(data)
             table = Table("round", "site", "n_samples", "train metrics", "validation of model")
             for entry in data["metrics"]:
                 if entry["type"] == "round":
@@ -165,37 +214,66 @@ class AdminConsole:
             self._out.print(table)
         return data
 
+    def _print_job_header(self, data: dict[str, Any]) -> None:
+        """Who ran what, with which settings, when, and how it ended: enough to compare two runs."""
+        r = data["record"]
+        lines = [
+            f"job {r['job_id']} ({r['name']}): {r['state']}, rounds {r['rounds_done']}/{r['rounds_total']}"
+            + (f", queue position {data['queue_position']}" if data.get("queue_position") else ""),
+            f"submitted by {r['submitter']} ({r['submitter_org']}, {r['submitter_role']})",
+            f"config {r['config_hash']}, overrides: {' '.join(r['overrides']) or '-'}, "
+            f"archive sha256 {r['job_sha256'][:16]}",
+            f"submitted {_fmt_time(r['submitted_at'])}, started {_fmt_time(r['started_at'])}, "
+            f"finished {_fmt_time(r['finished_at'])}, took {_fmt_took(r)}",
+            "best: " + (f"{r['best_metric']:.4f} (model of round {r['best_round']})"
+                        if r["best_metric"] is not None else "-")
+            + f"; final metrics: {_fmt_metrics(r['final_metrics'])}",
+        ]
+        if r["error"]:
+            lines.append(f"error: {r['error']}")
+        for line in lines:
+            self._out.print(line, markup=False, soft_wrap=True)
+
     async def _wait_job(self, args: list[str]) -> Any:
-        if not args:
+        """Follow a job: the server answers when a round's metrics arrive or the job ends (or after its
+        own wait limit), so following a long job costs one call, and one audit record, per change."""
+        if not args or len(args) > 2:
             raise UsageError("usage: wait_job JOB_ID [TIMEOUT_S]")
         job_id = args[0]
-        timeout_s = float(args[1]) if len(args) > 1 else 3600.0
+        timeout_s = _number(args[1], "TIMEOUT_S") if len(args) > 1 else 3600.0
         deadline = time.monotonic() + timeout_s
-        shown = 0
+        seen = 0
         columns: list[str] = []
         while True:
-            data = await self._client.command("show_job", job_id=job_id)
-            for entry in [e for e in data["metrics"] if e["type"] == "validation"][shown:]:
-                if not self._json:
-                    if not columns:
+            left_s = max(0.1, deadline - time.monotonic())
+            data = await self._client.command("wait_job", job_id=job_id, seen_metrics=seen, wait_s=min(20.0, left_s))
+            for entry in data["metrics"][seen:]:
+                if entry["type"] == "validation" and not self._json:
+                    if not columns:  # the first model scored: its metric names head the columns
                         columns = sorted(entry["global"])
                         self._out.print("round  sites  " + "  ".join(f"{c:>9}" for c in columns), highlight=False)
-                    values = "  ".join(f"{entry['global'].get(c, float('nan')):>9.4f}" for c in columns)
-                    best = "  best so far" if entry["is_best"] else ""
-                    self._out.print(f"{entry['model_round']:>5}  {len(entry['sites']):>5}  {values}{best}",
-                                    highlight=False)
-                shown += 1
+                    self._print_progress_row(entry, columns)
+            seen = len(data["metrics"])
             record = data["record"]
-            if record["state"] in ("finished", "failed", "aborted"):
-                if not self._json:
-                    reason = f": {record['error']}" if record["error"] else ""
-                    self._out.print(f"job {job_id} {record['state']}{reason}")
-                if record["state"] != "finished":
-                    raise JobRejected(f"job {job_id} {record['state']}: {record['error']}")
-                return record
-            if time.monotonic() > deadline:
+            if record["state"] in FINAL_STATES:
+                return self._job_ended(record)
+            if time.monotonic() >= deadline:
                 raise JobRejected(f"job {job_id} still {record['state']} after {timeout_s:g} s")
-            await asyncio.sleep(1.0)
+
+    def _print_progress_row(self, entry: dict[str, Any], columns: list[str]) -> None:
+        values = "  ".join(f"{entry['global'].get(c, float('nan')):>9.4f}" for c in columns)
+        best = "  best so far" if entry["is_best"] else ""
+        self._out.print(f"{entry['model_round']:>5}  {len(entry['sites']):>5}  {values}{best}", highlight=False)
+
+    def _job_ended(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The end of wait_job: the record on success; JobRejected (exit 1) with the reason otherwise."""
+        job_id = record["job_id"]
+        if not self._json:
+            reason = f": {record['error']}" if record["error"] else ""
+            self._out.print(f"job {job_id} {record['state']}{reason}", markup=False, highlight=False)
+        if record["state"] != "finished":
+            raise JobRejected(f"job {job_id} {record['state']}: {record['error']}")
+        return record
 
     def _simple(self, name: str) -> Callable[[list[str]], Awaitable[Any]]:
         async def run(args: list[str]) -> Any:
@@ -211,16 +289,35 @@ class AdminConsole:
     async def _download_job(self, args: list[str]) -> Any:
         if not args:
             raise UsageError("usage: download_job JOB_ID [DEST]")
+        if len(args) > 2:
+            raise UsageError("usage: download_job JOB_ID [DEST]")
         dest = Path(args[1]) if len(args) > 1 else Path(".")
-        received = [0]
-        out = await self._client.download_job(args[0], dest, lambda n: received.__setitem__(0, received[0] + n))
+        total = 0
+        if not self._json:  # the size, for the progress bar; scripts skip the extra call
+            total = (await self._client.command("show_job", job_id=args[0])).get("output_bytes", 0)
+        with self._transfer_bar(f"downloading {args[0]}") as progress:
+            out, received = await self._client.download_job(args[0], dest, progress, total)
         if not self._json:
-            self._out.print(f"downloaded {received[0] / 1e6:.1f} MB into {out}")
-        return {"path": str(out), "bytes": received[0]}
+            self._out.print(f"downloaded {decimal(received)} into {out}", markup=False, highlight=False)
+        return {"path": str(out), "bytes": received}
+
+    @contextlib.contextmanager
+    def _transfer_bar(self, what: str) -> Iterator[Transfer]:
+        """A rich progress bar on stderr for people; nothing for --json, whose stdout a script parses."""
+        if self._json:
+            yield lambda done, total: None
+            return
+        columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(what, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=max(total, done) or None)
 
     async def _tail_log(self, args: list[str]) -> Any:
+        if len(args) > 2:
+            raise UsageError("usage: tail_log server|SITE [N]")
         site = args[0] if args else "server"
-        n = int(args[1]) if len(args) > 1 else 50
+        n = int(_number(args[1], "N")) if len(args) > 1 else 50
         data = await self._client.command("tail_log", site=site, n=n)
         if not self._json:
             for line in data["lines"]:
@@ -228,10 +325,12 @@ class AdminConsole:
         return data
 
     async def _sys_info(self, args: list[str]) -> Any:
+        if len(args) > 1:
+            raise UsageError("usage: sys_info server|SITE")
         data = await self._client.command("sys_info", site=args[0] if args else "server")
         if not self._json:
             for k, v in data.items():
-                self._out.print(f"{k}: {v}")
+                self._out.print(f"{k}: {v}", markup=False, highlight=False)
         return data
 
     async def _shutdown(self, args: list[str]) -> Any:
@@ -242,7 +341,7 @@ class AdminConsole:
         else:
             raise UsageError("usage: shutdown client SITE | shutdown server")
         if not self._json:
-            self._out.print(data)
+            self._out.print(_fmt_control(data), markup=False, highlight=False)
         return data
 
     async def _restart(self, args: list[str]) -> Any:
@@ -250,16 +349,31 @@ class AdminConsole:
             raise UsageError("usage: restart client SITE")
         data = await self._client.command("restart_client", site=args[1])
         if not self._json:
-            self._out.print(data)
+            self._out.print(_fmt_control(data), markup=False, highlight=False)
         return data
 
     async def _show_audit(self, args: list[str]) -> Any:
-        records = await self._client.command("show_audit", n=int(args[0]) if args else 20)
+        if len(args) > 1:
+            raise UsageError("usage: show_audit [N]")
+        records = await self._client.command("show_audit", n=int(_number(args[0], "N")) if args else 20)
         if not self._json:
             for r in records:
                 extra = {k: v for k, v in r.items() if k not in ("time", "event", "prev", "hash")}
                 self._out.print(f"{r['time']} {r['event']} {json.dumps(extra, default=str)}", markup=False)
         return records
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"{what} must be a number, not '{text}'") from None
+
+
+def _fmt_control(data: dict[str, Any]) -> str:
+    if "site" in data:
+        return f"{data['control']} queued for {data['site']}: {data['note']}"
+    return f"server: {data['server']}"
 
 
 def _console_allowed(name: str, allowed: set[str]) -> bool:

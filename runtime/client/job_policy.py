@@ -27,6 +27,8 @@ class JobPolicy(BaseModel):
         """Raise JobRejected, with the reason the submitter will read, if this site refuses the job."""
         org, role, name = submitter.get("org", ""), submitter.get("role", ""), submitter.get("name", "?")
         if "*" not in self.allowed_orgs and org not in self.allowed_orgs:
-            raise JobRejected(f"site policy refuses job {job_id}: org '{org}' of {name} is not allowed here")
+            raise JobRejected(f"site policy refuses job {job_id}: org '{org}' of {name} is not allowed here "
+                              f"(allowed orgs: {', '.join(self.allowed_orgs) or 'none'})")
         if role not in {r.value for r in self.allowed_roles}:
-            raise JobRejected(f"site policy refuses job {job_id}: role '{role}' of {name} may not run jobs here")
+            raise JobRejected(f"site policy refuses job {job_id}: role '{role}' of {name} may not run jobs here "
+                              f"(allowed roles: {', '.join(r.value for r in self.allowed_roles) or 'none'})")

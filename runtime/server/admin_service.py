@@ -7,6 +7,8 @@ import asyncio
 import json
 import logging
 import os
+import platform
+import shutil
 import tempfile
 import time
 import zipfile
@@ -21,15 +23,24 @@ from ..identity import Identity
 from ..proto import fedkit_pb2 as pb
 from ..transport import CHUNK_BYTES
 from .authz import Policy
-from .job_store import FINAL_STATES, JobState
+from .job_store import FINAL_STATES, JobRecord, JobState
 from .registry import Registry
 from .runner import JobRunner
 
 log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 256 << 20
+MAX_WAIT_S = 20.0  # a wait_job call returns by then at the latest (the console's call timeout is 30 s)
+WAIT_POLL_S = 0.5
+
+# commands allowed whenever another one is: wait_job is show_job, asked again until something changes
+_PERMISSION_OF = {"wait_job": "show_job"}
 
 Handler = Callable[[Identity, dict[str, Any]], Awaitable[Any]]
+
+
+class CommandError(FedkitError):
+    """An admin command that cannot be carried out as asked (unknown command, site or argument)."""
 
 
 class AdminService:
@@ -43,36 +54,44 @@ class AdminService:
         self._log_path = log_path
         self._controls = controls  # site -> pending control word, delivered with its next heartbeat
         self._on_shutdown = on_shutdown
+        self._started_at = time.time()
         self._commands: dict[str, Handler] = {
             "help": self._help, "check_status": self._check_status, "list_jobs": self._list_jobs,
-            "show_job": self._show_job, "abort_job": self._abort_job, "clone_job": self._clone_job,
-            "delete_job": self._delete_job, "show_audit": self._show_audit, "sys_info": self._sys_info,
-            "tail_log": self._tail_log, "shutdown_client": self._shutdown_client,
+            "show_job": self._show_job, "wait_job": self._wait_job, "abort_job": self._abort_job,
+            "clone_job": self._clone_job, "delete_job": self._delete_job, "show_audit": self._show_audit,
+            "sys_info": self._sys_info, "tail_log": self._tail_log, "shutdown_client": self._shutdown_client,
             "restart_client": self._restart_client, "shutdown_server": self._shutdown_server,
         }
 
     # ---- RPC entry points ------------------------------------------------------------------------
 
     async def command(self, peer: Identity, request: pb.AdminRequest) -> pb.AdminReply:
-        args = _decode_args(request.args_json)
-        handler = self._commands.get(request.command)
-        if handler is None:
-            return pb.AdminReply(ok=False, message=f"unknown command '{request.command}' (try 'help')")
+        """Run one command. The role's right to the command is checked before any lookup, so a denied
+        admin learns nothing about the target (not even whether a job exists) and is audited as denied."""
+        name, args = request.command, {}
         try:
+            args = _decode_args(request.args_json)
+            handler = self._commands.get(name)
+            if handler is None:
+                raise CommandError(f"unknown command '{name}' (try 'help')")
+            if name != "help":
+                self._policy.scope(peer, _PERMISSION_OF.get(name, name))
             data = await handler(peer, args)
         except FedkitError as e:
-            self._record(peer, request.command, args, allowed=not isinstance(e, PermissionDenied), error=str(e))
+            denied = isinstance(e, PermissionDenied) or name not in self._commands
+            await self._record(peer, name, args, allowed=not denied, error=str(e))
             return pb.AdminReply(ok=False, message=str(e))
-        self._record(peer, request.command, args, allowed=True)
+        await self._record(peer, name, args, allowed=True)
         return pb.AdminReply(ok=True, data_json=json.dumps(data, default=str))
 
     async def upload(self, peer: Identity, chunks: AsyncIterator[pb.UploadChunk]) -> pb.AdminReply:
         first = await anext(chunks, None)
         if first is None or first.WhichOneof("kind") != "header":
             return pb.AdminReply(ok=False, message="upload must start with a header")
-        args = _decode_args(first.header.args_json)
+        args: dict[str, Any] = {}
         try:
-            self._policy.check(peer, "submit_job")
+            args = _decode_args(first.header.args_json)
+            self._policy.check(peer, "submit_job")  # before reading the archive
             parts, size = [], 0
             async for chunk in chunks:
                 size += len(chunk.data)
@@ -80,25 +99,26 @@ class AdminService:
                     raise JobRejected(f"job archive larger than {MAX_UPLOAD_BYTES} bytes")
                 parts.append(chunk.data)
             overrides = [str(o) for o in args.get("overrides", [])]
-            record = await asyncio.to_thread(self._runner.submit, peer, b"".join(parts), overrides)
+            record = await self._runner.submit(peer, b"".join(parts), overrides)
         except FedkitError as e:
-            self._record(peer, "submit_job", args, allowed=not isinstance(e, PermissionDenied), error=str(e))
+            await self._record(peer, "submit_job", args, allowed=not isinstance(e, PermissionDenied), error=str(e))
             return pb.AdminReply(ok=False, message=str(e))
-        self._record(peer, "submit_job", {**args, "job_id": record.job_id, "job_sha256": record.job_sha256},
-                     allowed=True)
+        await self._record(peer, "submit_job", {**args, "job_id": record.job_id, "job_sha256": record.job_sha256},
+                           allowed=True)
         return pb.AdminReply(ok=True, message=f"submitted job {record.job_id}", data_json=json.dumps(asdict(record)))
 
     async def download(self, peer: Identity, request: pb.AdminRequest) -> AsyncIterator[pb.DataChunk]:
-        args = _decode_args(request.args_json)
-        job_id = str(args.get("job_id", ""))
+        args: dict[str, Any] = {}
         try:
-            record = self._runner.store.load(job_id)
-            self._policy.check(peer, "download_job", job_submitter=record.submitter)
+            args = _decode_args(request.args_json)
+            self._policy.scope(peer, "download_job")  # before the lookup, as for every command
+            record = self._runner.store.load(_job_id(args))
+            self._policy.check(peer, "download_job", **_job_target(record))
         except FedkitError as e:
-            self._record(peer, "download_job", args, allowed=not isinstance(e, PermissionDenied), error=str(e))
+            await self._record(peer, "download_job", args, allowed=not isinstance(e, PermissionDenied), error=str(e))
             raise
-        self._record(peer, "download_job", args, allowed=True)
-        path = await asyncio.to_thread(self._zip_job, job_id)
+        await self._record(peer, "download_job", args, allowed=True)
+        path = await asyncio.to_thread(self._zip_job, record.job_id)
         try:
             with path.open("rb") as f:
                 while chunk := await asyncio.to_thread(f.read, CHUNK_BYTES):
@@ -112,84 +132,129 @@ class AdminService:
         allowed = []
         for name in sorted([*self._commands, "submit_job", "download_job"]):
             try:
-                self._policy.scope(peer, name)
+                self._policy.scope(peer, _PERMISSION_OF.get(name, name))
                 allowed.append(name)
             except PermissionDenied:
                 pass
-        return {"commands": allowed, "role": peer.role}
+        return {"commands": allowed, "role": peer.role, "admin": peer.name, "org": peer.org}
 
     async def _check_status(self, peer: Identity, args: dict[str, Any]) -> Any:
-        self._policy.check(peer, "check_status")
-        now = time.time()
+        now = _registry_now()
+        wanted = [str(s) for s in args.get("sites") or []]
+        unknown = [s for s in wanted if self._registry.session(s) is None]
+        if unknown:
+            raise CommandError(f"no site {', '.join(repr(s) for s in unknown)} has connected since the server "
+                               "started")
+        sites = [self._site_status(s.name, now) for s in self._registry.sessions()
+                 if (not wanted or s.name in wanted) and self._policy.allows(peer, "check_status", target_org=s.org)]
+        return {"server": await asyncio.to_thread(self._server_status), "sites": sites}
+
+    def _server_status(self) -> dict[str, Any]:
         current = self._runner.current
-        wanted = set(args.get("sites") or [])
-        sites = [{"site": s.name, "org": s.org, "online": self._registry.is_alive(s.name),
-                  "last_heartbeat_s_ago": round(now - s.last_seen, 1), "job_id": s.job_id, "round": s.round}
-                 for s in self._registry.sessions() if not wanted or s.name in wanted]
-        return {"server": {"running_job": current.record.job_id if current else None,
-                           "round": current.current_round if current else None,
-                           "queued": [r.job_id for r in self._runner.store.all() if r.state is JobState.QUEUED]},
-                "sites": sites}
+        return {"running_job": current.record.job_id if current else None,
+                "running_job_name": current.record.name if current else None,
+                "round": current.current_round if current else None,
+                "rounds_total": current.record.rounds_total if current else None,
+                "queued": self._runner.queued(), "uptime_s": round(time.time() - self._started_at, 1),
+                "sites_online": len(self._registry.alive())}
+
+    def _site_status(self, site: str, now: float) -> dict[str, Any]:
+        s = self._registry.session(site)
+        assert s is not None
+        return {"site": s.name, "org": s.org, "online": self._registry.is_alive(s.name),
+                "last_heartbeat_s_ago": round(now - s.last_seen, 1), "job_id": s.job_id, "round": s.round}
 
     async def _list_jobs(self, peer: Identity, args: dict[str, Any]) -> Any:
-        self._policy.check(peer, "list_jobs")
-        return [asdict(r) for r in await asyncio.to_thread(self._runner.store.all)]
+        """Every job the admin may see: all of them by default, fewer under an own_jobs/own_org policy."""
+        records = await asyncio.to_thread(self._runner.store.all)
+        return [asdict(r) for r in records if self._policy.allows(peer, "list_jobs", **_job_target(r))]
 
     async def _show_job(self, peer: Identity, args: dict[str, Any]) -> Any:
-        self._policy.check(peer, "show_job")
+        return await self._job_view(peer, _job_id(args))
+
+    async def _job_view(self, peer: Identity, job_id: str) -> dict[str, Any]:
+        """A job's record and per-round metrics, with where it stands in the queue and its output size."""
+        record = await asyncio.to_thread(self._runner.store.load, job_id)
+        self._policy.check(peer, "show_job", **_job_target(record))
+        return await asyncio.to_thread(self._job_details, record)
+
+    def _job_details(self, record: JobRecord) -> dict[str, Any]:
+        queued = self._runner.queued()
+        return {"record": asdict(record), "metrics": self._runner.store.metrics(record.job_id),
+                "queue_position": queued.index(record.job_id) + 1 if record.job_id in queued else None,
+                "output_bytes": self._runner.store.output_bytes(record.job_id)}
+
+    async def _wait_job(self, peer: Identity, args: dict[str, Any]) -> Any:
+        """show_job once the job has more metric entries than the console has seen, or has ended, or
+        MAX_WAIT_S passed: one audit record per change (or per MAX_WAIT_S) instead of one per second."""
         job_id = _job_id(args)
-        record = self._runner.store.load(job_id)
-        return {"record": asdict(record), "metrics": self._runner.store.metrics(job_id)}
+        seen = int(_number_arg(args, "seen_metrics", 0, 0, 1e9))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _number_arg(args, "wait_s", MAX_WAIT_S, 0, MAX_WAIT_S)
+        while True:
+            view = await self._job_view(peer, job_id)
+            if len(view["metrics"]) > seen or view["record"]["state"] in FINAL_STATES or loop.time() >= deadline:
+                return view
+            await asyncio.sleep(WAIT_POLL_S)
 
     async def _abort_job(self, peer: Identity, args: dict[str, Any]) -> Any:
         record = self._runner.store.load(_job_id(args))
-        self._policy.check(peer, "abort_job", job_submitter=record.submitter)
-        return asdict(self._runner.abort(record.job_id))
+        self._policy.check(peer, "abort_job", **_job_target(record))
+        result = asdict(self._runner.abort(record.job_id))
+        if result["state"] == JobState.RUNNING:
+            result["state"] = "aborting"  # the controller stops at its next check; show_job tells when
+        return result
 
     async def _clone_job(self, peer: Identity, args: dict[str, Any]) -> Any:
         record = self._runner.store.load(_job_id(args))
-        self._policy.check(peer, "clone_job", job_submitter=record.submitter)
+        self._policy.check(peer, "clone_job", **_job_target(record))
         self._policy.check(peer, "submit_job")
-        archive = self._runner.store.archive(record.job_id)
-        clone = self._runner.submit(peer, archive, record.overrides)
-        return asdict(clone)
+        archive = await asyncio.to_thread(self._runner.store.archive, record.job_id)
+        clone = await self._runner.submit(peer, archive, record.overrides)
+        return {**asdict(clone), "cloned_from": record.job_id}
 
     async def _delete_job(self, peer: Identity, args: dict[str, Any]) -> Any:
         record = self._runner.store.load(_job_id(args))
-        self._policy.check(peer, "delete_job", job_submitter=record.submitter)
-        if record.state not in FINAL_STATES and record.state is not JobState.QUEUED:
-            raise JobRejected(f"job {record.job_id} is {record.state.value}; abort it first")
-        await asyncio.to_thread(self._runner.store.delete, record.job_id)
-        return {"deleted": record.job_id}
+        self._policy.check(peer, "delete_job", **_job_target(record))
+        await self._runner.delete(record.job_id)
+        return {"deleted": record.job_id, "state": "deleted"}
 
     async def _show_audit(self, peer: Identity, args: dict[str, Any]) -> Any:
-        self._policy.check(peer, "show_audit")
-        return self._audit.tail(int(args.get("n", 20)))
+        return await asyncio.to_thread(self._audit.tail, _int_arg(args, "n", 20))
 
     def _site_org(self, site: str) -> str:
         if site == "server":
             return self._server_org
         session = self._registry.session(site)
         if session is None:
-            raise JobRejected(f"no site '{site}' has connected")
+            raise CommandError(f"no site '{site}' has connected since the server started")
         return session.org
 
     async def _sys_info(self, peer: Identity, args: dict[str, Any]) -> Any:
         site = str(args.get("site", "server"))
         self._policy.check(peer, "sys_info", target_org=self._site_org(site))
         if site == "server":
-            return {"pid": os.getpid(), "cpus": os.cpu_count(), "load": os.getloadavg()}
+            return await asyncio.to_thread(self._server_info)
         session = self._registry.session(site)
-        return {"site": site, "org": session.org if session else "", **(session.host_info if session else {})}
+        assert session is not None
+        return {**self._site_status(site, _registry_now()), **session.host_info}
+
+    def _server_info(self) -> dict[str, Any]:
+        disk = shutil.disk_usage(self._log_path.parent)
+        return {"site": "server", "org": self._server_org, "hostname": platform.node(), "pid": os.getpid(),
+                "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+                "load": os.getloadavg(), "uptime_s": round(time.time() - self._started_at, 1),
+                "workspace_free_bytes": disk.free}
 
     async def _tail_log(self, peer: Identity, args: dict[str, Any]) -> Any:
         site = str(args.get("site", "server"))
-        n = int(args.get("n", 50))
+        n = _int_arg(args, "n", 50)
         self._policy.check(peer, "tail_log", target_org=self._site_org(site))
         if site == "server":
             lines = await asyncio.to_thread(_tail, self._log_path, n)
             return {"site": "server", "lines": lines}
-        raise JobRejected("tail_log for a site is not supported yet: read the site's workspace/log.txt there")
+        raise CommandError(f"tail_log {site}: sites do not send their log to the server yet; "
+                           f"read workspace/log.txt in {site}'s kit on that machine")
 
     async def _shutdown_client(self, peer: Identity, args: dict[str, Any]) -> Any:
         site = str(args.get("site", ""))
@@ -210,39 +275,75 @@ class AdminService:
 
     # ---- helpers ---------------------------------------------------------------------------------
 
-    def _record(self, peer: Identity, command: str, args: dict[str, Any], allowed: bool, error: str = "") -> None:
-        self._audit.append("admin_command", admin=peer.name, org=peer.org,
-                           role=peer.role.value if peer.role else "", command=command, args=args,
-                           allowed=allowed, result="error" if error else "ok", error=error)
+    async def _record(self, peer: Identity, command: str, args: dict[str, Any], allowed: bool, error: str = "") -> None:
+        """Audit one command; off the event loop, because each record is fsynced."""
+        await asyncio.to_thread(self._audit.append, "admin_command", admin=peer.name, org=peer.org,
+                                role=peer.role.value if peer.role else "", command=command, args=args,
+                                allowed=allowed, result="error" if error else "ok", error=error)
         if not allowed:
             log.warning("denied %s (%s, %s): %s", peer.name, peer.role, command, error)
 
     def _zip_job(self, job_id: str) -> Path:
+        """The job's folder, plus the server log lines that name it, as one zip in the workspace (not
+        /tmp, which may be too small for the models)."""
         job_dir = self._runner.store.job_dir(job_id)
-        fd, name = tempfile.mkstemp(suffix=".zip")
+        fd, name = tempfile.mkstemp(suffix=".download.zip", dir=self._log_path.parent)
         os.close(fd)
         with zipfile.ZipFile(name, "w", zipfile.ZIP_STORED) as zf:  # models barely compress
             for path in sorted(job_dir.rglob("*")):
                 if path.is_file() and not path.name.endswith(".tmp"):
                     zf.write(path, path.relative_to(job_dir).as_posix())
+            zf.writestr("server_log.txt", "".join(_lines_naming(self._log_path, job_id)))
         return Path(name)
+
+
+def _registry_now() -> float:
+    """Now on the registry's clock, which app.py sets to time.monotonic (immune to wall clock steps)."""
+    return time.monotonic()
 
 
 def _decode_args(text: str) -> dict[str, Any]:
     try:
         args = json.loads(text or "{}")
     except json.JSONDecodeError:
-        raise JobRejected("command arguments are not valid JSON") from None
+        raise CommandError("command arguments are not valid JSON") from None
     if not isinstance(args, dict):
-        raise JobRejected("command arguments must be a JSON object")
+        raise CommandError("command arguments must be a JSON object")
     return args
 
 
 def _job_id(args: dict[str, Any]) -> str:
     job_id = str(args.get("job_id", ""))
     if not job_id:
-        raise JobRejected("missing job id")
+        raise CommandError("missing job id")
     return job_id
+
+
+def _int_arg(args: dict[str, Any], name: str, default: int, most: int = 10_000) -> int:
+    """A count argument, 1 to `most`."""
+    return int(_number_arg(args, name, default, 1, most))
+
+
+def _number_arg(args: dict[str, Any], name: str, default: float, least: float, most: float) -> float:
+    try:
+        value = float(args.get(name, default))
+    except (TypeError, ValueError):
+        raise CommandError(f"'{name}' must be a number, not {args.get(name)!r}") from None
+    if not least <= value <= most:
+        raise CommandError(f"'{name}' must be between {least:g} and {most:g}, not {value:g}")
+    return value
+
+
+def _job_target(record: JobRecord) -> dict[str, str]:
+    """What an own_jobs or own_org rule compares for a job: its submitter, and the submitter's org."""
+    return {"job_submitter": record.submitter, "target_org": record.submitter_org}
+
+
+def _lines_naming(path: Path, text: str) -> list[str]:
+    if not path.exists():
+        return []
+    with path.open(errors="replace") as f:
+        return [line for line in f if text in line]
 
 
 def _tail(path: Path, n: int) -> list[str]:

@@ -3,7 +3,7 @@ from the server kit's `local/authorization.yml` (the defaults below when absent)
 
 A policy maps role -> command -> scope:
     any       on anything
-    own_org   only on sites (or the server) of the admin's own organisation
+    own_org   only on sites (or the server) of the admin's own organisation, and jobs its members submitted
     own_jobs  only on jobs the admin submitted
 A command missing from a role's map (and no "*" entry) is denied, and so is an own_org / own_jobs
 command whose target is unknown. A policy file replaces the rules of the roles it names; roles it
@@ -63,15 +63,25 @@ class Policy:
         rules = self._rules.get(role, {})
         scope = rules.get(command) or rules.get("*")
         if scope is None:
-            raise PermissionDenied(f"role '{role}' may not run '{command}'")
+            raise PermissionDenied(f"denied: role '{role}' may not run '{command}'")
         return scope
+
+    def allows(self, admin: Identity, command: str, target_org: str | None = None,
+               job_submitter: str | None = None) -> bool:
+        """Whether `check` would pass; for filtering what a listing shows."""
+        try:
+            self.check(admin, command, target_org, job_submitter)
+        except PermissionDenied:
+            return False
+        return True
 
     def check(self, admin: Identity, command: str, target_org: str | None = None,
               job_submitter: str | None = None) -> None:
         """Raise PermissionDenied unless `admin` may run `command` on this target."""
         scope = self.scope(admin, command)
         if scope is Scope.OWN_ORG and target_org != admin.org:
-            raise PermissionDenied(f"role '{admin.role}' may run '{command}' only on sites of org '{admin.org}'")
+            raise PermissionDenied(f"denied: role '{admin.role}' may run '{command}' only for org '{admin.org}' "
+                                   f"(this target is of '{target_org}')")
         if scope is Scope.OWN_JOBS and job_submitter != admin.name:
-            raise PermissionDenied(f"role '{admin.role}' may run '{command}' only on its own jobs "
+            raise PermissionDenied(f"denied: role '{admin.role}' may run '{command}' only on its own jobs "
                                    f"(this one was submitted by {job_submitter})")

@@ -2,15 +2,20 @@
 and its outputs (models, per-round metrics). Everything a restart needs to resume lives here.
 
     <workspace>/jobs/<job_id>/
-        job.zip  record.json  progress.json  metrics.jsonl
+        job.zip  spec.json  record.json  progress.json  metrics.jsonl
         models/initial.safetensors  global.safetensors  best.safetensors
+
+A job exists once its record.json does: `create` writes it last, so a reader never sees a record whose
+archive or spec is missing. Records are replaced atomically, so a crash leaves the old one or the new one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -18,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import JobRejected
+
+log = logging.getLogger(__name__)
 
 
 class JobState(StrEnum):
@@ -52,12 +59,20 @@ class JobRecord:
     best_metric: float | None = None
     final_metrics: dict[str, float] = field(default_factory=dict)
     sites: list[str] = field(default_factory=list)
+    seq: int = 0  # submission order; unlike submitted_at it survives a wall clock stepped back
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JobRecord:
-        data = dict(data)
+        data = {k: v for k, v in data.items() if k in _RECORD_FIELDS}  # a newer server's extra fields
         data["state"] = JobState(data["state"])
         return cls(**data)
+
+    @property
+    def queue_key(self) -> tuple[int, float, str]:
+        return self.seq, self.submitted_at, self.job_id
+
+
+_RECORD_FIELDS = frozenset(JobRecord.__dataclass_fields__)
 
 
 @dataclass
@@ -85,16 +100,22 @@ class JobStore:
             raise JobRejected(f"no such job '{job_id}'")
         return self.root / job_id
 
-    def create(self, archive: bytes, record: JobRecord) -> JobRecord:
+    def create(self, archive: bytes, spec_json: str, record: JobRecord) -> JobRecord:
+        """Store a new job; its record goes last, so the scheduler never sees a job without its spec."""
         d = self.job_dir(record.job_id)
         (d / "models").mkdir(parents=True)
         (d / "job.zip").write_bytes(archive)
+        (d / "spec.json").write_text(spec_json)
         self.save(record)
         return record
 
     @staticmethod
     def new_id() -> str:
         return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+    def next_seq(self) -> int:
+        """One more than the highest submission number on disk (callers serialise submissions)."""
+        return max((r.seq for r in self.all()), default=0) + 1
 
     def save(self, record: JobRecord) -> None:
         _write_json(self.job_dir(record.job_id) / "record.json", asdict(record))
@@ -106,11 +127,18 @@ class JobStore:
         return JobRecord.from_json(json.loads(path.read_text()))
 
     def all(self) -> list[JobRecord]:
+        """Every job, in submission order. An unreadable record is logged and skipped, not fatal: one
+        damaged job folder must not take the scheduler or list_jobs down."""
         records = []
         for d in sorted(self.root.iterdir()):
-            if (d / "record.json").exists():
-                records.append(JobRecord.from_json(json.loads((d / "record.json").read_text())))
-        return sorted(records, key=lambda r: r.submitted_at)
+            path = d / "record.json"
+            try:
+                records.append(JobRecord.from_json(json.loads(path.read_text())))
+            except FileNotFoundError:
+                continue  # not a job yet (being created), or being deleted
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                log.error("%s: unreadable job record skipped (%s)", path, e)
+        return sorted(records, key=lambda r: r.queue_key)
 
     def archive(self, job_id: str) -> bytes:
         return (self.job_dir(job_id) / "job.zip").read_bytes()
@@ -136,6 +164,11 @@ class JobStore:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def delete(self, job_id: str) -> None:
-        import shutil
+        """Remove the record first, so a reader sees the job gone rather than half deleted."""
+        d = self.job_dir(job_id)
+        (d / "record.json").unlink(missing_ok=True)
+        shutil.rmtree(d)
 
-        shutil.rmtree(self.job_dir(job_id))
+    def output_bytes(self, job_id: str) -> int:
+        """Bytes download_job would send (the folder's files), for a progress bar's total."""
+        return sum(p.stat().st_size for p in self.job_dir(job_id).rglob("*") if p.is_file())

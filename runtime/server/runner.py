@@ -1,5 +1,9 @@
 """The job queue and scheduler: jobs run one at a time, in submission order, each once the sites it
-needs are online. A job that was running when the server stopped is resumed first on restart."""
+needs are online. A job that was running when the server stopped is resumed first on restart.
+
+A queued job whose sites are offline does not hold up the jobs behind it: the first queued job whose
+sites are ready runs. The queue itself is the job store on disk, so it survives a restart or a crash.
+The scheduler loop never dies of one bad job: an internal error fails that job and the loop goes on."""
 
 from __future__ import annotations
 
@@ -31,41 +35,61 @@ class JobRunner:
         self._audit = audit
         self._max_update_factor = max_update_factor
         self._wakeup = asyncio.Event()
+        self._submit_lock = asyncio.Lock()  # submission numbers are handed out one at a time
         self._current: JobController | None = None
         self._aborted_ids: set[str] = set()
+        self._deleted_ids: set[str] = set()
 
     # ---- admin-facing ----------------------------------------------------------------------------
 
-    def submit(self, submitter: Identity, archive: bytes, overrides: list[str]) -> JobRecord:
+    async def submit(self, submitter: Identity, archive: bytes, overrides: list[str]) -> JobRecord:
         """Validate and queue a job archive. Raises JobRejected with the file and field at fault."""
+        async with self._submit_lock:
+            record = await asyncio.to_thread(self._store_new_job, submitter, archive, overrides)
+        self._wakeup.set()  # here, on the loop: an asyncio.Event must not be set from a worker thread
+        return record
+
+    def _store_new_job(self, submitter: Identity, archive: bytes, overrides: list[str]) -> JobRecord:
         spec = load_job_spec(read_zip_configs(archive), overrides)
+        spec_json = spec_to_json(spec)
         record = JobRecord(
             job_id=self.store.new_id(), name=spec.meta.name, state=JobState.QUEUED,
             submitter=submitter.name, submitter_org=submitter.org,
             submitter_role=submitter.role.value if submitter.role else "",
             submitted_at=time.time(), job_sha256=sha256_hex(archive),
-            config_hash=sha256_hex(spec_to_json(spec).encode())[:16], overrides=list(overrides),
-            rounds_total=spec.server.rounds,
+            config_hash=sha256_hex(spec_json.encode())[:16], overrides=list(overrides),
+            rounds_total=spec.server.rounds, seq=self.store.next_seq(),
         )
-        self.store.create(archive, record)
-        (self.store.job_dir(record.job_id) / "spec.json").write_text(spec_to_json(spec))
-        self._wakeup.set()
-        return record
+        return self.store.create(archive, spec_json, record)
 
     def spec(self, job_id: str) -> JobSpec:
         return JobSpec.model_validate(json.loads((self.store.job_dir(job_id) / "spec.json").read_text()))
 
     def abort(self, job_id: str) -> JobRecord:
+        """Abort a queued or running job. The id is noted before anything else, so a scheduler that has
+        just picked the job (in its thread) sees the abort before it starts it."""
         record = self.store.load(job_id)
         if record.state in FINAL_STATES:
             raise JobRejected(f"job {job_id} already {record.state.value}")
         self._aborted_ids.add(job_id)
         if self._current and self._current.record.job_id == job_id:
             self._current.abort()
-        else:
-            record.state, record.finished_at, record.error = JobState.ABORTED, time.time(), "aborted before start"
-            self.store.save(record)
-        return self.store.load(job_id)
+            return record  # the run loop records the end, once the controller has stopped
+        record.state, record.finished_at, record.error = JobState.ABORTED, time.time(), "aborted before start"
+        self.store.save(record)
+        return record
+
+    async def delete(self, job_id: str) -> None:
+        """Delete a job that is not running; raises JobRejected for a running one."""
+        record = self.store.load(job_id)
+        if record.state is JobState.RUNNING or (self._current and self._current.record.job_id == job_id):
+            raise JobRejected(f"job {job_id} is running; abort it first")
+        self._deleted_ids.add(job_id)  # the scheduler must not pick it while its folder goes away
+        await asyncio.to_thread(self.store.delete, job_id)
+
+    def queued(self) -> list[str]:
+        """Queued job ids in the order they will be considered."""
+        return [r.job_id for r in self.store.all() if r.state is JobState.QUEUED]
 
     def aborted_job_ids(self) -> list[str]:
         return sorted(self._aborted_ids)
@@ -82,7 +106,7 @@ class JobRunner:
     # ---- the loop --------------------------------------------------------------------------------
 
     def _next_job(self) -> JobRecord | None:
-        records = self.store.all()
+        records = [r for r in self.store.all() if r.job_id not in self._aborted_ids | self._deleted_ids]
         for record in records:  # a job interrupted by a restart goes first
             if record.state is JobState.RUNNING:
                 return record
@@ -92,7 +116,10 @@ class JobRunner:
         return None
 
     def _sites_ready(self, record: JobRecord) -> bool:
-        spec = self.spec(record.job_id)
+        try:
+            spec = self.spec(record.job_id)
+        except (OSError, ValueError):
+            return True  # let the run fail it, with the reason in its record, instead of skipping it forever
         alive = self._registry.alive()
         if spec.meta.sites == "all":
             return len(alive) >= spec.meta.min_clients
@@ -100,15 +127,30 @@ class JobRunner:
 
     async def run_forever(self) -> None:
         while True:
-            record = await asyncio.to_thread(self._next_job)
-            if record is None:
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), SCHEDULER_TICK_S)
-                except TimeoutError:
-                    pass
+            try:
+                ran = await self._run_next()
+            except Exception:  # e.g. the disk went away: log it and try again, the server stays up
+                log.exception("scheduler: unexpected error; trying again in %.1f s", SCHEDULER_TICK_S)
+                ran = False
+            if ran:
                 continue
-            await self._run_one(record)
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), SCHEDULER_TICK_S)
+            except TimeoutError:
+                pass
+
+    async def _run_next(self) -> bool:
+        """Run the next job whose sites are ready, if any; whether one ran."""
+        record = await asyncio.to_thread(self._next_job)
+        if record is None or self._picked_job_withdrawn(record):
+            return False
+        await self._run_one(record)
+        return True
+
+    def _picked_job_withdrawn(self, record: JobRecord) -> bool:
+        """An admin may abort or delete the job while _next_job (in a thread) was choosing it."""
+        return record.job_id in self._aborted_ids or record.job_id in self._deleted_ids
 
     async def _run_one(self, record: JobRecord) -> None:
         resumed = record.state is JobState.RUNNING
@@ -117,10 +159,10 @@ class JobRunner:
         self.store.save(record)
         self._audit.append("job_started", job_id=record.job_id, name=record.name, resumed=resumed,
                            submitter=record.submitter)
-        controller = JobController(record, self.spec(record.job_id), self.store, self._board,
-                                   self._registry, self._audit, self._max_update_factor)
-        self._current = controller
         try:
+            controller = JobController(record, self.spec(record.job_id), self.store, self._board,
+                                       self._registry, self._audit, self._max_update_factor)
+            self._current = controller
             await controller.run()
             record.state = JobState.FINISHED
         except JobAborted as e:
@@ -128,16 +170,29 @@ class JobRunner:
         except FedkitError as e:
             record.state, record.error = JobState.FAILED, str(e)
             log.error("job %s failed: %s", record.job_id, e)
+        except asyncio.CancelledError:
+            self._interrupted(record)
+            raise
         except Exception as e:  # a bug must not take the scheduler down with it
             record.state, record.error = JobState.FAILED, f"internal error: {e}"
             log.exception("job %s failed with an internal error", record.job_id)
-        finally:
-            self._current = None
-            self._board.forget(record.job_id)
-            record.finished_at = time.time()
-            self.store.save(record)
-            if record.state is JobState.ABORTED:
-                self._aborted_ids.add(record.job_id)
-            self._audit.append("job_ended", job_id=record.job_id, state=record.state.value, error=record.error)
-            log.info("job %s %s after %d rounds%s", record.job_id, record.state.value, record.rounds_done,
-                     f": {record.error}" if record.error else "")
+        self._ended(record)
+
+    def _interrupted(self, record: JobRecord) -> None:
+        """The server is stopping: the job stays `running` on disk, so the next start resumes it."""
+        self._current = None
+        self._board.forget(record.job_id)
+        self._audit.append("job_interrupted", job_id=record.job_id, rounds_done=record.rounds_done)
+        log.info("job %s interrupted by shutdown after %d rounds; it resumes on restart", record.job_id,
+                 record.rounds_done)
+
+    def _ended(self, record: JobRecord) -> None:
+        self._current = None
+        self._board.forget(record.job_id)
+        record.finished_at = time.time()
+        self.store.save(record)
+        if record.state is JobState.ABORTED:
+            self._aborted_ids.add(record.job_id)
+        self._audit.append("job_ended", job_id=record.job_id, state=record.state.value, error=record.error)
+        log.info("job %s %s after %d rounds%s", record.job_id, record.state.value, record.rounds_done,
+                 f": {record.error}" if record.error else "")
