@@ -139,13 +139,12 @@ class AdminService:
         return {"commands": allowed, "role": peer.role, "admin": peer.name, "org": peer.org}
 
     async def _check_status(self, peer: Identity, args: dict[str, Any]) -> Any:
-        now = _registry_now()
         wanted = [str(s) for s in args.get("sites") or []]
         unknown = [s for s in wanted if self._registry.session(s) is None]
         if unknown:
             raise CommandError(f"no site {', '.join(repr(s) for s in unknown)} has connected since the server "
                                "started")
-        sites = [self._site_status(s.name, now) for s in self._registry.sessions()
+        sites = [self._site_status(s.name) for s in self._registry.sessions()
                  if (not wanted or s.name in wanted) and self._policy.allows(peer, "check_status", target_org=s.org)]
         return {"server": await asyncio.to_thread(self._server_status), "sites": sites}
 
@@ -158,11 +157,12 @@ class AdminService:
                 "queued": self._runner.queued(), "uptime_s": round(time.time() - self._started_at, 1),
                 "sites_online": len(self._registry.alive())}
 
-    def _site_status(self, site: str, now: float) -> dict[str, Any]:
+    def _site_status(self, site: str) -> dict[str, Any]:
         s = self._registry.session(site)
         assert s is not None
         return {"site": s.name, "org": s.org, "online": self._registry.is_alive(s.name),
-                "last_heartbeat_s_ago": round(now - s.last_seen, 1), "job_id": s.job_id, "round": s.round}
+                "last_heartbeat_s_ago": round(self._registry.seconds_since_seen(s.name) or 0.0, 1),
+                "job_id": s.job_id, "round": s.round}
 
     async def _list_jobs(self, peer: Identity, args: dict[str, Any]) -> Any:
         """Every job the admin may see: all of them by default, fewer under an own_jobs/own_org policy."""
@@ -237,7 +237,7 @@ class AdminService:
             return await asyncio.to_thread(self._server_info)
         session = self._registry.session(site)
         assert session is not None
-        return {**self._site_status(site, _registry_now()), **session.host_info}
+        return {**self._site_status(site), **session.host_info}
 
     def _server_info(self) -> dict[str, Any]:
         disk = shutil.disk_usage(self._log_path.parent)
@@ -295,11 +295,6 @@ class AdminService:
                     zf.write(path, path.relative_to(job_dir).as_posix())
             zf.writestr("server_log.txt", "".join(_lines_naming(self._log_path, job_id)))
         return Path(name)
-
-
-def _registry_now() -> float:
-    """Now on the registry's clock, which app.py sets to time.monotonic (immune to wall clock steps)."""
-    return time.monotonic()
 
 
 def _decode_args(text: str) -> dict[str, Any]:

@@ -76,6 +76,7 @@ class JobController:
         self._model_bytes = 0
         self._n_tensors = 0
         self._job_sha = record.job_sha256
+        self._last_sites: list[str] = []
 
     # ---- called by the federation service -------------------------------------------------------
 
@@ -148,6 +149,10 @@ class JobController:
         job_id, cfg = self.record.job_id, self.spec.server
         models = self._store.models_dir(job_id)
         progress = self._store.load_progress(job_id)
+        # a crash may have left entries of the round in flight; that round runs again, so drop them
+        done = progress.round_done if (models / "global.safetensors").exists() else 0
+        self._store.keep_metrics(job_id, lambda e: e.get("round", 0) <= done if e["type"] == "round"
+                                 else e.get("model_round", 0) < done)
         if progress.round_done > 0 and (models / "global.safetensors").exists():
             model = await asyncio.to_thread(load_file, models / "global.safetensors")
             log.info("job %s: resuming after round %d", job_id, progress.round_done)
@@ -230,7 +235,7 @@ class JobController:
             initial = await asyncio.to_thread(from_bytes, data)
             await asyncio.to_thread(save_file, initial, path)
         if not path.exists():
-            done = await self._run_round("init", 0, None, None, max_sites=1)
+            done = await self._init_round()
             result = next(iter(done.results.values()))
             if not result.delta:
                 raise RoundFailed("round 0: the site that built the initial model sent no weights")
@@ -242,6 +247,21 @@ class JobController:
                 raise RoundFailed(f"round 0: initial tensor '{name}' holds NaN or Inf")
         await asyncio.to_thread(shutil.copyfile, path, models / "global.safetensors")
         return model
+
+    async def _init_round(self) -> _Round:
+        """Round 0 on one site; if that site cannot (its policy refuses the job, its learner fails), the
+        next online site tries, until every site has had its turn."""
+        tried: set[str] = set()
+        while True:
+            try:
+                return await self._run_round("init", 0, None, None, max_sites=1, exclude=tried)
+            except RoundFailed as e:
+                tried |= set(self._last_sites)
+                wanted = self.spec.meta.sites
+                others = [s for s in self._registry.alive() if s not in tried and (wanted == "all" or s in wanted)]
+                if not others:
+                    raise
+                log.warning("job %s: %s; asking %s instead", self.record.job_id, e, others[0])
 
     async def _record_validation(self, model_round: int, done: _Round, progress: Progress) -> None:
         """Score the model of `model_round` from what the sites reported and keep it if it is the best."""
@@ -269,9 +289,11 @@ class JobController:
         self._store.save_progress(self.record.job_id, progress)
 
     async def _run_round(self, name: str, rnd: int, model: Weights | None,
-                         fold: Callable[[SiteResult], None] | None, max_sites: int | None = None) -> _Round:
+                         fold: Callable[[SiteResult], None] | None, max_sites: int | None = None,
+                         exclude: set[str] | None = None) -> _Round:
         cfg, meta = self.spec.server, self.spec.meta
-        sites = await self._wait_for_sites(rnd, max_sites)
+        sites = await self._wait_for_sites(rnd, max_sites, exclude or set())
+        self._last_sites = sites
         payload = (await asyncio.to_thread(lambda: Payload.of(to_bytes(model), BROADCAST_CHUNK_BYTES))
                    if model is not None else NO_PAYLOAD)
         config = {"rounds": cfg.rounds, "client": self.spec.client.model_dump(mode="json"),
@@ -300,7 +322,7 @@ class JobController:
                               f"in {waited:.0f} s (round_timeout_s {cfg.round_timeout_s:g}; {reasons})")
         return done
 
-    async def _wait_for_sites(self, rnd: int, max_sites: int | None) -> list[str]:
+    async def _wait_for_sites(self, rnd: int, max_sites: int | None, exclude: set[str]) -> list[str]:
         """The sites to task this round; waits (bounded by the round timeout) until enough are alive."""
         cfg, meta = self.spec.server, self.spec.meta
         need = 1 if max_sites == 1 else meta.min_clients
@@ -309,7 +331,7 @@ class JobController:
         while True:
             self._check_aborted()
             wanted = meta.sites
-            sites = [s for s in self._registry.alive() if wanted == "all" or s in wanted]
+            sites = [s for s in self._registry.alive() if (wanted == "all" or s in wanted) and s not in exclude]
             if len(sites) >= need:
                 return sites[:max_sites] if max_sites else sites
             if loop.time() >= deadline:

@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -156,6 +157,16 @@ class JobStore:
     def append_metrics(self, job_id: str, entry: dict[str, Any]) -> None:
         with (self.job_dir(job_id) / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def keep_metrics(self, job_id: str, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Rewrite metrics.jsonl (atomically) with only the entries `keep` accepts."""
+        path = self.job_dir(job_id) / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [e for e in self.metrics(job_id) if keep(e)]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in kept))
+        os.replace(tmp, path)
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
         path = self.job_dir(job_id) / "metrics.jsonl"

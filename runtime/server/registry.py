@@ -49,6 +49,11 @@ class Registry:
         session.job_id, session.round = job_id, round
         return True
 
+    def seconds_since_seen(self, site: str) -> float | None:
+        """Seconds since the site's last sign of life, on the registry's own clock; None if unknown."""
+        session = self._sites.get(site)
+        return None if session is None else self._clock() - session.last_seen
+
     def is_alive(self, site: str) -> bool:
         session = self._sites.get(site)
         return session is not None and self._clock() - session.last_seen <= self._timeout_s
