@@ -27,6 +27,7 @@ from ..audit import AuditLog
 from ..errors import ConfigError, FedkitError, JobRejected, ServerUnreachable, SessionExpired
 from ..filters import apply_filters, build_filters
 from ..job_spec import ClientJobConfig, safe_extract, sha256_hex
+from ..procs import LOG_FILE
 from ..proto import fedkit_pb2 as pb
 from ..transport import (
     CHUNK_BYTES,
@@ -135,10 +136,11 @@ class ClientDaemon:
     # ---- heartbeat -------------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
+        log_tail = ""
         while True:
             with call_errors("heartbeat", self._target):
                 reply = await self._stub.Heartbeat(pb.HeartbeatRequest(
-                    session_id=self._session_id, job_id=self._job_id, round=self._round),
+                    session_id=self._session_id, job_id=self._job_id, round=self._round, log_tail=log_tail),
                     timeout=min(max(2 * self._heartbeat_interval_s, 5.0), RPC_TIMEOUT_S))
             if reply.must_reregister:
                 raise SessionExpired("server lost our session; registering again")
@@ -149,6 +151,11 @@ class ClientDaemon:
                 self._audit.append("control_received", control=reply.control)
                 self.restart_requested = reply.control == "restart"
                 self._stop.set()
+            log_tail = ""
+            if reply.control == "send_log":  # an admin ran tail_log for this site: answer at once
+                self._audit.append("control_received", control=reply.control)
+                log_tail = await asyncio.to_thread(_log_tail, self._ws / LOG_FILE)
+                continue
             await asyncio.sleep(self._heartbeat_interval_s)
 
     async def _abandon_job(self, job_id: str) -> None:
@@ -363,3 +370,16 @@ def _safe_name(text: str) -> str:
     if not text or "/" in text or "\\" in text or text.startswith("."):
         raise JobRejected(f"invalid id '{text[:40]}' from the server")
     return text
+
+
+def _log_tail(path: Path, max_bytes: int = 64 << 10) -> str:
+    """The end of this site's log, for an admin's tail_log (never more than `max_bytes`)."""
+    if not path.exists():
+        return ""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        f.seek(max(0, size - max_bytes))
+        text = f.read().decode(errors="replace")
+    if size > max_bytes:
+        text = text.partition("\n")[2]  # drop the line the cut went through
+    return text or "(empty log)"

@@ -26,8 +26,11 @@ from .authz import Policy
 from .job_store import FINAL_STATES, JobRecord, JobState
 from .registry import Registry
 from .runner import JobRunner
+from .site_controls import SiteControls
 
 log = logging.getLogger(__name__)
+
+SITE_LOG_TIMEOUT_S = 20.0  # a few heartbeats
 
 MAX_UPLOAD_BYTES = 256 << 20
 MAX_WAIT_S = 20.0  # a wait_job call returns by then at the latest (the console's call timeout is 30 s)
@@ -45,14 +48,14 @@ class CommandError(FedkitError):
 
 class AdminService:
     def __init__(self, runner: JobRunner, registry: Registry, policy: Policy, audit: AuditLog,
-                 server_org: str, log_path: Path, controls: dict[str, str], on_shutdown: Callable[[], None]):
+                 server_org: str, log_path: Path, controls: SiteControls, on_shutdown: Callable[[], None]):
         self._runner = runner
         self._registry = registry
         self._policy = policy
         self._audit = audit
         self._server_org = server_org
         self._log_path = log_path
-        self._controls = controls  # site -> pending control word, delivered with its next heartbeat
+        self._controls = controls  # delivered with each site's next heartbeat
         self._on_shutdown = on_shutdown
         self._started_at = time.time()
         self._commands: dict[str, Handler] = {
@@ -253,19 +256,23 @@ class AdminService:
         if site == "server":
             lines = await asyncio.to_thread(_tail, self._log_path, n)
             return {"site": "server", "lines": lines}
-        raise CommandError(f"tail_log {site}: sites do not send their log to the server yet; "
-                           f"read workspace/log.txt in {site}'s kit on that machine")
+        if not self._registry.is_alive(site):
+            raise CommandError(f"tail_log {site}: the site is offline; read workspace/log.txt in its kit")
+        text = await self._controls.request_log(site, SITE_LOG_TIMEOUT_S)
+        if text is None:
+            raise CommandError(f"tail_log {site}: the site did not send its log within {SITE_LOG_TIMEOUT_S:g} s")
+        return {"site": site, "lines": text.splitlines()[-n:]}
 
     async def _shutdown_client(self, peer: Identity, args: dict[str, Any]) -> Any:
         site = str(args.get("site", ""))
         self._policy.check(peer, "shutdown_client", target_org=self._site_org(site))
-        self._controls[site] = "shutdown"
+        self._controls.queue(site, "shutdown")
         return {"site": site, "control": "shutdown", "note": "delivered with the site's next heartbeat"}
 
     async def _restart_client(self, peer: Identity, args: dict[str, Any]) -> Any:
         site = str(args.get("site", ""))
         self._policy.check(peer, "restart_client", target_org=self._site_org(site))
-        self._controls[site] = "restart"
+        self._controls.queue(site, "restart")
         return {"site": site, "control": "restart", "note": "delivered with the site's next heartbeat"}
 
     async def _shutdown_server(self, peer: Identity, args: dict[str, Any]) -> Any:

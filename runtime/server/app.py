@@ -20,6 +20,7 @@ from .federation import FederationService
 from .job_store import JobStore
 from .registry import Registry
 from .runner import JobRunner
+from .site_controls import SiteControls
 from .taskboard import TaskBoard
 
 log = logging.getLogger("fedkit.server")
@@ -57,7 +58,7 @@ async def serve(kit: Path, debug: bool = False) -> None:
     registry = Registry(settings.heartbeat_timeout_s, time.monotonic)
     board = TaskBoard(time.monotonic)
     runner = JobRunner(JobStore(ws / "jobs"), board, registry, audit, settings.max_update_bytes_factor)
-    controls: dict[str, str] = {}
+    controls = SiteControls()
     stop = stop_event_on_signals()
     heartbeat_interval_s = min(5.0, settings.heartbeat_timeout_s / 4)
     federation = FederationService(registry, board, runner, audit, heartbeat_interval_s,

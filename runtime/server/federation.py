@@ -16,6 +16,7 @@ from ..transport import PayloadReceiver, iter_chunks, with_idle_timeout
 from .controller import decode_metrics
 from .registry import Registry
 from .runner import JobRunner
+from .site_controls import SiteControls
 from .taskboard import TaskBoard
 from .transfer_slots import TransferSlots
 
@@ -27,14 +28,13 @@ MAX_POLL_S = 30.0
 class FederationService:
     def __init__(self, registry: Registry, board: TaskBoard, runner: JobRunner, audit: AuditLog,
                  heartbeat_interval_s: float, max_concurrent_uploads: int, max_concurrent_downloads: int,
-                 controls: dict[str, str]):
+                 controls: SiteControls):
         self._registry = registry
         self._board = board
         self._runner = runner
         self._audit = audit
         self._heartbeat_interval_s = heartbeat_interval_s
-        self._controls = controls  # site -> control word an admin queued for it
-        self.site_logs: dict[str, str] = {}
+        self._controls = controls
         # Bounds the update buffers held at once, so server memory stays O(model), not O(sites x model).
         self._upload_slots = TransferSlots(max_concurrent_uploads)
         self._download_slots = TransferSlots(max_concurrent_downloads)
@@ -63,9 +63,9 @@ class FederationService:
         current = self._runner.current
         if request.job_id and (current is None or current.record.job_id != request.job_id):
             stale.append(request.job_id)  # finished, aborted or never ours: the site should stop it
-        if request.log_tail:
-            self.site_logs[peer.name] = request.log_tail
-        control = self._controls.pop(peer.name, "") if known else ""
+        if request.log_tail and known:
+            self._controls.log_received(peer.name, request.log_tail)
+        control = self._controls.next_for(peer.name) if known else ""
         if control:
             self._audit.append("control_delivered", site=peer.name, control=control)
         return pb.HeartbeatReply(must_reregister=not known, aborted_jobs=stale, control=control)
