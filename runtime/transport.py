@@ -38,9 +38,6 @@ from .proto import fedkit_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
-# What the server streams to every site at once is cut finer: each stream in flight holds a few chunks'
-# worth of copies (message, serialized bytes, transport buffer), so memory per site follows this size.
-BROADCAST_CHUNK_BYTES = 256 << 10
 # Chunks are 1 MiB; the cap leaves room for headers and refuses anything absurd early.
 MAX_MESSAGE_BYTES = 4 * CHUNK_BYTES
 _OPTIONS = [
@@ -343,7 +340,7 @@ class PayloadReceiver:
     `finish` (a trailer)."""
 
     def __init__(self, declared_bytes: int, limit_bytes: int, sha256: str = "",
-                 buffer: bytearray | None = None, sink: BinaryIO | None = None):
+                 buffer: bytearray | None = None, sink: BinaryIO | None = None, verify_sha256: bool = True):
         if declared_bytes > limit_bytes:
             raise UpdateRejected(f"declared payload of {declared_bytes} bytes exceeds the limit of {limit_bytes}")
         self._declared = declared_bytes
@@ -352,7 +349,7 @@ class PayloadReceiver:
             self._buf = buffer if buffer is not None and len(buffer) == declared_bytes else bytearray(declared_bytes)
         self._pos = 0
         self._sha = sha256
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if verify_sha256 else None
 
     def add(self, chunk: bytes) -> None:
         end = self._pos + len(chunk)
@@ -362,7 +359,8 @@ class PayloadReceiver:
             self._sink.write(chunk)
         else:
             self._buf[self._pos:end] = chunk
-        self._hash.update(chunk)
+        if self._hash is not None:
+            self._hash.update(chunk)
         self._pos = end
 
     def finish(self, trailer_sha256: str = "") -> bytearray:
@@ -370,12 +368,14 @@ class PayloadReceiver:
         if self._pos != self._declared:
             raise UpdateRejected(f"payload ended after {self._pos} of {self._declared} declared bytes")
         expected = self._sha or trailer_sha256
-        if not expected:
-            raise UpdateRejected("payload came without a SHA-256")
-        if self._hash.hexdigest() != expected:
-            raise UpdateRejected("payload SHA-256 does not match what the sender declared")
+        if self._hash is not None:
+            if not expected:
+                raise UpdateRejected("payload came without a SHA-256")
+            if self._hash.hexdigest() != expected:
+                raise UpdateRejected("payload SHA-256 does not match what the sender declared")
         return self._buf if self._sink is None else bytearray()
 
     @property
     def sha256(self) -> str:
-        return self._hash.hexdigest()
+        """The hash of what arrived (the declared one when not verifying)."""
+        return self._hash.hexdigest() if self._hash is not None else self._sha

@@ -23,7 +23,7 @@ import numpy as np
 from ..audit import AuditLog
 from ..errors import FedkitError, UpdateRejected
 from ..job_spec import JobSpec, read_zip_member
-from ..transport import BROADCAST_CHUNK_BYTES
+from ..transport import CHUNK_BYTES
 from ..weights import Weights, check_update, from_bytes, load_file, nbytes, save_file, to_bytes, view_bytes
 from ..workflows import FedAvg, SiteResult, weighted_metrics
 from .job_store import JobRecord, JobStore, Progress
@@ -294,7 +294,7 @@ class JobController:
         cfg, meta = self.spec.server, self.spec.meta
         sites = await self._wait_for_sites(rnd, max_sites, exclude or set())
         self._last_sites = sites
-        payload = (await asyncio.to_thread(lambda: Payload.of(to_bytes(model), BROADCAST_CHUNK_BYTES))
+        payload = (await asyncio.to_thread(lambda: Payload.of(to_bytes(model), CHUNK_BYTES))
                    if model is not None else NO_PAYLOAD)
         config = {"rounds": cfg.rounds, "client": self.spec.client.model_dump(mode="json"),
                   "job_name": meta.name,
