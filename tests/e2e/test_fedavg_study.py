@@ -35,14 +35,19 @@ def _heldout_metrics(weights: dict[str, np.ndarray], heldout_csv: Path) -> dict[
     return learner.evaluate(model, torch.from_numpy(x), y)
 
 
-def test_fedavg_three_sites_three_rounds(make_study, tmp_path):
-    handle = make_study()
-    study = handle.study
+def _started(study):
+    """Start the server and every site from their kits; return once all sites are online."""
     study.start_server()
     for site in study.clients:
         study.start(site)
-    wait_until(lambda: len([s for s in study.admin_json("check_status client")["sites"] if s["online"]]) == 3,
-               60, "three sites online")
+    wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"])
+               == len(study.clients), 60, "every site online")
+    return study
+
+
+def test_fedavg_three_sites_three_rounds(make_study, tmp_path):
+    handle = make_study()
+    study = _started(handle.study)
 
     job = handle.job(tmp_path / "job")
     record = study.admin_json(f"submit_job {job} --set server.rounds=3 --set client.keep_updates=true "
@@ -93,12 +98,7 @@ def test_fedavg_three_sites_three_rounds(make_study, tmp_path):
 
 def test_cross_site_validation_matrix(make_study, tmp_path):
     handle = make_study()
-    study = handle.study
-    study.start_server()
-    for site in study.clients:
-        study.start(site)
-    wait_until(lambda: len([s for s in study.admin_json("check_status client")["sites"] if s["online"]]) == 3,
-               60, "three sites online")
+    study = _started(handle.study)
     job = handle.job(tmp_path / "job")
     record = study.admin_json(f"submit_job {job} --set server.rounds=2 --set server.cross_site_validation=true "
                               "--set meta.min_clients=3")
