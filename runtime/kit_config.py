@@ -107,6 +107,8 @@ class SiteLocalSettings(_Strict):
 
     data_root: str | None = Field(None, description="folder holding this site's data; passed to the learner")
     gpus: list[int] = Field(default_factory=list, description="GPU indices the learner may use; [] = CPU")
+    nproc: int | None = Field(None, ge=1, le=64, description="training processes (torchrun ranks); "
+                                                              "default: one per listed GPU, else 1")
     heartbeat_interval_s: float = 5.0
     python: str | None = Field(None, description="interpreter for the training worker; default: this one")
 

@@ -13,6 +13,11 @@ module without copying). `train` returns trained weights or a delta (set `is_del
 of samples it trained on (the aggregation weight) and any metrics. `validate` returns metrics; include
 `n_samples` (the validation set size) so the server weights sites fairly. The learner is built once per
 job and kept across rounds, so optimizer state may persist.
+
+Several GPUs: with `nproc: N` (or N `gpus`) in the site's local/site.yml, the worker runs under torchrun
+with N ranks and the process group already initialised (NCCL on GPUs, else gloo). Every rank gets each
+call; use `context.rank` / `context.world_size` to shard data and wrap the model in
+DistributedDataParallel. What rank 0 returns is what the site sends.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class SiteContext:
     data_root: Path | None
     work_dir: Path
     gpus: tuple[int, ...] = ()
+    rank: int = 0          # under torchrun (local/site.yml nproc > 1): this process's rank ...
+    world_size: int = 1    # ... of this many; shard the data by rank and wrap the model in DDP
 
 
 @dataclass

@@ -280,7 +280,7 @@ class ClientDaemon:
             python=self._settings.python or "", kit=self._kit, job_dir=code_dir, work_dir=job_dir,
             site=self._cfg.name, job_id=h.job_id, data_root=self._settings.data_root or "",
             gpus=self._settings.gpus, learner=client_cfg.learner.path, learner_args=client_cfg.learner.args,
-            log_path=log_path)
+            log_path=log_path, nproc=self._settings.nproc or max(1, len(self._settings.gpus)))
 
     async def _execute(self, h: pb.TaskHeader, task: _Task, round_dir: Path,
                        client_cfg: ClientJobConfig) -> tuple[int, dict[str, Any], Path | None]:

@@ -55,16 +55,19 @@ class _LocalModel:
     weights: dict | None = None
 
 
-def handle(learner: Learner, cmd: dict[str, Any], local: _LocalModel | None = None) -> dict[str, Any]:
+def handle(learner: Learner, cmd: dict[str, Any], local: _LocalModel | None = None,
+           is_main: bool = True) -> dict[str, Any]:
+    """Run one command. Under torchrun every rank runs it; only the main rank (0) writes files."""
     local = local if local is not None else _LocalModel()
+    save = save_file if is_main else (lambda weights, path: None)
     op = cmd.get("op")
     if op == "local_model":
         if local.weights is None:
             raise RuntimeError("this site has not trained in this job, so it has no local model")
-        save_file(local.weights, Path(cmd["out"]))
+        save(local.weights, Path(cmd["out"]))
         return {"ok": True}
     if op == "init":
-        save_file(learner.initial_weights(), Path(cmd["out"]))
+        save(learner.initial_weights(), Path(cmd["out"]))
         return {"ok": True}
     if op == "validate":
         metrics = learner.validate(load_file(Path(cmd["weights"])))
@@ -77,7 +80,7 @@ def handle(learner: Learner, cmd: dict[str, Any], local: _LocalModel | None = No
         delta = result.weights if result.is_delta else _delta(result.weights, received)
         local.weights = ({k: received[k] + delta[k] if k in delta else received[k] for k in received}
                          if result.is_delta else result.weights)
-        save_file(delta, Path(cmd["out"]))
+        save(delta, Path(cmd["out"]))
         return {"ok": True, "n_samples": int(result.n_samples), "validation": validation,
                 "metrics": {k: float(v) for k, v in result.metrics.items()}}
     raise ValueError(f"unknown op {op!r}")
@@ -98,28 +101,104 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # from here on, print() lands in the log, not in the reply channel
+    ranks = Ranks.from_env()  # one process, or one rank of several started by torchrun
     context = SiteContext(site=a.site, job_id=a.job_id, data_root=Path(a.data_root) if a.data_root else None,
-                          work_dir=a.work_dir, gpus=tuple(int(g) for g in a.gpus.split(",") if g))
+                          work_dir=a.work_dir, gpus=tuple(int(g) for g in a.gpus.split(",") if g),
+                          rank=ranks.rank, world_size=ranks.world_size)
+    error = ""
     try:
         learner = _load_learner(a.job_dir, a.learner, json.loads(a.learner_args), context)
     except Exception as e:
         traceback.print_exc()
         error = f"cannot load learner {a.learner}: {type(e).__name__}: {e}"
-        reply.write(json.dumps({"ok": False, "error": error}) + "\n")
+    error = ranks.combine_errors(error)
+    if ranks.is_main:
+        reply.write(json.dumps({"ok": False, "error": error} if error else {"ok": True, "ready": True}) + "\n")
+    if error:
         return 1
-    reply.write(json.dumps({"ok": True, "ready": True}) + "\n")
     local = _LocalModel()
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        if cmd.get("op") == "stop":
-            break
+    while (cmd := ranks.next_command(sys.stdin)) is not None and cmd.get("op") != "stop":
+        answer, error = {}, ""
         try:
-            answer = handle(learner, cmd, local)
+            answer = handle(learner, cmd, local, ranks.is_main)
         except Exception as e:  # the learner is researcher code: report, keep serving
             traceback.print_exc()
-            answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        reply.write(json.dumps(answer) + "\n")
+            error = f"{type(e).__name__}: {e}"
+        error = ranks.combine_errors(error)
+        if ranks.is_main:
+            reply.write(json.dumps({"ok": False, "error": error} if error else answer) + "\n")
+    ranks.close()
     return 0
+
+
+class Ranks:
+    """The worker's processes: one, or `world_size` ranks under torchrun (several GPUs).
+
+    Rank 0 reads the daemon's commands and hands each to the other ranks over a gloo group of this site's
+    own processes, as JSON bytes in a tensor (no pickle); every rank runs it, and only rank 0 answers.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, group: Any = None):
+        self.rank, self.world_size, self._group = rank, world_size, group
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        import datetime as dt
+
+        import torch
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") else "gloo"
+        dist.init_process_group(backend, timeout=dt.timedelta(hours=2))
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(dist.get_rank(), world_size, dist.new_group(backend="gloo"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def next_command(self, stdin: Any) -> dict[str, Any] | None:
+        if self.world_size == 1:
+            line = stdin.readline()
+            return json.loads(line) if line else None
+        line = stdin.readline() if self.is_main else ""
+        text = self._broadcast_text(line or '{"op": "stop"}' if self.is_main else "")
+        return json.loads(text)
+
+    def _broadcast_text(self, text: str) -> str:
+        import torch
+        import torch.distributed as dist
+
+        data = text.encode()
+        size = torch.tensor([len(data)], dtype=torch.long)
+        dist.broadcast(size, 0, group=self._group)
+        buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.is_main
+               else torch.empty(int(size.item()), dtype=torch.uint8))
+        dist.broadcast(buf, 0, group=self._group)
+        return bytes(buf.numpy()).decode()
+
+    def combine_errors(self, error: str) -> str:
+        """Rank 0's view of whether any rank failed (the others' tracebacks are in the site log)."""
+        if self.world_size == 1:
+            return error
+        import torch
+        import torch.distributed as dist
+
+        failed = torch.tensor([1 if error else 0], dtype=torch.long)
+        dist.all_reduce(failed, group=self._group)
+        if failed.item() and not error:
+            return f"{int(failed.item())} of {self.world_size} training ranks failed (see the site log)"
+        return error
+
+    def close(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

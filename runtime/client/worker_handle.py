@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,16 +33,22 @@ class WorkerHandle:
     @classmethod
     async def start(cls, *, python: str, kit: Path, job_dir: Path, work_dir: Path, site: str, job_id: str,
                     data_root: str, gpus: list[int], learner: str, learner_args: dict[str, Any],
-                    log_path: Path, ready_timeout_s: float = 300.0) -> WorkerHandle:
-        cmd = [python or sys.executable, "-m", "runtime.client.worker", "--job-dir", str(job_dir),
+                    log_path: Path, nproc: int = 1, ready_timeout_s: float = 300.0) -> WorkerHandle:
+        # several ranks: torchrun starts them; rank 0 speaks to us over the inherited stdin/stdout
+        launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                    if nproc > 1 else [])
+        cmd = [python or sys.executable, *launcher, "-m", "runtime.client.worker", "--job-dir", str(job_dir),
                "--work-dir", str(work_dir), "--site", site, "--job-id", job_id, "--data-root", data_root,
                "--gpus", ",".join(map(str, gpus)), "--learner", learner,
                "--learner-args", json.dumps(learner_args)]
         env = {**_env_without_pythonpath(), "PYTHONPATH": str(kit), "PYTHONUNBUFFERED": "1"}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         with log_path.open("ab") as log_file:
             proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
-                cwd=str(work_dir), env=env, limit=1 << 20)
+                cwd=str(work_dir), env=env, limit=1 << 20,
+                start_new_session=True)  # its own process group: kill() reaches every torchrun rank
         handle = cls(proc, job_id)
         ready = await handle._read_reply(ready_timeout_s)
         if not ready.get("ok"):
@@ -95,15 +103,16 @@ class WorkerHandle:
         try:
             await asyncio.wait_for(self._proc.wait(), STOP_GRACE_S)
         except TimeoutError:
-            self._proc.kill()
+            self.kill()
             await self._proc.wait()
 
     def kill(self) -> None:
         if self._proc.returncode is None:
-            self._proc.kill()
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _env_without_pythonpath() -> dict[str, str]:
-    import os
-
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
