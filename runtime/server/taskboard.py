@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from ..errors import UpdateRejected
+from ..transport import iter_chunks
 
 
 class TaskState(StrEnum):
@@ -37,8 +38,7 @@ class Payload:
 
     @classmethod
     def of(cls, data: bytes, chunk_bytes: int) -> Payload:
-        view = memoryview(data)
-        chunks = tuple(bytes(view[i:i + chunk_bytes]) for i in range(0, len(view), chunk_bytes))
+        chunks = tuple(iter_chunks(data, chunk_bytes))
         return cls(chunks=chunks, nbytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
