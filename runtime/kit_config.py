@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -102,6 +102,19 @@ class ServerLocalSettings(_Strict):
                                                                "server memory per site")
 
 
+class SandboxSettings(_Strict):
+    """local/site.yml `sandbox:`: how this site confines job code (a stranger's code) while it runs."""
+
+    backend: Literal["auto", "native", "docker", "off"] = Field(
+        "auto", description="native: Linux namespaces (bubblewrap); docker: a container per job; "
+                            "auto: docker when this site runs in Docker, else native; off: no sandbox (warned)")
+    image: str | None = Field(None, description="docker: the image job workers run in; default: the image "
+                                                "docker.sh runs this site in")
+    cpus: float | None = Field(None, gt=0, description="CPU cores a job may use; null = no limit")
+    memory_mb: int | None = Field(None, ge=64, description="memory a job may use, in MiB; null = no limit")
+    pids: int = Field(4096, ge=16, description="processes and threads a job may run at once")
+
+
 class SiteLocalSettings(_Strict):
     """local/site.yml on a client site (optional; defaults apply when absent)."""
 
@@ -111,6 +124,7 @@ class SiteLocalSettings(_Strict):
                                                               "default: one per listed GPU, else 1")
     heartbeat_interval_s: float = 5.0
     python: str | None = Field(None, description="interpreter for the training worker; default: this one")
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
 
 
 M = TypeVar("M", bound=BaseModel)
