@@ -47,7 +47,10 @@ def view_bytes(buf: bytearray | bytes) -> Weights:
 
     The server receives every update into one buffer; safetensors' own `load` would copy it twice more.
     The format is an 8-byte little-endian header length, a JSON header of name -> {dtype, shape,
-    data_offsets}, then the data. Every field is checked; anything off raises UpdateRejected.
+    data_offsets}, then the data. This parser accepts exactly what the reference reader accepts (the
+    tensors tile the data with no gap or overlap; shapes and offsets are non-negative JSON integers),
+    except dtypes NumPy cannot hold; anything else raises UpdateRejected with the reason. It allocates
+    nothing in proportion to what the header claims, only to what was received.
     """
     if len(buf) < 8:
         raise UpdateRejected("not a valid safetensors payload: shorter than its header length")
@@ -56,26 +59,48 @@ def view_bytes(buf: bytearray | bytes) -> Weights:
         raise UpdateRejected(f"not a valid safetensors payload: header length {n_header} exceeds the payload")
     try:
         header = json.loads(bytes(buf[8:8 + n_header]))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise UpdateRejected("not a valid safetensors payload: header is not JSON") from None
     if not isinstance(header, dict):
         raise UpdateRejected("not a valid safetensors payload: header is not an object")
     start, size = 8 + n_header, len(buf) - 8 - n_header
+    entries = sorted(_header_entry(name, info) for name, info in header.items() if name != "__metadata__")
+    _check_metadata(header.get("__metadata__"))
     out: Weights = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = np.dtype(_DTYPES[info["dtype"]])
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise UpdateRejected(f"tensor '{name}': malformed or unsupported entry in the header") from None
+    covered = 0
+    for begin, end, name, dtype, shape in entries:
         count = math.prod(shape)
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size or end - begin != count * dtype.itemsize:
+        if begin != covered or end - begin != count * dtype.itemsize or end > size:
             raise UpdateRejected(f"tensor '{name}': its offsets do not match its shape and dtype")
+        covered = end
         out[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=start + begin).reshape(shape)
+    if covered != size:
+        raise UpdateRejected(f"not a valid safetensors payload: {size - covered} bytes after the last tensor")
     return out
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0  # JSON integers only: not bools, floats or strings
+
+
+def _header_entry(name: str, info: object) -> tuple[int, int, str, np.dtype, tuple[int, ...]]:
+    """(begin, end, name, dtype, shape) of one header entry, each field checked."""
+    if not isinstance(info, dict):
+        raise UpdateRejected(f"tensor '{name}': malformed entry in the header")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise UpdateRejected(f"tensor '{name}': unsupported dtype {str(dtype)[:16]!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise UpdateRejected(f"tensor '{name}': shape must be a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets):
+        raise UpdateRejected(f"tensor '{name}': data_offsets must be two non-negative integers")
+    return offsets[0], offsets[1], name, np.dtype(_DTYPES[dtype]), tuple(shape)
+
+
+def _check_metadata(metadata: object) -> None:
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise UpdateRejected("not a valid safetensors payload: __metadata__ must map strings to strings")
 
 
 def save_file(weights: Weights, path: Path) -> None:

@@ -132,3 +132,14 @@ def test_a_policy_file_that_is_not_yaml_names_the_file(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="authorization.yml"):
         Policy.load(path)
+
+
+@pytest.mark.parametrize("command", ["sys_info", "tail_log", "shutdown_client", "restart_client"])
+def test_an_own_org_command_with_an_unknown_target_is_denied(policy: Policy, command: str) -> None:
+    with pytest.raises(PermissionDenied, match="only for org 'org-a'"):
+        policy.check(_admin(Role.ORG_ADMIN), command, target_org=None)
+
+
+def test_an_own_jobs_command_on_a_job_of_unknown_submitter_is_denied(policy: Policy) -> None:
+    with pytest.raises(PermissionDenied, match="only on its own jobs"):
+        policy.check(_admin(Role.LEAD), "abort_job", job_submitter=None)
