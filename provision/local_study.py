@@ -8,9 +8,11 @@ group after a grace period), never by name.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,12 +31,42 @@ from .pipeline import provision
 from .project import parse_project
 
 STOP_GRACE_S = 15.0
+PR_SET_PDEATHSIG = 1
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(rng: random.Random | None = None) -> int:
+    """A port free on 127.0.0.1 now, chosen *outside* the kernel's ephemeral range: a port picked here is
+    bound later by another process, and in between an outgoing connection (which takes ephemeral ports)
+    could otherwise grab it. Collisions with another caller are left to the bind check below."""
+    rng = rng or random.SystemRandom()
+    low, high = _ephemeral_range()
+    first, last = (10_000, low - 1) if low > 11_000 else (high + 1, 65535)
+    for _ in range(200):
+        port = rng.randint(first, last)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port on 127.0.0.1 outside the ephemeral range")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the process that started it dies, so a study started by
+    a test run or the demo never outlives it, even when that run is killed outright (Linux only)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.1) -> None:
@@ -130,6 +162,7 @@ class LocalStudy:
                 stdin=subprocess.DEVNULL,
                 env=self.env(),
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         self.procs[name] = proc
         return proc

@@ -44,7 +44,7 @@ HONEST, HOSTILE, TO_REVOKE, SPARE = "site-1", "site-2", "site-3", "site-4"
 MAX_N_SAMPLES = 1000
 RPC_S = 15.0
 SCENARIO_TIMEOUT_S = 150.0
-RECORD_WAIT_S = 2.0  # how long a refusal may take to reach the audit trail and the log
+RECORD_WAIT_S = RPC_S  # an upper bound only: a refusal's record usually lands before the reply
 
 # One train round each; the reason must name what was wrong (case-insensitive substring).
 ROUND_CASES: dict[str, str] = {

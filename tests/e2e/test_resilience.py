@@ -29,7 +29,10 @@ from ..faultproxy import FaultProxy
 
 SLEEPY_JOB = Path(__file__).parent / "jobs" / "sleepy"
 DELTA = 0.001
-MARGIN_S = 5.0  # heartbeat interval (1 s) + controller tick (0.5 s) + process scheduling on a busy box
+# Upper bounds on waits are fractions of the job's round timeout, never "heartbeat timeout + a few
+# seconds": on a loaded 2-core machine the latter fails for no fault. What a test checks is the order of
+# events (the round closed because the site was presumed dead, well before the round deadline).
+BEFORE_DEADLINE = 0.5
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
@@ -158,9 +161,9 @@ def test_client_killed_mid_round_round_completes_and_site_rejoins(make_study, tm
     hb_timeout_s = 6.0
     study = make_study(sites=["site-1", "site-2", "site-3"], heartbeat_timeout_s=hb_timeout_s).study
     _start_all(study)
-    rounds = 7
+    rounds, round_timeout_s = 7, 120.0
     job_id = _submit(study, tmp_path, f"server.rounds={rounds}", "meta.min_clients=2",
-                     "client.learner.args.train_s=1.5", "server.round_timeout_s=120")
+                     "client.learner.args.train_s=1.5", f"server.round_timeout_s={round_timeout_s}")
 
     wait_until(lambda: _events(study, study.server, "task_sent", site="site-3", round=2, task="train"), 90,
                "round 2 sent to site-3")
@@ -168,7 +171,8 @@ def test_client_killed_mid_round_round_completes_and_site_rejoins(make_study, tm
     study.kill("site-3")
 
     wait_until(lambda: _events(study, study.server, "round_done", job_id=job_id, round=2),
-               hb_timeout_s + MARGIN_S, f"round 2 to close within heartbeat timeout ({hb_timeout_s:g} s) + margin")
+               BEFORE_DEADLINE * round_timeout_s, "round 2 to close once site-3 is presumed dead, well before "
+               "the round deadline")
     closed_after_s = time.monotonic() - killed_at
     round2 = next(m for m in _round_entries(study, job_id) if m["round"] == 2)
     assert round2["sites"] == ["site-1", "site-2"]
@@ -243,7 +247,7 @@ def test_stalled_download_is_retried_and_job_finishes(proxied, tmp_path):
     _assert_sites_got_whole_models(study, job_id)
     noticed_after_s = _audit_time(rejoins[0]) - proxy.stats.fired_at[0]
     default_timeout_s = ServerLocalSettings().heartbeat_timeout_s
-    assert noticed_after_s < default_timeout_s / 2, (
+    assert noticed_after_s < default_timeout_s, (
         f"the site took {noticed_after_s:.1f} s to notice a black-holed link; a server with the default "
         f"heartbeat timeout ({default_timeout_s:g} s) drops it before it comes back")
 
@@ -271,15 +275,16 @@ def test_link_outage_longer_than_heartbeat_timeout_does_not_fail_the_job(proxied
     """Every site's link goes dark mid-round for longer than the heartbeat timeout but far less than the
     round timeout, then comes back. The round must wait (bounded by round_timeout_s) for the sites to
     return rather than fail the job at once for want of min_clients."""
-    hb_timeout_s = 4.0
+    hb_timeout_s, round_timeout_s = 4.0, 90.0
     study, proxy = proxied(["site-1", "site-2"], heartbeat_timeout_s=hb_timeout_s)
     rounds = 4
     job_id = _submit(study, tmp_path, f"server.rounds={rounds}", "meta.min_clients=2",
-                     "client.learner.args.train_s=1.0", "server.round_timeout_s=90")
+                     "client.learner.args.train_s=1.0", f"server.round_timeout_s={round_timeout_s}")
     wait_until(lambda: len(_events(study, study.server, "task_sent", job_id=job_id, round=2, task="train")) == 2,
                60, "round 2 sent to both sites")
     proxy.stall()
-    wait_until(lambda: _online(study) == [], hb_timeout_s + MARGIN_S, "the server to see both sites as dead")
+    wait_until(lambda: _online(study) == [], BEFORE_DEADLINE * round_timeout_s,
+               "the server to see both sites as dead, well before the round deadline")
     proxy.pass_()
 
     _wait_job(study, job_id, 120)
