@@ -192,13 +192,19 @@ def demo_cmd(
         Path | None, typer.Option("--workspace", help="where to put it (default: a new temp dir)")
     ] = None,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="FedAvg rounds")] = 5,
+    keep: Annotated[bool, typer.Option("--keep", help="keep the temporary study folder (it holds private keys)")]
+    = False,
 ) -> None:
     """Run the local demo study: provision, start a server and 3 sites from their kits, train, report."""
     from .demo import run_demo  # imports scikit-learn; keep it off the other commands' start-up path
 
-    run_demo(workspace, rounds)
+    run_demo(workspace, rounds, keep=keep)
 
 
 def main() -> None:
     """Console-script entry point (`fedkit`); errors are already mapped to one line by _FedkitGroup."""
     app(prog_name="fedkit")
+
+
+if __name__ == "__main__":
+    main()

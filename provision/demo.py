@@ -27,10 +27,23 @@ def _say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
 
-def run_demo(workspace: Path | None = None, rounds: int = 5, python: str = sys.executable) -> Path:
-    """Run the demo study; returns the folder holding the downloaded results."""
-    started = time.monotonic()
+def run_demo(workspace: Path | None = None, rounds: int = 5, python: str = sys.executable,
+             keep: bool = False) -> dict:
+    """Run the demo study; returns the job's record as show_job gives it."""
     root = workspace or Path(tempfile.mkdtemp(prefix="fedkit-demo-"))
+    is_temporary = workspace is None and not keep
+    try:
+        return _run(root, rounds, python)
+    finally:
+        if is_temporary:
+            shutil.rmtree(root, ignore_errors=True)
+            _say(f"removed {root} (kits, keys and results); run `fedkit demo --keep` to look at them")
+        else:
+            _say(f"kept {root}: kits (with private keys), data and results")
+
+
+def _run(root: Path, rounds: int, python: str) -> dict:
+    started = time.monotonic()
     if root.exists() and any(root.iterdir()):
         shutil.rmtree(root)
     _say(f"workspace: {root}")
@@ -77,7 +90,7 @@ def run_demo(workspace: Path | None = None, rounds: int = 5, python: str = sys.e
             f"per-round metrics: {results / job_id / 'metrics.jsonl'}; audit trails: "
             f"{root / 'kits' / '*' / 'workspace' / 'audit.jsonl'}"
         )
-        return results / job_id
+        return shown
     except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as e:
         _say(f"FAILED: {e}")
         for name in [study.server, *study.clients]:
