@@ -1,5 +1,8 @@
 # One command each: `make test`, `make demo`. Both install into .venv first when it is missing or stale.
-PY ?= python3.11
+# The first Python >= 3.11 on PATH (3.11 first: torch==2.13.0 is pinned for it); override with `make PY=...`.
+PY ?= $(shell for p in python3.11 python3.12 python3.13 python3; do \
+	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -9,7 +12,7 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH" >&2; exit 1; }
+	@[ -n "$(PY)" ] || { echo "make install: need Python 3.11 or newer on PATH (or make PY=/path/to/python3.11)" >&2; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: this pin resolves to the local CPU wheel; anything looser pulls a multi-GB CUDA build
