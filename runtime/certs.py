@@ -1,9 +1,11 @@
 """Certificate checks the runtime makes itself, beyond what the TLS handshake verifies:
-a process refuses to start on an expired or not-yet-valid certificate of its own, and the server
-refuses peers listed in the project's certificate revocation list (local/crl.pem)."""
+a process refuses to start on an expired or not-yet-valid certificate of its own or on a private key
+others can read, and the server refuses peers listed in the project's certificate revocation list
+(local/crl.pem)."""
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +23,18 @@ def check_validity(cert: x509.Certificate, label: str, now: datetime | None = No
     if now > cert.not_valid_after_utc:
         raise CertificateError(f"{label} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
                                "ask lead IT for a new kit")
+
+
+def check_private_key_mode(key: Path) -> None:
+    """Refuse a private key that group or others may read or write: whoever else can read it can act as
+    this participant. Raises CertificateError saying how to fix it; a missing file is left to the reader."""
+    try:
+        mode = stat.S_IMODE(key.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        raise CertificateError(f"{key}: private key is accessible to group or others (mode {mode:o}); "
+                               f"run `chmod 600 {key}` and start again")
 
 
 def load_revoked_serials(crl_path: Path, root_ca: Path) -> frozenset[int]:

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 import grpc
 from cryptography import x509
 
+from .certs import check_private_key_mode
 from .errors import (
     CertificateError,
     ConfigError,
@@ -68,6 +69,8 @@ class TlsFiles:
     root_ca: Path
 
     def read(self) -> tuple[bytes, bytes, bytes]:
+        """cert, key and root CA bytes; raises CertificateError on an unreadable file or a shared key."""
+        check_private_key_mode(self.key)
         try:
             return self.cert.read_bytes(), self.key.read_bytes(), self.root_ca.read_bytes()
         except OSError as e:

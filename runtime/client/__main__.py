@@ -13,7 +13,7 @@ from .. import kit_config as kc
 from ..audit import AuditLog
 from ..certs import check_validity
 from ..errors import FedkitError
-from ..procs import LOG_FILE, setup_logging, stop_event_on_signals, tune_malloc, workspace, write_pid
+from ..procs import LOG_FILE, private_umask, setup_logging, stop_event_on_signals, tune_malloc, workspace, write_pid
 from ..transport import TlsFiles
 from .daemon import ClientDaemon
 from .job_policy import JobPolicy
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kit", type=Path, required=True, help="the unzipped client startup kit")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
+    private_umask()  # workspace, logs, models and audit trail: owner only
     try:
         restart = asyncio.run(run(args.kit.resolve(), args.debug), debug=args.debug)
     except FedkitError as e:
