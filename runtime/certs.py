@@ -1,7 +1,7 @@
 """Certificate checks the runtime makes itself, beyond what the TLS handshake verifies:
 a process refuses to start on an expired or not-yet-valid certificate of its own or on a private key
 others can read, and the server refuses peers listed in the project's certificate revocation list
-(local/crl.pem)."""
+(local/crl.pem, read by runtime.crl and runtime.server.crl_watch)."""
 
 from __future__ import annotations
 
@@ -35,20 +35,6 @@ def check_private_key_mode(key: Path) -> None:
     if mode & 0o077:
         raise CertificateError(f"{key}: private key is accessible to group or others (mode {mode:o}); "
                                f"run `chmod 600 {key}` and start again")
-
-
-def load_revoked_serials(crl_path: Path, root_ca: Path) -> frozenset[int]:
-    """Serial numbers revoked by the CA's CRL at `crl_path` (empty when there is no CRL file)."""
-    if not crl_path.exists():
-        return frozenset()
-    try:
-        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
-        ca = x509.load_pem_x509_certificate(root_ca.read_bytes())
-    except ValueError as e:
-        raise CertificateError(f"{crl_path}: not a PEM certificate revocation list ({e})") from None
-    if not crl.is_signature_valid(ca.public_key()):
-        raise CertificateError(f"{crl_path}: not signed by this project's root CA")
-    return frozenset(r.serial_number for r in crl)
 
 
 def not_revoked(revoked: Callable[[], frozenset[int]]) -> Callable[[Identity, x509.Certificate], None]:
