@@ -30,8 +30,9 @@ async def run(kit: Path, debug: bool) -> bool:
     ws = workspace(kit)
     setup_logging(ws / LOG_FILE, debug)
     tune_malloc()
-    check_validity(TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca).own_certificate(),
-                   str(startup / cfg.cert))
+    tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
+    tls.read()  # a missing, unreadable or group/world-readable key stops the start here, with the fix
+    check_validity(tls.own_certificate(), str(startup / cfg.cert))
     write_pid(ws)
     audit = AuditLog(ws / "audit.jsonl")
     audit.append("client_started", site=cfg.name, org=cfg.org)
