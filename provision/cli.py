@@ -147,7 +147,9 @@ def revoke_cmd(
     typer.echo(f"CRL written to {result.published_crl_path} (and {result.crl_path})")
     typer.echo(
         "Next: send that crl.pem to the server's site IT; they copy it to the server kit's local/crl.pem. "
-        "A running server picks it up at the next connection; no restart is needed."
+        "A running server picks it up at the next connection; no restart is needed. Sites and consoles get it "
+        "from the server and refuse a server whose own certificate it lists. Never delete local/crl.pem: a server "
+        "that has enforced a CRL will not start without one."
     )
 
 

@@ -2,8 +2,10 @@
 
 Kits are signed, so the CRL never goes into one: it is written to `state/crl.pem` and published as
 `WORKSPACE/<study>/crl.pem`, and site IT copies it to the server kit's `local/crl.pem` (local/ is
-site-owned and unsigned). Serials come from the issued-cert ledger, so a name issued in several runs
-is revoked in all of them. Re-running regenerates the CRL from the ledger, so it is safe to repeat.
+site-owned and unsigned); the server serves it on to sites and consoles. Serials come from the
+issued-cert ledger, so a name issued in several runs is revoked in all of them. Re-running regenerates the
+CRL from the ledger, so it is safe to repeat; every CRL gets a higher CRL number than the last, because
+every reader refuses to go back to a lower one.
 """
 
 from __future__ import annotations
