@@ -155,3 +155,9 @@ def test_verify_kit_cli_checks_the_fingerprint(provisioned) -> None:
     bad = CliRunner().invoke(app, ["verify-kit", kit, "--ca-fingerprint", "AB" * 32])
     assert bad.exit_code == 1 and fp in bad.stdout
     assert not (provisioned.kit("site-1") / PIN).exists()  # offline checks never pin
+
+
+def test_a_malformed_fingerprint_argument_is_bad_input(provisioned) -> None:
+    done = CliRunner().invoke(app, ["verify-kit", str(provisioned.kit("site-1")), "--ca-fingerprint", "xyz"])
+    assert done.exit_code == 2
+    assert done.stderr == "'xyz' is not a SHA-256 fingerprint (64 hex digits, ':' optional)\n"
