@@ -3,7 +3,7 @@
     fedkit provision -p project.yml -w WORKSPACE              every kit, into WORKSPACE/<study>/prod_NN
     fedkit provision add-site NAME -p project.yml -w WORKSPACE one more kit (NAME must be in project.yml)
     fedkit provision revoke NAME -p project.yml -w WORKSPACE   add NAME's certificates to the study CRL
-    fedkit verify-kit DIR [--ca rootCA.pem]                    check a kit against its signature
+    fedkit verify-kit DIR [--ca rootCA.pem] [--ca-fingerprint HEX]  check a kit against its signature
 
 Exit codes: 0 ok; 1 failure (including a kit that does not verify); 2 bad input (project.yml, a config
 file, or usage). A traceback is printed only with `fedkit --debug ...`; locals never are, because
@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 
 from runtime import audit
 from runtime.errors import ConfigError, FedkitError, ProjectConfigError
-from runtime.kitsig import verify_kit
+from runtime.kitsig import check_ca_fingerprint, verify_kit
 
 from .pipeline import ProvisionResult, add_site, provision
 from .project import load_project
@@ -86,6 +86,9 @@ def _utc_now() -> dt.datetime:
 
 def _print_result(result: ProvisionResult) -> None:
     typer.echo(f"study CA: {result.ca_cert_path} ({'created' if result.is_ca_new else 'reused'})")
+    typer.echo(f"Study CA fingerprint (SHA-256): {result.ca_fingerprint}")
+    typer.echo("  Give it to each site's IT by a channel other than the kit (phone, letter, signed mail): kits pin "
+               "it on first start, and site IT compares.")
     typer.echo(f"kits in {result.prod_dir}:")
     width = max(len(k.name) for k in result.kits)
     for kit in result.kits:
@@ -144,7 +147,9 @@ def revoke_cmd(
     typer.echo(f"CRL written to {result.published_crl_path} (and {result.crl_path})")
     typer.echo(
         "Next: send that crl.pem to the server's site IT; they copy it to the server kit's local/crl.pem. "
-        "A running server picks it up at the next connection; no restart is needed."
+        "A running server picks it up at the next connection; no restart is needed. Sites and consoles get it "
+        "from the server and refuse a server whose own certificate it lists. Never delete local/crl.pem: a server "
+        "that has enforced a CRL will not start without one."
     )
 
 
@@ -153,6 +158,9 @@ def verify_kit_cmd(
     kit_dir: Annotated[Path, typer.Argument(help="an unzipped kit's top folder")],
     ca: Annotated[Path | None, typer.Option("--ca", help="root CA to trust (default: the kit's own)")] = None,
     show_all: Annotated[bool, typer.Option("--all", help="list every file, not only problems")] = False,
+    fingerprint: Annotated[str | None, typer.Option(
+        "--ca-fingerprint", help="the study CA's SHA-256 fingerprint, as lead IT gave it; the kit's CA must match")
+    ] = None,
 ) -> None:
     """Check every file of a kit against its signature.json: one line per changed, missing or extra file."""
     try:
@@ -164,6 +172,9 @@ def verify_kit_cmd(
         for check in report.files:
             typer.echo(f"{check.status.value:<8} {check.path}")
     problems = report.problems()
+    if fingerprint is not None:
+        mismatch = check_ca_fingerprint(kit_dir, fingerprint)
+        problems += [mismatch] if mismatch else []
     for line in problems:
         typer.echo(f"{kit_dir}/{line}")
     if problems:

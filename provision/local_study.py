@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from runtime.identity import Kind
+from runtime.kitsig import CA_PIN_PATH
 
 from .pipeline import provision
 from .project import parse_project
@@ -123,6 +124,9 @@ class LocalStudy:
         for kit in result.kits:
             _unzip_preserving_modes(kit.zip_path, kits_dir)
             kits[kit.name] = kits_dir / kit.name
+            # site IT pins the study CA lead IT told them before the first start (the readme's advice)
+            (kits[kit.name] / CA_PIN_PATH).parent.mkdir(exist_ok=True)
+            (kits[kit.name] / CA_PIN_PATH).write_text(result.ca_fingerprint + "\n")
         by_kind = {k: [kit.name for kit in result.kits if kit.kind is k] for k in Kind}
         return cls(
             root=root,

@@ -23,6 +23,7 @@ from pathlib import Path
 from runtime.errors import CertificateError, ProjectConfigError
 from runtime.identity import Kind
 from runtime.kit_config import ROOT_CA, STARTUP
+from runtime.kitsig import ca_fingerprint
 
 from ._files import PRIVATE_MODE, PUBLIC_MODE
 from .certs import CertificateAuthority, create_ca, issue_credential, load_ca, save_ca
@@ -137,8 +138,9 @@ def issue_certs(state: BuildState) -> None:
 
 def render_kits(state: BuildState) -> None:
     """Scripts, configs, local/*.example, readme, requirements and the runtime copy, into each kit."""
+    fingerprint = ca_fingerprint(state.need_ca().cert_pem)
     for kit in state.kits:
-        for rel, kit_file in state.renderer.render(state.project, kit.participant).items():
+        for rel, kit_file in state.renderer.render(state.project, kit.participant, ca_fingerprint=fingerprint).items():
             kit.add(rel, kit_file)
 
 
@@ -239,11 +241,13 @@ class ProvisionResult:
     kits: tuple[KitOutput, ...]
     ca_cert_path: Path
     is_ca_new: bool
+    ca_fingerprint: str  # SHA-256, as `openssl x509 -fingerprint -sha256` prints it; lead IT hands it out
 
 
 def _result(state: BuildState) -> ProvisionResult:
     kits = tuple(KitOutput(k.name, k.participant.kind, state.kit_dir(k), state.zip_path(k)) for k in state.kits)
-    return ProvisionResult(state.need_prod_dir(), kits, state.workspace.ca_cert_path, state.is_ca_new)
+    return ProvisionResult(state.need_prod_dir(), kits, state.workspace.ca_cert_path, state.is_ca_new,
+                           ca_fingerprint(state.need_ca().cert_pem))
 
 
 def provision(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -55,6 +56,19 @@ def _check_host_name(host: str) -> str:
     return host
 
 
+# Bidirectional overrides and isolates reorder how text displays (a readme, a log line, a terminal).
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _check_one_line(text: str) -> str:
+    """Free text (an org, the description) reaches kit scripts, readmes, certificates and logs: refuse a
+    newline or any other control character, which could end a shell comment or rewrite a terminal line."""
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _BIDI_CONTROLS:
+            raise ValueError(f"control character U+{ord(ch):04X} not allowed; write it as one line of plain text")
+    return text
+
+
 def _check_folder_safe(name: str) -> str:
     if not _FOLDER_SAFE.fullmatch(name) or name in {".", ".."}:
         raise ValueError(f"'{name}' may hold only letters, digits, '.', '_' and '-', and start with a letter or digit")
@@ -78,6 +92,11 @@ class ServerSpec(_Strict):
     @property
     def kind(self) -> Kind:
         return Kind.SERVER
+
+    @field_validator("org")
+    @classmethod
+    def _org_one_line(cls, v: str) -> str:
+        return _check_one_line(v)
 
     @field_validator("name")
     @classmethod
@@ -112,6 +131,11 @@ class ClientSpec(_Strict):
     def kind(self) -> Kind:
         return Kind.CLIENT
 
+    @field_validator("org")
+    @classmethod
+    def _org_one_line(cls, v: str) -> str:
+        return _check_one_line(v)
+
     @field_validator("name")
     @classmethod
     def _name_is_folder_safe(cls, v: str) -> str:
@@ -129,6 +153,11 @@ class AdminSpec(_Strict):
     @property
     def kind(self) -> Kind:
         return Kind.ADMIN
+
+    @field_validator("org")
+    @classmethod
+    def _org_one_line(cls, v: str) -> str:
+        return _check_one_line(v)
 
     @field_validator("name")
     @classmethod
@@ -161,6 +190,11 @@ class Project(_Strict):
     @classmethod
     def _study_folder_safe(cls, v: str) -> str:
         return _check_folder_safe(v)
+
+    @field_validator("description")
+    @classmethod
+    def _description_one_line(cls, v: str) -> str:
+        return _check_one_line(v)
 
     @field_validator("docker_image")
     @classmethod

@@ -114,6 +114,7 @@ class KitContext:
     runtime_module: str
     requirements: tuple[str, ...]
     site_names: tuple[str, ...]
+    ca_fingerprint: str  # SHA-256 of the study CA (runtime.kitsig.ca_fingerprint), stated in every readme
 
 
 def docker_name(*parts: str) -> str:
@@ -213,7 +214,7 @@ class KitRenderer:
             },
         }
 
-    def context(self, project: Project, participant: ParticipantSpec) -> KitContext:
+    def context(self, project: Project, participant: ParticipantSpec, *, ca_fingerprint: str) -> KitContext:
         config_file, _ = kit_config(project, participant)
         stem = CERT_STEM[participant.kind]
         return KitContext(
@@ -235,11 +236,12 @@ class KitRenderer:
             runtime_module=RUNTIME_MODULE[participant.kind],
             requirements=self._requirements[participant.kind],
             site_names=tuple(c.name for c in project.clients),
+            ca_fingerprint=ca_fingerprint,
         )
 
-    def render(self, project: Project, participant: ParticipantSpec) -> dict[str, KitFile]:
+    def render(self, project: Project, participant: ParticipantSpec, *, ca_fingerprint: str) -> dict[str, KitFile]:
         """Every file of the kit but certificates and signature. Raises jinja2 errors on template bugs."""
-        ctx = self.context(project, participant)
+        ctx = self.context(project, participant, ca_fingerprint=ca_fingerprint)
         files: dict[str, KitFile] = {}
         for item in KIT_TEMPLATES[participant.kind]:
             template = self._env.get_template(item.template)

@@ -2,8 +2,10 @@
 
 Kits are signed, so the CRL never goes into one: it is written to `state/crl.pem` and published as
 `WORKSPACE/<study>/crl.pem`, and site IT copies it to the server kit's `local/crl.pem` (local/ is
-site-owned and unsigned). Serials come from the issued-cert ledger, so a name issued in several runs
-is revoked in all of them. Re-running regenerates the CRL from the ledger, so it is safe to repeat.
+site-owned and unsigned); the server serves it on to sites and consoles. Serials come from the
+issued-cert ledger, so a name issued in several runs is revoked in all of them. Re-running regenerates the
+CRL from the ledger, so it is safe to repeat; every CRL gets a higher CRL number than the last, because
+every reader refuses to go back to a lower one.
 """
 
 from __future__ import annotations
@@ -31,19 +33,37 @@ class RevokeResult:
     published_crl_path: Path
 
 
-def build_crl(ca: CertificateAuthority, revocations: tuple[Revocation, ...], now: dt.datetime) -> bytes:
-    """A PEM CRL listing `revocations`, signed by the CA.
+def next_crl_number(previous_crl: Path, now: dt.datetime) -> int:
+    """The issue time in seconds, or one more than the previous CRL's number when that is not lower.
+
+    Readers (server, sites, consoles) refuse a CRL numbered below one they have seen, so numbers must only
+    grow: two revokes in one second, or a clock set back, must still yield a larger number.
+    """
+    number = int(now.timestamp())
+    try:
+        previous = x509.load_pem_x509_crl(previous_crl.read_bytes())
+        last = previous.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except FileNotFoundError:
+        return number
+    except (OSError, ValueError, x509.ExtensionNotFound) as e:
+        raise CertificateError(f"{previous_crl}: cannot read the previous CRL's number ({e}); restore it "
+                               "from backup so the new CRL can be numbered above it") from None
+    return max(number, last + 1)
+
+
+def build_crl(ca: CertificateAuthority, revocations: tuple[Revocation, ...], now: dt.datetime,
+              number: int | None = None) -> bytes:
+    """A PEM CRL listing `revocations`, signed by the CA, with CRL number `number` (default: `now` in s).
 
     nextUpdate is the CA's own expiry: OpenSSL rejects every peer once a CRL is past nextUpdate, and this
     CRL changes only when lead IT revokes someone, so an earlier date would only break the study silently.
-    The CRL number is the issue time in seconds, so later CRLs always carry larger numbers.
     """
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.cert.subject)
         .last_update(now)
         .next_update(ca.cert.not_valid_after_utc)
-        .add_extension(x509.CRLNumber(int(now.timestamp())), critical=False)
+        .add_extension(x509.CRLNumber(int(now.timestamp()) if number is None else number), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )
     for r in revocations:
@@ -70,7 +90,7 @@ def revoke(workspace: StudyWorkspace, name: str, now: dt.datetime) -> RevokeResu
     done = ledger.revoked_serials()
     new = [s for s in serials if s not in done]
     ledger = ledger.with_revoked([Revocation(name=name, serial=s, revoked_at=now) for s in new])
-    crl_pem = build_crl(ca, ledger.revoked, now)
+    crl_pem = build_crl(ca, ledger.revoked, now, next_crl_number(workspace.crl_path, now))
     replace_file(workspace.crl_path, crl_pem)
     replace_file(workspace.published_crl_path, crl_pem)
     save_ledger(workspace.ledger_path, ledger)

@@ -65,7 +65,8 @@ class AuditLog:
         with self._lock:
             record = {"time": self._clock(), "event": event, **fields, "prev": self._prev}
             record["hash"] = record_hash(record)
-            with self._path.open("ab") as f:
+            # 0600 whatever the umask: the trail names jobs, sites and people
+            with open(os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as f:
                 f.write(_canonical(record) + b"\n")
                 f.flush()
                 os.fsync(f.fileno())

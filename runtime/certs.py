@@ -1,9 +1,11 @@
 """Certificate checks the runtime makes itself, beyond what the TLS handshake verifies:
-a process refuses to start on an expired or not-yet-valid certificate of its own, and the server
-refuses peers listed in the project's certificate revocation list (local/crl.pem)."""
+a process refuses to start on an expired or not-yet-valid certificate of its own or on a private key
+others can read, and the server refuses peers listed in the project's certificate revocation list
+(local/crl.pem, read by runtime.crl and runtime.server.crl_watch)."""
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,18 +25,16 @@ def check_validity(cert: x509.Certificate, label: str, now: datetime | None = No
                                "ask lead IT for a new kit")
 
 
-def load_revoked_serials(crl_path: Path, root_ca: Path) -> frozenset[int]:
-    """Serial numbers revoked by the CA's CRL at `crl_path` (empty when there is no CRL file)."""
-    if not crl_path.exists():
-        return frozenset()
+def check_private_key_mode(key: Path) -> None:
+    """Refuse a private key that group or others may read or write: whoever else can read it can act as
+    this participant. Raises CertificateError saying how to fix it; a missing file is left to the reader."""
     try:
-        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
-        ca = x509.load_pem_x509_certificate(root_ca.read_bytes())
-    except ValueError as e:
-        raise CertificateError(f"{crl_path}: not a PEM certificate revocation list ({e})") from None
-    if not crl.is_signature_valid(ca.public_key()):
-        raise CertificateError(f"{crl_path}: not signed by this project's root CA")
-    return frozenset(r.serial_number for r in crl)
+        mode = stat.S_IMODE(key.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        raise CertificateError(f"{key}: private key is accessible to group or others (mode {mode:o}); "
+                               f"run `chmod 600 {key}` and start again")
 
 
 def not_revoked(revoked: Callable[[], frozenset[int]]) -> Callable[[Identity, x509.Certificate], None]:

@@ -6,9 +6,14 @@ holds the one definition of which files are covered, how they are hashed and wha
 provisioning imports these functions to sign, so signer and verifier cannot disagree.
 
 It runs before anything else in a kit (`start.sh` calls `python -m runtime.kitsig KIT_DIR`), so it imports
-only the standard library and `cryptography`, never `provision`, grpc or torch, and it never writes into
-the kit. It answers with a per-file report (ok, changed, missing, extra) rather than a bare bool, so a
-person can see what differs.
+only the standard library and `cryptography`, never `provision`, grpc or torch. It answers with a per-file
+report (ok, changed, missing, extra) rather than a bare bool, so a person can see what differs.
+
+A kit checked only against its own `startup/rootCA.pem` would pass if someone replaced that CA and
+re-signed every file with it. So `main` pins the CA: the first check writes the SHA-256 fingerprint of
+`startup/rootCA.pem` to `local/ca.sha256` (site-owned, unsigned; site IT compares it with the fingerprint
+lead IT gave them out of band, or writes that one there before the first start), and every later check
+refuses a kit whose CA has another fingerprint. That file is the only thing this module ever writes.
 
 Not covered, because site IT or the running runtime owns them: everything under `local/` except the
 `*.example` files, everything under `workspace/`, and `*.pyc` files inside `__pycache__/` folders.
@@ -43,7 +48,10 @@ SIGNATURE_PATH = "startup/signature.json"
 ROOT_CA_PATH = "startup/rootCA.pem"
 MANIFEST_FORMAT = 1
 SIGNATURE_ALGORITHM = "ecdsa-p256-sha256"
+CA_PIN_PATH = "local/ca.sha256"
+CA_PIN_MODE = 0o644  # site-owned and not secret: site IT reads and may write it
 _HASH_CHUNK_BYTES = 1 << 20
+_SHA256_HEX_CHARS = 64
 
 
 class FileStatus(StrEnum):
@@ -251,34 +259,132 @@ def verify_kit(kit_dir: Path, root_ca_pem: bytes | None = None) -> KitReport:
     return KitReport(kit_dir=kit_dir, files=tuple(checks), signature_problem=problem)
 
 
+def ca_fingerprint(ca_pem: bytes) -> str:
+    """SHA-256 over the CA certificate's DER bytes, as `openssl x509 -noout -fingerprint -sha256` prints it
+    (upper-case hex pairs joined by ':'). Raises ConfigError when `ca_pem` is not a PEM certificate."""
+    try:
+        cert = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError:
+        raise ConfigError(f"{ROOT_CA_PATH}: not a PEM certificate") from None
+    digest = cert.fingerprint(hashes.SHA256()).hex().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def parse_fingerprint(text: str) -> str | None:
+    """A SHA-256 fingerprint in any usual spelling (with or without ':' or spaces, any case) in the form
+    `ca_fingerprint` returns; None when `text` is not one."""
+    digits = "".join(text.split()).replace(":", "").upper()
+    if len(digits) != _SHA256_HEX_CHARS or any(c not in "0123456789ABCDEF" for c in digits):
+        return None
+    return ":".join(digits[i:i + 2] for i in range(0, len(digits), 2))
+
+
+def check_ca_fingerprint(kit_dir: Path, expected: str) -> str | None:
+    """None when the kit's startup/rootCA.pem has the fingerprint `expected`; otherwise the one-line reason.
+    Raises ConfigError when `expected` is not a SHA-256 fingerprint or the CA cannot be read."""
+    wanted = parse_fingerprint(expected)
+    if wanted is None:
+        raise ConfigError(f"'{expected}' is not a SHA-256 fingerprint (64 hex digits, ':' optional)")
+    actual = _kit_ca_fingerprint(Path(kit_dir))
+    if actual != wanted:
+        return f"{ROOT_CA_PATH} has fingerprint {actual}, not the study CA's {wanted}; this kit is not from your study"
+    return None
+
+
+def _kit_ca_fingerprint(kit_dir: Path) -> str:
+    try:
+        return ca_fingerprint((kit_dir / ROOT_CA_PATH).read_bytes())
+    except OSError as e:
+        raise ConfigError(f"{kit_dir / ROOT_CA_PATH}: cannot read ({e.strerror})") from None
+
+
+def pin_ca(kit_dir: Path) -> tuple[str | None, str | None]:
+    """Compare the kit's CA with the fingerprint pinned in local/ca.sha256, pinning it there first when
+    the file does not exist yet. Returns (problem, notice): `problem` is the one-line reason to refuse the
+    kit; `notice` the line to show site IT after a fresh pin. Raises ConfigError when the CA is unreadable.
+    """
+    kit_dir = Path(kit_dir)
+    actual = _kit_ca_fingerprint(kit_dir)
+    pin = kit_dir / CA_PIN_PATH
+    try:
+        text = pin.read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        try:
+            pin.parent.mkdir(exist_ok=True)
+            fd = os.open(pin, os.O_WRONLY | os.O_CREAT | os.O_EXCL, CA_PIN_MODE)
+            with os.fdopen(fd, "w") as f:
+                f.write(actual + "\n")
+            os.chmod(pin, CA_PIN_MODE)  # whatever the umask: site IT reads it
+        except OSError as e:
+            return f"{pin}: cannot pin the study CA ({e.strerror}); make local/ writable, or write lead IT's " \
+                   "CA fingerprint there yourself", None
+        return None, (f"{pin}: pinned this kit's study CA, SHA-256 fingerprint {actual}; site IT: compare it with "
+                      "the fingerprint lead IT gave you out of band, and if they differ stop and call lead IT")
+    except OSError as e:
+        return f"{pin}: cannot read ({e.strerror})", None
+    pinned = parse_fingerprint(text)
+    if pinned is None:
+        return f"{pin}: not a SHA-256 fingerprint; write the study CA's fingerprint from lead IT there " \
+               "(64 hex digits, ':' optional), or delete the file to pin this kit's CA on the next start", None
+    if pinned != actual:
+        return (f"{pin}: this kit's {ROOT_CA_PATH} has fingerprint {actual}, but the pinned study CA is {pinned}; "
+                "refusing a kit signed by another CA (ask lead IT for a kit of your study)"), None
+    return None, None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m runtime.kitsig KIT_DIR [--ca PEM]`: print one line per problem to stderr; 0 when intact."""
+    """`python -m runtime.kitsig KIT_DIR [--ca PEM] [--ca-fingerprint HEX] [--no-pin]`: print one line per
+    problem to stderr; 0 when intact (and, unless --no-pin, its CA matches the pinned one), 1 when not,
+    2 on bad arguments."""
     parser = argparse.ArgumentParser(prog="python -m runtime.kitsig", description="Verify a fedkit startup kit.")
     parser.add_argument("kit_dir", type=Path)
     parser.add_argument("--ca", type=Path, help="root CA to trust (default: the kit's startup/rootCA.pem)")
+    parser.add_argument("--ca-fingerprint", help="SHA-256 fingerprint the kit's startup/rootCA.pem must have")
+    parser.add_argument("--no-pin", action="store_true",
+                        help=f"neither read nor write {CA_PIN_PATH} (offline checks of someone else's kit)")
     args = parser.parse_args(argv)
     try:
         ca_pem = args.ca.read_bytes() if args.ca else None
-        report = verify_kit(args.kit_dir, ca_pem)
     except OSError as e:
         print(f"{args.ca}: cannot read ({e.strerror})", file=sys.stderr)
         return 2
+    try:
+        report = verify_kit(args.kit_dir, ca_pem)
+        for line in report.problems():
+            print(f"{args.kit_dir}/{line}", file=sys.stderr)
+        if not report.is_intact:
+            return 1
+        if args.ca_fingerprint is not None:
+            problem = check_ca_fingerprint(args.kit_dir, args.ca_fingerprint)
+            if problem is not None:
+                print(f"{args.kit_dir}/{problem}", file=sys.stderr)
+                return 1
+        if not args.no_pin:
+            problem, notice = pin_ca(args.kit_dir)
+            for line in (problem, notice):
+                if line is not None:
+                    print(line, file=sys.stderr)
+            if problem is not None:
+                return 1
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    for line in report.problems():
-        print(f"{args.kit_dir}/{line}", file=sys.stderr)
-    return 0 if report.is_intact else 1
+    return 0
 
 
 __all__ = [
+    "CA_PIN_PATH",
     "FileCheck",
     "FileStatus",
     "KitReport",
+    "ca_fingerprint",
+    "check_ca_fingerprint",
     "hash_file",
     "is_covered",
     "kit_files",
     "manifest_of_dir",
+    "parse_fingerprint",
+    "pin_ca",
     "sha256_hex",
     "signature_document",
     "signed_payload",

@@ -1,5 +1,6 @@
-"""What every long-running fedkit process does the same way: log to its kit's workspace, write its
-pid file (stop.sh reads it), and turn SIGTERM/SIGINT into a clean, awaited shutdown."""
+"""What every long-running fedkit process does the same way: keep what it writes private (umask 077,
+workspace 0700), log to its kit's workspace, write its pid file (stop.sh reads it), and turn
+SIGTERM/SIGINT into a clean, awaited shutdown."""
 
 from __future__ import annotations
 
@@ -16,11 +17,25 @@ PID_FILE = "daemon.pid"
 LOG_FILE = "log.txt"
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+# Models, logs, audit trails and job folders hold a study's results and a site's file names: owner only.
+PRIVATE_UMASK = 0o077
+PRIVATE_DIR_MODE = 0o700
+
+
+def private_umask() -> None:
+    """Make every file and folder this process (and its children) creates owner-only (0600 / 0700).
+
+    Called first thing by each runtime entry point, so no later `open` or `mkdir` has to remember a mode.
+    """
+    os.umask(PRIVATE_UMASK)
 
 
 def workspace(kit: Path) -> Path:
+    """The kit's workspace/, created 0700; one left group- or world-readable by an older run is tightened."""
     ws = kit / WORKSPACE
-    ws.mkdir(parents=True, exist_ok=True)
+    ws.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    if ws.stat().st_mode & 0o077:
+        ws.chmod(PRIVATE_DIR_MODE)
     return ws
 
 

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 import grpc
 from cryptography import x509
 
+from .certs import check_private_key_mode
 from .errors import (
     CertificateError,
     ConfigError,
@@ -68,6 +69,8 @@ class TlsFiles:
     root_ca: Path
 
     def read(self) -> tuple[bytes, bytes, bytes]:
+        """cert, key and root CA bytes; raises CertificateError on an unreadable file or a shared key."""
+        check_private_key_mode(self.key)
         try:
             return self.cert.read_bytes(), self.key.read_bytes(), self.root_ca.read_bytes()
         except OSError as e:
@@ -113,6 +116,7 @@ def _status_for(err: FedkitError) -> grpc.StatusCode:
 
 
 RefusalHook = Callable[[str, str, str], None]  # (service, peer, reason), e.g. to write an audit record
+CrlSource = Callable[[], bytes]  # the PEM CRL the server enforces now (b"" when none), served by GetCrl
 
 
 class _Guard:
@@ -199,9 +203,18 @@ def _client_stream(guard: _Guard, fn: Callable[..., Any]):
     return method
 
 
+def _get_crl(guard: _Guard, crl: CrlSource):
+    async def get_crl(identity: Identity, request: pb.CrlRequest) -> pb.CrlReply:
+        return pb.CrlReply(crl_pem=crl())
+    return _unary(guard, get_crl)
+
+
 class _FederationAdapter(pb_grpc.FederationServicer):
-    def __init__(self, handler: FederationHandler, check: PeerCheck, on_refused: RefusalHook | None):
+    def __init__(self, handler: FederationHandler, check: PeerCheck, on_refused: RefusalHook | None,
+                 crl: CrlSource | None):
         guard = _Guard(check, "federation", on_refused)
+        if crl is not None:  # else GetCrl answers UNIMPLEMENTED, which sites refuse
+            self.GetCrl = _get_crl(guard, crl)
         self.Register = _unary(guard, handler.register)
         self.Heartbeat = _unary(guard, handler.heartbeat)
         self.GetTask = _server_stream(guard, handler.get_task)
@@ -211,8 +224,11 @@ class _FederationAdapter(pb_grpc.FederationServicer):
 
 
 class _AdminAdapter(pb_grpc.AdminServicer):
-    def __init__(self, handler: AdminHandler, check: PeerCheck, on_refused: RefusalHook | None):
+    def __init__(self, handler: AdminHandler, check: PeerCheck, on_refused: RefusalHook | None,
+                 crl: CrlSource | None):
         guard = _Guard(check, "admin", on_refused)
+        if crl is not None:
+            self.GetCrl = _get_crl(guard, crl)
         self.Command = _unary(guard, handler.command)
         self.Upload = _client_stream(guard, handler.upload)
         self.Download = _server_stream(guard, handler.download)
@@ -247,11 +263,12 @@ class RpcServer:
             raise ConfigError(f"cannot listen on {address}: address in use or not local")
 
     def add_federation(self, handler: FederationHandler, check: PeerCheck,
-                       on_refused: RefusalHook | None = None) -> None:
-        pb_grpc.add_FederationServicer_to_server(_FederationAdapter(handler, check, on_refused), self._server)
+                       on_refused: RefusalHook | None = None, crl: CrlSource | None = None) -> None:
+        pb_grpc.add_FederationServicer_to_server(_FederationAdapter(handler, check, on_refused, crl), self._server)
 
-    def add_admin(self, handler: AdminHandler, check: PeerCheck, on_refused: RefusalHook | None = None) -> None:
-        pb_grpc.add_AdminServicer_to_server(_AdminAdapter(handler, check, on_refused), self._server)
+    def add_admin(self, handler: AdminHandler, check: PeerCheck, on_refused: RefusalHook | None = None,
+                  crl: CrlSource | None = None) -> None:
+        pb_grpc.add_AdminServicer_to_server(_AdminAdapter(handler, check, on_refused, crl), self._server)
 
     async def start(self) -> None:
         await self._server.start()

@@ -20,6 +20,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from rich.console import Console  # noqa: E402
 
 from ..errors import FedkitError, ServerUnreachable  # noqa: E402
+from ..procs import private_umask  # noqa: E402
 from .client import AdminClient  # noqa: E402
 from .console import USAGE, AdminConsole, UsageError  # noqa: E402
 
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print results as JSON (for scripts)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
+    private_umask()  # workspace, logs, models and audit trail: owner only
     try:
         if args.command:
             return asyncio.run(one_shot(args.kit.resolve(), args.command, args.json))

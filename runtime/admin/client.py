@@ -13,7 +13,9 @@ from typing import Any
 from .. import kit_config as kc
 from ..errors import FedkitError
 from ..job_spec import load_job_folder, zip_folder
+from ..procs import workspace
 from ..proto import fedkit_pb2 as pb
+from ..server_trust import refuse_revoked_server
 from ..transport import TlsFiles, admin_stub, call_errors, iter_chunks, open_channel
 
 COMMAND_TIMEOUT_S = 30.0
@@ -27,6 +29,7 @@ class CommandFailed(FedkitError):
 class AdminClient:
     def __init__(self, kit: Path):
         startup = kit / kc.STARTUP
+        self._kit = kit
         self.config = kc.load_model(startup / kc.ADMIN_CONFIG, kc.AdminKitConfig)
         self._tls = TlsFiles(startup / self.config.cert, startup / self.config.key, startup / self.config.root_ca)
         self._target = f"{self.config.server_host}:{self.config.admin_port}"
@@ -36,6 +39,12 @@ class AdminClient:
     async def __aenter__(self) -> AdminClient:
         self._channel = open_channel(self._tls, self.config.server_host, self.config.admin_port)
         self._stub = admin_stub(self._channel)
+        try:  # no command goes to a server whose certificate lead IT has revoked
+            await refuse_revoked_server(self._stub, self._tls, self.config.server_host, self.config.admin_port,
+                                        workspace(self._kit))
+        except BaseException:
+            await self._channel.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

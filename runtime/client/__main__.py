@@ -13,7 +13,7 @@ from .. import kit_config as kc
 from ..audit import AuditLog
 from ..certs import check_validity
 from ..errors import FedkitError
-from ..procs import LOG_FILE, setup_logging, stop_event_on_signals, tune_malloc, workspace, write_pid
+from ..procs import LOG_FILE, private_umask, setup_logging, stop_event_on_signals, tune_malloc, workspace, write_pid
 from ..transport import TlsFiles
 from .daemon import ClientDaemon
 from .job_policy import JobPolicy
@@ -30,8 +30,9 @@ async def run(kit: Path, debug: bool) -> bool:
     ws = workspace(kit)
     setup_logging(ws / LOG_FILE, debug)
     tune_malloc()
-    check_validity(TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca).own_certificate(),
-                   str(startup / cfg.cert))
+    tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
+    tls.read()  # a missing, unreadable or group/world-readable key stops the start here, with the fix
+    check_validity(tls.own_certificate(), str(startup / cfg.cert))
     write_pid(ws)
     audit = AuditLog(ws / "audit.jsonl")
     audit.append("client_started", site=cfg.name, org=cfg.org)
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kit", type=Path, required=True, help="the unzipped client startup kit")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
+    private_umask()  # workspace, logs, models and audit trail: owner only
     try:
         restart = asyncio.run(run(args.kit.resolve(), args.debug), debug=args.debug)
     except FedkitError as e:

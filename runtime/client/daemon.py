@@ -29,6 +29,7 @@ from ..filters import apply_filters, build_filters
 from ..job_spec import ClientJobConfig, safe_extract, sha256_hex
 from ..procs import LOG_FILE
 from ..proto import fedkit_pb2 as pb
+from ..server_trust import refuse_revoked_server
 from ..transport import (
     CHUNK_BYTES,
     PayloadReceiver,
@@ -111,6 +112,7 @@ class ClientDaemon:
     async def _register(self) -> None:
         info = {"hostname": platform.node(), "python": platform.python_version(), "platform": platform.platform(),
                 "gpus": ",".join(map(str, self._settings.gpus))}
+        await refuse_revoked_server(self._stub, self._tls, self._cfg.server_host, self._cfg.fed_learn_port, self._ws)
         with call_errors("register", self._target):
             reply = await self._stub.Register(
                 pb.RegisterRequest(runtime_version=VERSION, host_info_json=json.dumps(info)), timeout=RPC_TIMEOUT_S)

@@ -65,6 +65,11 @@ class FederationStub:
                 request_serializer=fedkit__pb2.ResultChunk.SerializeToString,
                 response_deserializer=fedkit__pb2.SubmitReply.FromString,
                 _registered_method=True)
+        self.GetCrl = channel.unary_unary(
+                '/fedkit.Federation/GetCrl',
+                request_serializer=fedkit__pb2.CrlRequest.SerializeToString,
+                response_deserializer=fedkit__pb2.CrlReply.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -112,6 +117,13 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCrl(self, request, context):
+        """The revocation list the server enforces, so a site can check the server's own certificate against it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +156,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.SubmitResult,
                     request_deserializer=fedkit__pb2.ResultChunk.FromString,
                     response_serializer=fedkit__pb2.SubmitReply.SerializeToString,
+            ),
+            'GetCrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCrl,
+                    request_deserializer=fedkit__pb2.CrlRequest.FromString,
+                    response_serializer=fedkit__pb2.CrlReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -319,6 +336,33 @@ class Federation:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def GetCrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedkit.Federation/GetCrl',
+            fedkit__pb2.CrlRequest.SerializeToString,
+            fedkit__pb2.CrlReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Admin console <-> server, on admin_port.
@@ -344,6 +388,11 @@ class AdminStub:
                 '/fedkit.Admin/Download',
                 request_serializer=fedkit__pb2.AdminRequest.SerializeToString,
                 response_deserializer=fedkit__pb2.DataChunk.FromString,
+                _registered_method=True)
+        self.GetCrl = channel.unary_unary(
+                '/fedkit.Admin/GetCrl',
+                request_serializer=fedkit__pb2.CrlRequest.SerializeToString,
+                response_deserializer=fedkit__pb2.CrlReply.FromString,
                 _registered_method=True)
 
 
@@ -372,6 +421,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCrl(self, request, context):
+        """The revocation list the server enforces, so a console can check the server's own certificate against it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -389,6 +445,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Download,
                     request_deserializer=fedkit__pb2.AdminRequest.FromString,
                     response_serializer=fedkit__pb2.DataChunk.SerializeToString,
+            ),
+            'GetCrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCrl,
+                    request_deserializer=fedkit__pb2.CrlRequest.FromString,
+                    response_serializer=fedkit__pb2.CrlReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -473,6 +534,33 @@ class Admin:
             '/fedkit.Admin/Download',
             fedkit__pb2.AdminRequest.SerializeToString,
             fedkit__pb2.DataChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedkit.Admin/GetCrl',
+            fedkit__pb2.CrlRequest.SerializeToString,
+            fedkit__pb2.CrlReply.FromString,
             options,
             channel_credentials,
             insecure,

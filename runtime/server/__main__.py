@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import FedkitError
+from ..procs import private_umask
 from .app import serve
 
 
@@ -16,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kit", type=Path, required=True, help="the unzipped server startup kit")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
+    private_umask()  # workspace, logs, models and audit trail: owner only
     try:
         asyncio.run(serve(args.kit.resolve(), debug=args.debug), debug=args.debug)
     except FedkitError as e:

@@ -10,12 +10,14 @@ from pathlib import Path
 
 from .. import kit_config as kc
 from ..audit import AuditLog
-from ..certs import check_validity, load_revoked_serials, not_revoked
+from ..certs import check_validity, not_revoked
+from ..crl import PIN_FILE, CrlPin
 from ..identity import Kind
 from ..procs import LOG_FILE, setup_logging, stop_event_on_signals, tune_malloc, workspace, write_pid
 from ..transport import RpcServer, TlsFiles, require_kind
 from .admin_service import AdminService
 from .authz import Policy
+from .crl_watch import CrlWatcher
 from .federation import FederationService
 from .job_store import JobStore
 from .registry import Registry
@@ -24,22 +26,6 @@ from .site_controls import SiteControls
 from .taskboard import TaskBoard
 
 log = logging.getLogger("fedkit.server")
-
-
-class _Crl:
-    """The revocation list, re-read when its file changes."""
-
-    def __init__(self, path: Path, root_ca: Path):
-        self._path, self._root_ca = path, root_ca
-        self._mtime: float | None = None
-        self._serials: frozenset[int] = frozenset()
-
-    def __call__(self) -> frozenset[int]:
-        mtime = self._path.stat().st_mtime if self._path.exists() else None
-        if mtime != self._mtime:
-            self._serials = load_revoked_serials(self._path, self._root_ca)
-            self._mtime = mtime
-        return self._serials
 
 
 async def serve(kit: Path, debug: bool = False) -> None:
@@ -51,10 +37,10 @@ async def serve(kit: Path, debug: bool = False) -> None:
     tune_malloc()
     tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
     check_validity(tls.own_certificate(), f"{startup / cfg.cert}")
-    crl = _Crl(local / kc.REVOCATION_LIST, tls.root_ca)
-    crl()  # a malformed CRL stops the start, with its reason
-
     audit = AuditLog(ws / "audit.jsonl")
+    crl = CrlWatcher(local / kc.REVOCATION_LIST, tls.root_ca, CrlPin(ws / PIN_FILE),
+                     lambda problem: audit.append("crl_refused", reason=problem))
+    crl.load_at_start()  # a malformed, older or missing-but-remembered CRL stops the start, with its reason
     registry = Registry(settings.heartbeat_timeout_s, time.monotonic)
     board = TaskBoard(time.monotonic)
     runner = JobRunner(JobStore(ws / "jobs"), board, registry, audit, settings.max_update_bytes_factor)
@@ -71,9 +57,9 @@ async def serve(kit: Path, debug: bool = False) -> None:
     def refused(service: str, peer: str, reason: str) -> None:
         audit.append("peer_refused", service=service, peer=peer, reason=reason)
 
-    fed_server.add_federation(federation, require_kind(Kind.CLIENT, not_revoked(crl)), refused)
+    fed_server.add_federation(federation, require_kind(Kind.CLIENT, not_revoked(crl.revoked)), refused, crl.pem)
     admin_server = RpcServer(tls, host, settings.admin_listen_port or cfg.admin_port)
-    admin_server.add_admin(admin, require_kind(Kind.ADMIN, not_revoked(crl)), refused)
+    admin_server.add_admin(admin, require_kind(Kind.ADMIN, not_revoked(crl.revoked)), refused, crl.pem)
     await fed_server.start()
     await admin_server.start()
     write_pid(ws)

@@ -268,7 +268,7 @@ def test_a_template_using_an_unknown_variable_fails_the_build(tmp_path: Path, ex
     (templates / "stop.sh.j2").write_text("#!/usr/bin/env bash\necho {{ kit.no_such_field }}\n")
     renderer = KitRenderer(templates, runtime_files={})
     with pytest.raises(jinja2.UndefinedError, match="no_such_field"):
-        renderer.render(example_project, example_project.clients[0])
+        renderer.render(example_project, example_project.clients[0], ca_fingerprint="AB:CD")
 
 
 def test_runtime_snapshot_skips_bytecode(tmp_path: Path) -> None:
