@@ -55,7 +55,7 @@ async def serve(kit: Path, debug: bool = False) -> None:
     crl()  # a malformed CRL stops the start, with its reason
 
     audit = AuditLog(ws / "audit.jsonl")
-    registry = Registry(settings.heartbeat_timeout_s, time.monotonic)
+    registry = Registry(settings.heartbeat_timeout_s, time.monotonic, settings.disconnect_grace_s)
     board = TaskBoard(time.monotonic)
     runner = JobRunner(JobStore(ws / "jobs"), board, registry, audit, settings.max_update_bytes_factor)
     controls = SiteControls()
