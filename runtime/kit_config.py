@@ -94,6 +94,8 @@ class ServerLocalSettings(_Strict):
                                                           "forwards the kit's fed_learn_port to another")
     admin_listen_port: int | None = Field(None, ge=1, le=65535, description="likewise for the admin port")
     heartbeat_timeout_s: float = 30.0
+    disconnect_grace_s: float = Field(5.0, gt=0, description="a site whose connection dropped counts as dead "
+                                                               "after this long unless it reconnects")
     max_update_bytes_factor: float = Field(1.5, description="largest accepted update, as a multiple of the model")
     max_concurrent_uploads: int = Field(4, ge=1, description="updates received at once: bounds server memory "
                                                              "(about this many models); raise it for many "

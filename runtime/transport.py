@@ -155,6 +155,7 @@ class FederationHandler(Protocol):
     def get_job(self, peer: Identity, request: pb.GetJobRequest) -> AsyncIterator[pb.DataChunk]: ...
     async def reserve_upload(self, peer: Identity, request: pb.ReserveRequest) -> pb.ReserveReply: ...
     async def submit_result(self, peer: Identity, chunks: AsyncIterator[pb.ResultChunk]) -> pb.SubmitReply: ...
+    def presence(self, peer: Identity, request: pb.PresenceRequest) -> AsyncIterator[pb.PresenceEvent]: ...
 
 
 class AdminHandler(Protocol):
@@ -221,6 +222,7 @@ class _FederationAdapter(pb_grpc.FederationServicer):
         self.GetJob = _server_stream(guard, handler.get_job)
         self.ReserveUpload = _unary(guard, handler.reserve_upload)
         self.SubmitResult = _client_stream(guard, handler.submit_result)
+        self.Presence = _server_stream(guard, handler.presence)
 
 
 class _AdminAdapter(pb_grpc.AdminServicer):

@@ -121,19 +121,28 @@ class ClientDaemon:
         log.info("registered with %s as %s", self._target, self._cfg.name)
 
     async def _session(self) -> None:
-        """Heartbeat and task loops side by side until one fails or we are told to stop."""
+        """Heartbeat, presence and task loops side by side until one fails or we are told to stop."""
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        presence = asyncio.create_task(self._presence(), name="presence")
         tasks = asyncio.create_task(self._task_loop(), name="tasks")
         stop = asyncio.create_task(self._stop.wait())
+        loops = (heartbeat, presence, tasks, stop)
         try:
-            done, _ = await asyncio.wait({heartbeat, tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 if t is not stop and t.exception():
                     raise t.exception()  # type: ignore[misc]
         finally:
-            for t in (heartbeat, tasks, stop):
+            for t in loops:
                 t.cancel()
-            await asyncio.gather(heartbeat, tasks, stop, return_exceptions=True)
+            await asyncio.gather(*loops, return_exceptions=True)
+
+    async def _presence(self) -> None:
+        """Hold the presence stream open: the server learns at once when this site's connection drops."""
+        with call_errors("presence", self._target):
+            async for _ in self._stub.Presence(pb.PresenceRequest(session_id=self._session_id)):
+                pass
+        raise SessionExpired("server closed this site's presence stream; registering again")
 
     # ---- heartbeat -------------------------------------------------------------------------------
 

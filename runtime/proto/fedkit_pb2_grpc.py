@@ -70,6 +70,11 @@ class FederationStub:
                 request_serializer=fedkit__pb2.CrlRequest.SerializeToString,
                 response_deserializer=fedkit__pb2.CrlReply.FromString,
                 _registered_method=True)
+        self.Presence = channel.unary_stream(
+                '/fedkit.Federation/Presence',
+                request_serializer=fedkit__pb2.PresenceRequest.SerializeToString,
+                response_deserializer=fedkit__pb2.PresenceEvent.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -124,6 +129,15 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Presence(self, request, context):
+        """Held open by a site for as long as it is connected, carrying nothing: when the site's connection
+        drops (a crash closes its sockets) the server sees the call end at once and, unless the site comes
+        back within a short grace, counts it dead without waiting out the heartbeat timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +175,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.GetCrl,
                     request_deserializer=fedkit__pb2.CrlRequest.FromString,
                     response_serializer=fedkit__pb2.CrlReply.SerializeToString,
+            ),
+            'Presence': grpc.unary_stream_rpc_method_handler(
+                    servicer.Presence,
+                    request_deserializer=fedkit__pb2.PresenceRequest.FromString,
+                    response_serializer=fedkit__pb2.PresenceEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +372,33 @@ class Federation:
             '/fedkit.Federation/GetCrl',
             fedkit__pb2.CrlRequest.SerializeToString,
             fedkit__pb2.CrlReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Presence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedkit.Federation/Presence',
+            fedkit__pb2.PresenceRequest.SerializeToString,
+            fedkit__pb2.PresenceEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,7 +41,7 @@ async def serve(kit: Path, debug: bool = False) -> None:
     crl = CrlWatcher(local / kc.REVOCATION_LIST, tls.root_ca, CrlPin(ws / PIN_FILE),
                      lambda problem: audit.append("crl_refused", reason=problem))
     crl.load_at_start()  # a malformed, older or missing-but-remembered CRL stops the start, with its reason
-    registry = Registry(settings.heartbeat_timeout_s, time.monotonic)
+    registry = Registry(settings.heartbeat_timeout_s, time.monotonic, settings.disconnect_grace_s)
     board = TaskBoard(time.monotonic)
     runner = JobRunner(JobStore(ws / "jobs"), board, registry, audit, settings.max_update_bytes_factor)
     controls = SiteControls()

@@ -70,6 +70,19 @@ class FederationService:
             self._audit.append("control_delivered", site=peer.name, control=control)
         return pb.HeartbeatReply(must_reregister=not known, aborted_jobs=stale, control=control)
 
+    async def presence(self, peer: Identity, request: pb.PresenceRequest) -> AsyncIterator[pb.PresenceEvent]:
+        """Held open while the site is connected; the call ends (cancelled) when its connection drops."""
+        self._check_session(peer, request.session_id)
+        connection = self._registry.connected(peer.name)
+        try:
+            await asyncio.Event().wait()  # nothing to send: the call's end is the message
+            yield pb.PresenceEvent()  # pragma: no cover (unreachable; makes this an async generator)
+        finally:
+            self._registry.disconnected(peer.name, connection)
+            if self._registry.session(peer.name) is not None and self._registry.is_suspect(peer.name):
+                log.info("site %s: connection dropped; dead in %.0f s unless it reconnects", peer.name,
+                         self._registry.disconnect_grace_s)
+
     async def get_task(self, peer: Identity, request: pb.GetTaskRequest) -> AsyncIterator[pb.TaskChunk]:
         self._check_session(peer, request.session_id)
         self._registry.touch(peer.name, request.session_id)

@@ -1,7 +1,10 @@
 """Which client sites are connected, and whether they are still alive.
 
 A site registers (getting a fresh session id) and then heartbeats; a site silent for longer than
-`heartbeat_timeout_s` counts as dead. The clock is passed in so tests can pin it. No I/O here.
+`heartbeat_timeout_s` counts as dead. A site also holds a presence stream open while connected: when
+that stream ends (its connection dropped: a crash closes its sockets at once) the site is *suspect*,
+and dead once `disconnect_grace_s` passes without a new presence stream. A link that flaps and comes
+back within the grace is never counted dead. The clock is passed in so tests can pin it. No I/O here.
 """
 
 from __future__ import annotations
@@ -23,13 +26,18 @@ class SiteSession:
     job_id: str = ""
     round: int = 0
     host_info: dict[str, str] = field(default_factory=dict)
+    connection: int = 0                   # the newest presence stream's number (0: none yet)
+    disconnected_at: float | None = None  # when the newest presence stream ended; None while it is open
 
 
 class Registry:
-    def __init__(self, heartbeat_timeout_s: float, clock: Callable[[], float]):
+    def __init__(self, heartbeat_timeout_s: float, clock: Callable[[], float], disconnect_grace_s: float | None = None):
         self._timeout_s = heartbeat_timeout_s
+        self._grace_s = heartbeat_timeout_s if disconnect_grace_s is None else min(disconnect_grace_s,
+                                                                                    heartbeat_timeout_s)
         self._clock = clock
         self._sites: dict[str, SiteSession] = {}
+        self._connections = 0  # numbers presence streams across sessions: an old stream never counts
 
     def register(self, peer: Identity, host_info: dict[str, str] | None = None) -> tuple[SiteSession, bool]:
         """A new session for `peer`; returns it and whether the site had a session already (a rejoin)."""
@@ -49,6 +57,21 @@ class Registry:
         session.job_id, session.round = job_id, round
         return True
 
+    def connected(self, site: str) -> int:
+        """A presence stream opened for `site`; returns its number, to pass to `disconnected`."""
+        session = self._sites.get(site)
+        if session is None:
+            return 0
+        self._connections += 1
+        session.connection, session.disconnected_at = self._connections, None
+        return self._connections
+
+    def disconnected(self, site: str, connection: int) -> None:
+        """Presence stream number `connection` ended; only the newest one makes the site suspect."""
+        session = self._sites.get(site)
+        if session is not None and connection and connection == session.connection:
+            session.disconnected_at = self._clock()
+
     def seconds_since_seen(self, site: str) -> float | None:
         """Seconds since the site's last sign of life, on the registry's own clock; None if unknown."""
         session = self._sites.get(site)
@@ -56,7 +79,17 @@ class Registry:
 
     def is_alive(self, site: str) -> bool:
         session = self._sites.get(site)
-        return session is not None and self._clock() - session.last_seen <= self._timeout_s
+        if session is None:
+            return False
+        now = self._clock()
+        if session.disconnected_at is not None and now - session.disconnected_at > self._grace_s:
+            return False
+        return now - session.last_seen <= self._timeout_s
+
+    def is_suspect(self, site: str) -> bool:
+        """Its connection dropped and it has not come back yet (it may still, within the grace)."""
+        session = self._sites.get(site)
+        return session is not None and session.disconnected_at is not None
 
     def alive(self) -> list[str]:
         return sorted(name for name in self._sites if self.is_alive(name))
@@ -73,3 +106,7 @@ class Registry:
     @property
     def heartbeat_timeout_s(self) -> float:
         return self._timeout_s
+
+    @property
+    def disconnect_grace_s(self) -> float:
+        return self._grace_s

@@ -118,3 +118,66 @@ def test_drop_forgets_the_site() -> None:
     assert reg.session("site-1") is None
     assert reg.touch("site-1", session.session_id) is False
     assert reg.register(_site("site-1"))[1] is False
+
+
+GRACE_S = 3.0
+
+
+def _with_grace(clock: FakeClock) -> Registry:
+    return Registry(heartbeat_timeout_s=TIMEOUT_S, clock=clock, disconnect_grace_s=GRACE_S)
+
+
+def test_a_site_whose_connection_dropped_is_dead_after_the_grace_not_the_heartbeat_timeout() -> None:
+    clock = FakeClock()
+    reg = _with_grace(clock)
+    reg.register(_site("site-1"))
+    connection = reg.connected("site-1")
+
+    reg.disconnected("site-1", connection)
+    clock.now += GRACE_S - 0.5
+    suspect_but_alive = reg.is_suspect("site-1"), reg.is_alive("site-1")
+    clock.now += 1.0
+
+    assert suspect_but_alive == (True, True)
+    assert reg.is_alive("site-1") is False
+    assert reg.alive() == []
+
+
+def test_a_link_that_comes_back_within_the_grace_is_never_dead() -> None:
+    clock = FakeClock()
+    reg = _with_grace(clock)
+    reg.register(_site("site-1"))
+    first = reg.connected("site-1")
+
+    reg.disconnected("site-1", first)
+    clock.now += GRACE_S - 1
+    reg.connected("site-1")
+    clock.now += 2 * GRACE_S
+
+    assert reg.is_alive("site-1")
+    assert reg.is_suspect("site-1") is False
+
+
+def test_an_old_stream_ending_after_the_site_rejoined_does_not_make_it_suspect() -> None:
+    clock = FakeClock()
+    reg = _with_grace(clock)
+    reg.register(_site("site-1"))
+    old = reg.connected("site-1")
+    reg.register(_site("site-1"))  # the site came back on a new connection and session
+    reg.connected("site-1")
+
+    reg.disconnected("site-1", old)  # the server notices the old connection's end only now
+    clock.now += 2 * GRACE_S
+
+    assert reg.is_suspect("site-1") is False
+    assert reg.is_alive("site-1")
+
+
+def test_without_a_presence_stream_only_the_heartbeat_timeout_counts() -> None:
+    clock = FakeClock()
+    reg = _with_grace(clock)
+    reg.register(_site("site-1"))
+
+    clock.now += TIMEOUT_S - 1
+
+    assert reg.is_alive("site-1")
