@@ -1,0 +1,191 @@
+"""Per-worker cgroups: the CPU, memory and process limits of one job's sandbox, where the host lets us.
+
+The daemon creates one child cgroup per controller below its own cgroup (`fedkit-<job>-<random>`), writes
+the limits there, and the worker joins before it starts anything (see sandbox_enter.py). That needs a
+cgroup tree the daemon's user may write: true for root, for a systemd unit with `Delegate=yes` on cgroup
+v2 (controllers already enabled in its subtree_control), or for a hand-made delegated v1 group. Where a
+controller is not writable the limit is reported as not enforced, and sandbox_native falls back to an
+address-space rlimit for memory and CPU affinity for cpus; a process limit has no safe fallback (with
+every sandbox uid mapped to the daemon's one host uid, RLIMIT_NPROC would count the daemon's own
+processes too).
+
+Never raises on a host without cgroups: everything answers "not here" instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .sandbox import SandboxLimits
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CPU_PERIOD_US = 100_000
+EMPTY_WAIT_S = 5.0
+
+
+@dataclass(frozen=True)
+class _Mount:
+    path: Path
+    version: int                 # 1 or 2
+    controllers: frozenset[str]  # v1: those of this hierarchy; v2: those enabled for our children
+
+
+@dataclass(frozen=True)
+class CgroupPlan:
+    """Where each limit of one worker goes: controller -> (parent folder, cgroup version)."""
+
+    targets: dict[str, tuple[Path, int]]
+
+    def enforced_by(self, controller: str) -> str | None:
+        target = self.targets.get(controller)
+        return f"cgroup v{target[1]}" if target else None
+
+
+def _mounts() -> list[_Mount]:
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, rest = left.split(), right.split()
+        if len(fields) < 5 or len(rest) < 3:
+            continue
+        fstype, mount_point, options = rest[0], Path(fields[4]), rest[2].split(",")
+        if fstype == "cgroup":
+            found.append(_Mount(mount_point, 1, frozenset(o for o in options if o in ("memory", "pids", "cpu"))))
+        elif fstype == "cgroup2":
+            found.append(_Mount(mount_point, 2, frozenset()))
+    return found
+
+
+def _own_paths() -> dict[str, str]:
+    """This process's cgroup per controller ("" key: the v2 unified one), from /proc/self/cgroup."""
+    paths: dict[str, str] = {}
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return paths
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(",") if controllers else [""]:
+            paths[c] = path
+    return paths
+
+
+def plan(limits: SandboxLimits) -> CgroupPlan:
+    """Which of `limits` can go into a cgroup here (a cheap look at mountinfo and permissions)."""
+    wanted = {c for c, v in (("memory", limits.memory_bytes), ("pids", limits.pids), ("cpu", limits.cpus))
+              if v is not None}
+    own = _own_paths()
+    targets: dict[str, tuple[Path, int]] = {}
+    for mount in _mounts():
+        if mount.version == 1:
+            for c in mount.controllers & wanted:
+                parent = mount.path / own.get(c, "/").lstrip("/")
+                if c not in targets and os.access(parent, os.W_OK):
+                    targets[c] = (parent, 1)
+        else:
+            parent = mount.path / own.get("", "/").lstrip("/")
+            try:
+                enabled = set((parent / "cgroup.subtree_control").read_text().split())
+            except OSError:
+                continue
+            for c in enabled & wanted:
+                if c not in targets and os.access(parent, os.W_OK):
+                    targets[c] = (parent, 2)
+    return CgroupPlan(targets)
+
+
+class WorkerCgroups:
+    """The cgroups of one running worker: created with limits, joined by the worker, removed at its end."""
+
+    def __init__(self, folders: dict[str, tuple[Path, int]]):
+        self._folders = folders
+
+    @classmethod
+    def create(cls, the_plan: CgroupPlan, limits: SandboxLimits, name: str) -> WorkerCgroups:
+        """Create one child cgroup per planned controller and write its limit. A controller whose folder
+        cannot be made is skipped (and stays unenforced), so this never raises OSError."""
+        folders: dict[str, tuple[Path, int]] = {}
+        leaf = f"fedkit-{name}-{secrets.token_hex(4)}"
+        for controller, (parent, version) in the_plan.targets.items():
+            folder = parent / leaf
+            try:
+                folder.mkdir()
+                for file, value, is_required in _limit_files(controller, version, limits):
+                    try:
+                        (folder / file).write_text(value)
+                    except OSError:
+                        if is_required:
+                            raise
+            except OSError:
+                _remove(folder)
+                continue
+            folders[controller] = (folder, version)
+        return cls(folders)
+
+    @property
+    def procs_files(self) -> list[Path]:
+        """The cgroup.procs files a process writes its pid into to join (one per distinct folder)."""
+        return sorted({folder / "cgroup.procs" for folder, _ in self._folders.values()})
+
+    def enforced(self) -> dict[str, str]:
+        return {c: f"cgroup v{v}" for c, (_, v) in self._folders.items()}
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for file in self.procs_files:
+            try:
+                found.update(int(p) for p in file.read_text().split())
+            except (OSError, ValueError):
+                pass
+        return found
+
+    def kill_all(self) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def remove(self, wait_s: float = EMPTY_WAIT_S) -> None:
+        """Kill what is left, wait (bounded) until the groups are empty, and remove them."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            self.kill_all()
+            if not self.pids() or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        for folder, _ in self._folders.values():
+            _remove(folder)
+
+
+def _limit_files(controller: str, version: int, limits: SandboxLimits) -> list[tuple[str, str, bool]]:
+    """(file, value, is_required) to write, in order; swap limits are optional (no swap accounting)."""
+    if controller == "memory" and limits.memory_bytes is not None:
+        value = str(limits.memory_bytes)
+        if version == 1:  # the memory+swap limit may only be set after the memory limit
+            return [("memory.limit_in_bytes", value, True), ("memory.memsw.limit_in_bytes", value, False)]
+        return [("memory.max", value, True), ("memory.swap.max", "0", False)]
+    if controller == "pids" and limits.pids is not None:
+        return [("pids.max", str(limits.pids), True)]
+    if controller == "cpu" and limits.cpus is not None:
+        quota_us = max(1000, int(limits.cpus * CPU_PERIOD_US))
+        if version == 1:
+            return [("cpu.cfs_period_us", str(CPU_PERIOD_US), True), ("cpu.cfs_quota_us", str(quota_us), True)]
+        return [("cpu.max", f"{quota_us} {CPU_PERIOD_US}", True)]
+    return []
+
+
+def _remove(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
