@@ -37,12 +37,12 @@ from ..kit_config import SandboxSettings
 from . import cgroups
 from .sandbox import (
     FIX_HINT,
+    WORKER_LINE_LIMIT_BYTES,
     Sandbox,
     SandboxLimits,
     SandboxUnavailable,
     WorkerLaunch,
     WorkerProcess,
-    WORKER_LINE_LIMIT_BYTES,
     limits_of,
 )
 
@@ -52,7 +52,8 @@ ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "local
              "host.conf", "gai.conf", "mime.types")
 TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 ENTER_SCRIPT = Path(__file__).with_name("sandbox_enter.py")
-_PREFIX_PROBE = "import json, sys; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))"
+_PREFIX_PROBE = ("import json, sys; "
+                 "print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))")
 
 
 class NativeSandbox(Sandbox):

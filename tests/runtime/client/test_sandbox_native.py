@@ -38,13 +38,13 @@ class _Layout:
         (self.data / "train.csv").write_text("a,b\n1,2\n")
         (self.inbox / "global_in.safetensors").write_text("weights")
 
-    def launch(self, script: str, limits: SandboxLimits = SandboxLimits(), args: tuple[str, ...] = ()) -> WorkerLaunch:
+    def launch(self, script: str, limits: SandboxLimits | None = None) -> WorkerLaunch:
         probe = self.code / f"probe_{secrets.token_hex(3)}.py"
         probe.write_text(textwrap.dedent(script))
-        return WorkerLaunch(argv=(sys.executable, str(probe), *args),
+        return WorkerLaunch(argv=(sys.executable, str(probe)),
                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(self.kit)},
                             runtime_dir=self.runtime, read_only=(self.code, self.data, self.inbox),
-                            writable=(self.scratch, self.outbox), gpus=(), limits=limits,
+                            writable=(self.scratch, self.outbox), gpus=(), limits=limits or SandboxLimits(),
                             log_path=self.kit / "worker.log", cwd=self.scratch)
 
 
