@@ -66,7 +66,7 @@ class NativeSandbox(Sandbox):
     # ---- can it run here ---------------------------------------------------------------------------
 
     def unavailable_reason(self) -> str | None:
-        if not self._bwrap:
+        if not self._bwrap or not os.access(self._bwrap, os.X_OK):
             return ("bwrap (bubblewrap) is not installed; install it (Debian/Ubuntu: apt-get install bubblewrap) "
                     + FIX_HINT)
         probe = [self._bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
@@ -76,7 +76,7 @@ class NativeSandbox(Sandbox):
             done = subprocess.run(probe, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
                                   stdin=subprocess.DEVNULL)
         except (OSError, subprocess.TimeoutExpired) as e:
-            return f"bwrap could not run ({e}); " + FIX_HINT
+            return f"bwrap could not run ({e}); reinstall bubblewrap " + FIX_HINT
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
             return (f"bwrap cannot create namespaces here ({first}): user namespaces are disabled or restricted; "
