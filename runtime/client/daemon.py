@@ -41,7 +41,7 @@ from ..transport import (
 from ..weights import load_file, save_file
 from .job_folders import JobFolders
 from .job_policy import JobPolicy
-from .sandbox import SandboxUnavailable, choose_sandbox, limits_of
+from .sandbox import limits_of, sandbox_for_job
 from .worker_handle import WorkerFailed, WorkerHandle
 
 log = logging.getLogger("fedkit.client")
@@ -283,13 +283,7 @@ class ClientDaemon:
     async def _start_worker(self, job_id: str, folders: JobFolders, client_cfg: ClientJobConfig) -> WorkerHandle:
         """Start the job's worker in this site's sandbox; audit the backend and its limits, or the refusal."""
         limits = limits_of(self._settings.sandbox)
-        try:
-            sandbox = choose_sandbox(self._settings.sandbox)
-            await sandbox.ensure_available()
-        except SandboxUnavailable as e:
-            self._audit.append("sandbox_unavailable", job_id=job_id, backend=self._settings.sandbox.backend,
-                               reason=str(e))
-            raise
+        sandbox = await sandbox_for_job(self._settings.sandbox, self._audit, job_id)
         await asyncio.to_thread(folders.create)
         worker = await WorkerHandle.start(
             sandbox=sandbox, python=self._settings.python or "", kit=self._kit, folders=folders,

@@ -27,7 +27,7 @@ import logging
 import os
 import signal
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..errors import JobRejected
 
 if TYPE_CHECKING:
+    from ..audit import AuditLog
     from ..kit_config import SandboxSettings
 
 log = logging.getLogger("fedkit.client")
@@ -174,3 +175,16 @@ def choose_sandbox(settings: SandboxSettings, environ: Mapping[str, str] | None 
         raise SandboxUnavailable(f"job code refused: the {backend} sandbox backend is not available in this "
                                  f"runtime; {FIX_HINT}") from None
     return getattr(module, class_name)(settings)
+
+
+async def sandbox_for_job(settings: SandboxSettings, audit: AuditLog, job_id: str,
+                          choose: Callable[[SandboxSettings], Sandbox] = choose_sandbox) -> Sandbox:
+    """The sandbox this job's worker starts in, checked to work here. A refusal is audited
+    (`sandbox_unavailable`, with its reason) and raised as SandboxUnavailable, a JobRejected."""
+    try:
+        sandbox = choose(settings)
+        await sandbox.ensure_available()
+    except SandboxUnavailable as e:
+        audit.append("sandbox_unavailable", job_id=job_id, backend=settings.backend, reason=str(e))
+        raise
+    return sandbox

@@ -93,3 +93,30 @@ def test_hostile_job_is_contained_and_the_site_keeps_working(make_study, tmp_pat
     normal = handle.job(tmp_path / "tabular")
     record = study.admin_json(f"submit_job {normal} --set server.rounds=1 --set meta.min_clients=1")
     assert study.admin_json(f"wait_job {record['job_id']} 240")["state"] == "finished"
+
+
+def test_restart_checks_the_kit_signature_again(make_study):
+    handle = make_study(sites=["site-1"])
+    study, site = handle.study, "site-1"
+    study.start_server()
+    proc = study.start(site)
+    kit = study.kits[site]
+
+    def starts() -> int:
+        return sum(e.get("event") == "client_started" for e in _audit(kit))
+
+    def online() -> bool:
+        return any(s["online"] for s in study.admin_json("check_status client")["sites"])
+
+    wait_until(online, 60, "the site online")
+    study.admin_json(f"restart client {site}")
+    wait_until(lambda: starts() == 2, 60, "the site to start again from its kit")
+    assert proc.poll() is None
+
+    with (kit / "runtime" / "client" / "worker.py").open("a") as f:
+        f.write("\n# changed after the kit was signed\n")
+    study.admin_json(f"restart client {site}")
+    wait_until(lambda: proc.poll() is not None, 60, "the site to refuse its changed kit")
+    assert proc.returncode == 1
+    assert "refusing to start: this kit differs from its signed manifest" in study.log_tail(site)
+    assert starts() == 2

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import logging
 
 import pytest
 
-from runtime.client.sandbox import OffSandbox, SandboxUnavailable, choose_sandbox, limits_of
+from runtime.audit import AuditLog
+from runtime.client.sandbox import OffSandbox, SandboxUnavailable, choose_sandbox, limits_of, sandbox_for_job
 from runtime.client.sandbox_native import NativeSandbox
 from runtime.kit_config import SandboxSettings
 
@@ -46,3 +48,22 @@ def test_an_unavailable_backend_refuses_the_job_with_the_fix():
 def test_limits_are_in_bytes():
     limits = limits_of(SandboxSettings(cpus=1.5, memory_mb=256, pids=100))
     assert (limits.cpus, limits.memory_bytes, limits.pids) == (1.5, 256 << 20, 100)
+
+
+def test_a_refusal_is_audited_with_its_reason(tmp_path):
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    settings = SandboxSettings(backend="native")
+    with pytest.raises(SandboxUnavailable):
+        asyncio.run(sandbox_for_job(settings, audit, "job-1",
+                                    choose=lambda s: NativeSandbox(s, bwrap="/nonexistent/bwrap")))
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert records[-1]["event"] == "sandbox_unavailable" and records[-1]["job_id"] == "job-1"
+    assert "bubblewrap" in records[-1]["reason"] and records[-1]["backend"] == "native"
+
+
+def test_an_available_backend_is_returned_unaudited(tmp_path):
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    sandbox = asyncio.run(sandbox_for_job(SandboxSettings(backend="off"), audit, "job-1"))
+    assert sandbox.name == "off"
+    log_file = tmp_path / "audit.jsonl"
+    assert not log_file.exists() or "sandbox_unavailable" not in log_file.read_text()
