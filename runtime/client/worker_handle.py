@@ -131,7 +131,10 @@ class WorkerHandle:
         return self._proc.returncode is None
 
     async def stop(self) -> None:
+        """Ask the worker to stop, kill it after STOP_GRACE_S, and always await it (so the sandbox can
+        release what it holds for the job, e.g. its cgroups)."""
         if self._proc.returncode is not None:
+            await self._proc.wait()
             return
         with contextlib.suppress(Exception):
             assert self._proc.stdin is not None
