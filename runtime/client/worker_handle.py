@@ -90,6 +90,9 @@ class WorkerHandle:
                 raise
         if not reply.ok:
             raise WorkerFailed(reply.error or "unknown worker error")
+        if command.get("op") == "train" and reply.n_samples is None:
+            await self.stop()
+            raise WorkerFailed("worker reply refused: a train reply must carry n_samples")
         return reply.model_dump()
 
     async def call_writing(self, command: dict[str, Any], dest: Path, timeout_s: float) -> dict[str, Any]:
