@@ -62,6 +62,19 @@ class NativeSandbox(Sandbox):
     def __init__(self, settings: SandboxSettings | None = None, bwrap: str | None = None):
         self._settings = settings or SandboxSettings()
         self._bwrap = bwrap or shutil.which("bwrap") or ""
+        self._can_disable_userns: bool | None = None  # bwrap >= 0.8: no user namespaces inside the sandbox
+
+    def _disable_userns_flags(self) -> list[str]:
+        """--disable-userns where this bwrap has it: job code then cannot make user namespaces of its own,
+        which many kernel exploits need. Asked once per sandbox (bwrap --help)."""
+        if self._can_disable_userns is None:
+            try:
+                done = subprocess.run([self._bwrap, "--help"], capture_output=True, text=True,
+                                      timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+                self._can_disable_userns = "--disable-userns" in done.stdout + done.stderr
+            except (OSError, subprocess.TimeoutExpired):
+                self._can_disable_userns = False
+        return ["--disable-userns"] if self._can_disable_userns else []
 
     # ---- can it run here ---------------------------------------------------------------------------
 
@@ -104,6 +117,7 @@ class NativeSandbox(Sandbox):
         if not self._bwrap:
             raise SandboxUnavailable(f"job code refused: {self.unavailable_reason()}")
         prefixes = await _interpreter_prefixes(launch.argv[0])
+        hardening = await asyncio.to_thread(self._disable_userns_flags)
         limits = launch.limits
         the_plan = cgroups.plan(limits)
         groups = await asyncio.to_thread(cgroups.WorkerCgroups.create, the_plan, limits,
@@ -118,7 +132,7 @@ class NativeSandbox(Sandbox):
             enter += ["--cpus", str(limits.cpus)]
         data_fds: list[int] = []
         try:
-            argv = self._bwrap_argv(launch, prefixes, data_fds)
+            argv = self._bwrap_argv(launch, prefixes, data_fds, hardening)
             if enter:
                 argv = [sys.executable, "-I", str(ENTER_SCRIPT), *enter, "--", *argv]
             env = {**launch.env, "HOME": str(launch.cwd), "USER": "nobody", "LOGNAME": "nobody", "TMPDIR": "/tmp"}
@@ -148,9 +162,10 @@ class NativeSandbox(Sandbox):
 
     # ---- the bwrap command line --------------------------------------------------------------------
 
-    def _bwrap_argv(self, launch: WorkerLaunch, prefixes: list[Path], data_fds: list[int]) -> list[str]:
+    def _bwrap_argv(self, launch: WorkerLaunch, prefixes: list[Path], data_fds: list[int],
+                    hardening: list[str]) -> list[str]:
         args = [self._bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net",
-                "--unshare-cgroup-try", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+                "--unshare-cgroup-try", *hardening, "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
                 "--hostname", "fedkit-job", "--die-with-parent", "--new-session",
                 "--ro-bind", "/usr", "/usr"]
         for name in TOP_LEVEL:

@@ -84,6 +84,10 @@ def read(path):
     return lambda: open(path).read()
 def write(path):
     return lambda: open(path, "w").write("x")
+def unshare_user():
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        raise OSError(ctypes.get_errno(), "unshare")
 def connect(port):
     def go():
         with socket.create_connection(("127.0.0.1", port), timeout=5):
@@ -101,7 +105,8 @@ print(json.dumps({{"key": attempt(read({str(layout.key)!r})),
                   "inbox": attempt(read({str(layout.inbox / "global_in.safetensors")!r})),
                   "runtime": os.path.exists({str(layout.runtime / "__init__.py")!r}),
                   "shadow": attempt(read("/etc/shadow")), "home": os.path.exists("/home"),
-                  "uid": os.getuid(), "pid": os.getpid()}}))
+                  "uid": os.getuid(), "pid": os.getpid(),
+                  "nested_userns": attempt(unshare_user)}}))
 """)
     answer, code = asyncio.run(_run(launch))
     assert code == 0
@@ -111,6 +116,7 @@ print(json.dumps({{"key": attempt(read({str(layout.key)!r})),
     assert answer["data"] == "done" and answer["inbox"] == "done" and answer["runtime"] is True
     assert answer["shadow"] == "FileNotFoundError" and answer["home"] is False
     assert answer["uid"] == 65534
+    assert answer["nested_userns"] == "OSError"  # no user namespaces of its own (bwrap --disable-userns)
     assert answer["pid"] != os.getpid()
 
 
