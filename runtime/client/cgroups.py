@@ -46,13 +46,9 @@ class CgroupPlan:
         return f"cgroup v{target[1]}" if target else None
 
 
-def _mounts() -> list[_Mount]:
+def _mounts(mountinfo: str) -> list[_Mount]:
     found = []
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
+    for line in mountinfo.splitlines():
         left, _, right = line.partition(" - ")
         fields, rest = left.split(), right.split()
         if len(fields) < 5 or len(rest) < 3:
@@ -65,40 +61,56 @@ def _mounts() -> list[_Mount]:
     return found
 
 
-def _own_paths() -> dict[str, str]:
+def _own_paths(proc_cgroup: str) -> dict[str, str]:
     """This process's cgroup per controller ("" key: the v2 unified one), from /proc/self/cgroup."""
     paths: dict[str, str] = {}
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return paths
-    for line in lines:
+    for line in proc_cgroup.splitlines():
         _, controllers, path = line.split(":", 2)
         for c in controllers.split(",") if controllers else [""]:
             paths[c] = path
     return paths
 
 
-def plan(limits: SandboxLimits) -> CgroupPlan:
-    """Which of `limits` can go into a cgroup here (a cheap look at mountinfo and permissions)."""
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _v2_parent(mount: Path, own: str, controller: str) -> Path | None:
+    """The nearest cgroup, from ours up to the mount's root, that hands `controller` to its children and
+    that we may write: a v2 cgroup holding processes cannot enable controllers for children of its own, so
+    a delegated parent (or, for root, the top) is where job cgroups can go."""
+    folder = mount / own.lstrip("/")
+    while True:
+        enabled = _read(str(folder / "cgroup.subtree_control")).split()
+        if controller in enabled and os.access(folder, os.W_OK):
+            return folder
+        if folder == mount or mount not in folder.parents:
+            return None
+        folder = folder.parent
+
+
+def plan(limits: SandboxLimits, mountinfo: str | None = None, proc_cgroup: str | None = None) -> CgroupPlan:
+    """Which of `limits` can go into a cgroup here (a cheap look at mountinfo and permissions). The two
+    texts default to this process's /proc/self/mountinfo and /proc/self/cgroup (tests pass their own)."""
     wanted = {c for c, v in (("memory", limits.memory_bytes), ("pids", limits.pids), ("cpu", limits.cpus))
               if v is not None}
-    own = _own_paths()
+    mounts = _mounts(_read("/proc/self/mountinfo") if mountinfo is None else mountinfo)
+    own = _own_paths(_read("/proc/self/cgroup") if proc_cgroup is None else proc_cgroup)
     targets: dict[str, tuple[Path, int]] = {}
-    for mount in _mounts():
+    for mount in mounts:  # v1 hierarchies first: on a hybrid host they hold the controllers
         if mount.version == 1:
-            for c in mount.controllers & wanted:
+            for c in sorted(mount.controllers & wanted):
                 parent = mount.path / own.get(c, "/").lstrip("/")
                 if c not in targets and os.access(parent, os.W_OK):
                     targets[c] = (parent, 1)
-        else:
-            parent = mount.path / own.get("", "/").lstrip("/")
-            try:
-                enabled = set((parent / "cgroup.subtree_control").read_text().split())
-            except OSError:
-                continue
-            for c in enabled & wanted:
-                if c not in targets and os.access(parent, os.W_OK):
+    for mount in mounts:
+        if mount.version == 2:
+            for c in sorted(wanted - set(targets)):
+                parent = _v2_parent(mount.path, own.get("", "/"), c)
+                if parent is not None:
                     targets[c] = (parent, 2)
     return CgroupPlan(targets)
 
@@ -114,11 +126,14 @@ class WorkerCgroups:
         """Create one child cgroup per planned controller and write its limit. A controller whose folder
         cannot be made is skipped (and stays unenforced), so this never raises OSError."""
         folders: dict[str, tuple[Path, int]] = {}
+        made: set[Path] = set()  # on v2 several controllers share one folder
         leaf = f"fedkit-{name}-{secrets.token_hex(4)}"
         for controller, (parent, version) in the_plan.targets.items():
             folder = parent / leaf
             try:
-                folder.mkdir()
+                if folder not in made:
+                    folder.mkdir()
+                    made.add(folder)
                 for file, value, is_required in _limit_files(controller, version, limits):
                     try:
                         (folder / file).write_text(value)
@@ -126,7 +141,9 @@ class WorkerCgroups:
                         if is_required:
                             raise
             except OSError:
-                _remove(folder)
+                if not any(f == folder for f, _ in folders.values()):
+                    _remove(folder)
+                    made.discard(folder)
                 continue
             folders[controller] = (folder, version)
         return cls(folders)
@@ -163,7 +180,7 @@ class WorkerCgroups:
             if not self.pids() or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        for folder, _ in self._folders.values():
+        for folder in {folder for folder, _ in self._folders.values()}:
             _remove(folder)
 
 
