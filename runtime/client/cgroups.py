@@ -1,13 +1,17 @@
 """Per-worker cgroups: the CPU, memory and process limits of one job's sandbox, where the host lets us.
 
-The daemon creates one child cgroup per controller below its own cgroup (`fedkit-<job>-<random>`), writes
-the limits there, and the worker joins before it starts anything (see sandbox_enter.py). That needs a
-cgroup tree the daemon's user may write: true for root, for a systemd unit with `Delegate=yes` on cgroup
-v2 (controllers already enabled in its subtree_control), or for a hand-made delegated v1 group. Where a
-controller is not writable the limit is reported as not enforced, and sandbox_native falls back to an
-address-space rlimit for memory and CPU affinity for cpus; a process limit has no safe fallback (with
-every sandbox uid mapped to the daemon's one host uid, RLIMIT_NPROC would count the daemon's own
-processes too).
+The daemon creates a cgroup for the job (`fedkit-<job>-<random>`), writes the limits there, and the
+worker joins before it starts anything (see sandbox_enter.py). Where it goes:
+    - cgroup v1 (and hybrid hosts): below the daemon's own group in each controller's hierarchy, if the
+      daemon may write there (root, or a group site IT made for it);
+    - cgroup v2: one group for all limits (a process sits in one v2 group), below the nearest writable
+      group from the daemon's own upwards that hands the controllers down. For root that is e.g.
+      system.slice; a non-root service whose only writable group is its own cannot use it (v2 forbids
+      enabling controllers for children of a group that holds processes), so its limits fall back.
+Where a controller is not writable the limit is reported as not enforced, and sandbox_native falls back
+to an address-space rlimit for memory and CPU affinity for cpus; a process limit has no safe fallback
+(with every sandbox uid mapped to the daemon's one host uid, RLIMIT_NPROC would count the daemon's own
+processes too). A daemon killed with SIGKILL leaves its jobs' empty groups behind.
 
 Never raises on a host without cgroups: everything answers "not here" instead.
 """
@@ -78,17 +82,19 @@ def _read(path: str) -> str:
         return ""
 
 
-def _v2_parent(mount: Path, own: str, controller: str) -> Path | None:
-    """The nearest cgroup, from ours up to the mount's root, that hands `controller` to its children and
-    that we may write: a v2 cgroup holding processes cannot enable controllers for children of its own, so
-    a delegated parent (or, for root, the top) is where job cgroups can go."""
+def _v2_parent(mount: Path, own: str, wanted: set[str]) -> tuple[Path, set[str]] | None:
+    """The cgroup, from ours up to the mount's root, that hands the most of `wanted` to its children and
+    that we may write (the nearest on a tie). A v2 process sits in exactly one cgroup, so all v2 limits
+    share that one group; and a v2 group holding processes (the daemon's own) cannot enable controllers
+    for children, so a delegated parent (or, for root, a top group) is where job groups can go."""
+    best: tuple[Path, set[str]] | None = None
     folder = mount / own.lstrip("/")
     while True:
-        enabled = _read(str(folder / "cgroup.subtree_control")).split()
-        if controller in enabled and os.access(folder, os.W_OK):
-            return folder
+        enabled = set(_read(str(folder / "cgroup.subtree_control")).split()) & wanted
+        if enabled and os.access(folder, os.W_OK) and (best is None or len(enabled) > len(best[1])):
+            best = (folder, enabled)
         if folder == mount or mount not in folder.parents:
-            return None
+            return best
         folder = folder.parent
 
 
@@ -107,11 +113,10 @@ def plan(limits: SandboxLimits, mountinfo: str | None = None, proc_cgroup: str |
                 if c not in targets and os.access(parent, os.W_OK):
                     targets[c] = (parent, 1)
     for mount in mounts:
-        if mount.version == 2:
-            for c in sorted(wanted - set(targets)):
-                parent = _v2_parent(mount.path, own.get("", "/"), c)
-                if parent is not None:
-                    targets[c] = (parent, 2)
+        found = _v2_parent(mount.path, own.get("", "/"), wanted - set(targets)) if mount.version == 2 else None
+        if found is not None:
+            parent, controllers = found
+            targets.update({c: (parent, 2) for c in controllers})
     return CgroupPlan(targets)
 
 

@@ -21,12 +21,14 @@ def _v2_tree(root: Path) -> str:
     return f"30 25 0:26 / {root} rw,nosuid - cgroup2 cgroup2 rw\n"
 
 
-def test_v2_limits_go_to_the_nearest_group_that_delegates_each_controller(tmp_path):
+def test_v2_limits_share_the_writable_group_that_delegates_the_most(tmp_path):
     mountinfo = _v2_tree(tmp_path)
     the_plan = plan(LIMITS, mountinfo=mountinfo, proc_cgroup="0::/system.slice/fedkit.service\n")
-    assert the_plan.targets == {"memory": (tmp_path / "system.slice", 2), "pids": (tmp_path / "system.slice", 2),
-                                "cpu": (tmp_path, 2)}
+    assert the_plan.targets == {"memory": (tmp_path, 2), "pids": (tmp_path, 2), "cpu": (tmp_path, 2)}
     assert the_plan.enforced_by("memory") == "cgroup v2"
+    no_cpu = SandboxLimits(memory_bytes=1 << 30, pids=100)  # a tie: the nearest group wins
+    assert plan(no_cpu, mountinfo=mountinfo, proc_cgroup="0::/system.slice/fedkit.service\n").targets == {
+        "memory": (tmp_path / "system.slice", 2), "pids": (tmp_path / "system.slice", 2)}
 
 
 def test_v1_controllers_come_first_and_missing_ones_stay_unenforced(tmp_path):
@@ -45,12 +47,11 @@ def test_groups_are_created_with_their_limits_and_removed(tmp_path):
     mountinfo = _v2_tree(tmp_path)
     the_plan = plan(LIMITS, mountinfo=mountinfo, proc_cgroup="0::/system.slice/fedkit.service\n")
     groups = WorkerCgroups.create(the_plan, LIMITS, "job")
-    folders = {p.parent for p in groups.procs_files}
-    assert len(folders) == 2
+    [procs] = groups.procs_files  # one v2 group holds every limit: a process is in one v2 group only
+    folder = procs.parent
+    assert folder.parent == tmp_path
     assert groups.enforced() == {"memory": "cgroup v2", "pids": "cgroup v2", "cpu": "cgroup v2"}
-    memory_folder = next(f for f in folders if f.parent == tmp_path / "system.slice")
-    assert (memory_folder / "memory.max").read_text() == str(256 << 20)
-    assert (memory_folder / "pids.max").read_text() == "100"
-    cpu_folder = next(f for f in folders if f.parent == tmp_path)
-    assert (cpu_folder / "cpu.max").read_text() == "200000 100000"
+    assert (folder / "memory.max").read_text() == str(256 << 20)
+    assert (folder / "pids.max").read_text() == "100"
+    assert (folder / "cpu.max").read_text() == "200000 100000"
     groups.remove(wait_s=0)
