@@ -191,9 +191,14 @@ class NativeSandbox(Sandbox):
         binds.append(("--ro-bind", launch.runtime_dir))
         binds += [("--ro-bind", p) for p in launch.read_only]
         binds += [("--bind", p) for p in launch.writable]
+        # a data root (or a venv) that holds the kit would show its startup/ and workspace/: an empty tmpfs
+        # goes over the kit first, and only the binds inside it (runtime/, the job's folders) on top
+        kit = launch.runtime_dir.parent
+        if any(_under(kit, path) for _, path in binds):
+            binds.append(("--tmpfs", kit))
         # parents before children, so a bind inside another one lands on top of it
-        for flag, path in sorted(binds, key=lambda b: len(b[1].parts)):
-            args += [flag, str(path), str(path)]
+        for flag, path in sorted(binds, key=lambda b: (len(b[1].parts), b[0] == "--tmpfs")):
+            args += [flag, str(path)] if flag == "--tmpfs" else [flag, str(path), str(path)]
         args += ["--chdir", str(launch.cwd), "--", *launch.argv]
         return args
 

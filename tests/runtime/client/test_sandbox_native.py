@@ -5,6 +5,7 @@ takes every process along, a setsid()-ed grandchild included; cgroup limits hold
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -118,6 +119,18 @@ print(json.dumps({{"key": attempt(read({str(layout.key)!r})),
     assert answer["uid"] == 65534
     assert answer["nested_userns"] == "OSError"  # no user namespaces of its own (bwrap --disable-userns)
     assert answer["pid"] != os.getpid()
+
+
+def test_a_data_root_around_the_kit_still_hides_the_key(layout, tmp_path):
+    launch = layout.launch(ATTEMPT + f"""
+print(json.dumps({{"key": attempt(read({str(layout.key)!r})),
+                  "data": attempt(read({str(layout.data / "train.csv")!r})),
+                  "runtime": os.path.exists({str(layout.runtime / "__init__.py")!r})}}))
+""")
+    launch = dataclasses.replace(launch, read_only=(*launch.read_only, tmp_path))  # data_root: the kit's parent
+    answer, code = asyncio.run(_run(launch))
+    assert code == 0
+    assert answer == {"key": "FileNotFoundError", "data": "done", "runtime": True}
 
 
 def test_probe_writes_only_scratch_and_outbox(layout):
