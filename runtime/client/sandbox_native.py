@@ -119,9 +119,8 @@ class NativeSandbox(Sandbox):
         prefixes = await _interpreter_prefixes(launch.argv[0])
         hardening = await asyncio.to_thread(self._disable_userns_flags)
         limits = launch.limits
-        the_plan = cgroups.plan(limits)
-        groups = await asyncio.to_thread(cgroups.WorkerCgroups.create, the_plan, limits,
-                                         secrets.token_hex(3))
+        groups = await asyncio.to_thread(
+            lambda: cgroups.WorkerCgroups.create(cgroups.plan(limits), limits, secrets.token_hex(3)))
         enter: list[str] = []
         for procs in groups.procs_files:
             enter += ["--procs", str(procs)]
