@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,8 +61,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     if restart:
-        os.execv(sys.executable, [sys.executable, "-m", "runtime.client", *sys.argv[1:]])
+        return restart_through_start_sh(args.kit.resolve(), ["--debug"] if args.debug else [])
     return 0
+
+
+def restart_through_start_sh(kit: Path, extra_args: list[str]) -> int:
+    """Replace this process with the kit's own startup/start.sh, so the kit's signature is checked again
+    before any of its code runs (someone may have changed it while we ran). start.sh refuses a changed
+    kit with one line and exit code 1. Returns only when start.sh cannot be run at all."""
+    start_sh = kit / kc.STARTUP / "start.sh"
+    bash = shutil.which("bash")
+    if bash is None or not start_sh.is_file():
+        print(f"fedkit client: cannot restart: {start_sh if bash else 'bash'} not found; start the site again "
+              "with startup/start.sh", file=sys.stderr)
+        return 1
+    os.environ["FEDKIT_PYTHON"] = sys.executable  # the interpreter start.sh chose the first time
+    try:
+        os.execv(bash, [bash, str(start_sh), *extra_args])
+    except OSError as e:
+        print(f"fedkit client: cannot restart through {start_sh}: {e.strerror}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

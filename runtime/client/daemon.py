@@ -40,7 +40,9 @@ from ..transport import (
     with_idle_timeout,
 )
 from ..weights import load_file, save_file
+from .job_folders import JobFolders
 from .job_policy import JobPolicy
+from .sandbox import limits_of, sandbox_for_job
 from .worker_handle import WorkerFailed, WorkerHandle
 
 log = logging.getLogger("fedkit.client")
@@ -221,7 +223,8 @@ class ClientDaemon:
             if first.WhichOneof("kind") != "header":
                 return None
             h = first.header
-            round_dir = self._ws / "jobs" / _safe_name(h.job_id) / f"round_{h.round:04d}_{_safe_name(h.task_name)}"
+            round_dir = (JobFolders(self._ws / "jobs" / _safe_name(h.job_id)).inbox
+                         / f"round_{h.round:04d}_{_safe_name(h.task_name)}")
             round_dir.mkdir(parents=True, exist_ok=True)
             path = round_dir / "global_in.safetensors"
             if h.payload_bytes:
@@ -272,7 +275,7 @@ class ClientDaemon:
         await self._stop_worker()
         submitter = config.get("submitter", {})
         self._policy.check(h.job_id, submitter)  # raises JobRejected with the site's reason
-        code_dir = job_dir / "job"
+        code_dir = JobFolders(job_dir).code
         if not code_dir.exists():
             parts = []
             with call_errors("get job", self._target):
@@ -286,12 +289,22 @@ class ClientDaemon:
             await asyncio.to_thread(safe_extract, archive, code_dir)
             self._audit.append("job_received", job_id=h.job_id, job_name=config.get("job_name", ""),
                                job_sha256=digest, submitter=submitter)
-        log_path = self._ws / f"worker_{h.job_id}.log"
-        self._worker = await WorkerHandle.start(
-            python=self._settings.python or "", kit=self._kit, job_dir=code_dir, work_dir=job_dir,
-            site=self._cfg.name, job_id=h.job_id, data_root=self._settings.data_root or "",
+        self._worker = await self._start_worker(h.job_id, JobFolders(job_dir), client_cfg)
+
+    async def _start_worker(self, job_id: str, folders: JobFolders, client_cfg: ClientJobConfig) -> WorkerHandle:
+        """Start the job's worker in this site's sandbox; audit the backend and its limits, or the refusal."""
+        limits = limits_of(self._settings.sandbox)
+        sandbox = await sandbox_for_job(self._settings.sandbox, self._audit, job_id)
+        await asyncio.to_thread(folders.create)
+        worker = await WorkerHandle.start(
+            sandbox=sandbox, python=self._settings.python or "", kit=self._kit, folders=folders,
+            site=self._cfg.name, job_id=job_id, data_root=self._settings.data_root or "",
             gpus=self._settings.gpus, learner=client_cfg.learner.path, learner_args=client_cfg.learner.args,
-            log_path=log_path, nproc=self._settings.nproc or max(1, len(self._settings.gpus)))
+            log_path=self._ws / f"worker_{job_id}.log", nproc=self._settings.nproc or max(1, len(self._settings.gpus)),
+            limits=limits, max_result_bytes=MAX_TASK_BYTES)
+        self._audit.append("worker_started", job_id=job_id, backend=sandbox.name,
+                           limits=await asyncio.to_thread(sandbox.describe_limits, limits))
+        return worker
 
     async def _execute(self, h: pb.TaskHeader, task: _Task, round_dir: Path,
                        client_cfg: ClientJobConfig) -> tuple[int, dict[str, Any], Path | None]:
@@ -300,11 +313,11 @@ class ClientDaemon:
         timeout_s = min(h.timeout_s or client_cfg.task_timeout_s, client_cfg.task_timeout_s)
         if h.task_name == "init":
             out = round_dir / "initial.safetensors"
-            await self._worker.call({"op": "init", "out": str(out)}, timeout_s)
+            await self._worker.call_writing({"op": "init"}, out, timeout_s)
             return 0, {}, out
         if h.task_name == "submit_model":
             out = round_dir / "local_model.safetensors"
-            await self._worker.call({"op": "local_model", "out": str(out)}, timeout_s)
+            await self._worker.call_writing({"op": "local_model"}, out, timeout_s)
             self._audit.append("local_model_shared", job_id=h.job_id, round=h.round)
             return 0, {}, out
         received = task.payload_path
@@ -316,8 +329,8 @@ class ClientDaemon:
         if h.task_name != "train":
             raise JobRejected(f"unknown task '{h.task_name}'")
         out = round_dir / "delta_out.safetensors"
-        reply = await self._worker.call({"op": "train", "weights": str(received), "round": h.round,
-                                         "out": str(out)}, timeout_s)
+        reply = await self._worker.call_writing({"op": "train", "weights": str(received), "round": h.round},
+                                                out, timeout_s)
         validation = reply["validation"]
         filters = build_filters(client_cfg.filters)
         if filters:  # privacy filters decide what leaves the site: the filtered delta replaces the raw one

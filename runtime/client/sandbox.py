@@ -22,13 +22,26 @@ Docker Engine SDK), and `off` (the plain process of earlier releases; a site mus
 from __future__ import annotations
 
 import asyncio
+import importlib
+import logging
+import os
+import signal
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import JobRejected
+
+if TYPE_CHECKING:
+    from ..audit import AuditLog
+    from ..kit_config import SandboxSettings
+
+log = logging.getLogger("fedkit.client")
+
+FIX_HINT = "or set sandbox.backend: off in local/site.yml to run job code unconfined"
+MIB = 1 << 20
 
 
 class SandboxUnavailable(JobRejected):
@@ -88,3 +101,90 @@ class Sandbox(ABC):
     @abstractmethod
     def kill(self, proc: WorkerProcess) -> None:
         """Kill the worker and everything it started, now (idempotent, never raises)."""
+
+    def describe_limits(self, limits: SandboxLimits) -> dict[str, str]:
+        """What this backend really enforces of `limits`, for the audit (e.g. {"memory": "cgroup"})."""
+        return {}
+
+    async def ensure_available(self) -> None:
+        """Raise SandboxUnavailable (reason and fix in one line) unless this backend can start workers.
+        The check may run a short probe process, so it runs off the event loop."""
+        reason = await asyncio.to_thread(self.unavailable_reason)
+        if reason:
+            raise SandboxUnavailable(f"job code refused: sandbox '{self.name}' is not available here: {reason}")
+
+
+class OffSandbox(Sandbox):
+    """No sandbox: the worker is a plain child process with the daemon's user, files and network.
+
+    It gets its own session, so kill() reaches every process of that group (all torchrun ranks); a
+    process that calls setsid() itself escapes it. Only for sites that cannot run a sandbox and trust
+    every job they accept."""
+
+    name = "off"
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    async def start(self, launch: WorkerLaunch) -> WorkerProcess:
+        with launch.log_path.open("ab") as log_file:
+            return await asyncio.create_subprocess_exec(
+                *launch.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
+                cwd=str(launch.cwd), env=dict(launch.env), limit=WORKER_LINE_LIMIT_BYTES,
+                start_new_session=True)
+
+    def kill(self, proc: WorkerProcess) -> None:
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def describe_limits(self, limits: SandboxLimits) -> dict[str, str]:
+        return {"cpus": "not enforced", "memory": "not enforced", "pids": "not enforced"}
+
+
+# the longest reply line the daemon reads from a worker (a reply is a few metrics, never weights)
+WORKER_LINE_LIMIT_BYTES = 1 * MIB
+
+
+def limits_of(settings: SandboxSettings) -> SandboxLimits:
+    """local/site.yml's sandbox limits in the units the backends use."""
+    return SandboxLimits(cpus=settings.cpus,
+                         memory_bytes=settings.memory_mb * MIB if settings.memory_mb is not None else None,
+                         pids=settings.pids)
+
+
+def choose_sandbox(settings: SandboxSettings, environ: Mapping[str, str] | None = None) -> Sandbox:
+    """The backend local/site.yml asks for. `auto` is docker when this site itself runs in Docker
+    (docker.sh sets FEDKIT_IN_DOCKER=1), else native. Raises SandboxUnavailable when the backend's code is
+    missing; whether it can run here is `unavailable_reason()`'s answer, asked before each job."""
+    environ = os.environ if environ is None else environ
+    backend = settings.backend
+    if backend == "auto":
+        backend = "docker" if environ.get("FEDKIT_IN_DOCKER") == "1" else "native"
+    if backend == "off":
+        log.warning("sandbox.backend is off in local/site.yml: this job's code runs with this site's user, "
+                    "files and network")
+        return OffSandbox()
+    module_name, class_name = {"native": (".sandbox_native", "NativeSandbox"),
+                               "docker": (".sandbox_docker", "DockerSandbox")}[backend]
+    try:
+        module = importlib.import_module(module_name, __package__)
+    except ImportError:
+        raise SandboxUnavailable(f"job code refused: the {backend} sandbox backend is not available in this "
+                                 f"runtime; {FIX_HINT}") from None
+    return getattr(module, class_name)(settings)
+
+
+async def sandbox_for_job(settings: SandboxSettings, audit: AuditLog, job_id: str,
+                          choose: Callable[[SandboxSettings], Sandbox] = choose_sandbox) -> Sandbox:
+    """The sandbox this job's worker starts in, checked to work here. A refusal is audited
+    (`sandbox_unavailable`, with its reason) and raised as SandboxUnavailable, a JobRejected."""
+    try:
+        sandbox = choose(settings)
+        await sandbox.ensure_available()
+    except SandboxUnavailable as e:
+        audit.append("sandbox_unavailable", job_id=job_id, backend=settings.backend, reason=str(e))
+        raise
+    return sandbox

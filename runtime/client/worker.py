@@ -2,7 +2,8 @@
 
 The daemon starts it and speaks JSON lines: commands on stdin, one reply per command on the process's
 original stdout. Anything the learner prints goes to stderr (the site's log), so it can never corrupt
-the reply channel. Weights move through safetensors files in the job's work folder, never pickle.
+the reply channel. Weights move through safetensors files, never pickle: the daemon's inbox (read-only
+here) in, the outbox out; the daemon checks every reply and result file (it runs in a sandbox, see sandbox.py).
 
     {"op": "init", "out": PATH}                       -> {"ok": true}
     {"op": "validate", "weights": PATH}               -> {"ok": true, "metrics": {...}}

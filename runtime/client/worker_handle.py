@@ -1,5 +1,6 @@
-"""The daemon's side of the training worker: start it, send a command, await its reply, stop it.
-Awaiting is asynchronous, so the daemon keeps heartbeating while the learner trains."""
+"""The daemon's side of the training worker: start it in the site's sandbox, send a command, await and
+check its reply, stop it. Awaiting is asynchronous, so the daemon keeps heartbeating while the learner
+trains. The worker runs job code, so its replies and result files are checked before use."""
 
 from __future__ import annotations
 
@@ -8,16 +9,21 @@ import contextlib
 import json
 import logging
 import os
-import signal
+import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import FedkitError
+from .job_folders import JobFolders, take_result
+from .sandbox import WORKER_LINE_LIMIT_BYTES, Sandbox, SandboxLimits, WorkerLaunch, WorkerProcess
+from .worker_replies import WorkerReply, WorkerReplyRefused, parse_reply
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0
+MAX_RESULT_BYTES = 64 << 30  # a result file (weights) larger than this is refused
 
 
 class WorkerFailed(FedkitError):
@@ -25,41 +31,51 @@ class WorkerFailed(FedkitError):
 
 
 class WorkerHandle:
-    def __init__(self, proc: asyncio.subprocess.Process, job_id: str):
+    def __init__(self, proc: WorkerProcess, job_id: str, sandbox: Sandbox, outbox: Path,
+                 max_result_bytes: int = MAX_RESULT_BYTES):
         self._proc = proc
         self.job_id = job_id
+        self.sandbox = sandbox
+        self._outbox = outbox
+        self._max_result_bytes = max_result_bytes
+        self._results = 0
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def start(cls, *, python: str, kit: Path, job_dir: Path, work_dir: Path, site: str, job_id: str,
+    async def start(cls, *, sandbox: Sandbox, python: str, kit: Path, folders: JobFolders, site: str, job_id: str,
                     data_root: str, gpus: list[int], learner: str, learner_args: dict[str, Any],
-                    log_path: Path, nproc: int = 1, ready_timeout_s: float = 300.0) -> WorkerHandle:
+                    log_path: Path, nproc: int = 1, limits: SandboxLimits | None = None,
+                    max_result_bytes: int = MAX_RESULT_BYTES, ready_timeout_s: float = 300.0) -> WorkerHandle:
+        """Start the job's worker through `sandbox`; raises SandboxUnavailable or WorkerFailed."""
+        python = shutil.which(python or sys.executable) or python or sys.executable
         # several ranks: torchrun starts them; rank 0 speaks to us over the inherited stdin/stdout
         launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                     if nproc > 1 else [])
-        cmd = [python or sys.executable, *launcher, "-m", "runtime.client.worker", "--job-dir", str(job_dir),
-               "--work-dir", str(work_dir), "--site", site, "--job-id", job_id, "--data-root", data_root,
+        cmd = [python, *launcher, "-m", "runtime.client.worker", "--job-dir", str(folders.code),
+               "--work-dir", str(folders.scratch), "--site", site, "--job-id", job_id, "--data-root", data_root,
                "--gpus", ",".join(map(str, gpus)), "--learner", learner,
                "--learner-args", json.dumps(learner_args)]
-        env = {**_env_without_pythonpath(), "PYTHONPATH": str(kit), "PYTHONUNBUFFERED": "1"}
+        env = {**worker_env(os.environ), "PYTHONPATH": str(kit), "PYTHONUNBUFFERED": "1",
+               "HOME": str(folders.scratch)}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
-        with log_path.open("ab") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
-                cwd=str(work_dir), env=env, limit=1 << 20,
-                start_new_session=True)  # its own process group: kill() reaches every torchrun rank
-        handle = cls(proc, job_id)
+        read_only = [folders.code, folders.inbox] + ([Path(data_root)] if data_root else [])
+        launch = WorkerLaunch(argv=tuple(cmd), env=env, runtime_dir=kit / "runtime", read_only=tuple(read_only),
+                              writable=(folders.scratch, folders.outbox), gpus=tuple(gpus),
+                              limits=limits or SandboxLimits(), log_path=log_path, cwd=folders.scratch)
+        proc = await sandbox.start(launch)
+        handle = cls(proc, job_id, sandbox, folders.outbox, max_result_bytes)
         ready = await handle._read_reply(ready_timeout_s)
-        if not ready.get("ok"):
+        if not ready.ok:
             await handle.stop()
-            raise WorkerFailed(ready.get("error", "worker failed to start"))
-        log.info("training worker for job %s started (pid %d)", job_id, proc.pid)
+            raise WorkerFailed(ready.error or "worker failed to start")
+        log.info("training worker for job %s started in sandbox '%s' (pid %d)", job_id, sandbox.name, proc.pid)
         return handle
 
     async def call(self, command: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """Send one command and await its reply. Cancelling a call kills the worker: its reply would
-        otherwise be read as the answer to the next command, and it may still be writing files."""
+        """Send one command and await its checked reply (see worker_replies). Cancelling a call kills the
+        worker: its reply would otherwise be read as the answer to the next command, and it may still be
+        writing files. A refused reply stops the worker too: it broke the protocol, so it is not asked again."""
         async with self._lock:
             if self._proc.returncode is not None:
                 raise WorkerFailed(f"training worker exited with code {self._proc.returncode}")
@@ -72,28 +88,56 @@ class WorkerHandle:
                 self.kill()
                 await asyncio.shield(self._proc.wait())
                 raise
-        if not reply.get("ok"):
-            raise WorkerFailed(reply.get("error", "unknown worker error"))
+        if not reply.ok:
+            raise WorkerFailed(reply.error or "unknown worker error")
+        if command.get("op") == "train" and reply.n_samples is None:
+            await self.stop()
+            raise WorkerFailed("worker reply refused: a train reply must carry n_samples")
+        return reply.model_dump()
+
+    async def call_writing(self, command: dict[str, Any], dest: Path, timeout_s: float) -> dict[str, Any]:
+        """Like call(), for a command that writes weights: the worker writes into its outbox, and the file
+        is copied to `dest` (a daemon-owned path) only if it is a plain file of bounded size."""
+        self._results += 1
+        name = f"{command.get('op', 'result')}-{self._results}.safetensors"
+        reply = await self.call({**command, "out": str(self._outbox / name)}, timeout_s)
+        try:
+            await asyncio.to_thread(take_result, self._outbox, name, dest, self._max_result_bytes)
+        except WorkerReplyRefused as e:
+            await self.stop()
+            raise WorkerFailed(str(e)) from None
         return reply
 
-    async def _read_reply(self, timeout_s: float) -> dict[str, Any]:
+    async def _read_reply(self, timeout_s: float) -> WorkerReply:
         assert self._proc.stdout is not None
         try:
             line = await asyncio.wait_for(self._proc.stdout.readline(), timeout_s)
         except TimeoutError:
             await self.stop()
             raise WorkerFailed(f"training worker gave no answer within {timeout_s:g} s") from None
+        except ValueError:  # the line outgrew the stream's limit; what follows is out of step, so stop
+            self.kill()
+            await self._proc.wait()
+            raise WorkerFailed(f"worker reply refused: a reply line is longer than "
+                               f"{WORKER_LINE_LIMIT_BYTES} bytes") from None
         if not line:
             code = await self._proc.wait()
             raise WorkerFailed(f"training worker exited with code {code} (see the site log)")
-        return json.loads(line)
+        try:
+            return parse_reply(line)
+        except WorkerReplyRefused as e:
+            await self.stop()
+            raise WorkerFailed(str(e)) from None
 
     @property
     def alive(self) -> bool:
         return self._proc.returncode is None
 
     async def stop(self) -> None:
+        """Ask the worker to stop, kill it after STOP_GRACE_S, and always await it (so the sandbox can
+        release what it holds for the job, e.g. its cgroups)."""
         if self._proc.returncode is not None:
+            await self._proc.wait()
             return
         with contextlib.suppress(Exception):
             assert self._proc.stdin is not None
@@ -107,12 +151,16 @@ class WorkerHandle:
             await self._proc.wait()
 
     def kill(self) -> None:
-        if self._proc.returncode is None:
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """Kill the worker and everything it started (the sandbox knows how)."""
+        self.sandbox.kill(self._proc)
 
 
-def _env_without_pythonpath() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+# what a worker may inherit of the daemon's environment (nothing else: it may hold tokens or passwords)
+_ENV_NAMES = {"PATH", "LANG", "LANGUAGE", "TZ", "TERM", "LD_LIBRARY_PATH", "PYTHONDONTWRITEBYTECODE",
+              "PYTHONSAFEPATH", "PYTHONHASHSEED"}
+_ENV_PREFIXES = ("LC_", "CUDA_", "NCCL_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "TORCH_", "PYTORCH_", "GLOO_")
+
+
+def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of the daemon's environment a worker gets: locale, paths and the GPU/threading knobs."""
+    return {k: v for k, v in environ.items() if k in _ENV_NAMES or k.startswith(_ENV_PREFIXES)}

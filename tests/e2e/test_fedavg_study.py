@@ -67,7 +67,7 @@ def test_fedavg_three_sites_three_rounds(make_study, tmp_path):
     # it sent, weighted by the n_samples it declared.
     received, deltas, weights = None, [], []
     for site in study.clients:
-        round_dir = study.kits[site] / "workspace" / "jobs" / record["job_id"] / "round_0003_train"
+        round_dir = study.kits[site] / "workspace" / "jobs" / record["job_id"] / "inbox" / "round_0003_train"
         site_received = load_file(round_dir / "global_in.safetensors")
         if received is None:
             received = site_received

@@ -117,7 +117,7 @@ def _assert_sites_got_whole_models(study: LocalStudy, job_id: str) -> None:
     for site in study.clients:
         announced = {r["round"]: r["payload_sha256"]
                      for r in _events(study, site, "task_received", job_id=job_id, task="train")}
-        for round_dir in sorted((study.kits[site] / "workspace" / "jobs" / job_id).glob("round_*_train")):
+        for round_dir in sorted((study.kits[site] / "workspace" / "jobs" / job_id / "inbox").glob("round_*_train")):
             received = round_dir / "global_in.safetensors"
             if not received.exists():
                 continue

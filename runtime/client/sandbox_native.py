@@ -1,0 +1,269 @@
+"""The native sandbox: a job's worker in its own Linux namespaces, through bubblewrap (`bwrap`).
+
+What the worker gets (every path at its host path, see sandbox.py):
+    - new user, pid, ipc, uts, net and (where possible) cgroup namespaces; uid/gid 65534 ("nobody")
+      inside. The net namespace has only its own loopback: nothing outside is reachable, not even the
+      host's 127.0.0.1, while torchrun ranks still meet on the sandbox's own 127.0.0.1;
+    - read-only: /usr and the /lib*, /bin, /sbin links, the few /etc files the dynamic linker and Python
+      read, the worker interpreter's prefixes (venv and base install), the kit's runtime/ package, the
+      job's code, the data root and the daemon's inbox;
+    - read-write: scratch and outbox only; a fresh /tmp, /dev and /dev/shm, and its own /proc;
+    - GPUs (/dev/nvidia*, /sys) only when the site lists gpus;
+    - --die-with-parent and --new-session; kill() kills bwrap, and with it the namespace's init, which
+      takes every process of the pid namespace along (a setsid()-ed grandchild included).
+
+Limits go into cgroups where the host lets the daemon write them (cgroups.py); otherwise memory falls
+back to RLIMIT_AS (per process, and it counts address space, so it must be generous for torch) and cpus
+to CPU affinity; pids then stay unenforced. describe_limits() says which applies.
+
+Note on the uid: without a setuid bwrap, uid 65534 inside maps to the daemon's own uid outside, so the
+confinement comes from what is mounted, never from file permissions. Nothing secret is mounted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from ..kit_config import SandboxSettings
+from . import cgroups
+from .sandbox import (
+    FIX_HINT,
+    WORKER_LINE_LIMIT_BYTES,
+    Sandbox,
+    SandboxLimits,
+    SandboxUnavailable,
+    WorkerLaunch,
+    WorkerProcess,
+    limits_of,
+)
+
+SANDBOX_UID = 65534
+PROBE_TIMEOUT_S = 30.0
+ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime", "nsswitch.conf",
+             "host.conf", "gai.conf", "mime.types")
+TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+ENTER_SCRIPT = Path(__file__).with_name("sandbox_enter.py")
+_PREFIX_PROBE = ("import json, sys; "
+                 "print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))")
+
+
+class NativeSandbox(Sandbox):
+    name = "native"
+
+    def __init__(self, settings: SandboxSettings | None = None, bwrap: str | None = None):
+        self._settings = settings or SandboxSettings()
+        self._bwrap = bwrap or shutil.which("bwrap") or ""
+        self._can_disable_userns: bool | None = None  # bwrap >= 0.8: no user namespaces inside the sandbox
+
+    def _disable_userns_flags(self) -> list[str]:
+        """--disable-userns where this bwrap has it: job code then cannot make user namespaces of its own,
+        which many kernel exploits need. Asked once per sandbox (bwrap --help)."""
+        if self._can_disable_userns is None:
+            try:
+                done = subprocess.run([self._bwrap, "--help"], capture_output=True, text=True,
+                                      timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+                self._can_disable_userns = "--disable-userns" in done.stdout + done.stderr
+            except (OSError, subprocess.TimeoutExpired):
+                self._can_disable_userns = False
+        return ["--disable-userns"] if self._can_disable_userns else []
+
+    # ---- can it run here ---------------------------------------------------------------------------
+
+    def unavailable_reason(self) -> str | None:
+        if not self._bwrap or not os.access(self._bwrap, os.X_OK):
+            return ("bwrap (bubblewrap) is not installed; install it (Debian/Ubuntu: apt-get install bubblewrap) "
+                    + FIX_HINT)
+        probe = [self._bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+                 "--unshare-uts", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--die-with-parent",
+                 "--ro-bind", "/", "/", "--proc", "/proc", "--", "/bin/true"]
+        try:
+            done = subprocess.run(probe, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
+                                  stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"bwrap could not run ({e}); reinstall bubblewrap " + FIX_HINT
+        if done.returncode != 0:
+            first = (done.stderr.strip().splitlines() or ["no message"])[0]
+            return (f"bwrap cannot create namespaces here ({first}): user namespaces are disabled or restricted; "
+                    "allow them (sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone=1, or "
+                    "kernel.apparmor_restrict_unprivileged_userns=0 on Ubuntu 24.04) " + FIX_HINT)
+        return None
+
+    def describe_limits(self, limits: SandboxLimits) -> dict[str, str]:
+        the_plan = cgroups.plan(limits)
+        out = {}
+        for key, controller, value in (("cpus", "cpu", limits.cpus), ("memory", "memory", limits.memory_bytes),
+                                       ("pids", "pids", limits.pids)):
+            if value is None:
+                out[key] = "no limit"
+                continue
+            shown = f"{value >> 20} MiB" if key == "memory" else f"{value:g}"
+            how = the_plan.enforced_by(controller) or {"cpus": "cpu affinity", "memory": "rlimit (address space)",
+                                                      "pids": "not enforced (no writable cgroup)"}[key]
+            out[key] = f"{shown} ({how})"
+        return out
+
+    # ---- start and kill ----------------------------------------------------------------------------
+
+    async def start(self, launch: WorkerLaunch) -> WorkerProcess:
+        if not self._bwrap:
+            raise SandboxUnavailable(f"job code refused: {self.unavailable_reason()}")
+        prefixes = await _interpreter_prefixes(launch.argv[0])
+        hardening = await asyncio.to_thread(self._disable_userns_flags)
+        limits = launch.limits
+        groups = await asyncio.to_thread(
+            lambda: cgroups.WorkerCgroups.create(cgroups.plan(limits), limits, secrets.token_hex(3)))
+        enter: list[str] = []
+        for procs in groups.procs_files:
+            enter += ["--procs", str(procs)]
+        enforced = groups.enforced()
+        if limits.memory_bytes is not None and "memory" not in enforced:
+            enter += ["--rlimit-as", str(limits.memory_bytes)]
+        if limits.cpus is not None and "cpu" not in enforced:
+            enter += ["--cpus", str(limits.cpus)]
+        data_fds: list[int] = []
+        try:
+            argv = self._bwrap_argv(launch, prefixes, data_fds, hardening)
+            if enter:
+                argv = [sys.executable, "-I", str(ENTER_SCRIPT), *enter, "--", *argv]
+            env = {**launch.env, "HOME": str(launch.cwd), "USER": "nobody", "LOGNAME": "nobody", "TMPDIR": "/tmp"}
+            with launch.log_path.open("ab") as log_file:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
+                    cwd="/", env=env, limit=WORKER_LINE_LIMIT_BYTES, pass_fds=data_fds,
+                    start_new_session=True)
+        except BaseException:
+            await asyncio.to_thread(groups.remove)
+            raise
+        finally:
+            for fd in data_fds:
+                os.close(fd)
+        return _SandboxedProcess(proc, groups)
+
+    def kill(self, proc: WorkerProcess) -> None:
+        """SIGKILL bwrap: --die-with-parent kills the namespace's init, and the kernel then kills every
+        process of the pid namespace. The cgroup members are killed too, where there is a cgroup."""
+        if isinstance(proc, _SandboxedProcess):
+            proc.groups.kill_all()
+        if proc.returncode is None:
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    # ---- the bwrap command line --------------------------------------------------------------------
+
+    def _bwrap_argv(self, launch: WorkerLaunch, prefixes: list[Path], data_fds: list[int],
+                    hardening: list[str]) -> list[str]:
+        args = [self._bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net",
+                "--unshare-cgroup-try", *hardening, "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+                "--hostname", "fedkit-job", "--die-with-parent", "--new-session",
+                "--ro-bind", "/usr", "/usr"]
+        for name in TOP_LEVEL:
+            top = Path("/") / name
+            if top.is_symlink():
+                args += ["--symlink", os.readlink(top), str(top)]
+            elif top.is_dir():
+                args += ["--ro-bind", str(top), str(top)]
+        for name in ETC_FILES:
+            args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+        for dest, text in (("/etc/passwd", f"nobody:x:{SANDBOX_UID}:{SANDBOX_UID}:nobody:/nonexistent:/bin/false\n"),
+                           ("/etc/group", f"nogroup:x:{SANDBOX_UID}:\n"),
+                           ("/etc/hosts", "127.0.0.1 localhost fedkit-job\n::1 localhost\n")):
+            args += ["--ro-bind-data", str(_data_fd(text, data_fds)), dest]
+        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]
+        if launch.gpus:
+            args += ["--ro-bind-try", "/sys", "/sys"]
+            for dev in sorted(Path("/dev").glob("nvidia*")):
+                args += ["--dev-bind-try", str(dev), str(dev)]
+        else:
+            args += ["--ro-bind-try", "/sys/devices/system/cpu", "/sys/devices/system/cpu"]
+        binds: list[tuple[str, Path]] = [("--ro-bind", p) for p in prefixes if not _under(p, Path("/usr"))]
+        binds.append(("--ro-bind", launch.runtime_dir))
+        binds += [("--ro-bind", p) for p in launch.read_only]
+        binds += [("--bind", p) for p in launch.writable]
+        # a data root (or a venv) that holds the kit would show its startup/ and workspace/: an empty tmpfs
+        # goes over the kit first, and only the binds inside it (runtime/, the job's folders) on top
+        kit = launch.runtime_dir.parent
+        if any(_under(kit, path) for _, path in binds):
+            binds.append(("--tmpfs", kit))
+        # parents before children, so a bind inside another one lands on top of it
+        for flag, path in sorted(binds, key=lambda b: (len(b[1].parts), b[0] == "--tmpfs")):
+            args += [flag, str(path)] if flag == "--tmpfs" else [flag, str(path), str(path)]
+        args += ["--chdir", str(launch.cwd), "--", *launch.argv]
+        return args
+
+
+class _SandboxedProcess:
+    """The bwrap process as the daemon sees it; once it has exited, the job's cgroups are emptied and removed."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, groups: cgroups.WorkerCgroups):
+        self._proc = proc
+        self.groups = groups
+        self.pid = proc.pid
+        self.stdin = proc.stdin
+        self.stdout = proc.stdout
+        self._cleaned = False
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    async def wait(self) -> int:
+        code = await self._proc.wait()
+        if not self._cleaned:
+            self._cleaned = True
+            await asyncio.to_thread(self.groups.remove)
+        return code
+
+
+def _data_fd(text: str, keep: list[int]) -> int:
+    """A pipe already holding `text` (small, so it never blocks), for bwrap's --ro-bind-data."""
+    read_fd, write_fd = os.pipe()
+    keep.append(read_fd)
+    with os.fdopen(write_fd, "w") as f:
+        f.write(text)
+    return read_fd
+
+
+def _under(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+async def _interpreter_prefixes(python: str) -> list[Path]:
+    """The folders the worker's interpreter lives in (venv and base install), asked of that interpreter."""
+    proc = await asyncio.create_subprocess_exec(
+        python, "-I", "-c", _PREFIX_PROBE, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), PROBE_TIMEOUT_S)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise SandboxUnavailable(f"job code refused: the worker interpreter {python} did not answer within "
+                                 f"{PROBE_TIMEOUT_S:g} s; check local/site.yml python") from None
+    if proc.returncode != 0:
+        raise SandboxUnavailable(f"job code refused: the worker interpreter {python} does not run "
+                                 f"({err.decode(errors='replace').strip()[:200]}); check local/site.yml python")
+    found: list[Path] = []
+    # as the interpreter names them (a venv is found through its own path, so not resolved)
+    for text in json.loads(out):
+        path = Path(text)
+        if path.is_absolute() and path not in found and path != Path("/"):
+            found.append(path)
+    for exe in (Path(python), Path(python).resolve()):  # the interpreter and the file it links to
+        if not any(_under(exe.parent, p) for p in found):
+            found.append(exe.parent)
+    return found
+
+
+__all__ = ["NativeSandbox", "limits_of"]

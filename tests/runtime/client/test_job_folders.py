@@ -1,0 +1,50 @@
+"""The daemon takes a result from the worker's outbox only as a plain file of bounded size, never
+through a link, and copies it to a path it owns."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from runtime.client.job_folders import JobFolders, take_result
+from runtime.client.worker_replies import WorkerReplyRefused
+
+
+@pytest.fixture
+def folders(tmp_path):
+    folders = JobFolders(tmp_path / "job")
+    folders.create()
+    return folders
+
+
+def test_a_plain_result_is_copied_and_removed_from_the_outbox(folders):
+    (folders.outbox / "train-1.safetensors").write_bytes(b"weights")
+    dest = folders.inbox / "delta.safetensors"
+    assert take_result(folders.outbox, "train-1.safetensors", dest, max_bytes=100) == 7
+    assert dest.read_bytes() == b"weights"
+    assert not (folders.outbox / "train-1.safetensors").exists()
+
+
+def test_a_symlink_to_a_secret_is_refused(folders, tmp_path):
+    secret = tmp_path / "client.key"
+    secret.write_text("KEY")
+    (folders.outbox / "train-1.safetensors").symlink_to(secret)
+    dest = folders.inbox / "delta.safetensors"
+    with pytest.raises(WorkerReplyRefused, match="cannot be opened safely"):
+        take_result(folders.outbox, "train-1.safetensors", dest, max_bytes=100)
+    assert not dest.exists()
+
+
+def test_a_fifo_does_not_block_and_is_refused(folders):
+    os.mkfifo(folders.outbox / "train-1.safetensors")
+    with pytest.raises(WorkerReplyRefused, match="not a regular file"):
+        take_result(folders.outbox, "train-1.safetensors", folders.inbox / "d", max_bytes=100)
+
+
+def test_an_oversized_or_missing_result_is_refused(folders):
+    (folders.outbox / "big").write_bytes(b"x" * 101)
+    with pytest.raises(WorkerReplyRefused, match="more than the 100 allowed"):
+        take_result(folders.outbox, "big", folders.inbox / "d", max_bytes=100)
+    with pytest.raises(WorkerReplyRefused, match="wrote no result file"):
+        take_result(folders.outbox, "absent", folders.inbox / "d", max_bytes=100)

@@ -1,0 +1,247 @@
+"""NativeSandbox (bubblewrap) keeps its contract: a tiny probe script started through it cannot see the kit's
+key, reach the host's network, or write anything but scratch and outbox; loopback inside still works; kill()
+takes every process along, a setsid()-ed grandchild included; cgroup limits hold where they are set."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import secrets
+import socket
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from provision.local_study import wait_until
+from runtime.client.sandbox import SandboxLimits, WorkerLaunch
+from runtime.client.sandbox_native import NativeSandbox
+
+RUN_TIMEOUT_S = 60.0
+
+
+class _Layout:
+    def __init__(self, root: Path):
+        self.kit = root / "kit"
+        self.runtime = self.kit / "runtime"
+        self.key = self.kit / "startup" / "client.key"
+        self.data = root / "data"
+        job = self.kit / "workspace" / "jobs" / "j1"
+        self.code, self.scratch, self.inbox, self.outbox = (job / n for n in ("code", "scratch", "inbox", "outbox"))
+        for folder in (self.runtime, self.key.parent, self.data, self.code, self.scratch, self.inbox, self.outbox):
+            folder.mkdir(parents=True)
+        (self.runtime / "__init__.py").write_text("")
+        self.key.write_text("-----BEGIN PRIVATE KEY-----\nFAKE\n")
+        self.key.chmod(0o600)
+        (self.data / "train.csv").write_text("a,b\n1,2\n")
+        (self.inbox / "global_in.safetensors").write_text("weights")
+
+    def launch(self, script: str, limits: SandboxLimits | None = None) -> WorkerLaunch:
+        probe = self.code / f"probe_{secrets.token_hex(3)}.py"
+        probe.write_text(textwrap.dedent(script))
+        return WorkerLaunch(argv=(sys.executable, str(probe)),
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(self.kit)},
+                            runtime_dir=self.runtime, read_only=(self.code, self.data, self.inbox),
+                            writable=(self.scratch, self.outbox), gpus=(), limits=limits or SandboxLimits(),
+                            log_path=self.kit / "worker.log", cwd=self.scratch)
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> _Layout:
+    reason = NativeSandbox().unavailable_reason()
+    assert reason is None, reason  # bubblewrap is a test dependency here (Debian package bubblewrap)
+    return _Layout(tmp_path)
+
+
+async def _run(launch: WorkerLaunch) -> tuple[dict, int]:
+    """Start the probe, read its JSON lines to the end, wait for it; (the lines merged, exit code)."""
+    sandbox = NativeSandbox()
+    proc = await sandbox.start(launch)
+    answer: dict = {}
+    try:
+        proc.stdin.close()
+        output = await asyncio.wait_for(proc.stdout.read(), RUN_TIMEOUT_S)
+        code = await asyncio.wait_for(proc.wait(), RUN_TIMEOUT_S)
+    finally:
+        sandbox.kill(proc)
+        await proc.wait()
+    for line in output.decode().splitlines():
+        answer.update(json.loads(line))
+    return answer, code
+
+
+ATTEMPT = """
+import json, os, socket, sys
+def attempt(fn):
+    try:
+        fn()
+        return "done"
+    except Exception as e:
+        return type(e).__name__
+def read(path):
+    return lambda: open(path).read()
+def write(path):
+    return lambda: open(path, "w").write("x")
+def unshare_user():
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        raise OSError(ctypes.get_errno(), "unshare")
+def connect(port):
+    def go():
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+    return go
+"""
+
+
+def test_probe_cannot_read_the_kit_key_and_sees_only_its_binds(layout):
+    launch = layout.launch(ATTEMPT + f"""
+print(json.dumps({{"key": attempt(read({str(layout.key)!r})),
+                  "startup": os.path.exists({str(layout.key.parent)!r}),
+                  "kit_top": sorted(os.listdir({str(layout.kit)!r})),
+                  "data": attempt(read({str(layout.data / "train.csv")!r})),
+                  "inbox": attempt(read({str(layout.inbox / "global_in.safetensors")!r})),
+                  "runtime": os.path.exists({str(layout.runtime / "__init__.py")!r}),
+                  "shadow": attempt(read("/etc/shadow")), "home": os.path.exists("/home"),
+                  "uid": os.getuid(), "pid": os.getpid(),
+                  "nested_userns": attempt(unshare_user)}}))
+""")
+    answer, code = asyncio.run(_run(launch))
+    assert code == 0
+    assert answer["key"] == "FileNotFoundError"
+    assert answer["startup"] is False
+    assert answer["kit_top"] == ["runtime", "workspace"]  # workspace only as the path to the job folders
+    assert answer["data"] == "done" and answer["inbox"] == "done" and answer["runtime"] is True
+    assert answer["shadow"] == "FileNotFoundError" and answer["home"] is False
+    assert answer["uid"] == 65534
+    assert answer["nested_userns"] == "OSError"  # no user namespaces of its own (bwrap --disable-userns)
+    assert answer["pid"] != os.getpid()
+
+
+def test_a_data_root_around_the_kit_still_hides_the_key(layout, tmp_path):
+    launch = layout.launch(ATTEMPT + f"""
+print(json.dumps({{"key": attempt(read({str(layout.key)!r})),
+                  "data": attempt(read({str(layout.data / "train.csv")!r})),
+                  "runtime": os.path.exists({str(layout.runtime / "__init__.py")!r})}}))
+""")
+    launch = dataclasses.replace(launch, read_only=(*launch.read_only, tmp_path))  # data_root: the kit's parent
+    answer, code = asyncio.run(_run(launch))
+    assert code == 0
+    assert answer == {"key": "FileNotFoundError", "data": "done", "runtime": True}
+
+
+def test_probe_writes_only_scratch_and_outbox(layout):
+    targets = {"data": layout.data / "x", "runtime": layout.runtime / "evil.py", "code": layout.code / "x",
+               "inbox": layout.inbox / "x", "scratch": layout.scratch / "x", "outbox": layout.outbox / "x"}
+    launch = layout.launch(ATTEMPT + f"""
+targets = {json.dumps({k: str(v) for k, v in targets.items()})}
+print(json.dumps({{name: attempt(write(path)) for name, path in targets.items()}}))
+""")
+    answer, code = asyncio.run(_run(launch))
+    assert code == 0
+    assert answer["scratch"] == "done" and answer["outbox"] == "done"
+    for name in ("data", "runtime", "code", "inbox"):
+        assert answer[name] == "OSError", name  # read-only file system
+        assert not targets[name].exists()
+
+
+def test_probe_has_no_network_but_its_own_loopback(layout):
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        launch = layout.launch(ATTEMPT + f"""
+inside = socket.create_server(("127.0.0.1", 0))
+inside_port = inside.getsockname()[1]
+print(json.dumps({{"host_listener": attempt(connect({port})),
+                  "outside": attempt(lambda: socket.create_connection(("1.1.1.1", 443), timeout=5)),
+                  "own_loopback": attempt(connect(inside_port))}}))
+""")
+        answer, code = asyncio.run(_run(launch))
+    finally:
+        listener.close()
+    assert code == 0
+    assert answer["host_listener"] == "ConnectionRefusedError"  # its 127.0.0.1 is not the host's
+    assert answer["outside"] in ("OSError", "TimeoutError")  # network unreachable: no route at all
+    assert answer["own_loopback"] == "done"
+
+
+def _pids_with(token: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if token.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_kill_takes_a_setsid_grandchild_along(layout):
+    token = f"fedkit-orphan-{secrets.token_hex(4)}"
+    launch = layout.launch(f"""
+import os, subprocess, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:  # double fork: reparented, own session; it must still die with the sandbox
+        os.execv(sys.executable, [sys.executable, "-c", "import time\\nwhile True: time.sleep(0.2)", {token!r}])
+    os._exit(0)
+print('{{"started": true}}', flush=True)
+sys.stdin.read()  # until the daemon goes away
+""")
+
+    async def scenario() -> None:
+        sandbox = NativeSandbox()
+        proc = await sandbox.start(launch)
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), RUN_TIMEOUT_S)
+            assert json.loads(line) == {"started": True}
+            await asyncio.to_thread(wait_until, lambda: _pids_with(token), 30, "the grandchild to run")
+        finally:
+            sandbox.kill(proc)
+            await proc.wait()
+
+    asyncio.run(scenario())
+    wait_until(lambda: not _pids_with(token), 30, "the setsid grandchild to be killed")
+
+
+def test_memory_limit_stops_a_greedy_job(layout):
+    limits = SandboxLimits(memory_bytes=128 << 20, pids=64)
+    assert "cgroup" in NativeSandbox().describe_limits(limits)["memory"], "this test host gives root cgroups"
+    launch = layout.launch("""
+import json
+print(json.dumps({"started": True}), flush=True)
+block = bytearray(512 << 20)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+print(json.dumps({"allocated": True}), flush=True)
+""", limits=limits)
+    answer, code = asyncio.run(_run(launch))
+    assert answer == {"started": True} and code != 0
+
+
+def test_pids_limit_stops_a_fork_bomb(layout):
+    limits = SandboxLimits(pids=32)
+    launch = layout.launch("""
+import json, threading, time
+started = 0
+try:
+    for _ in range(200):
+        threading.Thread(target=time.sleep, args=(5,), daemon=True).start()
+        started += 1
+    outcome = "all started"
+except RuntimeError:
+    outcome = "refused"
+print(json.dumps({"outcome": outcome, "started": started}), flush=True)
+""", limits=limits)
+    answer, code = asyncio.run(_run(launch))
+    assert answer["outcome"] == "refused" and answer["started"] < 32
+
+
+def test_missing_bwrap_is_one_line_with_the_fix():
+    reason = NativeSandbox(bwrap="/nonexistent/bwrap-not-here").unavailable_reason()
+    assert reason and "\n" not in reason
+    assert "bwrap" in reason and "sandbox.backend: off" in reason
