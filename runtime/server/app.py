@@ -17,6 +17,7 @@ from ..transport import RpcServer, TlsFiles, require_kind
 from .admin_service import AdminService
 from .authz import Policy
 from .federation import FederationService
+from .job_quota import JobQuota
 from .job_store import JobStore
 from .registry import Registry
 from .runner import JobRunner
@@ -57,14 +58,15 @@ async def serve(kit: Path, debug: bool = False) -> None:
     audit = AuditLog(ws / "audit.jsonl")
     registry = Registry(settings.heartbeat_timeout_s, time.monotonic)
     board = TaskBoard(time.monotonic)
-    runner = JobRunner(JobStore(ws / "jobs"), board, registry, audit, settings.max_update_bytes_factor)
+    runner = JobRunner(JobStore(ws / "jobs"), board, registry, audit, settings.max_update_bytes_factor,
+                       JobQuota(settings.max_jobs_per_admin, settings.max_job_bytes_per_admin))
     controls = SiteControls()
     stop = stop_event_on_signals()
     heartbeat_interval_s = min(5.0, settings.heartbeat_timeout_s / 4)
     federation = FederationService(registry, board, runner, audit, heartbeat_interval_s,
                                    settings.max_concurrent_uploads, settings.max_concurrent_downloads, controls)
     admin = AdminService(runner, registry, Policy.load(local / "authorization.yml"), audit, cfg.org,
-                         ws / LOG_FILE, controls, stop.set)
+                         ws / LOG_FILE, controls, stop.set, settings.max_job_archive_bytes)
 
     host = settings.listen_host or cfg.name
     fed_server = RpcServer(tls, host, settings.fed_learn_listen_port or cfg.fed_learn_port)
