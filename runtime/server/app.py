@@ -80,6 +80,8 @@ async def serve(kit: Path, debug: bool = False) -> None:
     await admin_server.start()
     write_pid(ws)
     audit.append("server_started", project=cfg.project, name=cfg.name)
+    log.info("audit log %s: %s (check with: fedkit audit verify FILE --expect-head HASH --expect-count N)",
+             audit.path, audit.head())
     log.info("server %s for project %s listening on %s:%d (federation) and :%d (admin)",
              cfg.name, cfg.project, host, fed_server.port, admin_server.port)
 
@@ -96,4 +98,5 @@ async def serve(kit: Path, debug: bool = False) -> None:
     await fed_server.stop(2.0)
     await admin_server.stop(2.0)
     audit.append("server_stopped", name=cfg.name)
+    log.info("audit log %s: %s", audit.path, audit.head())
     (ws / "daemon.pid").unlink(missing_ok=True)
