@@ -77,6 +77,13 @@ class JobController:
         self._n_tensors = 0
         self._job_sha = record.job_sha256
         self._last_sites: list[str] = []
+        self._tasked: set[str] = set()  # every site this run has sent a task: the ones that may fetch the job
+
+    def is_selected(self, site: str) -> bool:
+        """Whether `site` is one the job runs on: named by meta.sites (or any, for "all") and sent a task
+        in this run. Only such a site may fetch the job's archive."""
+        wanted = self.spec.meta.sites
+        return site in self._tasked and (wanted == "all" or site in wanted)
 
     # ---- called by the federation service -------------------------------------------------------
 
@@ -294,6 +301,7 @@ class JobController:
         cfg, meta = self.spec.server, self.spec.meta
         sites = await self._wait_for_sites(rnd, max_sites, exclude or set())
         self._last_sites = sites
+        self._tasked.update(sites)
         payload = (await asyncio.to_thread(lambda: Payload.of(to_bytes(model), CHUNK_BYTES))
                    if model is not None else NO_PAYLOAD)
         config = {"rounds": cfg.rounds, "client": self.spec.client.model_dump(mode="json"),
