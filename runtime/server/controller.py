@@ -27,6 +27,7 @@ from ..transport import CHUNK_BYTES
 from ..weights import Weights, check_update, from_bytes, load_file, nbytes, save_file, to_bytes, view_bytes
 from ..workflows import FedAvg, SiteResult, weighted_metrics
 from .job_store import JobRecord, JobStore, Progress
+from .metrics_check import check_metrics, check_metrics_size
 from .registry import Registry
 from .taskboard import NO_PAYLOAD, Payload, Task, TaskBoard
 
@@ -388,12 +389,15 @@ def _numbers(value: Any) -> dict[str, float]:
 
 
 def decode_metrics(text: str) -> dict[str, Any]:
+    """A site's metrics JSON, checked (metrics_check.py); raises UpdateRejected."""
     if not text:
         return {}
+    check_metrics_size(text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         raise UpdateRejected("metrics are not valid JSON") from None
     if not isinstance(data, dict):
         raise UpdateRejected("metrics must be a JSON object")
+    check_metrics(data)
     return data
