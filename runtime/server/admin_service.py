@@ -383,7 +383,7 @@ def _job_id(args: dict[str, Any]) -> str:
     if not job_id:
         raise CommandError("missing job id")
     if not JOB_ID_PATTERN.fullmatch(job_id):
-        raise CommandError(f"job id '{bounded_text(job_id, 40)}' is malformed: job ids look like "
+        raise CommandError(f"job id {bounded_text(job_id, 40)!r} is malformed: job ids look like "
                            "20260101-120000-a1b2c3 (list_jobs shows them)")
     return job_id
 
