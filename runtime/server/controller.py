@@ -239,7 +239,8 @@ class JobController:
         models = self._store.models_dir(job_id)
         path = models / "initial.safetensors"
         if not path.exists() and cfg.initial_model:
-            data = read_zip_member(self._store.archive(job_id), cfg.initial_model)
+            data = await asyncio.to_thread(read_zip_member, self._store.job_dir(job_id) / "job.zip",
+                                           cfg.initial_model)
             initial = await asyncio.to_thread(from_bytes, data)
             await asyncio.to_thread(save_file, initial, path)
         if not path.exists():

@@ -12,7 +12,7 @@ from ..audit import AuditLog
 from ..errors import FedkitError, JobRejected, SessionExpired, TransferStalled, UpdateRejected
 from ..identity import Identity
 from ..proto import fedkit_pb2 as pb
-from ..transport import PayloadReceiver, iter_chunks, with_idle_timeout
+from ..transport import CHUNK_BYTES, PayloadReceiver, with_idle_timeout
 from .controller import decode_metrics
 from .registry import Registry
 from .runner import JobRunner
@@ -107,9 +107,10 @@ class FederationService:
         if not current.is_selected(peer.name):
             self._audit.append("job_fetch_refused", site=peer.name, job_id=current.record.job_id)
             raise JobRejected(f"{peer.name} is not one of the sites job {current.record.job_id} runs on")
-        archive = await asyncio.to_thread(self._runner.store.archive, request.job_id)
-        for chunk in iter_chunks(archive):
-            yield pb.DataChunk(data=chunk)
+        # streamed from disk: several sites fetching a large archive at once must not each cost its size
+        with (self._runner.store.job_dir(request.job_id) / "job.zip").open("rb") as f:
+            while chunk := await asyncio.to_thread(f.read, CHUNK_BYTES):
+                yield pb.DataChunk(data=chunk)
 
     async def _receive(self, task, controller, header: pb.ResultHeader,
                        chunks: AsyncIterator[pb.ResultChunk]) -> str:

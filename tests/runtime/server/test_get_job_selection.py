@@ -14,6 +14,7 @@ from runtime.errors import JobRejected
 from runtime.identity import Identity, Kind
 from runtime.proto import fedkit_pb2 as pb
 from runtime.server.federation import FederationService
+from runtime.server.job_store import JobStore
 from runtime.server.registry import Registry
 from runtime.server.site_controls import SiteControls
 from runtime.server.taskboard import TaskBoard
@@ -34,8 +35,10 @@ class _Controller:
 
 def _service(tmp_path: Path, selected: set[str]) -> tuple[FederationService, Registry]:
     registry = Registry(30.0, lambda: 0.0)
-    runner = SimpleNamespace(current=_Controller(selected),
-                             store=SimpleNamespace(archive=lambda job_id: b"PK-the-archive"))
+    store = JobStore(tmp_path / "jobs")
+    store.job_dir(JOB).mkdir()
+    (store.job_dir(JOB) / "job.zip").write_bytes(b"PK-the-archive")
+    runner = SimpleNamespace(current=_Controller(selected), store=store)
     service = FederationService(registry, TaskBoard(clock=lambda: 0.0), runner, AuditLog(tmp_path / "a.jsonl"),
                                 1.0, 2, 2, SiteControls())
     return service, registry
