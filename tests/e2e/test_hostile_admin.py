@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import random
+import re
 import shutil
 import zipfile
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from provision.cli import app
 from provision.local_study import LocalStudy
 from runtime.proto import fedkit_pb2 as pb
 from runtime.transport import CHUNK_BYTES, TlsFiles, admin_stub, open_channel
@@ -53,6 +56,8 @@ class Run:
     still_serving: Any
     console_submit: Any
     quota_refusal: str
+    server_log: str
+    audit_path: Path
 
 
 # ---- building hostile archives -----------------------------------------------------------------------
@@ -200,7 +205,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         shutil.copytree(JOB_TEMPLATE, job)
         console_submit = study.admin_json(f"submit_job {job}", admin=LEAD)
         over = study.admin(f"submit_job {job}", admin=LEAD, as_json=False)
-        yield Run(outcomes, before, after, still_serving, console_submit, over.stderr.strip())
+        assert study.stop(study.server) == 0
+        yield Run(outcomes, before, after, still_serving, console_submit, over.stderr.strip(),
+                  (ws / "log.txt").read_text(), ws / "audit.jsonl")
     finally:
         study.stop_all()
 
@@ -259,3 +266,18 @@ def test_the_server_keeps_serving_and_the_quota_refuses_in_one_line(run: Run) ->
     assert run.console_submit["state"] == "queued"
     assert "quota" in run.quota_refusal and f"limit {MAX_JOBS} per admin" in run.quota_refusal
     assert "delete_job" in run.quota_refusal and "\n" not in run.quota_refusal
+
+
+def test_the_audit_head_logged_at_shutdown_anchors_the_log_against_a_cut(run: Run, tmp_path: Path) -> None:
+    heads = re.findall(r"audit log \S+: (\d+) records, head ([0-9a-f]{64})", run.server_log)
+    assert len(heads) == 2, "one head logged at start and one at shutdown"
+    count, head = heads[-1]
+    anchored = ["audit", "verify", "--expect-head", head, "--expect-count", count]
+
+    intact = CliRunner().invoke(app, [*anchored[:2], str(run.audit_path), *anchored[2:]])
+    cut = tmp_path / "audit.jsonl"
+    cut.write_bytes(b"".join(run.audit_path.read_bytes().splitlines(keepends=True)[:-2]))
+    broken = CliRunner().invoke(app, [*anchored[:2], str(cut), *anchored[2:]])
+
+    assert intact.exit_code == 0, intact.stderr
+    assert broken.exit_code == 1 and broken.stderr.count("\n") == 1 and "missing" in broken.stderr, broken.stderr
