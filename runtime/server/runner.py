@@ -208,6 +208,7 @@ class JobRunner:
 
     def _ended(self, record: JobRecord) -> None:
         self._current = None
+        self._specs.pop(record.job_id, None)  # the scheduler asks only about queued jobs
         self._board.forget(record.job_id)
         record.finished_at = time.time()
         self.store.save(record)
