@@ -189,12 +189,19 @@ app.add_typer(audit_app, name="audit")
 @audit_app.command("verify")
 def audit_verify_cmd(
     log: Annotated[Path, typer.Argument(help="an audit.jsonl from a server or site workspace")],
+    expect_head: Annotated[str | None, typer.Option(
+        "--expect-head", help="the head hash a server or site logged (log.txt): fail if the log ends elsewhere",
+    )] = None,
+    expect_count: Annotated[int | None, typer.Option(
+        "--expect-count", min=0, help="the record count logged with that head: fail if records are missing")] = None,
 ) -> None:
-    """Check an audit log's hash chain; names the line where it breaks (exit 1)."""
+    """Check an audit log's hash chain; names the line where it breaks (exit 1). Prints the head hash and
+    record count; with --expect-head/--expect-count, a log cut at its end fails too (exit 1)."""
     if not log.is_file():
         raise ConfigError(f"{log}: no such audit log")
     report = audit.verify(log)
-    typer.echo(f"{log}: ok ({report.records} records, chain intact)")
+    audit.check_anchors(log, report, expect_head, expect_count)
+    typer.echo(f"{log}: ok ({report.records} records, chain intact, head {report.last_hash})")
 
 
 @app.command("demo")

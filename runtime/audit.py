@@ -2,7 +2,9 @@
 own canonical JSON (without `hash`), and `prev`, the hash of the record before it. An edited record no
 longer matches its own hash; a deleted or inserted one breaks the `prev` link of the record after it.
 (Anyone able to rewrite the whole file from a point on can recompute the chain: copy the latest hash
-elsewhere, e.g. `show_audit`, to anchor it.)
+elsewhere, e.g. `show_audit`, to anchor it. Deleting the last records leaves a chain that verifies:
+the head (last hash) and record count, which servers and sites log at every start and stop, are the
+anchors `fedkit audit verify --expect-head/--expect-count` checks a log against.)
 
 Never logs secrets: callers pass only names, hashes and arguments a person typed.
 """
@@ -36,6 +38,17 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+@dataclass(frozen=True)
+class Head:
+    """Where a log stands: how many records it holds and the hash of the last (GENESIS when empty)."""
+
+    records: int
+    hash: str
+
+    def __str__(self) -> str:
+        return f"{self.records} records, head {self.hash}"
+
+
 class AuditLog:
     """Appends records to one file. Safe to call from several threads; each append is flushed and
     fsynced so a crash loses at most the record being written."""
@@ -45,11 +58,12 @@ class AuditLog:
         self._clock = clock
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._count = 0
         self._prev = self._last_hash()
 
     def _last_hash(self) -> str:
-        """The hash to chain the next record to. A record cut off by a crash mid-write (no final newline)
-        is removed first, so the log stays verifiable: that record was never complete."""
+        """The hash to chain the next record to (and the record count). A record cut off by a crash
+        mid-write (no final newline) is removed first, so the log stays verifiable: it was never complete."""
         if not self._path.exists() or self._path.stat().st_size == 0:
             return GENESIS
         data = self._path.read_bytes()
@@ -59,6 +73,7 @@ class AuditLog:
                 f.truncate(keep)
             data = data[:keep]
         lines = [ln for ln in data.split(b"\n") if ln.strip()]
+        self._count = len(lines)
         return json.loads(lines[-1]).get("hash", GENESIS) if lines else GENESIS
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -71,7 +86,13 @@ class AuditLog:
                 f.flush()
                 os.fsync(f.fileno())
             self._prev = record["hash"]
+            self._count += 1
             return record
+
+    def head(self) -> Head:
+        """The record count and last hash: log them, so a log later cut at its end can be caught."""
+        with self._lock:
+            return Head(self._count, self._prev)
 
     def tail(self, n: int) -> list[dict[str, Any]]:
         if not self._path.exists():
@@ -88,6 +109,19 @@ class AuditLog:
 class VerifyReport:
     records: int
     last_hash: str = GENESIS  # anchor it elsewhere: a log cut short at its end still verifies
+
+
+def check_anchors(path: Path, report: VerifyReport, expect_head: str | None, expect_count: int | None) -> None:
+    """Raise AuditChainBroken if a verified log does not end where an anchor logged earlier says it did."""
+    if expect_count is not None and report.records != expect_count:
+        if report.records < expect_count:
+            raise AuditChainBroken(f"{path}: {report.records} records, expected {expect_count}: "
+                                   f"{expect_count - report.records} record(s) missing (the log was cut)")
+        raise AuditChainBroken(f"{path}: {report.records} records, expected {expect_count}: the log grew since "
+                               "that count was taken (take the latest count from the server log)")
+    if expect_head is not None and report.last_hash != expect_head.strip().lower():
+        raise AuditChainBroken(f"{path}: head is {report.last_hash[:16]}..., expected {expect_head[:16]}...: the "
+                               "log was cut, rewritten, or grew since that head was taken")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,10 @@
 
 `--set key=value` overrides address these files as `server.rounds=5`, `client.learner.args.lr=0.1`,
 `meta.min_clients=2`. Errors name the file and the field.
+
+Everything here reads what a stranger sent, so every read is bounded: a config text is at most
+MAX_CONFIG_BYTES, YAML aliases are refused (a few hundred bytes of nested aliases expand to gigabytes),
+and zip members are decompressed with a cap counted as they come out (runtime/bounded_zip.py).
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ import hashlib
 import io
 import json
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .bounded_zip import extract_capped, open_zip, read_member
 from .errors import JobRejected
 
 META = "meta.yml"
@@ -30,6 +35,34 @@ CLIENT_CONFIG = "config_fed_client.yml"
 CUSTOM_DIR = "custom"
 MAX_JOB_ZIP_BYTES = 256 << 20
 MAX_JOB_FILES = 10_000
+MAX_CONFIG_BYTES = 64 << 10  # each of the three config files; real ones are a few hundred bytes
+MAX_MEMBER_BYTES = MAX_JOB_ZIP_BYTES  # any one file of a job, decompressed
+MAX_EXPANDED_BYTES = 4 * MAX_JOB_ZIP_BYTES  # a whole job, decompressed
+MAX_OVERRIDES = 64
+MAX_OVERRIDE_CHARS = 1024
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing anchors and aliases: a job config has no use for them, and nested
+    aliases are how a few hundred bytes become gigabytes once expanded (a "billion laughs")."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasRefused()
+        return super().compose_node(parent, index)
+
+
+class _AliasRefused(Exception):
+    pass
+
+
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load without aliases; raises _AliasRefused or yaml.YAMLError."""
+    loader = _NoAliasLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 class _Strict(BaseModel):
@@ -100,8 +133,14 @@ class JobSpec(BaseModel):
 
 
 def _parse_yaml(name: str, text: str) -> dict[str, Any]:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise JobRejected(f"{name}: larger than {MAX_CONFIG_BYTES} bytes; keep settings short and put data in "
+                          f"{CUSTOM_DIR}/")
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
+    except _AliasRefused:
+        raise JobRejected(f"{name}: YAML aliases (*name) are not allowed in job configs; write the value out "
+                          "instead") from None
     except yaml.YAMLError as e:
         raise JobRejected(f"{name}: not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:
@@ -127,7 +166,10 @@ def parse_override(text: str) -> tuple[str, list[str], Any]:
     if not sep or len(parts) < 2 or parts[0] not in ("meta", "server", "client"):
         raise JobRejected(f"override '{text}': use meta.KEY=VALUE, server.KEY=VALUE or client.KEY=VALUE")
     try:
-        return parts[0], parts[1:], yaml.safe_load(value)
+        return parts[0], parts[1:], _load_yaml(value)
+    except _AliasRefused:
+        raise JobRejected(f"override '{text[:200]}': YAML aliases (*name) are not allowed; write the value "
+                          "out") from None
     except yaml.YAMLError as e:
         raise JobRejected(f"override '{text}': value is not valid YAML: {str(e).splitlines()[0]}") from None
 
@@ -143,6 +185,13 @@ def _apply(data: dict[str, Any], path: list[str], value: Any) -> None:
 
 def load_job_spec(files: dict[str, str], overrides: list[str] | None = None) -> JobSpec:
     """Validate a job's config texts (keyed by file name), with overrides applied first."""
+    if len(overrides or []) > MAX_OVERRIDES:
+        raise JobRejected(f"{len(overrides or [])} overrides (limit {MAX_OVERRIDES}); put settings in the "
+                          "config files instead")
+    for text in overrides or []:
+        if len(text) > MAX_OVERRIDE_CHARS:
+            raise JobRejected(f"override '{text[:60]}...' is longer than {MAX_OVERRIDE_CHARS} characters; put "
+                              "it in the config file instead")
     raw = {}
     for section, fname in (("meta", META), ("server", SERVER_CONFIG), ("client", CLIENT_CONFIG)):
         if fname not in files:
@@ -179,40 +228,41 @@ def zip_folder(folder: Path) -> bytes:
     return buf.getvalue()
 
 
-def read_zip_configs(data: bytes) -> dict[str, str]:
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+def read_zip_configs(source: bytes | Path) -> dict[str, str]:
+    """The three config texts of a job archive (in memory or a file), each read with a cap of
+    MAX_CONFIG_BYTES however large it claims or turns out to be. Raises JobRejected."""
+    with open_zip(source) as zf:
         names = set(zf.namelist())
-        return {n: zf.read(n).decode() for n in (META, SERVER_CONFIG, CLIENT_CONFIG) if n in names}
+        texts = {}
+        for n in (META, SERVER_CONFIG, CLIENT_CONFIG):
+            if n not in names:
+                continue
+            try:
+                data = read_member(zf, n, MAX_CONFIG_BYTES)
+            except JobRejected:
+                raise JobRejected(f"{n}: larger than {MAX_CONFIG_BYTES} bytes decompressed; keep settings short "
+                                  f"and put data in {CUSTOM_DIR}/") from None
+            try:
+                texts[n] = data.decode()
+            except UnicodeDecodeError:
+                raise JobRejected(f"{n}: not UTF-8 text") from None
+        return texts
 
 
-def read_zip_member(data: bytes, name: str) -> bytes:
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            return zf.read(name)
-    except KeyError:
-        raise JobRejected(f"job folder has no file '{name}'") from None
+def read_zip_member(source: bytes | Path, name: str, limit_bytes: int = MAX_MEMBER_BYTES) -> bytes:
+    """One file of a job archive, refused past `limit_bytes` decompressed. Raises JobRejected."""
+    with open_zip(source) as zf:
+        return read_member(zf, name, limit_bytes)
 
 
-def safe_extract(data: bytes, dest: Path) -> None:
-    """Unzip a job into `dest`, refusing absolute paths, '..', links and zip bombs."""
+def safe_extract(data: bytes, dest: Path, member_limit_bytes: int = MAX_MEMBER_BYTES,
+                 total_limit_bytes: int = MAX_EXPANDED_BYTES) -> None:
+    """Unzip a job into `dest`, refusing absolute paths, '..', links and zip bombs (every member and the
+    total are capped while decompressing, whatever the archive declares)."""
     if len(data) > MAX_JOB_ZIP_BYTES:
         raise JobRejected(f"job archive of {len(data)} bytes exceeds {MAX_JOB_ZIP_BYTES}")
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
-        raise JobRejected("job archive is not a valid zip") from None
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > MAX_JOB_FILES:
-            raise JobRejected(f"job archive holds {len(infos)} files (limit {MAX_JOB_FILES})")
-        if sum(i.file_size for i in infos) > 4 * MAX_JOB_ZIP_BYTES:
-            raise JobRejected("job archive expands too large")
-        for info in infos:
-            p = PurePosixPath(info.filename)
-            if p.is_absolute() or ".." in p.parts or (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise JobRejected(f"job archive entry '{info.filename}' is unsafe")
-        dest.mkdir(parents=True, exist_ok=True)
-        zf.extractall(dest)
+    with open_zip(data) as zf:
+        extract_capped(zf, dest, MAX_JOB_FILES, member_limit_bytes, total_limit_bytes)
 
 
 def sha256_hex(data: bytes) -> str:

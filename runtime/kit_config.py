@@ -102,6 +102,12 @@ class ServerLocalSettings(_Strict):
                                                              "sites on slow links")
     max_concurrent_downloads: int = Field(8, ge=1, description="sites fetching the model at once: bounds "
                                                                "server memory per site")
+    max_jobs_per_admin: int = Field(100, ge=1, description="jobs one admin may have stored (queued, running or "
+                                                           "ended); delete_job frees one")
+    max_job_bytes_per_admin: int = Field(20 << 30, ge=1, description="bytes one admin's stored jobs (archives "
+                                                                      "and outputs) may take on disk")
+    max_job_archive_bytes: int = Field(256 << 20, ge=1, le=256 << 20,
+                                       description="largest job archive an admin may upload")
 
 
 class SandboxSettings(_Strict):

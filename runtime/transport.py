@@ -356,7 +356,11 @@ class PayloadReceiver:
 
     Refuses more bytes than declared, fewer than declared, and a SHA-256 mismatch, so a partial or
     corrupted transfer never becomes a model. The hash is given up front or, with `sha256=""`, at
-    `finish` (a trailer)."""
+    `finish` (a trailer).
+
+    Memory follows what arrived, not what the peer declared: a reused `buffer` of exactly the declared
+    size is filled in place (its memory is already held), otherwise the buffer grows with the data, so a
+    site that declares 1 GiB and sends nothing costs nothing."""
 
     def __init__(self, declared_bytes: int, limit_bytes: int, sha256: str = "",
                  buffer: bytearray | None = None, sink: BinaryIO | None = None, verify_sha256: bool = True):
@@ -365,7 +369,8 @@ class PayloadReceiver:
         self._declared = declared_bytes
         self._sink = sink
         if sink is None:
-            self._buf = buffer if buffer is not None and len(buffer) == declared_bytes else bytearray(declared_bytes)
+            self._in_place = buffer is not None and len(buffer) == declared_bytes
+            self._buf = buffer if buffer is not None and self._in_place else bytearray()
         self._pos = 0
         self._sha = sha256
         self._hash = hashlib.sha256() if verify_sha256 else None
@@ -376,8 +381,10 @@ class PayloadReceiver:
             raise UpdateRejected(f"payload longer than the declared {self._declared} bytes")
         if self._sink is not None:
             self._sink.write(chunk)
-        else:
+        elif self._in_place:
             self._buf[self._pos:end] = chunk
+        else:
+            self._buf += chunk
         if self._hash is not None:
             self._hash.update(chunk)
         self._pos = end

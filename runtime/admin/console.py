@@ -19,6 +19,7 @@ from rich.table import Table
 
 from ..errors import FedkitError, JobRejected
 from .client import AdminClient
+from .sanitize import clean_remote
 
 USAGE = {
     "help": "help [COMMAND]                          the commands your role may run, or one command's usage",
@@ -207,7 +208,7 @@ class AdminConsole:
                         table.add_row(str(entry["round"]), site, str(entry["n_samples"][site]),
                                       _fmt_metrics(entry["train"][site]), "")
                     for site, reason in entry["failed"].items():
-                        table.add_row(str(entry["round"]), site, "-", f"FAILED: {reason}", "")
+                        table.add_row(str(entry["round"]), site, "-", clean_remote(f"FAILED: {reason}"), "")
                 else:
                     table.add_row(f"model {entry['model_round']}", "all", "", "",
                                   _fmt_metrics(entry["global"]) + ("  [best]" if entry["is_best"] else ""))
@@ -232,7 +233,7 @@ class AdminConsole:
         if r["error"]:
             lines.append(f"error: {r['error']}")
         for line in lines:
-            self._out.print(line, markup=False, soft_wrap=True)
+            self._out.print(clean_remote(line), markup=False, soft_wrap=True)
 
     async def _wait_job(self, args: list[str]) -> Any:
         """Follow a job: the server answers when a round's metrics arrive or the job ends (or after its
@@ -270,7 +271,7 @@ class AdminConsole:
         job_id = record["job_id"]
         if not self._json:
             reason = f": {record['error']}" if record["error"] else ""
-            self._out.print(f"job {job_id} {record['state']}{reason}", markup=False, highlight=False)
+            self._out.print(clean_remote(f"job {job_id} {record['state']}{reason}"), markup=False, highlight=False)
         if record["state"] != "finished":
             raise JobRejected(f"job {job_id} {record['state']}: {record['error']}")
         return record
@@ -321,7 +322,7 @@ class AdminConsole:
         data = await self._client.command("tail_log", site=site, n=n)
         if not self._json:
             for line in data["lines"]:
-                self._out.print(line, markup=False, highlight=False)
+                self._out.print(clean_remote(line), markup=False, highlight=False)
         return data
 
     async def _sys_info(self, args: list[str]) -> Any:
@@ -330,7 +331,7 @@ class AdminConsole:
         data = await self._client.command("sys_info", site=args[0] if args else "server")
         if not self._json:
             for k, v in data.items():
-                self._out.print(f"{k}: {v}", markup=False, highlight=False)
+                self._out.print(clean_remote(f"{k}: {v}"), markup=False, highlight=False)
         return data
 
     async def _shutdown(self, args: list[str]) -> Any:
@@ -359,7 +360,8 @@ class AdminConsole:
         if not self._json:
             for r in records:
                 extra = {k: v for k, v in r.items() if k not in ("time", "event", "prev", "hash")}
-                self._out.print(f"{r['time']} {r['event']} {json.dumps(extra, default=str)}", markup=False)
+                self._out.print(clean_remote(f"{r['time']} {r['event']} {json.dumps(extra, default=str)}"),
+                                markup=False)
         return records
 
 

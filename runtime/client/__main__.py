@@ -37,12 +37,14 @@ async def run(kit: Path, debug: bool) -> bool:
     write_pid(ws)
     audit = AuditLog(ws / "audit.jsonl")
     audit.append("client_started", site=cfg.name, org=cfg.org)
+    log.info("audit log %s: %s", audit.path, audit.head())
     log.info("site %s (%s) starting; server %s:%d", cfg.name, cfg.org, cfg.server_host, cfg.fed_learn_port)
     daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals())
     try:
         await daemon.run()
     finally:
         audit.append("client_stopped", site=cfg.name)
+        log.info("audit log %s: %s", audit.path, audit.head())
         (ws / "daemon.pid").unlink(missing_ok=True)
     return daemon.restart_requested
 

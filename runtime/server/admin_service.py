@@ -1,13 +1,24 @@
 """The Admin service's behaviour, free of gRPC: every console command, authorized by the role in the
-admin's certificate and written to the audit trail (allowed or denied, and how it ended)."""
+admin's certificate and written to the audit trail (allowed or denied, and how it ended).
+
+Audit first, then act: a command that changes state or lets data out (STATE_CHANGING) gets an
+`admin_request` record before anything is done for it, even before its authorization check, and the
+command is refused if that record cannot be written; every command, read-only ones included, then gets
+an `admin_command` record with its outcome. (Read-only commands get only the outcome record: they have
+no effect a crash could hide, and wait_job polls.) Whatever a request carries is bounded before it is
+recorded or echoed (audit_args.py), and a request whose arguments exceed MAX_REQUEST_ARGS_BYTES is
+refused unread.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -18,15 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from ..audit import AuditLog
-from ..errors import FedkitError, JobRejected, PermissionDenied
+from ..errors import FedkitError, PermissionDenied
 from ..identity import Identity
 from ..proto import fedkit_pb2 as pb
 from ..transport import CHUNK_BYTES
+from .audit_args import bounded_args, bounded_text
 from .authz import Policy
 from .job_store import FINAL_STATES, JobRecord, JobState
 from .registry import Registry
 from .runner import JobRunner
 from .site_controls import SiteControls
+from .upload_spool import spool
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +51,12 @@ WAIT_POLL_S = 0.5
 
 # commands allowed whenever another one is: wait_job is show_job, asked again until something changes
 _PERMISSION_OF = {"wait_job": "show_job"}
+# audited before they act (see the module docstring)
+STATE_CHANGING = frozenset({"abort_job", "clone_job", "delete_job", "submit_job", "download_job",
+                            "shutdown_client", "restart_client", "shutdown_server"})
+MAX_REQUEST_ARGS_BYTES = 64 << 10  # a console sends a few hundred bytes; overrides are the largest part
+MAX_REPLY_MESSAGE_CHARS = 1000
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 Handler = Callable[[Identity, dict[str, Any]], Awaitable[Any]]
 
@@ -48,8 +67,10 @@ class CommandError(FedkitError):
 
 class AdminService:
     def __init__(self, runner: JobRunner, registry: Registry, policy: Policy, audit: AuditLog,
-                 server_org: str, log_path: Path, controls: SiteControls, on_shutdown: Callable[[], None]):
+                 server_org: str, log_path: Path, controls: SiteControls, on_shutdown: Callable[[], None],
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES):
         self._runner = runner
+        self._max_upload_bytes = max_upload_bytes
         self._registry = registry
         self._policy = policy
         self._audit = audit
@@ -71,41 +92,59 @@ class AdminService:
     async def command(self, peer: Identity, request: pb.AdminRequest) -> pb.AdminReply:
         """Run one command. The role's right to the command is checked before any lookup, so a denied
         admin learns nothing about the target (not even whether a job exists) and is audited as denied."""
-        name, args = request.command, {}
+        name, args = bounded_text(request.command, 64), {}
         try:
             args = _decode_args(request.args_json)
             handler = self._commands.get(name)
             if handler is None:
                 raise CommandError(f"unknown command '{name}' (try 'help')")
+            if name in STATE_CHANGING:
+                await self._record_request(peer, name, args)
             if name != "help":
                 self._policy.scope(peer, _PERMISSION_OF.get(name, name))
             data = await handler(peer, args)
         except FedkitError as e:
             denied = isinstance(e, PermissionDenied) or name not in self._commands
-            await self._record(peer, name, args, allowed=not denied, error=str(e))
-            return pb.AdminReply(ok=False, message=str(e))
+            return await self._refused(peer, name, args, e, allowed=not denied)
+        except Exception as e:  # a bug: the admin gets one line, the audit trail its record, the log the trace
+            log.exception("admin command %s from %s failed", name, peer.name)
+            return await self._refused(peer, name, args, e, allowed=True)
         await self._record(peer, name, args, allowed=True)
         return pb.AdminReply(ok=True, data_json=json.dumps(data, default=str))
 
+    async def _refused(self, peer: Identity, name: str, args: dict[str, Any], err: Exception,
+                       allowed: bool) -> pb.AdminReply:
+        """Audit a command that failed and answer the admin in one bounded line."""
+        message = str(err) if isinstance(err, FedkitError) else "internal server error (see the server log)"
+        message = bounded_text(" ".join(message.split()), MAX_REPLY_MESSAGE_CHARS)
+        with contextlib.suppress(OSError):  # the audit log itself failing: the admin still gets an answer
+            await self._record(peer, name, args, allowed=allowed, error=message)
+        return pb.AdminReply(ok=False, message=message)
+
     async def upload(self, peer: Identity, chunks: AsyncIterator[pb.UploadChunk]) -> pb.AdminReply:
-        first = await anext(chunks, None)
-        if first is None or first.WhichOneof("kind") != "header":
-            return pb.AdminReply(ok=False, message="upload must start with a header")
+        """submit_job: audited first, authorized and quota-checked before the archive is read, which then
+        streams to a file in the job store (never held in memory) and is validated from there."""
         args: dict[str, Any] = {}
+        spooled = None
         try:
+            first = await anext(chunks, None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise CommandError("upload must start with a header")
             args = _decode_args(first.header.args_json)
+            await self._record_request(peer, "submit_job", args)
             self._policy.check(peer, "submit_job")  # before reading the archive
-            parts, size = [], 0
-            async for chunk in chunks:
-                size += len(chunk.data)
-                if size > MAX_UPLOAD_BYTES:
-                    raise JobRejected(f"job archive larger than {MAX_UPLOAD_BYTES} bytes")
-                parts.append(chunk.data)
-            overrides = [str(o) for o in args.get("overrides", [])]
-            record = await self._runner.submit(peer, b"".join(parts), overrides)
+            overrides = _overrides(args)
+            await asyncio.to_thread(self._runner.check_quota, peer)
+            spooled = await spool(_upload_data(chunks), self._runner.store.incoming_dir, self._max_upload_bytes)
+            record = await self._runner.submit(peer, spooled.path, overrides, spooled.sha256)
         except FedkitError as e:
-            await self._record(peer, "submit_job", args, allowed=not isinstance(e, PermissionDenied), error=str(e))
-            return pb.AdminReply(ok=False, message=str(e))
+            return await self._refused(peer, "submit_job", args, e, allowed=not isinstance(e, PermissionDenied))
+        except Exception as e:
+            log.exception("submit_job from %s failed", peer.name)
+            return await self._refused(peer, "submit_job", args, e, allowed=True)
+        finally:
+            if spooled is not None:
+                spooled.path.unlink(missing_ok=True)  # moved into the job's folder when accepted
         await self._record(peer, "submit_job", {**args, "job_id": record.job_id, "job_sha256": record.job_sha256},
                            allowed=True)
         return pb.AdminReply(ok=True, message=f"submitted job {record.job_id}", data_json=json.dumps(asdict(record)))
@@ -114,12 +153,13 @@ class AdminService:
         args: dict[str, Any] = {}
         try:
             args = _decode_args(request.args_json)
+            await self._record_request(peer, "download_job", args)
             self._policy.scope(peer, "download_job")  # before the lookup, as for every command
             record = self._runner.store.load(_job_id(args))
             self._policy.check(peer, "download_job", **_job_target(record))
         except FedkitError as e:
-            await self._record(peer, "download_job", args, allowed=not isinstance(e, PermissionDenied), error=str(e))
-            raise
+            reply = await self._refused(peer, "download_job", args, e, allowed=not isinstance(e, PermissionDenied))
+            raise type(e)(reply.message) from None
         await self._record(peer, "download_job", args, allowed=True)
         path = await asyncio.to_thread(self._zip_job, record.job_id)
         try:
@@ -212,9 +252,19 @@ class AdminService:
         record = self._runner.store.load(_job_id(args))
         self._policy.check(peer, "clone_job", **_job_target(record))
         self._policy.check(peer, "submit_job")
-        archive = await asyncio.to_thread(self._runner.store.archive, record.job_id)
-        clone = await self._runner.submit(peer, archive, record.overrides)
+        copy = await asyncio.to_thread(self._copy_archive, record.job_id)
+        try:
+            clone = await self._runner.submit(peer, copy, record.overrides, record.job_sha256)
+        finally:
+            copy.unlink(missing_ok=True)
         return {**asdict(clone), "cloned_from": record.job_id}
+
+    def _copy_archive(self, job_id: str) -> Path:
+        """A copy of a job's archive in the incoming folder, as an upload would be."""
+        fd, name = tempfile.mkstemp(suffix=".clone", dir=self._runner.store.incoming_dir)
+        os.close(fd)
+        shutil.copyfile(self._runner.store.job_dir(job_id) / "job.zip", name)
+        return Path(name)
 
     async def _delete_job(self, peer: Identity, args: dict[str, Any]) -> Any:
         record = self._runner.store.load(_job_id(args))
@@ -282,11 +332,22 @@ class AdminService:
 
     # ---- helpers ---------------------------------------------------------------------------------
 
+    async def _record_request(self, peer: Identity, command: str, args: dict[str, Any]) -> None:
+        """The record written before a state-changing command acts; if it cannot be written, nothing is done."""
+        try:
+            await asyncio.to_thread(self._audit.append, "admin_request", admin=peer.name, org=peer.org,
+                                    role=peer.role.value if peer.role else "", command=command,
+                                    args=bounded_args(args))
+        except OSError as e:
+            log.error("audit log unwritable, %s from %s refused: %s", command, peer.name, e)
+            raise CommandError(f"{command}: the server cannot write its audit log, so nothing was done; "
+                               "tell the server's site IT") from None
+
     async def _record(self, peer: Identity, command: str, args: dict[str, Any], allowed: bool, error: str = "") -> None:
-        """Audit one command; off the event loop, because each record is fsynced."""
+        """Audit one command's outcome; off the event loop, because each record is fsynced."""
         await asyncio.to_thread(self._audit.append, "admin_command", admin=peer.name, org=peer.org,
-                                role=peer.role.value if peer.role else "", command=command, args=args,
-                                allowed=allowed, result="error" if error else "ok", error=error)
+                                role=peer.role.value if peer.role else "", command=command, args=bounded_args(args),
+                                allowed=allowed, result="error" if error else "ok", error=bounded_text(error, 500))
         if not allowed:
             log.warning("denied %s (%s, %s): %s", peer.name, peer.role, command, error)
 
@@ -305,6 +366,9 @@ class AdminService:
 
 
 def _decode_args(text: str) -> dict[str, Any]:
+    if len(text) > MAX_REQUEST_ARGS_BYTES:
+        raise CommandError(f"command arguments are {len(text)} bytes (limit {MAX_REQUEST_ARGS_BYTES}); "
+                           "send less")
     try:
         args = json.loads(text or "{}")
     except json.JSONDecodeError:
@@ -318,7 +382,25 @@ def _job_id(args: dict[str, Any]) -> str:
     job_id = str(args.get("job_id", ""))
     if not job_id:
         raise CommandError("missing job id")
+    if not JOB_ID_PATTERN.fullmatch(job_id):
+        raise CommandError(f"job id {bounded_text(job_id, 40)!r} is malformed: job ids look like "
+                           "20260101-120000-a1b2c3 (list_jobs shows them)")
     return job_id
+
+
+def _overrides(args: dict[str, Any]) -> list[str]:
+    overrides = args.get("overrides", [])
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise CommandError("'overrides' must be a list of KEY=VALUE strings")
+    return overrides
+
+
+async def _upload_data(chunks: AsyncIterator[pb.UploadChunk]) -> AsyncIterator[bytes]:
+    """The archive's bytes: every message after the header must be data."""
+    async for chunk in chunks:
+        if chunk.WhichOneof("kind") != "data":
+            raise CommandError("upload: only data may follow the header")
+        yield chunk.data
 
 
 def _int_arg(args: dict[str, Any], name: str, default: int, most: int = 10_000) -> int:

@@ -19,6 +19,7 @@ from .admin_service import AdminService
 from .authz import Policy
 from .crl_watch import CrlWatcher
 from .federation import FederationService
+from .job_quota import JobQuota
 from .job_store import JobStore
 from .registry import Registry
 from .runner import JobRunner
@@ -43,14 +44,15 @@ async def serve(kit: Path, debug: bool = False) -> None:
     crl.load_at_start()  # a malformed, older or missing-but-remembered CRL stops the start, with its reason
     registry = Registry(settings.heartbeat_timeout_s, time.monotonic, settings.disconnect_grace_s)
     board = TaskBoard(time.monotonic)
-    runner = JobRunner(JobStore(ws / "jobs"), board, registry, audit, settings.max_update_bytes_factor)
+    runner = JobRunner(JobStore(ws / "jobs"), board, registry, audit, settings.max_update_bytes_factor,
+                       JobQuota(settings.max_jobs_per_admin, settings.max_job_bytes_per_admin))
     controls = SiteControls()
     stop = stop_event_on_signals()
     heartbeat_interval_s = min(5.0, settings.heartbeat_timeout_s / 4)
     federation = FederationService(registry, board, runner, audit, heartbeat_interval_s,
                                    settings.max_concurrent_uploads, settings.max_concurrent_downloads, controls)
     admin = AdminService(runner, registry, Policy.load(local / "authorization.yml"), audit, cfg.org,
-                         ws / LOG_FILE, controls, stop.set)
+                         ws / LOG_FILE, controls, stop.set, settings.max_job_archive_bytes)
 
     host = settings.listen_host or cfg.name
     fed_server = RpcServer(tls, host, settings.fed_learn_listen_port or cfg.fed_learn_port)
@@ -64,6 +66,8 @@ async def serve(kit: Path, debug: bool = False) -> None:
     await admin_server.start()
     write_pid(ws)
     audit.append("server_started", project=cfg.project, name=cfg.name)
+    log.info("audit log %s: %s (check with: fedkit audit verify FILE --expect-head HASH --expect-count N)",
+             audit.path, audit.head())
     log.info("server %s for project %s listening on %s:%d (federation) and :%d (admin)",
              cfg.name, cfg.project, host, fed_server.port, admin_server.port)
 
@@ -80,4 +84,5 @@ async def serve(kit: Path, debug: bool = False) -> None:
     await fed_server.stop(2.0)
     await admin_server.stop(2.0)
     audit.append("server_stopped", name=cfg.name)
+    log.info("audit log %s: %s", audit.path, audit.head())
     (ws / "daemon.pid").unlink(missing_ok=True)

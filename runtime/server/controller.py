@@ -27,6 +27,7 @@ from ..transport import CHUNK_BYTES
 from ..weights import Weights, check_update, from_bytes, load_file, nbytes, save_file, to_bytes, view_bytes
 from ..workflows import FedAvg, SiteResult, weighted_metrics
 from .job_store import JobRecord, JobStore, Progress
+from .metrics_check import check_metrics, check_metrics_size
 from .registry import Registry
 from .taskboard import NO_PAYLOAD, Payload, Task, TaskBoard
 
@@ -77,6 +78,13 @@ class JobController:
         self._n_tensors = 0
         self._job_sha = record.job_sha256
         self._last_sites: list[str] = []
+        self._tasked: set[str] = set()  # every site this run has sent a task: the ones that may fetch the job
+
+    def is_selected(self, site: str) -> bool:
+        """Whether `site` is one the job runs on: named by meta.sites (or any, for "all") and sent a task
+        in this run. Only such a site may fetch the job's archive."""
+        wanted = self.spec.meta.sites
+        return site in self._tasked and (wanted == "all" or site in wanted)
 
     # ---- called by the federation service -------------------------------------------------------
 
@@ -231,7 +239,8 @@ class JobController:
         models = self._store.models_dir(job_id)
         path = models / "initial.safetensors"
         if not path.exists() and cfg.initial_model:
-            data = read_zip_member(self._store.archive(job_id), cfg.initial_model)
+            data = await asyncio.to_thread(read_zip_member, self._store.job_dir(job_id) / "job.zip",
+                                           cfg.initial_model)
             initial = await asyncio.to_thread(from_bytes, data)
             await asyncio.to_thread(save_file, initial, path)
         if not path.exists():
@@ -294,6 +303,7 @@ class JobController:
         cfg, meta = self.spec.server, self.spec.meta
         sites = await self._wait_for_sites(rnd, max_sites, exclude or set())
         self._last_sites = sites
+        self._tasked.update(sites)
         payload = (await asyncio.to_thread(lambda: Payload.of(to_bytes(model), CHUNK_BYTES))
                    if model is not None else NO_PAYLOAD)
         config = {"rounds": cfg.rounds, "client": self.spec.client.model_dump(mode="json"),
@@ -380,12 +390,15 @@ def _numbers(value: Any) -> dict[str, float]:
 
 
 def decode_metrics(text: str) -> dict[str, Any]:
+    """A site's metrics JSON, checked (metrics_check.py); raises UpdateRejected."""
     if not text:
         return {}
+    check_metrics_size(text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         raise UpdateRejected("metrics are not valid JSON") from None
     if not isinstance(data, dict):
         raise UpdateRejected("metrics must be a JSON object")
+    check_metrics(data)
     return data

@@ -12,7 +12,7 @@ from ..audit import AuditLog
 from ..errors import FedkitError, JobRejected, SessionExpired, TransferStalled, UpdateRejected
 from ..identity import Identity
 from ..proto import fedkit_pb2 as pb
-from ..transport import PayloadReceiver, iter_chunks, with_idle_timeout
+from ..transport import CHUNK_BYTES, PayloadReceiver, with_idle_timeout
 from .controller import decode_metrics
 from .registry import Registry
 from .runner import JobRunner
@@ -116,10 +116,14 @@ class FederationService:
         self._check_session(peer, request.session_id)
         current = self._runner.current
         if current is None or current.record.job_id != request.job_id:
-            raise JobRejected(f"job {request.job_id} is not running")
-        archive = await asyncio.to_thread(self._runner.store.archive, request.job_id)
-        for chunk in iter_chunks(archive):
-            yield pb.DataChunk(data=chunk)
+            raise JobRejected(f"job {request.job_id[:64]} is not running")
+        if not current.is_selected(peer.name):
+            self._audit.append("job_fetch_refused", site=peer.name, job_id=current.record.job_id)
+            raise JobRejected(f"{peer.name} is not one of the sites job {current.record.job_id} runs on")
+        # streamed from disk: several sites fetching a large archive at once must not each cost its size
+        with (self._runner.store.job_dir(request.job_id) / "job.zip").open("rb") as f:
+            while chunk := await asyncio.to_thread(f.read, CHUNK_BYTES):
+                yield pb.DataChunk(data=chunk)
 
     async def _receive(self, task, controller, header: pb.ResultHeader,
                        chunks: AsyncIterator[pb.ResultChunk]) -> str:
@@ -128,7 +132,7 @@ class FederationService:
         if not header.payload_bytes or header.error:
             await controller.accept_result(task, int(header.n_samples), metrics, header.error, None)
             return ""
-        await self._upload_slots.acquire(header.lease_id)
+        await self._upload_slots.acquire(header.lease_id, task.site)
         try:
             buffer = self._free_buffers.pop() if self._free_buffers else None
             receiver = PayloadReceiver(header.payload_bytes, controller.max_payload_bytes(task),
@@ -153,13 +157,13 @@ class FederationService:
                 # than in copying; at most one per upload slot is kept
                 self._free_buffers.append(payload)
         finally:
-            self._upload_slots.release()
+            self._upload_slots.release(task.site)
         return receiver.sha256
 
     async def reserve_upload(self, peer: Identity, request: pb.ReserveRequest) -> pb.ReserveReply:
         self._check_session(peer, request.session_id)
         self._registry.touch(peer.name, request.session_id)
-        lease = await self._upload_slots.reserve(min(max(request.wait_s, 0.0), MAX_POLL_S))
+        lease = await self._upload_slots.reserve(min(max(request.wait_s, 0.0), MAX_POLL_S), peer.name)
         return pb.ReserveReply(lease_id=lease, lease_s=self._upload_slots.lease_s)
 
     async def submit_result(self, peer: Identity, chunks: AsyncIterator[pb.ResultChunk]) -> pb.SubmitReply:

@@ -4,6 +4,7 @@ and its outputs (models, per-round metrics). Everything a restart needs to resum
     <workspace>/jobs/<job_id>/
         job.zip  spec.json  record.json  progress.json  metrics.jsonl
         models/initial.safetensors  global.safetensors  best.safetensors
+    <workspace>/jobs/.incoming/     uploads being received (cleared when the store opens)
 
 A job exists once its record.json does: `create` writes it last, so a reader never sees a record whose
 archive or spec is missing. Records are replaced atomically, so a crash leaves the old one or the new one.
@@ -91,14 +92,22 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+MAX_JOB_ID_CHARS = 64
+
+
 class JobStore:
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        # uploads stream here, beside the job folders (same file system: a finished one is moved, not copied);
+        # a dot folder is never a job (job_dir refuses such ids)
+        self.incoming_dir = root / ".incoming"
+        shutil.rmtree(self.incoming_dir, ignore_errors=True)  # half-received uploads of a previous run
+        self.incoming_dir.mkdir()
 
     def job_dir(self, job_id: str) -> Path:
-        if not job_id or "/" in job_id or job_id.startswith("."):
-            raise JobRejected(f"no such job '{job_id}'")
+        if not job_id or "/" in job_id or job_id.startswith(".") or len(job_id) > MAX_JOB_ID_CHARS:
+            raise JobRejected(f"no such job '{job_id[:MAX_JOB_ID_CHARS]}'")
         return self.root / job_id
 
     def create(self, archive: bytes, spec_json: str, record: JobRecord) -> JobRecord:
@@ -109,6 +118,22 @@ class JobStore:
         (d / "spec.json").write_text(spec_json)
         self.save(record)
         return record
+
+    def create_from_file(self, archive: Path, spec_json: str, record: JobRecord) -> JobRecord:
+        """Like create, moving an uploaded archive (in incoming_dir) into the job's folder."""
+        d = self.job_dir(record.job_id)
+        (d / "models").mkdir(parents=True)
+        os.replace(archive, d / "job.zip")
+        (d / "spec.json").write_text(spec_json)
+        self.save(record)
+        return record
+
+    def stored_bytes(self, job_id: str) -> int:
+        """What the job takes on disk (archive and outputs); 0 for one being deleted."""
+        try:
+            return self.output_bytes(job_id)
+        except OSError:
+            return 0
 
     @staticmethod
     def new_id() -> str:

@@ -8,15 +8,18 @@ The scheduler loop never dies of one bad job: an internal error fails that job a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
+from pathlib import Path
 
 from ..audit import AuditLog
 from ..errors import FedkitError, JobRejected
 from ..identity import Identity
 from ..job_spec import JobSpec, load_job_spec, read_zip_configs, sha256_hex, spec_to_json
 from .controller import JobAborted, JobController
+from .job_quota import JobQuota
 from .job_store import FINAL_STATES, JobRecord, JobState, JobStore
 from .registry import Registry
 from .taskboard import TaskBoard
@@ -28,8 +31,11 @@ SCHEDULER_TICK_S = 0.5
 
 class JobRunner:
     def __init__(self, store: JobStore, board: TaskBoard, registry: Registry, audit: AuditLog,
-                 max_update_factor: float):
+                 max_update_factor: float, quota: JobQuota | None = None):
         self.store = store
+        self._quota = quota or JobQuota()
+        # parsed specs by job id: spec.json never changes once written, and the scheduler asks every tick
+        self._specs: dict[str, JobSpec] = {}
         self._board = board
         self._registry = registry
         self._audit = audit
@@ -42,28 +48,41 @@ class JobRunner:
 
     # ---- admin-facing ----------------------------------------------------------------------------
 
-    async def submit(self, submitter: Identity, archive: bytes, overrides: list[str]) -> JobRecord:
-        """Validate and queue a job archive. Raises JobRejected with the file and field at fault."""
+    async def submit(self, submitter: Identity, archive: Path, overrides: list[str], sha256: str = "") -> JobRecord:
+        """Validate and queue a job archive: a file in store.incoming_dir, moved into the job's folder when
+        accepted (`sha256`: its hash, when the upload computed it already). Raises JobRejected with the
+        file and field at fault, or the quota and how to free it."""
         async with self._submit_lock:
-            record = await asyncio.to_thread(self._store_new_job, submitter, archive, overrides)
+            record = await asyncio.to_thread(self._store_new_job, submitter, archive, overrides, sha256)
         self._wakeup.set()  # here, on the loop: an asyncio.Event must not be set from a worker thread
         return record
 
-    def _store_new_job(self, submitter: Identity, archive: bytes, overrides: list[str]) -> JobRecord:
+    def check_quota(self, submitter: Identity, new_bytes: int = 0) -> None:
+        """JobRejected if `submitter` may not store another job (of `new_bytes`; 0: count only)."""
+        self._quota.check(self.store, submitter.name, new_bytes)
+
+    def _store_new_job(self, submitter: Identity, archive: Path, overrides: list[str], sha256: str) -> JobRecord:
         spec = load_job_spec(read_zip_configs(archive), overrides)
+        size = archive.stat().st_size
+        self.check_quota(submitter, size)
         spec_json = spec_to_json(spec)
         record = JobRecord(
             job_id=self.store.new_id(), name=spec.meta.name, state=JobState.QUEUED,
             submitter=submitter.name, submitter_org=submitter.org,
             submitter_role=submitter.role.value if submitter.role else "",
-            submitted_at=time.time(), job_sha256=sha256_hex(archive),
+            submitted_at=time.time(), job_sha256=sha256 or _file_sha256(archive),
             config_hash=sha256_hex(spec_json.encode())[:16], overrides=list(overrides),
             rounds_total=spec.server.rounds, seq=self.store.next_seq(),
         )
-        return self.store.create(archive, spec_json, record)
+        return self.store.create_from_file(archive, spec_json, record)
 
     def spec(self, job_id: str) -> JobSpec:
-        return JobSpec.model_validate(json.loads((self.store.job_dir(job_id) / "spec.json").read_text()))
+        """The job's validated spec, read from disk once and then kept (until the job is deleted)."""
+        spec = self._specs.get(job_id)
+        if spec is None:
+            spec = JobSpec.model_validate(json.loads((self.store.job_dir(job_id) / "spec.json").read_text()))
+            self._specs[job_id] = spec
+        return spec
 
     def abort(self, job_id: str) -> JobRecord:
         """Abort a queued or running job. The id is noted before anything else, so a scheduler that has
@@ -85,6 +104,7 @@ class JobRunner:
         if record.state is JobState.RUNNING or (self._current and self._current.record.job_id == job_id):
             raise JobRejected(f"job {job_id} is running; abort it first")
         self._deleted_ids.add(job_id)  # the scheduler must not pick it while its folder goes away
+        self._specs.pop(job_id, None)
         await asyncio.to_thread(self.store.delete, job_id)
 
     def queued(self) -> list[str]:
@@ -188,6 +208,7 @@ class JobRunner:
 
     def _ended(self, record: JobRecord) -> None:
         self._current = None
+        self._specs.pop(record.job_id, None)  # the scheduler asks only about queued jobs
         self._board.forget(record.job_id)
         record.finished_at = time.time()
         self.store.save(record)
@@ -196,3 +217,11 @@ class JobRunner:
         self._audit.append("job_ended", job_id=record.job_id, state=record.state.value, error=record.error)
         log.info("job %s %s after %d rounds%s", record.job_id, record.state.value, record.rounds_done,
                  f": {record.error}" if record.error else "")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -59,6 +59,8 @@ ROUND_CASES: dict[str, str] = {
     "n_samples_zero": "n_samples",
     "n_samples_absurd": "max_n_samples",
     "replayed_result": "replay",
+    "metric_name_with_escapes": "metric name",
+    "metric_not_finite": "finite number",
 }
 # Sent while site-2 holds its round-1 task, before answering it; they use no task of their own.
 SIDE_CASES: dict[str, str] = {
@@ -244,7 +246,9 @@ async def _round_case(site: HostileSite, case: str, header: pb.TaskHeader, model
     model = from_bytes(model_bytes)
     payload = _hostile_payload(case, model)
     n_samples = {"n_samples_zero": 0, "n_samples_absurd": 10**15}.get(case, 10)
-    chunks = site.result(header.task_id, payload, n_samples=n_samples)
+    metrics = {"metric_name_with_escapes": {"train": {"loss\x1b]0;pwned\x07": 0.1}},
+               "metric_not_finite": {"train": {"loss": float("nan")}}}.get(case)
+    chunks = site.result(header.task_id, payload, n_samples=n_samples, metrics=metrics)
     if case == "more_bytes_than_declared":
         chunks = site.result(header.task_id, payload, declared=len(payload) - 100)
     elif case == "fewer_bytes_than_declared":

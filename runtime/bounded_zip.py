@@ -1,0 +1,86 @@
+"""Reading zip archives that came from someone else, with every byte counted as it comes out.
+
+A zip's declared sizes (central directory, local headers) are the sender's word, so nothing here trusts
+them: each member is decompressed in bounded chunks and refused the moment it passes its cap, and an
+extraction stops the moment the total does. Never follows links; never writes outside `dest`.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from .errors import JobRejected
+
+READ_CHUNK_BYTES = 1 << 20
+
+
+def open_zip(source: bytes | Path) -> zipfile.ZipFile:
+    """The archive, or JobRejected saying it is not a zip (instead of zipfile's own exceptions)."""
+    try:
+        return zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError):
+        raise JobRejected("job archive is not a valid zip (zip the job folder, or use submit_job FOLDER)") from None
+    except OSError as e:
+        raise JobRejected(f"job archive cannot be read ({e.strerror or e})") from None
+
+
+def _copy_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: BinaryIO, limit_bytes: int,
+                 total_left: tuple[int, int] | None = None) -> int:
+    """Decompress one member into `out`, at most `limit_bytes`; the bytes written. With `total_left`
+    (bytes left, the whole archive's cap) the archive's total is capped too."""
+    cap = limit_bytes if total_left is None else min(limit_bytes, total_left[0])
+    written = 0
+    try:
+        with zf.open(info) as src:
+            while chunk := src.read(min(READ_CHUNK_BYTES, cap - written + 1)):
+                written += len(chunk)
+                if written > cap and cap < limit_bytes and total_left is not None:
+                    raise JobRejected(f"job archive expands to more than {total_left[1]} bytes")
+                if written > cap:
+                    raise JobRejected(f"job archive member '{info.filename[:200]}' is larger than {limit_bytes} "
+                                      "bytes decompressed")
+                out.write(chunk)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as e:
+        raise JobRejected(f"job archive member '{info.filename[:200]}' is damaged ({e})") from None
+    return written
+
+
+def read_member(zf: zipfile.ZipFile, name: str, limit_bytes: int) -> bytes:
+    """One member's bytes, refused (JobRejected) past `limit_bytes` decompressed."""
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise JobRejected(f"job folder has no file '{name[:200]}'") from None
+    buf = io.BytesIO()
+    _copy_capped(zf, info, buf, limit_bytes)
+    return buf.getvalue()
+
+
+def _is_unsafe(info: zipfile.ZipInfo) -> bool:
+    p = PurePosixPath(info.filename)
+    return p.is_absolute() or ".." in p.parts or (info.external_attr >> 16) & 0o170000 == 0o120000
+
+
+def extract_capped(zf: zipfile.ZipFile, dest: Path, max_files: int, member_limit_bytes: int,
+                   total_limit_bytes: int) -> None:
+    """Unzip into `dest`, refusing absolute paths, '..', links, too many files, and any member or total
+    that decompresses past its cap (checked while writing, whatever the archive declares)."""
+    infos = zf.infolist()
+    if len(infos) > max_files:
+        raise JobRejected(f"job archive holds {len(infos)} files (limit {max_files})")
+    for info in infos:
+        if _is_unsafe(info):
+            raise JobRejected(f"job archive entry '{info.filename[:200]}' is unsafe")
+    dest.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for info in infos:
+        target = dest / info.filename
+        if info.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("wb") as out:
+            total += _copy_capped(zf, info, out, member_limit_bytes, (total_limit_bytes - total, total_limit_bytes))

@@ -1,0 +1,43 @@
+"""The metrics a site reports with a result, checked before anyone else reads them.
+
+Metric names and values travel from a job's code (a stranger's) to show_job, wait_job, list_jobs, the
+key-metric choice and download_job, so the "train" and "validation" maps must hold plain names
+(NAME_PATTERN), at most MAX_METRICS_PER_MAP of them, each a finite number. Other top-level keys (e.g. a
+"privacy" object, with a schema of its own elsewhere) are only bounded in size, with the whole JSON.
+Raises UpdateRejected; the name at fault is shown with repr(), so its control characters stay inert.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from ..errors import UpdateRejected
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._/-]{1,64}")
+MAX_METRICS_PER_MAP = 256
+MAX_METRICS_JSON_BYTES = 64 << 10
+CHECKED_MAPS = ("train", "validation")
+
+
+def check_metrics_size(text: str) -> None:
+    if len(text) > MAX_METRICS_JSON_BYTES:
+        raise UpdateRejected(f"metrics are {len(text)} bytes of JSON (limit {MAX_METRICS_JSON_BYTES})")
+
+
+def check_metrics(data: dict[str, Any]) -> None:
+    """Raise UpdateRejected unless every checked map holds plain names and finite numbers."""
+    for key in CHECKED_MAPS:
+        if key not in data:
+            continue
+        values = data[key]
+        if not isinstance(values, dict):
+            raise UpdateRejected(f"metrics '{key}' must be an object of name: number")
+        if len(values) > MAX_METRICS_PER_MAP:
+            raise UpdateRejected(f"metrics '{key}' holds {len(values)} metrics (limit {MAX_METRICS_PER_MAP})")
+        for name, value in values.items():
+            if not NAME_PATTERN.fullmatch(name):
+                raise UpdateRejected(f"metric name {name[:40]!r} in '{key}' must match {NAME_PATTERN.pattern}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise UpdateRejected(f"metric '{name}' in '{key}' must be a finite number, not {str(value)[:20]!r}")
