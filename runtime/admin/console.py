@@ -18,6 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from ..errors import FedkitError, JobRejected
+from ..privacy_report import describe_chain
 from .client import AdminClient
 
 USAGE = {
@@ -165,6 +166,7 @@ class AdminConsole:
             record = await self._client.submit_job(folder, overrides, progress)
         if not self._json:
             self._out.print(f"submitted job {record['job_id']} ({record['name']}), state {record['state']}")
+            self._out.print(_fmt_code(record), markup=False, highlight=False)
         return record
 
     async def _list_jobs(self, args: list[str]) -> Any:
@@ -200,14 +202,22 @@ class AdminConsole:
         data = await self._client.command("show_job", job_id=args[0])
         if not self._json:
             self._print_job_header(data)
-            table = Table("round", "site", "n_samples", "train metrics", "validation of model")
+            table = Table("round", "site", "n_samples", "train metrics", "validation of model", "privacy")
             for entry in data["metrics"]:
+                privacy = entry.get("privacy") or {}
                 if entry["type"] == "round":
                     for site in entry["sites"]:
                         table.add_row(str(entry["round"]), site, str(entry["n_samples"][site]),
-                                      _fmt_metrics(entry["train"][site]), "")
+                                      _fmt_metrics(entry["train"][site]), "", _fmt_privacy(privacy.get(site)))
                     for site, reason in entry["failed"].items():
-                        table.add_row(str(entry["round"]), site, "-", f"FAILED: {reason}", "")
+                        table.add_row(str(entry["round"]), site, "-", f"FAILED: {reason}", "", "")
+                elif entry["type"] == "shared":  # weights shared outside training: round 0, cross-site
+                    what = "initial model" if entry["task"] == "init" else "local model"
+                    for site in entry["sites"]:
+                        table.add_row(f"{entry['round']} ({entry['task']})", site, "-", f"sent its {what}", "",
+                                      _fmt_privacy(privacy.get(site)))
+                    for site, reason in entry["failed"].items():
+                        table.add_row(f"{entry['round']} ({entry['task']})", site, "-", f"FAILED: {reason}", "", "")
                 else:
                     table.add_row(f"model {entry['model_round']}", "all", "", "",
                                   _fmt_metrics(entry["global"]) + ("  [best]" if entry["is_best"] else ""))
@@ -223,6 +233,7 @@ class AdminConsole:
             f"submitted by {r['submitter']} ({r['submitter_org']}, {r['submitter_role']})",
             f"config {r['config_hash']}, overrides: {' '.join(r['overrides']) or '-'}, "
             f"archive sha256 {r['job_sha256'][:16]}",
+            _fmt_code(r),
             f"submitted {_fmt_time(r['submitted_at'])}, started {_fmt_time(r['started_at'])}, "
             f"finished {_fmt_time(r['finished_at'])}, took {_fmt_took(r)}",
             "best: " + (f"{r['best_metric']:.4f} (model of round {r['best_round']})"
@@ -368,6 +379,17 @@ def _number(text: str, what: str) -> float:
         return float(text)
     except ValueError:
         raise UsageError(f"{what} must be a number, not '{text}'") from None
+
+
+def _fmt_code(record: dict[str, Any]) -> str:
+    """The code hash sites approve (overrides are not part of it), and who signed it."""
+    code = record.get("code_sha256") or "-"
+    signer = record.get("code_signed_by")
+    return f"code sha256 {code}" + (f", signed by {signer}" if signer else ", unsigned")
+
+
+def _fmt_privacy(report: dict[str, Any] | None) -> str:
+    return describe_chain(report) if report else "-"
 
 
 def _fmt_control(data: dict[str, Any]) -> str:

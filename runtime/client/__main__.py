@@ -17,6 +17,7 @@ from ..procs import LOG_FILE, setup_logging, stop_event_on_signals, tune_malloc,
 from ..transport import TlsFiles
 from .daemon import ClientDaemon
 from .job_policy import JobPolicy
+from .privacy_policy import PRIVACY_FILE, PrivacyPolicy
 
 log = logging.getLogger("fedkit.client")
 
@@ -27,6 +28,7 @@ async def run(kit: Path, debug: bool) -> bool:
     cfg = kc.load_model(startup / kc.CLIENT_CONFIG, kc.ClientKitConfig)
     settings = kc.load_optional(local / "site.yml", kc.SiteLocalSettings)
     policy = JobPolicy.load(local / "job_policy.yml")
+    privacy = PrivacyPolicy.load(local / PRIVACY_FILE)
     ws = workspace(kit)
     setup_logging(ws / LOG_FILE, debug)
     tune_malloc()
@@ -36,7 +38,7 @@ async def run(kit: Path, debug: bool) -> bool:
     audit = AuditLog(ws / "audit.jsonl")
     audit.append("client_started", site=cfg.name, org=cfg.org)
     log.info("site %s (%s) starting; server %s:%d", cfg.name, cfg.org, cfg.server_host, cfg.fed_learn_port)
-    daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals())
+    daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals(), privacy=privacy)
     try:
         await daemon.run()
     finally:

@@ -102,12 +102,12 @@ class AdminService:
                     raise JobRejected(f"job archive larger than {MAX_UPLOAD_BYTES} bytes")
                 parts.append(chunk.data)
             overrides = [str(o) for o in args.get("overrides", [])]
-            record = await self._runner.submit(peer, b"".join(parts), overrides)
+            record = await self._runner.submit(peer, b"".join(parts), overrides, args.get("code_signature"))
         except FedkitError as e:
             await self._record(peer, "submit_job", args, allowed=not isinstance(e, PermissionDenied), error=str(e))
             return pb.AdminReply(ok=False, message=str(e))
-        await self._record(peer, "submit_job", {**args, "job_id": record.job_id, "job_sha256": record.job_sha256},
-                           allowed=True)
+        await self._record(peer, "submit_job", {**args, "job_id": record.job_id, "job_sha256": record.job_sha256,
+                                                "code_sha256": record.code_sha256}, allowed=True)
         return pb.AdminReply(ok=True, message=f"submitted job {record.job_id}", data_json=json.dumps(asdict(record)))
 
     async def download(self, peer: Identity, request: pb.AdminRequest) -> AsyncIterator[pb.DataChunk]:
@@ -213,7 +213,8 @@ class AdminService:
         self._policy.check(peer, "clone_job", **_job_target(record))
         self._policy.check(peer, "submit_job")
         archive = await asyncio.to_thread(self._runner.store.archive, record.job_id)
-        clone = await self._runner.submit(peer, archive, record.overrides)
+        signature = await asyncio.to_thread(self._runner.store.code_signature, record.job_id)
+        clone = await self._runner.submit(peer, archive, record.overrides, signature)
         return {**asdict(clone), "cloned_from": record.job_id}
 
     async def _delete_job(self, peer: Identity, args: dict[str, Any]) -> Any:

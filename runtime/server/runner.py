@@ -11,11 +11,13 @@ import asyncio
 import json
 import logging
 import time
+from typing import Any
 
 from ..audit import AuditLog
 from ..errors import FedkitError, JobRejected
 from ..identity import Identity
 from ..job_spec import JobSpec, load_job_spec, read_zip_configs, sha256_hex, spec_to_json
+from .code_intake import signed_code
 from .controller import JobAborted, JobController
 from .job_store import FINAL_STATES, JobRecord, JobState, JobStore
 from .registry import Registry
@@ -42,16 +44,20 @@ class JobRunner:
 
     # ---- admin-facing ----------------------------------------------------------------------------
 
-    async def submit(self, submitter: Identity, archive: bytes, overrides: list[str]) -> JobRecord:
-        """Validate and queue a job archive. Raises JobRejected with the file and field at fault."""
+    async def submit(self, submitter: Identity, archive: bytes, overrides: list[str],
+                     code_signature: Any = None) -> JobRecord:
+        """Validate and queue a job archive, with the admin's signature over its code if one came.
+        Raises JobRejected with the file and field at fault."""
         async with self._submit_lock:
-            record = await asyncio.to_thread(self._store_new_job, submitter, archive, overrides)
+            record = await asyncio.to_thread(self._store_new_job, submitter, archive, overrides, code_signature)
         self._wakeup.set()  # here, on the loop: an asyncio.Event must not be set from a worker thread
         return record
 
-    def _store_new_job(self, submitter: Identity, archive: bytes, overrides: list[str]) -> JobRecord:
+    def _store_new_job(self, submitter: Identity, archive: bytes, overrides: list[str],
+                       code_signature: Any = None) -> JobRecord:
         spec = load_job_spec(read_zip_configs(archive), overrides)
         spec_json = spec_to_json(spec)
+        code = signed_code(archive, code_signature)
         record = JobRecord(
             job_id=self.store.new_id(), name=spec.meta.name, state=JobState.QUEUED,
             submitter=submitter.name, submitter_org=submitter.org,
@@ -59,8 +65,9 @@ class JobRunner:
             submitted_at=time.time(), job_sha256=sha256_hex(archive),
             config_hash=sha256_hex(spec_json.encode())[:16], overrides=list(overrides),
             rounds_total=spec.server.rounds, seq=self.store.next_seq(),
+            code_sha256=code.code_sha256, code_signed_by=code.signed_by,
         )
-        return self.store.create(archive, spec_json, record)
+        return self.store.create(archive, spec_json, record, code.signature)
 
     def spec(self, job_id: str) -> JobSpec:
         return JobSpec.model_validate(json.loads((self.store.job_dir(job_id) / "spec.json").read_text()))
