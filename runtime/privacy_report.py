@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from .errors import UpdateRejected
 
@@ -36,9 +36,17 @@ class _Strict(BaseModel):
 
 class FilterStep(_Strict):
     name: FilterName
-    args: dict[Annotated[str, StringConstraints(max_length=32)], float | ShortText] = Field(
-        default_factory=dict, max_length=8)
+    args: dict[Annotated[str, StringConstraints(max_length=32)], float | str] = Field(default_factory=dict,
+                                                                                       max_length=8)
     source: Source = "job"
+
+    @field_validator("args")
+    @classmethod
+    def _short_texts(cls, args: dict[str, float | str]) -> dict[str, float | str]:
+        for key, value in args.items():
+            if isinstance(value, str) and len(value) > 256:
+                raise ValueError(f"argument '{key}' is longer than 256 characters")
+        return args
 
 
 class PrivacyReport(_Strict):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import JobRejected
 from ..identity import Role
@@ -21,6 +21,21 @@ class JobPolicy(BaseModel):
     allowed_orgs: list[str] = Field(default_factory=lambda: ["*"])
     allowed_roles: list[Role] = Field(default_factory=lambda: [Role.PROJECT_ADMIN, Role.ORG_ADMIN, Role.LEAD])
     code: Literal["any"] | CodeRule = "any"
+
+    @field_validator("code", mode="before")
+    @classmethod
+    def _code_rule(cls, value: Any) -> Any:
+        """One clear message for a wrong `code:` (a plain union would only say "Input should be 'any'")."""
+        if value == "any" or isinstance(value, CodeRule):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError("must be `any`, {approved_hashes: [...]} or {signed_by: [...]}")
+        try:
+            return CodeRule.model_validate(value)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}") from None
 
     @classmethod
     def load(cls, path: Path) -> JobPolicy:

@@ -38,8 +38,10 @@ def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, r
     `reference_path`: the last global model this site received (submit_model only). Raises
     UpdateRejected if a file is not valid safetensors."""
     raw = load_file(raw_path)
-    reference = load_file(reference_path) if task == "submit_model" and reference_path is not None \
-        and reference_path.exists() else None
+    # only a filter that changes values needs the reference; exclusions alone send the model bit for bit
+    changes_values = any(step.name != "exclude_vars" for step in chain.steps)
+    reference = load_file(reference_path) if task == "submit_model" and changes_values \
+        and reference_path is not None and reference_path.exists() else None
     applied_to: AppliedTo = "delta" if task == "train" else "whole_model" if reference is None \
         else "model_minus_last_global"
     subject = raw if reference is None else _minus(raw, reference)
