@@ -76,7 +76,7 @@ def decode_report(value: Any) -> dict[str, Any] | None:
         raise UpdateRejected(f"metrics 'privacy': field '{where}': {first['msg']}") from None
 
 
-def describe_chain(report: dict[str, Any]) -> str:
+def describe_chain(report: dict[str, Any], with_target: bool = True) -> str:
     """One line for a table cell: `exclude_vars(pattern=^2\\.bias$)[site] -> gaussian_dp(...)[raised]`."""
     steps = []
     for step in report.get("chain", []):
@@ -84,4 +84,5 @@ def describe_chain(report: dict[str, Any]) -> str:
         mark = "" if step["source"] == "job" else f"[{step['source']}]"
         steps.append(f"{step['name']}({args}){mark}")
     text = " -> ".join(steps) or "no filters"
-    return f"{text}; on {report.get('applied_to', '?')}" + ("; raised by site" if report.get("raised") else "")
+    target = f"; on {report.get('applied_to', '?')}" if with_target else ""
+    return text + target + ("; raised by site" if report.get("raised") else "")

@@ -202,26 +202,26 @@ class AdminConsole:
         data = await self._client.command("show_job", job_id=args[0])
         if not self._json:
             self._print_job_header(data)
-            table = Table("round", "site", "n_samples", "train metrics", "validation of model", "privacy")
+            table = Table("round", "site", "n_samples", "train metrics", "validation of model")
             for entry in data["metrics"]:
-                privacy = entry.get("privacy") or {}
                 if entry["type"] == "round":
                     for site in entry["sites"]:
                         table.add_row(str(entry["round"]), site, str(entry["n_samples"][site]),
-                                      _fmt_metrics(entry["train"][site]), "", _fmt_privacy(privacy.get(site)))
+                                      _fmt_metrics(entry["train"][site]), "")
                     for site, reason in entry["failed"].items():
-                        table.add_row(str(entry["round"]), site, "-", f"FAILED: {reason}", "", "")
+                        table.add_row(str(entry["round"]), site, "-", f"FAILED: {reason}", "")
                 elif entry["type"] == "shared":  # weights shared outside training: round 0, cross-site
                     what = "initial model" if entry["task"] == "init" else "local model"
                     for site in entry["sites"]:
-                        table.add_row(f"{entry['round']} ({entry['task']})", site, "-", f"sent its {what}", "",
-                                      _fmt_privacy(privacy.get(site)))
+                        table.add_row(f"{entry['round']} ({entry['task']})", site, "-", f"sent its {what}", "")
                     for site, reason in entry["failed"].items():
-                        table.add_row(f"{entry['round']} ({entry['task']})", site, "-", f"FAILED: {reason}", "", "")
+                        table.add_row(f"{entry['round']} ({entry['task']})", site, "-", f"FAILED: {reason}", "")
                 else:
                     table.add_row(f"model {entry['model_round']}", "all", "", "",
                                   _fmt_metrics(entry["global"]) + ("  [best]" if entry["is_best"] else ""))
             self._out.print(table)
+            for line in _privacy_lines(data["metrics"]):
+                self._out.print(line, markup=False, highlight=False, soft_wrap=True)
         return data
 
     def _print_job_header(self, data: dict[str, Any]) -> None:
@@ -388,8 +388,20 @@ def _fmt_code(record: dict[str, Any]) -> str:
     return f"code sha256 {code}" + (f", signed by {signer}" if signer else ", unsigned")
 
 
-def _fmt_privacy(report: dict[str, Any] | None) -> str:
-    return describe_chain(report) if report else "-"
+def _privacy_lines(metrics: list[dict[str, Any]]) -> list[str]:
+    """What each site's privacy filters did to what it sent: one line per site and distinct chain, with
+    what it applied to (training rounds: deltas; init: the whole model; submit_model: local - last global)."""
+    where: dict[tuple[str, str], list[str]] = {}
+    for entry in metrics:
+        if entry["type"] not in ("round", "shared"):
+            continue
+        label = f"round {entry['round']}" if entry["type"] == "round" else entry["task"]
+        for site, report in sorted((entry.get("privacy") or {}).items()):
+            where.setdefault((site, describe_chain(report, with_target=False)), []).append(label)
+    if not where:
+        return []
+    head = "privacy, per site (rounds: on deltas; init: on the whole model; submit_model: on local - last global):"
+    return [head] + [f"  {site}: {chain}  [{', '.join(labels)}]" for (site, chain), labels in sorted(where.items())]
 
 
 def _fmt_control(data: dict[str, Any]) -> str:
