@@ -173,6 +173,8 @@ class ClientDaemon:
                 self._worker.kill()
             await self._stop_worker()
             self._job_id, self._round = "", 0
+        with contextlib.suppress(JobRejected, OSError):  # the job is over: its privacy reference goes
+            (self._ws / "jobs" / _safe_name(job_id) / LAST_GLOBAL_FILE).unlink(missing_ok=True)
 
     # ---- tasks -----------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ Runs in a worker thread (NumPy and file I/O); never imports torch, never unpickl
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +38,8 @@ def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, r
     """Filter the weights in `raw_path` as `task` requires, write what may leave to `out_path`, and report.
     `reference_path`: the last global model this site received (submit_model only). Raises
     UpdateRejected if a file is not valid safetensors."""
+    if not chain.steps:  # nothing to apply: send the file as it is, without a load and a rewrite
+        return _unfiltered(task, raw_path, out_path, chain)
     raw = load_file(raw_path)
     # only a filter that changes values needs the reference; exclusions alone send the model bit for bit
     changes_values = any(step.name != "exclude_vars" for step in chain.steps)
@@ -55,6 +58,20 @@ def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, r
     return PrivacyReport(task=task, applied_to=applied_to, on_weaker_job=chain.on_weaker_job,
                          raised=chain.is_raised, chain=list(chain.steps), excluded=excluded[:MAX_EXCLUDED_LISTED],
                          n_excluded=len(excluded), payload_sha256=hashlib.sha256(data).hexdigest())
+
+
+def _unfiltered(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain) -> PrivacyReport:
+    digest = hashlib.sha256()
+    with raw_path.open("rb") as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    out_path.unlink(missing_ok=True)
+    try:
+        out_path.hardlink_to(raw_path)
+    except OSError:
+        shutil.copyfile(raw_path, out_path)
+    return PrivacyReport(task=task, applied_to="delta" if task == "train" else "whole_model",
+                         on_weaker_job=chain.on_weaker_job, raised=False, payload_sha256=digest.hexdigest())
 
 
 def _is_float(a: np.ndarray) -> bool:
