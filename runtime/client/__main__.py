@@ -36,7 +36,8 @@ async def run(kit: Path, debug: bool) -> bool:
                    str(startup / cfg.cert))
     write_pid(ws)
     audit = AuditLog(ws / "audit.jsonl")
-    audit.append("client_started", site=cfg.name, org=cfg.org)
+    audit.append("client_started", site=cfg.name, org=cfg.org, privacy_floor=privacy.model_dump(mode="json"),
+                 code_rule=policy.model_dump(mode="json")["code"])  # what this site enforces, from the start
     log.info("site %s (%s) starting; server %s:%d", cfg.name, cfg.org, cfg.server_host, cfg.fed_learn_port)
     daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals(), privacy=privacy)
     try:

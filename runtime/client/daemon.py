@@ -25,7 +25,15 @@ import numpy as np
 from .. import kit_config as kc
 from ..audit import AuditLog
 from ..certs import load_revoked_serials
-from ..errors import CertificateError, ConfigError, FedkitError, JobRejected, ServerUnreachable, SessionExpired
+from ..errors import (
+    CertificateError,
+    ConfigError,
+    FedkitError,
+    JobRejected,
+    ServerUnreachable,
+    SessionExpired,
+    UpdateRejected,
+)
 from ..job_spec import ClientJobConfig, safe_extract, sha256_hex
 from ..procs import LOG_FILE
 from ..proto import fedkit_pb2 as pb
@@ -251,7 +259,8 @@ class ClientDaemon:
             await self._ensure_job(h, task.config, job_dir, client_cfg)
             n_samples, metrics, payload = await self._execute(h, task, round_dir, client_cfg, chain)
             await self._submit(h, n_samples, metrics, payload)
-        except (WorkerFailed, JobRejected, ConfigError) as e:
+        # UpdateRejected: the job's code wrote weights the privacy step cannot read; only this task fails
+        except (WorkerFailed, JobRejected, ConfigError, UpdateRejected) as e:
             log.error("job %s %s round %d failed: %s", h.job_id, h.task_name, h.round, e)
             self._audit.append("task_failed", job_id=h.job_id, task=h.task_name, round=h.round, reason=str(e))
             await self._submit(h, 0, {}, None, error=str(e))
