@@ -243,11 +243,11 @@ class JobController:
             await asyncio.to_thread(save_file, initial, path)
         if not path.exists():
             done = await self._init_round()
-            self._record_shared(done)
             result = next(iter(done.results.values()))
             if not result.delta:
                 raise RoundFailed("round 0: the site that built the initial model sent no weights")
             await asyncio.to_thread(save_file, result.delta, path)
+            self._record_shared(done)  # after the save: a resumed job never builds round 0 twice
             log.info("job %s: initial model (%d tensors) made by %s", job_id, len(result.delta), result.site)
         model = await asyncio.to_thread(load_file, path)
         for name, arr in model.items():
