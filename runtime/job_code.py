@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import io
+import json
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ MAX_EXPANDED_BYTES = 4 * MAX_JOB_ZIP_BYTES  # as job_spec.safe_extract allows
 
 
 def code_hash(files: Iterable[tuple[str, bytes]]) -> str:
-    """SHA-256 hex over (path, content) pairs, in path order: each line is `<sha256(content)>  <path>`.
+    """SHA-256 hex over (path, content) pairs, in path order: each line is `<sha256(content)>  "<path>"`
+    (the path JSON-quoted, so no file name can forge a line).
 
     Raises JobRejected when a path occurs twice (a zip can hold duplicates; extraction keeps one)."""
     return _combine((path, hashlib.sha256(data).hexdigest()) for path, data in files)
@@ -57,7 +59,7 @@ def _combine(file_hashes: Iterable[tuple[str, str]]) -> str:
         raise JobRejected(f"job archive holds '{dup}' more than once")
     digest = hashlib.sha256(CODE_HASH_FORMAT)
     for path, content_sha in entries:
-        digest.update(f"{content_sha}  {path}\n".encode())
+        digest.update(f"{content_sha}  {json.dumps(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -106,7 +108,10 @@ class CodeSignature(BaseModel):
 
 def sign_code(code_sha256: str, key_pem: bytes, cert_pem: bytes) -> CodeSignature:
     """Sign a code hash with an admin's private key (ECDSA P-256, SHA-256)."""
-    key = serialization.load_pem_private_key(key_pem, password=None)
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise CertificateError("the admin key is not a readable PEM private key; use your fedkit admin kit's") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertificateError("the admin key is not an EC key; use the key from your fedkit admin kit")
     signature = key.sign(signed_message(code_sha256), ec.ECDSA(hashes.SHA256()))
