@@ -4,6 +4,7 @@
     fedkit provision add-site NAME -p project.yml -w WORKSPACE one more kit (NAME must be in project.yml)
     fedkit provision revoke NAME -p project.yml -w WORKSPACE   add NAME's certificates to the study CRL
     fedkit verify-kit DIR [--ca rootCA.pem] [--ca-fingerprint HEX]  check a kit against its signature
+    fedkit job hash FOLDER                                     the code hash sites approve
 
 Exit codes: 0 ok; 1 failure (including a kit that does not verify); 2 bad input (project.yml, a config
 file, or usage). A traceback is printed only with `fedkit --debug ...`; locals never are, because
@@ -24,6 +25,7 @@ from runtime import audit
 from runtime.errors import ConfigError, FedkitError, ProjectConfigError
 from runtime.kitsig import check_ca_fingerprint, verify_kit
 
+from .job_cli import job_app
 from .pipeline import ProvisionResult, add_site, provision
 from .project import load_project
 from .revoke import revoke
@@ -75,6 +77,7 @@ provision_app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(provision_app, name="provision")
+app.add_typer(job_app, name="job")
 
 ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="the study's project.yml")]
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="folder holding <study>/state and prod_NN")]

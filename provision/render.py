@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 import runtime
 from runtime.client.job_policy import JobPolicy
+from runtime.client.privacy_policy import PrivacyPolicy
 from runtime.errors import ConfigError
 from runtime.identity import Kind
 from runtime.kit_config import (
@@ -83,6 +84,7 @@ KIT_TEMPLATES: Mapping[Kind, tuple[TemplateFile, ...]] = {
         TemplateFile("readme.client.txt.j2", "readme.txt"),
         TemplateFile("site.yml.example.j2", "local/site.yml.example"),
         TemplateFile("job_policy.yml.example.j2", "local/job_policy.yml.example"),
+        TemplateFile("privacy.yml.example.j2", "local/privacy.yml.example"),
     ),
     Kind.ADMIN: (
         *_COMMON,
@@ -208,6 +210,7 @@ class KitRenderer:
             "server_defaults": ServerLocalSettings(),
             "site_defaults": SiteLocalSettings(),
             "job_policy_defaults": JobPolicy(),
+            "privacy_defaults": PrivacyPolicy(),
             "authorization_defaults": {
                 str(role): {command: str(scope) for command, scope in rules.items()}
                 for role, rules in DEFAULT_POLICY.items()

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from ..errors import FedkitError, JobRejected
+from ..privacy_report import describe_chain
 from .client import AdminClient
 from .sanitize import clean_remote
 
@@ -166,6 +167,7 @@ class AdminConsole:
             record = await self._client.submit_job(folder, overrides, progress)
         if not self._json:
             self._out.print(f"submitted job {record['job_id']} ({record['name']}), state {record['state']}")
+            self._out.print(_fmt_code(record), markup=False, highlight=False)
         return record
 
     async def _list_jobs(self, args: list[str]) -> Any:
@@ -209,10 +211,19 @@ class AdminConsole:
                                       _fmt_metrics(entry["train"][site]), "")
                     for site, reason in entry["failed"].items():
                         table.add_row(str(entry["round"]), site, "-", clean_remote(f"FAILED: {reason}"), "")
+                elif entry["type"] == "shared":  # weights shared outside training: round 0, cross-site
+                    what = "initial model" if entry["task"] == "init" else "local model"
+                    for site in entry["sites"]:
+                        table.add_row(f"{entry['round']} ({entry['task']})", site, "-", f"sent its {what}", "")
+                    for site, reason in entry["failed"].items():
+                        table.add_row(f"{entry['round']} ({entry['task']})", site, "-",
+                                      clean_remote(f"FAILED: {reason}"), "")
                 else:
                     table.add_row(f"model {entry['model_round']}", "all", "", "",
                                   _fmt_metrics(entry["global"]) + ("  [best]" if entry["is_best"] else ""))
             self._out.print(table)
+            for line in _privacy_lines(data["metrics"]):
+                self._out.print(line, markup=False, highlight=False, soft_wrap=True)
         return data
 
     def _print_job_header(self, data: dict[str, Any]) -> None:
@@ -224,6 +235,7 @@ class AdminConsole:
             f"submitted by {r['submitter']} ({r['submitter_org']}, {r['submitter_role']})",
             f"config {r['config_hash']}, overrides: {' '.join(r['overrides']) or '-'}, "
             f"archive sha256 {r['job_sha256'][:16]}",
+            _fmt_code(r),
             f"submitted {_fmt_time(r['submitted_at'])}, started {_fmt_time(r['started_at'])}, "
             f"finished {_fmt_time(r['finished_at'])}, took {_fmt_took(r)}",
             "best: " + (f"{r['best_metric']:.4f} (model of round {r['best_round']})"
@@ -370,6 +382,29 @@ def _number(text: str, what: str) -> float:
         return float(text)
     except ValueError:
         raise UsageError(f"{what} must be a number, not '{text}'") from None
+
+
+def _fmt_code(record: dict[str, Any]) -> str:
+    """The code hash sites approve (overrides are not part of it), and who signed it."""
+    code = record.get("code_sha256") or "-"
+    signer = record.get("code_signed_by")
+    return f"code sha256 {code}" + (f", signed by {signer}" if signer else ", unsigned")
+
+
+def _privacy_lines(metrics: list[dict[str, Any]]) -> list[str]:
+    """What each site's privacy filters did to what it sent: one line per site and distinct chain, with
+    what it applied to (training rounds: deltas; init: the whole model; submit_model: local - last global)."""
+    where: dict[tuple[str, str], list[str]] = {}
+    for entry in metrics:
+        if entry["type"] not in ("round", "shared"):
+            continue
+        label = f"round {entry['round']}" if entry["type"] == "round" else entry["task"]
+        for site, report in sorted((entry.get("privacy") or {}).items()):
+            where.setdefault((site, describe_chain(report, with_target=False)), []).append(label)
+    if not where:
+        return []
+    head = "privacy, per site (rounds: on deltas; init: on the whole model; submit_model: on local - last global):"
+    return [head] + [f"  {site}: {chain}  [{', '.join(labels)}]" for (site, chain), labels in sorted(where.items())]
 
 
 def _fmt_control(data: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from ..procs import LOG_FILE, private_umask, setup_logging, stop_event_on_signal
 from ..transport import TlsFiles
 from .daemon import ClientDaemon
 from .job_policy import JobPolicy
+from .privacy_policy import PRIVACY_FILE, PrivacyPolicy
 
 log = logging.getLogger("fedkit.client")
 
@@ -28,6 +29,7 @@ async def run(kit: Path, debug: bool) -> bool:
     cfg = kc.load_model(startup / kc.CLIENT_CONFIG, kc.ClientKitConfig)
     settings = kc.load_optional(local / "site.yml", kc.SiteLocalSettings)
     policy = JobPolicy.load(local / "job_policy.yml")
+    privacy = PrivacyPolicy.load(local / PRIVACY_FILE)
     ws = workspace(kit)
     setup_logging(ws / LOG_FILE, debug)
     tune_malloc()
@@ -36,10 +38,11 @@ async def run(kit: Path, debug: bool) -> bool:
     check_validity(tls.own_certificate(), str(startup / cfg.cert))
     write_pid(ws)
     audit = AuditLog(ws / "audit.jsonl")
-    audit.append("client_started", site=cfg.name, org=cfg.org)
+    audit.append("client_started", site=cfg.name, org=cfg.org, privacy_floor=privacy.model_dump(mode="json"),
+                 code_rule=policy.model_dump(mode="json")["code"])  # what this site enforces, from the start
     log.info("audit log %s: %s", audit.path, audit.head())
     log.info("site %s (%s) starting; server %s:%d", cfg.name, cfg.org, cfg.server_host, cfg.fed_learn_port)
-    daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals())
+    daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals(), privacy=privacy)
     try:
         await daemon.run()
     finally:

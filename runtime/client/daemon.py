@@ -24,8 +24,16 @@ import numpy as np
 
 from .. import kit_config as kc
 from ..audit import AuditLog
-from ..errors import ConfigError, FedkitError, JobRejected, ServerUnreachable, SessionExpired
-from ..filters import apply_filters, build_filters
+from ..crl import load_root_ca, parse_crl
+from ..errors import (
+    CertificateError,
+    ConfigError,
+    FedkitError,
+    JobRejected,
+    ServerUnreachable,
+    SessionExpired,
+    UpdateRejected,
+)
 from ..job_spec import ClientJobConfig, safe_extract, sha256_hex
 from ..procs import LOG_FILE
 from ..proto import fedkit_pb2 as pb
@@ -39,9 +47,11 @@ from ..transport import (
     open_channel,
     with_idle_timeout,
 )
-from ..weights import load_file, save_file
+from . import outgoing
+from .code_approval import ReceivedCode, received_code
 from .job_folders import JobFolders
 from .job_policy import JobPolicy
+from .privacy_policy import EffectiveChain, PrivacyPolicy
 from .sandbox import limits_of, sandbox_for_job
 from .worker_handle import WorkerFailed, WorkerHandle
 
@@ -65,13 +75,14 @@ class _Task:
 
 class ClientDaemon:
     def __init__(self, kit: Path, cfg: kc.ClientKitConfig, settings: kc.SiteLocalSettings, ws: Path,
-                 audit: AuditLog, policy: JobPolicy, stop: asyncio.Event):
+                 audit: AuditLog, policy: JobPolicy, stop: asyncio.Event, privacy: PrivacyPolicy | None = None):
         self._kit = kit
         self._cfg = cfg
         self._settings = settings
         self._ws = ws
         self._audit = audit
         self._policy = policy
+        self._privacy = privacy if privacy is not None else PrivacyPolicy()
         self._stop = stop
         startup = kit / kc.STARTUP
         self._tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
@@ -183,6 +194,8 @@ class ClientDaemon:
                 self._worker.kill()
             await self._stop_worker()
             self._job_id, self._round = "", 0
+        with contextlib.suppress(JobRejected, OSError):  # the job is over: its privacy reference goes
+            (self._ws / "jobs" / _safe_name(job_id) / LAST_GLOBAL_FILE).unlink(missing_ok=True)
 
     # ---- tasks -----------------------------------------------------------------------------------
 
@@ -256,10 +269,12 @@ class ClientDaemon:
                            payload_sha256=h.payload_sha256)
         try:
             client_cfg = ClientJobConfig.model_validate(task.config.get("client", {}))
+            chain = self._privacy.chain_for(h.job_id, client_cfg.filters)  # a refusal comes before any job code
             await self._ensure_job(h, task.config, job_dir, client_cfg)
-            n_samples, metrics, payload = await self._execute(h, task, round_dir, client_cfg)
+            n_samples, metrics, payload = await self._execute(h, task, round_dir, client_cfg, chain)
             await self._submit(h, n_samples, metrics, payload)
-        except (WorkerFailed, JobRejected, ConfigError) as e:
+        # UpdateRejected: the job's code wrote weights the privacy step cannot read; only this task fails
+        except (WorkerFailed, JobRejected, ConfigError, UpdateRejected) as e:
             log.error("job %s %s round %d failed: %s", h.job_id, h.task_name, h.round, e)
             self._audit.append("task_failed", job_id=h.job_id, task=h.task_name, round=h.round, reason=str(e))
             await self._submit(h, 0, {}, None, error=str(e))
@@ -276,6 +291,8 @@ class ClientDaemon:
         submitter = config.get("submitter", {})
         self._policy.check(h.job_id, submitter)  # raises JobRejected with the site's reason
         code_dir = JobFolders(job_dir).code
+        if self._policy.requires_code_check:  # extract afresh: what runs must be exactly what was approved
+            await asyncio.to_thread(shutil.rmtree, code_dir, True)
         if not code_dir.exists():
             parts = []
             with call_errors("get job", self._target):
@@ -286,9 +303,16 @@ class ClientDaemon:
             digest = await asyncio.to_thread(sha256_hex, archive)
             if h.job_sha256 and digest != h.job_sha256:
                 raise JobRejected(f"job {h.job_id}: archive hash {digest[:12]} differs from the announced one")
+            code = await asyncio.to_thread(received_code, h.job_id, archive, config, client_cfg)
+            try:
+                approval = await asyncio.to_thread(self._approve_code, code)
+            except JobRejected as e:
+                self._audit.append("job_refused", job_id=h.job_id, code_sha256=code.code_sha256, reason=str(e))
+                raise
             await asyncio.to_thread(safe_extract, archive, code_dir)
             self._audit.append("job_received", job_id=h.job_id, job_name=config.get("job_name", ""),
-                               job_sha256=digest, submitter=submitter)
+                               job_sha256=digest, code_sha256=code.code_sha256, code_approval=approval,
+                               submitter=submitter)
         self._worker = await self._start_worker(h.job_id, JobFolders(job_dir), client_cfg)
 
     async def _start_worker(self, job_id: str, folders: JobFolders, client_cfg: ClientJobConfig) -> WorkerHandle:
@@ -306,20 +330,23 @@ class ClientDaemon:
                            limits=await asyncio.to_thread(sandbox.describe_limits, limits))
         return worker
 
-    async def _execute(self, h: pb.TaskHeader, task: _Task, round_dir: Path,
-                       client_cfg: ClientJobConfig) -> tuple[int, dict[str, Any], Path | None]:
-        """Run the task in the worker; returns n_samples, metrics and the file of weights to send."""
+    async def _execute(self, h: pb.TaskHeader, task: _Task, round_dir: Path, client_cfg: ClientJobConfig,
+                       chain: EffectiveChain) -> tuple[int, dict[str, Any], Path | None]:
+        """Run the task in the worker; returns n_samples, metrics and the file of weights to send (always
+        the output of the site's privacy chain: runtime.client.outgoing)."""
         assert self._worker is not None
         timeout_s = min(h.timeout_s or client_cfg.task_timeout_s, client_cfg.task_timeout_s)
+        reference = round_dir.parent / LAST_GLOBAL_FILE  # the last global model this site trained on
         if h.task_name == "init":
             out = round_dir / "initial.safetensors"
             await self._worker.call_writing({"op": "init"}, out, timeout_s)
-            return 0, {}, out
+            return 0, await self._outgoing("init", out, chain), out.with_suffix(SENT_SUFFIX)
         if h.task_name == "submit_model":
             out = round_dir / "local_model.safetensors"
             await self._worker.call_writing({"op": "local_model"}, out, timeout_s)
+            metrics = await self._outgoing("submit_model", out, chain, reference)
             self._audit.append("local_model_shared", job_id=h.job_id, round=h.round)
-            return 0, {}, out
+            return 0, metrics, out.with_suffix(SENT_SUFFIX)
         received = task.payload_path
         if received is None:
             raise JobRejected(f"{h.task_name} task came without weights")
@@ -332,17 +359,32 @@ class ClientDaemon:
         reply = await self._worker.call_writing({"op": "train", "weights": str(received), "round": h.round},
                                                 out, timeout_s)
         validation = reply["validation"]
-        filters = build_filters(client_cfg.filters)
-        if filters:  # privacy filters decide what leaves the site: the filtered delta replaces the raw one
-            await asyncio.to_thread(self._filter_file, out, filters)
+        await asyncio.to_thread(_keep_reference, received, reference)
+        privacy = await self._outgoing("train", out, chain)
+        sent = out.with_suffix(SENT_SUFFIX)
         if client_cfg.keep_updates:
-            await asyncio.to_thread(shutil.copyfile, out, round_dir / "update_sent.safetensors")
+            await asyncio.to_thread(shutil.copyfile, sent, round_dir / "update_sent.safetensors")
             (round_dir / "update_sent.json").write_text(json.dumps({"n_samples": reply["n_samples"],
                                                                    "round": h.round, "task_id": h.task_id}))
-        return int(reply["n_samples"]), {"train": reply["metrics"], "validation": validation}, out
+        return int(reply["n_samples"]), {"train": reply["metrics"], "validation": validation, **privacy}, sent
 
-    def _filter_file(self, delta_path: Path, filters: list) -> None:
-        save_file(apply_filters(load_file(delta_path), filters, self._rng), delta_path)
+    async def _outgoing(self, task: outgoing.Task, raw: Path, chain: EffectiveChain,
+                        reference: Path | None = None) -> dict[str, Any]:
+        """Apply the privacy chain to `raw`, writing what may leave next to it; the result's "privacy"."""
+        report = await asyncio.to_thread(outgoing.prepare, task, raw, raw.with_suffix(SENT_SUFFIX), chain,
+                                         self._rng, reference)
+        return {"privacy": report.model_dump(mode="json")}
+
+    def _approve_code(self, code: ReceivedCode) -> str:
+        """local/job_policy.yml `code:` on the code as received; signers are checked against this site's
+        own root CA and, when site IT placed the study's crl.pem in local/, its revocations."""
+        if not self._policy.requires_code_check:
+            return self._policy.check_code(code, b"")
+        try:
+            revoked = _local_revocations(self._kit / kc.LOCAL / kc.REVOCATION_LIST, self._tls.root_ca)
+        except CertificateError as e:
+            raise JobRejected(f"cannot check job code signatures: {e}") from None
+        return self._policy.check_code(code, self._tls.root_ca.read_bytes(), revoked)
 
     async def _reserve_upload(self, task_id: str) -> str:
         """Wait (in bounded long polls) for an upload slot on the server; returns its lease."""
@@ -359,9 +401,10 @@ class ClientDaemon:
         """Stream the result from disk, hashing as it goes; the hash follows as a trailer."""
         size = payload.stat().st_size if payload is not None else 0
         lease = await self._reserve_upload(h.task_id) if size else ""
+        privacy = metrics.get("privacy") or {}
         header = pb.ResultHeader(session_id=self._session_id, task_id=h.task_id, n_samples=n_samples,
                                  metrics_json=json.dumps(metrics), payload_bytes=size, error=error,
-                                 lease_id=lease)
+                                 lease_id=lease, payload_sha256=privacy.get("payload_sha256", ""))
         digest = hashlib.sha256()
 
         async def chunks() -> AsyncIterator[pb.ResultChunk]:
@@ -379,7 +422,7 @@ class ClientDaemon:
         size_sent, digest_hex = size, digest.hexdigest() if size else ""
         if reply.accepted:
             self._audit.append("update_sent", job_id=h.job_id, task=h.task_name, round=h.round,
-                               n_samples=n_samples, payload_sha256=digest_hex)
+                               n_samples=n_samples, payload_sha256=digest_hex, privacy=privacy or None)
             log.info("job %s %s round %d: result accepted (%d bytes, n_samples=%d)", h.job_id, h.task_name,
                      h.round, size_sent, n_samples)
         else:
@@ -391,6 +434,29 @@ class ClientDaemon:
         if self._worker is not None:
             await self._worker.stop()
             self._worker = None
+
+
+LAST_GLOBAL_FILE = "last_global.safetensors"
+SENT_SUFFIX = ".sent.safetensors"
+
+
+def _keep_reference(received: Path, reference: Path) -> None:
+    """Keep the global model just trained on past its round folder (a hard link: no copy), as the
+    reference a later local model is filtered against."""
+    tmp = reference.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        tmp.hardlink_to(received)
+    except OSError:
+        shutil.copyfile(received, tmp)
+    tmp.replace(reference)
+
+
+def _local_revocations(crl_path: Path, root_ca: Path) -> frozenset[int]:
+    """Serials revoked by the study CRL site IT placed in local/ (none when there is no such file)."""
+    if not crl_path.exists():
+        return frozenset()
+    return parse_crl(crl_path.read_bytes(), load_root_ca(root_ca), str(crl_path)).revoked
 
 
 def _safe_name(text: str) -> str:

@@ -51,9 +51,26 @@ def _delta(trained: dict, received: dict) -> dict:
 
 
 class _LocalModel:
-    """The weights this site last trained, kept for cross-site validation (`local_model`)."""
+    """The weights this site last trained, kept for cross-site validation (`local_model`), and the names
+    of the last global model received (what the federation shares; a site's policy may keep others local)."""
 
     weights: dict | None = None
+    shared_names: frozenset[str] | None = None
+
+
+def _filled(received: dict, learner: Learner, local: _LocalModel) -> dict:
+    """`received` plus the tensors it lacks, taken from this site's own weights (last trained, else the
+    learner's initial ones). A site whose privacy policy excludes a tensor never sends it, so it can be
+    missing from the global model; it then stays local here instead of breaking training."""
+    if local.weights is not None:
+        own = local.weights
+    else:
+        try:  # only until this site has trained once
+            own = learner.initial_weights()
+        except NotImplementedError:
+            return received
+    missing = {k: v for k, v in own.items() if k not in received}
+    return {**received, **missing} if missing else received
 
 
 def handle(learner: Learner, cmd: dict[str, Any], local: _LocalModel | None = None,
@@ -65,23 +82,26 @@ def handle(learner: Learner, cmd: dict[str, Any], local: _LocalModel | None = No
     if op == "local_model":
         if local.weights is None:
             raise RuntimeError("this site has not trained in this job, so it has no local model")
-        save(local.weights, Path(cmd["out"]))
+        shared = local.shared_names or frozenset(local.weights)
+        save({k: v for k, v in local.weights.items() if k in shared}, Path(cmd["out"]))
         return {"ok": True}
     if op == "init":
         save(learner.initial_weights(), Path(cmd["out"]))
         return {"ok": True}
     if op == "validate":
-        metrics = learner.validate(load_file(Path(cmd["weights"])))
+        metrics = learner.validate(_filled(load_file(Path(cmd["weights"])), learner, local))
         return {"ok": True, "metrics": {k: float(v) for k, v in metrics.items()}}
     if op == "train":
-        received = load_file(Path(cmd["weights"]))
+        global_in = load_file(Path(cmd["weights"]))
+        received = _filled(global_in, learner, local)
         # the global model is scored on local validation data before training changes the learner
         validation = {k: float(v) for k, v in learner.validate(received).items()}
         result = learner.train(received, int(cmd["round"]))
         delta = result.weights if result.is_delta else _delta(result.weights, received)
         local.weights = ({k: received[k] + delta[k] if k in delta else received[k] for k in received}
                          if result.is_delta else result.weights)
-        save(delta, Path(cmd["out"]))
+        local.shared_names = frozenset(global_in)
+        save({k: v for k, v in delta.items() if k in global_in}, Path(cmd["out"]))  # kept-local names stay
         return {"ok": True, "n_samples": int(result.n_samples), "validation": validation,
                 "metrics": {k: float(v) for k, v in result.metrics.items()}}
     raise ValueError(f"unknown op {op!r}")

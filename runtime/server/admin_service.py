@@ -136,7 +136,8 @@ class AdminService:
             overrides = _overrides(args)
             await asyncio.to_thread(self._runner.check_quota, peer)
             spooled = await spool(_upload_data(chunks), self._runner.store.incoming_dir, self._max_upload_bytes)
-            record = await self._runner.submit(peer, spooled.path, overrides, spooled.sha256)
+            record = await self._runner.submit(peer, spooled.path, overrides, spooled.sha256,
+                                               args.get("code_signature"))
         except FedkitError as e:
             return await self._refused(peer, "submit_job", args, e, allowed=not isinstance(e, PermissionDenied))
         except Exception as e:
@@ -145,8 +146,8 @@ class AdminService:
         finally:
             if spooled is not None:
                 spooled.path.unlink(missing_ok=True)  # moved into the job's folder when accepted
-        await self._record(peer, "submit_job", {**args, "job_id": record.job_id, "job_sha256": record.job_sha256},
-                           allowed=True)
+        await self._record(peer, "submit_job", {**args, "job_id": record.job_id, "job_sha256": record.job_sha256,
+                                                "code_sha256": record.code_sha256}, allowed=True)
         return pb.AdminReply(ok=True, message=f"submitted job {record.job_id}", data_json=json.dumps(asdict(record)))
 
     async def download(self, peer: Identity, request: pb.AdminRequest) -> AsyncIterator[pb.DataChunk]:
@@ -254,7 +255,8 @@ class AdminService:
         self._policy.check(peer, "submit_job")
         copy = await asyncio.to_thread(self._copy_archive, record.job_id)
         try:
-            clone = await self._runner.submit(peer, copy, record.overrides, record.job_sha256)
+            signature = await asyncio.to_thread(self._runner.store.code_signature, record.job_id)
+            clone = await self._runner.submit(peer, copy, record.overrides, record.job_sha256, signature)
         finally:
             copy.unlink(missing_ok=True)
         return {**asdict(clone), "cloned_from": record.job_id}

@@ -23,6 +23,7 @@ import numpy as np
 from ..audit import AuditLog
 from ..errors import FedkitError, UpdateRejected
 from ..job_spec import JobSpec, read_zip_member
+from ..privacy_report import decode_report
 from ..transport import CHUNK_BYTES
 from ..weights import Weights, check_update, from_bytes, load_file, nbytes, save_file, to_bytes, view_bytes
 from ..workflows import FedAvg, SiteResult, weighted_metrics
@@ -55,6 +56,7 @@ class _Round:
     fold: Callable[[SiteResult], None] | None
     results: dict[str, SiteResult] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # per site: what its filters did
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def answered(self, site: str) -> bool:
@@ -79,6 +81,7 @@ class JobController:
         self._job_sha = record.job_sha256
         self._last_sites: list[str] = []
         self._tasked: set[str] = set()  # every site this run has sent a task: the ones that may fetch the job
+        self._code_signature = store.code_signature(record.job_id)  # passed on to sites as submitted
 
     def is_selected(self, site: str) -> bool:
         """Whether `site` is one the job runs on: named by meta.sites (or any, for "all") and sent a task
@@ -109,6 +112,7 @@ class JobController:
                 rnd.failures[site] = error
                 log.warning("job %s round %d: %s reports failure: %s", self.record.job_id, rnd.round, site, error)
                 return
+            privacy = decode_report(metrics.get("privacy"))
             result = await asyncio.to_thread(self._parse_result, site, n_samples, metrics, payload)
             if rnd.fold is not None:
                 async with self._fold_lock:
@@ -116,6 +120,8 @@ class JobController:
             # an init result is kept past this call, so copy it out of the (reused) receive buffer
             kept = {k: v.copy() for k, v in result.delta.items()} if task.name == "init" and result.delta else None
             rnd.results[site] = SiteResult(site, result.n_samples, result.train_metrics, result.validation, kept)
+            if privacy is not None:
+                rnd.privacy[site] = privacy
         except UpdateRejected as e:
             rnd.failures[site] = f"update rejected: {e}"
             self._audit.append("update_rejected", job_id=self.record.job_id, site=site, round=rnd.round,
@@ -160,6 +166,7 @@ class JobController:
         # a crash may have left entries of the round in flight; that round runs again, so drop them
         done = progress.round_done if (models / "global.safetensors").exists() else 0
         self._store.keep_metrics(job_id, lambda e: e.get("round", 0) <= done if e["type"] == "round"
+                                 else e.get("task") == "init" if e["type"] == "shared"
                                  else e.get("model_round", 0) < done)
         if progress.round_done > 0 and (models / "global.safetensors").exists():
             model = await asyncio.to_thread(load_file, models / "global.safetensors")
@@ -187,6 +194,7 @@ class JobController:
                 "train": {s: r.train_metrics for s, r in done.results.items()},
                 "train_global": weighted_metrics({s: {**r.train_metrics, "n_samples": r.n_samples}
                                                   for s, r in done.results.items()}),
+                "privacy": done.privacy,
             })
             self.record.rounds_done = rnd
             self._store.save(self.record)
@@ -210,12 +218,11 @@ class JobController:
         def keep_site_model(result: SiteResult) -> None:
             if not result.delta:
                 raise UpdateRejected("submit_model result carries no weights")
-            check_update(result.delta, global_model)
-            if set(result.delta) != set(global_model):
-                raise UpdateRejected("a site model must hold every tensor of the global model")
+            check_update(result.delta, global_model)  # a site's privacy policy may keep some tensors local
             save_file(result.delta, models_dir / f"site_{result.site}.safetensors")
 
         collected = await self._run_round("submit_model", first_round, None, keep_site_model)
+        self._record_shared(collected)
         candidates: list[tuple[str, Path]] = [("global", models_dir / "global.safetensors")]
         if (models_dir / "best.safetensors").exists():
             candidates.append(("best", models_dir / "best.safetensors"))
@@ -249,6 +256,7 @@ class JobController:
             if not result.delta:
                 raise RoundFailed("round 0: the site that built the initial model sent no weights")
             await asyncio.to_thread(save_file, result.delta, path)
+            self._record_shared(done)  # after the save: a resumed job never builds round 0 twice
             log.info("job %s: initial model (%d tensors) made by %s", job_id, len(result.delta), result.site)
         model = await asyncio.to_thread(load_file, path)
         for name, arr in model.items():
@@ -271,6 +279,13 @@ class JobController:
                 if not others:
                     raise
                 log.warning("job %s: %s; asking %s instead", self.record.job_id, e, others[0])
+
+    def _record_shared(self, done: _Round) -> None:
+        """A metrics entry for weights a site shared outside training (round 0, cross-site models), with
+        what the site's privacy filters did to them, so show_job shows every path out of a site."""
+        self._store.append_metrics(self.record.job_id, {
+            "type": "shared", "task": done.name, "round": done.round, "sites": sorted(done.results),
+            "failed": done.failures, "privacy": done.privacy})
 
     async def _record_validation(self, model_round: int, done: _Round, progress: Progress) -> None:
         """Score the model of `model_round` from what the sites reported and keep it if it is the best."""
@@ -309,7 +324,8 @@ class JobController:
         config = {"rounds": cfg.rounds, "client": self.spec.client.model_dump(mode="json"),
                   "job_name": meta.name,
                   "submitter": {"name": self.record.submitter, "org": self.record.submitter_org,
-                                "role": self.record.submitter_role}}
+                                "role": self.record.submitter_role},
+                  "code_signature": self._code_signature}
         tasks = {site: Task(job_id=self.record.job_id, site=site, name=name, round=rnd, config=config,
                             payload=payload, timeout_s=cfg.round_timeout_s,
                             job_sha256=self._job_sha) for site in sites}

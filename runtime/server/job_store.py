@@ -3,6 +3,7 @@ and its outputs (models, per-round metrics). Everything a restart needs to resum
 
     <workspace>/jobs/<job_id>/
         job.zip  spec.json  record.json  progress.json  metrics.jsonl
+        code_signature.json   (a signed job: the admin's signature over its code hash, passed on to sites)
         models/initial.safetensors  global.safetensors  best.safetensors
     <workspace>/jobs/.incoming/     uploads being received (cleared when the store opens)
 
@@ -27,6 +28,8 @@ from typing import Any
 from ..errors import JobRejected
 
 log = logging.getLogger(__name__)
+
+CODE_SIGNATURE_FILE = "code_signature.json"
 
 
 class JobState(StrEnum):
@@ -61,6 +64,8 @@ class JobRecord:
     best_metric: float | None = None
     final_metrics: dict[str, float] = field(default_factory=dict)
     sites: list[str] = field(default_factory=list)
+    code_sha256: str = ""  # runtime.job_code hash of the archive: what sites approve; overrides are separate
+    code_signed_by: str = ""  # the admin whose signature over code_sha256 came with the job, if any
     seq: int = 0  # submission order; unlike submitted_at it survives a wall clock stepped back
 
     @classmethod
@@ -110,21 +115,27 @@ class JobStore:
             raise JobRejected(f"no such job '{job_id[:MAX_JOB_ID_CHARS]}'")
         return self.root / job_id
 
-    def create(self, archive: bytes, spec_json: str, record: JobRecord) -> JobRecord:
+    def create(self, archive: bytes, spec_json: str, record: JobRecord,
+               code_signature: dict[str, Any] | None = None) -> JobRecord:
         """Store a new job; its record goes last, so the scheduler never sees a job without its spec."""
         d = self.job_dir(record.job_id)
         (d / "models").mkdir(parents=True)
         (d / "job.zip").write_bytes(archive)
         (d / "spec.json").write_text(spec_json)
+        if code_signature is not None:
+            _write_json(d / CODE_SIGNATURE_FILE, code_signature)
         self.save(record)
         return record
 
-    def create_from_file(self, archive: Path, spec_json: str, record: JobRecord) -> JobRecord:
+    def create_from_file(self, archive: Path, spec_json: str, record: JobRecord,
+                         code_signature: dict[str, Any] | None = None) -> JobRecord:
         """Like create, moving an uploaded archive (in incoming_dir) into the job's folder."""
         d = self.job_dir(record.job_id)
         (d / "models").mkdir(parents=True)
         os.replace(archive, d / "job.zip")
         (d / "spec.json").write_text(spec_json)
+        if code_signature is not None:
+            _write_json(d / CODE_SIGNATURE_FILE, code_signature)
         self.save(record)
         return record
 
@@ -168,6 +179,11 @@ class JobStore:
 
     def archive(self, job_id: str) -> bytes:
         return (self.job_dir(job_id) / "job.zip").read_bytes()
+
+    def code_signature(self, job_id: str) -> dict[str, Any] | None:
+        """The signature over the job's code that came with it (checked at submit), or None."""
+        path = self.job_dir(job_id) / CODE_SIGNATURE_FILE
+        return json.loads(path.read_text()) if path.exists() else None
 
     def models_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "models"

@@ -13,11 +13,13 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from ..audit import AuditLog
 from ..errors import FedkitError, JobRejected
 from ..identity import Identity
 from ..job_spec import JobSpec, load_job_spec, read_zip_configs, sha256_hex, spec_to_json
+from .code_intake import signed_code
 from .controller import JobAborted, JobController
 from .job_quota import JobQuota
 from .job_store import FINAL_STATES, JobRecord, JobState, JobStore
@@ -48,12 +50,15 @@ class JobRunner:
 
     # ---- admin-facing ----------------------------------------------------------------------------
 
-    async def submit(self, submitter: Identity, archive: Path, overrides: list[str], sha256: str = "") -> JobRecord:
+    async def submit(self, submitter: Identity, archive: Path, overrides: list[str], sha256: str = "",
+                     code_signature: Any = None) -> JobRecord:
         """Validate and queue a job archive: a file in store.incoming_dir, moved into the job's folder when
-        accepted (`sha256`: its hash, when the upload computed it already). Raises JobRejected with the
-        file and field at fault, or the quota and how to free it."""
+        accepted (`sha256`: its hash, when the upload computed it already), with the admin's signature over
+        its code if one came. Raises JobRejected with the file and field at fault, or the quota and how to
+        free it."""
         async with self._submit_lock:
-            record = await asyncio.to_thread(self._store_new_job, submitter, archive, overrides, sha256)
+            record = await asyncio.to_thread(self._store_new_job, submitter, archive, overrides, sha256,
+                                             code_signature)
         self._wakeup.set()  # here, on the loop: an asyncio.Event must not be set from a worker thread
         return record
 
@@ -61,11 +66,13 @@ class JobRunner:
         """JobRejected if `submitter` may not store another job (of `new_bytes`; 0: count only)."""
         self._quota.check(self.store, submitter.name, new_bytes)
 
-    def _store_new_job(self, submitter: Identity, archive: Path, overrides: list[str], sha256: str) -> JobRecord:
+    def _store_new_job(self, submitter: Identity, archive: Path, overrides: list[str], sha256: str,
+                       code_signature: Any = None) -> JobRecord:
         spec = load_job_spec(read_zip_configs(archive), overrides)
         size = archive.stat().st_size
         self.check_quota(submitter, size)
         spec_json = spec_to_json(spec)
+        code = signed_code(archive, code_signature)
         record = JobRecord(
             job_id=self.store.new_id(), name=spec.meta.name, state=JobState.QUEUED,
             submitter=submitter.name, submitter_org=submitter.org,
@@ -73,8 +80,9 @@ class JobRunner:
             submitted_at=time.time(), job_sha256=sha256 or _file_sha256(archive),
             config_hash=sha256_hex(spec_json.encode())[:16], overrides=list(overrides),
             rounds_total=spec.server.rounds, seq=self.store.next_seq(),
+            code_sha256=code.code_sha256, code_signed_by=code.signed_by,
         )
-        return self.store.create_from_file(archive, spec_json, record)
+        return self.store.create_from_file(archive, spec_json, record, code.signature)
 
     def spec(self, job_id: str) -> JobSpec:
         """The job's validated spec, read from disk once and then kept (until the job is deleted)."""

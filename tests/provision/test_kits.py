@@ -20,6 +20,7 @@ from provision.kit import Kit, KitFile
 from provision.render import KitRenderer, docker_name, read_runtime_package
 from provision.zipping import zip_kit
 from runtime.client.job_policy import JobPolicy
+from runtime.client.privacy_policy import PrivacyPolicy
 from runtime.identity import Kind, Role
 from runtime.kit_config import (
     AdminKitConfig,
@@ -51,6 +52,7 @@ EXPECTED_LAYOUT = {
         "startup/client.key",
         "local/site.yml.example",
         "local/job_policy.yml.example",
+        "local/privacy.yml.example",
     },
     Kind.ADMIN: COMMON | {"startup/fed_admin.json", "startup/client.crt", "startup/client.key", "startup/fl_admin.sh"},
 }
@@ -145,6 +147,7 @@ def test_configs_are_the_runtime_models_with_the_right_values(provisioned) -> No
     [
         ("site-1", "local/site.yml.example", SiteLocalSettings),
         ("localhost", "local/server.yml.example", ServerLocalSettings),
+        ("site-1", "local/privacy.yml.example", PrivacyPolicy),
     ],
 )
 def test_local_examples_list_exactly_the_settings_fields(provisioned, kit: str, rel: str, model: type) -> None:

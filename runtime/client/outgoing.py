@@ -1,0 +1,89 @@
+"""The site's last step before weights leave: apply the effective privacy chain and write the bytes to send.
+
+Everything a site uploads goes through `prepare`, whatever the task:
+
+    train         the delta (trained minus received): the chain runs on it as is
+    submit_model  the local model for cross-site validation, as `last global + chain(local - last global)`:
+                  the server already holds the last global model it sent, so what the site reveals is a
+                  filtered delta, exactly as strong as every round's; clipping and noise stay in scale with
+                  a delta instead of wrecking a whole model. Without a last global (none kept), as init.
+    init          the round-0 model: there is nothing the server already holds, so the chain runs on the
+                  whole model (gaussian_dp clips the whole model to clip_norm and adds noise). A job that
+                  ships `initial_model` avoids this, since then no site builds round 0.
+
+Tensors removed by exclude_vars never leave in any task. The result is written once, hashed from the same
+bytes, and described by a PrivacyReport (runtime.privacy_report), which the daemon sends and audits.
+Runs in a worker thread (NumPy and file I/O); never imports torch, never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ..filters import apply_filters
+from ..privacy_report import MAX_EXCLUDED_LISTED, AppliedTo, PrivacyReport
+from ..weights import Weights, load_file, to_bytes
+from .privacy_policy import EffectiveChain
+
+Task = Literal["train", "init", "submit_model"]
+
+
+def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, rng: np.random.Generator,
+            reference_path: Path | None = None) -> PrivacyReport:
+    """Filter the weights in `raw_path` as `task` requires, write what may leave to `out_path`, and report.
+    `reference_path`: the last global model this site received (submit_model only). Raises
+    UpdateRejected if a file is not valid safetensors."""
+    if not chain.steps:  # nothing to apply: send the file as it is, without a load and a rewrite
+        return _unfiltered(task, raw_path, out_path, chain)
+    raw = load_file(raw_path)
+    # only a filter that changes values needs the reference; exclusions alone send the model bit for bit
+    changes_values = any(step.name != "exclude_vars" for step in chain.steps)
+    reference = load_file(reference_path) if task == "submit_model" and changes_values \
+        and reference_path is not None and reference_path.exists() else None
+    applied_to: AppliedTo = "delta" if task == "train" else "whole_model" if reference is None \
+        else "model_minus_last_global"
+    subject = raw if reference is None else _minus(raw, reference)
+    filtered = apply_filters(subject, chain.build(), rng)
+    sent = filtered if reference is None else _plus(filtered, reference)
+    data = to_bytes(sent)
+    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out_path)
+    excluded = sorted(set(raw) - set(sent))
+    return PrivacyReport(task=task, applied_to=applied_to, on_weaker_job=chain.on_weaker_job,
+                         raised=chain.is_raised, chain=list(chain.steps), excluded=excluded[:MAX_EXCLUDED_LISTED],
+                         n_excluded=len(excluded), payload_sha256=hashlib.sha256(data).hexdigest())
+
+
+def _unfiltered(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain) -> PrivacyReport:
+    digest = hashlib.sha256()
+    with raw_path.open("rb") as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    out_path.unlink(missing_ok=True)
+    try:
+        out_path.hardlink_to(raw_path)
+    except OSError:
+        shutil.copyfile(raw_path, out_path)
+    return PrivacyReport(task=task, applied_to="delta" if task == "train" else "whole_model",
+                         on_weaker_job=chain.on_weaker_job, raised=False, payload_sha256=digest.hexdigest())
+
+
+def _is_float(a: np.ndarray) -> bool:
+    return a.dtype.kind == "f"
+
+
+def _minus(model: Weights, reference: Weights) -> Weights:
+    """model - reference for float tensors the reference holds with the same shape; others as they are."""
+    return {k: (v - reference[k]).astype(v.dtype, copy=False) if _is_float(v) and k in reference
+            and reference[k].shape == v.shape else v for k, v in model.items()}
+
+
+def _plus(delta: Weights, reference: Weights) -> Weights:
+    return {k: (reference[k] + v).astype(v.dtype, copy=False) if _is_float(v) and k in reference
+            and reference[k].shape == v.shape else v for k, v in delta.items()}

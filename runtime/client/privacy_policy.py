@@ -1,0 +1,156 @@
+"""The site's own privacy floor: `local/privacy.yml` on a client kit, owned by site IT.
+
+A job's config_fed_client.yml asks for filters, and a lead can drop them (`--set client.filters=[]`).
+This file says what this site applies whatever the job asks: tensors that never leave (exclude_vars
+patterns, always applied) and minimum strengths of the noise and sparsity filters. A job asking for less
+is raised to the site's minimum (`on_weaker_job: raise`, the default) or refused before any of its code
+runs here (`on_weaker_job: refuse`), with a line saying why. The effective chain this module returns is
+what runtime.client.outgoing applies to everything that leaves the site.
+
+Never imports torch; never reads the job's code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ConfigError, JobRejected
+from ..filters import FILTERS, Filter, build_filters
+from ..job_spec import FilterConfig
+from ..kit_config import load_optional
+from ..privacy_report import FilterStep
+
+PRIVACY_FILE = "privacy.yml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GaussianDpFloor(_Strict):
+    noise_multiplier: float = Field(ge=0, description="at least this much noise (sigma = noise_multiplier * clip)")
+    clip_norm: float = Field(gt=0, description="at most this L2 norm of what is sent, before the noise")
+
+
+class PercentileFloor(_Strict):
+    fraction: float = Field(gt=0, le=1, description="at most this fraction of each tensor's entries is sent")
+
+
+class SvtFloor(_Strict):
+    epsilon: float = Field(gt=0, description="at most this epsilon")
+    fraction: float = Field(1.0, gt=0, le=1, description="at most this fraction of entries is released")
+    clip: float = Field(0.01, gt=0, description="the clip used when this site adds svt to a job without it")
+
+
+class PrivacyPolicy(_Strict):
+    """local/privacy.yml. Without the file: no floor, the job's own filters run as asked."""
+
+    on_weaker_job: Literal["raise", "refuse"] = "raise"
+    exclude_vars: list[str] = Field(default_factory=list, description="regex patterns of tensor names that "
+                                                                      "never leave this site")
+    gaussian_dp: GaussianDpFloor | None = None
+    percentile: PercentileFloor | None = None
+    svt: SvtFloor | None = None
+
+    @field_validator("exclude_vars")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"'{p}' is not a valid regular expression ({e})") from None
+        return patterns
+
+    @classmethod
+    def load(cls, path: Path) -> PrivacyPolicy:
+        """Raises ConfigError naming the file and the field."""
+        return load_optional(path, cls)
+
+    def chain_for(self, job_id: str, job_filters: list[FilterConfig]) -> EffectiveChain:
+        """The filters this site applies for a job that asks for `job_filters`. Raises JobRejected under
+        `on_weaker_job: refuse` when the job asks for less than this site's floor, and ConfigError for a
+        filter the job names wrongly."""
+        build_filters(job_filters)  # unknown names and bad arguments fail here, with their own line
+        steps = [FilterStep(name="exclude_vars", args={"pattern": p}, source="site") for p in self.exclude_vars]
+        present: set[str] = set()
+        for entry in job_filters:
+            args = {**_defaults(entry.name), **entry.args}
+            stronger, reasons = self._raise(entry.name, args)
+            present.add(entry.name)
+            if reasons and self.on_weaker_job == "refuse":
+                raise JobRejected(f"site privacy policy refuses job {job_id}: {'; '.join(reasons)} "
+                                  "(local/privacy.yml on_weaker_job: refuse)")
+            try:
+                steps.append(FilterStep(name=entry.name, args=stronger, source="raised" if reasons else "job"))
+            except ValidationError:
+                raise ConfigError(f"config_fed_client.yml: filter '{entry.name}': arguments must be numbers "
+                                  "or short strings") from None
+        for name, floor in (("percentile", self.percentile), ("svt", self.svt), ("gaussian_dp", self.gaussian_dp)):
+            if floor is None or name in present:
+                continue
+            if self.on_weaker_job == "refuse":
+                raise JobRejected(f"site privacy policy refuses job {job_id}: it asks for no {name}; this site "
+                                  f"requires {_floor_text(name, floor)} (local/privacy.yml on_weaker_job: refuse)")
+            steps.append(FilterStep(name=name, args=floor.model_dump(), source="site"))
+        return EffectiveChain(tuple(steps), self.on_weaker_job)
+
+    def _raise(self, name: str, args: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """`args` lifted to this site's floor for filter `name`, and what was weaker (empty: nothing)."""
+        out, reasons = dict(args), []
+
+        def at_least(key: str, floor: float) -> None:
+            if float(out[key]) < floor:
+                reasons.append(f"{name} {key}={out[key]:g} is below this site's minimum {floor:g}")
+                out[key] = floor
+
+        def at_most(key: str, ceiling: float) -> None:
+            if float(out[key]) > ceiling:
+                reasons.append(f"{name} {key}={out[key]:g} is above this site's maximum {ceiling:g}")
+                out[key] = ceiling
+
+        if name == "gaussian_dp" and self.gaussian_dp is not None:
+            at_least("noise_multiplier", self.gaussian_dp.noise_multiplier)
+            at_most("clip_norm", self.gaussian_dp.clip_norm)
+        elif name == "percentile" and self.percentile is not None:
+            at_most("fraction", self.percentile.fraction)
+        elif name == "svt" and self.svt is not None:
+            at_most("epsilon", self.svt.epsilon)
+            at_most("fraction", self.svt.fraction)
+        return out, reasons
+
+
+@dataclass(frozen=True)
+class EffectiveChain:
+    """The filters that run, in order, each marked job / site / raised."""
+
+    steps: tuple[FilterStep, ...]
+    on_weaker_job: Literal["raise", "refuse"]
+
+    @property
+    def is_raised(self) -> bool:
+        return any(s.source != "job" for s in self.steps)
+
+    def build(self) -> list[Filter]:
+        return build_filters([FilterConfig(name=s.name, args=dict(s.args)) for s in self.steps])
+
+
+def _defaults(name: str) -> dict[str, Any]:
+    """A filter's default arguments, read from its factory, so a job that leaves one out is compared with
+    the value that would actually run."""
+    factory = FILTERS.get(name)
+    if factory is None:
+        raise ConfigError(f"config_fed_client.yml: unknown filter '{name}' (known: {', '.join(FILTERS)})")
+    return {p.name: p.default for p in inspect.signature(factory).parameters.values()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _floor_text(name: str, floor: BaseModel) -> str:
+    limits = {"noise_multiplier": ">=", "clip_norm": "<=", "fraction": "<=", "epsilon": "<="}
+    return f"{name} with " + ", ".join(f"{k} {limits[k]} {v:g}" for k, v in floor.model_dump().items() if k in limits)

@@ -1,0 +1,88 @@
+"""What a site says it did to the weights it sent: the top-level "privacy" object of a result's metrics.
+
+Written by the site (runtime.client.outgoing) for every result that carries weights (train deltas, the
+round-0 model, a local model for cross-site validation), written into the site's audit with the same
+content, and stored by the server per site per round so `show_job` can show it. The schema is fixed and
+bounded (entries, string lengths, total size): a site cannot park arbitrary data in the job's record.
+
+    {"task": "train", "applied_to": "delta", "on_weaker_job": "raise", "raised": true,
+     "chain": [{"name": "exclude_vars", "args": {"pattern": "^2\\\\.bias$"}, "source": "site"},
+               {"name": "gaussian_dp", "args": {"clip_norm": 1.0, "noise_multiplier": 1.0}, "source": "site"}],
+     "excluded": ["2.bias"], "n_excluded": 1, "payload_sha256": "<sha256 of exactly the bytes sent>"}
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from .errors import UpdateRejected
+
+MAX_REPORT_BYTES = 16 << 10
+MAX_CHAIN_STEPS = 32
+MAX_EXCLUDED_LISTED = 64
+
+FilterName = Literal["exclude_vars", "percentile", "gaussian_dp", "svt"]
+Source = Literal["job", "site", "raised"]  # as the job asked; added by the site; the job's, made stronger
+AppliedTo = Literal["delta", "model_minus_last_global", "whole_model"]
+ShortText = Annotated[str, StringConstraints(max_length=256)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FilterStep(_Strict):
+    name: FilterName
+    args: dict[Annotated[str, StringConstraints(max_length=32)], float | str] = Field(default_factory=dict,
+                                                                                       max_length=8)
+    source: Source = "job"
+
+    @field_validator("args")
+    @classmethod
+    def _short_texts(cls, args: dict[str, float | str]) -> dict[str, float | str]:
+        for key, value in args.items():
+            if isinstance(value, str) and len(value) > 256:
+                raise ValueError(f"argument '{key}' is longer than 256 characters")
+        return args
+
+
+class PrivacyReport(_Strict):
+    task: Literal["train", "init", "submit_model"]
+    applied_to: AppliedTo
+    on_weaker_job: Literal["raise", "refuse"]
+    raised: bool = Field(description="the site made the job's filters stronger or added some")
+    chain: list[FilterStep] = Field(default_factory=list, max_length=MAX_CHAIN_STEPS)
+    excluded: list[ShortText] = Field(default_factory=list, max_length=MAX_EXCLUDED_LISTED,
+                                      description="names of tensors that did not leave (the first 64)")
+    n_excluded: int = Field(0, ge=0)
+    payload_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+def decode_report(value: Any) -> dict[str, Any] | None:
+    """The server's check of a result's "privacy" object: None when absent; else the validated object as
+    plain JSON data. Raises UpdateRejected naming the first bad field."""
+    if value is None:
+        return None
+    if len(json.dumps(value, default=str)) > MAX_REPORT_BYTES:
+        raise UpdateRejected(f"metrics 'privacy' exceeds {MAX_REPORT_BYTES} bytes")
+    try:
+        return PrivacyReport.model_validate(value).model_dump(mode="json")
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise UpdateRejected(f"metrics 'privacy': field '{where}': {first['msg']}") from None
+
+
+def describe_chain(report: dict[str, Any], with_target: bool = True) -> str:
+    """One line for a table cell: `exclude_vars(pattern=^2\\.bias$)[site] -> gaussian_dp(...)[raised]`."""
+    steps = []
+    for step in report.get("chain", []):
+        args = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in step["args"].items())
+        mark = "" if step["source"] == "job" else f"[{step['source']}]"
+        steps.append(f"{step['name']}({args}){mark}")
+    text = " -> ".join(steps) or "no filters"
+    target = f"; on {report.get('applied_to', '?')}" if with_target else ""
+    return text + target + ("; raised by site" if report.get("raised") else "")
