@@ -90,7 +90,7 @@ def test_site_policy_filters_every_path_out_of_the_site(make_study, tmp_path):
     shown = study.admin_json(f"show_job {job_id}")
     (init,) = [m for m in shown["metrics"] if m["type"] == "shared" and m["task"] == "init"]
     (builder,) = init["sites"]
-    site_job = {s: study.kits[s] / "workspace" / "jobs" / job_id for s in study.clients}
+    site_job = {s: study.kits[s] / "workspace" / "jobs" / job_id / "inbox" for s in study.clients}  # round folders
     raw_initial = load_file(site_job[builder] / "round_0000_init" / "initial.safetensors")
     assert EXCLUDED in raw_initial
     _assert_all_differ(load_file(server_job / "models" / "initial.safetensors"), raw_initial, "initial model")
