@@ -204,6 +204,7 @@ def main() -> int:
     if reason:
         print(reason, file=sys.stderr)
         return 1
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops dockerd too, like Ctrl-C
     engine = start_engine()
     t0 = time.monotonic()
     print(f"base image {ensure_base_image(engine)} ready in {time.monotonic() - t0:.1f} s")
