@@ -44,6 +44,7 @@ STDOUT_QUEUE_CHUNKS = 64              # frames buffered before we stop reading t
 LINE_LIMIT_BYTES = 1 << 20            # longest stdout line the daemon accepts, as asyncio's limit=1 MiB
 TMP_SIZE = "1g"                       # the worker's private /tmp (tmpfs, counts against its memory)
 SHM_BYTES = 2 << 30                   # /dev/shm for torchrun ranks (Docker's default 64 MiB is too small)
+PUMP_DRAIN_S = 5.0                    # after the exit: how long the rest of its output may take to arrive
 _HEADER_BYTES = 8
 _STDOUT, _STDERR = 1, 2
 
@@ -66,14 +67,19 @@ class _LineReader:
     def __init__(self, limit: int = LINE_LIMIT_BYTES):
         self._chunks: asyncio.Queue[bytes] = asyncio.Queue(STDOUT_QUEUE_CHUNKS)
         self._buffer = bytearray()
-        self._eof = False
+        self._ended = False  # the pump has seen the stream end (what is queued is still to be read)
+        self._eof = False    # ... and this reader has taken everything that came before
         self._limit = limit
 
     async def feed(self, data: bytes) -> None:
         await self._chunks.put(data)  # waits while the daemon is behind: the pump stops reading the socket
 
-    async def feed_eof(self) -> None:
-        await self._chunks.put(b"")
+    def feed_eof(self) -> None:
+        """Never waits (the pump may be cancelled with a full queue): a readline that finds the queue empty
+        after this sees EOF; one already waiting on an empty queue is woken by the marker."""
+        self._ended = True
+        with contextlib.suppress(asyncio.QueueFull):
+            self._chunks.put_nowait(b"")
 
     def at_eof(self) -> bool:
         return self._eof and not self._buffer
@@ -93,6 +99,9 @@ class _LineReader:
                 rest = bytes(self._buffer)
                 self._buffer.clear()
                 return rest
+            if self._ended and self._chunks.empty():
+                self._eof = True
+                continue
             chunk = await self._chunks.get()
             if chunk:
                 self._buffer += chunk
@@ -149,8 +158,10 @@ class DockerWorker:
             code = await asyncio.shield(self._exit_task)
         except Exception:  # the engine went away mid-wait: count it as killed
             code = -9
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(self._pump_task), ENGINE_TIMEOUT_S)
+        # the rest of its output follows the exit at once; a pump still stuck after that waits on a daemon
+        # that no longer reads stdout, so it is stopped (the reader still reports EOF)
+        await asyncio.wait({self._pump_task}, timeout=PUMP_DRAIN_S)
+        self._pump_task.cancel()
         return code
 
     def remove(self) -> None:
@@ -360,9 +371,15 @@ class DockerSandbox(Sandbox):
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
-            await stdout.feed_eof()
+            stdout.feed_eof()
             with contextlib.suppress(OSError):
                 log_file.close()
+
+    def describe_limits(self, limits: Any) -> dict[str, str]:
+        """What the engine enforces of `limits` (for the site's audit): all of it, through the cgroups it
+        sets up for the container."""
+        return {"cpus": "docker" if limits.cpus else "not set", "memory": "docker" if limits.memory_bytes
+                else "not set", "pids": "docker" if limits.pids else "not set", "network": "none"}
 
     def kill(self, proc: Any) -> None:
         """Remove the worker's container: the engine SIGKILLs every process in it. One API call, made on

@@ -16,7 +16,8 @@ from runtime.client.sandbox_docker import LABEL_JOB, DockerSandbox
 from runtime.kit_config import SandboxSettings
 from tests.docker_support import BASE_IMAGE
 
-pytestmark = pytest.mark.docker
+# a cold run builds the images (torch from wheels) and may debootstrap the base image first
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
 
 # Tries each thing a hostile job would, reports the outcomes as one JSON line, then echoes stdin lines
 # back until "exit N" (exits with N) or stdin ends; it writes one line to stderr for the log check.
@@ -126,7 +127,7 @@ def test_hostile_worker_is_confined_and_kill_removes_its_container(docker_engine
                "the killed worker's container to be removed")
 
 
-def test_worker_exit_status_and_auto_remove(docker_engine, tmp_path, monkeypatch) -> None:
+def test_worker_exit_status_stdin_eof_and_auto_remove(docker_engine, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("DOCKER_HOST", docker_engine.host)
     paths = _layout(tmp_path)
     sandbox = DockerSandbox(SandboxSettings(image=BASE_IMAGE))
@@ -144,6 +145,14 @@ def test_worker_exit_status_and_auto_remove(docker_engine, tmp_path, monkeypatch
     assert code == 3 and rest == b""
     wait_until(lambda: not _containers({"DOCKER_HOST": docker_engine.host}, container_id), 30,
                "the exited worker's container to be removed")
+
+    async def closing_stdin() -> int:
+        proc = await sandbox.start(_launch(paths, 9, tmp_path))
+        await asyncio.wait_for(proc.stdout.readline(), 60)
+        proc.stdin.close()  # as WorkerHandle.stop does: the worker reads EOF and ends by itself
+        return await asyncio.wait_for(proc.wait(), 60)
+
+    assert asyncio.run(closing_stdin()) == 0
 
 
 def test_unreachable_engine_is_one_line(tmp_path, monkeypatch) -> None:
