@@ -158,5 +158,11 @@ def test_study_runs_from_docker_sh(docker_study: DockerStudy) -> None:
     state = ds.engine.docker("container", "inspect", "--format", "{{.State.Status}}", ds.container("site-2"))
     assert state.stdout.decode().strip() == "exited"
 
+    # a kit owned by root is refused: its container would run as root
+    ds.engine.docker("stop", ds.container(study.server))
+    _chown_tree(study.kits[study.server], 0, 0)
+    refused = ds.docker_sh(study.server)
+    assert refused.returncode == 1 and "owned by root" in refused.stderr
+
     for what, seconds in ds.timings.items():
         print(f"[docker timing] {what}: {seconds:.1f} s")
