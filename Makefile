@@ -28,6 +28,8 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check provision runtime tests bench
+	# hadolint and shellcheck over every Dockerfile and script of freshly rendered kits
+	$(VPY) -m tests.kit_lint
 
 bench: $(STAMP)
 	$(VPY) bench/provision.py

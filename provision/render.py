@@ -89,6 +89,8 @@ KIT_TEMPLATES: Mapping[Kind, tuple[TemplateFile, ...]] = {
     Kind.ADMIN: (
         *_COMMON,
         TemplateFile("fl_admin.sh.j2", "startup/fl_admin.sh", EXECUTABLE_MODE),
+        TemplateFile("docker.sh.j2", "startup/docker.sh", EXECUTABLE_MODE),
+        TemplateFile("Dockerfile.j2", "startup/Dockerfile"),
         TemplateFile("readme.admin.txt.j2", "readme.txt"),
     ),
 }
@@ -124,8 +126,20 @@ def docker_name(*parts: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
+def installed_pin(name: str) -> str:
+    """`name==version` of the installed distribution: kits install exactly what provisioning ran and tested.
+
+    A local version label (torch's `+cpu`) names the build, not the release, so it is dropped: the CUDA and
+    the CPU build of one release both satisfy the pin, and the Dockerfile chooses which (TORCH_INDEX)."""
+    try:
+        version = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(f"'{name}' is not installed; run `make install`") from None
+    return f"{name}=={version.split('+', 1)[0]}"
+
+
 def kit_requirements(kind: Kind, distribution: str = DISTRIBUTION) -> tuple[str, ...]:
-    """The runtime's pip requirements, read from the installed distribution so they follow pyproject.toml."""
+    """The runtime's pip requirements, pinned to the installed versions; the names follow pyproject.toml."""
     try:
         declared = importlib.metadata.requires(distribution) or []
     except importlib.metadata.PackageNotFoundError:
@@ -137,7 +151,7 @@ def kit_requirements(kind: Kind, distribution: str = DISTRIBUTION) -> tuple[str,
             continue
         name = re.split(r"[<>=!~\[ ]", req, maxsplit=1)[0].lower()
         if name not in skip:
-            kept.append(req)
+            kept.append(installed_pin(name))
     return tuple(kept)
 
 
@@ -231,7 +245,9 @@ class KitRenderer:
             fed_learn_port=project.server.fed_learn_port,
             admin_port=project.server.admin_port,
             docker_image=project.docker_image,
-            image_tag=docker_name("fedkit", project.name, participant.name),
+            # one image per study and kind: every site of a study runs the same, so a host with several
+            # kits (or a second site) builds nothing new
+            image_tag=docker_name("fedkit", project.name, participant.kind.value),
             container_name=docker_name("fedkit", project.name, participant.name),
             config_file=config_file,
             cert_file=f"{stem}.crt",

@@ -12,6 +12,7 @@ import pytest
 
 from provision.demo_data import DemoData, write_demo_data
 from provision.local_study import LocalStudy
+from tests.docker_support import docker_engine  # noqa: F401  (a session fixture: the private Docker engine)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_PROJECT = REPO / "project.yml.example"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import json
 import signal
 import stat
@@ -54,7 +55,8 @@ EXPECTED_LAYOUT = {
         "local/job_policy.yml.example",
         "local/privacy.yml.example",
     },
-    Kind.ADMIN: COMMON | {"startup/fed_admin.json", "startup/client.crt", "startup/client.key", "startup/fl_admin.sh"},
+    Kind.ADMIN: COMMON | {"startup/fed_admin.json", "startup/client.crt", "startup/client.key", "startup/fl_admin.sh",
+                          "startup/docker.sh", "startup/Dockerfile"},
 }
 NOW = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)
 EXECUTABLES = {"startup/start.sh", "startup/stop.sh", "startup/docker.sh", "startup/fl_admin.sh"}
@@ -176,6 +178,11 @@ def test_requirements_follow_pyproject_and_torch_only_on_clients(provisioned) ->
     assert {"cryptography", "pydantic", "pyyaml", "grpcio"} <= names("localhost")
     assert "torch" in names("site-1")
     assert "torch" not in names("localhost") | names("admin@nvidia.com")
+    # pinned to exactly what provisioning ran (torch's local label, +cpu, names a build, not a release)
+    for line in (provisioned.kit("site-1") / "requirements.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            assert version == importlib.metadata.version(name).split("+")[0], line
     assert not {"jinja2", "typer", "pytest", "ruff"} & (names("site-1") | names("localhost"))
 
 
@@ -221,7 +228,7 @@ def test_launch_lines_exec_the_right_runtime_module(provisioned) -> None:
 
 def test_docker_files_use_the_project_image_and_mount_data_read_only(provisioned) -> None:
     dockerfile = (provisioned.kit("site-1") / "startup" / "Dockerfile").read_text()
-    assert "FROM python:3.11-slim\n" in dockerfile
+    assert "ARG BASE_IMAGE=python:3.11-slim\n" in dockerfile and "USER 10001:10001" in dockerfile
     client = (provisioned.kit("site-1") / "startup" / "docker.sh").read_text()
     server = (provisioned.kit("localhost") / "startup" / "docker.sh").read_text()
     assert "--network host" in client and '"$data_root:$data_root:ro"' in client
