@@ -142,6 +142,10 @@ def test_study_runs_from_docker_sh(docker_study: DockerStudy) -> None:
     for site in SITES:
         log = (study.kits[site] / "workspace" / "log.txt").read_text()
         assert record["job_id"] in log
+        # a site in a container runs job code in a sibling container of its own, without network
+        started = [json.loads(line) for line in (study.kits[site] / "workspace" / "audit.jsonl").read_text()
+                   .splitlines() if '"worker_started"' in line]
+        assert started and all(r["backend"] == "docker" for r in started), started
 
     # a kit whose files differ from what the CA signed does not start, not even its container
     ds.engine.docker("stop", ds.container("site-2"))
