@@ -37,11 +37,15 @@ def check_private_key_mode(key: Path) -> None:
                                f"run `chmod 600 {key}` and start again")
 
 
-def not_revoked(revoked: Callable[[], frozenset[int]]) -> Callable[[Identity, x509.Certificate], None]:
-    """A peer check refusing revoked certificates; `revoked` is re-read so a new CRL applies at once."""
+def not_revoked(revoked: Callable[[], frozenset[int]], on_revoked: Callable[[Identity], None] | None = None,
+                ) -> Callable[[Identity, x509.Certificate], None]:
+    """A peer check refusing revoked certificates; `revoked` is re-read so a new CRL applies at once.
+    `on_revoked` hears of each refused peer (the registry marks a revoked site as such)."""
 
     def check(identity: Identity, cert: x509.Certificate) -> None:
         if cert.serial_number in revoked():
+            if on_revoked is not None:
+                on_revoked(identity)
             raise CertificateError(f"certificate of '{identity.name}' has been revoked")
 
     return check

@@ -133,9 +133,10 @@ class _Guard:
             self._check(identity, cert)
             return identity
         except FedkitError as e:
-            log.warning("%s refused peer %s: %s", self._service, context.peer(), e)
-            if self._on_refused is not None:
+            if self._on_refused is not None:  # it logs, rate-limited: a refused peer retries for ever
                 self._on_refused(self._service, str(context.peer()), str(e))
+            else:
+                log.warning("%s refused peer %s: %s", self._service, context.peer(), e)
             await context.abort(_status_for(e), str(e))
             raise  # unreachable: abort raises
 

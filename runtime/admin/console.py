@@ -148,10 +148,10 @@ class AdminConsole:
 
     @staticmethod
     def _sites_table(sites: list[dict[str, Any]]) -> Table:
-        table = Table("site", "org", "online", "last heartbeat", "job", "round")
+        table = Table("site", "org", "online", "state", "last heartbeat")
         for site in sites:
-            table.add_row(site["site"], site["org"], "yes" if site["online"] else "NO",
-                          f"{site['last_heartbeat_s_ago']} s ago", site["job_id"] or "-", str(site["round"]))
+            table.add_row(clean_remote(site["site"]), clean_remote(site["org"]), "yes" if site["online"] else "NO",
+                          site.get("state", ""), f"{site['last_heartbeat_s_ago']} s ago")
         return table
 
     async def _submit_job(self, args: list[str]) -> Any:

@@ -205,6 +205,7 @@ class AdminService:
         s = self._registry.session(site)
         assert s is not None
         return {"site": s.name, "org": s.org, "online": self._registry.is_alive(s.name),
+                "state": self._registry.state(s.name),
                 "last_heartbeat_s_ago": round(self._registry.seconds_since_seen(s.name) or 0.0, 1),
                 "job_id": s.job_id, "round": s.round}
 

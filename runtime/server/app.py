@@ -21,6 +21,7 @@ from .crl_watch import CrlWatcher
 from .federation import FederationService
 from .job_quota import JobQuota
 from .job_store import JobStore
+from .refusals import RefusalLog
 from .registry import Registry
 from .runner import JobRunner
 from .site_controls import SiteControls
@@ -56,10 +57,9 @@ async def serve(kit: Path, debug: bool = False) -> None:
 
     host = settings.listen_host or cfg.name
     fed_server = RpcServer(tls, host, settings.fed_learn_listen_port or cfg.fed_learn_port)
-    def refused(service: str, peer: str, reason: str) -> None:
-        audit.append("peer_refused", service=service, peer=peer, reason=reason)
-
-    fed_server.add_federation(federation, require_kind(Kind.CLIENT, not_revoked(crl.revoked)), refused, crl.pem)
+    refused = RefusalLog(audit, time.monotonic)  # one log line and audit record per peer and reason a minute
+    fed_server.add_federation(federation, require_kind(Kind.CLIENT, not_revoked(
+        crl.revoked, on_revoked=lambda peer: registry.mark_revoked(peer.name))), refused, crl.pem)
     admin_server = RpcServer(tls, host, settings.admin_listen_port or cfg.admin_port)
     admin_server.add_admin(admin, require_kind(Kind.ADMIN, not_revoked(crl.revoked)), refused, crl.pem)
     await fed_server.start()

@@ -197,6 +197,7 @@ class JobController:
                 "privacy": done.privacy,
             })
             self.record.rounds_done = rnd
+            self.record.sites = sorted({*self.record.sites, *done.results})  # every site that took part
             self._store.save(self.record)
             self._audit.append("round_done", job_id=job_id, round=rnd, sites=sorted(done.results))
 

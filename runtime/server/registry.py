@@ -28,6 +28,7 @@ class SiteSession:
     host_info: dict[str, str] = field(default_factory=dict)
     connection: int = 0                   # the newest presence stream's number (0: none yet)
     disconnected_at: float | None = None  # when the newest presence stream ended; None while it is open
+    is_revoked: bool = False              # its certificate was refused as revoked since it registered
 
 
 class Registry:
@@ -77,14 +78,33 @@ class Registry:
         session = self._sites.get(site)
         return None if session is None else self._clock() - session.last_seen
 
+    def mark_revoked(self, site: str) -> None:
+        """The site's certificate was just refused as revoked: it is gone, whatever its last heartbeat."""
+        session = self._sites.get(site)
+        if session is not None:
+            session.is_revoked = True
+
     def is_alive(self, site: str) -> bool:
         session = self._sites.get(site)
-        if session is None:
+        if session is None or session.is_revoked:
             return False
         now = self._clock()
         if session.disconnected_at is not None and now - session.disconnected_at > self._grace_s:
             return False
         return now - session.last_seen <= self._timeout_s
+
+    def state(self, site: str) -> str:
+        """One word or phrase for a person: revoked, dead, reconnecting, idle, or the job's round."""
+        session = self._sites.get(site)
+        if session is None:
+            return "unknown"
+        if session.is_revoked:
+            return "revoked"
+        if not self.is_alive(site):
+            return "dead"
+        if session.disconnected_at is not None:
+            return "reconnecting"
+        return f"round {session.round} of job {session.job_id}" if session.job_id else "idle"
 
     def is_suspect(self, site: str) -> bool:
         """Its connection dropped and it has not come back yet (it may still, within the grace)."""

@@ -14,7 +14,7 @@ from provision.local_study import LocalStudy
 
 from ..conftest import EXAMPLE_PROJECT, REPO, with_sites
 
-ADMIN = "admin@nvidia.com"
+ADMIN = "admin@study.org"
 
 
 def _foreign_study(ours: LocalStudy, root: Path) -> LocalStudy:

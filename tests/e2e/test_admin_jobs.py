@@ -11,7 +11,7 @@ from typing import Any
 
 from provision.local_study import LocalStudy, wait_until
 
-SUBMITTER = "lead@nvidia.com"
+SUBMITTER = "lead@study.org"
 FAST = "--set server.rounds=1 --set meta.min_clients=1"
 TUNED = "--set client.learner.args.lr=0.2 --set meta.sites=[site-1]"
 
@@ -95,7 +95,7 @@ def test_a_job_a_site_refuses_is_reported_with_the_sites_reason(make_study, tmp_
     job = handle.job(tmp_path / "job")
     only_site_2 = study.admin_json(f"submit_job {job} {FAST} --set meta.sites=[site-2]", admin=SUBMITTER)["job_id"]
     both = study.admin_json(f"submit_job {job} {FAST}", admin=SUBMITTER)["job_id"]
-    reason = f"site policy refuses job {{}}: org 'nvidia' of {SUBMITTER} is not allowed here"
+    reason = f"site policy refuses job {{}}: org 'coordinating-center' of {SUBMITTER} is not allowed here"
 
     # the only site refuses: the job fails, and the submitter reads why in wait_job and show_job
     waited = study.admin(f"wait_job {only_site_2} 120", admin=SUBMITTER)

@@ -22,7 +22,7 @@ from provision.local_study import LocalStudy, wait_until
 
 from ..conftest import EXAMPLE_PROJECT, JOB_TEMPLATE
 
-PROJECT_ADMIN, LEAD = "admin@nvidia.com", "lead@nvidia.com"
+PROJECT_ADMIN, LEAD = "admin@study.org", "lead@study.org"
 ORG_ADMIN, MEMBER = "orgadmin@hospital-a.org", "member@hospital-b.org"
 SITE_ORGS = {"site-1": "hospital-a", "site-2": "hospital-b"}
 # a job for a site that never comes online stays queued, so every job command has a stable target

@@ -55,6 +55,7 @@ def test_fedavg_three_sites_three_rounds(make_study, tmp_path):
     final = study.admin_json(f"wait_job {record['job_id']} 240")
     assert final["state"] == "finished"
     assert final["rounds_done"] == 3
+    assert final["sites"] == sorted(study.clients), "the job record names the sites that took part"
 
     results = tmp_path / "results"
     study.admin_json(f"download_job {record['job_id']} {results}")

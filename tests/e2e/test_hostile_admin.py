@@ -31,7 +31,7 @@ from runtime.transport import CHUNK_BYTES, TlsFiles, admin_stub, open_channel
 
 from ..conftest import EXAMPLE_PROJECT, JOB_TEMPLATE
 
-LEAD, MEMBER = "lead@nvidia.com", "member@hospital-b.org"
+LEAD, MEMBER = "lead@study.org", "member@hospital-b.org"
 RPC_S = 120.0
 ARCHIVE_LIMIT_BYTES = 64 << 20  # the server's max_job_archive_bytes here: the oversized case stays cheap
 BIG_JOB_BYTES = 56 << 20  # each of the concurrent uploads: under the limit, so each is stored

@@ -24,8 +24,8 @@ from runtime.weights import load_file
 
 EXCLUDED = "2.bias"  # the tabular model's last layer bias
 FAST = "--set server.rounds=1 --set meta.min_clients=1"
-LEAD = "lead@nvidia.com"
-PROJECT_ADMIN = "admin@nvidia.com"
+LEAD = "lead@study.org"
+PROJECT_ADMIN = "admin@study.org"
 
 
 def _online(study: LocalStudy) -> LocalStudy:

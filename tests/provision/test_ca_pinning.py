@@ -128,7 +128,7 @@ def test_start_sh_refuses_a_re_signed_kit_once_the_real_ca_is_pinned(stub_kit: P
 
 
 def test_admin_kit_is_pinned_too(kit_copy) -> None:
-    kit = kit_copy("admin@nvidia.com")
+    kit = kit_copy("admin@study.org")
     assert kitsig(kit).returncode == 0
     assert (kit / PIN).exists()
 

@@ -94,7 +94,7 @@ def test_openssl_rejects_a_cert_from_another_ca(provisioned, tmp_path: Path) -> 
 
 def test_server_cert_has_its_host_names_and_server_auth(provisioned) -> None:
     cert = cert_of(provisioned.kit("localhost"))
-    assert identity_from_cert(cert) == Identity(name="localhost", org="nvidia", kind=Kind.SERVER)
+    assert identity_from_cert(cert) == Identity(name="localhost", org="coordinating-center", kind=Kind.SERVER)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["localhost"]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
@@ -120,10 +120,10 @@ def test_client_cert_names_the_site_and_its_org(provisioned, name: str, org: str
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [f"fedkit://example-study/client/{name}"]
 
 
-@pytest.mark.parametrize(("name", "role"), [("admin@nvidia.com", Role.PROJECT_ADMIN), ("lead@nvidia.com", Role.LEAD)])
+@pytest.mark.parametrize(("name", "role"), [("admin@study.org", Role.PROJECT_ADMIN), ("lead@study.org", Role.LEAD)])
 def test_admin_cert_carries_name_org_and_role(provisioned, name: str, role: Role) -> None:
     cert = cert_of(provisioned.kit(name))
-    assert identity_from_cert(cert) == Identity(name=name, org="nvidia", kind=Kind.ADMIN, role=role)
+    assert identity_from_cert(cert) == Identity(name=name, org="coordinating-center", kind=Kind.ADMIN, role=role)
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
 

@@ -26,7 +26,7 @@ def real_server_log(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, ..
     try:
         study.start_server()
         assert study.admin("list_jobs").returncode == 0
-        assert study.admin("show_audit", admin="lead@nvidia.com").returncode == 1
+        assert study.admin("show_audit", admin="lead@study.org").returncode == 1
         assert study.stop(study.server) == 0
     finally:
         study.stop_all()

@@ -29,7 +29,7 @@ def crl_number(path: Path) -> int:
 def test_crl_number_grows_with_every_revoke_even_at_the_same_instant(workspace: StudyWorkspace) -> None:
     at = NOW + dt.timedelta(days=1)
     numbers = []
-    for name in ("site-1", "site-2", "site-2", "lead@nvidia.com"):
+    for name in ("site-1", "site-2", "site-2", "lead@study.org"):
         revoke(workspace, name, at)
         numbers.append(crl_number(workspace.crl_path))
         assert crl_number(workspace.published_crl_path) == numbers[-1]

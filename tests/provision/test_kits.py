@@ -125,8 +125,8 @@ def test_configs_are_the_runtime_models_with_the_right_values(provisioned) -> No
         ("site-3", "hospital-c"),
     ]
     assert {(a.name, a.role) for a in server.admins} == {
-        ("admin@nvidia.com", Role.PROJECT_ADMIN),
-        ("lead@nvidia.com", Role.LEAD),
+        ("admin@study.org", Role.PROJECT_ADMIN),
+        ("lead@study.org", Role.LEAD),
     }
     client = load_model(provisioned.kit("site-2") / "startup" / "fed_client.json", ClientKitConfig)
     assert (client.name, client.org, client.server_host, client.fed_learn_port) == (
@@ -135,9 +135,9 @@ def test_configs_are_the_runtime_models_with_the_right_values(provisioned) -> No
         "localhost",
         8002,
     )
-    admin = load_model(provisioned.kit("lead@nvidia.com") / "startup" / "fed_admin.json", AdminKitConfig)
+    admin = load_model(provisioned.kit("lead@study.org") / "startup" / "fed_admin.json", AdminKitConfig)
     assert (admin.name, admin.role, admin.server_host, admin.admin_port) == (
-        "lead@nvidia.com",
+        "lead@study.org",
         Role.LEAD,
         "localhost",
         8003,
@@ -177,7 +177,7 @@ def test_requirements_follow_pyproject_and_torch_only_on_clients(provisioned) ->
 
     assert {"cryptography", "pydantic", "pyyaml", "grpcio"} <= names("localhost")
     assert "torch" in names("site-1")
-    assert "torch" not in names("localhost") | names("admin@nvidia.com")
+    assert "torch" not in names("localhost") | names("admin@study.org")
     # pinned to exactly what provisioning ran (torch's local label, +cpu, names a build, not a release)
     for line in (provisioned.kit("site-1") / "requirements.txt").read_text().splitlines():
         if line and not line.startswith("#"):
@@ -189,7 +189,7 @@ def test_requirements_follow_pyproject_and_torch_only_on_clients(provisioned) ->
 def test_readme_says_what_each_participant_does(provisioned) -> None:
     server = (provisioned.kit("localhost") / "readme.txt").read_text()
     client = (provisioned.kit("site-1") / "readme.txt").read_text()
-    admin = (provisioned.kit("lead@nvidia.com") / "readme.txt").read_text()
+    admin = (provisioned.kit("lead@study.org") / "readme.txt").read_text()
     assert "8002" in server and "8003" in server and "local/crl.pem" in server
     assert "localhost:8002" in client and "data_root" in client
     assert "fl_admin.sh" in admin and "role lead" in admin
@@ -220,7 +220,7 @@ def test_launch_lines_exec_the_right_runtime_module(provisioned) -> None:
     expected = {
         ("localhost", "start.sh"): 'exec "$PYTHON" -m runtime.server --kit "$KIT_DIR" "$@"',
         ("site-1", "start.sh"): 'exec "$PYTHON" -m runtime.client --kit "$KIT_DIR" "$@"',
-        ("admin@nvidia.com", "fl_admin.sh"): 'exec "$PYTHON" -m runtime.admin --kit "$KIT_DIR" "$@"',
+        ("admin@study.org", "fl_admin.sh"): 'exec "$PYTHON" -m runtime.admin --kit "$KIT_DIR" "$@"',
     }
     for (kit, script), line in expected.items():
         assert (provisioned.kit(kit) / "startup" / script).read_text().rstrip().endswith(line)

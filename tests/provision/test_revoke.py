@@ -58,7 +58,7 @@ def test_openssl_refuses_the_revoked_site_and_accepts_the_others(workspace: Stud
     prod = workspace.root / "prod_01"
     revoked = openssl_verify_with_crl(workspace.root, prod / "site-2" / "startup" / "client.crt")
     assert revoked.returncode != 0 and "certificate revoked" in revoked.stdout + revoked.stderr
-    for kit in ("site-1", "site-3", "admin@nvidia.com"):
+    for kit in ("site-1", "site-3", "admin@study.org"):
         done = openssl_verify_with_crl(workspace.root, prod / kit / "startup" / "client.crt")
         assert done.returncode == 0, done.stdout + done.stderr
 
@@ -82,7 +82,7 @@ def test_revoke_covers_every_run_and_is_safe_to_repeat(
 
 def test_revoking_two_names_keeps_both_in_the_crl(workspace: StudyWorkspace) -> None:
     revoke(workspace, "site-1", REVOKED_AT)
-    revoke(workspace, "lead@nvidia.com", REVOKED_AT)
+    revoke(workspace, "lead@study.org", REVOKED_AT)
     crl = x509.load_pem_x509_crl(workspace.crl_path.read_bytes())
     assert len(list(crl)) == 2
 

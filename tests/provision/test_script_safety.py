@@ -71,7 +71,7 @@ def test_quotes_and_command_substitution_in_org_stay_inert_in_every_script(tmp_p
     assert len(scripts) >= 7
     for script in scripts:
         subprocess.run(["bash", "-n", str(script)], check=True)
-    admin_kit = next(k.kit_dir for k in result.kits if k.name == "admin@nvidia.com")
+    admin_kit = next(k.kit_dir for k in result.kits if k.name == "admin@study.org")
     assert hostile in (admin_kit / "startup" / "fl_admin.sh").read_text()  # it is there, as inert text
     # Run the scripts' safe paths: the admin console's --help (after the kit check and pinning) and stop.sh.
     done = subprocess.run(["bash", str(admin_kit / "startup" / "fl_admin.sh"), "--help"], capture_output=True,

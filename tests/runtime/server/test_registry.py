@@ -181,3 +181,22 @@ def test_without_a_presence_stream_only_the_heartbeat_timeout_counts() -> None:
     clock.now += TIMEOUT_S - 1
 
     assert reg.is_alive("site-1")
+
+
+def test_state_says_idle_busy_reconnecting_dead_or_revoked() -> None:
+    clock = FakeClock()
+    reg = _with_grace(clock)
+    session, _ = reg.register(_site("site-1"))
+    connection = reg.connected("site-1")
+    states = [reg.state("site-1")]
+    reg.touch("site-1", session.session_id, job_id="job-7", round=3)
+    states.append(reg.state("site-1"))
+    reg.disconnected("site-1", connection)
+    states.append(reg.state("site-1"))
+    clock.now += GRACE_S + 1
+    states.append(reg.state("site-1"))
+    reg.mark_revoked("site-1")
+    states.append(reg.state("site-1"))
+
+    assert states == ["idle", "round 3 of job job-7", "reconnecting", "dead", "revoked"]
+    assert reg.is_alive("site-1") is False

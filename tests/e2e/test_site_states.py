@@ -1,0 +1,55 @@
+"""What check_status says about each site, over real processes: idle, working on a job's round, and
+revoked the moment lead IT's CRL reaches the server (not "online" until the heartbeat timeout), with the
+revoked site's endless retries recorded once, at a readable address."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from typing import Any
+
+from provision import revoke
+from provision.local_study import LocalStudy, wait_until
+from provision.state import StudyWorkspace
+
+
+def _states(study: LocalStudy) -> dict[str, str]:
+    return {s["site"]: s["state"] for s in study.admin_json("check_status client")["sites"]}
+
+
+def _audit(study: LocalStudy, name: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (study.kits[name] / "workspace" / "audit.jsonl").read_text().splitlines()]
+
+
+def test_check_status_tells_idle_busy_and_revoked_sites_apart(make_study, tmp_path):
+    handle = make_study(sites=["site-1", "site-2"], heartbeat_timeout_s=60.0)
+    study = handle.study
+    study.start_server()
+    for site in study.clients:
+        study.start(site)
+    wait_until(lambda: _states(study) == {"site-1": "idle", "site-2": "idle"}, 90, "both sites idle")
+
+    job = handle.job(tmp_path / "job")
+    job_id = study.admin_json(f"submit_job {job} --set server.rounds=30 --set meta.min_clients=1")["job_id"]
+    wait_until(lambda: all(s.startswith("round ") and s.endswith(f"of job {job_id}") for s in _states(study).values()),
+               120, "both sites to report the job's round")
+
+    result = revoke(StudyWorkspace.for_study(study.root / "workspace", study.project_name), "site-2",
+                    dt.datetime.now(dt.UTC))
+    shutil.copy(result.published_crl_path, study.kits[study.server] / "local" / "crl.pem")
+
+    wait_until(lambda: _states(study).get("site-2") == "revoked", 30,  # half the heartbeat timeout
+               "site-2 to show as revoked")
+    status = {s["site"]: s for s in study.admin_json("check_status client")["sites"]}
+    assert status["site-2"]["online"] is False
+    assert status["site-1"]["online"] is True
+
+    # site-2 keeps retrying (heartbeats, presence, polls); the server records that once, not per retry
+    wait_until(lambda: study.log_tail("site-2", 20_000).count("has been revoked") >= 3, 90,
+               "site-2 to be refused several times")
+    refused = [r for r in _audit(study, study.server) if r["event"] == "peer_refused" and "site-2" in r["reason"]]
+    assert len(refused) == 1, refused
+    assert refused[0]["peer"].startswith(("127.0.0.1:", "[::1]:")), refused[0]["peer"]
+    if study.admin_json(f"show_job {job_id}")["record"]["state"] in ("queued", "running"):
+        study.admin_json(f"abort_job {job_id}")
