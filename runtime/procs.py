@@ -17,6 +17,7 @@ PID_FILE = "daemon.pid"
 LOG_FILE = "log.txt"
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+PR_SET_PDEATHSIG = 1
 # Models, logs, audit trails and job folders hold a study's results and a site's file names: owner only.
 PRIVATE_UMASK = 0o077
 PRIVATE_DIR_MODE = 0o700
@@ -67,6 +68,15 @@ def tune_malloc() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum on 64-bit
         libc.mallopt(M_TRIM_THRESHOLD, 512 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the one that started it dies: a training worker (which may
+    hold GPUs) never outlives a site daemon killed outright, whatever sandbox it runs in. No-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
 

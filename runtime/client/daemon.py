@@ -432,8 +432,10 @@ class ClientDaemon:
 
     async def _stop_worker(self) -> None:
         if self._worker is not None:
+            job_id = self._worker.job_id
             await self._worker.stop()
             self._worker = None
+            log.info("stopped the training worker of job %s", job_id)
 
 
 LAST_GLOBAL_FILE = "last_global.safetensors"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..learner import Learner, SiteContext
-from ..procs import tune_malloc
+from ..procs import die_with_parent, tune_malloc
 from ..weights import load_file, save_file
 
 
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learner-args", default="{}", help="JSON object")
     a = p.parse_args(argv)
 
+    die_with_parent()
     tune_malloc()
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # from here on, print() lands in the log, not in the reply channel

@@ -82,3 +82,43 @@ def test_audit_log_file_is_owner_only_whatever_the_umask(tmp_path: Path) -> None
     finally:
         os.umask(old)
     assert _mode(tmp_path / "audit.jsonl") == 0o600
+
+
+def test_a_process_that_asked_to_die_with_its_parent_does_when_the_parent_is_killed(tmp_path):
+    """runtime.procs.die_with_parent, which every training worker calls first: a site daemon killed
+    outright (SIGKILL) leaves no worker behind, whatever the sandbox backend."""
+    import signal
+    import textwrap
+
+    from provision.local_study import wait_until
+
+    child = textwrap.dedent("""
+        import sys, time
+        from runtime.procs import die_with_parent
+        die_with_parent()
+        print("ready", flush=True)
+        time.sleep(600)
+    """)
+    parent = textwrap.dedent(f"""
+        import subprocess, sys
+        child = subprocess.Popen([sys.executable, "-c", {child!r}], stdout=subprocess.PIPE, text=True)
+        child.stdout.readline()
+        print(child.pid, flush=True)
+        child.wait()
+    """)
+    repo = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, cwd=repo,
+                            env={**os.environ, "PYTHONPATH": repo})
+    child_pid = int(proc.stdout.readline())
+
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+
+    def gone() -> bool:
+        try:
+            state = Path(f"/proc/{child_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        return state == "Z"
+
+    wait_until(gone, 30, "the child to die with its parent")
