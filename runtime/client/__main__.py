@@ -23,7 +23,7 @@ from .privacy_policy import PRIVACY_FILE, PrivacyPolicy
 log = logging.getLogger("fedkit.client")
 
 
-async def run(kit: Path, debug: bool) -> bool:
+async def run(kit: Path, debug: bool, once: bool = False) -> bool:
     """Run the site daemon until stopped; True when the server asked for a restart."""
     startup, local = kit / kc.STARTUP, kit / kc.LOCAL
     cfg = kc.load_model(startup / kc.CLIENT_CONFIG, kc.ClientKitConfig)
@@ -42,7 +42,8 @@ async def run(kit: Path, debug: bool) -> bool:
                  code_rule=policy.model_dump(mode="json")["code"])  # what this site enforces, from the start
     log.info("audit log %s: %s", audit.path, audit.head())
     log.info("site %s (%s) starting; server %s:%d", cfg.name, cfg.org, cfg.server_host, cfg.fed_learn_port)
-    daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals(), privacy=privacy)
+    daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals(), privacy=privacy,
+                         once=once)
     try:
         await daemon.run()
     finally:
@@ -56,10 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedkit-client")
     parser.add_argument("--kit", type=Path, required=True, help="the unzipped client startup kit")
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--once", action="store_true",
+                        help="exit 1 instead of retrying when the server refuses this site's certificate "
+                             "(at once) or cannot be reached (after 60 s); for first starts and scripts")
     args = parser.parse_args(argv)
     private_umask()  # workspace, logs, models and audit trail: owner only
     try:
-        restart = asyncio.run(run(args.kit.resolve(), args.debug), debug=args.debug)
+        restart = asyncio.run(run(args.kit.resolve(), args.debug, args.once), debug=args.debug)
     except FedkitError as e:
         print(f"fedkit client: {e}", file=sys.stderr)
         return 1

@@ -38,6 +38,7 @@ from ..job_spec import ClientJobConfig, safe_extract, sha256_hex
 from ..procs import LOG_FILE
 from ..proto import fedkit_pb2 as pb
 from ..server_trust import refuse_revoked_server
+from ..tls_diagnosis import diagnose
 from ..transport import (
     CHUNK_BYTES,
     PayloadReceiver,
@@ -62,6 +63,7 @@ RPC_TIMEOUT_S = 30.0
 POLL_WAIT_S = 20.0
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 15.0
+ONCE_DEADLINE_S = 60.0  # --once: how long a site keeps trying to reach the server before it gives up
 MAX_TASK_BYTES = 64 << 30
 
 
@@ -75,7 +77,8 @@ class _Task:
 
 class ClientDaemon:
     def __init__(self, kit: Path, cfg: kc.ClientKitConfig, settings: kc.SiteLocalSettings, ws: Path,
-                 audit: AuditLog, policy: JobPolicy, stop: asyncio.Event, privacy: PrivacyPolicy | None = None):
+                 audit: AuditLog, policy: JobPolicy, stop: asyncio.Event, privacy: PrivacyPolicy | None = None,
+                 once: bool = False):
         self._kit = kit
         self._cfg = cfg
         self._settings = settings
@@ -96,6 +99,8 @@ class ClientDaemon:
         self._current: asyncio.Task | None = None
         self.restart_requested = False
         self._rng = np.random.default_rng()
+        self._once = once  # --once: give up instead of retrying for ever when the server cannot be reached
+        self._registered_once = False
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -103,15 +108,30 @@ class ClientDaemon:
         channel = open_channel(self._tls, self._cfg.server_host, self._cfg.fed_learn_port)
         self._stub = federation_stub(channel)
         backoff = BACKOFF_START_S
+        started = asyncio.get_running_loop().time()
         try:
             while not self._stop.is_set():
                 try:
                     await self._register()
+                    self._registered_once = True
                     backoff = BACKOFF_START_S
                     await self._session()
-                except (ServerUnreachable, SessionExpired) as e:
+                except SessionExpired as e:
                     log.warning("%s; retrying in up to %.1f s", e, backoff)
-                except FedkitError as e:  # e.g. certificate refused: worth a line, and a slower retry
+                except (ServerUnreachable, CertificateError) as e:
+                    # gRPC words a refused certificate like a network fault ("Socket closed"): a handshake
+                    # of our own tells which side's certificate is the problem, or that nothing answers
+                    diagnosis = await asyncio.to_thread(diagnose, self._tls, self._cfg.server_host,
+                                                        self._cfg.fed_learn_port)
+                    if isinstance(e, CertificateError) or (diagnosis and diagnosis.is_certificate_problem):
+                        message = diagnosis.message if diagnosis and diagnosis.is_certificate_problem else str(e)
+                        log.error("%s", message)
+                        self._give_up_if_once(CertificateError(message), started, at_once=True)
+                        backoff = BACKOFF_MAX_S  # a person must act: retry slowly meanwhile
+                    else:
+                        log.warning("%s; retrying in up to %.1f s", e, backoff)
+                        self._give_up_if_once(e, started)
+                except FedkitError as e:  # worth a line, and a slower retry
                     log.error("%s", e)
                     backoff = BACKOFF_MAX_S
                 # full jitter: many sites coming back at once do not hammer the server in step
@@ -121,6 +141,14 @@ class ClientDaemon:
         finally:
             await self._stop_worker()
             await channel.close()
+
+    def _give_up_if_once(self, error: FedkitError, started: float, at_once: bool = False) -> None:
+        """With --once, a site that could not register stops (the error reaches start.sh's exit code)
+        instead of retrying for ever: at once for a certificate problem, else after ONCE_DEADLINE_S."""
+        if not self._once or self._registered_once:
+            return
+        if at_once or asyncio.get_running_loop().time() - started > ONCE_DEADLINE_S:
+            raise error
 
     async def _register(self) -> None:
         info = {"hostname": platform.node(), "python": platform.python_version(), "platform": platform.platform(),
