@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cmd
+import json
 import os
 import sys
 from pathlib import Path
@@ -135,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     except FedkitError as e:
         if args.debug:
             raise
-        print(f"fl_admin: {e}{_hint(e)}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILED
+        code = EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILED
+        message = " ".join(f"{e}{_hint(e)}".split())
+        print(f"fl_admin: {message}", file=sys.stderr)
+        if args.json:  # a script reads stdout: every outcome is one JSON object there
+            print(json.dumps({"error": message, "exit_code": code}), flush=True)
+        return code
     except KeyboardInterrupt:
         return 130
 

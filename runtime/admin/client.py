@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shutil
 import zipfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -95,24 +97,44 @@ class AdminClient:
         return sign_code(code_hash_of_zip(archive), key_pem, cert_pem)
 
     async def download_job(self, job_id: str, dest: Path, progress: Callable[[int, int], None] | None = None,
-                           total_bytes: int = 0) -> tuple[Path, int]:
-        """Save the job's results (models, metrics, record, log lines) as DEST/<job_id>.zip and unpack them
-        into DEST/<job_id>/; returns that folder and the bytes received. `progress(received, total_bytes)`
-        follows the transfer (total_bytes 0: unknown)."""
+                           total_bytes: int = 0, keep_zip: bool = False) -> tuple[Path, int]:
+        """Unpack the job's results (models, metrics, record, log lines) into DEST/<job_id>/ (and keep
+        DEST/<job_id>.zip too with `keep_zip`); returns that folder and the bytes received.
+        `progress(received, total_bytes)` follows the transfer (total_bytes 0: unknown). Nothing is left in
+        DEST when the download is refused or breaks off: it arrives under hidden .part names first."""
+        if not _JOB_ID.fullmatch(job_id):
+            raise CommandFailed(f"'{job_id[:80]}' is not a job id (letters, digits, '.', '_', '-')")
+        out, zip_path = dest / job_id, dest / f"{job_id}.zip"
+        if out.exists():
+            raise CommandFailed(f"{out} exists already; remove it or download into another folder")
+        part_zip, part_dir = dest / f".{job_id}.zip.part", dest / f".{job_id}.part"
+        made_dest = not dest.exists()
         dest.mkdir(parents=True, exist_ok=True)
-        zip_path = dest / f"{job_id}.zip"
         received = 0
-        with call_errors("download_job", self._target), zip_path.open("wb") as f:
-            async for chunk in self._stub.Download(
-                    pb.AdminRequest(command="download_job", args_json=json.dumps({"job_id": job_id})),
-                    timeout=TRANSFER_TIMEOUT_S):
-                await asyncio.to_thread(f.write, chunk.data)
-                received += len(chunk.data)
-                if progress:
-                    progress(received, total_bytes)
-        out = dest / job_id
-        await asyncio.to_thread(_unzip, zip_path, out)
+        try:
+            with call_errors("download_job", self._target), part_zip.open("wb") as f:
+                async for chunk in self._stub.Download(
+                        pb.AdminRequest(command="download_job", args_json=json.dumps({"job_id": job_id})),
+                        timeout=TRANSFER_TIMEOUT_S):
+                    await asyncio.to_thread(f.write, chunk.data)
+                    received += len(chunk.data)
+                    if progress:
+                        progress(received, total_bytes)
+            await asyncio.to_thread(_unzip, part_zip, part_dir)
+            part_dir.rename(out)
+            if keep_zip:
+                part_zip.rename(zip_path)
+        except BaseException:
+            part_zip.unlink(missing_ok=True)
+            await asyncio.to_thread(shutil.rmtree, part_dir, True)
+            if made_dest and not any(dest.iterdir()):
+                dest.rmdir()
+            raise
+        part_zip.unlink(missing_ok=True)
         return out, received
+
+
+_JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 def _unzip(zip_path: Path, out: Path) -> None:

@@ -32,7 +32,7 @@ USAGE = {
     "abort_job": "abort_job JOB_ID                        stop a queued or running job",
     "clone_job": "clone_job JOB_ID                        queue the same job, with the same overrides, again",
     "delete_job": "delete_job JOB_ID                       remove a job that is not running, and its results",
-    "download_job": "download_job JOB_ID [DEST]              models, metrics and log lines into DEST (default .)",
+    "download_job": "download_job JOB_ID [DEST] [--zip]      models, metrics, log lines into DEST/JOB_ID (default .)",
     "tail_log": "tail_log server|SITE [N]                the last N lines (default 50) of a log",
     "sys_info": "sys_info server|SITE                    host, Python, load; a site's as it reported it",
     "shutdown": "shutdown client SITE | shutdown server  stop a site (at its next heartbeat) or the server",
@@ -300,16 +300,16 @@ class AdminConsole:
         return run
 
     async def _download_job(self, args: list[str]) -> Any:
-        if not args:
-            raise UsageError("usage: download_job JOB_ID [DEST]")
-        if len(args) > 2:
-            raise UsageError("usage: download_job JOB_ID [DEST]")
+        keep_zip = "--zip" in args
+        args = [a for a in args if a != "--zip"]
+        if not args or len(args) > 2:
+            raise UsageError("usage: download_job JOB_ID [DEST] [--zip]")
         dest = Path(args[1]) if len(args) > 1 else Path(".")
         total = 0
         if not self._json:  # the size, for the progress bar; scripts skip the extra call
             total = (await self._client.command("show_job", job_id=args[0])).get("output_bytes", 0)
         with self._transfer_bar(f"downloading {args[0]}") as progress:
-            out, received = await self._client.download_job(args[0], dest, progress, total)
+            out, received = await self._client.download_job(args[0], dest, progress, total, keep_zip)
         if not self._json:
             self._out.print(f"downloaded {decimal(received)} into {out}", markup=False, highlight=False)
         return {"path": str(out), "bytes": received}

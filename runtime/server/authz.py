@@ -59,7 +59,7 @@ class Policy:
 
     def scope(self, admin: Identity, command: str) -> Scope:
         """The scope `admin` holds for `command`; raises PermissionDenied when none."""
-        role = admin.role.value if admin.role else ""
+        role = _role(admin)
         rules = self._rules.get(role, {})
         scope = rules.get(command) or rules.get("*")
         if scope is None:
@@ -80,8 +80,12 @@ class Policy:
         """Raise PermissionDenied unless `admin` may run `command` on this target."""
         scope = self.scope(admin, command)
         if scope is Scope.OWN_ORG and target_org != admin.org:
-            raise PermissionDenied(f"denied: role '{admin.role}' may run '{command}' only for org '{admin.org}' "
-                                   f"(this target is of '{target_org}')")
+            raise PermissionDenied(f"denied: role '{_role(admin)}' may not run '{command}' on a target of org "
+                                   f"'{target_org}' (only for org '{admin.org}')")
         if scope is Scope.OWN_JOBS and job_submitter != admin.name:
-            raise PermissionDenied(f"denied: role '{admin.role}' may run '{command}' only on its own jobs "
-                                   f"(this one was submitted by {job_submitter})")
+            raise PermissionDenied(f"denied: role '{_role(admin)}' may not run '{command}' on a job of "
+                                   f"{job_submitter} (only on its own jobs)")
+
+
+def _role(admin: Identity) -> str:
+    return admin.role.value if admin.role else ""

@@ -127,8 +127,8 @@ class Console:
             assert done.returncode == 0, f"{call.admin} '{call.line}' should be allowed: {message}"
             return json.loads(done.stdout)
         assert done.returncode == 1, f"{call.admin} '{call.line}' should be denied; exit {done.returncode}"
-        assert done.stdout == ""
         assert "\n" not in message and message.startswith("fl_admin: ") and "denied: role" in message, message
+        assert json.loads(done.stdout) == {"error": message.removeprefix("fl_admin: "), "exit_code": 1}
         return message
 
     def allowed(self, admin: str, line: str) -> Any:
@@ -178,7 +178,9 @@ def test_lead_manages_only_its_own_jobs(study: LocalStudy, job: Path, tmp_path: 
         *(Call(LEAD, line, False) for line in ("sys_info site-1", "tail_log server")))
 
     assert (Path(downloaded["path"]) / "record.json").exists()
-    assert all(f"submitted by {PROJECT_ADMIN}" in m for m in denials[1:3])
+    assert all(f"on a job of {PROJECT_ADMIN}" in m for m in denials[1:3])
+    assert not (tmp_path / "dl2").exists() or list((tmp_path / "dl2").iterdir()) == [], "a denied download left files"
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == [own], "one folder per download, no zip"
     jobs = [j["job_id"] for j in console.allowed(LEAD, "list_jobs")]
     assert clone["job_id"] not in jobs and jobs.index(own) < jobs.index(other)
 
@@ -226,3 +228,28 @@ def test_shutdown_is_for_the_sites_own_org_admin_and_the_project_admin(fresh_stu
     server = study.procs[study.server]
     wait_until(lambda: server.poll() is not None, 30, "the server to shut down")
     assert server.returncode == 0
+
+
+def test_with_json_every_failure_is_one_json_object_and_leaves_no_file(tmp_path):
+    study = LocalStudy.create(EXAMPLE_PROJECT, tmp_path / "study", edit=_edit)
+    try:
+        study.start_server()
+        _json_failures_leave_nothing(study, tmp_path / "downloads")
+    finally:
+        study.stop_all()
+
+
+def _json_failures_leave_nothing(study: LocalStudy, dest: Path) -> None:
+    outcomes = [study.admin(line, admin=MEMBER) for line in
+                ("submit_job /nonexistent", "abort_job 20260101-000000-abcdef", "download_job ../../etc " + str(dest),
+                 "download_job 20260101-000000-abcdef " + str(dest), "no_such_command")]
+    outcomes.append(study.admin("download_job 20260101-000000-abcdef " + str(dest), admin=PROJECT_ADMIN))
+
+    for done in outcomes:
+        assert done.returncode in (1, 2), done
+        reply = json.loads(done.stdout)  # exactly one JSON object on stdout
+        assert set(reply) == {"error", "exit_code"} and reply["exit_code"] == done.returncode, reply
+        assert "\n" not in reply["error"] and reply["error"]
+    assert [json.loads(d.stdout)["error"].startswith("denied: role 'member' may not run") for d in outcomes[1:2]] \
+        == [True]
+    assert not dest.exists(), "a failed or denied download left files behind"

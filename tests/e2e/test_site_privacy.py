@@ -79,7 +79,7 @@ def test_site_policy_filters_every_path_out_of_the_site(make_study, tmp_path):
                                                 "site_site-2.safetensors"}
     for path in server_models:
         assert EXCLUDED not in load_file(path), f"{path.name} holds the excluded tensor"
-    study.admin_json(f"download_job {job_id} {tmp_path / 'results'}")
+    study.admin_json(f"download_job {job_id} {tmp_path / 'results'} --zip")
     with zipfile.ZipFile(tmp_path / "results" / f"{job_id}.zip") as zf:
         downloaded = [n for n in zf.namelist() if n.endswith(".safetensors")]
         assert len(downloaded) == len(server_models)
