@@ -48,7 +48,8 @@ def _console(study: LocalStudy, kit: Path, command: str) -> subprocess.Completed
 
 def _assert_refused(done: subprocess.CompletedProcess, *words: str) -> None:
     line = done.stderr.strip()
-    assert done.returncode == 1 and json.loads(done.stdout) == {"error": line.removeprefix("fl_admin: "), "exit_code": 1}
+    assert done.returncode == 1
+    assert json.loads(done.stdout) == {"error": line.removeprefix("fl_admin: "), "exit_code": 1}
     assert line.startswith("fl_admin: ") and "\n" not in line, line  # one line, no gRPC log noise
     assert all(w in line for w in words), line
 
