@@ -54,7 +54,7 @@ def run_study(backend: str, rounds: int, root: Path) -> dict:
                if '"worker_started"' in line]
     assert all(w["backend"] == backend for w in workers), f"sites ran {[w['backend'] for w in workers]}"
     return {"round_s": [b - a for a, b in zip(ends, ends[1:], strict=False)],
-            "to_first_round_s": ends[0] - final["record"]["started_at"]}
+            "to_first_round_s": ends[0] - final["started_at"]}
 
 
 def main() -> None:
