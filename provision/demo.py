@@ -42,6 +42,19 @@ def run_demo(workspace: Path | None = None, rounds: int = 5, python: str = sys.e
             _say(f"kept {root}: kits (with private keys), data and results")
 
 
+def _demo_sandbox() -> dict:
+    """The sites' sandbox: the native one where this machine can run it. Where it cannot (no bubblewrap,
+    no user namespaces) the demo, whose only job is fedkit's own template, runs it unsandboxed and says
+    so; a real site refuses job code instead (local/site.yml `sandbox:`)."""
+    from runtime.client.sandbox_native import NativeSandbox
+
+    reason = NativeSandbox().unavailable_reason()
+    if reason is None:
+        return {"backend": "native"}
+    _say(f"NOTE: the job sandbox cannot run on this machine, so the demo runs its job unsandboxed: {reason}")
+    return {"backend": "off"}
+
+
 def _run(root: Path, rounds: int, python: str) -> dict:
     started = time.monotonic()
     if root.exists() and any(root.iterdir()):
@@ -54,8 +67,9 @@ def _run(root: Path, rounds: int, python: str) -> dict:
         f"admins {', '.join(study.admins)}; kits unzipped under {root / 'kits'}"
     )
     data = write_demo_data(root / "data", study.clients)
+    sandbox = _demo_sandbox()
     for site in study.clients:
-        study.write_local(site, "site.yml", {"data_root": str(data.site_dirs[site])})
+        study.write_local(site, "site.yml", {"data_root": str(data.site_dirs[site]), "sandbox": sandbox})
         n_train = sum(1 for _ in (data.site_dirs[site] / "train.csv").open()) - 1
         _say(f"{site}: {n_train} training records in {data.site_dirs[site]} (they never leave the site)")
     lead = next((a for a in study.admins if a.startswith("lead")), study.admins[0])
