@@ -19,6 +19,20 @@ EXAMPLE_PROJECT = REPO / "project.yml.example"
 JOB_TEMPLATE = REPO / "templates" / "jobs" / "tabular_classifier"
 
 
+def pids_naming(text: str | Path) -> list[int]:
+    """Live processes whose command line contains `text` (a job's token, or a site's job folder): how a
+    test sees that a worker, its sandbox or an orphan it started is really gone."""
+    needle = str(text).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def with_sites(sites: list[str]) -> Callable[[dict[str, Any]], None]:
     """An edit for LocalStudy.create that replaces the example's client sites with `sites`."""
 

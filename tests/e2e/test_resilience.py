@@ -25,6 +25,7 @@ from provision.local_study import LocalStudy, free_port, wait_until
 from runtime.kit_config import ServerLocalSettings
 from runtime.weights import load_file
 
+from ..conftest import pids_naming
 from ..faultproxy import FaultProxy
 
 SLEEPY_JOB = Path(__file__).parent / "jobs" / "sleepy"
@@ -60,18 +61,6 @@ def _audit_time(record: dict[str, Any]) -> float:
 
 def _online(study: LocalStudy) -> list[str]:
     return sorted(s["site"] for s in study.admin_json("check_status client")["sites"] if s["online"])
-
-
-def _processes_naming(path: Path) -> list[int]:
-    """Live processes whose command line names `path` (a site's training worker and its sandbox)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and str(path).encode() in (proc / "cmdline").read_bytes():
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
 
 
 def _start_all(study: LocalStudy) -> None:
@@ -184,7 +173,7 @@ def test_client_killed_mid_round_round_completes_and_site_rejoins(make_study, tm
                "round 2 sent to site-3")
     killed_at = time.monotonic()
     study.kill("site-3")
-    wait_until(lambda: not _processes_naming(study.kits["site-3"] / "workspace" / "jobs"), 30,
+    wait_until(lambda: not pids_naming(study.kits["site-3"] / "workspace" / "jobs"), 30,
                "site-3's training worker to die with its daemon")
 
     wait_until(lambda: _events(study, study.server, "round_done", job_id=job_id, round=2), hb_timeout_s,

@@ -14,24 +14,14 @@ import yaml
 
 from provision.local_study import wait_until
 
+from ..conftest import pids_naming
+
 HOSTILE_JOB = Path(__file__).parent / "jobs" / "hostile"
 ATTEMPTS = ("read_key", "connect_server", "connect_listener", "write_data_root", "write_runtime")
 
 
 def _audit(kit: Path) -> list[dict]:
     return [json.loads(line) for line in (kit / "workspace" / "audit.jsonl").read_text().splitlines()]
-
-
-def _pids_with(token: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if token.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
 
 
 def test_hostile_job_is_contained_and_the_site_keeps_working(make_study, tmp_path):
@@ -87,7 +77,7 @@ def test_hostile_job_is_contained_and_the_site_keeps_working(make_study, tmp_pat
     assert started and started[0]["backend"] == "native" and set(started[0]["limits"]) == {"cpus", "memory", "pids"}
 
     # nothing the job started survives it
-    wait_until(lambda: not _pids_with(token), 60, "the hostile job's orphan to be gone")
+    wait_until(lambda: not pids_naming(token), 60, "the hostile job's orphan to be gone")
 
     # and the site still runs a normal job to the end
     normal = handle.job(tmp_path / "tabular")

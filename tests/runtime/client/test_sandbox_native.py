@@ -19,6 +19,7 @@ import pytest
 from provision.local_study import wait_until
 from runtime.client.sandbox import SandboxLimits, WorkerLaunch
 from runtime.client.sandbox_native import NativeSandbox
+from tests.conftest import pids_naming
 
 RUN_TIMEOUT_S = 60.0
 
@@ -168,18 +169,6 @@ print(json.dumps({{"host_listener": attempt(connect({port})),
     assert answer["own_loopback"] == "done"
 
 
-def _pids_with(token: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if token.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
-
-
 def test_kill_takes_a_setsid_grandchild_along(layout):
     token = f"fedkit-orphan-{secrets.token_hex(4)}"
     launch = layout.launch(f"""
@@ -199,13 +188,13 @@ sys.stdin.read()  # until the daemon goes away
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), RUN_TIMEOUT_S)
             assert json.loads(line) == {"started": True}
-            await asyncio.to_thread(wait_until, lambda: _pids_with(token), 30, "the grandchild to run")
+            await asyncio.to_thread(wait_until, lambda: pids_naming(token), 30, "the grandchild to run")
         finally:
             sandbox.kill(proc)
             await proc.wait()
 
     asyncio.run(scenario())
-    wait_until(lambda: not _pids_with(token), 30, "the setsid grandchild to be killed")
+    wait_until(lambda: not pids_naming(token), 30, "the setsid grandchild to be killed")
 
 
 def test_memory_limit_stops_a_greedy_job(layout):
