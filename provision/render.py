@@ -49,7 +49,10 @@ DISTRIBUTION = "fedkit"
 PROVISION_ONLY_REQUIREMENTS = frozenset({"jinja2", "typer"})
 # The server and the admin console never import torch (it runs only in a client's training worker), so
 # their kits skip a multi-GB install.
-CLIENT_ONLY_REQUIREMENTS = frozenset({"torch"})
+# The DP accountant runs where the noise is added (the site's privacy step).
+CLIENT_ONLY_REQUIREMENTS = frozenset({"torch", "dp-accounting"})
+# The cross-site heatmap is drawn by the server, into the job's results.
+SERVER_ONLY_REQUIREMENTS = frozenset({"matplotlib"})
 RUNTIME_MODULE = {Kind.SERVER: "runtime.server", Kind.CLIENT: "runtime.client", Kind.ADMIN: "runtime.admin"}
 CERT_STEM = {Kind.SERVER: "server", Kind.CLIENT: "client", Kind.ADMIN: "client"}
 
@@ -144,7 +147,8 @@ def kit_requirements(kind: Kind, distribution: str = DISTRIBUTION) -> tuple[str,
         declared = importlib.metadata.requires(distribution) or []
     except importlib.metadata.PackageNotFoundError:
         raise ConfigError(f"'{distribution}' is not installed; run `make install`") from None
-    skip = PROVISION_ONLY_REQUIREMENTS | (CLIENT_ONLY_REQUIREMENTS if kind is not Kind.CLIENT else frozenset())
+    skip = (PROVISION_ONLY_REQUIREMENTS | (CLIENT_ONLY_REQUIREMENTS if kind is not Kind.CLIENT else frozenset())
+            | (SERVER_ONLY_REQUIREMENTS if kind is not Kind.SERVER else frozenset()))
     kept = []
     for req in declared:
         if ";" in req:  # extras (dev tools) and platform markers
