@@ -2,7 +2,7 @@
 
     my-job/
       meta.yml               name, sites, min_clients
-      config_fed_server.yml  workflow settings: rounds, deadlines, aggregation, key metric
+      config_fed_server.yml  the workflows in order and their settings: rounds, deadlines, aggregation
       config_fed_client.yml  learner class and arguments, privacy filters
       custom/                the learner's Python code (put on sys.path in the training worker)
 
@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .aggregators.config import AggregatorConfig, FedAvgConfig
 from .bounded_zip import extract_capped, open_zip, read_member
 from .errors import JobRejected
 
@@ -81,22 +82,57 @@ class KeyMetric(_Strict):
     higher_is_better: bool = True
 
 
-class AggregatorConfig(_Strict):
-    name: Literal["fedavg"] = "fedavg"
-    server_lr: float = Field(1.0, gt=0)
-    server_momentum: float = Field(0.0, ge=0, lt=1)
+WorkflowName = Literal["fedavg", "evaluate", "cross_site"]
+TRAINING_WORKFLOWS = frozenset({"fedavg"})
+_RENAMED = {"workflow": "'workflow' is now 'workflows', a list in run order, e.g. workflows: [fedavg]",
+            "cross_site_validation": "'cross_site_validation' is now a workflow: workflows: [fedavg, cross_site]"}
 
 
 class ServerJobConfig(_Strict):
-    workflow: Literal["fedavg"] = "fedavg"
-    rounds: int = Field(ge=1, le=100_000)
+    """What the server runs: the job's workflows in order, and their settings.
+
+        workflows: [fedavg, cross_site]   train, then score every site's model on every site
+        workflows: [evaluate]             score given models (evaluate_models, else initial_model) on every site
+    """
+
+    workflows: list[WorkflowName] = Field(default_factory=lambda: ["fedavg"], min_length=1)
+    rounds: int = Field(1, ge=1, le=100_000, description="training rounds of fedavg")
     round_timeout_s: float = Field(600.0, gt=0)
-    aggregator: AggregatorConfig = AggregatorConfig()
+    aggregator: AggregatorConfig = FedAvgConfig()
+    proximal_mu: float = Field(0.0, ge=0, description="> 0: FedProx, the proximal term added on every site")
     key_metric: KeyMetric = KeyMetric()
     initial_model: str | None = Field(None, description="safetensors file in the job folder; else a site makes it")
-    cross_site_validation: bool = Field(False, description="after training, score every site's model, the global "
-                                                           "and the best model on every site's data")
+    evaluate_models: list[str] = Field(default_factory=list, max_length=64,
+                                       description="safetensors files in the job folder that `evaluate` scores")
     max_n_samples: int = Field(10**9, ge=1, description="an update claiming more samples is refused")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, hint in _RENAMED.items():
+                if old in data:
+                    raise ValueError(hint)
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerJobConfig:
+        names = self.workflows
+        if len(set(names)) != len(names):
+            raise ValueError(f"workflows {names}: each may appear once")
+        if "cross_site" in names and not any(n in TRAINING_WORKFLOWS for n in names[:names.index("cross_site")]):
+            raise ValueError("cross_site scores the sites' trained models: put a training workflow (fedavg) "
+                             "before it")
+        if "evaluate" in names and not (self.evaluate_models or self.initial_model):
+            raise ValueError("evaluate needs the models to score: evaluate_models (or initial_model)")
+        if self.proximal_mu > 0 and self.aggregator.name == "scaffold":
+            raise ValueError("proximal_mu (FedProx) and the scaffold aggregator each correct the sites' drift; "
+                             "choose one")
+        return self
+
+    @property
+    def trains(self) -> bool:
+        return any(n in TRAINING_WORKFLOWS for n in self.workflows)
 
 
 class LearnerConfig(_Strict):
@@ -155,8 +191,9 @@ def _validate(name: str, model: type[BaseModel], data: dict[str, Any]) -> Any:
         return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise JobRejected(f"{name}: field '{where}': {first['msg']}") from None
+        where = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise JobRejected(f"{name}: field '{where}': {message}" if where else f"{name}: {message}") from None
 
 
 def parse_override(text: str) -> tuple[str, list[str], Any]:

@@ -108,6 +108,9 @@ class ServerLocalSettings(_Strict):
                                                                       "and outputs) may take on disk")
     max_job_archive_bytes: int = Field(256 << 20, ge=1, le=256 << 20,
                                        description="largest job archive an admin may upload")
+    allow_job_aggregators: bool = Field(False, description="run a job's own aggregator class (aggregator: "
+                                                           "{name: custom}) in the server process: that is "
+                                                           "a job's code on the server, unsandboxed")
 
 
 class SandboxSettings(_Strict):

@@ -72,7 +72,8 @@ class TaskConfig(_Strict):
     submitter: dict[str, str] = Field(default_factory=dict)
     code_signature: Any = None
     algorithm: LocalAlgorithm | None = Field(None, discriminator="name")
-    key_metric: KeyMetricRef = KeyMetricRef()  # how a site picks its best local model
+    key_metric: KeyMetricRef = KeyMetricRef()  # how a site picks its best local model ...
+    keep_best_local: bool = False         # ... which it tracks only for a job that will ask for it (cross_site)
 
 
 def split_control(weights: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

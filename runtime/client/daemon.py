@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from .. import kit_config as kc
 from ..audit import AuditLog
@@ -38,6 +39,7 @@ from ..job_spec import ClientJobConfig, safe_extract, sha256_hex
 from ..procs import LOG_FILE
 from ..proto import fedkit_pb2 as pb
 from ..server_trust import refuse_revoked_server
+from ..tasks import TaskConfig, TaskKind
 from ..tls_diagnosis import diagnose
 from ..transport import (
     CHUNK_BYTES,
@@ -72,7 +74,8 @@ class _Task:
     header: pb.TaskHeader
     round_dir: Path
     payload_path: Path | None  # the weights that came with the task, streamed straight to disk
-    config: dict[str, Any]
+    config: TaskConfig | None  # None: the server sent settings this site cannot read (config_error says why)
+    config_error: str = ""
 
 
 class ClientDaemon:
@@ -264,8 +267,10 @@ class ClientDaemon:
             if first.WhichOneof("kind") != "header":
                 return None
             h = first.header
+            config, config_error = _decode_task_config(h.config_json)
+            step = config.step if config else 0
             round_dir = (JobFolders(self._ws / "jobs" / _safe_name(h.job_id)).inbox
-                         / f"round_{h.round:04d}_{_safe_name(h.task_name)}")
+                         / f"step_{step:05d}_{_safe_name(h.task_name)}")
             round_dir.mkdir(parents=True, exist_ok=True)
             path = round_dir / "global_in.safetensors"
             if h.payload_bytes:
@@ -286,7 +291,7 @@ class ClientDaemon:
                     raise
                 part.replace(path)  # only a complete, verified model ever gets the real name
         return _Task(header=h, round_dir=round_dir, payload_path=path if h.payload_bytes else None,
-                     config=json.loads(h.config_json or "{}"))
+                     config=config, config_error=config_error)
 
     async def _do_task(self, task: _Task) -> None:
         h = task.header
@@ -295,11 +300,16 @@ class ClientDaemon:
         round_dir = task.round_dir
         self._audit.append("task_received", job_id=h.job_id, task=h.task_name, round=h.round, task_id=h.task_id,
                            payload_sha256=h.payload_sha256)
+        keep_updates = False
         try:
-            client_cfg = ClientJobConfig.model_validate(task.config.get("client", {}))
+            if task.config is None:
+                raise JobRejected(task.config_error)
+            kind = _task_kind(h.task_name)
+            client_cfg = ClientJobConfig.model_validate(task.config.client)
+            keep_updates = client_cfg.keep_updates
             chain = self._privacy.chain_for(h.job_id, client_cfg.filters)  # a refusal comes before any job code
-            await self._ensure_job(h, task.config, job_dir, client_cfg)
-            n_samples, metrics, payload = await self._execute(h, task, round_dir, client_cfg, chain)
+            await self._ensure_job(h, task.config.model_dump(mode="json"), job_dir, client_cfg)
+            n_samples, metrics, payload = await self._execute(h, kind, task, round_dir, client_cfg, chain)
             await self._submit(h, n_samples, metrics, payload)
         # UpdateRejected: the job's code wrote weights the privacy step cannot read; only this task fails
         except (WorkerFailed, JobRejected, ConfigError, UpdateRejected) as e:
@@ -307,7 +317,7 @@ class ClientDaemon:
             self._audit.append("task_failed", job_id=h.job_id, task=h.task_name, round=h.round, reason=str(e))
             await self._submit(h, 0, {}, None, error=str(e))
         finally:
-            if not (task.config.get("client", {}).get("keep_updates")):
+            if not keep_updates:
                 shutil.rmtree(round_dir, ignore_errors=True)
 
     async def _ensure_job(self, h: pb.TaskHeader, config: dict[str, Any], job_dir: Path,
@@ -358,45 +368,47 @@ class ClientDaemon:
                            limits=await asyncio.to_thread(sandbox.describe_limits, limits))
         return worker
 
-    async def _execute(self, h: pb.TaskHeader, task: _Task, round_dir: Path, client_cfg: ClientJobConfig,
-                       chain: EffectiveChain) -> tuple[int, dict[str, Any], Path | None]:
+    async def _execute(self, h: pb.TaskHeader, kind: TaskKind, task: _Task, round_dir: Path,
+                       client_cfg: ClientJobConfig, chain: EffectiveChain) -> tuple[int, dict[str, Any], Path | None]:
         """Run the task in the worker; returns n_samples, metrics and the file of weights to send (always
         the output of the site's privacy chain: runtime.client.outgoing)."""
-        assert self._worker is not None
+        assert self._worker is not None and task.config is not None
         timeout_s = min(h.timeout_s or client_cfg.task_timeout_s, client_cfg.task_timeout_s)
         reference = round_dir.parent / LAST_GLOBAL_FILE  # the last global model this site trained on
-        if h.task_name == "init":
+        if kind is TaskKind.INIT:
             out = round_dir / "initial.safetensors"
-            await self._worker.call_writing({"op": "init"}, out, timeout_s)
-            return 0, await self._outgoing("init", out, chain), out.with_suffix(SENT_SUFFIX)
-        if h.task_name == "submit_model":
+            await self._worker.call_writing({"op": kind.value}, out, timeout_s)
+            return 0, await self._outgoing(kind, out, chain), out.with_suffix(SENT_SUFFIX)
+        if kind is TaskKind.SUBMIT_MODEL:
             out = round_dir / "local_model.safetensors"
-            await self._worker.call_writing({"op": "local_model"}, out, timeout_s)
-            metrics = await self._outgoing("submit_model", out, chain, reference)
+            await self._worker.call_writing({"op": kind.value}, out, timeout_s)
+            metrics = await self._outgoing(kind, out, chain, reference)
             self._audit.append("local_model_shared", job_id=h.job_id, round=h.round)
             return 0, metrics, out.with_suffix(SENT_SUFFIX)
         received = task.payload_path
         if received is None:
-            raise JobRejected(f"{h.task_name} task came without weights")
-        if h.task_name == "validate":
-            validation = (await self._worker.call({"op": "validate", "weights": str(received)}, timeout_s))["metrics"]
-            return 0, {"validation": validation}, None
-        if h.task_name != "train":
-            raise JobRejected(f"unknown task '{h.task_name}'")
+            raise JobRejected(f"{kind.value} task came without weights")
+        if kind is TaskKind.VALIDATE:
+            reply = await self._worker.call({"op": kind.value, "weights": str(received)}, timeout_s)
+            return 0, {"validation": reply["metrics"]}, None
         out = round_dir / "delta_out.safetensors"
-        reply = await self._worker.call_writing({"op": "train", "weights": str(received), "round": h.round},
-                                                out, timeout_s)
-        validation = reply["validation"]
+        config = task.config
+        command = {"op": kind.value, "weights": str(received), "round": h.round,
+                   "algorithm": config.algorithm.model_dump(mode="json") if config.algorithm else None,
+                   "key_metric": config.key_metric.model_dump(mode="json"), "keep_best_local": config.keep_best_local}
+        reply = await self._worker.call_writing(command, out, timeout_s)
         await asyncio.to_thread(_keep_reference, received, reference)
-        privacy = await self._outgoing("train", out, chain)
+        privacy = await self._outgoing(kind, out, chain)
         sent = out.with_suffix(SENT_SUFFIX)
         if client_cfg.keep_updates:
             await asyncio.to_thread(shutil.copyfile, sent, round_dir / "update_sent.safetensors")
             (round_dir / "update_sent.json").write_text(json.dumps({"n_samples": reply["n_samples"],
                                                                    "round": h.round, "task_id": h.task_id}))
-        return int(reply["n_samples"]), {"train": reply["metrics"], "validation": validation, **privacy}, sent
+        metrics = {"train": reply["metrics"], "validation": reply["validation"], "local": reply.get("local") or {},
+                   **({"local_validation": reply["local_validation"]} if reply.get("local_validation") else {})}
+        return int(reply["n_samples"]), {**metrics, **privacy}, sent
 
-    async def _outgoing(self, task: outgoing.Task, raw: Path, chain: EffectiveChain,
+    async def _outgoing(self, task: TaskKind, raw: Path, chain: EffectiveChain,
                         reference: Path | None = None) -> dict[str, Any]:
         """Apply the privacy chain to `raw`, writing what may leave next to it; the result's "privacy"."""
         report = await asyncio.to_thread(outgoing.prepare, task, raw, raw.with_suffix(SENT_SUFFIX), chain,
@@ -464,6 +476,23 @@ class ClientDaemon:
             await self._worker.stop()
             self._worker = None
             log.info("stopped the training worker of job %s", job_id)
+
+
+def _decode_task_config(text: str) -> tuple[TaskConfig | None, str]:
+    """The task's settings as this site reads them, or why it cannot (a server of another version)."""
+    try:
+        return TaskConfig.model_validate_json(text or "{}"), ""
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        return None, f"task settings from the server unreadable at '{where}': {first['msg']} (is this kit current?)"
+
+
+def _task_kind(name: str) -> TaskKind:
+    try:
+        return TaskKind(name)
+    except ValueError:
+        raise JobRejected(f"unknown task '{name[:40]}' (is this kit current?)") from None
 
 
 LAST_GLOBAL_FILE = "last_global.safetensors"

@@ -46,7 +46,8 @@ async def serve(kit: Path, debug: bool = False) -> None:
     registry = Registry(settings.heartbeat_timeout_s, time.monotonic, settings.disconnect_grace_s)
     board = TaskBoard(time.monotonic)
     runner = JobRunner(JobStore(ws / "jobs"), board, registry, audit, settings.max_update_bytes_factor,
-                       JobQuota(settings.max_jobs_per_admin, settings.max_job_bytes_per_admin))
+                       JobQuota(settings.max_jobs_per_admin, settings.max_job_bytes_per_admin),
+                       allow_job_aggregators=settings.allow_job_aggregators)
     controls = SiteControls()
     stop = stop_event_on_signals()
     heartbeat_interval_s = min(5.0, settings.heartbeat_timeout_s / 4)

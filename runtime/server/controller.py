@@ -1,41 +1,42 @@
-"""Runs one job: owns the round loop, the deadlines, the checkpoints and the best model.
+"""Runs one job: the loop over its workflows and their rounds, with bounds on every wait.
 
-The workflow (FedAvg) says what to fold and how to close a round; this module hands tasks to sites,
-collects results as they stream in, decides when a round is over (every selected site answered, or
-the rest are dead, or the deadline passed) and persists the global model after every round so a
-restarted server resumes from the last completed round.
+For each workflow in the job's list (after round 0, the initial model, when a workflow needs one):
+ask it for the next round's plan, post the task to the eligible sites, collect results as they stream in
+(each is folded by the workflow the moment it arrives), decide when the round is over (every selected
+site answered, or the rest are dead, or the deadline passed), let the workflow close the round, then
+checkpoint. A restarted server resumes from the last checkpoint (runtime/server/checkpoint.py).
+
+What a round does, what it sends and how results are combined is the workflow's business
+(runtime/workflows/); this module knows nothing about FedAvg or cross-site validation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import shutil
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
-
-import numpy as np
 
 from ..audit import AuditLog
 from ..errors import FedkitError, UpdateRejected
 from ..job_spec import JobSpec, read_zip_member
 from ..privacy_report import decode_report
+from ..tasks import RESULT_WEIGHTS, KeyMetricRef, TaskConfig, TaskKind, with_control
 from ..transport import CHUNK_BYTES
-from ..weights import Weights, check_update, from_bytes, load_file, nbytes, save_file, to_bytes, view_bytes
-from ..workflows import FedAvg, SiteResult, weighted_metrics
-from .job_store import JobRecord, JobStore, Progress
-from .metrics_check import check_metrics, check_metrics_size
+from ..weights import nbytes, to_bytes, view_bytes
+from ..workflows import WORKFLOWS, InitialModel, JobResults, RoundOutcome, RoundPlan, SiteResult, Workflow
+from ..workflows import WorkflowContext as Context
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .job_store import JobRecord, JobStore
+from .metrics_check import numbers
 from .registry import Registry
+from .site_selection import eligible_sites
 from .taskboard import NO_PAYLOAD, Payload, Task, TaskBoard
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.5
-CROSS_SITE_FILE = "cross_site.json"  # how often a waiting round re-checks liveness and its deadline
+TICK_S = 0.5  # how often a waiting round re-checks liveness, its deadline and aborts
+INIT_PAYLOAD_LIMIT = 16 << 30  # round 0: no model yet to compare against; the site that makes it is trusted this far
 
 
 class RoundFailed(FedkitError):
@@ -50,22 +51,18 @@ class JobAborted(FedkitError):
 class _Round:
     """The tasks of one round in flight and what came back."""
 
-    name: str
-    round: int
+    outcome: RoundOutcome
     tasks: dict[str, Task]
-    fold: Callable[[SiteResult], None] | None
-    results: dict[str, SiteResult] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)
-    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # per site: what its filters did
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def answered(self, site: str) -> bool:
-        return site in self.results or site in self.failures
+        return site in self.outcome.results or site in self.outcome.failures
 
 
 class JobController:
     def __init__(self, record: JobRecord, spec: JobSpec, store: JobStore, board: TaskBoard,
-                 registry: Registry, audit: AuditLog, settings_max_update_factor: float):
+                 registry: Registry, audit: AuditLog, settings_max_update_factor: float,
+                 load_aggregator: Any = None):
         self.record = record
         self.spec = spec
         self._store = store
@@ -73,58 +70,59 @@ class JobController:
         self._registry = registry
         self._audit = audit
         self._update_factor = settings_max_update_factor
+        self._load_aggregator = load_aggregator
         self._round: _Round | None = None
+        self._workflow: Workflow | None = None
         self._fold_lock = asyncio.Lock()
         self._aborted = asyncio.Event()
         self._model_bytes = 0
         self._n_tensors = 0
-        self._job_sha = record.job_sha256
-        self._last_sites: list[str] = []
+        self._step = 0
         self._tasked: set[str] = set()  # every site this run has sent a task: the ones that may fetch the job
         self._code_signature = store.code_signature(record.job_id)  # passed on to sites as submitted
 
     def is_selected(self, site: str) -> bool:
-        """Whether `site` is one the job runs on: named by meta.sites (or any, for "all") and sent a task
-        in this run. Only such a site may fetch the job's archive."""
-        wanted = self.spec.meta.sites
-        return site in self._tasked and (wanted == "all" or site in wanted)
+        """Whether `site` is one the job runs on and was sent a task in this run: only such a site may
+        fetch the job's archive."""
+        return site in self._tasked and bool(eligible_sites(self.spec.meta, [site]))
 
     # ---- called by the federation service -------------------------------------------------------
 
     def max_payload_bytes(self, task: Task) -> int:
-        if task.name == "submit_model":
-            return int(self._model_bytes * 1.05) + 65536 + 256 * self._n_tensors
-        if task.name == "init":
-            return 16 << 30  # no model yet to compare against; the site that makes it is trusted this far
-        if task.name == "validate":
+        """The largest result a task may send back: about one model, or one delta times the server's factor."""
+        kind = TaskKind(task.name)
+        slack = 65536 + 256 * self._n_tensors
+        if RESULT_WEIGHTS[kind] is None:
             return 0
-        return int(self._model_bytes * self._update_factor) + 65536 + 256 * self._n_tensors
+        if kind is TaskKind.INIT:
+            return INIT_PAYLOAD_LIMIT
+        if kind is TaskKind.SUBMIT_MODEL:
+            return int(self._model_bytes * 1.05) + slack
+        return int(self._model_bytes * self._update_factor) + slack
 
     async def accept_result(self, task: Task, n_samples: int, metrics: dict[str, Any], error: str,
                             payload: bytearray | None) -> None:
         """Fold one site's result into the round it belongs to. Raises UpdateRejected."""
         rnd = self._round
-        if rnd is None or task.task_id not in {t.task_id for t in rnd.tasks.values()}:
+        if rnd is None or rnd.tasks.get(task.site) is not task:
             raise UpdateRejected(f"result for task '{task.task_id[:12]}' arrived after its round closed (late)")
-        site = task.site
+        outcome, site = rnd.outcome, task.site
         try:
             if error:
-                rnd.failures[site] = error
-                log.warning("job %s round %d: %s reports failure: %s", self.record.job_id, rnd.round, site, error)
+                outcome.failures[site] = error
+                log.warning("job %s %s: %s reports failure: %s", self.record.job_id, _what(outcome.plan), site, error)
                 return
             privacy = decode_report(metrics.get("privacy"))
-            result = await asyncio.to_thread(self._parse_result, site, n_samples, metrics, payload)
-            if rnd.fold is not None:
-                async with self._fold_lock:
-                    await asyncio.to_thread(rnd.fold, result)
-            # an init result is kept past this call, so copy it out of the (reused) receive buffer
-            kept = {k: v.copy() for k, v in result.delta.items()} if task.name == "init" and result.delta else None
-            rnd.results[site] = SiteResult(site, result.n_samples, result.train_metrics, result.validation, kept)
+            result = _decode_result(site, TaskKind(task.name), n_samples, metrics, payload)
+            assert self._workflow is not None
+            async with self._fold_lock:
+                await asyncio.to_thread(self._workflow.fold, result)
+            outcome.results[site] = replace(result, weights=None)  # the receive buffer is reused
             if privacy is not None:
-                rnd.privacy[site] = privacy
+                outcome.privacy[site] = privacy
         except UpdateRejected as e:
-            rnd.failures[site] = f"update rejected: {e}"
-            self._audit.append("update_rejected", job_id=self.record.job_id, site=site, round=rnd.round,
+            outcome.failures[site] = f"update rejected: {e}"
+            self._audit.append("update_rejected", job_id=self.record.job_id, site=site, round=outcome.plan.round,
                                reason=str(e))
             raise
         finally:
@@ -135,17 +133,11 @@ class JobController:
         """Record a result refused before it could be parsed (size, hash, stream) as the site's failure."""
         rnd = self._round
         if rnd is not None and rnd.tasks.get(task.site) is task and not rnd.answered(task.site):
-            rnd.failures[task.site] = f"update rejected: {reason}"
-            self._audit.append("update_rejected", job_id=self.record.job_id, site=task.site, round=rnd.round,
-                               reason=reason)
+            rnd.outcome.failures[task.site] = f"update rejected: {reason}"
+            self._audit.append("update_rejected", job_id=self.record.job_id, site=task.site,
+                               round=rnd.outcome.plan.round, reason=reason)
             rnd.changed.set()
         self._board.complete(task)
-
-    @staticmethod
-    def _parse_result(site: str, n_samples: int, metrics: dict[str, Any], payload: bytearray | None) -> SiteResult:
-        delta = view_bytes(payload) if payload else None  # views into the received buffer: no copy
-        return SiteResult(site=site, n_samples=n_samples, train_metrics=_numbers(metrics.get("train")),
-                          validation=_numbers(metrics.get("validation")), delta=delta)
 
     def abort(self) -> None:
         self._aborted.set()
@@ -154,216 +146,138 @@ class JobController:
 
     @property
     def current_round(self) -> int:
-        return self._round.round if self._round else self.record.rounds_done
+        return self._round.outcome.plan.round if self._round else self.record.rounds_done
 
     # ---- the loop -------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run (or resume) the job to its end. Raises RoundFailed or JobAborted."""
-        job_id, cfg = self.record.job_id, self.spec.server
-        models = self._store.models_dir(job_id)
-        progress = self._store.load_progress(job_id)
-        # a crash may have left entries of the round in flight; that round runs again, so drop them
-        done = progress.round_done if (models / "global.safetensors").exists() else 0
-        self._store.keep_metrics(job_id, lambda e: e.get("round", 0) <= done if e["type"] == "round"
-                                 else e.get("task") == "init" if e["type"] == "shared"
-                                 else e.get("model_round", 0) < done)
-        if progress.round_done > 0 and (models / "global.safetensors").exists():
-            model = await asyncio.to_thread(load_file, models / "global.safetensors")
-            log.info("job %s: resuming after round %d", job_id, progress.round_done)
-        else:
-            model = await self._initial_model()
-            progress = Progress()
-        self._model_bytes, self._n_tensors = nbytes(model), len(model)
-        workflow = FedAvg(cfg, model)
+        """Run (or resume) the job to its end. Raises RoundFailed, JobAborted or another FedkitError."""
+        job_id, names = self.record.job_id, self.spec.server.workflows
+        checkpoint = await asyncio.to_thread(load_checkpoint, self._store.models_dir(job_id)) or Checkpoint()
+        self._step = checkpoint.step
+        # entries of a round in flight when the server stopped: that round runs again, so drop them
+        self._store.keep_metrics(job_id, lambda e: e.get("step", 0) <= checkpoint.step)
+        results = JobResults(**{**checkpoint.results, "sites": set(checkpoint.results.get("sites", []))})
+        self._ctx = self._context(results)
+        if checkpoint.step:
+            log.info("job %s: resuming after step %d, in %s", job_id, checkpoint.step,
+                     names[min(checkpoint.workflow_index, len(names) - 1)])
+        if self.spec.server.trains and checkpoint.workflow_index == 0 and not checkpoint.state:
+            await self._run_workflow(InitialModel(self._ctx), 0)  # a no-op once the model is on disk
+        for index in range(checkpoint.workflow_index, len(names)):
+            workflow = await asyncio.to_thread(WORKFLOWS[names[index]], self._ctx)
+            if index == checkpoint.workflow_index and checkpoint.state:
+                workflow.load_state(checkpoint.state, checkpoint.tensors)
+            await self._run_workflow(workflow, index)
+            await self._checkpoint(index + 1, None)  # done: a resumed job goes on with the next one
 
-        for rnd in range(progress.round_done + 1, cfg.rounds + 1):
-            workflow.begin_round()
-            done = await self._run_round("train", rnd, workflow.model, workflow.fold_result)
-            if workflow.n_folded == 0:
-                raise RoundFailed(f"round {rnd}: no site sent a usable update")
-            await self._record_validation(rnd - 1, done, progress)
-            new_model = await asyncio.to_thread(workflow.close_round)
-            await asyncio.to_thread(save_file, new_model, models / "global.safetensors")
-            progress.round_done = rnd
-            self._store.save_progress(job_id, progress)
-            self._store.append_metrics(job_id, {
-                "type": "round", "round": rnd, "time": time.time(), "sites": sorted(done.results),
-                "failed": done.failures,
-                "n_samples": {s: r.n_samples for s, r in done.results.items()},
-                "train": {s: r.train_metrics for s, r in done.results.items()},
-                "train_global": weighted_metrics({s: {**r.train_metrics, "n_samples": r.n_samples}
-                                                  for s, r in done.results.items()}),
-                "privacy": done.privacy,
-            })
-            self.record.rounds_done = rnd
-            self.record.sites = sorted({*self.record.sites, *done.results})  # every site that took part
-            self._store.save(self.record)
-            self._audit.append("round_done", job_id=job_id, round=rnd, sites=sorted(done.results))
+    def _context(self, results: JobResults) -> Context:
+        job_id = self.record.job_id
+        archive = self._store.job_dir(job_id) / "job.zip"
+        return Context(job_id=job_id, spec=self.spec, job_dir=self._store.job_dir(job_id),
+                       models_dir=self._store.models_dir(job_id),
+                       append_metrics=lambda entry: self._store.append_metrics(job_id, entry),
+                       audit=self._audit.append, read_job_file=lambda name: read_zip_member(archive, name),
+                       results=results, load_aggregator=self._load_aggregator)
 
-        final = await self._run_round("validate", cfg.rounds + 1, workflow.model, None)
-        await self._record_validation(cfg.rounds, final, progress)
-        self.record.final_metrics = weighted_metrics({s: r.validation for s, r in final.results.items()})
-        if cfg.cross_site_validation:
-            await self._cross_site_validation(workflow.model, cfg.rounds + 2)
+    async def _run_workflow(self, workflow: Workflow, index: int) -> None:
+        """Round after round of one workflow, each closed by it and checkpointed, until it has no more."""
+        self._workflow = workflow
+        try:
+            while (plan := await asyncio.to_thread(workflow.next_round)) is not None:
+                outcome = await self._run_round(plan)
+                await asyncio.to_thread(workflow.close_round, outcome)
+                self._publish(outcome)
+                await self._checkpoint(index, workflow)
+        finally:
+            self._workflow = None
 
-    async def _cross_site_validation(self, global_model: Weights, first_round: int) -> None:
-        """Score every site's own model, and the global and best models, on every site's data.
+    async def _checkpoint(self, index: int, workflow: Workflow | None) -> None:
+        meta, tensors = workflow.state() if workflow is not None else ({}, {})
+        if isinstance(workflow, InitialModel):
+            meta, tensors = {}, {}  # round 0 leaves its model on disk; the first workflow has not begun
+        results = asdict(self._ctx.results)
+        checkpoint = Checkpoint(workflow_index=index, step=self._step, state=meta, results=results, tensors=tensors)
+        await asyncio.to_thread(save_checkpoint, self._store.models_dir(self.record.job_id), checkpoint)
 
-        Site models are collected once and kept on disk, then each model is sent to all sites in turn,
-        so the server never holds more than one extra model in memory. Writes cross_site.json:
-        matrix[model][site] = that site's validation metrics of that model.
-        """
-        models_dir = self._store.models_dir(self.record.job_id)
+    def _publish(self, outcome: RoundOutcome) -> None:
+        """Copy what the workflows know about the job into its record; note weights shared outside training."""
+        results, record = self._ctx.results, self.record
+        record.rounds_done, record.best_round, record.best_metric = (results.rounds_done, results.best_round,
+                                                                     results.best_metric)
+        record.final_metrics = dict(results.final_metrics)
+        record.sites = sorted({*record.sites, *results.sites, *outcome.results})  # every site that took part
+        self._store.save(record)
+        if RESULT_WEIGHTS[outcome.plan.kind] == "whole_model":
+            # round 0 and cross-site models: show_job shows every path out of a site, with its filters
+            self._store.append_metrics(record.job_id, {
+                "type": "shared", "task": outcome.plan.kind.value, "step": outcome.step, "round": outcome.plan.round,
+                "sites": sorted(outcome.results), "failed": outcome.failures, "privacy": outcome.privacy})
 
-        def keep_site_model(result: SiteResult) -> None:
-            if not result.delta:
-                raise UpdateRejected("submit_model result carries no weights")
-            check_update(result.delta, global_model)  # a site's privacy policy may keep some tensors local
-            save_file(result.delta, models_dir / f"site_{result.site}.safetensors")
+    # ---- one round ------------------------------------------------------------------------------
 
-        collected = await self._run_round("submit_model", first_round, None, keep_site_model)
-        self._record_shared(collected)
-        candidates: list[tuple[str, Path]] = [("global", models_dir / "global.safetensors")]
-        if (models_dir / "best.safetensors").exists():
-            candidates.append(("best", models_dir / "best.safetensors"))
-        candidates += [(f"site:{site}", models_dir / f"site_{site}.safetensors") for site in sorted(collected.results)]
-        matrix: dict[str, dict[str, dict[str, float]]] = {}
-        for offset, (label, path) in enumerate(candidates, start=1):
-            model = await asyncio.to_thread(load_file, path)
-            done = await self._run_round("validate", first_round + offset, model, None)
-            matrix[label] = {site: r.validation for site, r in sorted(done.results.items())}
-            log.info("job %s: cross-site validation of %s on %d sites", self.record.job_id, label, len(done.results))
-        result = {"models": [c[0] for c in candidates],
-                  "sites": sorted({s for row in matrix.values() for s in row}), "matrix": matrix}
-        path = self._store.job_dir(self.record.job_id) / CROSS_SITE_FILE
-        path.with_suffix(".tmp").write_text(json.dumps(result, indent=2, sort_keys=True))
-        path.with_suffix(".tmp").replace(path)
-        self._audit.append("cross_site_validation_done", job_id=self.record.job_id, models=len(candidates))
-
-    async def _initial_model(self) -> Weights:
-        """Round 0: the job's own initial_model file, or else weights built by one site's learner."""
-        job_id, cfg = self.record.job_id, self.spec.server
-        models = self._store.models_dir(job_id)
-        path = models / "initial.safetensors"
-        if not path.exists() and cfg.initial_model:
-            data = await asyncio.to_thread(read_zip_member, self._store.job_dir(job_id) / "job.zip",
-                                           cfg.initial_model)
-            initial = await asyncio.to_thread(from_bytes, data)
-            await asyncio.to_thread(save_file, initial, path)
-        if not path.exists():
-            done = await self._init_round()
-            result = next(iter(done.results.values()))
-            if not result.delta:
-                raise RoundFailed("round 0: the site that built the initial model sent no weights")
-            await asyncio.to_thread(save_file, result.delta, path)
-            self._record_shared(done)  # after the save: a resumed job never builds round 0 twice
-            log.info("job %s: initial model (%d tensors) made by %s", job_id, len(result.delta), result.site)
-        model = await asyncio.to_thread(load_file, path)
-        for name, arr in model.items():
-            if arr.dtype.kind == "f" and not np.isfinite(arr.sum(dtype=np.float64)):
-                raise RoundFailed(f"round 0: initial tensor '{name}' holds NaN or Inf")
-        await asyncio.to_thread(shutil.copyfile, path, models / "global.safetensors")
-        return model
-
-    async def _init_round(self) -> _Round:
-        """Round 0 on one site; if that site cannot (its policy refuses the job, its learner fails), the
-        next online site tries, until every site has had its turn."""
-        tried: set[str] = set()
-        while True:
-            try:
-                return await self._run_round("init", 0, None, None, max_sites=1, exclude=tried)
-            except RoundFailed as e:
-                tried |= set(self._last_sites)
-                wanted = self.spec.meta.sites
-                others = [s for s in self._registry.alive() if s not in tried and (wanted == "all" or s in wanted)]
-                if not others:
-                    raise
-                log.warning("job %s: %s; asking %s instead", self.record.job_id, e, others[0])
-
-    def _record_shared(self, done: _Round) -> None:
-        """A metrics entry for weights a site shared outside training (round 0, cross-site models), with
-        what the site's privacy filters did to them, so show_job shows every path out of a site."""
-        self._store.append_metrics(self.record.job_id, {
-            "type": "shared", "task": done.name, "round": done.round, "sites": sorted(done.results),
-            "failed": done.failures, "privacy": done.privacy})
-
-    async def _record_validation(self, model_round: int, done: _Round, progress: Progress) -> None:
-        """Score the model of `model_round` from what the sites reported and keep it if it is the best."""
-        by_site = {s: r.validation for s, r in done.results.items() if r.validation}
-        if not by_site:
-            return
-        overall = weighted_metrics(by_site)
-        key = self.spec.server.key_metric
-        score = overall.get(key.name)
-        is_best = False
-        if score is not None and model_round > 0:
-            better = progress.best_metric is None or (
-                score > progress.best_metric if key.higher_is_better else score < progress.best_metric)
-            if better:
-                is_best = True
-                progress.best_metric, progress.best_round = score, model_round
-                models = self._store.models_dir(self.record.job_id)
-                # the global file still holds the model of `model_round` here (it is replaced after)
-                await asyncio.to_thread(shutil.copyfile, models / "global.safetensors", models / "best.tmp")
-                (models / "best.tmp").replace(models / "best.safetensors")
-                self.record.best_round, self.record.best_metric = model_round, score
-        self._store.append_metrics(self.record.job_id, {
-            "type": "validation", "model_round": model_round, "sites": by_site, "global": overall,
-            "is_best": is_best})
-        self._store.save_progress(self.record.job_id, progress)
-
-    async def _run_round(self, name: str, rnd: int, model: Weights | None,
-                         fold: Callable[[SiteResult], None] | None, max_sites: int | None = None,
-                         exclude: set[str] | None = None) -> _Round:
+    async def _run_round(self, plan: RoundPlan) -> RoundOutcome:
+        """Post the plan's task to the eligible sites and collect what comes back, within the deadline."""
         cfg, meta = self.spec.server, self.spec.meta
-        sites = await self._wait_for_sites(rnd, max_sites, exclude or set())
-        self._last_sites = sites
+        sites = await self._wait_for_sites(plan)
         self._tasked.update(sites)
-        payload = (await asyncio.to_thread(lambda: Payload.of(to_bytes(model), CHUNK_BYTES))
-                   if model is not None else NO_PAYLOAD)
-        config = {"rounds": cfg.rounds, "client": self.spec.client.model_dump(mode="json"),
-                  "job_name": meta.name,
-                  "submitter": {"name": self.record.submitter, "org": self.record.submitter_org,
-                                "role": self.record.submitter_role},
-                  "code_signature": self._code_signature}
-        tasks = {site: Task(job_id=self.record.job_id, site=site, name=name, round=rnd, config=config,
-                            payload=payload, timeout_s=cfg.round_timeout_s,
-                            job_sha256=self._job_sha) for site in sites}
-        self._round = _Round(name=name, round=rnd, tasks=tasks, fold=fold)
+        self._step += 1
+        if plan.model is not None:
+            self._model_bytes, self._n_tensors = nbytes(plan.model), len(plan.model)
+        payload = (await asyncio.to_thread(lambda: Payload.of(to_bytes(with_control(plan.model, plan.extras)),
+                                                              CHUNK_BYTES))
+                   if plan.model is not None else NO_PAYLOAD)
+        config = TaskConfig(
+            job_name=meta.name, workflow=self._workflow.name if self._workflow else "", rounds=cfg.rounds,
+            step=self._step, client=self.spec.client.model_dump(mode="json"),
+            submitter={"name": self.record.submitter, "org": self.record.submitter_org,
+                       "role": self.record.submitter_role},
+            code_signature=self._code_signature, algorithm=plan.algorithm,
+            key_metric=KeyMetricRef(**cfg.key_metric.model_dump()),
+            keep_best_local="cross_site" in cfg.workflows).model_dump(mode="json")
+        tasks = {site: Task(job_id=self.record.job_id, site=site, name=plan.kind.value, round=plan.round,
+                            config=config, payload=payload, timeout_s=cfg.round_timeout_s,
+                            job_sha256=self.record.job_sha256) for site in sites}
+        self._round = _Round(outcome=RoundOutcome(plan=plan, step=self._step), tasks=tasks)
         for task in tasks.values():
             self._board.post(task)
-        log.info("job %s: %s round %d sent to %s", self.record.job_id, name, rnd, ", ".join(sites))
-        need = 1 if max_sites == 1 else meta.min_clients
+        log.info("job %s: %s sent to %s", self.record.job_id, _what(plan), ", ".join(sites))
+        need = self._needed(plan)
         started = asyncio.get_running_loop().time()
         try:
             await self._collect(self._round, need)
         finally:
             self._board.cancel(list(tasks.values()))
             done, self._round = self._round, None
-        if len(done.results) < need:
-            missing = sorted(set(sites) - set(done.results))
-            reasons = "; ".join(f"{s}: {done.failures.get(s, 'no answer')}" for s in missing)
+        outcome = done.outcome
+        if len(outcome.results) < need:
+            missing = sorted(set(sites) - set(outcome.results))
+            reasons = "; ".join(f"{s}: {outcome.failures.get(s, 'no answer')}" for s in missing)
             waited = asyncio.get_running_loop().time() - started
-            raise RoundFailed(f"{name} round {rnd}: {len(done.results)} of min {need} sites answered "
+            raise RoundFailed(f"{_what(plan)}: {len(outcome.results)} of min {need} sites answered "
                               f"in {waited:.0f} s (round_timeout_s {cfg.round_timeout_s:g}; {reasons})")
-        return done
+        return outcome
 
-    async def _wait_for_sites(self, rnd: int, max_sites: int | None, exclude: set[str]) -> list[str]:
+    def _needed(self, plan: RoundPlan) -> int:
+        if plan.min_results is not None:
+            return plan.min_results
+        return min(self.spec.meta.min_clients, plan.max_sites or self.spec.meta.min_clients)
+
+    async def _wait_for_sites(self, plan: RoundPlan) -> list[str]:
         """The sites to task this round; waits (bounded by the round timeout) until enough are alive."""
-        cfg, meta = self.spec.server, self.spec.meta
-        need = 1 if max_sites == 1 else meta.min_clients
+        need = max(1, self._needed(plan))
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + cfg.round_timeout_s
+        timeout_s = self.spec.server.round_timeout_s
+        deadline = loop.time() + timeout_s
         while True:
             self._check_aborted()
-            wanted = meta.sites
-            sites = [s for s in self._registry.alive() if (wanted == "all" or s in wanted) and s not in exclude]
+            sites = eligible_sites(self.spec.meta, self._registry.alive(), plan.exclude)
             if len(sites) >= need:
-                return sites[:max_sites] if max_sites else sites
+                return sites[:plan.max_sites] if plan.max_sites else sites
+            if plan.if_no_site and not sites:
+                raise RoundFailed(plan.if_no_site)
             if loop.time() >= deadline:
-                raise RoundFailed(f"round {rnd}: only {len(sites)} of min {need} sites online "
-                                  f"after {cfg.round_timeout_s:g} s")
+                raise RoundFailed(f"{_what(plan)}: only {len(sites)} of min {need} sites online after {timeout_s:g} s")
             try:
                 await asyncio.wait_for(self._aborted.wait(), TICK_S)
             except TimeoutError:
@@ -375,19 +289,17 @@ class JobController:
         again and are re-sent their task) until then, so a short outage does not fail a round."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.spec.server.round_timeout_s
+        outcome = rnd.outcome
         while True:
             self._check_aborted()
             waiting = [s for s in rnd.tasks if not rnd.answered(s)]
             alive_waiting = [s for s in waiting if self._registry.is_alive(s)]
-            if not waiting or (not alive_waiting and len(rnd.results) >= need):
+            timed_out = loop.time() >= deadline
+            if not waiting or (not alive_waiting and len(outcome.results) >= need) or timed_out:
+                why = "round deadline passed" if timed_out and alive_waiting else "site went silent (missed heartbeats)"
                 for site in waiting:
-                    rnd.failures.setdefault(site, "site went silent (missed heartbeats)")
-                    self._audit.append("site_timed_out", job_id=self.record.job_id, site=site, round=rnd.round)
-                return
-            if loop.time() >= deadline:
-                for site in waiting:
-                    rnd.failures.setdefault(site, "round deadline passed")
-                    self._audit.append("site_timed_out", job_id=self.record.job_id, site=site, round=rnd.round)
+                    outcome.failures.setdefault(site, why)
+                    self._audit.append("site_timed_out", job_id=self.record.job_id, site=site, round=outcome.plan.round)
                 return
             rnd.changed.clear()
             try:
@@ -400,22 +312,15 @@ class JobController:
             raise JobAborted(f"job {self.record.job_id} aborted")
 
 
-def _numbers(value: Any) -> dict[str, float]:
-    if not isinstance(value, dict):
-        return {}
-    return {str(k): float(v) for k, v in value.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+def _what(plan: RoundPlan) -> str:
+    return f"{plan.kind.value} round {plan.round}" + (f" ({plan.label})" if plan.label else "")
 
 
-def decode_metrics(text: str) -> dict[str, Any]:
-    """A site's metrics JSON, checked (metrics_check.py); raises UpdateRejected."""
-    if not text:
-        return {}
-    check_metrics_size(text)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        raise UpdateRejected("metrics are not valid JSON") from None
-    if not isinstance(data, dict):
-        raise UpdateRejected("metrics must be a JSON object")
-    check_metrics(data)
-    return data
+def _decode_result(site: str, kind: TaskKind, n_samples: int, metrics: dict[str, Any],
+                   payload: bytearray | None) -> SiteResult:
+    """A site's result as the workflow sees it: checked numbers, and weights as views into the received
+    buffer (no copy)."""
+    return SiteResult(site=site, kind=kind, n_samples=n_samples, train_metrics=numbers(metrics.get("train")),
+                      validation=numbers(metrics.get("validation")), local=numbers(metrics.get("local")),
+                      local_validation=numbers(metrics.get("local_validation")),
+                      weights=view_bytes(payload) if payload else None)

@@ -13,7 +13,7 @@ from ..errors import FedkitError, JobRejected, SessionExpired, TransferStalled, 
 from ..identity import Identity
 from ..proto import fedkit_pb2 as pb
 from ..transport import CHUNK_BYTES, PayloadReceiver, with_idle_timeout
-from .controller import decode_metrics
+from .metrics_check import decode_metrics
 from .registry import Registry
 from .runner import JobRunner
 from .site_controls import SiteControls

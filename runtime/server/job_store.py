@@ -82,15 +82,6 @@ class JobRecord:
 _RECORD_FIELDS = frozenset(JobRecord.__dataclass_fields__)
 
 
-@dataclass
-class Progress:
-    """The checkpoint of a running job: the last round whose global model is on disk."""
-
-    round_done: int = 0
-    best_round: int | None = None
-    best_metric: float | None = None
-
-
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
@@ -187,13 +178,6 @@ class JobStore:
 
     def models_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "models"
-
-    def save_progress(self, job_id: str, progress: Progress) -> None:
-        _write_json(self.job_dir(job_id) / "progress.json", asdict(progress))
-
-    def load_progress(self, job_id: str) -> Progress:
-        path = self.job_dir(job_id) / "progress.json"
-        return Progress(**json.loads(path.read_text())) if path.exists() else Progress()
 
     def append_metrics(self, job_id: str, entry: dict[str, Any]) -> None:
         with (self.job_dir(job_id) / "metrics.jsonl").open("a") as f:

@@ -1,7 +1,8 @@
 """The metrics a site reports with a result, checked before anyone else reads them.
 
 Metric names and values travel from a job's code (a stranger's) to show_job, wait_job, list_jobs, the
-key-metric choice and download_job, so the "train" and "validation" maps must hold plain names
+key-metric choice and download_job, so the "train", "validation", "local" and "local_validation" maps
+must hold plain names
 (NAME_PATTERN), at most MAX_METRICS_PER_MAP of them, each a finite number. Other top-level keys (e.g. a
 "privacy" object, with a schema of its own elsewhere) are only bounded in size, with the whole JSON.
 Raises UpdateRejected; the name at fault is shown with repr(), so its control characters stay inert.
@@ -9,6 +10,7 @@ Raises UpdateRejected; the name at fault is shown with repr(), so its control ch
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -18,7 +20,7 @@ from ..errors import UpdateRejected
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._/-]{1,64}")
 MAX_METRICS_PER_MAP = 256
 MAX_METRICS_JSON_BYTES = 64 << 10
-CHECKED_MAPS = ("train", "validation")
+CHECKED_MAPS = ("train", "validation", "local", "local_validation")
 
 
 def check_metrics_size(text: str) -> None:
@@ -41,3 +43,25 @@ def check_metrics(data: dict[str, Any]) -> None:
                 raise UpdateRejected(f"metric name {name[:40]!r} in '{key}' must match {NAME_PATTERN.pattern}")
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise UpdateRejected(f"metric '{name}' in '{key}' must be a finite number, not {str(value)[:20]!r}")
+
+
+def numbers(value: Any) -> dict[str, float]:
+    """A checked metrics map as floats (an absent map: empty)."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): float(v) for k, v in value.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def decode_metrics(text: str) -> dict[str, Any]:
+    """A site's metrics JSON, checked; raises UpdateRejected."""
+    if not text:
+        return {}
+    check_metrics_size(text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise UpdateRejected("metrics are not valid JSON") from None
+    if not isinstance(data, dict):
+        raise UpdateRejected("metrics must be a JSON object")
+    check_metrics(data)
+    return data

@@ -12,18 +12,21 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..aggregators.custom import load_job_aggregator
 from ..audit import AuditLog
 from ..errors import FedkitError, JobRejected
 from ..identity import Identity
-from ..job_spec import JobSpec, load_job_spec, read_zip_configs, sha256_hex, spec_to_json
+from ..job_spec import CUSTOM_DIR, JobSpec, load_job_spec, read_zip_configs, safe_extract, sha256_hex, spec_to_json
 from .code_intake import signed_code
 from .controller import JobAborted, JobController
 from .job_quota import JobQuota
 from .job_store import FINAL_STATES, JobRecord, JobState, JobStore
 from .registry import Registry
+from .site_selection import enough_sites
 from .taskboard import TaskBoard
 
 log = logging.getLogger(__name__)
@@ -33,8 +36,9 @@ SCHEDULER_TICK_S = 0.5
 
 class JobRunner:
     def __init__(self, store: JobStore, board: TaskBoard, registry: Registry, audit: AuditLog,
-                 max_update_factor: float, quota: JobQuota | None = None):
+                 max_update_factor: float, quota: JobQuota | None = None, allow_job_aggregators: bool = False):
         self.store = store
+        self._allow_job_aggregators = allow_job_aggregators
         self._quota = quota or JobQuota()
         # parsed specs by job id: spec.json never changes once written, and the scheduler asks every tick
         self._specs: dict[str, JobSpec] = {}
@@ -69,6 +73,10 @@ class JobRunner:
     def _store_new_job(self, submitter: Identity, archive: Path, overrides: list[str], sha256: str,
                        code_signature: Any = None) -> JobRecord:
         spec = load_job_spec(read_zip_configs(archive), overrides)
+        if spec.server.aggregator.name == "custom" and not self._allow_job_aggregators:
+            raise JobRejected("config_fed_server.yml: field 'aggregator': this server runs no job code, so a "
+                              "custom aggregator is refused (server IT may allow it: allow_job_aggregators "
+                              "in local/server.yml); use a built-in one")
         size = archive.stat().st_size
         self.check_quota(submitter, size)
         spec_json = spec_to_json(spec)
@@ -148,10 +156,7 @@ class JobRunner:
             spec = self.spec(record.job_id)
         except (OSError, ValueError):
             return True  # let the run fail it, with the reason in its record, instead of skipping it forever
-        alive = self._registry.alive()
-        if spec.meta.sites == "all":
-            return len(alive) >= spec.meta.min_clients
-        return len([s for s in spec.meta.sites if s in alive]) >= spec.meta.min_clients
+        return enough_sites(spec.meta, self._registry.alive())
 
     async def run_forever(self) -> None:
         while True:
@@ -189,7 +194,8 @@ class JobRunner:
                            submitter=record.submitter)
         try:
             controller = JobController(record, self.spec(record.job_id), self.store, self._board,
-                                       self._registry, self._audit, self._max_update_factor)
+                                       self._registry, self._audit, self._max_update_factor,
+                                       self._aggregator_loader(record.job_id))
             self._current = controller
             await controller.run()
             record.state = JobState.FINISHED
@@ -205,6 +211,20 @@ class JobRunner:
             record.state, record.error = JobState.FAILED, f"internal error: {e}"
             log.exception("job %s failed with an internal error", record.job_id)
         self._ended(record)
+
+    def _aggregator_loader(self, job_id: str) -> Callable[[Any], Any] | None:
+        """Builds a job's own aggregator from its custom/ code, where server IT allowed job code here."""
+        if not self._allow_job_aggregators:
+            return None
+
+        def load(config: Any) -> Any:
+            code_dir = self.store.job_dir(job_id) / "server_code"
+            if not code_dir.exists():
+                safe_extract(self.store.archive(job_id), code_dir)
+            self._audit.append("job_code_loaded_on_server", job_id=job_id, path=config.path)
+            return load_job_aggregator(code_dir / CUSTOM_DIR, config)
+
+        return load
 
     def _interrupted(self, record: JobRecord) -> None:
         """The server is stopping: the job stays `running` on disk, so the next start resumes it."""

@@ -1,80 +1,147 @@
-"""FedAvg (scatter and gather), as steps: select sites, fold one result, close the round.
+"""FedAvg and its family (FedAvgM, FedOpt, SCAFFOLD, FedProx, median, trimmed mean): train the global
+model for `rounds` rounds, then score the final model on every site.
 
-Each train result is a delta (trained weights minus the global weights the site received) with its
-n_samples; the workflow folds it into a running weighted sum the moment it arrives and checks it
-against the global model first (names, shapes, dtypes, finite values, a sane n_samples).
+Round r sends the global model of round r-1 to every selected site; each site first scores it on its
+local validation data (so round r also tells how good model r-1 was: that picks the best model), then
+trains and sends its delta with its n_samples. Each delta is checked against the global model (names,
+shapes, dtypes, finite values, a sane n_samples) and folded into the job's aggregator the moment it
+arrives; closing the round gives the next global model. A last `validate` round scores the final model.
+
+What the aggregator remembers (momentum, Adam moments, SCAFFOLD's control variates) and the best score
+so far are part of the checkpoint, so a server restarted mid-job resumes exactly where it was.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import shutil
+import time
+from typing import Any
 
-import numpy as np
+from ..aggregators import Update, build_aggregator, update_weight
+from ..errors import FedkitError, UpdateRejected
+from ..tasks import FedProx, TaskKind
+from ..weights import Weights, check_update, load_file, save_file
+from .base import RoundOutcome, RoundPlan, SiteResult, WorkflowContext, weighted_metrics
+from .initial_model import GLOBAL_FILE
 
-from ..aggregators import apply_server_step, fold, reset_sum, start_sum, weighted_mean
-from ..errors import UpdateRejected
-from ..job_spec import ServerJobConfig
-from ..weights import Weights, check_update
-
-
-@dataclass(frozen=True)
-class SiteResult:
-    site: str
-    n_samples: int
-    train_metrics: dict[str, float] = field(default_factory=dict)
-    validation: dict[str, float] = field(default_factory=dict)
-    delta: Weights | None = None
+BEST_FILE = "best.safetensors"
+MODEL_GROUP = "model"
+AGGREGATOR_PREFIX = "aggregator/"
 
 
-def weighted_metrics(by_site: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Average each metric over sites, weighted by the site's `n_samples` metric (1 when absent)."""
-    totals: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    for metrics in by_site.values():
-        w = float(metrics.get("n_samples", 1.0))
-        for name, value in metrics.items():
-            if name == "n_samples" or not isinstance(value, int | float) or not np.isfinite(value):
-                continue
-            totals[name] = totals.get(name, 0.0) + w * float(value)
-            weights[name] = weights.get(name, 0.0) + w
-    return {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
+class NoUsableUpdate(FedkitError):
+    """A training round ended without one update the server could use."""
 
 
-class FedAvg:
-    """Weighted FedAvg with an optional server learning rate and momentum (FedAvgM)."""
+class FedAvgWorkflow:
+    name = "fedavg"
 
-    def __init__(self, config: ServerJobConfig, model: Weights):
-        self.config = config
-        self.model = model
-        self._velocity: Weights | None = None
-        self._sum = start_sum(model)
+    def __init__(self, ctx: WorkflowContext):
+        self._ctx = ctx
+        self._cfg = ctx.spec.server
+        self.model: Weights = load_file(ctx.models_dir / GLOBAL_FILE)
+        custom = self._cfg.aggregator.name == "custom"
+        if custom and ctx.load_aggregator is None:
+            raise FedkitError("this server does not run job code: the job's custom aggregator is not allowed here")
+        self._aggregator = ctx.load_aggregator(self._cfg.aggregator) if custom and ctx.load_aggregator \
+            else build_aggregator(self._cfg.aggregator)
+        self._round = 0                     # the last round whose model is self.model
+        self._final_done = False
 
-    def select_sites(self, alive: list[str], wanted: list[str] | str) -> list[str]:
-        return list(alive) if wanted == "all" else [s for s in alive if s in wanted]
+    # ---- the protocol ----------------------------------------------------------------------------
 
-    def begin_round(self) -> None:
-        reset_sum(self._sum)
+    def next_round(self) -> RoundPlan | None:
+        if self._round < self._cfg.rounds:
+            self._aggregator.begin_round(self.model)
+            algorithm = self._aggregator.local_algorithm()
+            if self._cfg.proximal_mu > 0:
+                algorithm = FedProx(mu=self._cfg.proximal_mu)
+            return RoundPlan(kind=TaskKind.TRAIN, round=self._round + 1, model=self.model,
+                             extras=self._aggregator.task_extras(), algorithm=algorithm, label="global")
+        if not self._final_done:
+            return RoundPlan(kind=TaskKind.VALIDATE, round=self._round, model=self.model, label="final global")
+        return None
 
-    def fold_result(self, result: SiteResult) -> None:
-        """Check and fold one site's delta. Raises UpdateRejected; the sum is untouched then."""
-        if result.delta is None:
+    def fold(self, result: SiteResult) -> None:
+        if result.kind is not TaskKind.TRAIN:
+            return
+        if result.weights is None:
             raise UpdateRejected("train result carries no weights")
         if result.n_samples <= 0:
             raise UpdateRejected(f"n_samples must be positive, got {result.n_samples}")
-        if result.n_samples > self.config.max_n_samples:
+        if result.n_samples > self._cfg.max_n_samples:
             raise UpdateRejected(f"n_samples {result.n_samples} exceeds the job's max_n_samples "
-                                 f"{self.config.max_n_samples}")
-        check_update(result.delta, self.model)
-        fold(self._sum, result.delta, float(result.n_samples))
+                                 f"{self._cfg.max_n_samples}")
+        check_update(result.weights, self.model)
+        weighting = getattr(self._cfg.aggregator, "weighting", "n_samples")  # median, trimmed mean: none
+        weight = update_weight(weighting, result.site, result.n_samples)
+        self._aggregator.fold(Update(site=result.site, delta=result.weights, n_samples=result.n_samples,
+                                     weight=weight, local=dict(result.local)))
 
-    @property
-    def n_folded(self) -> int:
-        return self._sum.n_updates
+    def close_round(self, outcome: RoundOutcome) -> None:
+        if outcome.plan.kind is TaskKind.VALIDATE:
+            self._record_validation(self._round, outcome)
+            self._ctx.results.final_metrics = weighted_metrics(
+                {s: r.validation for s, r in outcome.results.items() if r.validation})
+            self._final_done = True
+            return
+        rnd = outcome.plan.round
+        if self._aggregator.n_folded == 0:
+            raise NoUsableUpdate(f"round {rnd}: no site sent a usable update ({_reasons(outcome)})")
+        self._record_validation(rnd - 1, outcome)  # before the global file is replaced
+        self.model = self._aggregator.close_round(self.model)
+        save_file(self.model, self._ctx.models_dir / GLOBAL_FILE)
+        self._round = rnd
+        results = outcome.results
+        self._ctx.append_metrics({
+            "type": "round", "workflow": self.name, "step": outcome.step, "round": rnd, "time": time.time(),
+            "sites": sorted(results), "failed": outcome.failures,
+            "n_samples": {s: r.n_samples for s, r in results.items()},
+            "train": {s: r.train_metrics for s, r in results.items()},
+            "train_global": weighted_metrics({s: {**r.train_metrics, "n_samples": r.n_samples}
+                                              for s, r in results.items()}),
+            "local_validation": {s: r.local_validation for s, r in results.items() if r.local_validation},
+            "privacy": outcome.privacy,
+        })
+        self._ctx.results.rounds_done = rnd
+        self._ctx.results.sites |= set(results)
+        self._ctx.audit("round_done", job_id=self._ctx.job_id, round=rnd, sites=sorted(results))
 
-    def close_round(self) -> Weights:
-        """The new global model from everything folded this round."""
-        mean = weighted_mean(self._sum, self.model)
-        agg = self.config.aggregator
-        self.model, self._velocity = apply_server_step(self.model, mean, agg.server_lr,
-                                                       agg.server_momentum, self._velocity)
-        return self.model
+    def state(self) -> tuple[dict[str, Any], dict[str, Weights]]:
+        tensors = {MODEL_GROUP: self.model}
+        tensors |= {AGGREGATOR_PREFIX + group: t for group, t in self._aggregator.state().items()}
+        return {"round": self._round, "final_done": self._final_done}, tensors
+
+    def load_state(self, meta: dict[str, Any], tensors: dict[str, Weights]) -> None:
+        self._round, self._final_done = int(meta["round"]), bool(meta["final_done"])
+        self.model = tensors[MODEL_GROUP]
+        self._aggregator.load_state({g[len(AGGREGATOR_PREFIX):]: t for g, t in tensors.items()
+                                     if g.startswith(AGGREGATOR_PREFIX)})
+
+    # ---- the best model --------------------------------------------------------------------------
+
+    def _record_validation(self, model_round: int, outcome: RoundOutcome) -> None:
+        """Score the model of `model_round` from what the sites reported and keep it if it is the best."""
+        by_site = {s: r.validation for s, r in outcome.results.items() if r.validation}
+        if not by_site:
+            return
+        overall = weighted_metrics(by_site)
+        key, results = self._cfg.key_metric, self._ctx.results
+        score = overall.get(key.name)
+        is_best = False
+        if score is not None and model_round > 0:
+            best = results.best_metric
+            if best is None or (score > best if key.higher_is_better else score < best):
+                is_best = True
+                results.best_metric, results.best_round = score, model_round
+                models = self._ctx.models_dir
+                # the global file still holds the model of `model_round` here (it is replaced after)
+                shutil.copyfile(models / GLOBAL_FILE, models / "best.tmp")
+                (models / "best.tmp").replace(models / BEST_FILE)
+        self._ctx.append_metrics({"type": "validation", "workflow": self.name, "step": outcome.step,
+                                  "model_round": model_round, "sites": by_site, "global": overall,
+                                  "is_best": is_best})
+
+
+def _reasons(outcome: RoundOutcome) -> str:
+    return "; ".join(f"{s}: {r}" for s, r in sorted(outcome.failures.items())) or "no site answered"

@@ -101,7 +101,7 @@ def test_cross_site_validation_matrix(make_study, tmp_path):
     handle = make_study()
     study = _started(handle.study)
     job = handle.job(tmp_path / "job")
-    record = study.admin_json(f"submit_job {job} --set server.rounds=2 --set server.cross_site_validation=true "
+    record = study.admin_json(f"submit_job {job} --set server.rounds=2 --set server.workflows=[fedavg,cross_site] "
                               "--set meta.min_clients=3")
     assert study.admin_json(f"wait_job {record['job_id']} 240")["state"] == "finished"
 

@@ -68,7 +68,7 @@ def test_site_policy_filters_every_path_out_of_the_site(make_study, tmp_path):
     job = handle.job(tmp_path / "job")
     record = study.admin_json(f"submit_job {job} --set server.rounds=1 --set meta.min_clients=2 "
                               "--set client.filters=[] --set client.keep_updates=true "
-                              "--set server.cross_site_validation=true")
+                              "--set server.workflows=[fedavg,cross_site]")
     job_id = record["job_id"]
     assert study.admin_json(f"wait_job {job_id} 300")["state"] == "finished"
 
@@ -95,7 +95,7 @@ def test_site_policy_filters_every_path_out_of_the_site(make_study, tmp_path):
     assert EXCLUDED in raw_initial
     _assert_all_differ(load_file(server_job / "models" / "initial.safetensors"), raw_initial, "initial model")
     for site in study.clients:
-        (submit_dir,) = site_job[site].glob("round_*_submit_model")
+        (submit_dir,) = site_job[site].glob("step_*_submit_model")
         _assert_all_differ(load_file(server_job / "models" / f"site_{site}.safetensors"),
                            load_file(submit_dir / "local_model.safetensors"), f"{site}'s local model")
         train_dir = site_job[site] / "round_0001_train"
@@ -109,7 +109,7 @@ def test_site_policy_filters_every_path_out_of_the_site(make_study, tmp_path):
                 and r["task"] != "validate"}  # validation sends metrics only
         assert all(r["privacy"] is None for r in _events(study, site, "update_sent") if r["task"] == "validate")
         assert set(sent) == ({"init", "train", "submit_model"} if site == builder else {"train", "submit_model"})
-        (submit_dir,) = site_job[site].glob("round_*_submit_model")
+        (submit_dir,) = site_job[site].glob("step_*_submit_model")
         files = {"init": site_job[site] / "round_0000_init" / "initial.sent.safetensors",
                  "train": site_job[site] / "round_0001_train" / "update_sent.safetensors",
                  "submit_model": submit_dir / "local_model.sent.safetensors"}

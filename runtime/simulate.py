@@ -1,0 +1,162 @@
+"""A study simulated in one process: the real server controller, workflows and aggregators, with each
+site's learner run in-process on its own data through the training worker's own command handler.
+
+What is left out is everything between the two: no TLS, kits, sandbox, privacy filters or network. It is
+for trying an algorithm on local data splits before a real study, for the workflow and controller tests
+(no gRPC), and for the guide's measured tables (bench/workflows.py). It is not a security boundary: the
+job's learner runs in this process.
+
+    result = asyncio.run(simulate(spec, {"site-1": learner_1, "site-2": learner_2}, Path("sim")))
+    result.record.final_metrics, result.global_model, result.cross_site
+
+Calling it again on the same folder after an interruption (`interrupt_after_results`) resumes the job
+from its checkpoint, as a restarted server does; the sites' learners and their files live on, as a real
+site's worker would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .audit import AuditLog
+from .client.worker import SiteState, handle
+from .errors import FedkitError
+from .identity import Identity, Kind
+from .job_spec import JobSpec, spec_to_json
+from .learner import Learner
+from .server.controller import JobController
+from .server.job_store import JobRecord, JobState, JobStore
+from .server.registry import Registry
+from .server.taskboard import Task, TaskBoard
+from .tasks import RESULT_WEIGHTS, TaskConfig, TaskKind
+from .weights import Weights, load_file
+
+JOB_ID = "simulated"
+POLL_S = 0.05
+
+
+@dataclass
+class SimulationResult:
+    record: JobRecord
+    folder: Path                      # the job's folder, as on a server: models/, metrics.jsonl, cross_site.*
+    interrupted: bool = False
+
+    @property
+    def global_model(self) -> Weights:
+        return load_file(self.folder / "models" / "global.safetensors")
+
+    @property
+    def cross_site(self) -> dict[str, Any] | None:
+        path = self.folder / "cross_site.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.folder / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def simulate(spec: JobSpec, learners: dict[str, Learner], folder: Path, *,
+                   job_files: dict[str, bytes] | None = None, interrupt_after_results: int | None = None,
+                   site_states: dict[str, SiteState] | None = None) -> SimulationResult:
+    """Run (or resume) the job in `folder` with one in-process site per learner. `job_files`: files of the
+    job folder (initial_model, evaluate_models). `interrupt_after_results`: stop the server abruptly once
+    this many results were accepted (a crash mid-round), leaving the job resumable. `site_states`: the
+    sites' worker state, kept by the caller across an interruption (as a site's worker outlives a server
+    restart)."""
+    store = JobStore(folder)
+    record = _job_record(store, spec, job_files or {})
+    audit = AuditLog(folder / "audit.jsonl")
+    board, registry = TaskBoard(time.monotonic), Registry(1e9, time.monotonic)
+    for site in learners:
+        registry.register(Identity(site, "simulated", Kind.CLIENT))
+    controller = JobController(record, spec, store, board, registry, audit, settings_max_update_factor=1.5)
+    states = site_states if site_states is not None else {}
+    accepted = asyncio.Event()
+    counter = {"results": 0}
+
+    async def serve(site: str, learner: Learner) -> None:
+        state = states.setdefault(site, SiteState())
+        with tempfile.TemporaryDirectory(prefix=f"fedkit-sim-{site}-") as tmp:
+            while True:
+                task = await board.next_for(site, POLL_S)
+                if task is None:
+                    continue
+                board.claim(task.task_id, site)
+                n_samples, metrics, error, payload = await asyncio.to_thread(_run_task, learner, state, task,
+                                                                             Path(tmp))
+                with contextlib.suppress(FedkitError):  # a refused update fails only that site's round
+                    await controller.accept_result(task, n_samples, metrics, error, payload)
+                counter["results"] += 1
+                if interrupt_after_results is not None and counter["results"] >= interrupt_after_results:
+                    accepted.set()
+
+    sites = [asyncio.create_task(serve(site, learner)) for site, learner in learners.items()]
+    run = asyncio.create_task(controller.run())
+    interrupt = asyncio.create_task(accepted.wait())
+    try:
+        await asyncio.wait({run, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        if not run.done():  # the "server" dies here, mid-round, as a killed process would
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
+            return SimulationResult(record, store.job_dir(JOB_ID), interrupted=True)
+        run.result()  # raises the job's failure
+        record.state = JobState.FINISHED
+        store.save(record)
+        return SimulationResult(record, store.job_dir(JOB_ID))
+    finally:
+        for task in [*sites, interrupt]:
+            task.cancel()
+        await asyncio.gather(*sites, interrupt, return_exceptions=True)
+
+
+def _job_record(store: JobStore, spec: JobSpec, job_files: dict[str, bytes]) -> JobRecord:
+    if (store.job_dir(JOB_ID) / "record.json").exists():
+        return store.load(JOB_ID)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, data in job_files.items():
+            zf.writestr(name, data)
+    record = JobRecord(job_id=JOB_ID, name=spec.meta.name, state=JobState.RUNNING, submitter="simulation",
+                       submitter_org="", submitter_role="", submitted_at=time.time(), job_sha256="",
+                       config_hash="", rounds_total=spec.server.rounds)
+    return store.create(archive.getvalue(), spec_to_json(spec), record)
+
+
+def _run_task(learner: Learner, state: SiteState, task: Task, tmp: Path) -> tuple[int, dict[str, Any], str,
+                                                                                   bytearray | None]:
+    """One task on one site, as the site daemon and its worker do it (minus the privacy filters)."""
+    kind, config = TaskKind(task.name), TaskConfig.model_validate(task.config)
+    received = tmp / "received.safetensors"
+    out = tmp / "out.safetensors"
+    out.unlink(missing_ok=True)
+    if task.payload.nbytes:
+        received.write_bytes(b"".join(task.payload.chunks))
+    command: dict[str, Any] = {"op": kind.value, "weights": str(received), "out": str(out), "round": task.round,
+                               "algorithm": config.algorithm.model_dump(mode="json") if config.algorithm else None,
+                               "key_metric": config.key_metric.model_dump(mode="json"),
+                               "keep_best_local": config.keep_best_local}
+    try:
+        reply = handle(learner, command, state)
+    except Exception as e:  # the learner is researcher code: its failure is the site's answer
+        return 0, {}, f"{type(e).__name__}: {e}", None
+    if kind is TaskKind.VALIDATE:
+        return 0, {"validation": reply["metrics"]}, "", None
+    metrics = {k: reply[k] for k in ("validation", "local", "local_validation") if reply.get(k)}
+    if "metrics" in reply and kind is TaskKind.TRAIN:
+        metrics["train"] = reply["metrics"]
+    payload = bytearray(out.read_bytes()) if RESULT_WEIGHTS[kind] and out.exists() else None
+    return int(reply.get("n_samples", 0)), metrics, "", payload
+
+
+__all__ = ["SimulationResult", "simulate"]
