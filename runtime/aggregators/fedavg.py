@@ -4,7 +4,16 @@ holds O(model) memory however many sites answer.
     mean_delta[t] = sum_i(n_i * delta_i[t]) / sum_i(n_i)   over the sites i that sent tensor t
 
 Per-tensor weight totals let a site leave a tensor out (exclude-variables filter) without biasing the
-others. The server step then applies the mean delta, optionally with momentum (FedAvgM).
+others. The server step then applies the mean delta, optionally with momentum (FedAvgM):
+
+    float tensors t that some site sent:   v[t] = momentum * v[t] + mean_delta[t]   (v = mean_delta if new)
+                                           x[t] = x[t] + server_lr * v[t]           (v[t] = mean_delta[t]
+                                                                                      when momentum = 0)
+    integer tensors (num_batches_tracked): x[t] = x[t] + mean_delta[t]              (no lr, no momentum)
+    a tensor no site sent (or only with weight 0) stays as it is, and so does its velocity.
+
+`FedAvgAggregator` is that, as the `Aggregator` protocol; the velocity v is its state (float tensors, in
+each tensor's dtype), so a job resumed after a server restart continues with the same momentum.
 """
 
 from __future__ import annotations
@@ -13,7 +22,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-Weights = dict[str, np.ndarray]
+from ..tasks import LocalAlgorithm
+from ..weights import Weights
+from ._round import RoundPhase, check_fits, check_state_group, check_weight, copy_state, is_float, take_state
+from .base import Update
+from .config import FedAvgConfig
 
 
 @dataclass
@@ -92,3 +105,80 @@ def apply_server_step(model: Weights, mean_delta: Weights, lr: float = 1.0,
 
 def _acc_dtype(arr: np.ndarray) -> np.dtype:
     return np.dtype(np.float64) if arr.dtype.kind in "fiu" else arr.dtype
+
+
+def sent_tensors(acc: WeightedSum, model: Weights) -> list[str]:
+    """The tensors some site sent this round with a weight > 0, in the model's order."""
+    return [name for name in model if acc.totals.get(name, 0.0) > 0]
+
+
+def server_step(model: Weights, acc: WeightedSum, lr: float, momentum: float,
+                velocity: Weights) -> tuple[Weights, Weights]:
+    """The FedAvg(M) step of the module docstring: (new model, new velocity). Tensors nobody sent are the
+    same arrays as in `model`; `model` and `velocity` are not mutated."""
+    sent = sent_tensors(acc, model)
+    floats = [k for k in sent if is_float(model[k])]
+    others = [k for k in sent if not is_float(model[k])]
+    new_model = dict(model)
+    new_velocity = dict(velocity)
+    if floats:
+        stepped, moved = apply_server_step({k: model[k] for k in floats},
+                                           weighted_mean(acc, {k: model[k] for k in floats}), lr, momentum,
+                                           {k: velocity[k] for k in floats if k in velocity})
+        new_model.update(stepped)
+        new_velocity.update(moved or {})
+    for name, d in weighted_mean(acc, {k: model[k] for k in others}).items():
+        new_model[name] = (model[name] + d).astype(model[name].dtype, copy=False)
+    return new_model, new_velocity
+
+
+class FedAvgAggregator:
+    """Weighted FedAvg with a server learning rate and momentum (FedAvgM); O(model) memory for the round
+    (a float64 running sum) plus the velocity when momentum > 0."""
+
+    def __init__(self, config: FedAvgConfig):
+        self.config = config
+        self._round = RoundPhase()
+        self._sum: WeightedSum | None = None
+        self._velocity: Weights = {}
+
+    def begin_round(self, model: Weights) -> None:
+        check_state_group("velocity", self._velocity, model, floats_only=True)
+        self._sum = fresh_sum(self._sum, model)
+        self._round.begin(model)
+
+    def fold(self, update: Update) -> None:
+        check_fits(update, self._round.open_model())
+        fold(self._sum, update.delta, check_weight(update))
+
+    @property
+    def n_folded(self) -> int:
+        return self._sum.n_updates if self._sum is not None else 0
+
+    def close_round(self, model: Weights) -> Weights:
+        self._round.close(self.n_folded)
+        new_model, velocity = server_step(model, self._sum, self.config.server_lr, self.config.server_momentum,
+                                          self._velocity)
+        self._velocity = velocity if self.config.server_momentum > 0 else {}
+        self._round.closed = True
+        return new_model
+
+    def state(self) -> dict[str, Weights]:
+        return copy_state({"velocity": self._velocity} if self._velocity else {})
+
+    def load_state(self, state: dict[str, Weights]) -> None:
+        self._velocity = take_state(state, {"velocity"}).get("velocity", {})
+
+    def task_extras(self) -> Weights:
+        return {}
+
+    def local_algorithm(self) -> LocalAlgorithm | None:
+        return None
+
+
+def fresh_sum(acc: WeightedSum | None, model: Weights) -> WeightedSum:
+    """Reuse last round's sum when the model has the same tensors (no fresh pages), else a new one."""
+    if acc is not None and acc.sums.keys() == model.keys() and all(
+            acc.sums[k].shape == v.shape and acc.sums[k].dtype == _acc_dtype(v) for k, v in model.items()):
+        return reset_sum(acc)
+    return start_sum(model)
