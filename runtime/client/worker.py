@@ -225,3 +225,4 @@ class Ranks:
 
 if __name__ == "__main__":
     sys.exit(main())
+SiteState = _LocalModel  # the worker's per-job state, kept across commands (simulate.py keeps one per site)
