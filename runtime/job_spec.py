@@ -82,6 +82,8 @@ class KeyMetric(_Strict):
     higher_is_better: bool = True
 
 
+_TAGGED = frozenset({"aggregator"})
+_TAGS = frozenset({"fedavg", "fedopt", "scaffold", "median", "trimmed_mean", "custom"})
 WorkflowName = Literal["fedavg", "evaluate", "cross_site"]
 TRAINING_WORKFLOWS = frozenset({"fedavg"})
 _RENAMED = {"workflow": "'workflow' is now 'workflows', a list in run order, e.g. workflows: [fedavg]",
@@ -191,7 +193,9 @@ def _validate(name: str, model: type[BaseModel], data: dict[str, Any]) -> Any:
         return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        loc = first["loc"]
+        # a tagged union (aggregator, algorithm) puts its tag in the path: aggregator.fedavg.server_lr
+        where = ".".join(str(p) for i, p in enumerate(loc) if not (i and loc[i - 1] in _TAGGED and p in _TAGS))
         message = first["msg"].removeprefix("Value error, ")
         raise JobRejected(f"{name}: field '{where}': {message}" if where else f"{name}: {message}") from None
 

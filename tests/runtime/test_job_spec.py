@@ -136,10 +136,9 @@ def test_a_missing_config_file_is_named(job: Path, missing: str) -> None:
 
 
 def test_a_missing_required_field_is_named(job: Path) -> None:
-    text = (job / SERVER_CONFIG).read_text().replace("rounds: 5", "")
-    (job / SERVER_CONFIG).write_text(text)
+    (job / CLIENT_CONFIG).write_text("filters: []\n")
 
-    with pytest.raises(JobRejected, match=rf"^{SERVER_CONFIG}: field 'rounds'"):
+    with pytest.raises(JobRejected, match=rf"^{CLIENT_CONFIG}: field 'learner'"):
         load_job_folder(job)
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from runtime.errors import UpdateRejected
-from runtime.server.controller import decode_metrics
+from runtime.server.metrics_check import decode_metrics
 
 
 def test_plain_metrics_pass_and_unknown_top_level_keys_are_left_alone() -> None:
