@@ -101,3 +101,21 @@ def test_server_c_stays_the_mean_of_the_sites_c() -> None:
 
         mean_site_c = sum(s.c for s in sites) / len(sites)
         np.testing.assert_allclose(agg.task_extras()["w"], mean_site_c, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tensor_a_site_left_out_moves_c_by_the_sites_that_sent_it() -> None:
+    # Prepare: c = 0, two sites; site B's privacy filter leaves "b" out
+    model = {"a": _f32(0.0), "b": _f32(0.0)}
+    agg = ScaffoldAggregator(ScaffoldConfig())
+    agg.begin_round(model)
+    # Execute
+    agg.fold(Update(site="A", delta={"a": _f32(1.0), "b": _f32(2.0)}, n_samples=1, weight=1.0,
+                    local={"lr_sum": 1.0}))
+    agg.fold(Update(site="B", delta={"a": _f32(3.0)}, n_samples=1, weight=1.0, local={"lr_sum": 0.5}))
+    new = agg.close_round(model)
+    # Assert: N = 2.  a: dc_A = -1, dc_B = -6, c = (2/2) * -3.5;  b: only A, c = (1/2) * -2 = -1
+    np.testing.assert_allclose(agg.task_extras()["a"], [-3.5])
+    np.testing.assert_allclose(agg.task_extras()["b"], [-1.0])
+    # x: "a" averages both sites, "b" is A's delta alone
+    np.testing.assert_allclose(new["a"], [2.0])
+    np.testing.assert_allclose(new["b"], [2.0])
