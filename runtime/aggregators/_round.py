@@ -46,7 +46,8 @@ class RoundPhase:
 
     def open_model(self) -> Weights:
         if self.model is None or self.closed:
-            raise RuntimeError("fold() outside a round: call begin_round(model) first")
+            raise RuntimeError("fold or close_round outside a round (none begun, or it closed already): call "
+                               "begin_round(model) first")
         return self.model
 
     def close(self, n_folded: int) -> None:

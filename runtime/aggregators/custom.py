@@ -56,14 +56,18 @@ def load_job_aggregator(code_dir: Path, config: CustomAggregatorConfig) -> Aggre
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise JobRejected(f"{what}: {source.name} defines no class {class_name}")
-    missing = [m for m in (*PROTOCOL_METHODS, "n_folded") if not hasattr(cls, m)]
+    missing = [m for m in PROTOCOL_METHODS if not callable(getattr(cls, m, None))]
     if missing:
         raise JobRejected(f"{what}: {class_name} lacks {', '.join(missing)} of the Aggregator protocol "
                           "(runtime/aggregators/base.py)")
     try:
         instance = cls(**config.args)
+        has_count = hasattr(instance, "n_folded")  # a property, or an attribute set in __init__
     except (Exception, SystemExit) as e:
         raise JobRejected(f"{what}: {class_name}(**aggregator.args) failed: {_one_line(e)}") from None
+    if not has_count:
+        raise JobRejected(f"{what}: {class_name} lacks n_folded of the Aggregator protocol "
+                          "(runtime/aggregators/base.py)")
     return CheckedAggregator(instance, what)
 
 
