@@ -8,9 +8,12 @@ import csv
 import json
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from runtime.admin.client import _unzip
+from runtime.server.admin_service import AdminService
 from runtime.server.cross_site_report import (
     REPORT_CSV,
     REPORT_JSON,
@@ -172,3 +175,26 @@ def test_view_of_a_report_written_before_issue_10_and_of_a_broken_one(tmp_path: 
 
     (tmp_path / REPORT_JSON).write_text('{"models": [')
     assert "unreadable" in report_view(tmp_path)["error"]
+
+
+def test_download_job_ships_the_three_files_and_no_partial_one(tmp_path: Path) -> None:
+    """download_job zips the job's folder (AdminService._zip_job) and the console unzips it (client._unzip):
+    the report's files arrive as written, and a .tmp left by a write in progress does not."""
+    job_dir, log = tmp_path / "jobs" / "j1", tmp_path / "server.log"
+    job_dir.mkdir(parents=True)
+    log.write_text("j1 started\n")
+    write_report(job_dir, "cross_site", MODELS, SITES, _matrix(), "accuracy", True)
+    (job_dir / (REPORT_PNG + ".tmp")).write_bytes(b"half")
+    service = SimpleNamespace(_runner=SimpleNamespace(store=SimpleNamespace(job_dir=lambda job_id: job_dir)),
+                              _log_path=log)
+
+    archive = AdminService._zip_job(service, "j1")  # type: ignore[arg-type]
+    try:
+        _unzip(archive, tmp_path / "downloaded")
+    finally:
+        archive.unlink()
+
+    got = tmp_path / "downloaded"
+    assert sorted(p.name for p in got.iterdir()) == [REPORT_CSV, REPORT_JSON, REPORT_PNG, "server_log.txt"]
+    for name in (REPORT_CSV, REPORT_JSON, REPORT_PNG):
+        assert (got / name).read_bytes() == (job_dir / name).read_bytes()
