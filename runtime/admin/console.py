@@ -20,6 +20,7 @@ from rich.table import Table
 from ..errors import FedkitError, JobRejected
 from ..privacy_report import describe_chain
 from .client import AdminClient
+from .cross_site_table import cross_site_output
 from .sanitize import clean_remote
 
 USAGE = {
@@ -203,6 +204,8 @@ class AdminConsole:
         data = await self._client.command("show_job", job_id=args[0])
         if not self._json:
             self._print_job_header(data)
+            for part in cross_site_output(data.get("cross_site"), self._out.width):  # the study's result, first
+                self._out.print(part, markup=False, highlight=False)
             table = Table("round", "site", "n_samples", "train metrics", "validation of model")
             for entry in data["metrics"]:
                 if entry["type"] == "round":

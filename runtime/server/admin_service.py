@@ -35,6 +35,7 @@ from ..proto import fedkit_pb2 as pb
 from ..transport import CHUNK_BYTES
 from .audit_args import bounded_args, bounded_text
 from .authz import Policy
+from .cross_site_report import report_view
 from .job_store import FINAL_STATES, JobRecord, JobState
 from .registry import Registry
 from .runner import JobRunner
@@ -227,7 +228,8 @@ class AdminService:
         queued = self._runner.queued()
         return {"record": asdict(record), "metrics": self._runner.store.metrics(record.job_id),
                 "queue_position": queued.index(record.job_id) + 1 if record.job_id in queued else None,
-                "output_bytes": self._runner.store.output_bytes(record.job_id)}
+                "output_bytes": self._runner.store.output_bytes(record.job_id),
+                "cross_site": report_view(self._runner.store.job_dir(record.job_id))}  # None until a report exists
 
     async def _wait_job(self, peer: Identity, args: dict[str, Any]) -> Any:
         """show_job once the job has more metric entries than the console has seen, or has ended, or

@@ -164,8 +164,8 @@ def heatmap_png(report: CrossSiteReport) -> bytes:
     fig = Figure(figsize=(width_in, height_in), dpi=FIGURE_DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    cmap = colormaps["viridis" if report.higher_is_better else "viridis_r"].copy()  # bright is always better
-    cmap.set_bad("#d9d9d9")  # a site that did not answer: grey, no number
+    cmap = colormaps["viridis" if report.higher_is_better else "viridis_r"]  # bright is always better
+    cmap = cmap.with_extremes(bad="#d9d9d9")  # a site that did not answer: grey, no number
     finite = values[np.isfinite(values)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if low == high:
