@@ -131,9 +131,9 @@ class GradientCorrection:
         self._tensors: dict[tuple[str, Any, Any], torch.Tensor] = {}  # per (name, device, dtype)
         self._handle: Any = None
         if isinstance(algorithm, Scaffold):  # constant during the round: c - c_i per shared float tensor
-            self._correction = {name: (np.asarray(control.get(name, 0), np.float32)
-                                       - np.asarray(c_i.get(name, 0), np.float32)).astype(np.float32, copy=False)
-                                for name, w in shared.items() if w.dtype.kind == "f"}
+            zeros = {name: np.zeros(w.shape, np.float32) for name, w in shared.items() if w.dtype.kind == "f"}
+            self._correction = {name: np.asarray(control.get(name, zero), np.float32)
+                                - np.asarray(c_i.get(name, zero), np.float32) for name, zero in zeros.items()}
         self._params = self._mapped()
 
     def _mapped(self) -> dict[int, tuple[str, torch.Tensor]]:
@@ -198,14 +198,18 @@ class GradientCorrection:
         if not known.params:
             self.foreign_steps += 1
             return None
-        with torch.no_grad():
-            for name, p in known.params:
-                if p.grad is None:
-                    continue
+        with_grad = [(name, p) for name, p in known.params if p.grad is not None]
+        if isinstance(self.algorithm, Scaffold):
+            with_grad = [(name, p) for name, p in with_grad if name in self._correction]
+        if with_grad:  # one fused call per kind, not one per tensor: big models have hundreds of them
+            grads = [p.grad for _, p in with_grad]
+            with torch.no_grad():
                 if isinstance(self.algorithm, FedProx):
-                    p.grad.add_(p.detach() - self._tensor(name, p), alpha=self.algorithm.mu)
-                elif name in self._correction:
-                    p.grad.add_(self._tensor(name, p))
+                    distance = torch._foreach_sub([p.detach() for _, p in with_grad],
+                                                  [self._tensor(name, p) for name, p in with_grad])
+                    torch._foreach_add_(grads, distance, alpha=self.algorithm.mu)
+                else:
+                    torch._foreach_add_(grads, [self._tensor(name, p) for name, p in with_grad])
         self.steps += 1
         self.lr_sum += float(optimizer.param_groups[known.lr_group]["lr"])
         return None
