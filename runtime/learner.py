@@ -22,8 +22,8 @@ DistributedDataParallel. What rank 0 returns is what the site sends.
 FedProx and SCAFFOLD (chosen by the job's aggregator) need nothing in the learner: while `train` runs,
 fedkit corrects the gradients of `torch_module()`'s parameters at every torch.optim optimizer step. That
 needs a first-order torch.optim optimizer (not LBFGS) over that module's parameters, and weights named as
-the module's state_dict() names them (runtime.torch_weights does). SCAFFOLD's control variates take
-each step as lr * gradient (plain SGD); with momentum or an adaptive optimizer they are only estimates.
+the module's state_dict() names them (runtime.torch_weights does). SCAFFOLD's control variates are exact
+for SGD (with or without momentum) and only estimates for adaptive optimizers such as Adam.
 """
 
 from __future__ import annotations

@@ -9,9 +9,13 @@ Both change only the gradient the learner's optimizer sees, so fedkit can apply 
 
 and counts the steps K and the sum L of their learning rates (of the first param group holding a mapped
 parameter), which SCAFFOLD needs: after round R, c_i+ = c_i - c - delta / L (option II of Karimireddy et
-al., with L = K * lr for a constant lr). The server computes the same change of c_i from the delta and L
-it receives, so no control variate leaves the site. The hook is removed when train returns or raises; an
-optimizer that holds none of the module's parameters is left alone.
+al., with L = K * lr for a constant lr). For torch.optim.SGD with momentum each step's lr is weighted by
+the momentum buffer a constant unit gradient would have built, so that -delta / L still estimates the
+mean gradient (the plain sum overstates it up to 1 / (1 - momentum), and SCAFFOLD then diverges: on the
+demo data with the template's momentum 0.9 it did); for plain SGD that weight is 1. The server computes
+the same change of c_i from the delta and L it receives, so no control variate leaves the site. The hook
+is removed when train returns or raises; an optimizer that holds none of the module's parameters is left
+alone.
 
 Only the parameters the federation shares (named in the global model received) are corrected: a tensor
 a site's privacy policy keeps local has no global counterpart.
@@ -118,6 +122,7 @@ class _Optimizer:
     ref: Any
     params: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     lr_group: int = -1
+    unit_buffer: float = 0.0  # SGD's momentum buffer, had every gradient been 1 (see _lr_of_step)
 
 
 class GradientCorrection:
@@ -211,8 +216,25 @@ class GradientCorrection:
                 else:
                     torch._foreach_add_(grads, [self._tensor(name, p) for name, p in with_grad])
         self.steps += 1
-        self.lr_sum += float(optimizer.param_groups[known.lr_group]["lr"])
+        self.lr_sum += self._lr_of_step(optimizer, known)
         return None
+
+    @staticmethod
+    def _lr_of_step(optimizer: Any, known: _Optimizer) -> float:
+        """How far this step moves a parameter per unit of a constant gradient: its lr for plain SGD (and
+        any other optimizer); for SGD with momentum, lr times the momentum buffer a constant unit gradient
+        would have built (1, 1 + b, 1 + b + b^2, ... -> 1 / (1 - b)), so that -delta / L estimates the mean
+        gradient as SCAFFOLD's c_i needs, where the plain sum of lrs would overstate it up to 1 / (1 - b)."""
+        import torch
+
+        group = optimizer.param_groups[known.lr_group]
+        lr = float(group["lr"])
+        momentum = float(group.get("momentum", 0.0)) if isinstance(optimizer, torch.optim.SGD) else 0.0
+        if momentum == 0.0:
+            return lr
+        dampening = float(group.get("dampening", 0.0))
+        known.unit_buffer = 1.0 if known.unit_buffer == 0.0 else momentum * known.unit_buffer + 1.0 - dampening
+        return lr * (1.0 + momentum * known.unit_buffer if group.get("nesterov") else known.unit_buffer)
 
     def report(self) -> dict[str, float]:
         """The reply's `local`: {"steps": K, "lr_sum": L}; fails the round if the correction never applied."""

@@ -282,3 +282,40 @@ def test_a_key_metric_validate_does_not_return_is_named(tmp_path: Path) -> None:
 def test_submit_model_before_training_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(LearnerError, match="has not trained in this job"):
         _submitted(Scored({}), tmp_path, _LocalModel())
+
+
+class ConstantGradient(LinearLearner):
+    """The loss is linear in the weights, so every step's gradient is the same (G); SGD with momentum."""
+
+    G = {"lin.weight": np.array([[1.0, -2.0, 0.5]]), "lin.bias": np.array([3.0])}
+
+    def __init__(self, work_dir: Path, momentum: float, nesterov: bool, dampening: float):
+        super().__init__(work_dir, lr=0.1, steps=4, halve_lr=True)
+        self.kw = {"momentum": momentum, "nesterov": nesterov, "dampening": dampening}
+
+    def train(self, weights, round):
+        load_module_weights(self.net, weights)
+        optimizer = torch.optim.SGD(self.net.parameters(), lr=self.lr, **self.kw)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        g = {k: torch.tensor(v, dtype=torch.float32) for k, v in self.G.items()}
+        for _ in range(self.steps):
+            optimizer.zero_grad()
+            ((self.net.lin.weight * g["lin.weight"]).sum() + (self.net.lin.bias * g["lin.bias"]).sum()).backward()
+            optimizer.step()
+            scheduler.step()
+        return TrainResult({k: v.copy() for k, v in module_weights(self.net).items()}, n_samples=1)
+
+
+@pytest.mark.parametrize(("momentum", "nesterov", "dampening"), [(0.0, False, 0.0), (0.9, False, 0.0),
+                                                                 (0.9, True, 0.0), (0.5, False, 0.3)])
+def test_lr_sum_makes_scaffold_c_i_the_mean_gradient_also_with_momentum(tmp_path: Path, momentum: float,
+                                                                         nesterov: bool, dampening: float) -> None:
+    """-delta / L must estimate the gradient: with a constant gradient it is exactly that gradient. The plain
+    sum of lrs would overstate it by up to 1 / (1 - momentum) and make SCAFFOLD's correction diverge."""
+    learner = ConstantGradient(tmp_path, momentum, nesterov, dampening)
+    reply, delta = _train(learner, tmp_path, W0, 1, algorithm={"name": "scaffold"})
+    c_i = load_file(c_i_path(tmp_path, 1))  # c = c_i = 0 before: c_i+ = -delta / L
+    for k in W0:
+        np.testing.assert_allclose(c_i[k], learner.G[k], rtol=1e-4)
+    if momentum == 0.0:
+        assert reply["local"]["lr_sum"] == pytest.approx(0.1 + 0.05 + 0.025 + 0.0125)
