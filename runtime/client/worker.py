@@ -67,6 +67,14 @@ def _delta(trained: dict, received: dict) -> dict:
             if received[k].dtype.kind in "fc" else trained[k] for k in trained}
 
 
+def _key_score(scores: dict[str, float], key: KeyMetricRef) -> float:
+    if key.name not in scores:
+        raise LearnerError(f"the job's key metric '{key.name}' is not among the metrics validate() returned "
+                           f"({', '.join(sorted(scores)) or 'none'}): return it, or name one of these as "
+                           "the job's key metric")
+    return scores[key.name]
+
+
 class _LocalModel:
     """The weights this site last trained, and its best trained ones by the job's key metric (when the job
     keeps the best), for `submit_model`; with each, the names of the global model it was trained from (what
@@ -82,11 +90,7 @@ class _LocalModel:
     def offer(self, scores: dict[str, float], key: KeyMetricRef) -> None:
         """Keep the weights last trained as the best if they score better than the best so far (ties keep
         the earlier). Copied: a learner may hand out views of tensors its next round changes."""
-        if key.name not in scores:
-            raise LearnerError(f"the job's key metric '{key.name}' is not among the metrics validate() returned "
-                               f"({', '.join(sorted(scores)) or 'none'}): return it, or name one of these as "
-                               "the job's key metric")
-        score = scores[key.name]
+        score = _key_score(scores, key)
         better = self.best_score is None or (score > self.best_score if key.higher_is_better
                                              else score < self.best_score)
         if better and self.weights is not None:
@@ -135,6 +139,8 @@ def _train(learner: Learner, cmd: dict[str, Any], local: _LocalModel, is_main: b
     key_metric = KeyMetricRef.model_validate(cmd.get("key_metric") or {})
     # the global model is scored on local validation data before training changes the learner
     validation = _numbers(learner.validate(received))
+    if cmd.get("keep_best_local"):
+        _key_score(validation, key_metric)  # a missing key metric fails before training, not after
     run = None
     if algorithm is not None:
         from .local_algorithms import LocalRun  # torch only where an algorithm runs

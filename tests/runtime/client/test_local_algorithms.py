@@ -277,6 +277,7 @@ def test_a_key_metric_validate_does_not_return_is_named(tmp_path: Path) -> None:
     with pytest.raises(LearnerError, match="key metric 'accuracy' is not among the metrics validate\\(\\) "
                                            "returned \\(auc, n_samples\\)"):
         _train(Scored({0: 0.5, 1: 0.5}), tmp_path, {"w": np.zeros(2, np.float32)}, 1, keep_best_local=True)
+    assert not (tmp_path / "delta.safetensors").exists()  # refused before training, not after
 
 
 def test_submit_model_before_training_is_one_line(tmp_path: Path) -> None:
