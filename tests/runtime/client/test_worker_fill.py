@@ -41,7 +41,7 @@ def test_missing_tensor_is_filled_and_stays_local(tmp_path: Path) -> None:
     assert set(delta) == {"w"}  # the server's model has no "secret": it is not sent back
     np.testing.assert_array_equal(local.weights["secret"], np.full(2, 6.0, np.float32))  # trained locally
 
-    handle(learner, {"op": "local_model", "out": str(tmp_path / "local.safetensors")}, local)
+    handle(learner, {"op": "submit_model", "out": str(tmp_path / "local.safetensors")}, local)
     assert set(load_file(tmp_path / "local.safetensors")) == {"w"}
 
     handle(learner, {"op": "validate", "weights": str(tmp_path / "global.safetensors")}, local)
