@@ -75,7 +75,7 @@ def _key_score(scores: dict[str, float], key: KeyMetricRef) -> float:
     return scores[key.name]
 
 
-class _LocalModel:
+class SiteState:
     """The weights this site last trained, and its best trained ones by the job's key metric (when the job
     keeps the best), for `submit_model`; with each, the names of the global model it was trained from (what
     the federation shares; a site's policy may keep others local)."""
@@ -107,7 +107,7 @@ class _LocalModel:
         return {k: v for k, v in weights.items() if k in names}
 
 
-def _filled(received: dict, learner: Learner, local: _LocalModel) -> dict:
+def _filled(received: dict, learner: Learner, local: SiteState) -> dict:
     """`received` plus the tensors it lacks, taken from this site's own weights (last trained, else the
     learner's initial ones). A site whose privacy policy excludes a tensor never sends it, so it can be
     missing from the global model; it then stays local here instead of breaking training."""
@@ -131,7 +131,7 @@ def _received(path: Path) -> tuple[Weights, Weights]:
     return split_control(load_file(path))
 
 
-def _train(learner: Learner, cmd: dict[str, Any], local: _LocalModel, is_main: bool) -> dict[str, Any]:
+def _train(learner: Learner, cmd: dict[str, Any], local: SiteState, is_main: bool) -> dict[str, Any]:
     global_in, control = _received(Path(cmd["weights"]))
     received = _filled(global_in, learner, local)
     round_ = int(cmd["round"])
@@ -165,10 +165,10 @@ def _train(learner: Learner, cmd: dict[str, Any], local: _LocalModel, is_main: b
     return reply
 
 
-def handle(learner: Learner, cmd: dict[str, Any], local: _LocalModel | None = None,
+def handle(learner: Learner, cmd: dict[str, Any], local: SiteState | None = None,
            is_main: bool = True) -> dict[str, Any]:
     """Run one command. Under torchrun every rank runs it; only the main rank (0) writes files."""
-    local = local if local is not None else _LocalModel()
+    local = local if local is not None else SiteState()
     save = save_file if is_main else (lambda weights, path: None)
     op = cmd.get("op")
     if op == TaskKind.SUBMIT_MODEL:
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         reply.write(json.dumps({"ok": False, "error": error} if error else {"ok": True, "ready": True}) + "\n")
     if error:
         return 1
-    local = _LocalModel()
+    local = SiteState()
     while (cmd := ranks.next_command(sys.stdin)) is not None and cmd.get("op") != "stop":
         answer, error = {}, ""
         try:
@@ -308,4 +308,3 @@ class Ranks:
 
 if __name__ == "__main__":
     sys.exit(main())
-SiteState = _LocalModel  # the worker's per-job state, kept across commands (simulate.py keeps one per site)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 from runtime.client.local_algorithms import c_i_path
-from runtime.client.worker import _LocalModel, handle
+from runtime.client.worker import SiteState, handle
 from runtime.client.worker_replies import parse_reply
 from runtime.learner import Learner, LearnerError, SiteContext, TrainResult
 from runtime.tasks import CONTROL_PREFIX, TaskKind, with_control
@@ -86,7 +86,7 @@ def _sgd(w: dict, lr: float, extra) -> dict:
     return {k: w[k].astype(np.float64) - lr * (g[k] + extra(k, w)) for k in w}
 
 
-def _train(learner: Learner, tmp_path: Path, weights: dict, round_: int, local: _LocalModel | None = None,
+def _train(learner: Learner, tmp_path: Path, weights: dict, round_: int, local: SiteState | None = None,
            **cmd) -> tuple[dict, dict]:
     """Run one train op; (reply as the daemon would parse it, delta written)."""
     save_file(weights, tmp_path / "in.safetensors")
@@ -249,7 +249,7 @@ class Scored(Learner):
         return {"auc": self.scores[int(weights["w"][0])], "n_samples": 1.0}
 
 
-def _submitted(learner: Learner, tmp_path: Path, local: _LocalModel) -> float:
+def _submitted(learner: Learner, tmp_path: Path, local: SiteState) -> float:
     handle(learner, {"op": TaskKind.SUBMIT_MODEL.value, "out": str(tmp_path / "m.safetensors")}, local)
     return float(load_file(tmp_path / "m.safetensors")["w"][0])
 
@@ -257,7 +257,7 @@ def _submitted(learner: Learner, tmp_path: Path, local: _LocalModel) -> float:
 @pytest.mark.parametrize(("higher_is_better", "best_round"), [(True, 2), (False, 3)])
 def test_submit_model_sends_the_best_local_model_by_the_key_metric(tmp_path: Path, higher_is_better: bool,
                                                                    best_round: int) -> None:
-    learner, local = Scored({0: 0.5, 1: 0.6, 2: 0.9, 3: 0.4, 4: 0.7}), _LocalModel()
+    learner, local = Scored({0: 0.5, 1: 0.6, 2: 0.9, 3: 0.4, 4: 0.7}), SiteState()
     key = {"name": "auc", "higher_is_better": higher_is_better}
     for r in (1, 2, 3, 4):
         reply, _ = _train(learner, tmp_path, {"w": np.zeros(2, np.float32)}, r, local,
@@ -267,7 +267,7 @@ def test_submit_model_sends_the_best_local_model_by_the_key_metric(tmp_path: Pat
 
 
 def test_submit_model_sends_the_last_model_without_keep_best_local(tmp_path: Path) -> None:
-    learner, local = Scored({0: 0.5, 1: 0.9, 2: 0.1}), _LocalModel()
+    learner, local = Scored({0: 0.5, 1: 0.9, 2: 0.1}), SiteState()
     for r in (1, 2):
         _train(learner, tmp_path, {"w": np.zeros(2, np.float32)}, r, local, key_metric={"name": "auc"})
     assert _submitted(learner, tmp_path, local) == 2
@@ -282,7 +282,7 @@ def test_a_key_metric_validate_does_not_return_is_named(tmp_path: Path) -> None:
 
 def test_submit_model_before_training_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(LearnerError, match="has not trained in this job"):
-        _submitted(Scored({}), tmp_path, _LocalModel())
+        _submitted(Scored({}), tmp_path, SiteState())
 
 
 class ConstantGradient(LinearLearner):
