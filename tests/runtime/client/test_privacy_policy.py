@@ -11,6 +11,7 @@ from runtime.client.privacy_policy import PrivacyPolicy
 from runtime.errors import ConfigError, JobRejected
 from runtime.job_spec import FilterConfig
 
+DP_ACCOUNTING = {"delta": 1e-5, "sampling_rate": 1.0}  # gaussian_dp's defaults: epsilon is reported with them
 FLOOR = {"gaussian_dp": {"noise_multiplier": 1.0, "clip_norm": 0.5}, "percentile": {"fraction": 0.2},
          "svt": {"epsilon": 0.5, "fraction": 0.3}}
 
@@ -36,15 +37,16 @@ def test_raise_adds_every_missing_filter_for_a_job_asking_for_none() -> None:
         ("exclude_vars", {"pattern": "^2\\.bias$"}, "site"),
         ("percentile", {"fraction": 0.2}, "site"),
         ("svt", {"epsilon": 0.5, "fraction": 0.3, "clip": 0.01}, "site"),
-        ("gaussian_dp", {"noise_multiplier": 1.0, "clip_norm": 0.5}, "site"),  # noise last
+        ("gaussian_dp", {"noise_multiplier": 1.0, "clip_norm": 0.5, **DP_ACCOUNTING}, "site"),  # noise last
     ]
     assert chain.is_raised
     assert len(chain.build()) == 4
 
 
 @pytest.mark.parametrize(("name", "asked", "expected"), [
-    ("gaussian_dp", {"noise_multiplier": 0.1, "clip_norm": 5.0}, {"noise_multiplier": 1.0, "clip_norm": 0.5}),
-    ("gaussian_dp", {"noise_multiplier": 0.1}, {"noise_multiplier": 1.0, "clip_norm": 0.5}),  # default clip 1.0
+    ("gaussian_dp", {"noise_multiplier": 0.1, "clip_norm": 5.0},
+     {"noise_multiplier": 1.0, "clip_norm": 0.5, **DP_ACCOUNTING}),
+    ("gaussian_dp", {"noise_multiplier": 0.1}, {"noise_multiplier": 1.0, "clip_norm": 0.5, **DP_ACCOUNTING}),
     ("percentile", {"fraction": 0.9}, {"fraction": 0.2}),
     ("svt", {"epsilon": 3.0, "fraction": 0.3}, {"epsilon": 0.5, "fraction": 0.3, "clip": 0.01}),
     ("svt", {"epsilon": 0.5, "fraction": 0.8, "clip": 0.1}, {"epsilon": 0.5, "fraction": 0.3, "clip": 0.1}),
@@ -97,7 +99,10 @@ def test_an_unknown_job_filter_is_a_config_error() -> None:
     ("percentile: {fraction: 1.5}\n", "field 'percentile.fraction'"),
     ("on_weaker_job: ignore\n", "field 'on_weaker_job'"),
     ("exclude_vars: ['(']\n", "field 'exclude_vars'"),
-    ("gaussian_dp: {noise_multiplier: 1.0, clip_norm: 1.0, delta: 1e-5}\n", "field 'gaussian_dp.delta'"),
+    ("gaussian_dp: {noise_multiplier: 1.0, clip_norm: 1.0, delta: 2}\n", "field 'gaussian_dp.delta'"),
+    ("gaussian_dp: {noise_multiplier: 1.0, clip_norm: 1.0, sampling_rate: 0}\n", "field 'gaussian_dp.sampling_rate'"),
+    ("dp_budget: {epsilon: 8.0}\n", "field 'dp_budget.delta': Field required"),
+    ("dp_budget: {epsilon: .inf, delta: 1.0e-5}\n", "field 'dp_budget.epsilon'"),
     ("svt: [1, 2\n", "not valid yml"),
 ])
 def test_malformed_file_is_one_line_naming_file_and_field(tmp_path: Path, text: str, fragment: str) -> None:
