@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 import dp_accounting
 from dp_accounting.rdp import RdpAccountant
@@ -54,7 +55,14 @@ def epsilon(counts: Mapping[GaussianMechanism, int], delta: float) -> float:
         return math.inf
     if not used:
         return 0.0
+    return _epsilon(tuple(sorted(used.items())), delta)
+
+
+@lru_cache(maxsize=256)
+def _epsilon(counts: tuple[tuple[GaussianMechanism, int], ...], delta: float) -> float:
+    """Cached: a subsampled Gaussian costs the accountant up to a second, and a site asks for the same
+    values again (a release's own epsilon every round, the total for the report and for the budget)."""
     accountant = RdpAccountant()
-    accountant.compose(dp_accounting.ComposedDpEvent(
-        [dp_accounting.SelfComposedDpEvent(m.event(), n) for m, n in sorted(used.items())]))
+    accountant.compose(dp_accounting.ComposedDpEvent([dp_accounting.SelfComposedDpEvent(m.event(), n)
+                                                      for m, n in counts]))
     return float(accountant.get_epsilon(delta))

@@ -425,12 +425,13 @@ def _dp_lines(metrics: list[dict[str, Any]]) -> list[str]:
         lines.append(f"  {site}: epsilon {_fmt_epsilon(dp['epsilon_total'])} at delta {dp['delta']:g} after "
                      f"{releases} release{'s' if releases != 1 else ''} (noise multiplier {dp['noise_multiplier']:g}, "
                      f"sampling rate {dp['sampling_rate']:g}; the last release alone: "
-                     f"{_fmt_epsilon(dp['epsilon_round'])})")
+                     f"{_fmt_epsilon(dp['epsilon_round'])})"
+                     + ("; not differentially private: a release had no noise" if dp["epsilon_total"] == "inf" else ""))
     return lines
 
 
 def _fmt_epsilon(value: float | str) -> str:
-    return "infinite (no noise: not differentially private)" if value == "inf" else f"{float(value):.3g}"
+    return "infinite" if value == "inf" else f"{float(value):.3g}"
 
 
 def _fmt_control(data: dict[str, Any]) -> str:

@@ -100,6 +100,8 @@ class PrivacyPolicy(_Strict):
         present: set[str] = set()
         for entry in job_filters:
             args = {**_defaults(entry.name), **entry.args}
+            if entry.name == "gaussian_dp":  # all numbers (checked above), though YAML may have read 1e-5 as text
+                args = {k: float(v) for k, v in args.items()}
             stronger, reasons = self._raise(entry.name, args)
             present.add(entry.name)
             if reasons and self.on_weaker_job == "refuse":

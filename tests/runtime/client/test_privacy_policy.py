@@ -116,3 +116,43 @@ def test_malformed_file_is_one_line_naming_file_and_field(tmp_path: Path, text: 
 
 def test_missing_file_means_no_floor(tmp_path: Path) -> None:
     assert PrivacyPolicy.load(tmp_path / "privacy.yml") == PrivacyPolicy()
+
+
+def test_a_floor_on_the_accounting_raises_delta_and_sampling_rate() -> None:
+    """The site's floor: epsilon reported at a delta no larger than its own, and no more amplification by
+    sampling credited than it allows (a larger sampling rate is the more cautious account)."""
+    floor = {"noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-6, "sampling_rate": 0.5}
+    asked = [FilterConfig(name="gaussian_dp", args={"noise_multiplier": 1.5, "delta": 1e-3, "sampling_rate": 0.01})]
+    chain = policy(gaussian_dp=floor).chain_for("j", asked)
+    assert steps(chain) == [("gaussian_dp", {"noise_multiplier": 1.5, "clip_norm": 1.0, "delta": 1e-6,
+                                             "sampling_rate": 0.5}, "raised")]
+    assert chain.dp_release()[1] == 1e-6 and chain.dp_release()[0][0].sampling_rate == 0.5
+    stricter = [FilterConfig(name="gaussian_dp", args={"noise_multiplier": 1.5, "delta": 1e-8, "sampling_rate": 1.0})]
+    assert policy(gaussian_dp=floor).chain_for("j", stricter).steps[0].source == "job"
+    with pytest.raises(JobRejected, match="gaussian_dp delta=0.001 is above this site's maximum 1e-06; gaussian_dp "
+                                          "sampling_rate=0.01 is below this site's minimum 0.5"):
+        policy(on_weaker_job="refuse", gaussian_dp=floor).chain_for("j", asked)
+    with pytest.raises(JobRejected, match="delta <= 1e-06, sampling_rate >= 0.5"):
+        policy(on_weaker_job="refuse", gaussian_dp=floor).chain_for("j", [])
+
+
+def test_a_dp_budget_needs_noise_on_every_upload() -> None:
+    budget = {"epsilon": 8.0, "delta": 1e-5}
+    with pytest.raises(JobRejected) as err:
+        policy(dp_budget=budget).chain_for("job-7", [FilterConfig(name="percentile")])
+    assert "refuses job job-7: this site has a DP budget (epsilon 8 at delta 1e-05)" in str(err.value)
+    chain = policy(dp_budget=budget, gaussian_dp=FLOOR["gaussian_dp"]).chain_for("j", [])  # the floor adds the noise
+    assert chain.dp_budget is not None and chain.is_differentially_private
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 reads 1e-5 as a string; a site writing it that way still gets its budget and floor."""
+    path = tmp_path / "privacy.yml"
+    path.write_text("dp_budget: {epsilon: 8, delta: 1e-5}\ngaussian_dp: {noise_multiplier: 1, clip_norm: 1, "
+                    "delta: 1e-6}\n")
+    loaded = PrivacyPolicy.load(path)
+    assert loaded.dp_budget.delta == 1e-5 and loaded.gaussian_dp.delta == 1e-6
+    chain = loaded.chain_for("j", [FilterConfig(name="gaussian_dp", args={"delta": "1e-5"})])
+    assert chain.dp_release()[1] == 1e-6
+    assert policy().chain_for("j", [FilterConfig(name="gaussian_dp", args={"delta": "1e-5"})]).steps[0].args["delta"] \
+        == 1e-5
