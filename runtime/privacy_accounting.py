@@ -21,9 +21,16 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import dp_accounting
-from dp_accounting.rdp import RdpAccountant
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+# dp_accounting (with scipy) is imported where epsilon is computed, not here: the policy and ledger types
+# that name a mechanism are also read by provisioning and the fedkit CLI, which must start fast.
 
 
 @dataclass(frozen=True, order=True)
@@ -40,6 +47,7 @@ class GaussianMechanism:
             raise ValueError(f"sampling_rate must be in (0, 1], got {self.sampling_rate}")
 
     def event(self) -> dp_accounting.DpEvent:
+        dp_accounting = _dp_accounting()
         gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
         return gaussian if self.sampling_rate == 1.0 else dp_accounting.PoissonSampledDpEvent(self.sampling_rate,
                                                                                             gaussian)
@@ -58,11 +66,23 @@ def epsilon(counts: Mapping[GaussianMechanism, int], delta: float) -> float:
     return _epsilon(tuple(sorted(used.items())), delta)
 
 
+def _dp_accounting() -> ModuleType:
+    """The dp_accounting package, or a one-line ConfigError where a site lacks it."""
+    try:
+        import dp_accounting
+        import dp_accounting.rdp  # noqa: F401 (makes dp_accounting.rdp an attribute)
+    except ImportError:
+        raise ConfigError("gaussian_dp: the dp-accounting package is not installed here, so no epsilon can be "
+                          "accounted; install the kit's requirements.txt (pip install -r requirements.txt)") from None
+    return dp_accounting
+
+
 @lru_cache(maxsize=256)
 def _epsilon(counts: tuple[tuple[GaussianMechanism, int], ...], delta: float) -> float:
     """Cached: a subsampled Gaussian costs the accountant up to a second, and a site asks for the same
     values again (a release's own epsilon every round, the total for the report and for the budget)."""
-    accountant = RdpAccountant()
+    dp_accounting = _dp_accounting()
+    accountant = dp_accounting.rdp.RdpAccountant()
     accountant.compose(dp_accounting.ComposedDpEvent([dp_accounting.SelfComposedDpEvent(m.event(), n)
                                                       for m, n in counts]))
     return float(accountant.get_epsilon(delta))

@@ -43,8 +43,6 @@ def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, r
     count of DP releases on this site. Raises UpdateRejected if a file is not valid safetensors, and
     DpBudgetExhausted (out_path then absent) when the site's DP budget does not allow this release."""
     out_path.unlink(missing_ok=True)  # nothing from an earlier attempt may be sent in this one's place
-    release = chain.dp_release()
-    dp = ledger.charge(*release, chain.dp_budget) if release is not None else None
     if not chain.steps:  # nothing to apply: send the file as it is, without a load and a rewrite
         return _unfiltered(task, raw_path, out_path, chain)
     raw = load_file(raw_path)
@@ -58,6 +56,10 @@ def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, r
     filtered = apply_filters(subject, chain.build(), rng)
     sent = filtered if reference is None else _plus(filtered, reference)
     data = to_bytes(sent)
+    # counted (or refused) before the bytes exist anywhere they could be sent from; weights the privacy
+    # step cannot read fail above without spending any of the budget
+    release = chain.dp_release()
+    dp = ledger.charge(*release, chain.dp_budget) if release is not None else None
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(out_path)

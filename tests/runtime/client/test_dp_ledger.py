@@ -17,7 +17,7 @@ from runtime.client.dp_ledger import LEDGER_FILE, DpLedger
 from runtime.client.job_folders import JobFolders
 from runtime.client.outgoing import prepare
 from runtime.client.privacy_policy import PrivacyPolicy
-from runtime.errors import DpBudgetExhausted, JobRejected
+from runtime.errors import DpBudgetExhausted, JobRejected, UpdateRejected
 from runtime.job_spec import FilterConfig
 from runtime.privacy_report import PrivacyReport
 from runtime.weights import save_file
@@ -160,3 +160,11 @@ def test_the_worker_never_sees_the_ledger(tmp_path: Path) -> None:
     ledger = DpLedger(folders.root, "job-1").path
     for exposed in (folders.code, folders.scratch, folders.inbox, folders.outbox):
         assert not ledger.is_relative_to(exposed)
+
+
+def test_weights_the_site_cannot_read_spend_nothing(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    site.raw.write_bytes(b"not safetensors")
+    with pytest.raises(UpdateRejected):
+        site.upload(dp_filter(1.0))
+    assert not (site.job_root / LEDGER_FILE).exists() and not site.out.exists()
