@@ -62,7 +62,10 @@ def test_site_reports_its_epsilon_and_stops_at_its_budget(make_study, tmp_path):
     assert any("DP budget exhausted on this site" in r["reason"] and "local/privacy.yml dp_budget" in r["reason"]
                for r in failed)
     site_job = study.kits["site-1"] / "workspace" / "jobs" / job_id
-    assert not list(site_job.glob("inbox/round_0002_train/*.sent.safetensors"))
+    trained = sorted(site_job.glob("inbox/*/delta_out.safetensors"))  # kept by keep_updates
+    assert len(trained) == 2 and len(list(site_job.glob("inbox/*/*.sent.safetensors"))) == 2  # round 0 and 1
+    assert [p.parent.name for p in trained if not p.with_suffix(".sent.safetensors").exists()] == \
+        [trained[-1].parent.name]  # the last round trained, and nothing was written to send
     assert json.loads((site_job / "dp_ledger.json").read_text())["releases"] == 2
 
     # show_job: the total so far, per site, at the site's delta
