@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from .errors import UpdateRejected
+from .tasks import TaskKind
 
 MAX_REPORT_BYTES = 16 << 10
 MAX_CHAIN_STEPS = 32
@@ -73,7 +74,7 @@ class DpSpend(_Strict):
 
 
 class PrivacyReport(_Strict):
-    task: Literal["train", "init", "submit_model"]
+    task: Literal[TaskKind.TRAIN, TaskKind.INIT, TaskKind.SUBMIT_MODEL]  # the kinds that send weights
     applied_to: AppliedTo
     on_weaker_job: Literal["raise", "refuse"]
     raised: bool = Field(description="the site made the job's filters stronger or added some")

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from ..errors import FedkitError, JobRejected
 from ..privacy_report import describe_chain
+from ..tasks import TaskKind
 from .client import AdminClient
 from .cross_site_table import cross_site_output
 from .sanitize import clean_remote
@@ -215,7 +216,7 @@ class AdminConsole:
                     for site, reason in entry["failed"].items():
                         table.add_row(str(entry["round"]), site, "-", clean_remote(f"FAILED: {reason}"), "")
                 elif entry["type"] == "shared":  # weights shared outside training: round 0, cross-site
-                    what = "initial model" if entry["task"] == "init" else "local model"
+                    what = "initial model" if entry["task"] == TaskKind.INIT else "local model"
                     for site in entry["sites"]:
                         table.add_row(f"{entry['round']} ({entry['task']})", site, "-", f"sent its {what}", "")
                     for site, reason in entry["failed"].items():

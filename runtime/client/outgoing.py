@@ -23,17 +23,17 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from ..filters import apply_filters
 from ..privacy_report import MAX_EXCLUDED_LISTED, AppliedTo, PrivacyReport
+from ..tasks import RESULT_WEIGHTS, TaskKind
 from ..weights import Weights, load_file, to_bytes
 from .dp_ledger import DpLedger
 from .privacy_policy import EffectiveChain
 
-Task = Literal["train", "init", "submit_model"]
+Task = TaskKind  # the kinds that send weights: runtime.tasks.RESULT_WEIGHTS
 
 
 def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, rng: np.random.Generator,
@@ -48,9 +48,9 @@ def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, r
     raw = load_file(raw_path)
     # only a filter that changes values needs the reference; exclusions alone send the model bit for bit
     changes_values = any(step.name != "exclude_vars" for step in chain.steps)
-    reference = load_file(reference_path) if task == "submit_model" and changes_values \
+    reference = load_file(reference_path) if task == TaskKind.SUBMIT_MODEL and changes_values \
         and reference_path is not None and reference_path.exists() else None
-    applied_to: AppliedTo = "delta" if task == "train" else "whole_model" if reference is None \
+    applied_to: AppliedTo = "delta" if RESULT_WEIGHTS[task] == "delta" else "whole_model" if reference is None \
         else "model_minus_last_global"
     subject = raw if reference is None else _minus(raw, reference)
     filtered = apply_filters(subject, chain.build(), rng)
@@ -79,7 +79,7 @@ def _unfiltered(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChai
         out_path.hardlink_to(raw_path)
     except OSError:
         shutil.copyfile(raw_path, out_path)
-    return PrivacyReport(task=task, applied_to="delta" if task == "train" else "whole_model",
+    return PrivacyReport(task=task, applied_to="delta" if RESULT_WEIGHTS[task] == "delta" else "whole_model",
                          on_weaker_job=chain.on_weaker_job, raised=False, payload_sha256=digest.hexdigest())
 
 
