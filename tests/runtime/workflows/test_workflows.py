@@ -1,0 +1,141 @@
+"""Each workflow on its own (runtime/workflows/), the checkpoint file and site selection: no gRPC, no
+controller where the workflow alone says it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.errors import UpdateRejected
+from runtime.job_spec import load_job_spec
+from runtime.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from runtime.server.site_selection import eligible_sites, enough_sites
+from runtime.simulate import simulate
+from runtime.tasks import TaskKind
+from runtime.weights import save_file
+from runtime.workflows import FedAvgWorkflow, JobResults, RoundOutcome, SiteResult, WorkflowContext
+from tests.runtime.workflows.numpy_learner import gd_step, learners, mse, site_data
+
+MODEL = {"w": np.array([1.0, 2.0, 3.0], np.float32), "b": np.zeros(1, np.float32)}
+
+
+def _spec(server: str = "rounds: 2", meta: str = "min_clients: 1"):
+    return load_job_spec({"meta.yml": f"name: t\n{meta}", "config_fed_client.yml": "learner: {path: a:B}",
+                          "config_fed_server.yml": server + "\nkey_metric: {name: mse, higher_is_better: false}"})
+
+
+def _fedavg(tmp_path: Path, server: str = "rounds: 2") -> tuple[FedAvgWorkflow, list[dict]]:
+    models = tmp_path / "models"
+    models.mkdir(parents=True)
+    save_file(MODEL, models / "global.safetensors")
+    entries: list[dict] = []
+    ctx = WorkflowContext(job_id="j", spec=_spec(server), job_dir=tmp_path, models_dir=models,
+                          append_metrics=entries.append, audit=lambda *a, **k: None,
+                          read_job_file=lambda name: b"", results=JobResults())
+    return FedAvgWorkflow(ctx), entries
+
+
+def _train(site: str, n: int, w: list[float], b: float = 0.0) -> SiteResult:
+    return SiteResult(site=site, kind=TaskKind.TRAIN, n_samples=n,
+                      weights={"w": np.array(w, np.float32), "b": np.array([b], np.float32)})
+
+
+def test_fedavg_plans_train_rounds_then_a_final_validation(tmp_path: Path) -> None:
+    workflow, entries = _fedavg(tmp_path)
+    plans = []
+    while (plan := workflow.next_round()) is not None:
+        plans.append((plan.kind, plan.round))
+        if plan.kind is TaskKind.TRAIN:
+            workflow.fold(_train("a", 1, [1, 0, 0]))
+        workflow.close_round(RoundOutcome(plan=plan, step=len(plans)))
+    assert plans == [(TaskKind.TRAIN, 1), (TaskKind.TRAIN, 2), (TaskKind.VALIDATE, 2)]
+    np.testing.assert_allclose(workflow.model["w"], [3.0, 2.0, 3.0])  # two rounds of +1 on w[0]
+    assert [e["round"] for e in entries if e["type"] == "round"] == [1, 2]
+
+
+def test_fedavg_weights_by_n_samples_and_by_the_jobs_site_weights(tmp_path: Path) -> None:
+    by_samples, _ = _fedavg(tmp_path / "a")
+    by_site, _ = _fedavg(tmp_path / "b", "rounds: 1\naggregator: {name: fedavg, weighting: {a: 3.0, b: 1.0}}")
+    for workflow in (by_samples, by_site):
+        plan = workflow.next_round()
+        workflow.fold(_train("a", 1, [4, 0, 0]))
+        workflow.fold(_train("b", 3, [0, 4, 0]))
+        workflow.close_round(RoundOutcome(plan=plan, step=1))
+    # n_samples: w += (1*[4,0,0] + 3*[0,4,0]) / 4 ; site weights 3:1: w += (3*[4,0,0] + 1*[0,4,0]) / 4
+    np.testing.assert_allclose(by_samples.model["w"], [2.0, 5.0, 3.0])
+    np.testing.assert_allclose(by_site.model["w"], [4.0, 3.0, 3.0])
+
+
+@pytest.mark.parametrize(("result", "reason"), [
+    (_train("a", 1, [np.nan, 0, 0]), "NaN|finite"),
+    (_train("a", 0, [1, 0, 0]), "n_samples must be positive"),
+    (_train("a", 10**10, [1, 0, 0]), "max_n_samples"),
+    (SiteResult(site="a", kind=TaskKind.TRAIN, n_samples=1, weights={"w": np.zeros(4, np.float32)}), "shape"),
+    (SiteResult(site="a", kind=TaskKind.TRAIN, n_samples=1), "no weights"),
+])
+def test_fedavg_refuses_an_unusable_update_and_folds_nothing(tmp_path: Path, result: SiteResult, reason: str) -> None:
+    workflow, _ = _fedavg(tmp_path)
+    plan = workflow.next_round()
+    with pytest.raises(UpdateRejected, match=reason):
+        workflow.fold(result)
+    workflow.fold(_train("b", 2, [1, 1, 1]))
+    workflow.close_round(RoundOutcome(plan=plan, step=1))
+    np.testing.assert_allclose(workflow.model["w"], [2.0, 3.0, 4.0])  # only b's update counted
+
+
+def test_a_site_missing_from_the_jobs_weights_is_refused(tmp_path: Path) -> None:
+    workflow, _ = _fedavg(tmp_path, "rounds: 1\naggregator: {name: fedavg, weighting: {a: 1.0}}")
+    workflow.next_round()
+    with pytest.raises(UpdateRejected, match="no weight for site"):
+        workflow.fold(_train("z", 1, [1, 0, 0]))
+
+
+def test_cross_site_scores_each_sites_best_local_model_on_every_site(tmp_path: Path) -> None:
+    sizes = {"site-a": 20, "site-b": 40}
+    spec = _spec("workflows: [fedavg, cross_site]\nrounds: 2", "min_clients: 2")
+    result = asyncio.run(simulate(spec, learners(tmp_path / "sites", sizes), tmp_path / "server"))
+    report = result.cross_site
+    assert report["kind"] == "cross_site"
+    assert report["models"] == ["global", "best", "site:site-a", "site:site-b"]
+    data = {site: site_data(i, n, shift=float(i)) for i, (site, n) in enumerate(sizes.items())}
+    # by hand: round 1 starts from zeros; each site's local model after round r is one GD step from the
+    # global model of round r-1; the best by local mse is the one from the last round here
+    model = {"w": np.zeros(3, np.float32), "b": np.zeros(1, np.float32)}
+    local = {}
+    for _ in range(2):
+        local = {site: gd_step(model, x, y, 0.1) for site, (x, y) in data.items()}
+        deltas = {site: {k: local[site][k] - model[k] for k in model} for site in data}
+        model = {k: model[k] + sum(sizes[s] * deltas[s][k] for s in data) / sum(sizes.values()) for k in model}
+    for owner in sizes:
+        for site, (x, y) in data.items():
+            got = report["matrix"][f"site:{owner}"][site]["mse"]
+            assert got == pytest.approx(mse(local[owner], x, y), rel=1e-5), (owner, site)
+    for site, (x, y) in data.items():
+        assert report["matrix"]["global"][site]["mse"] == pytest.approx(mse(model, x, y), rel=1e-5)
+    summary = report["summary"]["site:site-a"]
+    assert summary["on_diagonal"] == pytest.approx(report["matrix"]["site:site-a"]["site-a"]["mse"])
+    assert summary["off_diagonal"] == pytest.approx(report["matrix"]["site:site-a"]["site-b"]["mse"])
+
+
+def test_a_checkpoint_round_trips_tensors_state_and_results(tmp_path: Path) -> None:
+    saved = Checkpoint(workflow_index=1, step=7, state={"round": 3, "labels": ["a"]},
+                       results={"rounds_done": 3, "best_round": 2, "best_metric": 0.5, "sites": ["x"]},
+                       tensors={"model": MODEL, "aggregator/m": {"w": np.ones(3, np.float32)}})
+    save_checkpoint(tmp_path, saved)
+    loaded = load_checkpoint(tmp_path)
+    assert (loaded.workflow_index, loaded.step, loaded.state, loaded.results) == (1, 7, saved.state, saved.results)
+    np.testing.assert_array_equal(loaded.tensors["model"]["w"], MODEL["w"])
+    np.testing.assert_array_equal(loaded.tensors["aggregator/m"]["w"], np.ones(3))
+    assert load_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_site_selection_keeps_the_wanted_online_sites_in_registry_order() -> None:
+    some = _spec(meta="sites: [c, a, dead]\nmin_clients: 2").meta
+    every = _spec(meta="min_clients: 3").meta
+    assert eligible_sites(some, ["a", "b", "c"]) == ["a", "c"]
+    assert eligible_sites(every, ["a", "b", "c"], exclude={"b"}) == ["a", "c"]
+    assert enough_sites(some, ["a", "c"]) and not enough_sites(some, ["a", "b"])
+    assert not enough_sites(every, ["a", "b"])
