@@ -135,3 +135,69 @@ def test_leftover_uploads_are_cleared_when_the_store_opens(tmp_path: Path) -> No
     reopened = JobStore(tmp_path / "jobs")
 
     assert list(reopened.incoming_dir.iterdir()) == [] and reopened.all() == []
+
+
+CUSTOM_AGGREGATOR = '''
+import numpy as np
+
+class HalfStep:
+    """A job's own aggregator: moves the model half way towards the mean delta."""
+    def __init__(self, factor=0.5):
+        self.factor, self._sum, self._n = factor, None, 0
+    def begin_round(self, model):
+        self._sum, self._n = {k: np.zeros_like(v) for k, v in model.items()}, 0
+    def fold(self, update):
+        for k, v in update.delta.items():
+            self._sum[k] += v
+        self._n += 1
+    @property
+    def n_folded(self):
+        return self._n
+    def close_round(self, model):
+        return {k: (v + self.factor * self._sum[k] / self._n).astype(v.dtype) for k, v in model.items()}
+    def state(self):
+        return {}
+    def load_state(self, state):
+        pass
+    def task_extras(self):
+        return {}
+    def local_algorithm(self):
+        return None
+'''
+
+
+def _custom_job(tmp_path: Path, runner: JobRunner) -> Path:
+    job = tmp_path / "custom-job"
+    shutil.copytree(TEMPLATE, job)
+    (job / "custom" / "half_step.py").write_text(CUSTOM_AGGREGATOR)
+    config = (job / "config_fed_server.yml").read_text()
+    start = config.index("aggregator:")
+    end = config.index("# Other aggregators")
+    (job / "config_fed_server.yml").write_text(config[:start] + "aggregator: {name: custom, path: 'half_step:HalfStep', "
+                                               "args: {factor: 0.5}}\n" + config[end:])
+    return _run(spool(_chunks(zip_folder(job)), runner.store.incoming_dir, 1 << 30)).path
+
+
+def test_a_jobs_own_aggregator_is_refused_unless_the_server_allows_job_code(tmp_path: Path) -> None:
+    runner = _runner(tmp_path)
+    with pytest.raises(JobRejected, match="runs no job code.*allow_job_aggregators"):
+        _run(runner.submit(LEAD, _custom_job(tmp_path, runner), []))
+    assert runner.store.all() == []
+
+
+def test_an_allowed_job_aggregator_is_loaded_from_the_jobs_custom_code(tmp_path: Path) -> None:
+    import numpy as np
+
+    from runtime.aggregators import Update
+
+    runner = JobRunner(JobStore(tmp_path / "jobs"), TaskBoard(clock=lambda: 0.0), Registry(30.0, lambda: 0.0),
+                       AuditLog(tmp_path / "audit.jsonl"), 1.5, allow_job_aggregators=True)
+    record = _run(runner.submit(LEAD, _custom_job(tmp_path, runner), []))
+    load = runner._aggregator_loader(record.job_id)
+    aggregator = load(runner.spec(record.job_id).server.aggregator)
+    model = {"w": np.zeros(2, np.float32)}
+    aggregator.begin_round(model)
+    aggregator.fold(Update(site="a", delta={"w": np.array([2.0, 4.0], np.float32)}, n_samples=1, weight=1.0))
+    np.testing.assert_allclose(aggregator.close_round(model)["w"], [1.0, 2.0])
+    events = [line for line in (tmp_path / "audit.jsonl").read_text().splitlines() if "job_code_loaded_on_server" in line]
+    assert len(events) == 1
