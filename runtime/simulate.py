@@ -22,6 +22,7 @@ import contextlib
 import io
 import json
 import tempfile
+import threading
 import time
 import zipfile
 import zlib
@@ -48,6 +49,9 @@ from .weights import Weights, load_file, to_bytes
 
 JOB_ID = "simulated"
 POLL_S = 0.05
+# FedProx/SCAFFOLD hook torch.optim process-wide while a site trains (runtime/client/local_algorithms.py); a
+# real site is its own process, here the sites share one, so a train task with an algorithm runs alone
+_ALGORITHM_TRAINING = threading.Lock()
 
 
 @dataclass
@@ -159,7 +163,8 @@ def _run_task(learner: Learner, state: SiteState, task: Task, tmp: Path, filters
                                "key_metric": config.key_metric.model_dump(mode="json"),
                                "keep_best_local": config.keep_best_local}
     try:
-        reply = handle(learner, command, state)
+        with _ALGORITHM_TRAINING if config.algorithm is not None else contextlib.nullcontext():
+            reply = handle(learner, command, state)
     except Exception as e:  # the learner is researcher code: its failure is the site's answer
         return 0, {}, f"{type(e).__name__}: {e}", None
     if kind is TaskKind.VALIDATE:
