@@ -86,7 +86,8 @@ def write_label_skewed_data(dest: Path, sites: list[str], seed: int = 0, heldout
     if not sites:
         raise ValueError("write_label_skewed_data: give at least one site")
     if any(not 0 <= s <= 1 for s in malignant_shares) or not malignant_shares:
-        raise ValueError(f"write_label_skewed_data: malignant_shares must be in [0, 1], got {malignant_shares}")
+        raise ValueError(f"write_label_skewed_data: malignant_shares must be one or more numbers in [0, 1], "
+                         f"got {malignant_shares}")
     rng = np.random.default_rng(seed)
     x, y, pool, names, heldout_csv = _pool_and_heldout(dest, rng, heldout_fraction)
     positives = [i for i in pool if y[i] == 1]
