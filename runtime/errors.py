@@ -9,6 +9,7 @@
     │   └── TransferStalled        a stream moved nothing for longer than its idle timeout
     ├── SessionExpired             the server no longer knows this site's session: register again
     ├── JobRejected                a job folder or submission was refused (bad folder, policy, auth)
+    │   └── DpBudgetExhausted      a DP release would take a job past this site's privacy budget
     ├── PermissionDenied           an admin's role does not allow a command
     ├── UpdateRejected             a site's model update failed validation (names, shapes, NaN, size)
     └── AuditChainBroken           an audit log's hash chain does not verify
@@ -55,6 +56,15 @@ class JobRejected(FedkitError):
     """A job folder or submission was refused."""
 
 
+class DpBudgetExhausted(JobRejected):
+    """A differentially private release would take a job's total epsilon on this site past its budget
+    (local/privacy.yml dp_budget); the release was not sent. `details` says by how much, for the audit."""
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.details = details
+
+
 class PermissionDenied(FedkitError):
     """An admin's role does not allow this command."""
 
@@ -71,6 +81,7 @@ __all__ = [
     "AuditChainBroken",
     "CertificateError",
     "ConfigError",
+    "DpBudgetExhausted",
     "FedkitError",
     "JobRejected",
     "KitTamperedError",

@@ -2,7 +2,8 @@
 
     exclude_vars        drop named tensors (regex) from what is sent
     percentile          send only the largest-magnitude fraction of each tensor's entries (rest zeroed)
-    gaussian_dp         clip the whole delta to an L2 norm, then add Gaussian noise (sigma * clip)
+    gaussian_dp         clip the whole delta to an L2 norm, then add Gaussian noise (sigma * clip); its
+                        epsilon is accounted on the site (runtime.privacy_accounting)
     svt                 sparse vector technique: noisy threshold selection of a fraction of entries
 
 Each filter is a function (delta, rng) -> delta; `build_filters` turns config_fed_client.yml entries
@@ -50,9 +51,21 @@ def percentile(fraction: float = 0.1) -> Filter:
     return apply
 
 
-def gaussian_dp(clip_norm: float = 1.0, noise_multiplier: float = 1.0) -> Filter:
-    if clip_norm <= 0 or noise_multiplier < 0:
-        raise ConfigError("gaussian_dp filter: clip_norm must be > 0 and noise_multiplier >= 0")
+def gaussian_dp(clip_norm: float = 1.0, noise_multiplier: float = 1.0, delta: float = 1e-5,
+                sampling_rate: float = 1.0) -> Filter:
+    """Clip the whole delta to L2 norm clip_norm, add N(0, (noise_multiplier * clip_norm)^2) to every entry.
+
+    `delta` and `sampling_rate` change nothing in what is sent: they are what the site's accounting
+    (runtime.privacy_accounting) reports epsilon with. `sampling_rate` is the probability with which the
+    job's sampling includes the protected data in a release (1.0: every release, no amplification); the
+    site cannot check it, so its privacy policy may insist on a minimum."""
+    clip_norm, noise_multiplier = _number("clip_norm", clip_norm), _number("noise_multiplier", noise_multiplier)
+    delta, sampling_rate = _number("delta", delta), _number("sampling_rate", sampling_rate)
+    if not (clip_norm > 0 and 0 <= noise_multiplier < float("inf")):
+        raise ConfigError("gaussian_dp filter: clip_norm must be > 0 and noise_multiplier a number >= 0")
+    if not (0 < delta < 1 and 0 < sampling_rate <= 1):
+        raise ConfigError(f"gaussian_dp filter: delta must be in (0, 1) and sampling_rate in (0, 1], got "
+                          f"delta={delta}, sampling_rate={sampling_rate}")
 
     def apply(delta: Weights, rng: np.random.Generator) -> Weights:
         floats = [v for v in delta.values() if v.dtype.kind == "f"]
@@ -63,6 +76,14 @@ def gaussian_dp(clip_norm: float = 1.0, noise_multiplier: float = 1.0) -> Filter
                 for k, v in delta.items()}
 
     return apply
+
+
+def _number(name: str, value: object) -> float:
+    """YAML reads `1e-5` (no dot) as a string: accept any number written as one, refuse anything else."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"gaussian_dp filter: {name} must be a number, got {value!r}") from None
 
 
 def svt(fraction: float = 0.1, epsilon: float = 1.0, clip: float = 0.01) -> Filter:

@@ -18,6 +18,12 @@ Several GPUs: with `nproc: N` (or N `gpus`) in the site's local/site.yml, the wo
 with N ranks and the process group already initialised (NCCL on GPUs, else gloo). Every rank gets each
 call; use `context.rank` / `context.world_size` to shard data and wrap the model in
 DistributedDataParallel. What rank 0 returns is what the site sends.
+
+FedProx and SCAFFOLD (chosen by the job's aggregator) need nothing in the learner: while `train` runs,
+fedkit corrects the gradients of `torch_module()`'s parameters at every torch.optim optimizer step. That
+needs a first-order torch.optim optimizer (not LBFGS) over that module's parameters, and weights named as
+the module's state_dict() names them (runtime.torch_weights does). SCAFFOLD's control variates are exact
+for SGD (with or without momentum) and only estimates for adaptive optimizers such as Adam.
 """
 
 from __future__ import annotations
@@ -25,8 +31,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from .errors import FedkitError
 from .weights import Weights
+
+
+class LearnerError(FedkitError):
+    """The job's learner cannot do what the job asks of it (no torch module for FedProx/SCAFFOLD, no optimizer
+    steps, no key metric); the task fails with this line, which says what to change in the learner."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,23 @@ class Learner(ABC):
         """Weights of round 0, when the job ships no initial model. Make them deterministic (seed)."""
         raise NotImplementedError(f"{type(self).__name__} has no initial_weights() and the job has no initial_model")
 
+    def torch_module(self) -> Any:
+        """The torch.nn.Module train() updates; fedkit applies FedProx/SCAFFOLD to its gradients.
+
+        The default is the learner's one torch.nn.Module attribute (of several, the one holding parameters:
+        a loss module has none). Override it when the model lives elsewhere or there are several."""
+        from torch import nn  # only jobs that run FedProx/SCAFFOLD need torch here
+
+        modules = {name: value for name, value in vars(self).items() if isinstance(value, nn.Module)}
+        if len(modules) > 1:
+            modules = {name: m for name, m in modules.items() if any(True for _ in m.parameters())} or modules
+        if len(modules) == 1:
+            return next(iter(modules.values()))
+        found = f"{len(modules)} torch.nn.Module attributes ({', '.join(sorted(modules))})" if modules \
+            else "no torch.nn.Module attribute"
+        raise LearnerError(f"{type(self).__name__} has {found}: define torch_module() returning the module "
+                           "train() updates, so fedkit can apply FedProx/SCAFFOLD to its gradients")
+
     @abstractmethod
     def train(self, weights: Weights, round: int) -> TrainResult: ...
 
@@ -65,4 +95,4 @@ class Learner(ABC):
     def validate(self, weights: Weights) -> dict[str, float]: ...
 
 
-__all__ = ["Learner", "SiteContext", "TrainResult", "Weights"]
+__all__ = ["Learner", "LearnerError", "SiteContext", "TrainResult", "Weights"]

@@ -8,7 +8,13 @@ bounded (entries, string lengths, total size): a site cannot park arbitrary data
     {"task": "train", "applied_to": "delta", "on_weaker_job": "raise", "raised": true,
      "chain": [{"name": "exclude_vars", "args": {"pattern": "^2\\\\.bias$"}, "source": "site"},
                {"name": "gaussian_dp", "args": {"clip_norm": 1.0, "noise_multiplier": 1.0}, "source": "site"}],
-     "excluded": ["2.bias"], "n_excluded": 1, "payload_sha256": "<sha256 of exactly the bytes sent>"}
+     "excluded": ["2.bias"], "n_excluded": 1, "payload_sha256": "<sha256 of exactly the bytes sent>",
+     "dp": {"epsilon_round": 4.73, "epsilon_total": 10.2, "delta": 1e-05, "noise_multiplier": 1.0,
+            "sampling_rate": 1.0, "releases": 3}}
+
+`dp` is present when the upload went through gaussian_dp: the epsilon of this release alone and of all
+this job's releases from this site so far (runtime.client.dp_ledger), at `delta`, from the RDP accountant
+(runtime.privacy_accounting). An epsilon that is infinite (noise_multiplier 0) is the string "inf".
 """
 
 from __future__ import annotations
@@ -49,6 +55,23 @@ class FilterStep(_Strict):
         return args
 
 
+# an epsilon is a finite number >= 0, or "inf" for a release without noise: never a huge stand-in number
+Epsilon = Annotated[float, Field(ge=0, allow_inf_nan=False)] | Literal["inf"]
+MAX_RELEASES = 10**9
+
+
+class DpSpend(_Strict):
+    """What a gaussian_dp release cost, per the site's accountant."""
+
+    epsilon_round: Epsilon = Field(description="this release alone")
+    epsilon_total: Epsilon = Field(description="every DP release of this job from this site so far, this one "
+                                               "included")
+    delta: float = Field(gt=0, lt=1)
+    noise_multiplier: float = Field(ge=0, allow_inf_nan=False, description="the weakest of the release's steps")
+    sampling_rate: float = Field(gt=0, le=1)
+    releases: int = Field(ge=1, le=MAX_RELEASES, description="DP releases of this job from this site so far")
+
+
 class PrivacyReport(_Strict):
     task: Literal["train", "init", "submit_model"]
     applied_to: AppliedTo
@@ -59,6 +82,7 @@ class PrivacyReport(_Strict):
                                       description="names of tensors that did not leave (the first 64)")
     n_excluded: int = Field(0, ge=0)
     payload_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    dp: DpSpend | None = None
 
 
 def decode_report(value: Any) -> dict[str, Any] | None:
@@ -69,7 +93,7 @@ def decode_report(value: Any) -> dict[str, Any] | None:
     if len(json.dumps(value, default=str)) > MAX_REPORT_BYTES:
         raise UpdateRejected(f"metrics 'privacy' exceeds {MAX_REPORT_BYTES} bytes")
     try:
-        return PrivacyReport.model_validate(value).model_dump(mode="json")
+        return PrivacyReport.model_validate(value).model_dump(mode="json", exclude_none=True)  # no "dp": null
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"

@@ -407,7 +407,34 @@ def _privacy_lines(metrics: list[dict[str, Any]]) -> list[str]:
     if not where:
         return []
     head = "privacy, per site (rounds: on deltas; init: on the whole model; submit_model: on local - last global):"
-    return [head] + [f"  {site}: {chain}  [{', '.join(labels)}]" for (site, chain), labels in sorted(where.items())]
+    lines = [head] + [f"  {site}: {chain}  [{', '.join(labels)}]" for (site, chain), labels in sorted(where.items())]
+    return lines + _dp_lines(metrics)
+
+
+def _dp_lines(metrics: list[dict[str, Any]]) -> list[str]:
+    """Per site, the differential privacy its gaussian_dp uploads have spent on this job so far, from the
+    last report it sent (each report carries the site's own running total, from its ledger)."""
+    last: dict[str, dict[str, Any]] = {}
+    for entry in metrics:
+        for site, report in (entry.get("privacy") or {}).items():
+            dp = report.get("dp") if isinstance(report, dict) else None
+            if isinstance(dp, dict) and dp.get("releases", 0) >= last.get(site, {}).get("releases", 0):
+                last[site] = dp
+    if not last:
+        return []
+    lines = ["differential privacy spent, per site (this job's total so far, at the site's delta; RDP accountant):"]
+    for site, dp in sorted(last.items()):
+        releases = dp["releases"]
+        lines.append(f"  {site}: epsilon {_fmt_epsilon(dp['epsilon_total'])} at delta {dp['delta']:g} after "
+                     f"{releases} release{'s' if releases != 1 else ''} (noise multiplier {dp['noise_multiplier']:g}, "
+                     f"sampling rate {dp['sampling_rate']:g}; the last release alone: "
+                     f"{_fmt_epsilon(dp['epsilon_round'])})"
+                     + ("; not differentially private: a release had no noise" if dp["epsilon_total"] == "inf" else ""))
+    return lines
+
+
+def _fmt_epsilon(value: float | str) -> str:
+    return "infinite" if value == "inf" else f"{float(value):.3g}"
 
 
 def _fmt_control(data: dict[str, Any]) -> str:

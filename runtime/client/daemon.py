@@ -29,6 +29,7 @@ from ..crl import load_root_ca, parse_crl
 from ..errors import (
     CertificateError,
     ConfigError,
+    DpBudgetExhausted,
     FedkitError,
     JobRejected,
     ServerUnreachable,
@@ -52,6 +53,7 @@ from ..transport import (
 )
 from . import outgoing
 from .code_approval import ReceivedCode, received_code
+from .dp_ledger import DpLedger
 from .job_folders import JobFolders
 from .job_policy import JobPolicy
 from .privacy_policy import EffectiveChain, PrivacyPolicy
@@ -410,10 +412,18 @@ class ClientDaemon:
 
     async def _outgoing(self, task: TaskKind, raw: Path, chain: EffectiveChain,
                         reference: Path | None = None) -> dict[str, Any]:
-        """Apply the privacy chain to `raw`, writing what may leave next to it; the result's "privacy"."""
-        report = await asyncio.to_thread(outgoing.prepare, task, raw, raw.with_suffix(SENT_SUFFIX), chain,
-                                         self._rng, reference)
-        return {"privacy": report.model_dump(mode="json")}
+        """Apply the privacy chain to `raw`, writing what may leave next to it; the result's "privacy".
+        A gaussian_dp upload is counted in the job's DP ledger; past the site's budget it is not written,
+        and the refusal is audited (dp_budget_exhausted) before the task fails."""
+        job_id = self._job_id
+        ledger = DpLedger(self._ws / "jobs" / _safe_name(job_id), job_id)
+        try:
+            report = await asyncio.to_thread(outgoing.prepare, task, raw, raw.with_suffix(SENT_SUFFIX), chain,
+                                             self._rng, reference, ledger=ledger)
+        except DpBudgetExhausted as e:
+            self._audit.append("dp_budget_exhausted", job_id=job_id, task=task, round=self._round, **e.details)
+            raise
+        return {"privacy": report.model_dump(mode="json", exclude_none=True)}
 
     def _approve_code(self, code: ReceivedCode) -> str:
         """local/job_policy.yml `code:` on the code as received; signers are checked against this site's

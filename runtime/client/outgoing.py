@@ -13,6 +13,8 @@ Everything a site uploads goes through `prepare`, whatever the task:
 
 Tensors removed by exclude_vars never leave in any task. The result is written once, hashed from the same
 bytes, and described by a PrivacyReport (runtime.privacy_report), which the daemon sends and audits.
+An upload through gaussian_dp is a DP release: it is counted in the job's ledger on this site (and refused
+past the site's dp_budget) before anything is written to send, and the report says what it cost (`dp`).
 Runs in a worker thread (NumPy and file I/O); never imports torch, never unpickles.
 """
 
@@ -28,16 +30,19 @@ import numpy as np
 from ..filters import apply_filters
 from ..privacy_report import MAX_EXCLUDED_LISTED, AppliedTo, PrivacyReport
 from ..weights import Weights, load_file, to_bytes
+from .dp_ledger import DpLedger
 from .privacy_policy import EffectiveChain
 
 Task = Literal["train", "init", "submit_model"]
 
 
 def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, rng: np.random.Generator,
-            reference_path: Path | None = None) -> PrivacyReport:
+            reference_path: Path | None = None, *, ledger: DpLedger) -> PrivacyReport:
     """Filter the weights in `raw_path` as `task` requires, write what may leave to `out_path`, and report.
-    `reference_path`: the last global model this site received (submit_model only). Raises
-    UpdateRejected if a file is not valid safetensors."""
+    `reference_path`: the last global model this site received (submit_model only); `ledger`: the job's
+    count of DP releases on this site. Raises UpdateRejected if a file is not valid safetensors, and
+    DpBudgetExhausted (out_path then absent) when the site's DP budget does not allow this release."""
+    out_path.unlink(missing_ok=True)  # nothing from an earlier attempt may be sent in this one's place
     if not chain.steps:  # nothing to apply: send the file as it is, without a load and a rewrite
         return _unfiltered(task, raw_path, out_path, chain)
     raw = load_file(raw_path)
@@ -51,13 +56,17 @@ def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, r
     filtered = apply_filters(subject, chain.build(), rng)
     sent = filtered if reference is None else _plus(filtered, reference)
     data = to_bytes(sent)
+    # counted (or refused) before the bytes exist anywhere they could be sent from; weights the privacy
+    # step cannot read fail above without spending any of the budget
+    release = chain.dp_release()
+    dp = ledger.charge(*release, chain.dp_budget) if release is not None else None
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(out_path)
     excluded = sorted(set(raw) - set(sent))
     return PrivacyReport(task=task, applied_to=applied_to, on_weaker_job=chain.on_weaker_job,
                          raised=chain.is_raised, chain=list(chain.steps), excluded=excluded[:MAX_EXCLUDED_LISTED],
-                         n_excluded=len(excluded), payload_sha256=hashlib.sha256(data).hexdigest())
+                         n_excluded=len(excluded), payload_sha256=hashlib.sha256(data).hexdigest(), dp=dp)
 
 
 def _unfiltered(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain) -> PrivacyReport:

@@ -7,6 +7,11 @@ is raised to the site's minimum (`on_weaker_job: raise`, the default) or refused
 runs here (`on_weaker_job: refuse`), with a line saying why. The effective chain this module returns is
 what runtime.client.outgoing applies to everything that leaves the site.
 
+It may also set a differential-privacy budget for every job, e.g. `dp_budget: {epsilon: 8.0, delta: 1e-5}`:
+a gaussian_dp release that would take a job's total epsilon on this site past it is not sent
+(runtime.client.dp_ledger), and a job whose uploads would not be differentially private at all (no
+gaussian_dp, or one without noise) is refused before any of its code runs.
+
 Never imports torch; never reads the job's code.
 """
 
@@ -24,6 +29,7 @@ from ..errors import ConfigError, JobRejected
 from ..filters import FILTERS, Filter, build_filters
 from ..job_spec import FilterConfig
 from ..kit_config import load_optional
+from ..privacy_accounting import GaussianMechanism
 from ..privacy_report import FilterStep
 
 PRIVACY_FILE = "privacy.yml"
@@ -36,6 +42,17 @@ class _Strict(BaseModel):
 class GaussianDpFloor(_Strict):
     noise_multiplier: float = Field(ge=0, description="at least this much noise (sigma = noise_multiplier * clip)")
     clip_norm: float = Field(gt=0, description="at most this L2 norm of what is sent, before the noise")
+    delta: float | None = Field(None, gt=0, lt=1, description="epsilon is reported at this delta or a smaller one")
+    sampling_rate: float | None = Field(None, gt=0, le=1, description="the accounting assumes at least this "
+                                        "sampling rate (1.0: credit no amplification by the job's sampling, "
+                                        "which this site cannot check)")
+
+
+class DpBudget(_Strict):
+    """The most epsilon (at `delta`) all of one job's gaussian_dp releases from this site may add up to."""
+
+    epsilon: float = Field(gt=0, allow_inf_nan=False)
+    delta: float = Field(gt=0, lt=1)
 
 
 class PercentileFloor(_Strict):
@@ -57,6 +74,7 @@ class PrivacyPolicy(_Strict):
     gaussian_dp: GaussianDpFloor | None = None
     percentile: PercentileFloor | None = None
     svt: SvtFloor | None = None
+    dp_budget: DpBudget | None = None
 
     @field_validator("exclude_vars")
     @classmethod
@@ -82,6 +100,8 @@ class PrivacyPolicy(_Strict):
         present: set[str] = set()
         for entry in job_filters:
             args = {**_defaults(entry.name), **entry.args}
+            if entry.name == "gaussian_dp":  # all numbers (checked above), though YAML may have read 1e-5 as text
+                args = {k: float(v) for k, v in args.items()}
             stronger, reasons = self._raise(entry.name, args)
             present.add(entry.name)
             if reasons and self.on_weaker_job == "refuse":
@@ -98,8 +118,15 @@ class PrivacyPolicy(_Strict):
             if self.on_weaker_job == "refuse":
                 raise JobRejected(f"site privacy policy refuses job {job_id}: it asks for no {name}; this site "
                                   f"requires {_floor_text(name, floor)} (local/privacy.yml on_weaker_job: refuse)")
-            steps.append(FilterStep(name=name, args=floor.model_dump(), source="site"))
-        return EffectiveChain(tuple(steps), self.on_weaker_job)
+            steps.append(FilterStep(name=name, args={**_defaults(name), **floor.model_dump(exclude_none=True)},
+                                    source="site"))
+        chain = EffectiveChain(tuple(steps), self.on_weaker_job, self.dp_budget)
+        if self.dp_budget is not None and not chain.is_differentially_private:
+            raise JobRejected(f"site privacy policy refuses job {job_id}: this site has a DP budget (epsilon "
+                              f"{self.dp_budget.epsilon:g} at delta {self.dp_budget.delta:g}) and the job's uploads "
+                              "would have no gaussian_dp noise; give the job a gaussian_dp filter with "
+                              "noise_multiplier > 0 (or site IT a gaussian_dp floor in local/privacy.yml)")
+        return chain
 
     def _raise(self, name: str, args: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """`args` lifted to this site's floor for filter `name`, and what was weaker (empty: nothing)."""
@@ -118,6 +145,10 @@ class PrivacyPolicy(_Strict):
         if name == "gaussian_dp" and self.gaussian_dp is not None:
             at_least("noise_multiplier", self.gaussian_dp.noise_multiplier)
             at_most("clip_norm", self.gaussian_dp.clip_norm)
+            if self.gaussian_dp.delta is not None:
+                at_most("delta", self.gaussian_dp.delta)
+            if self.gaussian_dp.sampling_rate is not None:
+                at_least("sampling_rate", self.gaussian_dp.sampling_rate)
         elif name == "percentile" and self.percentile is not None:
             at_most("fraction", self.percentile.fraction)
         elif name == "svt" and self.svt is not None:
@@ -132,10 +163,28 @@ class EffectiveChain:
 
     steps: tuple[FilterStep, ...]
     on_weaker_job: Literal["raise", "refuse"]
+    dp_budget: DpBudget | None = None
 
     @property
     def is_raised(self) -> bool:
         return any(s.source != "job" for s in self.steps)
+
+    def dp_release(self) -> tuple[list[GaussianMechanism], float] | None:
+        """The accounting of one upload through this chain: a mechanism per gaussian_dp step (several are
+        accounted as composed, an upper bound), and the delta to report epsilon at (the smallest any step
+        asks for); None without gaussian_dp."""
+        dp_steps = [s for s in self.steps if s.name == "gaussian_dp"]
+        if not dp_steps:
+            return None
+        defaults = _defaults("gaussian_dp")
+        args = [{**defaults, **s.args} for s in dp_steps]
+        return ([GaussianMechanism(float(a["noise_multiplier"]), float(a["sampling_rate"])) for a in args],
+                min(float(a["delta"]) for a in args))
+
+    @property
+    def is_differentially_private(self) -> bool:
+        release = self.dp_release()
+        return release is not None and all(m.noise_multiplier > 0 for m in release[0])
 
     def build(self) -> list[Filter]:
         return build_filters([FilterConfig(name=s.name, args=dict(s.args)) for s in self.steps])
@@ -152,5 +201,7 @@ def _defaults(name: str) -> dict[str, Any]:
 
 
 def _floor_text(name: str, floor: BaseModel) -> str:
-    limits = {"noise_multiplier": ">=", "clip_norm": "<=", "fraction": "<=", "epsilon": "<="}
-    return f"{name} with " + ", ".join(f"{k} {limits[k]} {v:g}" for k, v in floor.model_dump().items() if k in limits)
+    limits = {"noise_multiplier": ">=", "clip_norm": "<=", "fraction": "<=", "epsilon": "<=", "delta": "<=",
+              "sampling_rate": ">="}
+    return f"{name} with " + ", ".join(f"{k} {limits[k]} {v:g}" for k, v in floor.model_dump(exclude_none=True).items()
+                                   if k in limits)

@@ -4,14 +4,23 @@ The daemon starts it and speaks JSON lines: commands on stdin, one reply per com
 original stdout. Anything the learner prints goes to stderr (the site's log), so it can never corrupt
 the reply channel. Weights move through safetensors files, never pickle: the daemon's inbox (read-only
 here) in, the outbox out; the daemon checks every reply and result file (it runs in a sandbox, see sandbox.py).
+Op names are runtime.tasks.TaskKind values.
 
     {"op": "init", "out": PATH}                       -> {"ok": true}
     {"op": "validate", "weights": PATH}               -> {"ok": true, "metrics": {...}}
-    {"op": "train", "weights": PATH, "round": R, "out": PATH}
-                                  -> {"ok": true, "n_samples": N, "metrics": {...}, "validation": {...}}
+    {"op": "train", "weights": PATH, "round": R, "out": PATH,
+     "algorithm": null | {"name": "fedprox", "mu": 0.01} | {"name": "scaffold"},      (tasks.LocalAlgorithm)
+     "key_metric": {"name": "auc", "higher_is_better": true}, "keep_best_local": false}
+        -> {"ok": true, "n_samples": N, "metrics": {...}, "validation": {...},
+            "local": {"steps": K, "lr_sum": L},    (counted while an algorithm runs; {} without one)
+            "local_validation": {...}}             (with keep_best_local: the trained model, scored here)
        (validation scores the received weights first; out holds the delta: trained minus received)
-    {"op": "local_model", "out": PATH}                -> {"ok": true}  (the weights last trained here)
+    {"op": "submit_model", "out": PATH}               -> {"ok": true}  (this site's best local model by the
+        key metric among those trained with keep_best_local, else the last one trained)
     {"op": "stop"}                                    -> exits
+
+The weights of train and validate may carry tensors under tasks.CONTROL_PREFIX (SCAFFOLD's server control
+variate); they are split off before the learner sees the model (local_algorithms.py uses them).
 """
 
 from __future__ import annotations
@@ -23,11 +32,19 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from ..learner import Learner, SiteContext
+import numpy as np
+from pydantic import Field, TypeAdapter
+
+from ..errors import FedkitError
+from ..learner import Learner, LearnerError, SiteContext
 from ..procs import die_with_parent, tune_malloc
-from ..weights import load_file, save_file
+from ..tasks import KeyMetricRef, LocalAlgorithm, TaskKind, split_control
+from ..weights import Weights, load_file, save_file
+
+_ALGORITHM: TypeAdapter[LocalAlgorithm | None] = TypeAdapter(
+    Annotated[LocalAlgorithm, Field(discriminator="name")] | None)
 
 
 def _load_learner(job_dir: Path, path: str, args: dict[str, Any], context: SiteContext) -> Learner:
@@ -50,15 +67,47 @@ def _delta(trained: dict, received: dict) -> dict:
             if received[k].dtype.kind in "fc" else trained[k] for k in trained}
 
 
-class _LocalModel:
-    """The weights this site last trained, kept for cross-site validation (`local_model`), and the names
-    of the last global model received (what the federation shares; a site's policy may keep others local)."""
+def _key_score(scores: dict[str, float], key: KeyMetricRef) -> float:
+    if key.name not in scores:
+        raise LearnerError(f"the job's key metric '{key.name}' is not among the metrics validate() returned "
+                           f"({', '.join(sorted(scores)) or 'none'}): return it, or name one of these as "
+                           "the job's key metric")
+    return scores[key.name]
 
-    weights: dict | None = None
-    shared_names: frozenset[str] | None = None
+
+class SiteState:
+    """The weights this site last trained, and its best trained ones by the job's key metric (when the job
+    keeps the best), for `submit_model`; with each, the names of the global model it was trained from (what
+    the federation shares; a site's policy may keep others local)."""
+
+    def __init__(self) -> None:
+        self.weights: Weights | None = None
+        self.shared_names: frozenset[str] | None = None
+        self.best: Weights | None = None
+        self.best_shared_names: frozenset[str] | None = None
+        self.best_score: float | None = None
+
+    def offer(self, scores: dict[str, float], key: KeyMetricRef) -> None:
+        """Keep the weights last trained as the best if they score better than the best so far (ties keep
+        the earlier). Copied: a learner may hand out views of tensors its next round changes."""
+        score = _key_score(scores, key)
+        better = self.best_score is None or (score > self.best_score if key.higher_is_better
+                                             else score < self.best_score)
+        if better and self.weights is not None:
+            self.best = {k: np.array(v, copy=True) for k, v in self.weights.items()}
+            self.best_shared_names, self.best_score = self.shared_names, score
+
+    def submitted(self) -> Weights:
+        """The shared tensors of the best model kept, else of the last trained."""
+        weights, shared = ((self.best, self.best_shared_names) if self.best is not None
+                           else (self.weights, self.shared_names))
+        if weights is None:
+            raise LearnerError("this site has not trained in this job, so it has no local model to submit")
+        names = shared or frozenset(weights)
+        return {k: v for k, v in weights.items() if k in names}
 
 
-def _filled(received: dict, learner: Learner, local: _LocalModel) -> dict:
+def _filled(received: dict, learner: Learner, local: SiteState) -> dict:
     """`received` plus the tensors it lacks, taken from this site's own weights (last trained, else the
     learner's initial ones). A site whose privacy policy excludes a tensor never sends it, so it can be
     missing from the global model; it then stays local here instead of breaking training."""
@@ -73,38 +122,72 @@ def _filled(received: dict, learner: Learner, local: _LocalModel) -> dict:
     return {**received, **missing} if missing else received
 
 
-def handle(learner: Learner, cmd: dict[str, Any], local: _LocalModel | None = None,
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _received(path: Path) -> tuple[Weights, Weights]:
+    """(model, control variates) of a received weights file."""
+    return split_control(load_file(path))
+
+
+def _train(learner: Learner, cmd: dict[str, Any], local: SiteState, is_main: bool) -> dict[str, Any]:
+    global_in, control = _received(Path(cmd["weights"]))
+    received = _filled(global_in, learner, local)
+    round_ = int(cmd["round"])
+    algorithm = _ALGORITHM.validate_python(cmd.get("algorithm"))
+    key_metric = KeyMetricRef.model_validate(cmd.get("key_metric") or {})
+    # the global model is scored on local validation data before training changes the learner
+    validation = _numbers(learner.validate(received))
+    if cmd.get("keep_best_local"):
+        _key_score(validation, key_metric)  # a missing key metric fails before training, not after
+    run = None
+    if algorithm is not None:
+        from .local_algorithms import LocalRun  # torch only where an algorithm runs
+
+        run = LocalRun(algorithm, learner, global_in, control, round_, is_main)
+        with run.hooked():
+            result = learner.train(received, round_)
+    else:
+        result = learner.train(received, round_)
+    delta = result.weights if result.is_delta else _delta(result.weights, received)
+    local_report = run.finish(delta) if run is not None else {}
+    local.weights = ({k: received[k] + delta[k] if k in delta else received[k] for k in received}
+                     if result.is_delta else result.weights)
+    local.shared_names = frozenset(global_in)
+    if is_main:  # kept-local names stay here
+        save_file({k: v for k, v in delta.items() if k in global_in}, Path(cmd["out"]))
+    reply = {"ok": True, "n_samples": int(result.n_samples), "validation": validation,
+             "metrics": _numbers(result.metrics), "local": local_report}
+    if cmd.get("keep_best_local"):
+        reply["local_validation"] = _numbers(learner.validate(local.weights))
+        local.offer(reply["local_validation"], key_metric)
+    return reply
+
+
+def handle(learner: Learner, cmd: dict[str, Any], local: SiteState | None = None,
            is_main: bool = True) -> dict[str, Any]:
     """Run one command. Under torchrun every rank runs it; only the main rank (0) writes files."""
-    local = local if local is not None else _LocalModel()
+    local = local if local is not None else SiteState()
     save = save_file if is_main else (lambda weights, path: None)
     op = cmd.get("op")
-    if op == "local_model":
-        if local.weights is None:
-            raise RuntimeError("this site has not trained in this job, so it has no local model")
-        shared = local.shared_names or frozenset(local.weights)
-        save({k: v for k, v in local.weights.items() if k in shared}, Path(cmd["out"]))
+    if op == TaskKind.SUBMIT_MODEL:
+        save(local.submitted(), Path(cmd["out"]))
         return {"ok": True}
-    if op == "init":
+    if op == TaskKind.INIT:
         save(learner.initial_weights(), Path(cmd["out"]))
         return {"ok": True}
-    if op == "validate":
-        metrics = learner.validate(_filled(load_file(Path(cmd["weights"])), learner, local))
-        return {"ok": True, "metrics": {k: float(v) for k, v in metrics.items()}}
-    if op == "train":
-        global_in = load_file(Path(cmd["weights"]))
-        received = _filled(global_in, learner, local)
-        # the global model is scored on local validation data before training changes the learner
-        validation = {k: float(v) for k, v in learner.validate(received).items()}
-        result = learner.train(received, int(cmd["round"]))
-        delta = result.weights if result.is_delta else _delta(result.weights, received)
-        local.weights = ({k: received[k] + delta[k] if k in delta else received[k] for k in received}
-                         if result.is_delta else result.weights)
-        local.shared_names = frozenset(global_in)
-        save({k: v for k, v in delta.items() if k in global_in}, Path(cmd["out"]))  # kept-local names stay
-        return {"ok": True, "n_samples": int(result.n_samples), "validation": validation,
-                "metrics": {k: float(v) for k, v in result.metrics.items()}}
+    if op == TaskKind.VALIDATE:
+        model, _ = _received(Path(cmd["weights"]))  # control variates mean nothing to validation
+        return {"ok": True, "metrics": _numbers(learner.validate(_filled(model, learner, local)))}
+    if op == TaskKind.TRAIN:
+        return _train(learner, cmd, local, is_main)
     raise ValueError(f"unknown op {op!r}")
+
+
+def _one_line(e: Exception) -> str:
+    """fedkit's own errors are one line meant for a person already; anything else gets its class name."""
+    return str(e) if isinstance(e, FedkitError) else f"{type(e).__name__}: {e}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,14 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         reply.write(json.dumps({"ok": False, "error": error} if error else {"ok": True, "ready": True}) + "\n")
     if error:
         return 1
-    local = _LocalModel()
+    local = SiteState()
     while (cmd := ranks.next_command(sys.stdin)) is not None and cmd.get("op") != "stop":
         answer, error = {}, ""
         try:
             answer = handle(learner, cmd, local, ranks.is_main)
         except Exception as e:  # the learner is researcher code: report, keep serving
             traceback.print_exc()
-            error = f"{type(e).__name__}: {e}"
+            error = _one_line(e)
         error = ranks.combine_errors(error)
         if ranks.is_main:
             reply.write(json.dumps({"ok": False, "error": error} if error else answer) + "\n")
@@ -225,4 +308,3 @@ class Ranks:
 
 if __name__ == "__main__":
     sys.exit(main())
-SiteState = _LocalModel  # the worker's per-job state, kept across commands (simulate.py keeps one per site)

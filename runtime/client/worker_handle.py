@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FedkitError
+from ..tasks import TaskKind
 from .job_folders import JobFolders, take_result
 from .sandbox import WORKER_LINE_LIMIT_BYTES, Sandbox, SandboxLimits, WorkerLaunch, WorkerProcess
 from .worker_replies import WorkerReply, WorkerReplyRefused, parse_reply
@@ -90,7 +91,7 @@ class WorkerHandle:
                 raise
         if not reply.ok:
             raise WorkerFailed(reply.error or "unknown worker error")
-        if command.get("op") == "train" and reply.n_samples is None:
+        if command.get("op") == TaskKind.TRAIN and reply.n_samples is None:
             await self.stop()
             raise WorkerFailed("worker reply refused: a train reply must carry n_samples")
         return reply.model_dump()

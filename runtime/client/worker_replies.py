@@ -59,8 +59,10 @@ class WorkerReply(BaseModel):
     n_samples: int | None = None
     metrics: dict[str, float] = {}
     validation: dict[str, float] = {}
+    local: dict[str, float] = {}             # what the site-side algorithm counted (steps, lr_sum)
+    local_validation: dict[str, float] = {}  # the trained model scored on local data (keep_best_local)
 
-    @field_validator("metrics", "validation", mode="before")
+    @field_validator("metrics", "validation", "local", "local_validation", mode="before")
     @classmethod
     def _metrics(cls, value: Any) -> dict[str, float]:
         return _check_metrics(value)

@@ -87,7 +87,7 @@ class JobRunner:
             submitter_role=submitter.role.value if submitter.role else "",
             submitted_at=time.time(), job_sha256=sha256 or _file_sha256(archive),
             config_hash=sha256_hex(spec_json.encode())[:16], overrides=list(overrides),
-            rounds_total=spec.server.rounds, seq=self.store.next_seq(),
+            rounds_total=spec.server.rounds if spec.server.trains else 0, seq=self.store.next_seq(),
             code_sha256=code.code_sha256, code_signed_by=code.signed_by,
         )
         return self.store.create_from_file(archive, spec_json, record, code.signature)

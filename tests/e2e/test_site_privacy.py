@@ -26,6 +26,7 @@ EXCLUDED = "2.bias"  # the tabular model's last layer bias
 FAST = "--set server.rounds=1 --set meta.min_clients=1"
 LEAD = "lead@study.org"
 PROJECT_ADMIN = "admin@study.org"
+DP_ACCOUNTING = {"delta": 1e-5, "sampling_rate": 1.0}  # gaussian_dp's defaults, reported with the floor's args
 
 
 def _online(study: LocalStudy) -> LocalStudy:
@@ -117,7 +118,7 @@ def test_site_policy_filters_every_path_out_of_the_site(make_study, tmp_path):
             privacy = entry["privacy"]
             assert [(s["name"], s["source"]) for s in privacy["chain"]] == [("exclude_vars", "site"),
                                                                             ("gaussian_dp", "site")]
-            assert privacy["chain"][1]["args"] == floors[site] and privacy["raised"] is True
+            assert privacy["chain"][1]["args"] == {**floors[site], **DP_ACCOUNTING} and privacy["raised"] is True
             # later the worker holds it back already (the global never had it), so only round 0 drops it
             assert privacy["excluded"] == ([EXCLUDED] if task == "init" else [])
             assert privacy["payload_sha256"] == entry["payload_sha256"] == _sha256(files[task])
@@ -128,13 +129,14 @@ def test_site_policy_filters_every_path_out_of_the_site(make_study, tmp_path):
     (train_round,) = [m for m in shown["metrics"] if m["type"] == "round"]
     assert sorted(train_round["privacy"]) == ["site-1", "site-2"]
     for site in study.clients:
-        assert train_round["privacy"][site]["chain"][1]["args"] == floors[site]
+        assert train_round["privacy"][site]["chain"][1]["args"] == {**floors[site], **DP_ACCOUNTING}
     (cross,) = [m for m in shown["metrics"] if m["type"] == "shared" and m["task"] == "submit_model"]
     assert sorted(cross["privacy"]) == ["site-1", "site-2"]
     assert init["privacy"][builder]["applied_to"] == "whole_model"
     table = study.admin(f"show_job {job_id}", as_json=False).stdout
-    assert ("  site-2: exclude_vars(pattern=^2[.]bias$)[site] -> gaussian_dp(clip_norm=1, noise_multiplier=0.1)"
-            "[site]; raised by site  [round 1, submit_model]") in table.splitlines()
+    assert ("  site-2: exclude_vars(pattern=^2[.]bias$)[site] -> gaussian_dp(clip_norm=1, delta=1e-05, "  # sorted by
+            "noise_multiplier=0.1, sampling_rate=1)[site]; raised by site  [round 1, submit_model]") \
+        in table.splitlines()  # the server's record
 
 
 def _job_hash(job: Path) -> str:

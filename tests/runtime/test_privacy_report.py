@@ -34,3 +34,33 @@ def test_bad_report_is_refused_naming_the_field(change: dict, fragment: str) -> 
     with pytest.raises(UpdateRejected) as err:
         decode_report({**GOOD, **change})
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+DP = {"epsilon_round": 4.73, "epsilon_total": 10.2, "delta": 1e-5, "noise_multiplier": 1.0, "sampling_rate": 1.0,
+      "releases": 3}
+
+
+def test_dp_spend_round_trips_with_inf_as_a_word() -> None:
+    assert decode_report({**GOOD, "dp": DP})["dp"] == DP
+    infinite = {**DP, "epsilon_round": "inf", "epsilon_total": "inf", "noise_multiplier": 0.0}
+    assert decode_report({**GOOD, "dp": infinite})["dp"] == infinite
+    assert "dp" not in decode_report(GOOD)
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"epsilon_total": -1.0}, "field 'dp.epsilon_total"),
+    ({"epsilon_total": float("inf")}, "field 'dp.epsilon_total"),  # json.loads reads Infinity as this
+    ({"epsilon_round": float("nan")}, "field 'dp.epsilon_round"),
+    ({"epsilon_total": "Infinity"}, "field 'dp.epsilon_total"),
+    ({"epsilon_total": "a lot"}, "field 'dp.epsilon_total"),
+    ({"delta": 1.0}, "field 'dp.delta'"),
+    ({"sampling_rate": 0.0}, "field 'dp.sampling_rate'"),
+    ({"noise_multiplier": -0.5}, "field 'dp.noise_multiplier'"),
+    ({"releases": 0}, "field 'dp.releases'"),
+    ({"releases": 10**9 + 1}, "field 'dp.releases'"),
+    ({"note": "x" * 100}, "field 'dp.note'"),
+])
+def test_bad_dp_spend_is_refused_naming_the_field(change: dict, fragment: str) -> None:
+    with pytest.raises(UpdateRejected) as err:
+        decode_report({**GOOD, "dp": {**DP, **change}})
+    assert fragment in str(err.value) and "\n" not in str(err.value)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.client.dp_ledger import DpLedger
 from runtime.client.outgoing import prepare
 from runtime.client.privacy_policy import PrivacyPolicy
 from runtime.job_spec import FilterConfig
@@ -23,10 +24,14 @@ def model(seed: int) -> dict[str, np.ndarray]:
             "2.bias": np.array([3.0], dtype=np.float32), "steps": np.array([7], dtype=np.int64)}
 
 
+def ledger(files: dict[str, Path]) -> DpLedger:
+    return DpLedger(files["job"], "j")
+
+
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
     paths = {"raw": tmp_path / "raw.safetensors", "ref": tmp_path / "ref.safetensors",
-             "out": tmp_path / "out.safetensors"}
+             "out": tmp_path / "out.safetensors", "job": tmp_path / "job"}
     save_file(model(1), paths["raw"])
     save_file(model(2), paths["ref"])
     return paths
@@ -35,7 +40,8 @@ def files(tmp_path: Path) -> dict[str, Path]:
 def test_exclusions_never_leave_in_any_task(files: dict[str, Path]) -> None:
     chain = PrivacyPolicy(exclude_vars=["^2\\.bias$"], **DP).chain_for("j", [])
     for task in ("train", "init", "submit_model"):
-        report = prepare(task, files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"])
+        report = prepare(task, files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"],
+                     ledger=ledger(files))
         sent = load_file(files["out"])
         assert "2.bias" not in sent and report.excluded == ["2.bias"] and report.n_excluded == 1
         assert report.payload_sha256 == hashlib.sha256(files["out"].read_bytes()).hexdigest()
@@ -44,7 +50,7 @@ def test_exclusions_never_leave_in_any_task(files: dict[str, Path]) -> None:
 
 def test_delta_is_clipped_and_noised(files: dict[str, Path]) -> None:
     chain = PrivacyPolicy(**DP).chain_for("j", [])
-    report = prepare("train", files["raw"], files["out"], chain, np.random.default_rng(0))
+    report = prepare("train", files["raw"], files["out"], chain, np.random.default_rng(0), ledger=ledger(files))
     raw, sent = load_file(files["raw"]), load_file(files["out"])
     assert report.applied_to == "delta"
     for name in ("0.weight", "0.bias", "2.bias"):
@@ -56,7 +62,8 @@ def test_local_model_is_last_global_plus_a_filtered_delta(files: dict[str, Path]
     """Percentile on (local - last global): the entries not sent keep the global's values, so the model
     stays a model; and the kept entries are exactly the local ones."""
     chain = PrivacyPolicy().chain_for("j", [FilterConfig(name="percentile", args={"fraction": 0.25})])
-    report = prepare("submit_model", files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"])
+    report = prepare("submit_model", files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"],
+                     ledger=ledger(files))
     raw, ref, sent = load_file(files["raw"]), load_file(files["ref"]), load_file(files["out"])
     assert report.applied_to == "model_minus_last_global"
     w_raw, w_ref, w_sent = raw["0.weight"], ref["0.weight"], sent["0.weight"]
@@ -71,7 +78,7 @@ def test_local_model_is_last_global_plus_a_filtered_delta(files: dict[str, Path]
 def test_local_model_without_a_reference_is_filtered_whole(files: dict[str, Path]) -> None:
     chain = PrivacyPolicy(**DP).chain_for("j", [])
     report = prepare("submit_model", files["raw"], files["out"], chain, np.random.default_rng(0),
-                     files["ref"].with_name("missing.safetensors"))
+                     files["ref"].with_name("missing.safetensors"), ledger=ledger(files))
     assert report.applied_to == "whole_model"
     floats = [v for v in load_file(files["out"]).values() if v.dtype.kind == "f"]
     assert len(floats) == 3
@@ -80,7 +87,8 @@ def test_local_model_without_a_reference_is_filtered_whole(files: dict[str, Path
 def test_initial_model_gets_the_chain_whole(files: dict[str, Path]) -> None:
     """Round 0 has no reference: DP clips the whole model to clip_norm before the noise."""
     chain = PrivacyPolicy(gaussian_dp={"noise_multiplier": 0.0, "clip_norm": 1.0}).chain_for("j", [])
-    report = prepare("init", files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"])
+    report = prepare("init", files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"],
+                     ledger=ledger(files))
     sent = load_file(files["out"])
     norm = np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in sent.values() if v.dtype.kind == "f"))
     assert report.applied_to == "whole_model" and norm == pytest.approx(1.0, rel=1e-5)
@@ -88,7 +96,8 @@ def test_initial_model_gets_the_chain_whole(files: dict[str, Path]) -> None:
 
 def test_no_filters_send_the_weights_bit_for_bit(files: dict[str, Path]) -> None:
     chain = PrivacyPolicy().chain_for("j", [])
-    report = prepare("submit_model", files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"])
+    report = prepare("submit_model", files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"],
+                     ledger=ledger(files))
     raw, sent = load_file(files["raw"]), load_file(files["out"])
     assert report.chain == [] and not report.raised and report.applied_to == "whole_model"
     for name in raw:

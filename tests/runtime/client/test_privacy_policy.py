@@ -11,6 +11,7 @@ from runtime.client.privacy_policy import PrivacyPolicy
 from runtime.errors import ConfigError, JobRejected
 from runtime.job_spec import FilterConfig
 
+DP_ACCOUNTING = {"delta": 1e-5, "sampling_rate": 1.0}  # gaussian_dp's defaults: epsilon is reported with them
 FLOOR = {"gaussian_dp": {"noise_multiplier": 1.0, "clip_norm": 0.5}, "percentile": {"fraction": 0.2},
          "svt": {"epsilon": 0.5, "fraction": 0.3}}
 
@@ -36,15 +37,16 @@ def test_raise_adds_every_missing_filter_for_a_job_asking_for_none() -> None:
         ("exclude_vars", {"pattern": "^2\\.bias$"}, "site"),
         ("percentile", {"fraction": 0.2}, "site"),
         ("svt", {"epsilon": 0.5, "fraction": 0.3, "clip": 0.01}, "site"),
-        ("gaussian_dp", {"noise_multiplier": 1.0, "clip_norm": 0.5}, "site"),  # noise last
+        ("gaussian_dp", {"noise_multiplier": 1.0, "clip_norm": 0.5, **DP_ACCOUNTING}, "site"),  # noise last
     ]
     assert chain.is_raised
     assert len(chain.build()) == 4
 
 
 @pytest.mark.parametrize(("name", "asked", "expected"), [
-    ("gaussian_dp", {"noise_multiplier": 0.1, "clip_norm": 5.0}, {"noise_multiplier": 1.0, "clip_norm": 0.5}),
-    ("gaussian_dp", {"noise_multiplier": 0.1}, {"noise_multiplier": 1.0, "clip_norm": 0.5}),  # default clip 1.0
+    ("gaussian_dp", {"noise_multiplier": 0.1, "clip_norm": 5.0},
+     {"noise_multiplier": 1.0, "clip_norm": 0.5, **DP_ACCOUNTING}),
+    ("gaussian_dp", {"noise_multiplier": 0.1}, {"noise_multiplier": 1.0, "clip_norm": 0.5, **DP_ACCOUNTING}),
     ("percentile", {"fraction": 0.9}, {"fraction": 0.2}),
     ("svt", {"epsilon": 3.0, "fraction": 0.3}, {"epsilon": 0.5, "fraction": 0.3, "clip": 0.01}),
     ("svt", {"epsilon": 0.5, "fraction": 0.8, "clip": 0.1}, {"epsilon": 0.5, "fraction": 0.3, "clip": 0.1}),
@@ -97,7 +99,10 @@ def test_an_unknown_job_filter_is_a_config_error() -> None:
     ("percentile: {fraction: 1.5}\n", "field 'percentile.fraction'"),
     ("on_weaker_job: ignore\n", "field 'on_weaker_job'"),
     ("exclude_vars: ['(']\n", "field 'exclude_vars'"),
-    ("gaussian_dp: {noise_multiplier: 1.0, clip_norm: 1.0, delta: 1e-5}\n", "field 'gaussian_dp.delta'"),
+    ("gaussian_dp: {noise_multiplier: 1.0, clip_norm: 1.0, delta: 2}\n", "field 'gaussian_dp.delta'"),
+    ("gaussian_dp: {noise_multiplier: 1.0, clip_norm: 1.0, sampling_rate: 0}\n", "field 'gaussian_dp.sampling_rate'"),
+    ("dp_budget: {epsilon: 8.0}\n", "field 'dp_budget.delta': Field required"),
+    ("dp_budget: {epsilon: .inf, delta: 1.0e-5}\n", "field 'dp_budget.epsilon'"),
     ("svt: [1, 2\n", "not valid yml"),
 ])
 def test_malformed_file_is_one_line_naming_file_and_field(tmp_path: Path, text: str, fragment: str) -> None:
@@ -111,3 +116,43 @@ def test_malformed_file_is_one_line_naming_file_and_field(tmp_path: Path, text: 
 
 def test_missing_file_means_no_floor(tmp_path: Path) -> None:
     assert PrivacyPolicy.load(tmp_path / "privacy.yml") == PrivacyPolicy()
+
+
+def test_a_floor_on_the_accounting_raises_delta_and_sampling_rate() -> None:
+    """The site's floor: epsilon reported at a delta no larger than its own, and no more amplification by
+    sampling credited than it allows (a larger sampling rate is the more cautious account)."""
+    floor = {"noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-6, "sampling_rate": 0.5}
+    asked = [FilterConfig(name="gaussian_dp", args={"noise_multiplier": 1.5, "delta": 1e-3, "sampling_rate": 0.01})]
+    chain = policy(gaussian_dp=floor).chain_for("j", asked)
+    assert steps(chain) == [("gaussian_dp", {"noise_multiplier": 1.5, "clip_norm": 1.0, "delta": 1e-6,
+                                             "sampling_rate": 0.5}, "raised")]
+    assert chain.dp_release()[1] == 1e-6 and chain.dp_release()[0][0].sampling_rate == 0.5
+    stricter = [FilterConfig(name="gaussian_dp", args={"noise_multiplier": 1.5, "delta": 1e-8, "sampling_rate": 1.0})]
+    assert policy(gaussian_dp=floor).chain_for("j", stricter).steps[0].source == "job"
+    with pytest.raises(JobRejected, match="gaussian_dp delta=0.001 is above this site's maximum 1e-06; gaussian_dp "
+                                          "sampling_rate=0.01 is below this site's minimum 0.5"):
+        policy(on_weaker_job="refuse", gaussian_dp=floor).chain_for("j", asked)
+    with pytest.raises(JobRejected, match="delta <= 1e-06, sampling_rate >= 0.5"):
+        policy(on_weaker_job="refuse", gaussian_dp=floor).chain_for("j", [])
+
+
+def test_a_dp_budget_needs_noise_on_every_upload() -> None:
+    budget = {"epsilon": 8.0, "delta": 1e-5}
+    with pytest.raises(JobRejected) as err:
+        policy(dp_budget=budget).chain_for("job-7", [FilterConfig(name="percentile")])
+    assert "refuses job job-7: this site has a DP budget (epsilon 8 at delta 1e-05)" in str(err.value)
+    chain = policy(dp_budget=budget, gaussian_dp=FLOOR["gaussian_dp"]).chain_for("j", [])  # the floor adds the noise
+    assert chain.dp_budget is not None and chain.is_differentially_private
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 reads 1e-5 as a string; a site writing it that way still gets its budget and floor."""
+    path = tmp_path / "privacy.yml"
+    path.write_text("dp_budget: {epsilon: 8, delta: 1e-5}\ngaussian_dp: {noise_multiplier: 1, clip_norm: 1, "
+                    "delta: 1e-6}\n")
+    loaded = PrivacyPolicy.load(path)
+    assert loaded.dp_budget.delta == 1e-5 and loaded.gaussian_dp.delta == 1e-6
+    chain = loaded.chain_for("j", [FilterConfig(name="gaussian_dp", args={"delta": "1e-5"})])
+    assert chain.dp_release()[1] == 1e-6
+    assert policy().chain_for("j", [FilterConfig(name="gaussian_dp", args={"delta": "1e-5"})]).steps[0].args["delta"] \
+        == 1e-5

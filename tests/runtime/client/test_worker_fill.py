@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.client.worker import _LocalModel, handle
+from runtime.client.worker import SiteState, handle
 from runtime.learner import Learner, SiteContext, TrainResult
 from runtime.weights import load_file, save_file
 
@@ -32,7 +32,7 @@ class Recorder(Learner):
 
 
 def test_missing_tensor_is_filled_and_stays_local(tmp_path: Path) -> None:
-    learner, local = Recorder(), _LocalModel()
+    learner, local = Recorder(), SiteState()
     save_file({"w": np.ones(3, np.float32)}, tmp_path / "global.safetensors")  # "secret" was excluded
     handle(learner, {"op": "train", "weights": str(tmp_path / "global.safetensors"), "round": 1,
                      "out": str(tmp_path / "delta.safetensors")}, local)
@@ -41,7 +41,7 @@ def test_missing_tensor_is_filled_and_stays_local(tmp_path: Path) -> None:
     assert set(delta) == {"w"}  # the server's model has no "secret": it is not sent back
     np.testing.assert_array_equal(local.weights["secret"], np.full(2, 6.0, np.float32))  # trained locally
 
-    handle(learner, {"op": "local_model", "out": str(tmp_path / "local.safetensors")}, local)
+    handle(learner, {"op": "submit_model", "out": str(tmp_path / "local.safetensors")}, local)
     assert set(load_file(tmp_path / "local.safetensors")) == {"w"}
 
     handle(learner, {"op": "validate", "weights": str(tmp_path / "global.safetensors")}, local)
@@ -49,7 +49,7 @@ def test_missing_tensor_is_filled_and_stays_local(tmp_path: Path) -> None:
 
 
 def test_complete_global_is_used_as_is(tmp_path: Path) -> None:
-    learner, local = Recorder(), _LocalModel()
+    learner, local = Recorder(), SiteState()
     save_file({"w": np.ones(3, np.float32), "secret": np.ones(2, np.float32)}, tmp_path / "g.safetensors")
     handle(learner, {"op": "train", "weights": str(tmp_path / "g.safetensors"), "round": 1,
                      "out": str(tmp_path / "d.safetensors")}, local)

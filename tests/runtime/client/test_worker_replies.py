@@ -18,6 +18,8 @@ def _line(**reply) -> bytes:
 def test_a_good_train_reply_passes():
     reply = parse_reply(_line(n_samples=12, metrics={"loss": 0.5, "acc/top-1": 1}, validation={"auc": 0.7}))
     assert reply.n_samples == 12 and reply.metrics == {"loss": 0.5, "acc/top-1": 1.0}
+    reply = parse_reply(_line(n_samples=1, local={"steps": 3, "lr_sum": 0.3}, local_validation={"auc": 0.9}))
+    assert reply.local == {"steps": 3.0, "lr_sum": 0.3} and reply.local_validation == {"auc": 0.9}
 
 
 @pytest.mark.parametrize(("reply", "expected"), [
@@ -27,6 +29,8 @@ def test_a_good_train_reply_passes():
     ({"metrics": {"loss": "high"}}, "metric 'loss' is not a finite number"),
     ({"metrics": {"loss": True}}, "metric 'loss' is not a finite number"),
     ({"metrics": {f"m{i}": 1.0 for i in range(MAX_METRICS + 1)}}, f"{MAX_METRICS + 1} metrics, more than"),
+    ({"local": {"lr_sum": float("inf")}}, "metric 'lr_sum' is not a finite number"),
+    ({"local_validation": {SECRET: 0.5}}, "metric name #1 (86 characters) is not allowed"),
     ({"n_samples": -1}, "n_samples must be a non-negative integer"),
     ({"n_samples": 1.5}, "n_samples must be a non-negative integer"),
     ({SECRET: 1}, "unexpected field"),

@@ -46,19 +46,20 @@ class LinearLearner(Learner):
         self.train_calls += 1
         if self.fail == "nan":
             return TrainResult({"w": np.full(3, np.nan, np.float32), "b": weights["b"]}, len(self.y))
-        return TrainResult(gd_step(weights, self.x, self.y, self.lr), len(self.y), {"mse": mse(weights, self.x, self.y)})
+        trained = gd_step(weights, self.x, self.y, self.lr)
+        return TrainResult(trained, len(self.y), {"mse": mse(weights, self.x, self.y)})
 
     def validate(self, weights: Weights) -> dict[str, float]:
         return {"mse": mse(weights, self.x, self.y), "n_samples": float(len(self.y))}
 
 
-def learners(tmp: Path, sizes: dict[str, int], **kwargs: object) -> dict[str, LinearLearner]:
+def learners(tmp: Path, sizes: dict[str, int], fail: dict[str, str] | None = None) -> dict[str, LinearLearner]:
+    """One learner per site, each on its own data (shifted per site: non-IID); `fail`: site -> "init" or
+    "nan", a site that cannot build round 0 or one that sends NaN."""
     out = {}
     for i, (site, n) in enumerate(sizes.items()):
         x, y = site_data(i, n, shift=float(i))
         context = SiteContext(site=site, job_id="simulated", data_root=None, work_dir=tmp / site)
         context.work_dir.mkdir(parents=True, exist_ok=True)
-        out[site] = LinearLearner(context, x, y, **{k: v for k, v in kwargs.items() if k != "fail"},
-                                  fail=str(kwargs.get("fail", {}).get(site, "")) if isinstance(kwargs.get("fail"), dict)
-                                  else "")
+        out[site] = LinearLearner(context, x, y, fail=(fail or {}).get(site, ""))
     return out

@@ -13,7 +13,6 @@ from runtime.job_spec import load_job_spec
 from runtime.server.controller import RoundFailed
 from runtime.simulate import simulate
 from runtime.weights import to_bytes
-
 from tests.runtime.workflows.numpy_learner import gd_step, learners, mse, site_data
 
 ZERO = {"w": np.zeros(3, dtype=np.float32), "b": np.zeros(1, dtype=np.float32)}

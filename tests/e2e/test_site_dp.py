@@ -1,0 +1,74 @@
+"""Differential-privacy accounting over real processes: a site whose local/privacy.yml adds gaussian_dp and
+sets a DP budget reports the epsilon of every upload (the accountant's, recomputed here), audits it, shows
+it in show_job, and refuses the upload that would go past its budget, before anything is written to send.
+One site, two rounds, to keep it short."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import dp_accounting
+import pytest
+from dp_accounting.rdp import RdpAccountant
+
+from provision.local_study import LocalStudy, wait_until
+
+NOISE, DELTA = 1.0, 1e-5
+
+
+def accountant_epsilon(releases: int, delta: float = DELTA) -> float:
+    accountant = RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(NOISE), releases)
+    return float(accountant.get_epsilon(delta))
+
+
+def _events(study: LocalStudy, site: str, event: str) -> list[dict[str, Any]]:
+    audit = study.kits[site] / "workspace" / "audit.jsonl"
+    return [r for r in map(json.loads, audit.read_text().splitlines()) if r["event"] == event]
+
+
+def test_site_reports_its_epsilon_and_stops_at_its_budget(make_study, tmp_path):
+    handle = make_study(sites=["site-1"])
+    study = handle.study
+    budget = (accountant_epsilon(2) + accountant_epsilon(3)) / 2  # the round-0 model and round 1 fit; not round 2
+    study.write_local("site-1", "privacy.yml", {"gaussian_dp": {"noise_multiplier": NOISE, "clip_norm": 1.0},
+                                                "dp_budget": {"epsilon": budget, "delta": DELTA}})
+    study.start_server()
+    study.start("site-1")
+    wait_until(lambda: any(s["online"] for s in study.admin_json("check_status client")["sites"]), 60,
+               "site-1 online")
+
+    job = handle.job(tmp_path / "job")
+    job_id = study.admin_json(f"submit_job {job} --set server.rounds=2 --set meta.min_clients=1 "
+                              "--set client.filters=[] --set client.keep_updates=true")["job_id"]
+    wait_until(lambda: _events(study, "site-1", "dp_budget_exhausted"), 300, "the site to refuse round 2")
+    study.admin(f"wait_job {job_id} 120")  # the job ends, however the server takes a round without results
+
+    # every upload through gaussian_dp is audited with what it cost: the accountant's numbers
+    sent = [r for r in _events(study, "site-1", "update_sent") if r["job_id"] == job_id and r["privacy"]]
+    assert [(r["task"], r["privacy"]["dp"]["releases"]) for r in sent] == [("init", 1), ("train", 2)]
+    for entry in sent:
+        dp = entry["privacy"]["dp"]
+        assert dp["epsilon_total"] == pytest.approx(accountant_epsilon(dp["releases"]), rel=1e-9)
+        assert dp["epsilon_round"] == pytest.approx(accountant_epsilon(1), rel=1e-9)
+        assert (dp["delta"], dp["noise_multiplier"], dp["sampling_rate"]) == (DELTA, NOISE, 1.0)
+
+    # the third release was refused on the site, audited, and nothing for it was written to send
+    (refused,) = _events(study, "site-1", "dp_budget_exhausted")
+    assert refused["job_id"] == job_id and refused["task"] == "train" and refused["releases_so_far"] == 2
+    assert refused["epsilon_would_be"] == pytest.approx(accountant_epsilon(3), rel=1e-9)
+    failed = [r for r in _events(study, "site-1", "task_failed") if r["job_id"] == job_id]
+    assert any("DP budget exhausted on this site" in r["reason"] and "local/privacy.yml dp_budget" in r["reason"]
+               for r in failed)
+    site_job = study.kits["site-1"] / "workspace" / "jobs" / job_id
+    trained = sorted(site_job.glob("inbox/*/delta_out.safetensors"))  # kept by keep_updates
+    assert len(trained) == 2 and len(list(site_job.glob("inbox/*/*.sent.safetensors"))) == 2  # round 0 and 1
+    assert [p.parent.name for p in trained if not p.with_suffix(".sent.safetensors").exists()] == \
+        [trained[-1].parent.name]  # the last round trained, and nothing was written to send
+    assert json.loads((site_job / "dp_ledger.json").read_text())["releases"] == 2
+
+    # show_job: the total so far, per site, at the site's delta
+    table = study.admin(f"show_job {job_id}", as_json=False).stdout
+    expected = f"  site-1: epsilon {accountant_epsilon(2):.3g} at delta 1e-05 after 2 releases (noise multiplier 1"
+    assert any(line.startswith(expected) for line in table.splitlines()), table
