@@ -179,7 +179,8 @@ def dp_table(module: ModuleType, rounds: int, splits: dict[int, DemoData], work:
     lines = [f"| noise multiplier (clip_norm {CLIP_NORM:g}) | held-out acc | held-out AUC | sites' val acc "
              f"| epsilon per site (delta {DELTA:g}) |", "|---:|---:|---:|---:|---:|"]
     for z in NOISE_MULTIPLIERS:
-        dp = f"client.filters=[{{name: gaussian_dp, args: {{clip_norm: {CLIP_NORM}, noise_multiplier: {z}}}}}]"
+        dp = (f"client.filters=[{{name: gaussian_dp, args: {{clip_norm: {CLIP_NORM}, noise_multiplier: {z}, "
+              f"delta: {DELTA!r}, sampling_rate: 1.0}}}}]")
         start = time.monotonic()
         scores = [run_study(module, job_spec(rounds, seed, ["server.aggregator={name: fedavg}", dp]), data,
                             work / f"dp-{z}-{seed}", seed, apply_filters=True) for seed, data in splits.items()]
