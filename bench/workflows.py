@@ -18,7 +18,7 @@ What the numbers are:
   epsilon    per site after N rounds at delta 1e-5, sampling_rate 1 (every site in every round): the RDP
              accountant of Google's dp-accounting (runtime/privacy_accounting.py where it exists).
 
-    python bench/workflows.py                      # both tables, 10 rounds, 3 seeds (minutes on 2 cores)
+    python bench/workflows.py                      # both tables, 10 rounds, 3 seeds (1-3 minutes on 2 cores)
     python bench/workflows.py --rounds 3 --seeds 1 --table dp
 """
 
