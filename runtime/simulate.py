@@ -1,7 +1,8 @@
 """A study simulated in one process: the real server controller, workflows and aggregators, with each
 site's learner run in-process on its own data through the training worker's own command handler.
 
-What is left out is everything between the two: no TLS, kits, sandbox, privacy filters or network. It is
+What is left out is everything between the two: no TLS, kits, sandbox, site privacy policy or network (the
+job's own filters run on each train delta with `apply_filters=True`). It is
 for trying an algorithm on local data splits before a real study, for the workflow and controller tests
 (no gRPC), and for the guide's measured tables (bench/workflows.py). It is not a security boundary: the
 job's learner runs in this process.
@@ -21,15 +22,21 @@ import contextlib
 import io
 import json
 import tempfile
+import threading
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .audit import AuditLog
 from .client.worker import SiteState, handle
 from .errors import FedkitError
+from .filters import Filter, build_filters
+from .filters import apply_filters as run_filters
 from .identity import Identity, Kind
 from .job_spec import JobSpec, spec_to_json
 from .learner import Learner
@@ -38,10 +45,13 @@ from .server.job_store import JobRecord, JobState, JobStore
 from .server.registry import Registry
 from .server.taskboard import Task, TaskBoard
 from .tasks import RESULT_WEIGHTS, TaskConfig, TaskKind
-from .weights import Weights, load_file
+from .weights import Weights, load_file, to_bytes
 
 JOB_ID = "simulated"
 POLL_S = 0.05
+# FedProx/SCAFFOLD hook torch.optim process-wide while a site trains (runtime/client/local_algorithms.py); a
+# real site is its own process, here the sites share one, so a train task with an algorithm runs alone
+_ALGORITHM_TRAINING = threading.Lock()
 
 
 @dataclass
@@ -67,12 +77,17 @@ class SimulationResult:
 
 async def simulate(spec: JobSpec, learners: dict[str, Learner], folder: Path, *,
                    job_files: dict[str, bytes] | None = None, interrupt_after_results: int | None = None,
-                   site_states: dict[str, SiteState] | None = None) -> SimulationResult:
+                   site_states: dict[str, SiteState] | None = None, apply_filters: bool = False,
+                   filter_seed: int = 0) -> SimulationResult:
     """Run (or resume) the job in `folder` with one in-process site per learner. `job_files`: files of the
     job folder (initial_model, evaluate_models). `interrupt_after_results`: stop the server abruptly once
     this many results were accepted (a crash mid-round), leaving the job resumable. `site_states`: the
     sites' worker state, kept by the caller across an interruption (as a site's worker outlives a server
-    restart)."""
+    restart). `apply_filters`: run the job's client filters (config_fed_client.yml `filters:`) on each train
+    delta before the server gets it, with a NumPy generator seeded by `filter_seed` and the site's name.
+    These are the job's filters only; a real site's privacy floor (its privacy policy) may add more, and a
+    real site also filters the models it submits for cross-site validation, which this does not."""
+    filters = build_filters(spec.client.filters) if apply_filters else []  # a bad filter fails here, once
     store = JobStore(folder)
     record = _job_record(store, spec, job_files or {})
     audit = AuditLog(folder / "audit.jsonl")
@@ -86,6 +101,7 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner], folder: Path, *,
 
     async def serve(site: str, learner: Learner) -> None:
         state = states.setdefault(site, SiteState())
+        rng = np.random.default_rng([filter_seed, zlib.crc32(site.encode())])
         with tempfile.TemporaryDirectory(prefix=f"fedkit-sim-{site}-") as tmp:
             while True:
                 task = await board.next_for(site, POLL_S)
@@ -93,7 +109,7 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner], folder: Path, *,
                     continue
                 board.claim(task.task_id, site)
                 n_samples, metrics, error, payload = await asyncio.to_thread(_run_task, learner, state, task,
-                                                                             Path(tmp))
+                                                                             Path(tmp), filters, rng)
                 with contextlib.suppress(FedkitError):  # a refused update fails only that site's round
                     await controller.accept_result(task, n_samples, metrics, error, payload)
                 counter["results"] += 1
@@ -133,9 +149,9 @@ def _job_record(store: JobStore, spec: JobSpec, job_files: dict[str, bytes]) -> 
     return store.create(archive.getvalue(), spec_to_json(spec), record)
 
 
-def _run_task(learner: Learner, state: SiteState, task: Task, tmp: Path) -> tuple[int, dict[str, Any], str,
-                                                                                   bytearray | None]:
-    """One task on one site, as the site daemon and its worker do it (minus the privacy filters)."""
+def _run_task(learner: Learner, state: SiteState, task: Task, tmp: Path, filters: list[Filter],
+              rng: np.random.Generator) -> tuple[int, dict[str, Any], str, bytearray | None]:
+    """One task on one site, as the site daemon and its worker do it (`filters` on train deltas only)."""
     kind, config = TaskKind(task.name), TaskConfig.model_validate(task.config)
     received = tmp / "received.safetensors"
     out = tmp / "out.safetensors"
@@ -147,7 +163,8 @@ def _run_task(learner: Learner, state: SiteState, task: Task, tmp: Path) -> tupl
                                "key_metric": config.key_metric.model_dump(mode="json"),
                                "keep_best_local": config.keep_best_local}
     try:
-        reply = handle(learner, command, state)
+        with _ALGORITHM_TRAINING if config.algorithm is not None else contextlib.nullcontext():
+            reply = handle(learner, command, state)
     except Exception as e:  # the learner is researcher code: its failure is the site's answer
         return 0, {}, f"{type(e).__name__}: {e}", None
     if kind is TaskKind.VALIDATE:
@@ -156,6 +173,8 @@ def _run_task(learner: Learner, state: SiteState, task: Task, tmp: Path) -> tupl
     if "metrics" in reply and kind is TaskKind.TRAIN:
         metrics["train"] = reply["metrics"]
     payload = bytearray(out.read_bytes()) if RESULT_WEIGHTS[kind] and out.exists() else None
+    if payload is not None and filters and kind is TaskKind.TRAIN:
+        payload = bytearray(to_bytes(run_filters(load_file(out), filters, rng)))
     return int(reply.get("n_samples", 0)), metrics, "", payload
 
 
