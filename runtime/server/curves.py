@@ -82,19 +82,22 @@ def curves_png(metrics: list[dict[str, Any]], scalar_history: list[dict[str, Any
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     shown = found[:MAX_PANELS]
     n_cols = min(3, len(shown))
     n_rows = math.ceil(len(shown) / n_cols)
     fig = Figure(figsize=(4.4 * n_cols, 3.3 * n_rows), dpi=FIGURE_DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    n_sites = len({site for p in shown for site in p.sites})
+    all_sites = sorted({site for p in shown for site in p.sites})
+    color = {site: f"C{i % 10}" for i, site in enumerate(all_sites)}  # a site keeps its colour in every panel
+    n_sites = len(all_sites)
     for i, p in enumerate(shown):
         ax = fig.add_subplot(n_rows, n_cols, i + 1)
         for site in sorted(p.sites):
             xs = sorted(p.sites[site])
             ax.plot(xs, [p.sites[site][x] for x in xs], marker="." if len(xs) < 30 else None, linewidth=1,
-                    alpha=0.8, label=site if n_sites <= MAX_LEGEND_SITES else None)
+                    alpha=0.8, color=color[site], label=site if n_sites <= MAX_LEGEND_SITES else None)
         if p.overall:
             xs = sorted(p.overall)
             ax.plot(xs, [p.overall[x] for x in xs], color="black", linewidth=2.5, marker="o" if len(xs) < 30 else None,
@@ -102,6 +105,7 @@ def curves_png(metrics: list[dict[str, Any]], scalar_history: list[dict[str, Any
         ax.set_title(p.title, fontsize=10, parse_math=False)
         ax.set_xlabel(p.x_label, fontsize=8, parse_math=False)
         ax.tick_params(labelsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
         ax.grid(alpha=0.3)
         if i == 0 and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
