@@ -38,6 +38,7 @@ SITES_RUN_DIR = "sites"
 GLOBAL_RUN = "global"
 SCALARS_FILE = "scalars.jsonl"
 CURVES_PNG = "curves.png"
+DRAW_SHARE = 0.2  # at most this share of a job's wall time goes to redrawing curves.png
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a site name safe as a folder name
 
 Points = list[tuple[str, int, float]]
@@ -53,6 +54,7 @@ class JobTracker:
         self._files: dict[str, EventFile] = {}
         self._no_events = ""   # why event files are off (the tensorboard package missing)
         self._warned: set[str] = set()
+        self._next_draw_s = 0.0  # monotonic time before which round_done does not redraw
         self._keep_history(keep_through_step)
 
     # ---- fed by the controller ---------------------------------------------------------------------
@@ -78,7 +80,8 @@ class JobTracker:
 
     def round_done(self, outcome: RoundOutcome) -> None:
         """The logged scalars of a closed round: into each site's event file and the history; then the
-        curves are drawn again."""
+        curves are drawn again, unless drawing would take more than DRAW_SHARE of the job's time (many
+        sites): then at most that often, and once more at the job's end (`draw`)."""
         by_run: dict[str, Points] = {}
         summary: dict[str, dict[str, Any]] = {}
         for site, result in sorted(outcome.results.items()):
@@ -95,12 +98,14 @@ class JobTracker:
                     f.write(json.dumps(line, sort_keys=True) + "\n")
             except OSError as e:
                 self._warn("history", f"logged scalars not kept for job {self._job_dir.name}: {e}")
-        self.draw()
+        if time.monotonic() >= self._next_draw_s:
+            self.draw()
 
     def draw(self) -> None:
         """Write curves.png from the job's metrics and scalar history (replaced atomically)."""
         from .curves import curves_png  # matplotlib: only where a figure is drawn
 
+        started = time.monotonic()
         try:
             png = curves_png(_read_jsonl(self._job_dir / "metrics.jsonl"), _read_jsonl(self._job_dir / SCALARS_FILE),
                              self._key_metric)
@@ -111,6 +116,9 @@ class JobTracker:
             tmp.replace(self._job_dir / CURVES_PNG)
         except Exception as e:  # noqa: BLE001 - a figure that fails must not fail the study
             self._warn("curves", f"learning curves not drawn for job {self._job_dir.name}: {type(e).__name__}: {e}")
+        finally:
+            took_s = time.monotonic() - started
+            self._next_draw_s = time.monotonic() + took_s * (1 - DRAW_SHARE) / DRAW_SHARE
 
     # ---- inside ----------------------------------------------------------------------------------------
 
