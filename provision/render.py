@@ -52,7 +52,7 @@ PROVISION_ONLY_REQUIREMENTS = frozenset({"jinja2", "typer"})
 # The DP accountant runs where the noise is added (the site's privacy step).
 CLIENT_ONLY_REQUIREMENTS = frozenset({"torch", "dp-accounting"})
 # The cross-site heatmap is drawn by the server, into the job's results.
-SERVER_ONLY_REQUIREMENTS = frozenset({"matplotlib"})
+SERVER_ONLY_REQUIREMENTS = frozenset({"matplotlib", "tensorboard"})
 RUNTIME_MODULE = {Kind.SERVER: "runtime.server", Kind.CLIENT: "runtime.client", Kind.ADMIN: "runtime.admin"}
 CERT_STEM = {Kind.SERVER: "server", Kind.CLIENT: "client", Kind.ADMIN: "client"}
 

@@ -14,6 +14,10 @@ of samples it trained on (the aggregation weight) and any metrics. `validate` re
 `n_samples` (the validation set size) so the server weights sites fairly. The learner is built once per
 job and kept across rounds, so optimizer state may persist.
 
+Curves: `self.context.log_scalar("loss", value, step)` at any point (per batch, per round); the points go
+to the server with the task's result and end in the job's TensorBoard files and curves (download_job).
+Give `step` as a counter that keeps growing across rounds, or leave it out to count one per call.
+
 Several GPUs: with `nproc: N` (or N `gpus`) in the site's local/site.yml, the worker runs under torchrun
 with N ranks and the process group already initialised (NCCL on GPUs, else gloo). Every rank gets each
 call; use `context.rank` / `context.world_size` to shard data and wrap the model in
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FedkitError
+from .scalar_log import ScalarLog
 from .weights import Weights
 
 
@@ -53,6 +58,13 @@ class SiteContext:
     gpus: tuple[int, ...] = ()
     rank: int = 0          # under torchrun (local/site.yml nproc > 1): this process's rank ...
     world_size: int = 1    # ... of this many; shard the data by rank and wrap the model in DDP
+    scalars: ScalarLog = field(default_factory=ScalarLog, compare=False, repr=False)  # what log_scalar kept
+
+    def log_scalar(self, name: str, value: float, step: int | None = None) -> None:
+        """Log one point of a curve (a loss per batch, a learning rate per round): `name` as a metric name,
+        `value` a finite number (NaN is dropped with a warning), `step` your own growing counter or None
+        for one more than this name's last. Raises ScalarLogError for a bad name or value."""
+        self.scalars.log(name, value, step)
 
 
 @dataclass

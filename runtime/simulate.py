@@ -169,7 +169,7 @@ def _run_task(learner: Learner, state: SiteState, task: Task, tmp: Path, filters
         return 0, {}, f"{type(e).__name__}: {e}", None
     if kind is TaskKind.VALIDATE:
         return 0, {"validation": reply["metrics"]}, "", None
-    metrics = {k: reply[k] for k in ("validation", "local", "local_validation") if reply.get(k)}
+    metrics = {k: reply[k] for k in ("validation", "local", "local_validation", "scalars") if reply.get(k)}
     if "metrics" in reply and kind is TaskKind.TRAIN:
         metrics["train"] = reply["metrics"]
     payload = bytearray(out.read_bytes()) if RESULT_WEIGHTS[kind] and out.exists() else None

@@ -23,6 +23,7 @@ from ..tasks import TaskKind
 from .client import AdminClient
 from .cross_site_table import cross_site_output
 from .sanitize import clean_remote
+from .scalars_view import scalar_lines
 
 USAGE = {
     "help": "help [COMMAND]                          the commands your role may run, or one command's usage",
@@ -226,6 +227,8 @@ class AdminConsole:
                     table.add_row(f"model {entry['model_round']}", "all", "", "",
                                   _fmt_metrics(entry["global"]) + ("  [best]" if entry["is_best"] else ""))
             self._out.print(table)
+            for line in scalar_lines(data.get("scalars")):
+                self._out.print(line, markup=False, highlight=False, soft_wrap=True)
             for line in _privacy_lines(data["metrics"]):
                 self._out.print(line, markup=False, highlight=False, soft_wrap=True)
         return data

@@ -392,7 +392,7 @@ class ClientDaemon:
             raise JobRejected(f"{kind.value} task came without weights")
         if kind is TaskKind.VALIDATE:
             reply = await self._worker.call({"op": kind.value, "weights": str(received)}, timeout_s)
-            return 0, {"validation": reply["metrics"]}, None
+            return 0, {"validation": reply["metrics"], **_scalars(reply)}, None
         out = round_dir / "delta_out.safetensors"
         config = task.config
         command = {"op": kind.value, "weights": str(received), "round": h.round,
@@ -407,7 +407,8 @@ class ClientDaemon:
             (round_dir / "update_sent.json").write_text(json.dumps({"n_samples": reply["n_samples"],
                                                                    "round": h.round, "task_id": h.task_id}))
         metrics = {"train": reply["metrics"], "validation": reply["validation"], "local": reply.get("local") or {},
-                   **({"local_validation": reply["local_validation"]} if reply.get("local_validation") else {})}
+                   **({"local_validation": reply["local_validation"]} if reply.get("local_validation") else {}),
+                   **_scalars(reply)}
         return int(reply["n_samples"]), {**metrics, **privacy}, sent
 
     async def _outgoing(self, task: TaskKind, raw: Path, chain: EffectiveChain,
@@ -546,3 +547,8 @@ def _log_tail(path: Path, max_bytes: int = 64 << 10) -> str:
     if size > max_bytes:
         text = text.partition("\n")[2]  # drop the line the cut went through
     return text or "(empty log)"
+
+
+def _scalars(reply: dict[str, Any]) -> dict[str, Any]:
+    """The learner's logged scalars (checked by worker_replies), sent with the result's metrics."""
+    return {"scalars": [list(p) for p in reply["scalars"]]} if reply.get("scalars") else {}

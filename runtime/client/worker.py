@@ -13,7 +13,8 @@ Op names are runtime.tasks.TaskKind values.
      "key_metric": {"name": "auc", "higher_is_better": true}, "keep_best_local": false}
         -> {"ok": true, "n_samples": N, "metrics": {...}, "validation": {...},
             "local": {"steps": K, "lr_sum": L},    (counted while an algorithm runs; {} without one)
-            "local_validation": {...}}             (with keep_best_local: the trained model, scored here)
+            "local_validation": {...},             (with keep_best_local: the trained model, scored here)
+            "scalars": [[name, step, value], ...]} (what the learner logged with context.log_scalar)
        (validation scores the received weights first; out holds the delta: trained minus received)
     {"op": "submit_model", "out": PATH}               -> {"ok": true}  (this site's best local model by the
         key metric among those trained with keep_best_local, else the last one trained)
@@ -167,7 +168,20 @@ def _train(learner: Learner, cmd: dict[str, Any], local: SiteState, is_main: boo
 
 def handle(learner: Learner, cmd: dict[str, Any], local: SiteState | None = None,
            is_main: bool = True) -> dict[str, Any]:
-    """Run one command. Under torchrun every rank runs it; only the main rank (0) writes files."""
+    """Run one command. Under torchrun every rank runs it; only the main rank (0) writes files. The reply
+    carries the scalars the learner logged since the last one (`"scalars": [[name, step, value], ...]`)."""
+    context = getattr(learner, "context", None)
+    sink = context.scalars if isinstance(context, SiteContext) else None
+    try:
+        reply = _handle(learner, cmd, local, is_main)
+    finally:
+        points = sink.take() if sink is not None else []  # a failed task's points go nowhere
+    if points and reply.get("ok"):
+        reply["scalars"] = [list(p) for p in points]
+    return reply
+
+
+def _handle(learner: Learner, cmd: dict[str, Any], local: SiteState | None, is_main: bool) -> dict[str, Any]:
     local = local if local is not None else SiteState()
     save = save_file if is_main else (lambda weights, path: None)
     op = cmd.get("op")

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..errors import FedkitError
+from ..scalar_log import Point, check_scalars
 
 METRIC_NAME = re.compile(r"^[A-Za-z0-9._/-]{1,64}$")
 MAX_METRICS = 256
@@ -61,6 +62,12 @@ class WorkerReply(BaseModel):
     validation: dict[str, float] = {}
     local: dict[str, float] = {}             # what the site-side algorithm counted (steps, lr_sum)
     local_validation: dict[str, float] = {}  # the trained model scored on local data (keep_best_local)
+    scalars: list[Point] = []                # what the learner logged: (name, step, value), runtime.scalar_log
+
+    @field_validator("scalars", mode="before")
+    @classmethod
+    def _scalars(cls, value: Any) -> list[Point]:
+        return check_scalars(value)
 
     @field_validator("metrics", "validation", "local", "local_validation", mode="before")
     @classmethod
@@ -101,6 +108,6 @@ def parse_reply(line: bytes) -> WorkerReply:
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             message = f"unexpected field ({len(where)} characters)"
-        elif not message.startswith(("metric", "n_samples", "error")) and where:
+        elif not message.startswith(("metric", "n_samples", "error", "scalar")) and where:
             message = f"field '{where}': {message}"
         raise WorkerReplyRefused(f"worker reply refused: {message}") from None

@@ -40,6 +40,7 @@ from .job_store import FINAL_STATES, JobRecord, JobState
 from .registry import Registry
 from .runner import JobRunner
 from .site_controls import SiteControls
+from .tracker import latest_scalars
 from .upload_spool import spool
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,8 @@ class AdminService:
         return {"record": asdict(record), "metrics": self._runner.store.metrics(record.job_id),
                 "queue_position": queued.index(record.job_id) + 1 if record.job_id in queued else None,
                 "output_bytes": self._runner.store.output_bytes(record.job_id),
-                "cross_site": report_view(self._runner.store.job_dir(record.job_id))}  # None until a report exists
+                "cross_site": report_view(self._runner.store.job_dir(record.job_id)),  # None until a report exists
+                "scalars": latest_scalars(self._runner.store.job_dir(record.job_id))}  # learners' log_scalar, last
 
     async def _wait_job(self, peer: Identity, args: dict[str, Any]) -> Any:
         """show_job once the job has more metric entries than the console has seen, or has ended, or

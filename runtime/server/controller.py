@@ -28,10 +28,11 @@ from ..workflows import WORKFLOWS, InitialModel, JobResults, RoundOutcome, Round
 from ..workflows import WorkflowContext as Context
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .job_store import JobRecord, JobStore
-from .metrics_check import numbers
+from .metrics_check import numbers, scalars
 from .registry import Registry
 from .site_selection import eligible_sites
 from .taskboard import NO_PAYLOAD, Payload, Task, TaskBoard
+from .tracker import JobTracker
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,8 @@ class JobController:
         # entries of a round in flight when the server stopped: that round runs again, so drop them
         self._store.keep_metrics(job_id, lambda e: e.get("step", 0) <= checkpoint.step)
         results = JobResults(**{**checkpoint.results, "sites": set(checkpoint.results.get("sites", []))})
+        self._tracker = await asyncio.to_thread(JobTracker, self._store.job_dir(job_id), checkpoint.step,
+                                                self.spec.server.key_metric.name)
         self._ctx = self._context(results)
         if checkpoint.step:
             log.info("job %s: resuming after step %d, in %s", job_id, checkpoint.step,
@@ -170,13 +173,14 @@ class JobController:
                 workflow.load_state(checkpoint.state, checkpoint.tensors)
             await self._run_workflow(workflow, index)
             await self._checkpoint(index + 1, None)  # done: a resumed job goes on with the next one
+        await asyncio.to_thread(self._tracker.draw)  # the curves of the whole job (round_done may skip some)
 
     def _context(self, results: JobResults) -> Context:
         job_id = self.record.job_id
         archive = self._store.job_dir(job_id) / "job.zip"
         return Context(job_id=job_id, spec=self.spec, job_dir=self._store.job_dir(job_id),
                        models_dir=self._store.models_dir(job_id),
-                       append_metrics=lambda entry: self._store.append_metrics(job_id, entry),
+                       append_metrics=self._append_metrics,
                        audit=self._audit.append, read_job_file=lambda name: read_zip_member(archive, name),
                        results=results, load_aggregator=self._load_aggregator)
 
@@ -187,10 +191,16 @@ class JobController:
             while (plan := await asyncio.to_thread(workflow.next_round)) is not None:
                 outcome = await self._run_round(plan)
                 await asyncio.to_thread(workflow.close_round, outcome)
+                await asyncio.to_thread(self._tracker.round_done, outcome)
                 self._publish(outcome)
                 await self._checkpoint(index, workflow)
         finally:
             self._workflow = None
+
+    def _append_metrics(self, entry: dict[str, Any]) -> None:
+        """A workflow's metrics entry: into metrics.jsonl, and to the job's TensorBoard files."""
+        self._store.append_metrics(self.record.job_id, entry)
+        self._tracker.entry(entry)
 
     async def _checkpoint(self, index: int, workflow: Workflow | None) -> None:
         meta, tensors = workflow.state() if workflow is not None else ({}, {})
@@ -323,4 +333,4 @@ def _decode_result(site: str, kind: TaskKind, n_samples: int, metrics: dict[str,
     return SiteResult(site=site, kind=kind, n_samples=n_samples, train_metrics=numbers(metrics.get("train")),
                       validation=numbers(metrics.get("validation")), local=numbers(metrics.get("local")),
                       local_validation=numbers(metrics.get("local_validation")),
-                      weights=view_bytes(payload) if payload else None)
+                      weights=view_bytes(payload) if payload else None, scalars=scalars(metrics.get("scalars")))

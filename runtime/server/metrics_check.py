@@ -3,8 +3,9 @@
 Metric names and values travel from a job's code (a stranger's) to show_job, wait_job, list_jobs, the
 key-metric choice and download_job, so the "train", "validation", "local" and "local_validation" maps
 must hold plain names
-(NAME_PATTERN), at most MAX_METRICS_PER_MAP of them, each a finite number. Other top-level keys (e.g. a
-"privacy" object, with a schema of its own elsewhere) are only bounded in size, with the whole JSON.
+(NAME_PATTERN), at most MAX_METRICS_PER_MAP of them, each a finite number. "scalars" (what the learner
+logged: [[name, step, value], ...]) is checked by runtime.scalar_log.check_scalars. Other top-level keys
+(e.g. a "privacy" object, with a schema of its own elsewhere) are only bounded in size, with the whole JSON.
 Raises UpdateRejected; the name at fault is shown with repr(), so its control characters stay inert.
 """
 
@@ -16,10 +17,11 @@ import re
 from typing import Any
 
 from ..errors import UpdateRejected
+from ..scalar_log import Point, check_scalars
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._/-]{1,64}")
 MAX_METRICS_PER_MAP = 256
-MAX_METRICS_JSON_BYTES = 64 << 10
+MAX_METRICS_JSON_BYTES = 192 << 10  # room for MAX_SCALARS_PER_TASK logged scalars beside the metric maps
 CHECKED_MAPS = ("train", "validation", "local", "local_validation")
 
 
@@ -43,6 +45,15 @@ def check_metrics(data: dict[str, Any]) -> None:
                 raise UpdateRejected(f"metric name {name[:40]!r} in '{key}' must match {NAME_PATTERN.pattern}")
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise UpdateRejected(f"metric '{name}' in '{key}' must be a finite number, not {str(value)[:20]!r}")
+    try:
+        check_scalars(data.get("scalars"))
+    except ValueError as e:
+        raise UpdateRejected(f"metrics 'scalars': {e}") from None
+
+
+def scalars(value: Any) -> tuple[Point, ...]:
+    """Checked scalars as (name, step, value) triples (absent: none)."""
+    return tuple(check_scalars(value)) if isinstance(value, list) else ()
 
 
 def numbers(value: Any) -> dict[str, float]:

@@ -58,6 +58,7 @@ class SiteResult:
     local: dict[str, float] = field(default_factory=dict)             # site-side algorithm figures
     local_validation: dict[str, float] = field(default_factory=dict)  # of the model the site trained
     weights: Weights | None = None
+    scalars: tuple[tuple[str, int, float], ...] = ()  # what its learner logged: (name, step, value)
 
 
 @dataclass

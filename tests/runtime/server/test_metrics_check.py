@@ -8,7 +8,7 @@ import json
 import pytest
 
 from runtime.errors import UpdateRejected
-from runtime.server.metrics_check import decode_metrics
+from runtime.server.metrics_check import MAX_METRICS_JSON_BYTES, decode_metrics
 
 
 def test_plain_metrics_pass_and_unknown_top_level_keys_are_left_alone() -> None:
@@ -42,4 +42,4 @@ def test_a_map_that_is_not_an_object_is_refused() -> None:
 
 def test_oversized_metrics_are_refused_whatever_their_keys() -> None:
     with pytest.raises(UpdateRejected, match="metrics are .* bytes"):
-        decode_metrics(json.dumps({"privacy": {"notes": "x" * 100_000}}))
+        decode_metrics(json.dumps({"privacy": {"notes": "x" * MAX_METRICS_JSON_BYTES}}))

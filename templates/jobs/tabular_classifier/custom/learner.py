@@ -70,6 +70,7 @@ class TabularLearner(Learner):
                 loss.backward()
                 optimizer.step()
                 total_loss, batches = total_loss + loss.item(), batches + 1
+                self.context.log_scalar("batch_loss", loss.item())  # one step per batch, across rounds
         self.model.eval()
         trained = {k: v.copy() for k, v in module_weights(self.model).items()}
         return TrainResult(weights=trained, n_samples=len(y), metrics={"loss": total_loss / max(batches, 1)})

@@ -1,0 +1,211 @@
+"""A job's experiment tracking on the server: TensorBoard event files per site and for the global model,
+a history of the learners' logged scalars, and a PNG of the learning curves, all in the job's folder
+(so download_job carries them):
+
+    jobs/<id>/tensorboard/sites/<site>/events.out.tfevents.*    that site's curves
+    jobs/<id>/tensorboard/global/events.out.tfevents.*          the weighted global ones
+    jobs/<id>/scalars.jsonl                                      per round: each site's logged scalars, summed up
+    jobs/<id>/curves.png                                         the curves, per site and global
+
+Tags in a run: "train/<metric>" (step: round), "validation/<metric>" (step: the round of the model
+scored; 0 is the initial model), "local_validation/<metric>" (step: round), and "learner/<name>" for
+what the learner logged with context.log_scalar (step: the learner's own).
+
+The controller feeds it the job's metrics entries as they are written (`entry`) and each closed round
+(`round_done`, for the logged scalars). Tracking never fails a study: a server without the tensorboard
+package writes no event files (one warning), and a file or figure that cannot be written is logged.
+Blocking (files, matplotlib): the controller calls it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ..workflows import RoundOutcome
+from .tb_events import EventFile
+
+log = logging.getLogger(__name__)
+
+TENSORBOARD_DIR = "tensorboard"
+SITES_RUN_DIR = "sites"
+GLOBAL_RUN = "global"
+SCALARS_FILE = "scalars.jsonl"
+CURVES_PNG = "curves.png"
+DRAW_SHARE = 0.2  # at most this share of a job's wall time goes to redrawing curves.png
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a site name safe as a folder name
+
+Points = list[tuple[str, int, float]]
+
+
+class JobTracker:
+    def __init__(self, job_dir: Path, keep_through_step: int = 0, key_metric: str = ""):
+        """`keep_through_step`: the job step of the last checkpoint; history of later rounds is dropped,
+        as those rounds run again (see JobStore.keep_metrics)."""
+        self._job_dir = job_dir
+        self._key_metric = key_metric
+        self._started_s = time.time()
+        self._files: dict[str, EventFile] = {}
+        self._no_events = ""   # why event files are off (the tensorboard package missing)
+        self._warned: set[str] = set()
+        self._next_draw_s = 0.0  # monotonic time before which round_done does not redraw
+        self._keep_history(keep_through_step)
+
+    # ---- fed by the controller ---------------------------------------------------------------------
+
+    def entry(self, entry: dict[str, Any]) -> None:
+        """A metrics entry as the workflow appends it: per-round train and validation figures."""
+        by_run: dict[str, Points] = {}
+        if entry.get("type") == "round":
+            rnd = int(entry.get("round", 0))
+            for site, metrics in (entry.get("train") or {}).items():
+                by_run.setdefault(_site_run(site), []).extend(_tagged("train", metrics, rnd))
+            for site, n in (entry.get("n_samples") or {}).items():
+                by_run.setdefault(_site_run(site), []).append(("train/n_samples", rnd, float(n)))
+            for site, metrics in (entry.get("local_validation") or {}).items():
+                by_run.setdefault(_site_run(site), []).extend(_tagged("local_validation", metrics, rnd))
+            by_run.setdefault(GLOBAL_RUN, []).extend(_tagged("train", entry.get("train_global") or {}, rnd))
+        elif entry.get("type") == "validation":
+            model_round = int(entry.get("model_round", 0))
+            for site, metrics in (entry.get("sites") or {}).items():
+                by_run.setdefault(_site_run(site), []).extend(_tagged("validation", metrics, model_round))
+            by_run.setdefault(GLOBAL_RUN, []).extend(_tagged("validation", entry.get("global") or {}, model_round))
+        self._write(by_run)
+
+    def round_done(self, outcome: RoundOutcome) -> None:
+        """The logged scalars of a closed round: into each site's event file and the history; then the
+        curves are drawn again, unless drawing would take more than DRAW_SHARE of the job's time (many
+        sites): then at most that often, and once more at the job's end (`draw`)."""
+        by_run: dict[str, Points] = {}
+        summary: dict[str, dict[str, Any]] = {}
+        for site, result in sorted(outcome.results.items()):
+            if not result.scalars:
+                continue
+            by_run[_site_run(site)] = [(f"learner/{name}", step, value) for name, step, value in result.scalars]
+            summary[site] = _summarize(result.scalars)
+        self._write(by_run)
+        if summary:
+            line = {"step": outcome.step, "round": outcome.plan.round, "kind": outcome.plan.kind.value,
+                    "sites": summary}
+            try:
+                with (self._job_dir / SCALARS_FILE).open("a") as f:
+                    f.write(json.dumps(line, sort_keys=True) + "\n")
+            except OSError as e:
+                self._warn("history", f"logged scalars not kept for job {self._job_dir.name}: {e}")
+        if time.monotonic() >= self._next_draw_s:
+            self.draw()
+
+    def draw(self) -> None:
+        """Write curves.png from the job's metrics and scalar history (replaced atomically)."""
+        from .curves import curves_png  # matplotlib: only where a figure is drawn
+
+        started = time.monotonic()
+        try:
+            png = curves_png(_read_jsonl(self._job_dir / "metrics.jsonl"), _read_jsonl(self._job_dir / SCALARS_FILE),
+                             self._key_metric)
+            if png is None:
+                return
+            tmp = self._job_dir / (CURVES_PNG + ".tmp")
+            tmp.write_bytes(png)
+            tmp.replace(self._job_dir / CURVES_PNG)
+        except Exception as e:  # noqa: BLE001 - a figure that fails must not fail the study
+            self._warn("curves", f"learning curves not drawn for job {self._job_dir.name}: {type(e).__name__}: {e}")
+        finally:
+            took_s = time.monotonic() - started
+            self._next_draw_s = time.monotonic() + took_s * (1 - DRAW_SHARE) / DRAW_SHARE
+
+    # ---- inside ----------------------------------------------------------------------------------------
+
+    def _write(self, by_run: dict[str, Points]) -> None:
+        if self._no_events:
+            return
+        for run, points in by_run.items():
+            if not points or not run:
+                continue
+            file = self._files.get(run)
+            if file is None:
+                file = self._files[run] = EventFile(self._job_dir / TENSORBOARD_DIR / run, self._started_s)
+            try:
+                file.append(points)
+            except ImportError:
+                self._no_events = "the tensorboard package is not installed"
+                log.warning("job %s: no TensorBoard event files: %s on this server (pip install tensorboard)",
+                            self._job_dir.name, self._no_events)
+                return
+            except OSError as e:
+                self._warn(f"events:{run}", f"TensorBoard events of run '{run}' not written: {e}")
+
+    def _keep_history(self, keep_through_step: int) -> None:
+        path = self._job_dir / SCALARS_FILE
+        lines = _read_jsonl(path)
+        kept = [line for line in lines if int(line.get("step", 0)) <= keep_through_step]
+        if len(kept) != len(lines):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in kept))
+            tmp.replace(path)
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:  # once per kind of trouble and job, not once per round
+            self._warned.add(key)
+            log.warning("%s", message)
+
+
+def latest_scalars(job_dir: Path) -> dict[str, dict[str, list[float]]]:
+    """Per site, the last value each logged scalar had, as {site: {name: [step, value]}} (show_job)."""
+    latest: dict[str, dict[str, list[float]]] = {}
+    for line in _read_jsonl(job_dir / SCALARS_FILE):
+        for site, names in (line.get("sites") or {}).items():
+            for name, summary in names.items():
+                latest.setdefault(site, {})[name] = summary["last"]
+    return latest
+
+
+def _site_run(site: str) -> str:
+    if not _RUN_NAME.match(site):
+        return ""  # not a name to make a folder of (sites are named by their certificates; never expected)
+    return f"{SITES_RUN_DIR}/{site}"
+
+
+def _tagged(prefix: str, metrics: dict[str, Any], step: int) -> Points:
+    return [(f"{prefix}/{name}", step, float(value)) for name, value in sorted(metrics.items())
+            if isinstance(value, int | float) and not isinstance(value, bool) and name != "n_samples"]
+
+
+def _summarize(points: Iterable[tuple[str, int, float]]) -> dict[str, Any]:
+    """Per name: the last point (highest step; later wins a tie), the mean and the count of a round."""
+    out: dict[str, Any] = {}
+    for name, step, value in points:
+        s = out.setdefault(name, {"last": [step, value], "sum": 0.0, "n": 0})
+        if step >= s["last"][0]:
+            s["last"] = [step, value]
+        s["sum"] += value
+        s["n"] += 1
+    return {name: {"last": s["last"], "mean": _finite_or(s["sum"] / s["n"], s["last"][1]), "n": s["n"]}
+            for name, s in out.items()}
+
+
+def _finite_or(value: float, fallback: float) -> float:
+    return value if math.isfinite(value) else fallback  # a sum of huge values overflowed
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for text in path.read_text().splitlines():
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if isinstance(value, dict):
+            out.append(value)
+    return out
+
+
+__all__ = ["CURVES_PNG", "GLOBAL_RUN", "SCALARS_FILE", "TENSORBOARD_DIR", "JobTracker", "latest_scalars"]
