@@ -70,7 +70,8 @@ class SegmentationLearner(Learner):
         channels = list(channels or [8, 16, 32])
         if spatial_dims not in (2, 3) or len(spatial_size) != spatial_dims:
             raise ValueError(f"learner args: spatial_dims {spatial_dims} with spatial_size {spatial_size}: give "
-                             "spatial_dims 2 or 3 and that many sizes, e.g. spatial_dims: 3, spatial_size: [64, 64, 64]")
+                             "spatial_dims 2 or 3 and that many sizes, e.g. spatial_dims: 3, spatial_size: [64, 64, 64]"
+                             )
         factor = 2 ** (len(channels) - 1)
         if any(s % factor for s in spatial_size):
             raise ValueError(f"learner args: spatial_size {spatial_size} must be divisible by {factor} (the UNet "
@@ -130,4 +131,5 @@ class SegmentationLearner(Learner):
                 losses.append(self.loss(logits, batch["label"]).item() * len(logits))
                 metric(y_pred=(torch.sigmoid(logits) > 0.5).float(), y=batch["label"])
         dice = float(metric.aggregate().item())
-        return {"dice": dice, "loss": float(np.sum(losses) / len(self.val_data)), "n_samples": float(len(self.val_data))}
+        n_images = len(self.val_data)
+        return {"dice": dice, "loss": float(np.sum(losses) / n_images), "n_samples": float(n_images)}
