@@ -127,3 +127,22 @@ def heldout_metrics(job_dir: Path, weights_file: Path, heldout_dir: Path) -> dic
     context = SiteContext(site="heldout", job_id="heldout", data_root=heldout_dir, work_dir=work_dir)
     learner = getattr(module, class_name)(context, **(config["learner"].get("args") or {}))
     return learner.validate(load_file(weights_file))
+
+
+def describe_site(site: str, site_dir: Path) -> str:
+    """One line for the demo: how many images the site holds and in which format."""
+    datalist = json.loads((site_dir / DATALIST_NAME).read_text())
+    n_train, n_val = len(datalist["training"]), len(datalist["validation"])
+    kind = "NIfTI" if datalist["training"][0]["image"].endswith(".nii.gz") else "NumPy"
+    return (f"{site}: {n_train} training + {n_val} validation images ({kind}) listed in "
+            f"{site_dir / DATALIST_NAME} (they never leave the site)")
+
+
+def report_heldout(job_dir: Path, models_dir: Path, heldout_dir: Path) -> list[str]:
+    """The demo's closing lines: Dice on the held-out images of the round-0 model and of the final global."""
+    before = heldout_metrics(job_dir, models_dir / "initial.safetensors", heldout_dir)
+    after = heldout_metrics(job_dir, models_dir / "global.safetensors", heldout_dir)
+    n_images = int(after["n_samples"])
+    verdict = "better" if after["dice"] > before["dice"] else "NOT better"
+    return [f"held-out Dice ({n_images} images no site saw): round 0 {before['dice']:.4f} -> "
+            f"final global {after['dice']:.4f} ({verdict})"]
