@@ -9,8 +9,6 @@ site's, but a wrong one should fail with one line naming the file, the entry and
 training starts, rather than as a reader's traceback halfway through a round.
 """
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 
