@@ -8,6 +8,9 @@ predictions (`dice`, the job's key metric), the Dice loss and `n_samples` (valid
 
 The UNet uses instance normalisation (MONAI's default), so the model has no running statistics: every
 weight is a learned parameter, and averaging the sites' models means the same on every site.
+
+On a site whose local/site.yml grants GPUs the model trains on the first one it is given; the template runs
+one process per site (no DistributedDataParallel), so leave `nproc` at 1 for it.
 """
 
 from __future__ import annotations
@@ -90,8 +93,11 @@ class SegmentationLearner(Learner):
                                        num_workers=1, progress=False) if training else None
         self.val_data = CacheDataset(validation, transforms(spatial_size, False, seed), cache_rate=1.0,
                                      num_workers=1, progress=False)
-        torch.manual_seed(seed)
-        self.model = build_model(spatial_dims, channels, num_res_units)
+        # The site's GPU when local/site.yml grants one (the worker sees only those: CUDA_VISIBLE_DEVICES).
+        use_gpu = bool(context.gpus) and torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{context.rank % torch.cuda.device_count()}" if use_gpu else "cpu")
+        torch.manual_seed(seed)  # on the CPU, before moving: the round-0 model is the same on every machine
+        self.model = build_model(spatial_dims, channels, num_res_units).to(self.device)
         self.loss = DiceLoss(sigmoid=True)
 
     def initial_weights(self) -> Weights:
@@ -111,7 +117,8 @@ class SegmentationLearner(Learner):
         for _ in range(self.epochs):
             for batch in loader:
                 optimizer.zero_grad()
-                loss = self.loss(self.model(batch["image"]), batch["label"])
+                image, label = batch["image"].to(self.device), batch["label"].to(self.device)
+                loss = self.loss(self.model(image), label)
                 loss.backward()
                 optimizer.step()
                 total_loss, batches = total_loss + loss.item(), batches + 1
@@ -127,9 +134,10 @@ class SegmentationLearner(Learner):
         losses = []
         with torch.no_grad():
             for batch in DataLoader(self.val_data, batch_size=self.batch_size, shuffle=False, num_workers=0):
-                logits = self.model(batch["image"])
-                losses.append(self.loss(logits, batch["label"]).item() * len(logits))
-                metric(y_pred=(torch.sigmoid(logits) > 0.5).float(), y=batch["label"])
+                image, label = batch["image"].to(self.device), batch["label"].to(self.device)
+                logits = self.model(image)
+                losses.append(self.loss(logits, label).item() * len(logits))
+                metric(y_pred=(torch.sigmoid(logits) > 0.5).float(), y=label)
         dice = float(metric.aggregate().item())
         n_images = len(self.val_data)
         return {"dice": dice, "loss": float(np.sum(losses) / n_images), "n_samples": float(n_images)}
