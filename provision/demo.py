@@ -3,7 +3,8 @@
 It prepares three hospitals' data (scikit-learn's bundled breast-cancer set, split by size and label
 mix), provisions project.yml.example, unzips every kit as site IT would, starts the server and three
 sites with their own start.sh, submits the tabular job with the lead's admin kit, follows it round by
-round, downloads the results, and stops everything it started.
+round, downloads the results, and stops everything it started. `--task segmentation` gives the sites
+synthetic images (provision/demo_segmentation.py) and submits the MONAI segmentation job instead.
 """
 
 from __future__ import annotations
