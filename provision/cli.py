@@ -215,11 +215,15 @@ def demo_cmd(
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="FedAvg rounds")] = 5,
     keep: Annotated[bool, typer.Option("--keep", help="keep the temporary study folder (it holds private keys)")]
     = False,
+    task: Annotated[str, typer.Option("--task", help="tabular (breast-cancer table) or segmentation (MONAI UNet "
+                                      "on synthetic images)")] = "tabular",
 ) -> None:
     """Run the local demo study: provision, start a server and 3 sites from their kits, train, report."""
-    from .demo import run_demo  # imports scikit-learn; keep it off the other commands' start-up path
+    from .demo import TASKS, run_demo  # imports scikit-learn; keep it off the other commands' start-up path
 
-    run_demo(workspace, rounds, keep=keep)
+    if task not in TASKS:
+        raise ConfigError(f"--task {task}: choose one of {', '.join(TASKS)}")
+    run_demo(workspace, rounds, keep=keep, task=task)
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 It prepares three hospitals' data (scikit-learn's bundled breast-cancer set, split by size and label
 mix), provisions project.yml.example, unzips every kit as site IT would, starts the server and three
 sites with their own start.sh, submits the tabular job with the lead's admin kit, follows it round by
-round, downloads the results, and stops everything it started.
+round, downloads the results, and stops everything it started. `--task segmentation` gives the sites
+synthetic images (provision/demo_segmentation.py) and submits the MONAI segmentation job instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .local_study import LocalStudy, wait_until
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_PROJECT = REPO / "project.yml.example"
 JOB_TEMPLATE = REPO / "templates" / "jobs" / "tabular_classifier"
+SEGMENTATION_TEMPLATE = REPO / "templates" / "jobs" / "segmentation"
+TASKS = ("tabular", "segmentation")  # `fedkit demo --task`: the job each site trains
 
 
 def _say(text: str) -> None:
@@ -28,12 +31,14 @@ def _say(text: str) -> None:
 
 
 def run_demo(workspace: Path | None = None, rounds: int = 5, python: str = sys.executable,
-             keep: bool = False) -> dict:
+             keep: bool = False, task: str = "tabular") -> dict:
     """Run the demo study; returns the job's record as show_job gives it."""
+    if task not in TASKS:
+        raise ValueError(f"--task {task}: choose one of {', '.join(TASKS)}")
     root = workspace or Path(tempfile.mkdtemp(prefix="fedkit-demo-"))
     is_temporary = workspace is None and not keep
     try:
-        return _run(root, rounds, python)
+        return _run(root, rounds, python, task)
     finally:
         if is_temporary:
             shutil.rmtree(root, ignore_errors=True)
@@ -55,7 +60,7 @@ def _demo_sandbox() -> dict:
     return {"backend": "off"}
 
 
-def _run(root: Path, rounds: int, python: str) -> dict:
+def _run(root: Path, rounds: int, python: str, task: str = "tabular") -> dict:
     started = time.monotonic()
     if root.exists() and any(root.iterdir()):
         shutil.rmtree(root)
@@ -66,10 +71,19 @@ def _run(root: Path, rounds: int, python: str) -> dict:
         f"{study.admin_port}, free ones in place of the example's), sites {', '.join(study.clients)}, "
         f"admins {', '.join(study.admins)}; kits unzipped under {root / 'kits'}"
     )
-    data = write_demo_data(root / "data", study.clients)
+    job_template, wait_s = (JOB_TEMPLATE, 300) if task == "tabular" else (SEGMENTATION_TEMPLATE, 1200)
+    if task == "segmentation":
+        from .demo_segmentation import describe_site, write_segmentation_data
+
+        data = write_segmentation_data(root / "data", study.clients)
+    else:
+        data = write_demo_data(root / "data", study.clients)
     sandbox = _demo_sandbox()
     for site in study.clients:
         study.write_local(site, "site.yml", {"data_root": str(data.site_dirs[site]), "sandbox": sandbox})
+        if task == "segmentation":
+            _say(describe_site(site, data.site_dirs[site]))
+            continue
         n_train = sum(1 for _ in (data.site_dirs[site] / "train.csv").open()) - 1
         _say(f"{site}: {n_train} training records in {data.site_dirs[site]} (they never leave the site)")
     lead = next((a for a in study.admins if a.startswith("lead")), study.admins[0])
@@ -84,22 +98,29 @@ def _run(root: Path, rounds: int, python: str) -> dict:
             return sum(s["online"] for s in status["sites"]) == len(study.clients)
 
         wait_until(all_online, 60, "all sites to connect", interval_s=0.5)
-        _say(f"{len(study.clients)} sites online; submitting job '{JOB_TEMPLATE.name}' as {lead}")
-        job = root / "jobs" / JOB_TEMPLATE.name
-        shutil.copytree(JOB_TEMPLATE, job)
+        _say(f"{len(study.clients)} sites online; submitting job '{job_template.name}' as {lead}")
+        job = root / "jobs" / job_template.name
+        shutil.copytree(job_template, job)
         record = study.admin_json(f"submit_job {job} --set server.rounds={rounds}", admin=lead)
         job_id = record["job_id"]
         _say(f"job {job_id} queued; following it (fl_admin.sh -c 'wait_job {job_id}'):")
-        if study.admin_live(f"wait_job {job_id} 300", admin=lead) != 0:
+        if study.admin_live(f"wait_job {job_id} {wait_s}", admin=lead) != 0:
             raise RuntimeError(f"job {job_id} did not finish (see above)")
         results = root / "results"
         study.admin_json(f"download_job {job_id} {results}", admin=lead)
         models = results / job_id / "models"
         shown = study.admin_json(f"show_job {job_id}", admin=lead)["record"]
         _say(f"global model: {models / 'global.safetensors'}")
+        key = "auc" if task == "tabular" else "dice"
         _say(
-            f"best model:   {models / 'best.safetensors'} (round {shown['best_round']}, auc {shown['best_metric']:.4f})"
+            f"best model:   {models / 'best.safetensors'} (round {shown['best_round']}, "
+            f"{key} {shown['best_metric']:.4f})"
         )
+        if task == "segmentation":
+            from .demo_segmentation import report_heldout
+
+            for line in report_heldout(job, models, data.heldout_dir):
+                _say(line)
         _say(
             f"per-round metrics: {results / job_id / 'metrics.jsonl'}; audit trails: "
             f"{root / 'kits' / '*' / 'workspace' / 'audit.jsonl'}"

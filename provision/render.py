@@ -50,7 +50,8 @@ PROVISION_ONLY_REQUIREMENTS = frozenset({"jinja2", "typer"})
 # The server and the admin console never import torch (it runs only in a client's training worker), so
 # their kits skip a multi-GB install.
 # The DP accountant runs where the noise is added (the site's privacy step).
-CLIENT_ONLY_REQUIREMENTS = frozenset({"torch", "dp-accounting"})
+# MONAI and nibabel serve imaging jobs (templates/jobs/segmentation), which run only in the worker.
+CLIENT_ONLY_REQUIREMENTS = frozenset({"torch", "dp-accounting", "monai", "nibabel"})
 # The cross-site heatmap is drawn by the server, into the job's results.
 SERVER_ONLY_REQUIREMENTS = frozenset({"matplotlib", "tensorboard"})
 RUNTIME_MODULE = {Kind.SERVER: "runtime.server", Kind.CLIENT: "runtime.client", Kind.ADMIN: "runtime.admin"}

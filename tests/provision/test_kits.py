@@ -178,6 +178,9 @@ def test_requirements_follow_pyproject_and_torch_only_on_clients(provisioned) ->
     assert {"cryptography", "pydantic", "pyyaml", "grpcio"} <= names("localhost")
     assert "torch" in names("site-1")
     assert "torch" not in names("localhost") | names("admin@study.org")
+    # imaging jobs' libraries (templates/jobs/segmentation) only where the worker runs
+    assert {"monai", "nibabel"} <= names("site-1")
+    assert not {"monai", "nibabel"} & (names("localhost") | names("admin@study.org"))
     # pinned to exactly what provisioning ran (torch's local label, +cpu, names a build, not a release)
     for line in (provisioned.kit("site-1") / "requirements.txt").read_text().splitlines():
         if line and not line.startswith("#"):
