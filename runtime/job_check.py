@@ -110,9 +110,11 @@ def check_static(folder: Path, overrides: list[str] | None = None) -> StaticResu
 def require_static_ok(folder: Path, overrides: list[str] | None = None) -> None:
     """Raise JobRejected listing every static problem of the job (one line each), else return."""
     problems = check_static(folder, overrides).problems
-    if problems:
-        raise JobRejected("job not submitted, fix these first (`fedkit job check` tells the same):\n"
-                          + "\n".join(p.line() for p in problems))
+    if len(problems) == 1:
+        raise JobRejected(problems[0].line())
+    if problems:  # one line each; a one-line rendering (the console's --json) joins them with '; '
+        raise JobRejected(f"job not submitted, {len(problems)} problems (`fedkit job check {folder}` lists them "
+                          "too):\n" + ";\n".join(p.line() for p in problems))
 
 
 def _describe(model: type[BaseModel], err: Any) -> tuple[str, str]:
