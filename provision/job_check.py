@@ -6,9 +6,10 @@ on the researcher's machine, with no certificates and no server.
     2. the learner probe (provision/job_probe.py, a child process): the learner class imports, is a
        runtime.learner.Learner with train and validate, and takes the configured args;
     3. with --data: the site's own training worker (runtime/client/worker.py through worker_handle.py, the
-       `off` sandbox) on that data folder: init (unless the job ships initial_model), one train round as
-       the job's first fedavg round asks it (FedProx/SCAFFOLD included), the job's filters over the delta,
-       and one validate.
+       `off` sandbox) on that data folder: init (unless the job ships initial_model); the job's workflow
+       chain built as the server builds it (runtime.workflows.WORKFLOWS) and the first round it plans sent
+       to the worker (a train with FedProx/SCAFFOLD as the job asks, or an evaluate's validate); the job's
+       filters over the update; submit_model when cross_site follows; one validate.
 
 Job code runs only in child processes, each awaited with a deadline.
 """
@@ -29,16 +30,18 @@ from typing import Any
 import numpy as np
 
 import runtime
-from runtime.aggregators import build_aggregator
+from runtime.aggregators.config import FedAvgConfig
 from runtime.client.job_folders import JobFolders
 from runtime.client.sandbox import OffSandbox
 from runtime.client.worker_handle import WorkerFailed, WorkerHandle, worker_env
 from runtime.errors import FedkitError
 from runtime.filters import apply_filters, build_filters
 from runtime.job_check import Problem, check_static
-from runtime.job_spec import CLIENT_CONFIG, SERVER_CONFIG, ClientJobConfig, ServerJobConfig
-from runtime.tasks import FedProx, TaskKind, with_control
+from runtime.job_spec import CLIENT_CONFIG, SERVER_CONFIG, ClientJobConfig, JobSpec, ServerJobConfig
+from runtime.tasks import TaskKind, with_control
 from runtime.weights import Weights, from_bytes, load_file, save_file
+from runtime.workflows import WORKFLOWS, RoundPlan, WorkflowContext
+from runtime.workflows.initial_model import GLOBAL_FILE
 
 PROBE_TIMEOUT_S = 120.0
 WORKER_READY_TIMEOUT_S = 300.0
@@ -76,10 +79,11 @@ def check_job(folder: Path, data: Path | None = None, overrides: list[str] | Non
         return report
     learner_problems = probe_learner(folder, client.learner.path, client.learner.args)
     report.problems.extend(Problem(CLIENT_CONFIG, "learner.path", line) for line in learner_problems)
-    if data is None or report.problems or server is None:
+    if data is None or report.problems or server is None or static.configs.get("meta") is None:
         return report
     limit = timeout_s if timeout_s is not None else client.task_timeout_s
-    problems, ran = asyncio.run(_run_on_data(folder, data, client, server, limit))
+    spec = JobSpec(meta=static.configs["meta"], server=server, client=client)
+    problems, ran = asyncio.run(_run_on_data(folder, data, spec, limit))
     report.problems.extend(problems)
     report.ran = ran
     return report
@@ -105,10 +109,10 @@ def probe_learner(folder: Path, path: str, args: dict[str, Any]) -> list[str]:
     return [f"importing {path} ended the process (exit code {proc.returncode}): {last}"]
 
 
-async def _run_on_data(folder: Path, data: Path, client: ClientJobConfig, server: ServerJobConfig,
+async def _run_on_data(folder: Path, data: Path, spec: JobSpec,
                        timeout_s: float) -> tuple[list[Problem], dict[str, Any]]:
     """One init/train/validate in the site's own worker, as the job's first round asks it."""
-    learner = client.learner
+    learner = spec.client.learner
     with tempfile.TemporaryDirectory(prefix="fedkit-check-") as tmp:
         folders = JobFolders(Path(tmp) / "job")
         shutil.copytree(folder, folders.code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -121,13 +125,14 @@ async def _run_on_data(folder: Path, data: Path, client: ClientJobConfig, server
         except (WorkerFailed, FedkitError) as e:
             return [Problem(CLIENT_CONFIG, "learner", f"{_tail(e)}")], {}
         try:
-            return await _steps(handle, folder, folders, client, server, timeout_s)
+            return await _steps(handle, folder, folders, spec, timeout_s)
         finally:
             await handle.stop()
 
 
-async def _steps(handle: WorkerHandle, folder: Path, folders: JobFolders, client: ClientJobConfig,
-                 server: ServerJobConfig, timeout_s: float) -> tuple[list[Problem], dict[str, Any]]:
+async def _steps(handle: WorkerHandle, folder: Path, folders: JobFolders, spec: JobSpec,
+                 timeout_s: float) -> tuple[list[Problem], dict[str, Any]]:
+    server, client = spec.server, spec.client
     ran: dict[str, Any] = {}
     initial = folders.inbox / "initial.safetensors"
     if server.initial_model:
@@ -139,34 +144,35 @@ async def _steps(handle: WorkerHandle, folder: Path, folders: JobFolders, client
             return [Problem(CLIENT_CONFIG, "learner", f"initial_weights() failed: {_tail(e)}")], ran
         model = load_file(initial)
     ran["initial_tensors"] = len(model)
-    # what fedavg's first round sends: the model, the aggregator's extras, its (or FedProx's) local algorithm
-    extras: Weights = {}
-    algorithm: Any = None
-    if server.trains and server.aggregator.name != "custom":
-        aggregator = build_aggregator(server.aggregator)
-        aggregator.begin_round(model)
-        extras, algorithm = aggregator.task_extras(), aggregator.local_algorithm()
-        if server.proximal_mu > 0:
-            algorithm = FedProx(mu=server.proximal_mu)
+    try:
+        plan = _first_plan(folder, folders.root / "server", spec, model)
+    except Exception as e:  # noqa: BLE001 - a workflow refusing this job or model is the finding
+        return [Problem(SERVER_CONFIG, "workflows", f"the workflow chain cannot start: {type(e).__name__}: "
+                                                    f"{_tail(e)}")], ran
     sent = folders.inbox / "global.safetensors"
-    save_file(with_control(model, extras), sent)
+    save_file(with_control(plan.model if plan.model is not None else model, plan.extras), sent)
     key = server.key_metric
-    delta_path = folders.inbox / "delta.safetensors"
-    if server.trains:
-        command = {"op": TaskKind.TRAIN, "weights": str(sent), "round": 1,
-                   "algorithm": algorithm.model_dump(mode="json") if algorithm is not None else None,
+    if plan.kind is TaskKind.TRAIN:
+        delta_path = folders.inbox / "delta.safetensors"
+        command = {"op": TaskKind.TRAIN, "weights": str(sent), "round": plan.round,
+                   "algorithm": plan.algorithm.model_dump(mode="json") if plan.algorithm is not None else None,
                    "key_metric": key.model_dump(mode="json"), "keep_best_local": "cross_site" in server.workflows}
         try:
             reply = await handle.call_writing(command, delta_path, timeout_s)
         except WorkerFailed as e:
             return [Problem(CLIENT_CONFIG, "learner", f"train failed: {_tail(e)}")], ran
         ran["train"] = {"n_samples": reply.get("n_samples"), "metrics": reply.get("metrics") or {}}
-        delta = load_file(delta_path)
         try:
-            apply_filters(delta, build_filters(client.filters), np.random.default_rng(0))
+            apply_filters(load_file(delta_path), build_filters(client.filters), np.random.default_rng(0))
         except Exception as e:  # noqa: BLE001 - a filter's arguments can still fail on this model's tensors
             return [Problem(CLIENT_CONFIG, "filters", f"the filters fail on this learner's update: "
-                                                      f"{type(e).__name__}: {e}")], ran
+                                                      f"{type(e).__name__}: {_tail(e)}")], ran
+        if "cross_site" in server.workflows:
+            try:
+                await handle.call_writing({"op": TaskKind.SUBMIT_MODEL}, folders.inbox / "local.safetensors",
+                                          timeout_s)
+            except WorkerFailed as e:
+                return [Problem(CLIENT_CONFIG, "learner", f"submit_model (cross_site) failed: {_tail(e)}")], ran
     try:
         reply = await handle.call({"op": TaskKind.VALIDATE, "weights": str(sent)}, timeout_s)
     except WorkerFailed as e:
@@ -178,6 +184,26 @@ async def _steps(handle: WorkerHandle, folder: Path, folders: JobFolders, client
                         f"'{key.name}' is not among the metrics validate() returned ({', '.join(sorted(metrics))}"
                         "): return it, or name one of these")], ran
     return [], ran
+
+
+def _first_plan(folder: Path, server_dir: Path, spec: JobSpec, model: Weights) -> RoundPlan:
+    """Build every workflow of the job as the server's controller does (from the round-0 model) and return
+    the first round the first one asks of the sites. A custom aggregator is job code the server runs only
+    where its policy allows; it is not run here, so its job's first round is planned without it."""
+    models = server_dir / "models"
+    models.mkdir(parents=True)
+    save_file(model, models / GLOBAL_FILE)
+    server = spec.server
+    if server.aggregator.name == "custom":
+        spec = spec.model_copy(update={"server": server.model_copy(update={"aggregator": FedAvgConfig()})})
+    ctx = WorkflowContext(job_id="check", spec=spec, job_dir=server_dir, models_dir=models,
+                          append_metrics=lambda entry: None, audit=lambda *a, **k: None,
+                          read_job_file=lambda name: (folder / name).read_bytes())
+    chain = [WORKFLOWS[name](ctx) for name in spec.server.workflows]
+    plan = chain[0].next_round()
+    if plan is None:
+        raise FedkitError(f"workflow '{spec.server.workflows[0]}' has nothing to do")
+    return plan
 
 
 def _tail(e: BaseException) -> str:
