@@ -7,7 +7,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint bench proto clean
+.PHONY: install test demo lint bench proto docs clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ bench: $(STAMP)
 proto: $(STAMP)
 	$(VPY) -m grpc_tools.protoc -I runtime/proto --python_out=runtime/proto --grpc_python_out=runtime/proto runtime/proto/fedkit.proto
 	sed -i 's/^import fedkit_pb2/from . import fedkit_pb2/' runtime/proto/fedkit_pb2_grpc.py
+
+# the config reference page and each job template's JSON Schema, from the pydantic models (a test fails when stale)
+docs: $(STAMP)
+	$(VPY) -m provision.job_schema
 
 clean:
 	rm -rf $(VENV) build *.egg-info

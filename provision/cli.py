@@ -5,6 +5,7 @@
     fedkit provision revoke NAME -p project.yml -w WORKSPACE   add NAME's certificates to the study CRL
     fedkit verify-kit DIR [--ca rootCA.pem] [--ca-fingerprint HEX]  check a kit against its signature
     fedkit job hash FOLDER                                     the code hash sites approve
+    fedkit job new NAME | templates | check FOLDER | schema    start, list, check a job; its JSON Schema
 
 Exit codes: 0 ok; 1 failure (including a kit that does not verify); 2 bad input (project.yml, a config
 file, or usage). A traceback is printed only with `fedkit --debug ...`; locals never are, because

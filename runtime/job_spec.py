@@ -71,15 +71,16 @@ class _Strict(BaseModel):
 
 
 class JobMeta(_Strict):
-    name: str = Field(min_length=1, max_length=128)
-    description: str = ""
-    sites: list[str] | Literal["all"] = "all"
-    min_clients: int = Field(1, ge=1)
+    name: str = Field(min_length=1, max_length=128, description="the job's name, shown in list_jobs")
+    description: str = Field("", description="one line for people: what the job does")
+    sites: list[str] | Literal["all"] = Field("all", description="the sites that take part: 'all' or a list of "
+                                                               "site names")
+    min_clients: int = Field(1, ge=1, description="a round needs at least this many sites' answers")
 
 
 class KeyMetric(_Strict):
-    name: str = "accuracy"
-    higher_is_better: bool = True
+    name: str = Field("accuracy", description="a metric validate() returns; picks the best model")
+    higher_is_better: bool = Field(True, description="false for a loss")
 
 
 _TAGGED = frozenset({"aggregator"})
@@ -97,12 +98,16 @@ class ServerJobConfig(_Strict):
         workflows: [evaluate]             score given models (evaluate_models, else initial_model) on every site
     """
 
-    workflows: list[WorkflowName] = Field(default_factory=lambda: ["fedavg"], min_length=1)
+    workflows: list[WorkflowName] = Field(default_factory=lambda: ["fedavg"], min_length=1,
+                                          description="what the job does, in run order: fedavg trains; "
+                                                      "cross_site then scores every site's model on every "
+                                                      "site; evaluate scores given models")
     rounds: int = Field(1, ge=1, le=100_000, description="training rounds of fedavg")
-    round_timeout_s: float = Field(600.0, gt=0)
-    aggregator: AggregatorConfig = FedAvgConfig()
+    round_timeout_s: float = Field(600.0, gt=0, description="a round ends at the latest after this many "
+                                                            "seconds, with the answers it has")
+    aggregator: AggregatorConfig = Field(FedAvgConfig(), description="how the sites' updates are combined")
     proximal_mu: float = Field(0.0, ge=0, description="> 0: FedProx, the proximal term added on every site")
-    key_metric: KeyMetric = KeyMetric()
+    key_metric: KeyMetric = Field(KeyMetric(), description="the metric that picks the best global model")
     initial_model: str | None = Field(None, description="safetensors file in the job folder; else a site makes it")
     evaluate_models: list[str] = Field(default_factory=list, max_length=64,
                                        description="safetensors files in the job folder that `evaluate` scores")
@@ -139,7 +144,8 @@ class ServerJobConfig(_Strict):
 
 class LearnerConfig(_Strict):
     path: str = Field(description="'module:Class' inside custom/, e.g. 'learner:TabularLearner'")
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the learner's "
+                                                                   "constructor")
 
     @field_validator("path")
     @classmethod
@@ -151,15 +157,17 @@ class LearnerConfig(_Strict):
 
 
 class FilterConfig(_Strict):
-    name: str
-    args: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="a privacy filter: exclude_vars, percentile, gaussian_dp or svt")
+    args: dict[str, Any] = Field(default_factory=dict, description="the filter's arguments")
 
 
 class ClientJobConfig(_Strict):
-    learner: LearnerConfig
-    filters: list[FilterConfig] = Field(default_factory=list)
+    learner: LearnerConfig = Field(description="the class each site runs on its own data")
+    filters: list[FilterConfig] = Field(default_factory=list, description="privacy filters run in order on the "
+                                                                          "update before it leaves the site")
     keep_updates: bool = Field(False, description="keep each received global and each sent update on the site")
-    task_timeout_s: float = Field(3600.0, gt=0)
+    task_timeout_s: float = Field(3600.0, gt=0, description="a site gives up on one task (init, train, "
+                                                            "validate) after this many seconds")
 
 
 class JobSpec(BaseModel):

@@ -3,6 +3,7 @@ JSON for scripts). Used both one-shot (`fl_admin.sh -c "list_jobs"`) and interac
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import shlex
@@ -18,6 +19,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from ..errors import FedkitError, JobRejected
+from ..job_check import require_static_ok
 from ..privacy_report import describe_chain
 from ..tasks import TaskKind
 from .client import AdminClient
@@ -166,6 +168,8 @@ class AdminConsole:
                 raise UsageError(f"unexpected '{rest[0]}': use --set KEY=VALUE")
             overrides.append(rest[1])
             rest = rest[2:]
+        # the static part of `fedkit job check`: every config problem, one line each, before the upload
+        await asyncio.to_thread(require_static_ok, folder, overrides)
         with self._transfer_bar(f"uploading {folder.name}") as progress:
             record = await self._client.submit_job(folder, overrides, progress)
         if not self._json:

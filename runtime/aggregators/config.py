@@ -40,24 +40,24 @@ class _Weighted(_Strict):
 
 class FedAvgConfig(_Weighted):
     name: Literal["fedavg"] = "fedavg"
-    server_lr: float = Field(1.0, gt=0)
-    server_momentum: float = Field(0.0, ge=0, lt=1)
+    server_lr: float = Field(1.0, gt=0, description="step size of the server's update (1.0: plain FedAvg)")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="> 0: FedAvgM, momentum on the server's step")
 
 
 class FedOptConfig(_Weighted):
     """FedOpt (Reddi et al. 2021): a server optimizer stepping on the pseudo-gradient, the mean delta."""
 
     name: Literal["fedopt"] = "fedopt"
-    optimizer: Literal["sgdm", "adam", "adagrad", "yogi"]
-    server_lr: float = Field(gt=0)
-    beta1: float = Field(0.9, ge=0, lt=1)      # momentum (sgdm, adam, yogi; adagrad too when > 0)
-    beta2: float = Field(0.99, ge=0, lt=1)     # second moment (adam, yogi)
-    tau: float = Field(1e-3, gt=0)             # adaptivity: added to sqrt(v)
+    optimizer: Literal["sgdm", "adam", "adagrad", "yogi"] = Field(description="the server optimizer")
+    server_lr: float = Field(gt=0, description="the server optimizer's learning rate")
+    beta1: float = Field(0.9, ge=0, lt=1, description="momentum (sgdm, adam, yogi; adagrad too when > 0)")
+    beta2: float = Field(0.99, ge=0, lt=1, description="second moment (adam, yogi)")
+    tau: float = Field(1e-3, gt=0, description="adaptivity: added to sqrt(v)")
 
 
 class ScaffoldConfig(_Weighted):
     name: Literal["scaffold"] = "scaffold"
-    server_lr: float = Field(1.0, gt=0)
+    server_lr: float = Field(1.0, gt=0, description="step size of the server's update")
 
 
 class MedianConfig(_Strict):
@@ -66,13 +66,13 @@ class MedianConfig(_Strict):
 
 class TrimmedMeanConfig(_Strict):
     name: Literal["trimmed_mean"] = "trimmed_mean"
-    trim_fraction: float = Field(0.1, ge=0, lt=0.5)  # of the sites, cut from each end per coordinate
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="of the sites, cut from each end per coordinate")
 
 
 class CustomAggregatorConfig(_Strict):
     name: Literal["custom"] = "custom"
     path: str = Field(description="'module:Class' inside the job's custom/ folder")
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of its constructor")
 
 
 AggregatorConfig = Annotated[FedAvgConfig | FedOptConfig | ScaffoldConfig | MedianConfig | TrimmedMeanConfig

@@ -179,7 +179,9 @@ def test_zip_folder_is_deterministic(job: Path) -> None:
 def test_zip_folder_holds_every_job_file(job: Path) -> None:
     names = zipfile.ZipFile(io.BytesIO(zip_folder(job))).namelist()
 
-    assert names == sorted([META, SERVER_CONFIG, CLIENT_CONFIG, "custom/learner.py"])
+    files = [p.relative_to(job).as_posix() for p in job.rglob("*") if p.is_file()]
+    assert {META, SERVER_CONFIG, CLIENT_CONFIG, "custom/learner.py"} <= set(files)
+    assert names == sorted(files)  # README.md and .schema/ travel too: every file of the folder
 
 
 def test_zip_then_safe_extract_gives_the_same_files(job: Path, tmp_path: Path) -> None:
