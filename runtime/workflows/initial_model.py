@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import FedkitError, UpdateRejected
 from ..tasks import TaskKind
-from ..weights import Weights, from_bytes, load_file, save_file
+from ..weights import Weights, from_bytes, is_float_dtype, load_file, save_file
 from .base import RoundOutcome, RoundPlan, SiteResult, WorkflowContext
 
 INITIAL_FILE = "initial.safetensors"
@@ -83,5 +83,5 @@ class InitialModel:
 
 def _check_finite(model: Weights, error: type[FedkitError] = UpdateRejected) -> None:
     for name, arr in model.items():
-        if arr.dtype.kind == "f" and not np.isfinite(arr.sum(dtype=np.float64)):
+        if is_float_dtype(arr.dtype) and not np.isfinite(arr.sum(dtype=np.float64)):
             raise error(f"round 0: initial tensor '{name}' holds NaN or Inf")
