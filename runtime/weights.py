@@ -109,6 +109,57 @@ def view_bytes(buf: bytearray | bytes) -> Weights:
     return out
 
 
+def check_file(path: Path, chunk_bytes: int = 16 << 20) -> int:
+    """Check a safetensors file the size of a large model without reading it into memory: the header as
+    `view_bytes` checks it (the tensors tile the data exactly) and, reading at most `chunk_bytes` at a
+    time, that every float tensor is finite. Returns the number of tensors; raises UpdateRejected naming
+    the file and what is wrong."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n_header = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n_header < 0 or n_header > min(MAX_HEADER_BYTES, size - 8):
+                raise UpdateRejected(f"{path}: not a valid safetensors file: bad header length")
+            header = json.loads(f.read(n_header))
+            if not isinstance(header, dict):
+                raise UpdateRejected(f"{path}: not a valid safetensors file: header is not an object")
+            _check_metadata(header.get("__metadata__"))
+            entries = sorted(_header_entry(k, v) for k, v in header.items() if k != "__metadata__")
+            covered, start = 0, 8 + n_header
+            for begin, end, name, dtype, shape in entries:
+                if begin != covered or end - begin != math.prod(shape) * dtype.itemsize:
+                    raise UpdateRejected(f"tensor '{name}': its offsets do not match its shape and dtype")
+                covered = end
+            if covered != size - start:
+                raise UpdateRejected(f"{size - start - covered} bytes after the last tensor, or tensors past "
+                                     "the end of the file")
+            for begin, end, name, dtype, _ in entries:
+                if is_float_dtype(dtype) and not _file_range_finite(f, start + begin, end - begin, dtype,
+                                                                    chunk_bytes):
+                    raise UpdateRejected(f"tensor '{name}' holds NaN or Inf")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise UpdateRejected(f"{path}: not a valid safetensors file: header is not JSON") from None
+    except OSError as e:
+        raise UpdateRejected(f"{path}: cannot read the model file: {e.strerror}") from None
+    except UpdateRejected as e:
+        message = str(e)
+        raise UpdateRejected(message if message.startswith(str(path)) else
+                             f"{path}: not a valid safetensors file: {_reason(e)}") from None
+    return len(entries)
+
+
+def _file_range_finite(f, offset: int, n_bytes: int, dtype: np.dtype, chunk_bytes: int) -> bool:
+    step = max(dtype.itemsize, chunk_bytes - chunk_bytes % dtype.itemsize)
+    f.seek(offset)
+    for _ in range(0, n_bytes, step):
+        piece = f.read(min(step, n_bytes))
+        n_bytes -= len(piece)
+        if not _all_finite(np.frombuffer(piece, dtype=dtype)):
+            return False
+    return True
+
+
 def _is_count(value: object) -> bool:
     return type(value) is int and value >= 0  # JSON integers only: not bools, floats or strings
 
