@@ -137,7 +137,7 @@ def check_file(path: Path, chunk_bytes: int = 16 << 20) -> int:
             for begin, end, name, dtype, _ in entries:
                 if is_float_dtype(dtype) and not _file_range_finite(f, start + begin, end - begin, dtype,
                                                                     chunk_bytes):
-                    raise UpdateRejected(f"tensor '{name}' holds NaN or Inf")
+                    raise UpdateRejected(f"{path}: tensor '{name}' holds NaN or Inf")
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise UpdateRejected(f"{path}: not a valid safetensors file: header is not JSON") from None
     except OSError as e:
