@@ -8,6 +8,10 @@
 
 Each filter is a function (delta, rng) -> delta; `build_filters` turns config_fed_client.yml entries
 into them and rejects unknown names or arguments with a one-line error.
+
+Every float tensor is filtered, float16 and bfloat16 included (a tensor a filter skipped would leave the
+site unprotected); the arithmetic runs in float32 or better (`weights.wide_dtype`) and the result is
+rounded once back to the tensor's dtype. Integer buffers pass through.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
-from .weights import Weights
+from .weights import Weights, is_float_dtype, wide_dtype
 
 Filter = Callable[[Weights, np.random.Generator], Weights]
 
@@ -40,12 +44,13 @@ def percentile(fraction: float = 0.1) -> Filter:
     def apply(delta: Weights, rng: np.random.Generator) -> Weights:
         out = {}
         for k, v in delta.items():
-            if v.dtype.kind != "f" or v.size == 0:
+            if not is_float_dtype(v.dtype) or v.size == 0:
                 out[k] = v
                 continue
             keep = max(1, int(np.ceil(fraction * v.size)))
-            threshold = np.partition(np.abs(v).ravel(), v.size - keep)[v.size - keep]
-            out[k] = np.where(np.abs(v) >= threshold, v, 0).astype(v.dtype)
+            magnitude = np.abs(v.astype(wide_dtype(v.dtype), copy=False))
+            threshold = np.partition(magnitude.ravel(), v.size - keep)[v.size - keep]
+            out[k] = np.where(magnitude >= threshold, v, np.zeros((), v.dtype)).astype(v.dtype, copy=False)
         return out
 
     return apply
@@ -68,12 +73,13 @@ def gaussian_dp(clip_norm: float = 1.0, noise_multiplier: float = 1.0, delta: fl
                           f"delta={delta}, sampling_rate={sampling_rate}")
 
     def apply(delta: Weights, rng: np.random.Generator) -> Weights:
-        floats = [v for v in delta.values() if v.dtype.kind == "f"]
+        floats = [v for v in delta.values() if is_float_dtype(v.dtype)]
         norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in floats)))
         scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
         sigma = noise_multiplier * clip_norm
-        return {k: (v * scale + rng.normal(0.0, sigma, v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
-                for k, v in delta.items()}
+        # float64 noise and scaling, rounded once to the tensor's dtype
+        return {k: (v.astype(np.float64) * scale + rng.normal(0.0, sigma, v.shape)).astype(v.dtype)
+                if is_float_dtype(v.dtype) else v for k, v in delta.items()}
 
     return apply
 
@@ -96,10 +102,10 @@ def svt(fraction: float = 0.1, epsilon: float = 1.0, clip: float = 0.01) -> Filt
     def apply(delta: Weights, rng: np.random.Generator) -> Weights:
         out = {}
         for k, v in delta.items():
-            if v.dtype.kind != "f" or v.size == 0:
+            if not is_float_dtype(v.dtype) or v.size == 0:
                 out[k] = v
                 continue
-            c = np.clip(v, -clip, clip).ravel()
+            c = np.clip(v.astype(wide_dtype(v.dtype), copy=False), -clip, clip).ravel()
             b = 2 * clip / epsilon
             scores = np.abs(c) + rng.laplace(0, 2 * b, c.shape)
             threshold = np.quantile(np.abs(c), 1 - fraction) + rng.laplace(0, b)

@@ -108,6 +108,8 @@ class ServerLocalSettings(_Strict):
                                                                       "and outputs) may take on disk")
     max_job_archive_bytes: int = Field(256 << 20, ge=1, le=256 << 20,
                                        description="largest job archive an admin may upload")
+    max_initial_model_bytes: int = Field(64 << 30, ge=1, description="largest initial model an admin may "
+                                         "upload beside a job (submit_job --initial-model); stored on disk")
     allow_job_aggregators: bool = Field(False, description="run a job's own aggregator class (aggregator: "
                                                            "{name: custom}) in the server process: that is "
                                                            "a job's code on the server, unsandboxed")

@@ -1,6 +1,13 @@
 """Model weights as they cross process and network boundaries: an ordered mapping name -> NumPy array,
 serialized with safetensors. Never unpickles anything.
 
+bfloat16 tensors are NumPy arrays of ml_dtypes' `bfloat16` dtype (NumPy has none of its own). Chosen over
+raw uint16 arrays with the dtype carried on the side because the dtype then travels with the array through
+every function: an aggregator that forgot about bfloat16 would average uint16 bit patterns silently, while
+with ml_dtypes `astype(np.float64)` just works; it maps to safetensors' "BF16" both ways and to torch's
+bfloat16 without copying (torch_weights). `is_float_dtype` is the one test of "a float tensor" in fedkit:
+bfloat16's NumPy kind is "V", not "f".
+
 Also the checks an incoming update must pass before it may touch the global model.
 """
 
@@ -11,15 +18,29 @@ import json
 import math
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
-from safetensors.numpy import load as _st_load
-from safetensors.numpy import load_file as _st_load_file
 from safetensors.numpy import save as _st_save
 from safetensors.numpy import save_file as _st_save_file
 
 from .errors import UpdateRejected
 
 Weights = dict[str, np.ndarray]
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+HALF_DTYPES = (np.dtype(np.float16), BFLOAT16)
+
+
+def is_float_dtype(dtype: np.dtype) -> bool:
+    """float16, bfloat16, float32, float64: the tensors that training moves, optimizers step and filters
+    perturb (integer buffers such as num_batches_tracked are not)."""
+    return dtype.kind == "f" or dtype == BFLOAT16
+
+
+def wide_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype to compute in for a float tensor of `dtype`: float32 for half types (sums, norms and noise
+    in float16/bfloat16 lose most of their digits or overflow), the tensor's own dtype otherwise."""
+    return np.dtype(np.float32) if dtype in HALF_DTYPES else np.dtype(dtype)
 
 
 def to_bytes(weights: Weights) -> bytes:
@@ -28,17 +49,26 @@ def to_bytes(weights: Weights) -> bytes:
 
 
 def from_bytes(data: bytes | bytearray | memoryview) -> Weights:
-    """Parse safetensors bytes; raise UpdateRejected on anything malformed."""
+    """Parse safetensors bytes into arrays that own their (writable) data; raise UpdateRejected on anything
+    malformed. One copy of the data, into a buffer the arrays share (safetensors' NumPy loader knows no
+    bfloat16, so `view_bytes` parses)."""
     try:
-        return _st_load(bytes(data) if not isinstance(data, bytes) else data)
-    except Exception as e:  # safetensors raises its own SafetensorError and others
-        raise UpdateRejected(f"not a valid safetensors payload: {e}") from None
+        return view_bytes(bytearray(data))
+    except UpdateRejected as e:
+        raise UpdateRejected(f"{_INVALID}: {_reason(e)}") from None
 
 
-# safetensors dtype names -> NumPy (bfloat16 has no NumPy dtype; such models travel as float32 here)
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-           "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
-           "BOOL": np.bool_}
+_INVALID = "not a valid safetensors payload"
+
+
+def _reason(error: UpdateRejected) -> str:
+    return str(error).removeprefix(f"{_INVALID}: ")
+
+
+# safetensors dtype names -> NumPy
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": BFLOAT16, "I64": np.int64,
+           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
+           "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 MAX_HEADER_BYTES = 100 << 20
 
 
@@ -79,6 +109,57 @@ def view_bytes(buf: bytearray | bytes) -> Weights:
     return out
 
 
+def check_file(path: Path, chunk_bytes: int = 16 << 20) -> int:
+    """Check a safetensors file the size of a large model without reading it into memory: the header as
+    `view_bytes` checks it (the tensors tile the data exactly) and, reading at most `chunk_bytes` at a
+    time, that every float tensor is finite. Returns the number of tensors; raises UpdateRejected naming
+    the file and what is wrong."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n_header = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n_header < 0 or n_header > min(MAX_HEADER_BYTES, size - 8):
+                raise UpdateRejected(f"{path}: not a valid safetensors file: bad header length")
+            header = json.loads(f.read(n_header))
+            if not isinstance(header, dict):
+                raise UpdateRejected(f"{path}: not a valid safetensors file: header is not an object")
+            _check_metadata(header.get("__metadata__"))
+            entries = sorted(_header_entry(k, v) for k, v in header.items() if k != "__metadata__")
+            covered, start = 0, 8 + n_header
+            for begin, end, name, dtype, shape in entries:
+                if begin != covered or end - begin != math.prod(shape) * dtype.itemsize:
+                    raise UpdateRejected(f"tensor '{name}': its offsets do not match its shape and dtype")
+                covered = end
+            if covered != size - start:
+                raise UpdateRejected(f"{size - start - covered} bytes after the last tensor, or tensors past "
+                                     "the end of the file")
+            for begin, end, name, dtype, _ in entries:
+                if is_float_dtype(dtype) and not _file_range_finite(f, start + begin, end - begin, dtype,
+                                                                    chunk_bytes):
+                    raise UpdateRejected(f"{path}: tensor '{name}' holds NaN or Inf")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise UpdateRejected(f"{path}: not a valid safetensors file: header is not JSON") from None
+    except OSError as e:
+        raise UpdateRejected(f"{path}: cannot read the model file: {e.strerror}") from None
+    except UpdateRejected as e:
+        message = str(e)
+        raise UpdateRejected(message if message.startswith(str(path)) else
+                             f"{path}: not a valid safetensors file: {_reason(e)}") from None
+    return len(entries)
+
+
+def _file_range_finite(f, offset: int, n_bytes: int, dtype: np.dtype, chunk_bytes: int) -> bool:
+    step = max(dtype.itemsize, chunk_bytes - chunk_bytes % dtype.itemsize)
+    f.seek(offset)
+    for _ in range(0, n_bytes, step):
+        piece = f.read(min(step, n_bytes))
+        n_bytes -= len(piece)
+        if not _all_finite(np.frombuffer(piece, dtype=dtype)):
+            return False
+    return True
+
+
 def _is_count(value: object) -> bool:
     return type(value) is int and value >= 0  # JSON integers only: not bools, floats or strings
 
@@ -110,10 +191,16 @@ def save_file(weights: Weights, path: Path) -> None:
 
 
 def load_file(path: Path) -> Weights:
+    """Read a safetensors file into memory (one buffer the arrays share)."""
     try:
-        return _st_load_file(str(path))
-    except Exception as e:
-        raise UpdateRejected(f"{path}: not a valid safetensors file: {e}") from None
+        with open(path, "rb") as f:
+            buf = bytearray(f.read())
+    except OSError as e:
+        raise UpdateRejected(f"{path}: cannot read the model file: {e.strerror}") from None
+    try:
+        return view_bytes(buf)
+    except UpdateRejected as e:
+        raise UpdateRejected(f"{path}: not a valid safetensors file: {_reason(e)}") from None
 
 
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:
@@ -146,7 +233,7 @@ def check_update(update: Weights, reference: Weights) -> None:
             raise UpdateRejected(f"tensor '{name}' has shape {arr.shape}, model has {ref.shape}")
         if arr.dtype != ref.dtype:
             raise UpdateRejected(f"tensor '{name}' has dtype {arr.dtype}, model has {ref.dtype}")
-        if arr.dtype.kind == "f" and not _all_finite(arr):
+        if is_float_dtype(arr.dtype) and not _all_finite(arr):
             raise UpdateRejected(f"tensor '{name}' holds NaN or Inf")
 
 

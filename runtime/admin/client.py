@@ -20,6 +20,7 @@ from ..procs import workspace
 from ..proto import fedkit_pb2 as pb
 from ..server_trust import refuse_revoked_server
 from ..transport import TlsFiles, admin_stub, call_errors, iter_chunks, open_channel
+from .model_upload import model_to_send
 
 COMMAND_TIMEOUT_S = 30.0
 TRANSFER_TIMEOUT_S = 3600.0
@@ -63,16 +64,23 @@ class AdminClient:
         return json.loads(reply.data_json or "null")
 
     async def submit_job(self, folder: Path, overrides: list[str] | None = None,
-                         progress: Callable[[int, int], None] | None = None, sign: bool = True) -> dict[str, Any]:
+                         progress: Callable[[int, int], None] | None = None, sign: bool = True,
+                         initial_model: Path | None = None) -> dict[str, Any]:
         """Upload a job folder (zipped) with its overrides; `progress(bytes_sent, bytes_total)` follows it.
         With `sign`, the code hash goes with an ECDSA signature by this admin's key (for sites whose
-        job_policy.yml accepts only code signed by named admins)."""
+        job_policy.yml accepts only code signed by named admins). `initial_model`: a safetensors file
+        streamed from disk after the archive (a model too large for the archive), checked here first."""
         load_job_folder(folder, overrides)  # fail here, before the upload, on a bad folder or override
+        model = await asyncio.to_thread(model_to_send, initial_model) if initial_model else None
         archive = await asyncio.to_thread(zip_folder, folder)
         args: dict[str, Any] = {"folder": folder.name, "overrides": overrides or []}
         if sign:
             args["code_signature"] = (await asyncio.to_thread(self._sign, archive)).model_dump(mode="json")
+        if model is not None:
+            args["archive_bytes"] = len(archive)
+            args["initial_model"] = {"file": model.path.name, "bytes": model.size_bytes, "sha256": model.sha256}
         header = pb.AdminRequest(command="submit_job", args_json=json.dumps(args))
+        total = len(archive) + (model.size_bytes if model else 0)
 
         async def chunks() -> AsyncIterator[pb.UploadChunk]:
             yield pb.UploadChunk(header=header)
@@ -81,7 +89,13 @@ class AdminClient:
                 yield pb.UploadChunk(data=piece)
                 sent += len(piece)
                 if progress:
-                    progress(sent, len(archive))
+                    progress(sent, total)
+            if model is not None:
+                async for piece in model.chunks():
+                    yield pb.UploadChunk(data=piece)
+                    sent += len(piece)
+                    if progress:
+                        progress(sent, total)
 
         with call_errors("submit_job", self._target):
             reply = await self._stub.Upload(chunks(), timeout=TRANSFER_TIMEOUT_S)

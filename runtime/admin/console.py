@@ -30,7 +30,8 @@ from .scalars_view import scalar_lines
 USAGE = {
     "help": "help [COMMAND]                          the commands your role may run, or one command's usage",
     "check_status": "check_status server|client [SITE...]    online sites, last heartbeat, running job and round",
-    "submit_job": "submit_job FOLDER [--set KEY=VALUE...]  queue a job (overrides: server.rounds=5, ...)",
+    "submit_job": "submit_job FOLDER [--set KEY=VALUE...] [--initial-model FILE]  queue a job (overrides: "
+                  "server.rounds=5, ...; FILE: a safetensors model too large for the job folder)",
     "list_jobs": "list_jobs                               every job: state, submitter, config, timings, results",
     "show_job": "show_job JOB_ID                         one job: settings, timings, per-round metrics per site",
     "wait_job": "wait_job JOB_ID [TIMEOUT_S]             follow a job until it ends, printing each round",
@@ -161,17 +162,23 @@ class AdminConsole:
 
     async def _submit_job(self, args: list[str]) -> Any:
         if not args:
-            raise UsageError("usage: submit_job FOLDER [--set KEY=VALUE ...]")
+            raise UsageError("usage: submit_job FOLDER [--set KEY=VALUE ...] [--initial-model FILE]")
         folder, overrides, rest = Path(args[0]), [], args[1:]
+        initial_model: Path | None = None
         while rest:
-            if rest[0] != "--set" or len(rest) < 2:
-                raise UsageError(f"unexpected '{rest[0]}': use --set KEY=VALUE")
-            overrides.append(rest[1])
+            if rest[0] not in ("--set", "--initial-model") or len(rest) < 2:
+                raise UsageError(f"unexpected '{rest[0]}': use --set KEY=VALUE or --initial-model FILE")
+            if rest[0] == "--set":
+                overrides.append(rest[1])
+            else:
+                initial_model = Path(rest[1])
+                if not initial_model.is_file():
+                    raise UsageError(f"--initial-model {initial_model}: no such file")
             rest = rest[2:]
         # the static part of `fedkit job check`: every config problem, one line each, before the upload
         await asyncio.to_thread(require_static_ok, folder, overrides)
         with self._transfer_bar(f"uploading {folder.name}") as progress:
-            record = await self._client.submit_job(folder, overrides, progress)
+            record = await self._client.submit_job(folder, overrides, progress, initial_model=initial_model)
         if not self._json:
             self._out.print(f"submitted job {record['job_id']} ({record['name']}), state {record['state']}")
             self._out.print(_fmt_code(record), markup=False, highlight=False)

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import FedkitError, JobRejected
 from ..tasks import FedProx, LocalAlgorithm, Scaffold
-from ..weights import Weights
+from ..weights import Weights, is_float_dtype
 from .base import Aggregator, Update
 from .config import CustomAggregatorConfig
 
@@ -120,7 +120,7 @@ class CheckedAggregator:
             if not isinstance(arr, np.ndarray) or arr.shape != ref.shape or arr.dtype != ref.dtype:
                 raise self._bad("close_round", f"returned tensor '{name}' not as the model's "
                                 f"{ref.dtype}{list(ref.shape)}")
-            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            if is_float_dtype(arr.dtype) and not np.isfinite(arr).all():
                 raise self._bad("close_round", f"returned NaN or Inf in tensor '{name}'")
         return new_model
 

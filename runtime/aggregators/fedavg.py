@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..tasks import LocalAlgorithm
-from ..weights import Weights
+from ..weights import HALF_DTYPES, Weights, is_float_dtype, wide_dtype
 from ._round import RoundPhase, check_fits, check_state_group, check_weight, copy_state, is_float, take_state
 from .base import Update
 from .config import FedAvgConfig
@@ -63,48 +63,58 @@ def fold(acc: WeightedSum, delta: Weights, weight: float) -> WeightedSum:
         if weight == 1.0:
             target += d
         elif weight != 0.0:
-            # one temporary the size of one tensor, never of the model
-            target += d * weight
+            # one temporary the size of one tensor, never of the model; float16/bfloat16 deltas are
+            # weighted in float64, not in their own few digits
+            target += np.multiply(d, weight, dtype=np.float64) if d.dtype in HALF_DTYPES else d * weight
         acc.totals[name] += weight
     acc.n_updates += 1
     return acc
 
 
 def weighted_mean(acc: WeightedSum, like: Weights) -> Weights:
-    """The weighted mean delta, cast to each tensor's dtype in `like`. A tensor no site sent (or whose
-    total weight is 0) gets a zero delta."""
+    """The weighted mean delta, cast to each tensor's dtype in `like` (float16/bfloat16 tensors: kept in
+    float64, so the step rounds once, to the model's dtype). A tensor no site sent (or whose total weight is
+    0) gets a zero delta."""
     out: Weights = {}
     for name, ref in like.items():
         total = acc.totals.get(name, 0.0)
+        dtype = _mean_dtype(ref.dtype)
         if total > 0:
-            out[name] = (acc.sums[name] / total).astype(ref.dtype, copy=False)
+            out[name] = (acc.sums[name] / total).astype(dtype, copy=False)
         else:
-            out[name] = np.zeros_like(ref)
+            out[name] = np.zeros(ref.shape, dtype)
     return out
 
 
 def apply_server_step(model: Weights, mean_delta: Weights, lr: float = 1.0,
                       momentum: float = 0.0, velocity: Weights | None = None) -> tuple[Weights, Weights | None]:
     """New global = model + lr * v, where v = momentum * velocity + mean_delta (FedAvgM; plain FedAvg
-    when lr=1, momentum=0). Returns (new model, new velocity or None)."""
+    when lr=1, momentum=0). Returns (new model, new velocity or None). float16/bfloat16 tensors step in
+    float64 and keep their velocity in float32 (`wide_dtype`); the others in their own dtype."""
     new_velocity: Weights | None = None
     if momentum > 0:
         new_velocity = {}
         for name, d in mean_delta.items():
             prev = velocity.get(name) if velocity else None
-            new_velocity[name] = d if prev is None else (momentum * prev + d).astype(d.dtype, copy=False)
+            v = d if prev is None else momentum * prev + d
+            new_velocity[name] = v.astype(wide_dtype(model[name].dtype), copy=False)
         step = new_velocity
     else:
         step = mean_delta
     new_model = {}
     for name, w in model.items():
         s = step[name]
-        new_model[name] = (w + s) if lr == 1.0 else (w + lr * s).astype(w.dtype, copy=False)
+        x = w.astype(np.float64) if w.dtype in HALF_DTYPES else w
+        new_model[name] = ((x + s) if lr == 1.0 else (x + lr * s)).astype(w.dtype, copy=False)
     return new_model, new_velocity
 
 
 def _acc_dtype(arr: np.ndarray) -> np.dtype:
-    return np.dtype(np.float64) if arr.dtype.kind in "fiu" else arr.dtype
+    return np.dtype(np.float64) if is_float_dtype(arr.dtype) or arr.dtype.kind in "iu" else arr.dtype
+
+
+def _mean_dtype(dtype: np.dtype) -> np.dtype:
+    return np.dtype(np.float64) if dtype in HALF_DTYPES else dtype
 
 
 def sent_tensors(acc: WeightedSum, model: Weights) -> list[str]:

@@ -7,8 +7,8 @@ sites with wild updates (a broken pipeline, mislabeled data, an attacker) cannot
 
 over the n_t sites that sent tensor t this round (a site whose privacy filter left a tensor out is left
 out of that tensor only); a tensor no site sent stays as it is. Unweighted: Update.weight is ignored.
-The median is taken in the tensor's float dtype, the trimmed mean in float64 (integer tensors: float64,
-cast back, truncating toward zero).
+The median is taken in the tensor's float dtype (float16/bfloat16: in float64, rounded once back to the
+tensor's dtype), the trimmed mean in float64 (integer tensors: float64, cast back, truncating toward zero).
 
 Memory cost: unlike the streaming mean, these need every update at once. Each delta is copied at fold
 (the receive buffer it points into is reused), so a round holds n_sites x model bytes, plus one stacked
@@ -56,7 +56,7 @@ class _KeepAll:
         new_model = dict(model)
         for name, deltas in self._kept.items():
             stacked = np.stack(deltas)
-            if not stacked.dtype.kind == "f":
+            if stacked.dtype not in (np.float32, np.float64):  # integers and half types: in float64
                 stacked = stacked.astype(np.float64)
             new_model[name] = add_mean_delta(model[name], self._statistic(stacked))
             del stacked

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..learner import Learner, LearnerError
 from ..tasks import FedProx, LocalAlgorithm, Scaffold
-from ..weights import Weights, load_file, save_file
+from ..weights import Weights, is_float_dtype, load_file, save_file
 
 if TYPE_CHECKING:
     import torch
@@ -83,7 +83,7 @@ def scaffold_next_c_i(c_i: Weights, c: Weights, delta: Weights, lr_sum: float, s
     lr = np.float32(lr_sum)
     out: Weights = {}
     for name, d in delta.items():
-        if name not in shared or d.dtype.kind != "f":
+        if name not in shared or not is_float_dtype(d.dtype):
             continue
         d32 = np.asarray(d, dtype=np.float32)
         before = np.asarray(c_i[name], dtype=np.float32) if name in c_i else np.zeros_like(d32)
@@ -136,7 +136,7 @@ class GradientCorrection:
         self._tensors: dict[tuple[str, Any, Any], torch.Tensor] = {}  # per (name, device, dtype)
         self._handle: Any = None
         if isinstance(algorithm, Scaffold):  # constant during the round: c - c_i per shared float tensor
-            zeros = {name: np.zeros(w.shape, np.float32) for name, w in shared.items() if w.dtype.kind == "f"}
+            zeros = {name: np.zeros(w.shape, np.float32) for name, w in shared.items() if is_float_dtype(w.dtype)}
             self._correction = {name: np.asarray(control.get(name, zero), np.float32)
                                 - np.asarray(c_i.get(name, zero), np.float32) for name, zero in zeros.items()}
         self._params = self._mapped()
@@ -188,12 +188,12 @@ class GradientCorrection:
 
     def _tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The global weight (FedProx) or the correction (SCAFFOLD) for `name`, on the parameter's device."""
-        import torch
+        from ..torch_weights import numpy_to_tensor  # bfloat16 included
 
         key = (name, like.device, like.dtype)
         if key not in self._tensors:
             source = self.shared[name] if isinstance(self.algorithm, FedProx) else self._correction[name]
-            self._tensors[key] = torch.tensor(np.asarray(source)).to(device=like.device, dtype=like.dtype)
+            self._tensors[key] = numpy_to_tensor(np.array(source)).to(device=like.device, dtype=like.dtype)
         return self._tensors[key]
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 from ..filters import apply_filters
 from ..privacy_report import MAX_EXCLUDED_LISTED, AppliedTo, PrivacyReport
 from ..tasks import RESULT_WEIGHTS, TaskKind
-from ..weights import Weights, load_file, to_bytes
+from ..weights import Weights, is_float_dtype, load_file, to_bytes
 from .dp_ledger import DpLedger
 from .privacy_policy import EffectiveChain
 
@@ -84,7 +84,7 @@ def _unfiltered(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChai
 
 
 def _is_float(a: np.ndarray) -> bool:
-    return a.dtype.kind == "f"
+    return is_float_dtype(a.dtype)
 
 
 def _minus(model: Weights, reference: Weights) -> Weights:

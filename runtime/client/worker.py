@@ -42,7 +42,7 @@ from ..errors import FedkitError
 from ..learner import Learner, LearnerError, SiteContext
 from ..procs import die_with_parent, tune_malloc
 from ..tasks import KeyMetricRef, LocalAlgorithm, TaskKind, split_control
-from ..weights import Weights, load_file, save_file
+from ..weights import Weights, is_float_dtype, load_file, save_file
 
 _ALGORITHM: TypeAdapter[LocalAlgorithm | None] = TypeAdapter(
     Annotated[LocalAlgorithm, Field(discriminator="name")] | None)
@@ -65,7 +65,7 @@ def _load_learner(job_dir: Path, path: str, args: dict[str, Any], context: SiteC
 
 def _delta(trained: dict, received: dict) -> dict:
     return {k: (trained[k] - received[k]).astype(received[k].dtype, copy=False)
-            if received[k].dtype.kind in "fc" else trained[k] for k in trained}
+            if is_float_dtype(received[k].dtype) or received[k].dtype.kind == "c" else trained[k] for k in trained}
 
 
 def _key_score(scores: dict[str, float], key: KeyMetricRef) -> float:

@@ -36,6 +36,7 @@ from ..transport import CHUNK_BYTES
 from .audit_args import bounded_args, bounded_text
 from .authz import Policy
 from .cross_site_report import report_view
+from .initial_model_upload import announced, spool_both
 from .job_store import FINAL_STATES, JobRecord, JobState
 from .registry import Registry
 from .runner import JobRunner
@@ -70,9 +71,10 @@ class CommandError(FedkitError):
 class AdminService:
     def __init__(self, runner: JobRunner, registry: Registry, policy: Policy, audit: AuditLog,
                  server_org: str, log_path: Path, controls: SiteControls, on_shutdown: Callable[[], None],
-                 max_upload_bytes: int = MAX_UPLOAD_BYTES):
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES, max_initial_model_bytes: int = 64 << 30):
         self._runner = runner
         self._max_upload_bytes = max_upload_bytes
+        self._max_initial_model_bytes = max_initial_model_bytes
         self._registry = registry
         self._policy = policy
         self._audit = audit
@@ -127,7 +129,7 @@ class AdminService:
         """submit_job: audited first, authorized and quota-checked before the archive is read, which then
         streams to a file in the job store (never held in memory) and is validated from there."""
         args: dict[str, Any] = {}
-        spooled = None
+        spooled = model = None
         try:
             first = await anext(chunks, None)
             if first is None or first.WhichOneof("kind") != "header":
@@ -137,17 +139,22 @@ class AdminService:
             self._policy.check(peer, "submit_job")  # before reading the archive
             overrides = _overrides(args)
             await asyncio.to_thread(self._runner.check_quota, peer)
-            spooled = await spool(_upload_data(chunks), self._runner.store.incoming_dir, self._max_upload_bytes)
+            big = announced(args, self._max_upload_bytes, self._max_initial_model_bytes)
+            if big is None:
+                spooled = await spool(_upload_data(chunks), self._runner.store.incoming_dir, self._max_upload_bytes)
+            else:  # the archive, then a large initial model streamed beside it (initial_model_upload.py)
+                spooled, model = await spool_both(_upload_data(chunks), big, self._runner.store.incoming_dir)
             record = await self._runner.submit(peer, spooled.path, overrides, spooled.sha256,
-                                               args.get("code_signature"))
+                                               args.get("code_signature"), model.path if model else None)
         except FedkitError as e:
             return await self._refused(peer, "submit_job", args, e, allowed=not isinstance(e, PermissionDenied))
         except Exception as e:
             log.exception("submit_job from %s failed", peer.name)
             return await self._refused(peer, "submit_job", args, e, allowed=True)
         finally:
-            if spooled is not None:
-                spooled.path.unlink(missing_ok=True)  # moved into the job's folder when accepted
+            for part in (spooled, model):
+                if part is not None:
+                    part.path.unlink(missing_ok=True)  # moved into the job's folder when accepted
         await self._record(peer, "submit_job", {**args, "job_id": record.job_id, "job_sha256": record.job_sha256,
                                                 "code_sha256": record.code_sha256}, allowed=True)
         return pb.AdminReply(ok=True, message=f"submitted job {record.job_id}", data_json=json.dumps(asdict(record)))

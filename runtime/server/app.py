@@ -54,7 +54,8 @@ async def serve(kit: Path, debug: bool = False) -> None:
     federation = FederationService(registry, board, runner, audit, heartbeat_interval_s,
                                    settings.max_concurrent_uploads, settings.max_concurrent_downloads, controls)
     admin = AdminService(runner, registry, Policy.load(local / "authorization.yml"), audit, cfg.org,
-                         ws / LOG_FILE, controls, stop.set, settings.max_job_archive_bytes)
+                         ws / LOG_FILE, controls, stop.set, settings.max_job_archive_bytes,
+                         settings.max_initial_model_bytes)
 
     host = settings.listen_host or cfg.name
     fed_server = RpcServer(tls, host, settings.fed_learn_listen_port or cfg.fed_learn_port)

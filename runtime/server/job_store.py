@@ -119,11 +119,14 @@ class JobStore:
         return record
 
     def create_from_file(self, archive: Path, spec_json: str, record: JobRecord,
-                         code_signature: dict[str, Any] | None = None) -> JobRecord:
-        """Like create, moving an uploaded archive (in incoming_dir) into the job's folder."""
+                         code_signature: dict[str, Any] | None = None, initial_model: Path | None = None) -> JobRecord:
+        """Like create, moving an uploaded archive (in incoming_dir) into the job's folder, and an uploaded
+        initial model, if one came, to models/initial.safetensors (the initial-model workflow's file)."""
         d = self.job_dir(record.job_id)
         (d / "models").mkdir(parents=True)
         os.replace(archive, d / "job.zip")
+        if initial_model is not None:
+            os.replace(initial_model, d / "models" / "initial.safetensors")
         (d / "spec.json").write_text(spec_json)
         if code_signature is not None:
             _write_json(d / CODE_SIGNATURE_FILE, code_signature)

@@ -55,14 +55,15 @@ class JobRunner:
     # ---- admin-facing ----------------------------------------------------------------------------
 
     async def submit(self, submitter: Identity, archive: Path, overrides: list[str], sha256: str = "",
-                     code_signature: Any = None) -> JobRecord:
+                     code_signature: Any = None, initial_model: Path | None = None) -> JobRecord:
         """Validate and queue a job archive: a file in store.incoming_dir, moved into the job's folder when
         accepted (`sha256`: its hash, when the upload computed it already), with the admin's signature over
-        its code if one came. Raises JobRejected with the file and field at fault, or the quota and how to
+        its code if one came, and a checked initial model file (in incoming_dir too) to move to the job's
+        models/initial.safetensors. Raises JobRejected with the file and field at fault, or the quota and how to
         free it."""
         async with self._submit_lock:
             record = await asyncio.to_thread(self._store_new_job, submitter, archive, overrides, sha256,
-                                             code_signature)
+                                             code_signature, initial_model)
         self._wakeup.set()  # here, on the loop: an asyncio.Event must not be set from a worker thread
         return record
 
@@ -71,13 +72,13 @@ class JobRunner:
         self._quota.check(self.store, submitter.name, new_bytes)
 
     def _store_new_job(self, submitter: Identity, archive: Path, overrides: list[str], sha256: str,
-                       code_signature: Any = None) -> JobRecord:
+                       code_signature: Any = None, initial_model: Path | None = None) -> JobRecord:
         spec = load_job_spec(read_zip_configs(archive), overrides)
         if spec.server.aggregator.name == "custom" and not self._allow_job_aggregators:
             raise JobRejected("config_fed_server.yml: field 'aggregator': this server runs no job code, so a "
                               "custom aggregator is refused (server IT may allow it: allow_job_aggregators "
                               "in local/server.yml); use a built-in one")
-        size = archive.stat().st_size
+        size = archive.stat().st_size + (initial_model.stat().st_size if initial_model else 0)
         self.check_quota(submitter, size)
         spec_json = spec_to_json(spec)
         code = signed_code(archive, code_signature)
@@ -90,7 +91,7 @@ class JobRunner:
             rounds_total=spec.server.rounds if spec.server.trains else 0, seq=self.store.next_seq(),
             code_sha256=code.code_sha256, code_signed_by=code.signed_by,
         )
-        return self.store.create_from_file(archive, spec_json, record, code.signature)
+        return self.store.create_from_file(archive, spec_json, record, code.signature, initial_model)
 
     def spec(self, job_id: str) -> JobSpec:
         """The job's validated spec, read from disk once and then kept (until the job is deleted)."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import FedkitError, UpdateRejected
 from ..tasks import TaskKind
-from ..weights import Weights, from_bytes, load_file, save_file
+from ..weights import Weights, check_file, from_bytes, is_float_dtype, save_file
 from .base import RoundOutcome, RoundPlan, SiteResult, WorkflowContext
 
 INITIAL_FILE = "initial.safetensors"
@@ -69,8 +69,10 @@ class InitialModel:
         return f"round 0: no site could build the initial model ({reasons})"
 
     def _finish(self) -> None:
-        model = load_file(self._path)
-        _check_finite(model, InitialModelFailed)
+        try:  # a chunk at a time: an uploaded initial model may be larger than the server's memory allows
+            check_file(self._path)
+        except UpdateRejected as e:
+            raise InitialModelFailed(f"round 0: initial model: {e}") from None
         shutil.copyfile(self._path, self._ctx.models_dir / GLOBAL_FILE)
         self._done = True
 
@@ -83,5 +85,5 @@ class InitialModel:
 
 def _check_finite(model: Weights, error: type[FedkitError] = UpdateRejected) -> None:
     for name, arr in model.items():
-        if arr.dtype.kind == "f" and not np.isfinite(arr.sum(dtype=np.float64)):
+        if is_float_dtype(arr.dtype) and not np.isfinite(arr.sum(dtype=np.float64)):
             raise error(f"round 0: initial tensor '{name}' holds NaN or Inf")

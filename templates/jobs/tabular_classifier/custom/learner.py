@@ -2,6 +2,7 @@
 
 Each site's data root holds `train.csv` and `val.csv`: numeric feature columns and a final `label`
 column of 0/1. Features are standardized with the site's own training statistics (data never leaves).
+`dtype` (float32, bfloat16, float16, float64) is the dtype the model trains and travels in.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ def build_model(n_features: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: np.ndarray) -> dict[str, float]:
     with torch.no_grad():
-        logits = model(x).squeeze(1)
+        logits = model(x).squeeze(1).float()  # metrics in float32 whatever the model's dtype
         loss = nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(y)).item()
         scores = torch.sigmoid(logits).numpy()
     accuracy = float(((scores >= 0.5) == (y >= 0.5)).mean())
@@ -38,18 +42,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: np.ndarray) -> dict[str, floa
 
 class TabularLearner(Learner):
     def __init__(self, context: SiteContext, lr: float = 0.05, epochs: int = 1, batch_size: int = 32,
-                 hidden: int = 16, seed: int = 0):
+                 hidden: int = 16, seed: int = 0, dtype: str = "float32"):
         super().__init__(context)
         if context.data_root is None:
             raise ValueError("this learner needs the site's data_root (set it in local/site.yml)")
+        if dtype not in DTYPES:
+            raise ValueError(f"learner arg dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+        self.dtype = DTYPES[dtype]
         x_train, self.y_train = read_csv(context.data_root / "train.csv")
         x_val, self.y_val = read_csv(context.data_root / "val.csv")
         self.mean, self.std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
-        self.x_train = torch.from_numpy((x_train - self.mean) / self.std)
-        self.x_val = torch.from_numpy((x_val - self.mean) / self.std)
+        self.x_train = torch.from_numpy((x_train - self.mean) / self.std).to(self.dtype)
+        self.x_val = torch.from_numpy((x_val - self.mean) / self.std).to(self.dtype)
         self.lr, self.epochs, self.batch_size, self.seed = lr, epochs, batch_size, seed
         torch.manual_seed(seed)
-        self.model = build_model(x_train.shape[1], hidden)
+        self.model = build_model(x_train.shape[1], hidden).to(self.dtype)
 
     def initial_weights(self) -> Weights:
         return {k: v.copy() for k, v in module_weights(self.model).items()}
@@ -57,7 +64,7 @@ class TabularLearner(Learner):
     def train(self, weights: Weights, round: int) -> TrainResult:
         load_module_weights(self.model, weights)
         optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=0.9)
-        y = torch.from_numpy(self.y_train)
+        y = torch.from_numpy(self.y_train).to(self.dtype)
         generator = torch.Generator().manual_seed(self.seed + round)
         self.model.train()
         total_loss, batches = 0.0, 0
