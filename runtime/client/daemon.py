@@ -36,7 +36,7 @@ from ..errors import (
     SessionExpired,
     UpdateRejected,
 )
-from ..job_spec import ClientJobConfig, safe_extract, sha256_hex
+from ..job_spec import TRAINING_WORKFLOWS, ClientJobConfig, safe_extract, sha256_hex
 from ..procs import LOG_FILE
 from ..proto import fedkit_pb2 as pb
 from ..server_trust import refuse_revoked_server
@@ -270,9 +270,8 @@ class ClientDaemon:
                 return None
             h = first.header
             config, config_error = _decode_task_config(h.config_json)
-            step = config.step if config else 0
             round_dir = (JobFolders(self._ws / "jobs" / _safe_name(h.job_id)).inbox
-                         / f"step_{step:05d}_{_safe_name(h.task_name)}")
+                         / _round_folder(config, h.round, h.task_name))
             round_dir.mkdir(parents=True, exist_ok=True)
             path = round_dir / "global_in.safetensors"
             if h.payload_bytes:
@@ -497,6 +496,14 @@ def _decode_task_config(text: str) -> tuple[TaskConfig | None, str]:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         return None, f"task settings from the server unreadable at '{where}': {first['msg']} (is this kit current?)"
+
+
+def _round_folder(config: TaskConfig | None, round: int, task_name: str) -> str:
+    """round_0003_train: the training workflow's rounds (and round 0) by number; the rounds of other
+    workflows carry its name too (cross_site_round_0002_validate), so no two tasks of a job share one."""
+    name = f"round_{round:04d}_{_safe_name(task_name)}"
+    workflow = config.workflow if config else ""
+    return name if workflow in TRAINING_WORKFLOWS or task_name == TaskKind.INIT else f"{_safe_name(workflow)}_{name}"
 
 
 def _task_kind(name: str) -> TaskKind:

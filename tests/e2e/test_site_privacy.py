@@ -96,7 +96,7 @@ def test_site_policy_filters_every_path_out_of_the_site(make_study, tmp_path):
     assert EXCLUDED in raw_initial
     _assert_all_differ(load_file(server_job / "models" / "initial.safetensors"), raw_initial, "initial model")
     for site in study.clients:
-        (submit_dir,) = site_job[site].glob("step_*_submit_model")
+        (submit_dir,) = site_job[site].glob("cross_site_round_*_submit_model")
         _assert_all_differ(load_file(server_job / "models" / f"site_{site}.safetensors"),
                            load_file(submit_dir / "local_model.safetensors"), f"{site}'s local model")
         train_dir = site_job[site] / "round_0001_train"
@@ -110,7 +110,7 @@ def test_site_policy_filters_every_path_out_of_the_site(make_study, tmp_path):
                 and r["task"] != "validate"}  # validation sends metrics only
         assert all(r["privacy"] is None for r in _events(study, site, "update_sent") if r["task"] == "validate")
         assert set(sent) == ({"init", "train", "submit_model"} if site == builder else {"train", "submit_model"})
-        (submit_dir,) = site_job[site].glob("step_*_submit_model")
+        (submit_dir,) = site_job[site].glob("cross_site_round_*_submit_model")
         files = {"init": site_job[site] / "round_0000_init" / "initial.sent.safetensors",
                  "train": site_job[site] / "round_0001_train" / "update_sent.safetensors",
                  "submit_model": submit_dir / "local_model.sent.safetensors"}
