@@ -238,6 +238,7 @@ class _RecordingClient:
     def __init__(self) -> None:
         self.uploads: list[Path] = []
 
-    async def submit_job(self, folder: Path, overrides: list[str], progress: Any) -> dict[str, Any]:
+    async def submit_job(self, folder: Path, overrides: list[str], progress: Any,
+                         initial_model: Path | None = None) -> dict[str, Any]:
         self.uploads.append(folder)
         return {"job_id": "j1", "name": folder.name, "state": "submitted", "code_hash": "0" * 64}
