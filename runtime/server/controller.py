@@ -224,9 +224,7 @@ class JobController:
         self._step += 1
         if plan.model is not None:
             self._model_bytes, self._n_tensors = nbytes(plan.model), len(plan.model)
-        payload = (await asyncio.to_thread(lambda: Payload.of(to_bytes(with_control(plan.model, plan.extras)),
-                                                              CHUNK_BYTES))
-                   if plan.model is not None else NO_PAYLOAD)
+        payload = await asyncio.to_thread(_payload, plan)
         config = TaskConfig(
             job_name=meta.name, workflow=self._workflow.name if self._workflow else "", rounds=cfg.rounds,
             step=self._step, client=self.spec.client.model_dump(mode="json"),
@@ -310,6 +308,16 @@ class JobController:
     def _check_aborted(self) -> None:
         if self._aborted.is_set():
             raise JobAborted(f"job {self.record.job_id} aborted")
+
+
+def _payload(plan: RoundPlan) -> Payload:
+    """What the round sends: the model's bytes as the workflow saved them when it has them (serialized
+    once per round), else the model (and its extras) serialized here."""
+    if plan.model is None:
+        return NO_PAYLOAD
+    if plan.model_bytes is not None and not plan.extras:
+        return Payload.of_model(plan.model_bytes)
+    return Payload.of(to_bytes(with_control(plan.model, plan.extras)), CHUNK_BYTES)
 
 
 def _what(plan: RoundPlan) -> str:
