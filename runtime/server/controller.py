@@ -122,21 +122,23 @@ class JobController:
                 outcome.privacy[site] = privacy
         except UpdateRejected as e:
             outcome.failures[site] = f"update rejected: {e}"
-            self._audit.append("update_rejected", job_id=self.record.job_id, site=site, round=outcome.plan.round,
-                               reason=str(e))
+            await asyncio.to_thread(self._audit.append, "update_rejected", job_id=self.record.job_id, site=site,
+                                    round=outcome.plan.round, reason=str(e))
             raise
         finally:
             self._board.complete(task)
             rnd.changed.set()
 
-    def reject(self, task: Task, reason: str) -> None:
+    async def reject(self, task: Task, reason: str) -> None:
         """Record a result refused before it could be parsed (size, hash, stream) as the site's failure."""
         rnd = self._round
         if rnd is not None and rnd.tasks.get(task.site) is task and not rnd.answered(task.site):
             rnd.outcome.failures[task.site] = f"update rejected: {reason}"
-            self._audit.append("update_rejected", job_id=self.record.job_id, site=task.site,
-                               round=rnd.outcome.plan.round, reason=reason)
             rnd.changed.set()
+            self._board.complete(task)
+            await asyncio.to_thread(self._audit.append, "update_rejected", job_id=self.record.job_id,
+                                    site=task.site, round=rnd.outcome.plan.round, reason=reason)
+            return
         self._board.complete(task)
 
     def abort(self) -> None:
@@ -187,7 +189,7 @@ class JobController:
             while (plan := await asyncio.to_thread(workflow.next_round)) is not None:
                 outcome = await self._run_round(plan)
                 await asyncio.to_thread(workflow.close_round, outcome)
-                self._publish(outcome)
+                await self._publish(outcome)
                 await self._checkpoint(index, workflow)
         finally:
             self._workflow = None
@@ -200,17 +202,19 @@ class JobController:
         checkpoint = Checkpoint(workflow_index=index, step=self._step, state=meta, results=results, tensors=tensors)
         await asyncio.to_thread(save_checkpoint, self._store.models_dir(self.record.job_id), checkpoint)
 
-    def _publish(self, outcome: RoundOutcome) -> None:
-        """Copy what the workflows know about the job into its record; note weights shared outside training."""
+    async def _publish(self, outcome: RoundOutcome) -> None:
+        """Copy what the workflows know about the job into its record (on the loop, where the admin service
+        reads it); write the record and metrics files in a thread."""
         results, record = self._ctx.results, self.record
         record.rounds_done, record.best_round, record.best_metric = (results.rounds_done, results.best_round,
                                                                      results.best_metric)
         record.final_metrics = dict(results.final_metrics)
         record.sites = sorted({*record.sites, *results.sites, *outcome.results})  # every site that took part
-        self._store.save(record)
+        await asyncio.to_thread(self._store.save, replace(record, sites=list(record.sites),
+                                                          final_metrics=dict(record.final_metrics)))
         if RESULT_WEIGHTS[outcome.plan.kind] == "whole_model":
             # round 0 and cross-site models: show_job shows every path out of a site, with its filters
-            self._store.append_metrics(record.job_id, {
+            await asyncio.to_thread(self._store.append_metrics, record.job_id, {
                 "type": "shared", "task": outcome.plan.kind.value, "step": outcome.step, "round": outcome.plan.round,
                 "sites": sorted(outcome.results), "failed": outcome.failures, "privacy": outcome.privacy})
 
@@ -297,7 +301,8 @@ class JobController:
                 why = "round deadline passed" if timed_out and alive_waiting else "site went silent (missed heartbeats)"
                 for site in waiting:
                     outcome.failures.setdefault(site, why)
-                    self._audit.append("site_timed_out", job_id=self.record.job_id, site=site, round=outcome.plan.round)
+                    await asyncio.to_thread(self._audit.append, "site_timed_out", job_id=self.record.job_id,
+                                            site=site, round=outcome.plan.round)
                 return
             rnd.changed.clear()
             try:
