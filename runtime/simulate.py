@@ -33,12 +33,13 @@ from .errors import FedkitError
 from .identity import Identity, Kind
 from .job_spec import JobSpec, spec_to_json
 from .learner import Learner
+from .quantize import decode, encode
 from .server.controller import JobController
 from .server.job_store import JobRecord, JobState, JobStore
 from .server.registry import Registry
 from .server.taskboard import Task, TaskBoard
 from .tasks import RESULT_WEIGHTS, TaskConfig, TaskKind
-from .weights import Weights, load_file
+from .weights import Weights, load_file, save_file, to_bytes
 
 JOB_ID = "simulated"
 POLL_S = 0.05
@@ -142,6 +143,8 @@ def _run_task(learner: Learner, state: SiteState, task: Task, tmp: Path) -> tupl
     out.unlink(missing_ok=True)
     if task.payload.nbytes:
         received.write_bytes(b"".join(task.payload.chunks))
+        if config.wire_dtype != "float32":  # as the daemon does before its worker sees the model
+            save_file(decode(load_file(received)), received)
     command: dict[str, Any] = {"op": kind.value, "weights": str(received), "out": str(out), "round": task.round,
                                "algorithm": config.algorithm.model_dump(mode="json") if config.algorithm else None,
                                "key_metric": config.key_metric.model_dump(mode="json"),
@@ -156,6 +159,9 @@ def _run_task(learner: Learner, state: SiteState, task: Task, tmp: Path) -> tupl
     if "metrics" in reply and kind is TaskKind.TRAIN:
         metrics["train"] = reply["metrics"]
     payload = bytearray(out.read_bytes()) if RESULT_WEIGHTS[kind] and out.exists() else None
+    if payload is not None and config.wire_dtype != "float32":  # ... and to what it sends back
+        encoded, error = encode(load_file(out), config.wire_dtype)
+        payload, metrics["wire"] = bytearray(to_bytes(encoded)), error.as_metrics()
     return int(reply.get("n_samples", 0)), metrics, "", payload
 
 
