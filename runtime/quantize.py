@@ -23,18 +23,22 @@ them (the dtype and, for int8, the block size are in the name), so a receiver ne
 
 Tensors that are not floating point (step counters, masks) pass unchanged. A decoder treats its input as
 hostile (a site's upload): every name, dtype, shape and scale is checked, and a bad one raises
-UpdateRejected naming the tensor. Pure NumPy.
+UpdateRejected naming the tensor. The codecs are pure NumPy; `encode_file`/`decode_file` are the daemon's
+edges.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
 
 from .errors import UpdateRejected
+from .weights import load_file, save_file, to_bytes
 
 Weights = dict[str, np.ndarray]
 WireDtype = Literal["float32", "float16", "bfloat16", "int8"]
@@ -187,3 +191,23 @@ def _int8_decode(codes: np.ndarray, scales: np.ndarray, block: int, dtype: np.dt
     padded[:flat.size] = flat
     values = (padded.reshape(scales.size, block) * scales[:, None]).ravel()[:flat.size]
     return values.reshape(codes.shape).astype(dtype, copy=False)
+
+
+# ---- the edges: files as a site's daemon holds them ------------------------------------------------------
+
+def decode_file(path: Path) -> None:
+    """Replace an encoded model file (as received) by the model it stands for; a plain file stays as is."""
+    weights = load_file(path)
+    if is_encoded(weights):
+        save_file(decode(weights), path)
+
+
+def encode_file(path: Path, wire_dtype: str) -> tuple[Path, str, WireError]:
+    """Write `path`'s weights encoded for the wire next to it; returns that file, its SHA-256 and the error."""
+    encoded, error = encode(load_file(path), wire_dtype)
+    data = to_bytes(encoded)
+    out = path.with_name(path.name.removesuffix(".safetensors") + ".wire.safetensors")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+    return out, hashlib.sha256(data).hexdigest(), error

@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from .. import kit_config as kc
+from .. import quantize
 from ..audit import AuditLog
 from ..crl import load_root_ca, parse_crl
 from ..errors import (
@@ -390,6 +391,8 @@ class ClientDaemon:
         received = task.payload_path
         if received is None:
             raise JobRejected(f"{kind.value} task came without weights")
+        if task.config.wire_dtype != "float32":  # the worker sees the model, never the wire encoding
+            await asyncio.to_thread(quantize.decode_file, received)
         if kind is TaskKind.VALIDATE:
             reply = await self._worker.call({"op": kind.value, "weights": str(received)}, timeout_s)
             return 0, {"validation": reply["metrics"]}, None
@@ -408,6 +411,10 @@ class ClientDaemon:
                                                                    "round": h.round, "task_id": h.task_id}))
         metrics = {"train": reply["metrics"], "validation": reply["validation"], "local": reply.get("local") or {},
                    **({"local_validation": reply["local_validation"]} if reply.get("local_validation") else {})}
+        if config.wire_dtype != "float32":  # after the privacy chain: what leaves is its output, encoded
+            sent, digest, error = await asyncio.to_thread(quantize.encode_file, sent, config.wire_dtype)
+            privacy = {"privacy": {**privacy["privacy"], "payload_sha256": digest}}  # the bytes that leave
+            metrics["wire"] = error.as_metrics()
         return int(reply["n_samples"]), {**metrics, **privacy}, sent
 
     async def _outgoing(self, task: TaskKind, raw: Path, chain: EffectiveChain,
