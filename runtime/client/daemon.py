@@ -286,7 +286,7 @@ class ClientDaemon:
                         receiver = PayloadReceiver(h.payload_bytes, MAX_TASK_BYTES, h.payload_sha256, sink=f,
                                                    verify_sha256=False)
                         async for chunk in stream:
-                            receiver.add(chunk.data)
+                            await asyncio.to_thread(receiver.add, chunk.data)  # file I/O off the loop
                         receiver.finish()
                 except BaseException:
                     call.cancel()
@@ -469,8 +469,7 @@ class ClientDaemon:
             if payload is None:
                 return
             with payload.open("rb") as f:
-                while piece := f.read(CHUNK_BYTES):
-                    digest.update(piece)
+                while piece := await asyncio.to_thread(_read_hashed, f, digest):  # reading, hashing: off the loop
                     yield pb.ResultChunk(data=piece)
             yield pb.ResultChunk(sha256=digest.hexdigest())
 
@@ -493,6 +492,12 @@ class ClientDaemon:
             await self._worker.stop()
             self._worker = None
             log.info("stopped the training worker of job %s", job_id)
+
+
+def _read_hashed(f, digest) -> bytes:
+    piece = f.read(CHUNK_BYTES)
+    digest.update(piece)
+    return piece
 
 
 def _decode_task_config(text: str) -> tuple[TaskConfig | None, str]:
