@@ -78,3 +78,9 @@ def test_a_checkpoint_whose_model_file_changed_is_refused_by_name(tmp_path: Path
     ref.write_bytes(bytes(data))
     with pytest.raises(CheckpointUnreadable, match=rf"{ref.name} does not match the SHA-256"):
         load_checkpoint(models)
+
+
+def test_the_saved_models_chunks_fit_the_transports_messages() -> None:
+    from runtime import model_bytes, transport
+
+    assert model_bytes.CHUNK_BYTES == transport.CHUNK_BYTES  # not imported there, to keep grpc out of workflows
