@@ -7,6 +7,8 @@ move the same bytes (server sends the model to N receivers and takes N models ba
 
     python bench/round_overhead.py                 # P=10M, N=2,4,8, 5 rounds
     python bench/round_overhead.py --params 1000000 --sites 2 --rounds 3
+    python bench/round_overhead.py --sites 2 4 --wire int8     # quantized transfer (server.wire_dtype);
+                                                               # plain TLS then moves the same, smaller, bytes
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _sites_edit(n: int):
     return edit
 
 
-def run_fedkit(params: int, n_sites: int, rounds: int, root: Path) -> dict:
+def run_fedkit(params: int, n_sites: int, rounds: int, root: Path, wire: str = "float32") -> dict:
     study = LocalStudy.create(REPO / "project.yml.example", root, edit=_sites_edit(n_sites))
     for site in study.clients:
         study.write_local(site, "site.yml", {"heartbeat_interval_s": 2.0})
@@ -54,20 +56,24 @@ def run_fedkit(params: int, n_sites: int, rounds: int, root: Path) -> dict:
         job = root / "job"
         shutil.copytree(JOB, job)
         record = study.admin_json(f"submit_job {job} --set server.rounds={rounds} "
-                                  f"--set client.learner.args.n_params={params} --set meta.min_clients={n_sites}")
+                                  f"--set client.learner.args.n_params={params} --set meta.min_clients={n_sites} "
+                                  f"--set server.wire_dtype={wire}")
         cpu_before = _cpu_by_role(study)
         study.admin_json(f"wait_job {record['job_id']} 1800", timeout_s=1900)
         cpu_after = _cpu_by_role(study)
         metrics = study.admin_json(f"show_job {record['job_id']}")["metrics"]
         ends = [m["time"] for m in metrics if m["type"] == "round"]
         per_round = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+        wire_bytes = [m["bytes_sent"] for m in metrics if m["type"] == "wire" and m["task"] == "train"]
+        wire_error = [m["sent"] for m in metrics if m["type"] == "wire" and m["task"] == "train"][-1:]
         rss = {name: tree_peak_rss_bytes(proc.pid) for name, proc in study.procs.items()}
     finally:
         study.stop_all()
     cpu = {role: round((cpu_after[role] - cpu_before.get(role, 0.0)) / rounds, 3) for role in cpu_after}
     return {"round_s": statistics.median(per_round), "rounds_measured": len(per_round), "cpu_s_per_round": cpu,
             "server_rss": rss[study.server], "all_rss": sum(rss.values()),
-            "kits": study.kits, "server": study.server}
+            "kits": study.kits, "server": study.server, "wire_bytes": max(wire_bytes, default=0),
+            "wire_error": wire_error[0] if wire_error else None}
 
 
 def _cpu_by_role(study: LocalStudy) -> dict[str, float]:
@@ -142,20 +148,23 @@ def main() -> None:
     parser.add_argument("--params", type=int, default=10_000_000)
     parser.add_argument("--sites", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--wire", default="float32", choices=["float32", "float16", "bfloat16", "int8"])
     args = parser.parse_args()
-    model_bytes = 4 * args.params
     rows = []
     for n in args.sites:
         with tempfile.TemporaryDirectory(prefix="fedkit-bench-") as tmp:
-            result = run_fedkit(args.params, n, args.rounds, Path(tmp))
+            result = run_fedkit(args.params, n, args.rounds, Path(tmp), args.wire)
+            # the bytes one transfer moves: the model as encoded for the wire (an update is the same size)
+            model_bytes = result["wire_bytes"] or 4 * args.params
             raw_s = statistics.median(run_raw_tls(model_bytes, n, result["kits"][result["server"]],
                                                   result["kits"]["site-1"]) for _ in range(3))
         moved = 2 * n * model_bytes
-        row = {"P": args.params, "N": n, "round_s": round(result["round_s"], 3), "MB_per_round": round(moved / 1e6, 1),
+        row = {"P": args.params, "N": n, "wire": args.wire, "round_s": round(result["round_s"], 3),
+               "MB_per_round": round(moved / 1e6, 1),
                "raw_tls_s": round(raw_s, 3), "ratio": round(result["round_s"] / raw_s, 2),
                "server_peak_rss_MB": round(result["server_rss"] / 1e6),
                "all_peak_rss_MB": round(result["all_rss"] / 1e6),
-               "cpu_s_per_round": result["cpu_s_per_round"]}
+               "cpu_s_per_round": result["cpu_s_per_round"], "wire_error": result["wire_error"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()

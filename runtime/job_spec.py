@@ -112,6 +112,8 @@ class ServerJobConfig(_Strict):
     evaluate_models: list[str] = Field(default_factory=list, max_length=64,
                                        description="safetensors files in the job folder that `evaluate` scores")
     max_n_samples: int = Field(10**9, ge=1, description="an update claiming more samples is refused")
+    wire_dtype: Literal["float32", "float16", "bfloat16", "int8"] = Field(
+        "float32", description="what models and updates are cast to on the wire, both ways (runtime/quantize.py)")
 
     @model_validator(mode="before")
     @classmethod

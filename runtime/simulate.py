@@ -40,12 +40,13 @@ from .filters import apply_filters as run_filters
 from .identity import Identity, Kind
 from .job_spec import JobSpec, spec_to_json
 from .learner import Learner
+from .quantize import decode, encode
 from .server.controller import JobController
 from .server.job_store import JobRecord, JobState, JobStore
 from .server.registry import Registry
 from .server.taskboard import Task, TaskBoard
 from .tasks import RESULT_WEIGHTS, TaskConfig, TaskKind
-from .weights import Weights, load_file, to_bytes
+from .weights import Weights, from_bytes, load_file, save_file, to_bytes
 
 JOB_ID = "simulated"
 POLL_S = 0.05
@@ -158,6 +159,8 @@ def _run_task(learner: Learner, state: SiteState, task: Task, tmp: Path, filters
     out.unlink(missing_ok=True)
     if task.payload.nbytes:
         received.write_bytes(b"".join(task.payload.chunks))
+        if config.wire_dtype != "float32":  # as the daemon does before its worker sees the model
+            save_file(decode(load_file(received)), received)
     command: dict[str, Any] = {"op": kind.value, "weights": str(received), "out": str(out), "round": task.round,
                                "algorithm": config.algorithm.model_dump(mode="json") if config.algorithm else None,
                                "key_metric": config.key_metric.model_dump(mode="json"),
@@ -175,6 +178,9 @@ def _run_task(learner: Learner, state: SiteState, task: Task, tmp: Path, filters
     payload = bytearray(out.read_bytes()) if RESULT_WEIGHTS[kind] and out.exists() else None
     if payload is not None and filters and kind is TaskKind.TRAIN:
         payload = bytearray(to_bytes(run_filters(load_file(out), filters, rng)))
+    if payload is not None and config.wire_dtype != "float32":  # ... and to what it sends back
+        encoded, error = encode(from_bytes(payload), config.wire_dtype)
+        payload, metrics["wire"] = bytearray(to_bytes(encoded)), error.as_metrics()
     return int(reply.get("n_samples", 0)), metrics, "", payload
 
 

@@ -74,6 +74,7 @@ class TaskConfig(_Strict):
     algorithm: LocalAlgorithm | None = Field(None, discriminator="name")
     key_metric: KeyMetricRef = KeyMetricRef()  # how a site picks its best local model ...
     keep_best_local: bool = False         # ... which it tracks only for a job that will ask for it (cross_site)
+    wire_dtype: str = "float32"           # runtime.quantize: how the model comes and the result goes back
 
 
 def split_control(weights: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from .. import kit_config as kc
+from .. import quantize
 from ..audit import AuditLog
 from ..crl import load_root_ca, parse_crl
 from ..errors import (
@@ -284,7 +285,7 @@ class ClientDaemon:
                         receiver = PayloadReceiver(h.payload_bytes, MAX_TASK_BYTES, h.payload_sha256, sink=f,
                                                    verify_sha256=False)
                         async for chunk in stream:
-                            receiver.add(chunk.data)
+                            await asyncio.to_thread(receiver.add, chunk.data)  # file I/O off the loop
                         receiver.finish()
                 except BaseException:
                     call.cancel()
@@ -389,6 +390,8 @@ class ClientDaemon:
         received = task.payload_path
         if received is None:
             raise JobRejected(f"{kind.value} task came without weights")
+        if task.config.wire_dtype != "float32":  # the worker sees the model, never the wire encoding
+            await asyncio.to_thread(quantize.decode_file, received)
         if kind is TaskKind.VALIDATE:
             reply = await self._worker.call({"op": kind.value, "weights": str(received)}, timeout_s)
             return 0, {"validation": reply["metrics"], **_scalars(reply)}, None
@@ -408,6 +411,10 @@ class ClientDaemon:
         metrics = {"train": reply["metrics"], "validation": reply["validation"], "local": reply.get("local") or {},
                    **({"local_validation": reply["local_validation"]} if reply.get("local_validation") else {}),
                    **_scalars(reply)}
+        if config.wire_dtype != "float32":  # after the privacy chain: what leaves is its output, encoded
+            sent, digest, error = await asyncio.to_thread(quantize.encode_file, sent, config.wire_dtype)
+            privacy = {"privacy": {**privacy["privacy"], "payload_sha256": digest}}  # the bytes that leave
+            metrics["wire"] = error.as_metrics()
         return int(reply["n_samples"]), {**metrics, **privacy}, sent
 
     async def _outgoing(self, task: TaskKind, raw: Path, chain: EffectiveChain,
@@ -462,8 +469,7 @@ class ClientDaemon:
             if payload is None:
                 return
             with payload.open("rb") as f:
-                while piece := f.read(CHUNK_BYTES):
-                    digest.update(piece)
+                while piece := await asyncio.to_thread(_read_hashed, f, digest):  # reading, hashing: off the loop
                     yield pb.ResultChunk(data=piece)
             yield pb.ResultChunk(sha256=digest.hexdigest())
 
@@ -486,6 +492,12 @@ class ClientDaemon:
             await self._worker.stop()
             self._worker = None
             log.info("stopped the training worker of job %s", job_id)
+
+
+def _read_hashed(f, digest) -> bytes:
+    piece = f.read(CHUNK_BYTES)
+    digest.update(piece)
+    return piece
 
 
 def _decode_task_config(text: str) -> tuple[TaskConfig | None, str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -21,6 +22,7 @@ from ..audit import AuditLog
 from ..errors import FedkitError, UpdateRejected
 from ..job_spec import JobSpec, read_zip_member
 from ..privacy_report import decode_report
+from ..quantize import WireError, decode, encode, is_encoded
 from ..tasks import RESULT_WEIGHTS, KeyMetricRef, TaskConfig, TaskKind, with_control
 from ..transport import CHUNK_BYTES
 from ..weights import nbytes, to_bytes, view_bytes
@@ -55,6 +57,7 @@ class _Round:
     outcome: RoundOutcome
     tasks: dict[str, Task]
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    wire_errors: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> its upload's codec error
 
     def answered(self, site: str) -> bool:
         return site in self.outcome.results or site in self.outcome.failures
@@ -114,7 +117,9 @@ class JobController:
                 log.warning("job %s %s: %s reports failure: %s", self.record.job_id, _what(outcome.plan), site, error)
                 return
             privacy = decode_report(metrics.get("privacy"))
-            result = _decode_result(site, TaskKind(task.name), n_samples, metrics, payload)
+            result = await asyncio.to_thread(_decode_result, site, TaskKind(task.name), n_samples, metrics, payload)
+            if wire := _wire_error(metrics):
+                rnd.wire_errors[site] = wire
             assert self._workflow is not None
             async with self._fold_lock:
                 await asyncio.to_thread(self._workflow.fold, result)
@@ -123,21 +128,23 @@ class JobController:
                 outcome.privacy[site] = privacy
         except UpdateRejected as e:
             outcome.failures[site] = f"update rejected: {e}"
-            self._audit.append("update_rejected", job_id=self.record.job_id, site=site, round=outcome.plan.round,
-                               reason=str(e))
+            await asyncio.to_thread(self._audit.append, "update_rejected", job_id=self.record.job_id, site=site,
+                                    round=outcome.plan.round, reason=str(e))
             raise
         finally:
             self._board.complete(task)
             rnd.changed.set()
 
-    def reject(self, task: Task, reason: str) -> None:
+    async def reject(self, task: Task, reason: str) -> None:
         """Record a result refused before it could be parsed (size, hash, stream) as the site's failure."""
         rnd = self._round
         if rnd is not None and rnd.tasks.get(task.site) is task and not rnd.answered(task.site):
             rnd.outcome.failures[task.site] = f"update rejected: {reason}"
-            self._audit.append("update_rejected", job_id=self.record.job_id, site=task.site,
-                               round=rnd.outcome.plan.round, reason=reason)
             rnd.changed.set()
+            self._board.complete(task)
+            await asyncio.to_thread(self._audit.append, "update_rejected", job_id=self.record.job_id,
+                                    site=task.site, round=rnd.outcome.plan.round, reason=reason)
+            return
         self._board.complete(task)
 
     def abort(self) -> None:
@@ -192,7 +199,7 @@ class JobController:
                 outcome = await self._run_round(plan)
                 await asyncio.to_thread(workflow.close_round, outcome)
                 await asyncio.to_thread(self._tracker.round_done, outcome)
-                self._publish(outcome)
+                await self._publish(outcome)
                 await self._checkpoint(index, workflow)
         finally:
             self._workflow = None
@@ -210,17 +217,19 @@ class JobController:
         checkpoint = Checkpoint(workflow_index=index, step=self._step, state=meta, results=results, tensors=tensors)
         await asyncio.to_thread(save_checkpoint, self._store.models_dir(self.record.job_id), checkpoint)
 
-    def _publish(self, outcome: RoundOutcome) -> None:
-        """Copy what the workflows know about the job into its record; note weights shared outside training."""
+    async def _publish(self, outcome: RoundOutcome) -> None:
+        """Copy what the workflows know about the job into its record (on the loop, where the admin service
+        reads it); write the record and metrics files in a thread."""
         results, record = self._ctx.results, self.record
         record.rounds_done, record.best_round, record.best_metric = (results.rounds_done, results.best_round,
                                                                      results.best_metric)
         record.final_metrics = dict(results.final_metrics)
         record.sites = sorted({*record.sites, *results.sites, *outcome.results})  # every site that took part
-        self._store.save(record)
+        await asyncio.to_thread(self._store.save, replace(record, sites=list(record.sites),
+                                                          final_metrics=dict(record.final_metrics)))
         if RESULT_WEIGHTS[outcome.plan.kind] == "whole_model":
             # round 0 and cross-site models: show_job shows every path out of a site, with its filters
-            self._store.append_metrics(record.job_id, {
+            await asyncio.to_thread(self._store.append_metrics, record.job_id, {
                 "type": "shared", "task": outcome.plan.kind.value, "step": outcome.step, "round": outcome.plan.round,
                 "sites": sorted(outcome.results), "failed": outcome.failures, "privacy": outcome.privacy})
 
@@ -234,9 +243,7 @@ class JobController:
         self._step += 1
         if plan.model is not None:
             self._model_bytes, self._n_tensors = nbytes(plan.model), len(plan.model)
-        payload = (await asyncio.to_thread(lambda: Payload.of(to_bytes(with_control(plan.model, plan.extras)),
-                                                              CHUNK_BYTES))
-                   if plan.model is not None else NO_PAYLOAD)
+        payload, wire_error = await asyncio.to_thread(_payload, plan, cfg.wire_dtype)
         config = TaskConfig(
             job_name=meta.name, workflow=self._workflow.name if self._workflow else "", rounds=cfg.rounds,
             step=self._step, client=self.spec.client.model_dump(mode="json"),
@@ -244,7 +251,7 @@ class JobController:
                        "role": self.record.submitter_role},
             code_signature=self._code_signature, algorithm=plan.algorithm,
             key_metric=KeyMetricRef(**cfg.key_metric.model_dump()),
-            keep_best_local="cross_site" in cfg.workflows).model_dump(mode="json")
+            keep_best_local="cross_site" in cfg.workflows, wire_dtype=cfg.wire_dtype).model_dump(mode="json")
         tasks = {site: Task(job_id=self.record.job_id, site=site, name=plan.kind.value, round=plan.round,
                             config=config, payload=payload, timeout_s=cfg.round_timeout_s,
                             job_sha256=self.record.job_sha256) for site in sites}
@@ -260,6 +267,11 @@ class JobController:
             self._board.cancel(list(tasks.values()))
             done, self._round = self._round, None
         outcome = done.outcome
+        if cfg.wire_dtype != "float32":
+            await asyncio.to_thread(self._store.append_metrics, self.record.job_id, {
+                "type": "wire", "wire_dtype": cfg.wire_dtype, "task": plan.kind.value, "step": outcome.step,
+                "round": plan.round, "bytes_sent": payload.nbytes,
+                "sent": wire_error.as_metrics() if wire_error else None, "received": done.wire_errors})
         if len(outcome.results) < need:
             missing = sorted(set(sites) - set(outcome.results))
             reasons = "; ".join(f"{s}: {outcome.failures.get(s, 'no answer')}" for s in missing)
@@ -309,7 +321,8 @@ class JobController:
                 why = "round deadline passed" if timed_out and alive_waiting else "site went silent (missed heartbeats)"
                 for site in waiting:
                     outcome.failures.setdefault(site, why)
-                    self._audit.append("site_timed_out", job_id=self.record.job_id, site=site, round=outcome.plan.round)
+                    await asyncio.to_thread(self._audit.append, "site_timed_out", job_id=self.record.job_id,
+                                            site=site, round=outcome.plan.round)
                 return
             rnd.changed.clear()
             try:
@@ -322,6 +335,27 @@ class JobController:
             raise JobAborted(f"job {self.record.job_id} aborted")
 
 
+def _payload(plan: RoundPlan, wire_dtype: str) -> tuple[Payload, WireError | None]:
+    """What the round sends: the model's bytes as the workflow saved them when it has them (serialized
+    once per round), else the model (and its extras) serialized here; encoded for the wire when the job
+    says so (with the error that costs)."""
+    if plan.model is None:
+        return NO_PAYLOAD, None
+    if wire_dtype != "float32":
+        encoded, error = encode(with_control(plan.model, plan.extras), wire_dtype)
+        return Payload.of(to_bytes(encoded), CHUNK_BYTES), error
+    if plan.model_bytes is not None and not plan.extras:
+        return Payload.of_model(plan.model_bytes), None
+    return Payload.of(to_bytes(with_control(plan.model, plan.extras)), CHUNK_BYTES), None
+
+
+def _wire_error(metrics: dict[str, Any]) -> dict[str, float]:
+    """The codec error a site reports for its upload: only the two known numbers, finite (it is the
+    site's word: shown, never acted on)."""
+    reported = numbers(metrics.get("wire"))
+    return {k: v for k in WireError().as_metrics() if math.isfinite(v := reported.get(k, math.nan))}
+
+
 def _what(plan: RoundPlan) -> str:
     return f"{plan.kind.value} round {plan.round}" + (f" ({plan.label})" if plan.label else "")
 
@@ -329,8 +363,11 @@ def _what(plan: RoundPlan) -> str:
 def _decode_result(site: str, kind: TaskKind, n_samples: int, metrics: dict[str, Any],
                    payload: bytearray | None) -> SiteResult:
     """A site's result as the workflow sees it: checked numbers, and weights as views into the received
-    buffer (no copy)."""
+    buffer (no copy), or decoded from the wire codec the site used."""
+    weights = view_bytes(payload) if payload else None
+    if weights is not None and is_encoded(weights):
+        weights = decode(weights)
     return SiteResult(site=site, kind=kind, n_samples=n_samples, train_metrics=numbers(metrics.get("train")),
                       validation=numbers(metrics.get("validation")), local=numbers(metrics.get("local")),
                       local_validation=numbers(metrics.get("local_validation")),
-                      weights=view_bytes(payload) if payload else None, scalars=scalars(metrics.get("scalars")))
+                      weights=weights, scalars=scalars(metrics.get("scalars")))

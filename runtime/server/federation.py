@@ -40,6 +40,11 @@ class FederationService:
         self._download_slots = TransferSlots(max_concurrent_downloads)
         self._free_buffers: list[bytearray] = []
 
+    async def _append_audit(self, event: str, **fields) -> None:
+        """An audit record, written (and fsynced) in a worker thread: an fsync on the event loop would stall
+        every site's transfer for as long as the disk takes."""
+        await asyncio.to_thread(self._audit.append, event, **fields)
+
     def _check_session(self, peer: Identity, session_id: str) -> None:
         session = self._registry.session(peer.name)
         if session is None or session.session_id != session_id:
@@ -54,7 +59,7 @@ class FederationService:
         resent = self._board.resend_all(peer.name) if rejoin else 0
         log.info("site %s (%s) %s%s", peer.name, peer.org, "rejoined" if rejoin else "registered",
                  f", {resent} unanswered task(s) resent" if resent else "")
-        self._audit.append("site_registered", site=peer.name, org=peer.org, rejoin=rejoin)
+        await self._append_audit("site_registered", site=peer.name, org=peer.org, rejoin=rejoin)
         return pb.RegisterReply(session_id=session.session_id, heartbeat_interval_s=self._heartbeat_interval_s)
 
     async def heartbeat(self, peer: Identity, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
@@ -67,7 +72,7 @@ class FederationService:
             self._controls.log_received(peer.name, request.log_tail)
         control = self._controls.next_for(peer.name) if known else ""
         if control:
-            self._audit.append("control_delivered", site=peer.name, control=control)
+            await self._append_audit("control_delivered", site=peer.name, control=control)
         return pb.HeartbeatReply(must_reregister=not known, aborted_jobs=stale, control=control)
 
     async def presence(self, peer: Identity, request: pb.PresenceRequest) -> AsyncIterator[pb.PresenceEvent]:
@@ -109,7 +114,7 @@ class FederationService:
         finally:
             if payload.nbytes:
                 self._download_slots.release()
-        self._audit.append("task_sent", site=peer.name, job_id=task.job_id, task=task.name, round=task.round,
+        await self._append_audit("task_sent", site=peer.name, job_id=task.job_id, task=task.name, round=task.round,
                            task_id=task.task_id)
 
     async def get_job(self, peer: Identity, request: pb.GetJobRequest) -> AsyncIterator[pb.DataChunk]:
@@ -118,7 +123,7 @@ class FederationService:
         if current is None or current.record.job_id != request.job_id:
             raise JobRejected(f"job {request.job_id[:64]} is not running")
         if not current.is_selected(peer.name):
-            self._audit.append("job_fetch_refused", site=peer.name, job_id=current.record.job_id)
+            await self._append_audit("job_fetch_refused", site=peer.name, job_id=current.record.job_id)
             raise JobRejected(f"{peer.name} is not one of the sites job {current.record.job_id} runs on")
         # streamed from disk: several sites fetching a large archive at once must not each cost its size
         with (self._runner.store.job_dir(request.job_id) / "job.zip").open("rb") as f:
@@ -141,7 +146,7 @@ class FederationService:
             async for chunk in with_idle_timeout(chunks, what=f"upload from {task.site}"):
                 kind = chunk.WhichOneof("kind")
                 if kind == "data" and not trailer:
-                    receiver.add(chunk.data)
+                    await asyncio.to_thread(receiver.add, chunk.data)  # hashing and copying: off the loop
                 elif kind == "sha256" and not trailer:
                     trailer = chunk.sha256
                 else:
@@ -174,7 +179,7 @@ class FederationService:
                 raise UpdateRejected("result stream must start with a header")
         except UpdateRejected as e:
             log.warning("result from %s refused: %s", peer.name, e)
-            self._audit.append("result_refused", site=peer.name, task_id="", reason=str(e))
+            await self._append_audit("result_refused", site=peer.name, task_id="", reason=str(e))
             return pb.SubmitReply(accepted=False, reason=str(e))
         header = first.header
         self._check_session(peer, header.session_id)
@@ -186,17 +191,17 @@ class FederationService:
             try:
                 sha256 = await self._receive(task, controller, header, chunks)
             except (UpdateRejected, JobRejected) as e:
-                controller.reject(task, str(e))  # a malformed result counts as this site's answer: failed
+                await controller.reject(task, str(e))  # a malformed result counts as this site's answer: failed
                 raise
             except BaseException:
                 self._board.unclaim(task)  # the stream broke: the site may send it again
                 raise
         except (UpdateRejected, JobRejected) as e:
             log.warning("result from %s refused: %s", peer.name, e)
-            self._audit.append("result_refused", site=peer.name, task_id=header.task_id[:24], reason=str(e))
+            await self._append_audit("result_refused", site=peer.name, task_id=header.task_id[:24], reason=str(e))
             return pb.SubmitReply(accepted=False, reason=str(e))
         assert task is not None
-        self._audit.append("result_accepted", site=peer.name, job_id=task.job_id, round=task.round,
+        await self._append_audit("result_accepted", site=peer.name, job_id=task.job_id, round=task.round,
                            task=task.name, n_samples=int(header.n_samples),
                            payload_sha256=sha256)
         return pb.SubmitReply(accepted=True)

@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from ..errors import UpdateRejected
+from ..model_bytes import SerializedModel
 from ..transport import iter_chunks
 
 
@@ -40,6 +41,11 @@ class Payload:
     def of(cls, data: bytes, chunk_bytes: int) -> Payload:
         chunks = tuple(iter_chunks(data, chunk_bytes))
         return cls(chunks=chunks, nbytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    @classmethod
+    def of_model(cls, model: SerializedModel) -> Payload:
+        """The chunks of a model serialized once (and saved from the same bytes): nothing is copied."""
+        return cls(chunks=model.chunks, nbytes=model.nbytes, sha256=model.sha256)
 
 
 NO_PAYLOAD = Payload()

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..job_spec import JobSpec
+from ..model_bytes import SerializedModel
 from ..tasks import LocalAlgorithm, TaskKind
 from ..weights import Weights
 
@@ -42,6 +43,7 @@ class RoundPlan:
     min_results: int | None = None            # answers needed; None: the job's meta.min_clients
     label: str = ""                           # what the model is ("global", "site:x", a file), for logs
     if_no_site: str = ""                      # set: fail at once with this when no eligible site is online
+    model_bytes: SerializedModel | None = None  # `model` already serialized (as saved): sent as is
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from typing import Any
 
 from ..aggregators import Update, build_aggregator, update_weight
 from ..errors import FedkitError, UpdateRejected
+from ..model_bytes import SerializedModel
 from ..tasks import FedProx, TaskKind
-from ..weights import Weights, check_update, load_file, save_file
+from ..weights import Weights, check_update
 from .base import RoundOutcome, RoundPlan, SiteResult, WorkflowContext, weighted_metrics
 from .initial_model import GLOBAL_FILE
 
@@ -39,7 +40,9 @@ class FedAvgWorkflow:
     def __init__(self, ctx: WorkflowContext):
         self._ctx = ctx
         self._cfg = ctx.spec.server
-        self.model: Weights = load_file(ctx.models_dir / GLOBAL_FILE)
+        # the global model's bytes, serialized once per round: the file, the wire and the checkpoint share them
+        self._bytes: SerializedModel | None = SerializedModel.read(ctx.models_dir / GLOBAL_FILE)
+        self.model: Weights = self._bytes.weights()
         custom = self._cfg.aggregator.name == "custom"
         if custom and ctx.load_aggregator is None:
             raise FedkitError("this server does not run job code: the job's custom aggregator is not allowed here")
@@ -57,9 +60,11 @@ class FedAvgWorkflow:
             if self._cfg.proximal_mu > 0:
                 algorithm = FedProx(mu=self._cfg.proximal_mu)
             return RoundPlan(kind=TaskKind.TRAIN, round=self._round + 1, model=self.model,
-                             extras=self._aggregator.task_extras(), algorithm=algorithm, label="global")
+                             extras=self._aggregator.task_extras(), algorithm=algorithm, label="global",
+                             model_bytes=self._bytes)
         if not self._final_done:
-            return RoundPlan(kind=TaskKind.VALIDATE, round=self._round, model=self.model, label="final global")
+            return RoundPlan(kind=TaskKind.VALIDATE, round=self._round, model=self.model, label="final global",
+                             model_bytes=self._bytes)
         return None
 
     def fold(self, result: SiteResult) -> None:
@@ -90,7 +95,7 @@ class FedAvgWorkflow:
             raise NoUsableUpdate(f"round {rnd}: no site sent a usable update ({_reasons(outcome)})")
         self._record_validation(rnd - 1, outcome)  # before the global file is replaced
         self.model = self._aggregator.close_round(self.model)
-        save_file(self.model, self._ctx.models_dir / GLOBAL_FILE)
+        self._bytes = SerializedModel.of(self.model).write(self._ctx.models_dir / GLOBAL_FILE)
         self._round = rnd
         results = outcome.results
         self._ctx.append_metrics({
@@ -108,13 +113,14 @@ class FedAvgWorkflow:
         self._ctx.audit("round_done", job_id=self._ctx.job_id, round=rnd, sites=sorted(results))
 
     def state(self) -> tuple[dict[str, Any], dict[str, Weights]]:
-        tensors = {MODEL_GROUP: self.model}
+        tensors: dict[str, Any] = {MODEL_GROUP: self._bytes if self._bytes is not None else self.model}
         tensors |= {AGGREGATOR_PREFIX + group: t for group, t in self._aggregator.state().items()}
         return {"round": self._round, "final_done": self._final_done}, tensors
 
     def load_state(self, meta: dict[str, Any], tensors: dict[str, Weights]) -> None:
         self._round, self._final_done = int(meta["round"]), bool(meta["final_done"])
         self.model = tensors[MODEL_GROUP]
+        self._bytes = None  # the global file may be a round ahead of the checkpoint: serialize this model anew
         self._aggregator.load_state({g[len(AGGREGATOR_PREFIX):]: t for g, t in tensors.items()
                                      if g.startswith(AGGREGATOR_PREFIX)})
 
