@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, JobRejected
 from runtime.job_spec import CUSTOM_DIR, JobSpec, load_job_folder
 from runtime.learner import Learner
 from runtime.simulate import JOB_ID, SimulationResult, SitePool, simulate
@@ -186,7 +186,10 @@ def simulate_command(job_dir: Path, sites: int | None, data_roots: list[Path], d
     console = console or Console()
     if processes is not None and processes < 0:
         raise ConfigError(f"--processes {processes}: give 0 (all sites in this process) or more")
-    spec = load_job_folder(job_dir, overrides)
+    try:
+        spec = load_job_folder(job_dir, overrides)
+    except JobRejected as e:  # the person's own job folder: bad input (exit 2), as a bad project.yml is
+        raise ConfigError(f"{job_dir}: {e}") from None
     if not (job_dir / CUSTOM_DIR).is_dir() and not any(job_dir.glob("*.py")):
         raise ConfigError(f"{job_dir}: no {CUSTOM_DIR}/ folder with the learner's code")
     if (out / JOB_ID).exists():
