@@ -10,9 +10,11 @@ Workloads:
 
 Each simulation runs as its own `fedkit simulate` process. Wall time is from launching it to its exit
 (start-up, loading the learners, every round); seconds per round are the median gap between rounds in its
-metrics.jsonl. Memory: the sum over every process of the run of its peak RSS (VmHWM, sampled every
-0.5 s, as bench/scale.py does), and resource.getrusage's figure (this process's own peak + the largest child's
-peak, which is what the kernel keeps for children: a lower bound for a pool of several processes).
+metrics.jsonl; start s is the time until the job began (processes started, learners loaded; for real kits:
+provisioning, server and daemons started, every site online). Memory: the sum over every process of the run
+of its peak RSS (VmHWM, sampled every 0.5 s, as bench/scale.py does), and resource.getrusage's figure (this
+process's own peak + the largest child's peak, which is what the kernel keeps for children: a lower bound
+for a pool of several processes).
 
     python bench/simulate.py                       # everything (about 10-15 minutes on 2 loaded cores)
     python bench/simulate.py --only tabular --sites 8 100 --real-sites 8 --rounds 3
@@ -92,7 +94,7 @@ def run_simulation(job: Path, n_sites: int, rounds: int, overrides: list[str], r
            "--set", f"server.rounds={rounds}", "--set", f"meta.min_clients={n_sites}",
            *(["--demo-data"] if demo_data else []), *[a for o in overrides for a in ("--set", o)]]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    started = time.monotonic()
+    started, launched_at = time.monotonic(), time.time()
     with (root / f"sim-{job.name}-{n_sites}.log").open("wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         with PeakSampler(proc.pid) as sampler:
@@ -103,8 +105,8 @@ def run_simulation(job: Path, n_sites: int, rounds: int, overrides: list[str], r
         raise RuntimeError(f"simulate N={n_sites} failed ({code}); see {root}/sim-{job.name}-{n_sites}.log")
     metrics = [json.loads(line) for line in (out / "simulated" / "metrics.jsonl").read_text().splitlines()]
     record = json.loads((out / "simulated" / "record.json").read_text())
-    return {"wall_s": wall, "round_s": _round_gaps(metrics), "peak_bytes": sampler.total_bytes,
-            "final": record["final_metrics"], "rounds_done": record["rounds_done"]}
+    return {"wall_s": wall, "start_s": record["submitted_at"] - launched_at, "round_s": _round_gaps(metrics),
+            "peak_bytes": sampler.total_bytes, "final": record["final_metrics"], "rounds_done": record["rounds_done"]}
 
 
 def run_real(job: Path, n_sites: int, rounds: int, overrides: list[str], root: Path) -> dict[str, Any]:
@@ -127,6 +129,7 @@ def run_real(job: Path, n_sites: int, rounds: int, overrides: list[str], root: P
             sets = " ".join(f"--set {o}" for o in [f"server.rounds={rounds}", f"meta.min_clients={n_sites}",
                                                    *overrides])
             submitted = time.monotonic()
+            start_s = submitted - started
             record = study.admin_json(f"submit_job {copy} {sets}")
             final = study.admin_json(f"wait_job {record['job_id']} {RUN_TIMEOUT_S}", timeout_s=RUN_TIMEOUT_S + 60)
             job_s = time.monotonic() - submitted
@@ -136,7 +139,7 @@ def run_real(job: Path, n_sites: int, rounds: int, overrides: list[str], root: P
             study.stop_all()
     if final["state"] != "finished":
         raise RuntimeError(f"real study N={n_sites} ended {final['state']}: {final.get('error')}")
-    return {"wall_s": time.monotonic() - started, "job_s": job_s, "round_s": _round_gaps(metrics),
+    return {"wall_s": time.monotonic() - started, "start_s": start_s, "job_s": job_s, "round_s": _round_gaps(metrics),
             "peak_bytes": sampler.total_bytes, "final": final["final_metrics"], "rounds_done": final["rounds_done"]}
 
 
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0))
     print(f"# bench/simulate.py: {cores} cores, load average {os.getloadavg()[0]:.1f} at start, "
           f"{args.rounds} rounds per run", flush=True)
-    print(f"{'run':<34} {'wall s':>8} {'s/round':>8} {'peak MB':>9}  final", flush=True)
+    print(f"{'run':<34} {'wall s':>8} {'start s':>8} {'s/round':>8} {'peak MB':>9}  final", flush=True)
     with tempfile.TemporaryDirectory(prefix="fedkit-bench-sim-") as tmp:
         root = Path(tmp)
         runs: list[tuple[str, Any]] = []
@@ -171,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, run in runs:
             r = run()
             extra = f" (job {r['job_s']:.1f} s)" if "job_s" in r else ""
-            print(f"{name:<34} {r['wall_s']:>8.1f} {r['round_s']:>8.2f} {r['peak_bytes'] / MB:>9.0f}  "
+            print(f"{name:<34} {r['wall_s']:>8.1f} {r['start_s']:>8.1f} {r['round_s']:>8.2f} "
+                  f"{r['peak_bytes'] / MB:>9.0f}  "
                   f"{_fmt_final(r['final'])}{extra}", flush=True)
     self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
