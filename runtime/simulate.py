@@ -48,7 +48,7 @@ from .tasks import RESULT_WEIGHTS, TaskConfig, TaskKind
 from .weights import Weights, load_file, to_bytes
 
 JOB_ID = "simulated"
-POLL_S = 0.05
+POLL_S = 1.0  # a site wakes on the board's event when a task comes; this only bounds each wait
 # FedProx/SCAFFOLD hook torch.optim process-wide while a site trains (runtime/client/local_algorithms.py); a
 # real site is its own process, here the sites share one, so a train task with an algorithm runs alone
 _ALGORITHM_TRAINING = threading.Lock()
