@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,10 @@ def in_process_learners(job_dir: Path, spec: JobSpec, data: dict[str, Path | Non
     from runtime.client.worker import _load_learner
     from runtime.learner import SiteContext
 
+    module = spec.client.learner.path.partition(":")[0]
+    cached = getattr(sys.modules.get(module), "__file__", None) or ""
+    if module in sys.modules and not Path(cached).resolve().is_relative_to(job_dir.resolve()):
+        del sys.modules[module]  # another job's module of that name, imported earlier in this process
     learners = {}
     for site, root in data.items():
         context = SiteContext(site=site, job_id=JOB_ID, data_root=root, work_dir=work / "sites" / site)
