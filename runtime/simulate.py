@@ -99,6 +99,7 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner] | SitePool, folde
     filters = build_filters(spec.client.filters) if apply_filters else []  # a bad filter fails here, once
     store = JobStore(folder)
     record = _job_record(store, spec, job_files or {})
+    record.started_at = record.started_at or time.time()  # as the server's runner records it
     audit = AuditLog(folder / "audit.jsonl")
     board, registry = TaskBoard(time.monotonic), Registry(1e9, time.monotonic)
     states = site_states if site_states is not None else {}
@@ -135,7 +136,7 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner] | SitePool, folde
                 await run
             return SimulationResult(record, store.job_dir(JOB_ID), interrupted=True)
         run.result()  # raises the job's failure
-        record.state = JobState.FINISHED
+        record.state, record.finished_at = JobState.FINISHED, time.time()
         store.save(record)
         return SimulationResult(record, store.job_dir(JOB_ID))
     finally:
