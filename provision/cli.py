@@ -6,6 +6,7 @@
     fedkit verify-kit DIR [--ca rootCA.pem] [--ca-fingerprint HEX]  check a kit against its signature
     fedkit job hash FOLDER                                     the code hash sites approve
     fedkit job new NAME | templates | check FOLDER | schema    start, list, check a job; its JSON Schema
+    fedkit simulate JOB_FOLDER --sites N --demo-data           try a job on N virtual sites (simulate_cli.py)
 
 Exit codes: 0 ok; 1 failure (including a kit that does not verify); 2 bad input (project.yml, a config
 file, or usage). A traceback is printed only with `fedkit --debug ...`; locals never are, because
@@ -225,6 +226,27 @@ def demo_cmd(
     if task not in TASKS:
         raise ConfigError(f"--task {task}: choose one of {', '.join(TASKS)}")
     run_demo(workspace, rounds, keep=keep, task=task)
+
+
+@app.command("simulate")
+def simulate_cmd(
+    job_folder: Annotated[Path, typer.Argument(help="a job folder (meta.yml, config_fed_*.yml, custom/)")],
+    sites: Annotated[int | None, typer.Option("--sites", help="number of virtual sites (site-1 .. site-N)")] = None,
+    data_roots: Annotated[list[Path] | None, typer.Option(
+        "--data-roots", help="a site's data folder; repeat, one site per folder (cycled with --sites N)")] = None,
+    demo_data: Annotated[bool, typer.Option(
+        "--demo-data", help="give the sites the demo study's data splits (cycled beyond three)")] = False,
+    out: Annotated[Path, typer.Option("--out", help="results folder (download_job's layout under OUT/simulated)")]
+    = Path("simulation"),
+    processes: Annotated[int | None, typer.Option(
+        "--processes", help="worker processes (default: one per core); 0 runs every site in this process")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="override a config value, as submit_job does: --set server.rounds=2")] = None,
+) -> None:
+    """Run a job on virtual sites on this machine: the same workflows, learner and filters, no kits."""
+    from .simulate_cli import simulate_command  # imports torch in-process only when asked for
+
+    simulate_command(job_folder, sites, data_roots or [], demo_data, out, processes, overrides or [])
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -49,10 +49,14 @@ from .tasks import RESULT_WEIGHTS, TaskConfig, TaskKind
 from .weights import Weights, from_bytes, load_file, save_file, to_bytes
 
 JOB_ID = "simulated"
-POLL_S = 0.05
+POLL_S = 1.0  # a site wakes on the board's event when a task comes; this only bounds each wait
 # FedProx/SCAFFOLD hook torch.optim process-wide while a site trains (runtime/client/local_algorithms.py); a
 # real site is its own process, here the sites share one, so a train task with an algorithm runs alone
 _ALGORITHM_TRAINING = threading.Lock()
+
+
+class SiteTaskFailed(FedkitError):
+    """A site's learner failed a task in a pool process; the message is the worker's one line."""
 
 
 @dataclass
@@ -76,32 +80,38 @@ class SimulationResult:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-async def simulate(spec: JobSpec, learners: dict[str, Learner], folder: Path, *,
+async def simulate(spec: JobSpec, learners: dict[str, Learner] | SitePool, folder: Path, *,
                    job_files: dict[str, bytes] | None = None, interrupt_after_results: int | None = None,
                    site_states: dict[str, SiteState] | None = None, apply_filters: bool = False,
                    filter_seed: int = 0) -> SimulationResult:
-    """Run (or resume) the job in `folder` with one in-process site per learner. `job_files`: files of the
+    """Run (or resume) the job in `folder` with one in-process site per learner, or with the sites of a
+    `SitePool` (runtime/simulate_pool.py: the learners live in worker processes). `job_files`: files of the
     job folder (initial_model, evaluate_models). `interrupt_after_results`: stop the server abruptly once
     this many results were accepted (a crash mid-round), leaving the job resumable. `site_states`: the
     sites' worker state, kept by the caller across an interruption (as a site's worker outlives a server
-    restart). `apply_filters`: run the job's client filters (config_fed_client.yml `filters:`) on each train
-    delta before the server gets it, with a NumPy generator seeded by `filter_seed` and the site's name.
-    These are the job's filters only; a real site's privacy floor (its privacy policy) may add more, and a
-    real site also filters the models it submits for cross-site validation, which this does not."""
+    restart; in-process learners only, a pool keeps its own). `apply_filters`: run the job's client filters
+    (config_fed_client.yml `filters:`) on each train delta before the server gets it, with a NumPy generator
+    seeded by `filter_seed` and the site's name. These are the job's filters only; a real site's privacy
+    floor (its privacy policy) may add more, and a real site also filters the models it submits for
+    cross-site validation, which this does not.
+
+    Results are folded in arrival order, as on a real server: with several sites training at once the
+    order varies between runs, so the global model is reproducible to float tolerance, not bit for bit."""
     filters = build_filters(spec.client.filters) if apply_filters else []  # a bad filter fails here, once
     store = JobStore(folder)
     record = _job_record(store, spec, job_files or {})
+    record.started_at = record.started_at or time.time()  # as the server's runner records it
     audit = AuditLog(folder / "audit.jsonl")
     board, registry = TaskBoard(time.monotonic), Registry(1e9, time.monotonic)
-    for site in learners:
+    states = site_states if site_states is not None else {}
+    pool = learners if isinstance(learners, SitePool) else InProcessSites(learners, states)
+    for site in pool.sites:
         registry.register(Identity(site, "simulated", Kind.CLIENT))
     controller = JobController(record, spec, store, board, registry, audit, settings_max_update_factor=1.5)
-    states = site_states if site_states is not None else {}
     accepted = asyncio.Event()
     counter = {"results": 0}
 
-    async def serve(site: str, learner: Learner) -> None:
-        state = states.setdefault(site, SiteState())
+    async def serve(site: str) -> None:
         rng = np.random.default_rng([filter_seed, zlib.crc32(site.encode())])
         with tempfile.TemporaryDirectory(prefix=f"fedkit-sim-{site}-") as tmp:
             while True:
@@ -109,15 +119,14 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner], folder: Path, *,
                 if task is None:
                     continue
                 board.claim(task.task_id, site)
-                n_samples, metrics, error, payload = await asyncio.to_thread(_run_task, learner, state, task,
-                                                                             Path(tmp), filters, rng)
+                n_samples, metrics, error, payload = await _run_task(pool, site, task, Path(tmp), filters, rng)
                 with contextlib.suppress(FedkitError):  # a refused update fails only that site's round
                     await controller.accept_result(task, n_samples, metrics, error, payload)
                 counter["results"] += 1
                 if interrupt_after_results is not None and counter["results"] >= interrupt_after_results:
                     accepted.set()
 
-    sites = [asyncio.create_task(serve(site, learner)) for site, learner in learners.items()]
+    sites = [asyncio.create_task(serve(site)) for site in pool.sites]
     run = asyncio.create_task(controller.run())
     interrupt = asyncio.create_task(accepted.wait())
     try:
@@ -128,7 +137,7 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner], folder: Path, *,
                 await run
             return SimulationResult(record, store.job_dir(JOB_ID), interrupted=True)
         run.result()  # raises the job's failure
-        record.state = JobState.FINISHED
+        record.state, record.finished_at = JobState.FINISHED, time.time()
         store.save(record)
         return SimulationResult(record, store.job_dir(JOB_ID))
     finally:
@@ -150,38 +159,82 @@ def _job_record(store: JobStore, spec: JobSpec, job_files: dict[str, bytes]) -> 
     return store.create(archive.getvalue(), spec_to_json(spec), record)
 
 
-def _run_task(learner: Learner, state: SiteState, task: Task, tmp: Path, filters: list[Filter],
-              rng: np.random.Generator) -> tuple[int, dict[str, Any], str, bytearray | None]:
-    """One task on one site, as the site daemon and its worker do it (`filters` on train deltas only)."""
+@runtime_checkable
+class SitePool(Protocol):
+    """Where the sites' learners run: `run` carries out one worker command (runtime/client/worker.py's ops
+    and reply) for one site, and raises with the learner's error as its message."""
+
+    @property
+    def sites(self) -> list[str]: ...
+
+    async def run(self, site: str, command: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class InProcessSites:
+    """The learners in this process, each task in a thread (the event loop stays free for the controller)."""
+
+    def __init__(self, learners: dict[str, Learner], states: dict[str, SiteState]):
+        self._learners, self._states = learners, states
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._learners)
+
+    async def run(self, site: str, command: dict[str, Any]) -> dict[str, Any]:
+        state = self._states.setdefault(site, SiteState())
+        return await asyncio.to_thread(_handle, self._learners[site], command, state)
+
+
+def _handle(learner: Learner, command: dict[str, Any], state: SiteState) -> dict[str, Any]:
+    with _ALGORITHM_TRAINING if command.get("algorithm") is not None else contextlib.nullcontext():
+        return handle(learner, command, state)
+
+
+def task_command(task: Task, tmp: Path) -> dict[str, Any]:
+    """The worker command for `task`, as a site daemon sends it: weights in and out through files in `tmp`."""
     kind, config = TaskKind(task.name), TaskConfig.model_validate(task.config)
-    received = tmp / "received.safetensors"
-    out = tmp / "out.safetensors"
+    received, out = tmp / "received.safetensors", tmp / "out.safetensors"
     out.unlink(missing_ok=True)
     if task.payload.nbytes:
         received.write_bytes(b"".join(task.payload.chunks))
         if config.wire_dtype != "float32":  # as the daemon does before its worker sees the model
             save_file(decode(load_file(received)), received)
-    command: dict[str, Any] = {"op": kind.value, "weights": str(received), "out": str(out), "round": task.round,
-                               "algorithm": config.algorithm.model_dump(mode="json") if config.algorithm else None,
-                               "key_metric": config.key_metric.model_dump(mode="json"),
-                               "keep_best_local": config.keep_best_local}
+    return {"op": kind.value, "weights": str(received), "out": str(out), "round": task.round,
+            "algorithm": config.algorithm.model_dump(mode="json") if config.algorithm else None,
+            "key_metric": config.key_metric.model_dump(mode="json"), "keep_best_local": config.keep_best_local}
+
+
+async def _run_task(pool: SitePool, site: str, task: Task, tmp: Path, filters: list[Filter],
+                    rng: np.random.Generator) -> tuple[int, dict[str, Any], str, bytearray | None]:
+    """One task on one site, as the site daemon and its worker do it (`filters` on train deltas only)."""
+    kind = TaskKind(task.name)
+    command = await asyncio.to_thread(task_command, task, tmp)
     try:
-        with _ALGORITHM_TRAINING if config.algorithm is not None else contextlib.nullcontext():
-            reply = handle(learner, command, state)
+        reply = await pool.run(site, command)
     except Exception as e:  # the learner is researcher code: its failure is the site's answer
-        return 0, {}, f"{type(e).__name__}: {e}", None
+        return 0, {}, str(e) if isinstance(e, SiteTaskFailed) else f"{type(e).__name__}: {e}", None
     if kind is TaskKind.VALIDATE:
         return 0, {"validation": reply["metrics"]}, "", None
     metrics = {k: reply[k] for k in ("validation", "local", "local_validation", "scalars") if reply.get(k)}
     if "metrics" in reply and kind is TaskKind.TRAIN:
         metrics["train"] = reply["metrics"]
-    payload = bytearray(out.read_bytes()) if RESULT_WEIGHTS[kind] and out.exists() else None
-    if payload is not None and filters and kind is TaskKind.TRAIN:
-        payload = bytearray(to_bytes(run_filters(load_file(out), filters, rng)))
-    if payload is not None and config.wire_dtype != "float32":  # ... and to what it sends back
-        encoded, error = encode(from_bytes(payload), config.wire_dtype)
-        payload, metrics["wire"] = bytearray(to_bytes(encoded)), error.as_metrics()
+    wire_dtype = TaskConfig.model_validate(task.config).wire_dtype
+    payload, wire = await asyncio.to_thread(_result_payload, kind, Path(command["out"]), filters, rng, wire_dtype)
+    if wire:
+        metrics["wire"] = wire
     return int(reply.get("n_samples", 0)), metrics, "", payload
 
 
-__all__ = ["SimulationResult", "simulate"]
+def _result_payload(kind: TaskKind, out: Path, filters: list[Filter], rng: np.random.Generator,
+                    wire_dtype: str = "float32") -> tuple[bytearray | None, dict[str, float]]:
+    """What a site sends back: its job's filters on a train delta, then the wire codec; and the codec's error."""
+    payload = bytearray(out.read_bytes()) if RESULT_WEIGHTS[kind] and out.exists() else None
+    if payload is not None and filters and kind is TaskKind.TRAIN:
+        payload = bytearray(to_bytes(run_filters(load_file(out), filters, rng)))
+    if payload is None or wire_dtype == "float32":
+        return payload, {}
+    encoded, error = encode(from_bytes(payload), wire_dtype)
+    return bytearray(to_bytes(encoded)), error.as_metrics()
+
+
+__all__ = ["InProcessSites", "SimulationResult", "SitePool", "SiteTaskFailed", "simulate"]

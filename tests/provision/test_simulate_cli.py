@@ -1,0 +1,77 @@
+"""`fedkit simulate`: the template job on virtual sites, in a pool of worker processes and in one process,
+with download_job's results layout; bad input gets one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from provision.cli import app
+from runtime.weights import load_file
+
+from ..conftest import JOB_TEMPLATE
+
+SITES = 4
+
+
+def _simulate(out: Path, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["simulate", str(JOB_TEMPLATE), "--out", str(out), *args])
+    return result.exit_code, result.output
+
+
+def test_pool_and_in_process_give_the_same_study(tmp_path: Path) -> None:
+    common = ["--sites", str(SITES), "--demo-data", "--set", "server.rounds=2", "--set", "client.learner.args.epochs=1"]
+    code, output = _simulate(tmp_path / "pool", *common, "--processes", "2")
+    assert code == 0, output
+    assert "2 worker processes" in output and "finished" in output
+    job = tmp_path / "pool" / "simulated"
+    for name in ("models/global.safetensors", "models/initial.safetensors", "models/best.safetensors",
+                 "metrics.jsonl", "record.json"):
+        assert (job / name).is_file(), name
+    record = json.loads((job / "record.json").read_text())
+    assert record["state"] == "finished" and record["rounds_done"] == 2
+    assert record["sites"] == [f"site-{i + 1}" for i in range(SITES)]
+    rounds = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    rounds = [e for e in rounds if e["type"] == "round"]
+    assert [len(e["sites"]) for e in rounds] == [SITES, SITES] and not any(e["failed"] for e in rounds)
+    # sites 1 and 4 share the first demo split (cycled beyond three): the same data, the same update size
+    assert rounds[0]["n_samples"]["site-1"] == rounds[0]["n_samples"]["site-4"]
+    for line in ("model 2", "loss="):  # the per-round table was printed
+        assert line in output
+
+    code, output = _simulate(tmp_path / "inproc", *common, "--processes", "0")
+    assert code == 0, output
+    assert "in this process" in output
+    pooled, inproc = (load_file(tmp_path / d / "simulated" / "models" / "global.safetensors")
+                      for d in ("pool", "inproc"))
+    assert pooled.keys() == inproc.keys()
+    for name in pooled:  # the fold order differs between runs: equal up to float rounding, not bit for bit
+        np.testing.assert_allclose(pooled[name], inproc[name], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_gets_one_line(tmp_path: Path) -> None:
+    code, output = _simulate(tmp_path / "a", "--sites", "1", "--demo-data")
+    assert code == 2 and "min_clients: 2 but only 1 virtual sites" in output and len(output.splitlines()) == 1
+    code, output = _simulate(tmp_path / "b", "--demo-data")
+    assert code == 2 and "no sites: give --data-roots" in output
+    code, output = _simulate(tmp_path / "c", "--data-roots", str(tmp_path / "nowhere"))
+    assert code == 2 and "is not a folder" in output
+    code, output = _simulate(tmp_path / "d", "--sites", "2", "--demo-data", "--set", "server.rounds=0")
+    assert code == 2 and "config_fed_server.yml" in output and len(output.splitlines()) == 1
+
+
+def test_a_learner_that_does_not_load_is_named_in_one_line(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    shutil.copytree(JOB_TEMPLATE, job)
+    (job / "custom" / "learner.py").write_text("class TabularLearner:\n    def __init__(self, *a, **k):\n"
+                                               "        raise RuntimeError('no GPU here')\n")
+    for processes in ("1", "0"):
+        result = CliRunner().invoke(app, ["simulate", str(job), "--sites", "2", "--out", str(tmp_path / processes),
+                                          "--processes", processes])
+        assert result.exit_code == 2, result.output
+        last = result.output.splitlines()[-1]
+        assert "site 'site-1': the job's learner did not load (RuntimeError: no GPU here)" in last
