@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .demo_data import write_demo_data
-from .local_study import LocalStudy, wait_until
+from .local_study import LocalStudy, cores_per_site, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_PROJECT = REPO / "project.yml.example"
@@ -80,7 +80,8 @@ def _run(root: Path, rounds: int, python: str, task: str = "tabular") -> dict:
         data = write_demo_data(root / "data", study.clients)
     sandbox = _demo_sandbox()
     for site in study.clients:
-        study.write_local(site, "site.yml", {"data_root": str(data.site_dirs[site]), "sandbox": sandbox})
+        study.write_local(site, "site.yml", {"data_root": str(data.site_dirs[site]), "sandbox": sandbox,
+                                             "threads": cores_per_site(len(study.clients))})
         if task == "segmentation":
             _say(describe_site(site, data.site_dirs[site]))
             continue

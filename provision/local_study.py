@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from runtime.client.worker_threads import granted_cores
 from runtime.identity import Kind
 from runtime.kitsig import CA_PIN_PATH
 
@@ -33,6 +34,11 @@ from .project import parse_project
 
 STOP_GRACE_S = 15.0
 PR_SET_PDEATHSIG = 1
+
+
+def cores_per_site(n_sites: int) -> int:
+    """The cores each of `n_sites` sites' workers gets when they share this machine (at least one)."""
+    return max(1, granted_cores() // max(1, n_sites))
 
 
 def free_port(rng: random.Random | None = None) -> int:

@@ -135,6 +135,9 @@ class SiteLocalSettings(_Strict):
     gpus: list[int] = Field(default_factory=list, description="GPU indices the learner may use; [] = CPU")
     nproc: int | None = Field(None, ge=1, le=64, description="training processes (torchrun ranks); "
                                                               "default: one per listed GPU, else 1")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads per training rank (torch, BLAS); "
+                                                                 "default: the cores granted (sandbox.cpus, else "
+                                                                 "the machine's) split between the ranks")
     heartbeat_interval_s: float = 5.0
     python: str | None = Field(None, description="interpreter for the training worker; default: this one")
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)

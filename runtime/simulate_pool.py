@@ -30,24 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .client.worker_threads import granted_cores, thread_env
 from .errors import ConfigError
 from .simulate import SiteTaskFailed
 
 REPLY_LIMIT_BYTES = 1 << 20
 START_TIMEOUT_S = 300.0   # loading learners reads each site's data: generous, but a wait with an end
 CLOSE_TIMEOUT_S = 10.0
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity), not the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def pool_shape(n_sites: int, processes: int | None = None, cores: int | None = None) -> tuple[int, int]:
     """(processes, torch threads per process): by default one process per core (no more than sites), and
     the cores split evenly between them, at least one thread each."""
-    cores = cores or available_cores()
+    cores = cores or granted_cores()
     n = max(1, min(processes if processes else cores, n_sites))
     return n, max(1, cores // n)
 
@@ -82,7 +77,7 @@ class ProcessPool:
         n, default_threads = pool_shape(len(data_roots), processes)
         threads = threads or default_threads
         work_root.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **{k: str(threads) for k in THREAD_ENV},
+        env = {**os.environ, **thread_env(threads),
                "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                              *filter(None, [os.environ.get("PYTHONPATH")])])}
         members = []

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from provision.demo_data import DemoData, write_demo_data
-from provision.local_study import LocalStudy
+from provision.local_study import LocalStudy, cores_per_site
 from tests.docker_support import docker_engine  # noqa: F401  (a session fixture: the private Docker engine)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def make_study(tmp_path: Path) -> Iterator[Callable[..., StudyHandle]]:
                                                         **(server_settings or {})})
         for site in sites:
             study.write_local(site, "site.yml", {"data_root": str(data.site_dirs[site]),
-                                                 "heartbeat_interval_s": 1.0})
+                                                 "heartbeat_interval_s": 1.0, "threads": cores_per_site(len(sites))})
         return StudyHandle(study, data)
 
     yield make

@@ -60,6 +60,7 @@ from .job_policy import JobPolicy
 from .privacy_policy import EffectiveChain, PrivacyPolicy
 from .sandbox import limits_of, sandbox_for_job
 from .worker_handle import WorkerFailed, WorkerHandle
+from .worker_threads import threads_per_rank
 
 log = logging.getLogger("fedkit.client")
 
@@ -360,13 +361,15 @@ class ClientDaemon:
         limits = limits_of(self._settings.sandbox)
         sandbox = await sandbox_for_job(self._settings.sandbox, self._audit, job_id)
         await asyncio.to_thread(folders.create)
+        nproc = self._settings.nproc or max(1, len(self._settings.gpus))
+        worker_threads = threads_per_rank(self._settings, nproc)
         worker = await WorkerHandle.start(
             sandbox=sandbox, python=self._settings.python or "", kit=self._kit, folders=folders,
             site=self._cfg.name, job_id=job_id, data_root=self._settings.data_root or "",
             gpus=self._settings.gpus, learner=client_cfg.learner.path, learner_args=client_cfg.learner.args,
-            log_path=self._ws / f"worker_{job_id}.log", nproc=self._settings.nproc or max(1, len(self._settings.gpus)),
-            limits=limits, max_result_bytes=MAX_TASK_BYTES)
-        self._audit.append("worker_started", job_id=job_id, backend=sandbox.name,
+            log_path=self._ws / f"worker_{job_id}.log", nproc=nproc, limits=limits, max_result_bytes=MAX_TASK_BYTES,
+            threads=worker_threads)
+        self._audit.append("worker_started", job_id=job_id, backend=sandbox.name, threads=worker_threads,
                            limits=await asyncio.to_thread(sandbox.describe_limits, limits))
         return worker
 

@@ -20,6 +20,7 @@ from ..tasks import TaskKind
 from .job_folders import JobFolders, take_result
 from .sandbox import WORKER_LINE_LIMIT_BYTES, Sandbox, SandboxLimits, WorkerLaunch, WorkerProcess
 from .worker_replies import WorkerReply, WorkerReplyRefused, parse_reply
+from .worker_threads import thread_env
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class WorkerHandle:
     async def start(cls, *, sandbox: Sandbox, python: str, kit: Path, folders: JobFolders, site: str, job_id: str,
                     data_root: str, gpus: list[int], learner: str, learner_args: dict[str, Any],
                     log_path: Path, nproc: int = 1, limits: SandboxLimits | None = None,
-                    max_result_bytes: int = MAX_RESULT_BYTES, ready_timeout_s: float = 300.0) -> WorkerHandle:
+                    max_result_bytes: int = MAX_RESULT_BYTES, ready_timeout_s: float = 300.0,
+                    threads: int | None = None) -> WorkerHandle:
         """Start the job's worker through `sandbox`; raises SandboxUnavailable or WorkerFailed."""
         python = shutil.which(python or sys.executable) or python or sys.executable
         # several ranks: torchrun starts them; rank 0 speaks to us over the inherited stdin/stdout
@@ -60,6 +62,8 @@ class WorkerHandle:
                "HOME": str(folders.scratch)}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        if threads is not None:
+            env.update(thread_env(threads))  # the site's setting wins over what the daemon inherited
         read_only = [folders.code, folders.inbox] + ([Path(data_root)] if data_root else [])
         launch = WorkerLaunch(argv=tuple(cmd), env=env, runtime_dir=kit / "runtime", read_only=tuple(read_only),
                               writable=(folders.scratch, folders.outbox), gpus=tuple(gpus),
