@@ -152,15 +152,16 @@ def ensure_base_image(engine: Engine, cache: Path = CACHE) -> str:
     return BASE_IMAGE
 
 
-def ensure_wheels(requirements: Path, cache: Path = CACHE) -> Path:
-    """A folder with a wheel for every pinned requirement (and their dependencies), for offline builds.
+def ensure_wheels(*requirements: Path, cache: Path = CACHE) -> Path:
+    """A folder with a wheel for every pinned requirement of every given file (kits of each kind pin
+    different packages) and their dependencies, for offline builds.
 
     Tried offline first, from the folder itself; only what is missing is downloaded (with this venv's pip,
     which reaches the local torch CPU wheel)."""
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "-d", str(wheels),
-           "-r", str(requirements)]
+           *(arg for path in requirements for arg in ("-r", str(path)))]
     if subprocess.run([*pip, "--no-index", "--find-links", str(wheels)], capture_output=True).returncode == 0:
         return wheels
     done = subprocess.run(pip, capture_output=True, text=True, timeout=1200)

@@ -234,9 +234,10 @@ class AdminConsole:
                     for site, reason in entry["failed"].items():
                         table.add_row(f"{entry['round']} ({entry['task']})", site, "-",
                                       clean_remote(f"FAILED: {reason}"), "")
-                else:
+                elif entry["type"] == "validation":
                     table.add_row(f"model {entry['model_round']}", "all", "", "",
                                   _fmt_metrics(entry["global"]) + ("  [best]" if entry["is_best"] else ""))
+                # other entries (models scored by evaluate/cross_site, wire statistics) have their own sections
             self._out.print(table)
             for line in scalar_lines(data.get("scalars")):
                 self._out.print(line, markup=False, highlight=False, soft_wrap=True)

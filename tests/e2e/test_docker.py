@@ -91,7 +91,7 @@ def docker_study(docker_engine: Engine, tmp_path: Path):
     shutil.copytree(JOB_TEMPLATE, researcher / "tabular_classifier")
     for path in (tmp_path / "study" / "kits", researcher):
         _chown_tree(path, *KIT_OWNER)
-    wheels = ensure_wheels(study.kits[SITES[0]] / "requirements.txt")
+    wheels = ensure_wheels(*(kit / "requirements.txt" for kit in study.kits.values()))
     env = {k: v for k, v in docker_engine.env().items() if k not in ("PYTHONPATH", "FEDKIT_IMAGE")}
     # offline build from the bookworm base and the wheel cache; this Python checks kit signatures on the host
     env.update(FEDKIT_BASE_IMAGE=BASE_IMAGE, FEDKIT_WHEELS=str(wheels), FEDKIT_PYTHON=sys.executable)

@@ -121,7 +121,7 @@ def test_cross_site_validation_matrix(make_study, tmp_path):
     assert any(cross["matrix"][f"site:{s}"] != cross["matrix"]["global"] for s in sites)
     # show_job carries the key metric of the same matrix, and prints it with the per-model means
     shown = study.admin_json(f"show_job {record['job_id']}")["cross_site"]
-    assert shown["scores"] == {m: {s: cell["accuracy"] for s, cell in row.items()}
-                               for m, row in cross["matrix"].items()}
+    key = cross["key_metric"]  # the job's key metric (auc in the template)
+    assert shown["scores"] == {m: {s: cell[key] for s, cell in row.items()} for m, row in cross["matrix"].items()}
     printed = study.admin(f"show_job {record['job_id']}", as_json=False).stdout
-    assert "accuracy of each model (rows) on each site's data" in printed and "other sites (mean)" in printed
+    assert f"{key} of each model (rows) on each site's data" in printed and "other sites (mean)" in printed

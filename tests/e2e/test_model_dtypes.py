@@ -54,7 +54,7 @@ def test_bfloat16_and_float16_models_train_two_rounds_end_to_end(make_study, tmp
         received, deltas, weights = None, [], []
         for site in SITES:
             inbox = study.kits[site] / "workspace" / "jobs" / record["job_id"] / "inbox"
-            round_dir = sorted(inbox.glob("step_*_train"))[-1]  # round 2's training task
+            round_dir = sorted(inbox.glob("round_*_train"))[-1]  # round 2's training task
             received = load_file(round_dir / "global_in.safetensors")
             deltas.append(load_file(round_dir / "update_sent.safetensors"))
             weights.append(json.loads((round_dir / "update_sent.json").read_text())["n_samples"])

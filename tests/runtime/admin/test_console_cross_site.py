@@ -93,3 +93,24 @@ def test_no_report_prints_nothing_and_a_broken_one_prints_one_line(tmp_path: Pat
     assert "cross-site" not in _show_job(None)
     printed = _show_job({"error": "cross_site.json is unreadable (JSONDecodeError); download_job has the job's files"})
     assert printed.count("cross-site report: cross_site.json is unreadable") == 1
+
+
+def test_every_kind_of_metrics_entry_prints_and_the_privacy_lines_follow(tmp_path: Path) -> None:
+    privacy = {"task": "train", "applied_to": "delta", "on_weaker_job": "raise", "raised": False,
+               "chain": [{"name": "percentile", "args": {"fraction": 0.5}, "source": "job"}]}
+    metrics = [
+        {"type": "shared", "task": "init", "round": 0, "step": 1, "sites": ["site-a"], "failed": {}, "privacy": {}},
+        {"type": "validation", "model_round": 0, "step": 2, "sites": {}, "global": {"accuracy": 0.5}, "is_best": False},
+        {"type": "round", "round": 1, "step": 2, "sites": ["site-a"], "failed": {}, "n_samples": {"site-a": 3},
+         "train": {"site-a": {"loss": 0.1}}, "privacy": {"site-a": privacy}},
+        {"type": "wire", "step": 2, "round": 1, "wire_dtype": "int8"},            # written by the controller
+        {"type": "scored", "step": 3, "model": "global", "sites": {}, "failed": {}},  # by evaluate/cross_site
+    ]
+    out = io.StringIO()
+    reply = {"record": RECORD, "queue_position": None, "metrics": metrics, "cross_site": _view(tmp_path)}
+    console = AdminConsole(_Server(reply), Console(file=out, width=160, markup=False, highlight=False),  # type: ignore[arg-type]
+                           as_json=False)
+    asyncio.run(console.run_line("show_job j1"))
+    printed = out.getvalue()
+    assert "model 0" in printed and "(init)" in printed
+    assert "  site-a: percentile(fraction=0.5)  [round 1]" in printed.splitlines()
