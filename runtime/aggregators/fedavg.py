@@ -142,18 +142,15 @@ def server_step(model: Weights, acc: WeightedSum, lr: float, momentum: float,
     return new_model, new_velocity
 
 
-class FedAvgAggregator:
-    """Weighted FedAvg with a server learning rate and momentum (FedAvgM); O(model) memory for the round
-    (a float64 running sum) plus the velocity when momentum > 0."""
+class StreamingMean:
+    """What FedAvg and FedOpt share: the round's updates folded, as they arrive, into one float64 running
+    weighted sum (O(model) memory); each closes the round with its own server step on the mean."""
 
-    def __init__(self, config: FedAvgConfig):
-        self.config = config
+    def __init__(self) -> None:
         self._round = RoundPhase()
         self._sum: WeightedSum | None = None
-        self._velocity: Weights = {}
 
-    def begin_round(self, model: Weights) -> None:
-        check_state_group("velocity", self._velocity, model, floats_only=True)
+    def _begin_sum(self, model: Weights) -> None:
         self._sum = fresh_sum(self._sum, model)
         self._round.begin(model)
 
@@ -164,6 +161,20 @@ class FedAvgAggregator:
     @property
     def n_folded(self) -> int:
         return self._sum.n_updates if self._sum is not None else 0
+
+
+class FedAvgAggregator(StreamingMean):
+    """Weighted FedAvg with a server learning rate and momentum (FedAvgM); O(model) memory for the round
+    (a float64 running sum) plus the velocity when momentum > 0."""
+
+    def __init__(self, config: FedAvgConfig):
+        super().__init__()
+        self.config = config
+        self._velocity: Weights = {}
+
+    def begin_round(self, model: Weights) -> None:
+        check_state_group("velocity", self._velocity, model, floats_only=True)
+        self._begin_sum(model)
 
     def close_round(self, model: Weights) -> Weights:
         self._round.close(self.n_folded)

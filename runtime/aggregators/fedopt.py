@@ -26,18 +26,14 @@ import numpy as np
 from ..tasks import LocalAlgorithm
 from ..weights import Weights
 from ._round import (
-    RoundPhase,
     add_mean_delta,
-    check_fits,
     check_state_group,
-    check_weight,
     copy_state,
     is_float,
     take_state,
 )
-from .base import Update
 from .config import FedOptConfig
-from .fedavg import WeightedSum, fold, fresh_sum, sent_tensors
+from .fedavg import StreamingMean, sent_tensors
 
 
 def _state_dtype(arr: np.ndarray) -> np.dtype:
@@ -45,11 +41,10 @@ def _state_dtype(arr: np.ndarray) -> np.dtype:
     return np.result_type(arr.dtype, np.float32)
 
 
-class FedOptAggregator:
+class FedOptAggregator(StreamingMean):
     def __init__(self, config: FedOptConfig):
+        super().__init__()
         self.config = config
-        self._round = RoundPhase()
-        self._sum: WeightedSum | None = None
         self._m: Weights = {}
         self._v: Weights = {}
 
@@ -60,16 +55,7 @@ class FedOptAggregator:
     def begin_round(self, model: Weights) -> None:
         check_state_group("m", self._m, model, floats_only=True)
         check_state_group("v", self._v, model, floats_only=True)
-        self._sum = fresh_sum(self._sum, model)
-        self._round.begin(model)
-
-    def fold(self, update: Update) -> None:
-        check_fits(update, self._round.open_model())
-        fold(self._sum, update.delta, check_weight(update))
-
-    @property
-    def n_folded(self) -> int:
-        return self._sum.n_updates if self._sum is not None else 0
+        self._begin_sum(model)
 
     def close_round(self, model: Weights) -> Weights:
         self._round.close(self.n_folded)
