@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_breast_cancer
 
+from provision.demo_data import write_label_skewed_data
 from provision.local_study import LocalStudy, wait_until
 from runtime.weights import load_file, save_file
 
@@ -48,24 +48,6 @@ def _site_scores(weights: dict[str, np.ndarray], site_dir: Path) -> dict[str, fl
     return module.evaluate(model, torch.from_numpy((x_val - mean) / std), y_val)
 
 
-def _label_skewed(data_dirs: dict[str, Path], malignant_shares: list[float], n_per_site: int = 120) -> None:
-    """Rewrite each site's train/val as a label-skewed draw: mostly one class per site."""
-    data = load_breast_cancer()
-    x, y = data.data.astype(np.float32), (data.target == 0).astype(np.float32)
-    rng = np.random.default_rng(7)
-    pos, neg = list(rng.permutation(np.flatnonzero(y == 1))), list(rng.permutation(np.flatnonzero(y == 0)))
-    header = ",".join([*(n.replace(" ", "_") for n in data.feature_names), "label"])
-    for folder, share in zip([data_dirs[s] for s in sorted(data_dirs)], malignant_shares, strict=True):
-        n_pos = int(n_per_site * share)
-        idx = np.array(pos[:n_pos] + neg[:n_per_site - n_pos])
-        pos, neg = pos[n_pos:], neg[n_per_site - n_pos:]
-        idx = idx[rng.permutation(len(idx))]
-        n_val = len(idx) // 4
-        for name, part in (("val.csv", idx[:n_val]), ("train.csv", idx[n_val:])):
-            np.savetxt(folder / name, np.column_stack([x[part], y[part]]), delimiter=",", header=header,
-                       comments="", fmt="%.6g")
-
-
 def test_evaluate_job_scores_a_given_model_on_every_site(make_study, tmp_path):
     handle = make_study(sites=SITES)
     study = _started(handle.study)
@@ -99,7 +81,8 @@ def test_evaluate_job_scores_a_given_model_on_every_site(make_study, tmp_path):
 
 def test_global_model_beats_local_models_off_diagonal_on_label_skewed_sites(make_study, tmp_path):
     handle = make_study(sites=SITES)
-    _label_skewed(handle.data.site_dirs, [0.1, 0.9, 0.5])
+    # the sites' data rewritten, each mostly one class (10%, 90%, 50% malignant), in the same folders
+    write_label_skewed_data(handle.data.heldout_csv.parent, SITES, seed=7, malignant_shares=(0.1, 0.9, 0.5))
     study = _started(handle.study)
     job = handle.job(tmp_path / "job")
     record = study.admin_json(
