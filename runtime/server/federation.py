@@ -106,7 +106,7 @@ class FederationService:
                 task_id=task.task_id, job_id=task.job_id, task_name=task.name, round=task.round,
                 config_json=json.dumps(task.config), payload_bytes=payload.nbytes,
                 payload_sha256=payload.sha256, timeout_s=task.timeout_s, job_sha256=task.job_sha256))
-            for chunk in payload.chunks:
+            async for chunk in payload.stream():
                 yield pb.TaskChunk(data=chunk)
         except BaseException:
             self._board.unsend(task)  # the transfer broke: offer the task again

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -46,6 +46,12 @@ class Payload:
     def of_model(cls, model: SerializedModel) -> Payload:
         """The chunks of a model serialized once (and saved from the same bytes): nothing is copied."""
         return cls(chunks=model.chunks, nbytes=model.nbytes, sha256=model.sha256)
+
+    async def stream(self) -> AsyncIterator[bytes | memoryview]:
+        """The chunks in order, as the wire sends them. The one place a sender reads a payload, so a
+        payload kept on disk (read a chunk at a time off the event loop) can stand in for this one."""
+        for chunk in self.chunks:
+            yield chunk
 
 
 NO_PAYLOAD = Payload()
