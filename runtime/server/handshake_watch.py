@@ -14,6 +14,7 @@ data path is untouched (no proxy in front of the port).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import select
@@ -73,7 +74,7 @@ def enable_tracer(environ: dict[str, str] | os._Environ[str] = os.environ) -> bo
     """Turn core's handshaker tracer on; True if we added it (so its banner line is ours to hide).
 
     Must run before `import grpc`. Trace lines are INFO lines: a GRPC_VERBOSITY above INFO would hide them,
-    so it is lowered to INFO and TraceFilter drops the other INFO lines the operator asked not to see."""
+    so install() lowers it to INFO and TraceFilter drops the lines the operator asked not to see."""
     tracers = [t.strip() for t in environ.get("GRPC_TRACE", "").split(",") if t.strip()]
     added = TRACER not in tracers and "all" not in tracers
     if added:
@@ -81,9 +82,9 @@ def enable_tracer(environ: dict[str, str] | os._Environ[str] = os.environ) -> bo
     return added
 
 
-def quiet_info(environ: Mapping[str, str] = os.environ) -> bool:
-    """True if the operator set GRPC_VERBOSITY above INFO (ERROR, NONE): we then hide core's other INFO lines."""
-    return environ.get("GRPC_VERBOSITY", "").strip().upper() not in ("", "DEBUG", "INFO")
+def hidden_levels(environ: Mapping[str, str] = os.environ) -> bytes:
+    """The glog levels of core's lines the operator's GRPC_VERBOSITY hides (b"IW" for ERROR, b"IWE" for NONE)."""
+    return {"ERROR": b"IW", "NONE": b"IWE"}.get(environ.get("GRPC_VERBOSITY", "").strip().upper(), b"")
 
 
 class TraceFilter:
@@ -92,9 +93,9 @@ class TraceFilter:
     A failed handshake is one multi-line entry: "CallNextHandshakerLocked: error=<status>", the status's
     source-location lines, then " shutdown=false index=2, args={... endpoint_peer_address=...}"."""
 
-    def __init__(self, hide_banner: bool = False, hide_info: bool = False):
+    def __init__(self, hide_banner: bool = False, hide_levels: bytes = b""):
         self._hide_banner = hide_banner
-        self._hide_info = hide_info
+        self._hide_levels = hide_levels
         self._in_entry = False  # inside a handshake entry: its continuation lines are swallowed too
         self._pending: str | None = None  # a failure's status, waiting for its args line
 
@@ -122,7 +123,7 @@ class TraceFilter:
             return False, done  # the same failure without a peer: reported readably from the trace instead
         if self._hide_banner and source == "trace.cc" and message.strip() == f"gRPC Tracers: {TRACER}":
             return False, done
-        if self._hide_info and level == b"I":
+        if level in self._hide_levels:
             return False, done
         return True, done
 
@@ -148,8 +149,8 @@ class StderrWatch:
     thread-safe). If the thread fails, fd 2 goes back to the real stderr so no writer can block on a
     pipe nobody reads."""
 
-    def __init__(self, hide_banner: bool = False, hide_info: bool = False):
-        self._filter = TraceFilter(hide_banner, hide_info)
+    def __init__(self, hide_banner: bool = False, hide_levels: bytes = b""):
+        self._filter = TraceFilter(hide_banner, hide_levels)
         self._on_failure: Callable[[HandshakeFailure], None] | None = None
         self._lock = threading.Lock()
         self._real: int | None = None
@@ -158,8 +159,8 @@ class StderrWatch:
     @classmethod
     def install(cls) -> StderrWatch:
         """Enable the tracer and capture fd 2; call before anything imports grpc."""
-        watch = cls(hide_banner=enable_tracer(), hide_info=quiet_info())
-        if quiet_info():
+        watch = cls(hide_banner=enable_tracer(), hide_levels=hidden_levels())
+        if hidden_levels():
             os.environ["GRPC_VERBOSITY"] = "INFO"
         watch.start()
         return watch
@@ -172,6 +173,8 @@ class StderrWatch:
         sys.stderr.flush()
         self._real = os.dup(2)
         read_fd, write_fd = os.pipe()
+        with contextlib.suppress(OSError):  # room for bursts while the thread waits for the GIL (Linux only)
+            fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
         os.dup2(write_fd, 2)
         os.close(write_fd)
         self._thread = threading.Thread(target=self._pump, args=(read_fd,), name="handshake-watch", daemon=True)

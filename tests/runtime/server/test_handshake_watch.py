@@ -13,7 +13,7 @@ from runtime.server.handshake_watch import (
     TraceFilter,
     enable_tracer,
     explain,
-    quiet_info,
+    hidden_levels,
     service_reporter,
 )
 
@@ -73,11 +73,11 @@ def test_a_failure_whose_args_never_come_is_reported_without_a_peer() -> None:
     assert failures == [HandshakeFailure(None, None, ANOTHER_CA)]
 
 
-def test_info_lines_are_hidden_only_when_the_operator_asked_for_less() -> None:
+def test_core_lines_are_hidden_only_when_the_operator_asked_for_less() -> None:
     line = f"{P}server.cc:1865] Disconnected client"
-    assert _feed(TraceFilter(hide_info=True), line)[0] == []
-    assert _feed(TraceFilter(hide_info=False), line)[0] == [line]
-    assert _feed(TraceFilter(hide_info=True), f"E{line[1:]}")[0] == [f"E{line[1:]}"]
+    assert _feed(TraceFilter(hide_levels=b"IW"), line)[0] == []
+    assert _feed(TraceFilter(), line)[0] == [line]
+    assert _feed(TraceFilter(hide_levels=b"IW"), f"E{line[1:]}")[0] == [f"E{line[1:]}"]
     assert _feed(TraceFilter(hide_banner=True), f"{P}trace.cc:91] gRPC Tracers: handshaker")[0] == []
 
 
@@ -96,7 +96,8 @@ def test_the_tracer_is_added_to_the_operators_own() -> None:
     assert enable_tracer(env) and env["GRPC_TRACE"] == "tsi,handshaker"
     assert not enable_tracer(env) and env["GRPC_TRACE"] == "tsi,handshaker"
     assert not enable_tracer({"GRPC_TRACE": "all"})
-    assert quiet_info({"GRPC_VERBOSITY": "error"}) and not quiet_info({}) and not quiet_info({"GRPC_VERBOSITY": "INFO"})
+    assert hidden_levels({"GRPC_VERBOSITY": "error"}) == b"IW" and hidden_levels({"GRPC_VERBOSITY": "NONE"}) == b"IWE"
+    assert hidden_levels({}) == hidden_levels({"GRPC_VERBOSITY": "INFO"}) == b""
 
 
 def test_failures_reach_the_refusal_log_by_service_through_the_loop() -> None:
