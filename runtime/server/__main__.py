@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import FedkitError
 from ..procs import private_umask
-from .app import serve
+from .handshake_watch import StderrWatch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,13 +18,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     private_umask()  # workspace, logs, models and audit trail: owner only
+    handshakes = StderrWatch.install()  # refused TLS handshakes with their peer; before grpc is imported
     try:
-        asyncio.run(serve(args.kit.resolve(), debug=args.debug), debug=args.debug)
+        from .app import serve
+
+        asyncio.run(serve(args.kit.resolve(), debug=args.debug, handshakes=handshakes), debug=args.debug)
     except FedkitError as e:
         print(f"fedkit server: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        handshakes.stop()
     return 0
 
 

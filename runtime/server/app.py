@@ -19,6 +19,7 @@ from .admin_service import AdminService
 from .authz import Policy
 from .crl_watch import CrlWatcher
 from .federation import FederationService
+from .handshake_watch import StderrWatch, service_reporter
 from .job_quota import JobQuota
 from .job_store import JobStore
 from .refusals import RefusalLog
@@ -30,7 +31,7 @@ from .taskboard import TaskBoard
 log = logging.getLogger("fedkit.server")
 
 
-async def serve(kit: Path, debug: bool = False) -> None:
+async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None = None) -> None:
     startup, local = kit / kc.STARTUP, kit / kc.LOCAL
     cfg = kc.load_model(startup / kc.SERVER_CONFIG, kc.ServerKitConfig)
     settings = kc.load_optional(local / "server.yml", kc.ServerLocalSettings)
@@ -64,6 +65,9 @@ async def serve(kit: Path, debug: bool = False) -> None:
         crl.revoked, on_revoked=lambda peer: registry.mark_revoked(peer.name))), refused, crl.pem)
     admin_server = RpcServer(tls, host, settings.admin_listen_port or cfg.admin_port)
     admin_server.add_admin(admin, require_kind(Kind.ADMIN, not_revoked(crl.revoked)), refused, crl.pem)
+    if handshakes is not None:  # refused at the TLS handshake (another study's CA, expired): same RefusalLog
+        handshakes.report_to(service_reporter(refused, {fed_server.port: "federation", admin_server.port: "admin"},
+                                              asyncio.get_running_loop().call_soon_threadsafe))
     await fed_server.start()
     await admin_server.start()
     write_pid(ws)

@@ -1,4 +1,5 @@
-"""Peers the server refused (revoked, wrong kind of certificate), recorded once per peer and reason per
+"""Peers the server refused (revoked, wrong kind of certificate, and at the TLS handshake: another study's
+CA, expired, none: see handshake_watch.py), recorded once per peer and reason per
 interval: a refused site retries with backoff forever, and a record per retry would bury the audit trail
 and the log. The peer's address is written the way a person reads it (`[::1]:50120`, not gRPC's
 `ipv6:%5B::1%5D:50120`)."""
