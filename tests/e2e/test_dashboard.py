@@ -123,6 +123,7 @@ def test_dashboard_follows_a_study_live_and_holds_the_admins_rights(study, tmp_p
     assert _http_status(base + "/api/jobs/some-job/abort", "POST", {"X-Fedkit-Token": "wrong"}) == 403
     assert sum(1 for r in _audit(study) if r["event"] == "admin_command") == commands_before
 
+    playwright_api.expect.set_options(timeout=UI_TIMEOUT_MS)  # its own default is 5 s, too short under load
     with playwright_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
@@ -154,18 +155,7 @@ def test_dashboard_follows_a_study_live_and_holds_the_admins_rights(study, tmp_p
                 f"--set meta.min_clients=2 --set client.learner.args.train_s={TRAIN_S} "
                 "--set server.round_timeout_s=300")["job_id"]
 
-            # ---- one job: round 1 appears, with its curve point, while the job runs, without a reload
-            page.evaluate("window.__notReloaded = true")
-            page.goto(f"{base}/#job/{job_id}")
-            page.evaluate("window.__notReloaded = true")
-            round1 = page.locator('#rounds-table tr[data-round="1"]')
-            playwright_api.expect(round1).to_be_visible()
-            playwright_api.expect(page.locator("#job-facts")).to_have_attribute("data-state", "running")
-            assert int(page.locator("#chart").get_attribute("data-points") or 0) >= 1
-            assert page.evaluate("window.__notReloaded === true"), "the page must update live, not reload"
-            page.screenshot(path=str(ARTIFACTS / "job-running.png"), full_page=True)
-
-            # ---- jobs: abort is offered to the project admin, not to the member
+            # ---- jobs (while the job runs): abort is offered to the project admin, not to the member
             page.goto(f"{base}/#jobs")
             playwright_api.expect(page.locator(f'#jobs-table tr[data-job="{job_id}"] button[data-action="abort"]')
                                   ).to_be_visible()
@@ -186,7 +176,18 @@ def test_dashboard_follows_a_study_live_and_holds_the_admins_rights(study, tmp_p
             assert forged["body"]["error"].startswith("denied"), forged
             denied = _abort_records(study, member)
             assert len(denied) == 1 and denied[0]["allowed"] is False and denied[0]["args"]["job_id"] == job_id, denied
-            assert study.admin_json(f"show_job {job_id}")["record"]["state"] == "running"
+            assert study.admin_json(f"show_job {job_id}")["record"]["state"] in ("queued", "running")
+
+            # ---- one job: round 1 appears, with its curve point, while the job runs, without a reload
+            page.evaluate("window.__notReloaded = true")
+            page.goto(f"{base}/#job/{job_id}")
+            page.evaluate("window.__notReloaded = true")
+            round1 = page.locator('#rounds-table tr[data-round="1"]')
+            playwright_api.expect(round1).to_be_visible()
+            playwright_api.expect(page.locator("#job-facts")).to_have_attribute("data-state", "running")
+            assert int(page.locator("#chart").get_attribute("data-points") or 0) >= 1
+            assert page.evaluate("window.__notReloaded === true"), "the page must update live, not reload"
+            page.screenshot(path=str(ARTIFACTS / "job-running.png"), full_page=True)
 
             # ---- a site killed mid-round shows as dead before that round ends
             wait_until(lambda: any(r["event"] == "task_sent" and r.get("site") == "site-3" and r.get("round") == 2
@@ -207,6 +208,10 @@ def test_dashboard_follows_a_study_live_and_holds_the_admins_rights(study, tmp_p
                                                                                  timeout=240_000)
             playwright_api.expect(page.locator("#rounds-table tr[data-round]")).to_have_count(2)
             assert int(page.locator("#chart").get_attribute("data-points") or 0) >= 2
+            best_round = study.admin_json(f"show_job {job_id}")["record"]["best_round"]
+            playwright_api.expect(page.locator("#rounds-table .best")).to_have_count(1)  # the best model, once
+            best_row = page.locator("#rounds-table tr", has=page.locator(".best")).inner_text()
+            assert best_row.startswith((f"model {best_round}", str(best_round + 1))), (best_row, best_round)
             assert page.evaluate("window.__notReloaded === true")
             page.screenshot(path=str(ARTIFACTS / "job.png"), full_page=True)
 

@@ -125,7 +125,7 @@ function renderStudy() {
   fill(document.querySelector("#sites-table tbody"), s.sites.map((site) => {
     const stateCell = el("td", site.state, { class: `state state-${site.state.split(" ")[0]}` });
     const tr = row([site.site, site.org, stateCell, site.online ? "yes" : "no", `${fmt(site.last_heartbeat_s_ago, 1)} s ago`,
-      site.job_id ? `job ${site.job_id}, round ${fmt(site.round)}` : "-"]);
+      site.job_id ? `${site.online ? "" : "last: "}job ${site.job_id}, round ${fmt(site.round)}` : "-"]);
     tr.dataset.site = site.site;
     tr.dataset.state = site.state;
     return tr;
@@ -204,6 +204,7 @@ function renderRounds(data) {
   const metrics = data.metrics;
   const validation = new Map(metrics.filter((m) => m.type === "validation").map((m) => [m.model_round, m]));
   let previous = data.record.started_at;
+  const bestRound = data.record.best_round;  // the best model so far (validation entries mark each new best)
   const rows = [];
   for (const m of metrics) {
     if (m.type !== "round") continue;
@@ -213,7 +214,7 @@ function renderRounds(data) {
     const v = validation.get(m.round - 1);
     const vText = v ? fmtMetrics(v.global) : "-";
     const vCell = el("td", vText);
-    if (v && v.is_best) vCell.append(" ", el("strong", "best", { class: "best" }));
+    if (v && v.model_round === bestRound) vCell.append(" ", el("strong", "best", { class: "best" }));
     const tr = row([String(m.round), took, m.sites.join(", "), failed, fmtMetrics(m.train_global), vCell]);
     tr.dataset.round = String(m.round);
     rows.push(tr);
@@ -221,7 +222,7 @@ function renderRounds(data) {
   for (const m of metrics) {  // the final model's validation has no training round after it
     if (m.type === "validation" && !metrics.some((x) => x.type === "round" && x.round - 1 === m.model_round)) {
       const vCell = el("td", fmtMetrics(m.global));
-      if (m.is_best) vCell.append(" ", el("strong", "best", { class: "best" }));
+      if (m.model_round === bestRound) vCell.append(" ", el("strong", "best", { class: "best" }));
       rows.push(row([`model ${m.model_round}`, "-", Object.keys(m.sites).join(", "), "-", "-", vCell]));
     }
   }
@@ -231,7 +232,7 @@ function renderRounds(data) {
 
 // The curves: each metric of the validation entries (x: model round) and of the training rounds (x: round),
 // one series per site and one for all sites together; the best model is a separate, marked series.
-function curveSets(metrics) {
+function curveSets(metrics, bestRound) {
   const sets = new Map();
   const add = (name, x, site, y) => {
     if (typeof y !== "number" || !Number.isFinite(y)) return;
@@ -245,7 +246,7 @@ function curveSets(metrics) {
     if (m.type === "validation") {
       for (const [k, y] of Object.entries(m.global || {})) {
         add(`validation ${k}`, m.model_round, "all sites", y);
-        if (m.is_best) best.set(`validation ${k}`, [m.model_round, y]);
+        if (m.model_round === bestRound) best.set(`validation ${k}`, [m.model_round, y]);
       }
       for (const [site, vals] of Object.entries(m.sites || {})) {
         for (const [k, y] of Object.entries(vals || {})) add(`validation ${k}`, m.model_round, site, y);
@@ -261,7 +262,7 @@ function curveSets(metrics) {
 }
 
 function renderCurves(data) {
-  const { sets, best } = curveSets(data.metrics);
+  const { sets, best } = curveSets(data.metrics, data.record.best_round);
   const names = [...sets.keys()].filter((n) => !n.endsWith(" n_samples")).sort();
   const box = document.getElementById("chart-box");
   document.getElementById("curve-controls").hidden = names.length === 0;
@@ -295,7 +296,9 @@ function renderCurves(data) {
   const opts = {
     width: Math.min(1100, chartDiv.clientWidth || 900), height: 320,
     scales: { x: { time: false } },
-    axes: [{ label: state.metric.startsWith("train") ? "round" : "model round" }, { label: state.metric }],
+    axes: [{ label: state.metric.startsWith("train") ? "round" : "model round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500],
+      values: (u, ticks) => ticks.map((t) => String(t)) },
+    { label: state.metric, size: 70, values: (u, ticks) => ticks.map((t) => String(+t.toPrecision(6))) }],
     series: [{ label: "round" },
       ...sites.map((s, i) => ({ label: s, stroke: s === "all sites" ? "#000" : SERIES_COLOURS[i % SERIES_COLOURS.length],
         width: s === "all sites" ? 3 : 1.5, dash: s === "all sites" ? undefined : [6, 3], points: { show: true } })),
@@ -385,7 +388,7 @@ async function loadAudit() {
     "Verification: the server does not report its audit chain's verification over the admin link, so this page " +
     "cannot show it. The server's IT verifies the whole chain with `fedkit audit verify workspace/audit.jsonl` " +
     "on the server machine.";
-  const response = await fetch("/api/audit?n=200");
+  const response = await fetch("/api/audit?n=100");
   const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
   const table = document.getElementById("audit-table");
   if (!response.ok) { showError("audit-error", `show_audit: ${body.error}`); table.hidden = true; return; }
