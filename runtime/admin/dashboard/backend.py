@@ -21,7 +21,7 @@ from ..client import AdminClient
 
 POLL_INTERVAL_S = 1.0
 KEEPALIVE_S = 15.0  # an SSE comment this often, so proxies and browsers keep an idle stream open
-AUDIT_MAX_RECORDS = 500
+AUDIT_MAX_RECORDS = 2000  # show_audit's answer stays well under gRPC's 4 MB message limit
 
 
 class Hub:

@@ -383,18 +383,30 @@ function renderCross() {
 
 // ---- audit -----------------------------------------------------------------------------------------
 
+// The dashboard's own polling (and any console's reads) fill the trail with successful routine reads; they
+// are hidden by default so refusals and changes stay in view. The server sends the last AUDIT_FETCH records.
+const AUDIT_FETCH = 2000;
+const AUDIT_SHOWN = 200;
+const ROUTINE_READS = new Set(["check_status", "list_jobs", "show_job", "wait_job", "help"]);
+
 async function loadAudit() {
   document.getElementById("audit-verify").textContent =
     "Verification: the server does not report its audit chain's verification over the admin link, so this page " +
     "cannot show it. The server's IT verifies the whole chain with `fedkit audit verify workspace/audit.jsonl` " +
     "on the server machine.";
-  const response = await fetch("/api/audit?n=100");
+  const response = await fetch(`/api/audit?n=${AUDIT_FETCH}`);
   const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
   const table = document.getElementById("audit-table");
   if (!response.ok) { showError("audit-error", `show_audit: ${body.error}`); table.hidden = true; return; }
   showError("audit-error", "");
   table.hidden = false;
-  fill(table.querySelector("tbody"), body.map((r) => {
+  const hide = document.getElementById("audit-hide-reads").checked;
+  const kept = body.filter((r) => !(hide && r.event === "admin_command" && ROUTINE_READS.has(r.command) &&
+    r.allowed !== false && !r.error));
+  const shown = kept.slice(-AUDIT_SHOWN);
+  document.getElementById("audit-count").textContent =
+    `${shown.length} of the last ${body.length} records` + (hide ? " (successful routine reads hidden)" : "");
+  fill(table.querySelector("tbody"), shown.map((r) => {
     const who = r.admin || r.site || r.peer || "-";
     const what = r.command ? `${r.command} ${JSON.stringify(r.args || {})}` : (r.job_id ? `job ${r.job_id}` : "");
     const outcome = r.allowed === false ? `denied: ${r.error || ""}` : (r.error ? `error: ${r.error}` : (r.result || ""));
@@ -419,6 +431,7 @@ async function start() {
     if (state.job) renderJob();
   });
   document.getElementById("audit-refresh").addEventListener("click", loadAudit);
+  document.getElementById("audit-hide-reads").addEventListener("change", loadAudit);
   window.addEventListener("hashchange", route);
   route();
   if (!state.source) connect();
