@@ -39,6 +39,7 @@ class Hub:
         self._changed = asyncio.Condition()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     # ---- pages --------------------------------------------------------------------------------------
 
@@ -53,13 +54,15 @@ class Hub:
             self._task = asyncio.create_task(self._poll_loop(), name="dashboard-poll")
         sent: dict[str, str] = {}
         keys = ["status", "jobs"] + ([f"job:{job_id}"] if job_id else [])
-        seen_version = -1
+        seen_version = 0  # version 0: nothing polled yet
         try:
-            while True:
+            while not self._closing:
                 async with self._changed:
                     if self._version == seen_version:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._changed.wait(), KEEPALIVE_S)
+                    if self._closing:
+                        return
                     seen_version = self._version
                     parts = {k: self._parts[k] for k in keys if k in self._parts}
                 fresh = [(k, v) for k, v in parts.items() if sent.get(k) != v]
@@ -84,7 +87,14 @@ class Hub:
         finally:
             self._wake.set()
 
+    async def end_streams(self) -> None:
+        """End every page's feed now (the dashboard is stopping), rather than after the shutdown grace."""
+        self._closing = True
+        async with self._changed:
+            self._changed.notify_all()
+
     async def close(self) -> None:
+        await self.end_streams()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -33,6 +33,19 @@ def bind(port: int) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn waits for open responses to finish before it stops; the pages' live feeds never would, so
+    they are ended first."""
+
+    def __init__(self, config: uvicorn.Config, hub: Hub):
+        super().__init__(config)
+        self._hub = hub
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self._hub.end_streams()
+        await super().shutdown(sockets)
+
+
 async def serve(kit: Path, port: int = 0, open_browser: bool = False) -> int:
     async with AdminClient(kit) as client:
         session = await client.command("help")  # the role's commands; fails here, in one line, if unreachable
@@ -45,7 +58,7 @@ async def serve(kit: Path, port: int = 0, open_browser: bool = False) -> int:
         app = create_app(hub, token, actual_port, session)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
-        server = uvicorn.Server(config)
+        server = _Server(config, hub)
         url = f"http://{HOST}:{actual_port}/?token={token}"
         print(f"fedkit dashboard for {session['admin']} ({session['role']}) on {session['server']}: {url}",
               flush=True)

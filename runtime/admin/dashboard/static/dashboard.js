@@ -387,6 +387,8 @@ function renderCross() {
 // are hidden by default so refusals and changes stay in view. The server sends the last AUDIT_FETCH records.
 const AUDIT_FETCH = 2000;
 const AUDIT_SHOWN = 200;
+const AUDIT_WHAT_CHARS = 160;  // the full text is in the cell's tooltip
+const AUDIT_PLAIN = new Set(["time", "event", "hash", "prev", "prev_hash", "admin", "site", "peer", "org", "role"]);
 const ROUTINE_READS = new Set(["check_status", "list_jobs", "show_job", "wait_job", "help"]);
 
 async function loadAudit() {
@@ -408,9 +410,13 @@ async function loadAudit() {
     `${shown.length} of the last ${body.length} records` + (hide ? " (successful routine reads hidden)" : "");
   fill(table.querySelector("tbody"), shown.map((r) => {
     const who = r.admin || r.site || r.peer || "-";
-    const what = r.command ? `${r.command} ${JSON.stringify(r.args || {})}` : (r.job_id ? `job ${r.job_id}` : "");
+    const what = r.command ? `${r.command} ${JSON.stringify(r.args || {})}` : Object.entries(r)
+      .filter(([k]) => !AUDIT_PLAIN.has(k)).map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`)
+      .join(" ");
     const outcome = r.allowed === false ? `denied: ${r.error || ""}` : (r.error ? `error: ${r.error}` : (r.result || ""));
-    const tr = row([String(r.time || "").replace("T", " ").slice(0, 23), r.event, who, what, outcome]);
+    const whatCell = el("td", what.length > AUDIT_WHAT_CHARS ? `${what.slice(0, AUDIT_WHAT_CHARS)}…` : what,
+      { class: "what", title: what.slice(0, 2000) });
+    const tr = row([String(r.time || "").replace("T", " ").slice(0, 23), r.event, who, whatCell, outcome]);
     if (r.allowed === false) tr.className = "denied";
     return tr;
   }));
