@@ -413,7 +413,9 @@ async function loadAudit() {
     const what = r.command ? `${r.command} ${JSON.stringify(r.args || {})}` : Object.entries(r)
       .filter(([k]) => !AUDIT_PLAIN.has(k)).map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`)
       .join(" ");
-    const outcome = r.allowed === false ? `denied: ${r.error || ""}` : (r.error ? `error: ${r.error}` : (r.result || ""));
+    const error = String(r.error || "");
+    const outcome = r.allowed === false ? (error.startsWith("denied") ? error : `denied: ${error}`)
+      : (error ? `error: ${error}` : (r.result || ""));
     const whatCell = el("td", what.length > AUDIT_WHAT_CHARS ? `${what.slice(0, AUDIT_WHAT_CHARS)}…` : what,
       { class: "what", title: what.slice(0, 2000) });
     const tr = row([String(r.time || "").replace("T", " ").slice(0, 23), r.event, who, whatCell, outcome]);
