@@ -22,6 +22,8 @@ SHUTDOWN_GRACE_S = 2.0  # open live feeds are cut after this on Ctrl-C
 
 def bind(port: int) -> socket.socket:
     """A listening socket on 127.0.0.1:port (0: a free port the system picks), with a one-line error."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: a port is 0 to 65535 (0: a free one)")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.bind((HOST, port))

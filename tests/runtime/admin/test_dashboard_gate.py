@@ -108,3 +108,8 @@ def test_a_taken_port_is_refused_in_one_line():
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"--port {port}: .*use --port 0"):
             bind(port)
+
+
+def test_a_port_out_of_range_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="--port 99999: a port is 0 to 65535"):
+        bind(99999)
