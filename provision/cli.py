@@ -7,6 +7,7 @@
     fedkit job hash FOLDER                                     the code hash sites approve
     fedkit job new NAME | templates | check FOLDER | schema    start, list, check a job; its JSON Schema
     fedkit simulate JOB_FOLDER --sites N --demo-data           try a job on N virtual sites (simulate_cli.py)
+    fedkit dashboard --kit ADMIN_KIT [--port 0] [--open]       the study dashboard (runtime/admin/dashboard)
 
 Exit codes: 0 ok; 1 failure (including a kit that does not verify); 2 bad input (project.yml, a config
 file, or usage). A traceback is printed only with `fedkit --debug ...`; locals never are, because
@@ -247,6 +248,22 @@ def simulate_cmd(
     from .simulate_cli import simulate_command  # imports torch in-process only when asked for
 
     simulate_command(job_folder, sites, data_roots or [], demo_data, out, processes, overrides or [])
+
+
+@app.command("dashboard")
+def dashboard_cmd(
+    kit: Annotated[Path, typer.Option("--kit", help="an admin kit (the folder holding startup/fed_admin.json)")],
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="port on 127.0.0.1 (0: a free one)")] = 0,
+    open_browser: Annotated[bool, typer.Option("--open", help="open it in the web browser")] = False,
+) -> None:
+    """Serve the study dashboard on 127.0.0.1 over the admin kit's own mutual-TLS link (docs/dashboard.md)."""
+    import asyncio
+
+    from runtime.admin.dashboard.serve import serve  # Starlette and uvicorn load only for the dashboard
+    from runtime.procs import private_umask
+
+    private_umask()
+    asyncio.run(serve(kit.resolve(), port, open_browser))
 
 
 def main() -> None:

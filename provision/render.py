@@ -54,6 +54,8 @@ PROVISION_ONLY_REQUIREMENTS = frozenset({"jinja2", "typer"})
 CLIENT_ONLY_REQUIREMENTS = frozenset({"torch", "dp-accounting", "monai", "nibabel"})
 # The cross-site heatmap is drawn by the server, into the job's results.
 SERVER_ONLY_REQUIREMENTS = frozenset({"matplotlib", "tensorboard"})
+# The study dashboard (fl_admin.sh dashboard) is served by the admin console only.
+ADMIN_ONLY_REQUIREMENTS = frozenset({"starlette", "uvicorn"})
 RUNTIME_MODULE = {Kind.SERVER: "runtime.server", Kind.CLIENT: "runtime.client", Kind.ADMIN: "runtime.admin"}
 CERT_STEM = {Kind.SERVER: "server", Kind.CLIENT: "client", Kind.ADMIN: "client"}
 
@@ -149,7 +151,8 @@ def kit_requirements(kind: Kind, distribution: str = DISTRIBUTION) -> tuple[str,
     except importlib.metadata.PackageNotFoundError:
         raise ConfigError(f"'{distribution}' is not installed; run `make install`") from None
     skip = (PROVISION_ONLY_REQUIREMENTS | (CLIENT_ONLY_REQUIREMENTS if kind is not Kind.CLIENT else frozenset())
-            | (SERVER_ONLY_REQUIREMENTS if kind is not Kind.SERVER else frozenset()))
+            | (SERVER_ONLY_REQUIREMENTS if kind is not Kind.SERVER else frozenset())
+            | (ADMIN_ONLY_REQUIREMENTS if kind is not Kind.ADMIN else frozenset()))
     kept = []
     for req in declared:
         if ";" in req:  # extras (dev tools) and platform markers

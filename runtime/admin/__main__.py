@@ -124,12 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fl_admin.sh", epilog="commands:\n  " + "\n  ".join(USAGE.values()),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kit", type=Path, required=True)
+    parser.add_argument("mode", nargs="?", choices=["dashboard"],
+                        help="dashboard: serve the study dashboard on 127.0.0.1 (docs/dashboard.md)")
+    parser.add_argument("--port", type=int, default=0, help="dashboard: port on 127.0.0.1 (0: a free one)")
+    parser.add_argument("--open", action="store_true", help="dashboard: open it in the web browser")
     parser.add_argument("-c", "--command", help="run one command and exit")
     parser.add_argument("--json", action="store_true", help="print results as JSON (for scripts)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     private_umask()  # workspace, logs, models and audit trail: owner only
     try:
+        if args.mode == "dashboard":
+            from .dashboard.serve import serve  # Starlette and uvicorn load only for the dashboard
+
+            return asyncio.run(serve(args.kit.resolve(), args.port, args.open))
         if args.command:
             return asyncio.run(one_shot(args.kit.resolve(), args.command, args.json))
         return interactive(args.kit.resolve(), args.json)
