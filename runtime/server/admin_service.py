@@ -5,7 +5,9 @@ Audit first, then act: a command that changes state or lets data out (STATE_CHAN
 `admin_request` record before anything is done for it, even before its authorization check, and the
 command is refused if that record cannot be written; every command, read-only ones included, then gets
 an `admin_command` record with its outcome. (Read-only commands get only the outcome record: they have
-no effect a crash could hide, and wait_job polls.) Whatever a request carries is bounded before it is
+no effect a crash could hide, and wait_job polls; a successful read asked again by the same admin with
+the same arguments is recorded once a minute with the count of its repeats, see repeated_reads.py: a
+dashboard polls every second.) Whatever a request carries is bounded before it is
 recorded or echoed (audit_args.py), and a request whose arguments exceed MAX_REQUEST_ARGS_BYTES is
 refused unread.
 """
@@ -39,6 +41,7 @@ from .cross_site_report import report_view
 from .initial_model_upload import announced, spool_both
 from .job_store import FINAL_STATES, JobRecord, JobState
 from .registry import Registry
+from .repeated_reads import RepeatedReads, read_key
 from .runner import JobRunner
 from .site_controls import SiteControls
 from .tracker import latest_scalars
@@ -82,6 +85,7 @@ class AdminService:
         self._log_path = log_path
         self._controls = controls  # delivered with each site's next heartbeat
         self._on_shutdown = on_shutdown
+        self._repeated_reads = RepeatedReads(time.monotonic)
         self._started_at = time.time()
         self._commands: dict[str, Handler] = {
             "help": self._help, "check_status": self._check_status, "list_jobs": self._list_jobs,
@@ -359,9 +363,15 @@ class AdminService:
 
     async def _record(self, peer: Identity, command: str, args: dict[str, Any], allowed: bool, error: str = "") -> None:
         """Audit one command's outcome; off the event loop, because each record is fsynced."""
+        bounded, repeats = bounded_args(args), 0
+        if allowed and not error and command not in STATE_CHANGING:
+            repeats = self._repeated_reads.due(read_key(peer.name, command, bounded))
+            if repeats is None:
+                return  # counted; written with the next record of the same read
         await asyncio.to_thread(self._audit.append, "admin_command", admin=peer.name, org=peer.org,
-                                role=peer.role.value if peer.role else "", command=command, args=bounded_args(args),
-                                allowed=allowed, result="error" if error else "ok", error=bounded_text(error, 500))
+                                role=peer.role.value if peer.role else "", command=command, args=bounded,
+                                allowed=allowed, result="error" if error else "ok", error=bounded_text(error, 500),
+                                **({"repeats_since_last": repeats} if repeats else {}))
         if not allowed:
             log.warning("denied %s (%s, %s): %s", peer.name, peer.role, command, error)
 
