@@ -18,6 +18,7 @@ from runtime.proto import fedkit_pb2 as pb
 from runtime.proto import fedkit_pb2_grpc as pb_grpc
 from runtime.transport import (
     _bulk_handler,
+    _FederationAdapter,
     bulk_stub,
     call_errors,
     decode_result_stream,
@@ -67,6 +68,8 @@ def test_a_task_answer_that_is_not_a_header_names_a_version_mismatch() -> None:
 
 class _Handler:
     """The federation handler as the bulk service sees it: one task of raw chunks, one upload."""
+
+    register = heartbeat = get_job = reserve_upload = presence = None  # not called here
 
     def __init__(self, payload: bytes):
         self.payload = payload
@@ -143,3 +146,29 @@ def test_a_server_without_the_bulk_service_is_reported_as_another_version() -> N
         asyncio.run(run())
     message = str(caught.value)
     assert "another fedkit version" in message and "\n" not in message
+
+
+def test_a_site_of_the_previous_release_still_gets_its_task_in_protobuf_chunks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("runtime.transport.peer_identity",
+                        lambda context: (Identity("site-1", "org-1", Kind.CLIENT), None))
+    payload = hashlib.sha256(b"old").digest() * 40_000
+    handler = _Handler(payload)
+
+    async def run() -> list[pb.TaskChunk]:
+        server = grpc.aio.server()
+        adapter = _FederationAdapter(handler, lambda identity, cert: None, None, None)
+        pb_grpc.add_FederationServicer_to_server(adapter, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = pb_grpc.FederationStub(channel).GetTask(pb.GetTaskRequest(session_id="s"), timeout=30)
+                return [m async for m in call]
+        finally:
+            await server.stop(None)
+
+    messages = asyncio.run(run())
+
+    assert messages[0].header.payload_bytes == len(payload)
+    assert b"".join(m.data for m in messages[1:]) == payload
