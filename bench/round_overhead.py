@@ -115,7 +115,8 @@ def run_raw_tls(nbytes: int, n_sites: int, server_kit: Path, client_kit: Path) -
     port = listener.getsockname()[1]
     payload = bytes(nbytes)
     procs = [mp.get_context("spawn").Process(target=_tls_receiver, args=(
-        port, nbytes, str(cstartup / "rootCA.pem"), str(cstartup / "client.crt"), str(cstartup / "client.key")))
+        port, nbytes, str(cstartup / "rootCA.pem"), str(cstartup / "client.crt"), str(cstartup / "client.key")),
+        daemon=True)  # an interrupted run must not wait on receivers blocked in recv
         for _ in range(n_sites)]
     for p in procs:
         p.start()

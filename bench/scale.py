@@ -1,10 +1,14 @@
 """How fedkit scales with the number of sites: N client processes on this machine, a model of P float32
 parameters (the trivial learner: fedkit's own cost, not training), a few FedAvg rounds.
 
-For each N it prints: seconds until every site registered (from launching the first site), seconds per
-round, peak RSS of the server, of all processes together and per site (daemon + its training worker),
-the daemons' own peak RSS, and whether any client daemon has torch loaded (/proc/PID/maps). Peaks are
-sampled while the study runs (workers exit when a job ends), so they are VmHWM as last seen per process.
+For each N it prints: seconds until every site registered (from launching the first site), seconds from
+submit_job to the end of round 1, seconds per round, and, in the same run, the seconds a plain TLS socket
+needs to move the same bytes (round_overhead's baseline: the model to N receivers and N models back);
+peak RSS of the server, of all processes together and per site (daemon + its training worker), the
+daemons' own peak RSS and their idle RSS (all registered, no job), the server's RSS growth per connected
+site (idle RSS with N sites registered minus before the first, over N), and whether any client daemon has
+torch loaded (/proc/PID/maps). Peaks are sampled while the study runs (workers exit when a job ends), so
+they are VmHWM as last seen per process.
 
     python bench/scale.py                          # P=1M, N=16,32,64,100, 3 rounds
     python bench/scale.py --sites 16 32 --rounds 3
@@ -30,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._procs import peak_rss_bytes, tree_pids  # noqa: E402
-from bench.round_overhead import _sites_edit  # noqa: E402
+from bench.round_overhead import _sites_edit, run_raw_tls  # noqa: E402
 from provision.local_study import LocalStudy, wait_until  # noqa: E402
 
 JOB = REPO / "bench" / "jobs" / "trivial"
@@ -99,6 +103,29 @@ class PeakSampler:
         return max((rss for o, main, rss in self.peaks.values() if o == owner and main), default=0)
 
 
+def rss_bytes(pid: int) -> int:
+    """VmRSS: what the process holds now (VmHWM would keep start-up peaks)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _settled_rss(pid: int, timeout_s: float = 20.0) -> int:
+    """The process's RSS once two readings a second apart agree within 1 MB (start-up work done)."""
+    deadline, last = time.monotonic() + timeout_s, -1
+    while time.monotonic() < deadline:
+        now = rss_bytes(pid)
+        if abs(now - last) < MB:
+            return now
+        last = now
+        time.sleep(1.0)  # a sampling interval, not a synchronization
+    return last
+
+
 def _audit(study: LocalStudy) -> list[dict[str, Any]]:
     path = study.kits[study.server] / "workspace" / "audit.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
@@ -134,9 +161,12 @@ def run(params: int, n_sites: int, rounds: int, root: Path, timeout_s: float, mi
         study.write_local(site, "site.yml", {"heartbeat_interval_s": HEARTBEAT_INTERVAL_S})
     row: dict[str, Any] = {"P": params, "N": n_sites, "rounds": rounds}
     sampler = PeakSampler(study, min_free_bytes)
+    model_bytes = 4 * params  # replaced by what the wire statistics say was sent
     try:
         with sampler:
             study.start_server()
+            server_pid = study.procs[study.server].pid
+            server_idle_before = _settled_rss(server_pid)
             launched = time.time()
             for site in study.clients:
                 study.start(site)
@@ -145,9 +175,16 @@ def run(params: int, n_sites: int, rounds: int, root: Path, timeout_s: float, mi
             last = max(_t(r) for r in _audit(study) if r["event"] == "site_registered")
             row["all_registered_s"] = round(last - launched, 2)
             daemons_with_torch = [s for s in study.clients if _loads_torch(study.procs[s].pid)]
+            server_idle_after = _settled_rss(server_pid)
+            daemon_idle = [rss_bytes(study.procs[s].pid) for s in study.clients]
+            row["server_idle_rss_MB"] = round(server_idle_after / MB)
+            row["server_growth_per_site_KB"] = round((server_idle_after - server_idle_before) / n_sites / 1e3)
+            row["daemon_idle_rss_MB_mean"] = round(statistics.mean(daemon_idle) / MB, 1)
+            row["daemon_idle_rss_MB_max"] = round(max(daemon_idle) / MB, 1)
 
             job = root / "job"
             shutil.copytree(JOB, job)
+            submitted = time.time()
             record = study.admin_json(f"submit_job {job} --set server.rounds={rounds} "
                                       f"--set client.learner.args.n_params={params} "
                                       f"--set meta.min_clients={n_sites}")
@@ -160,16 +197,25 @@ def run(params: int, n_sites: int, rounds: int, root: Path, timeout_s: float, mi
                              and r["round"] == 1 and r["task"] == "train")
             ends = [first_sent] + [done[r] for r in sorted(done)]
             row["round_s"] = [round(b - a, 2) for a, b in zip(ends, ends[1:], strict=False)]
+            row["submit_to_first_round_s"] = round(done[min(done)] - submitted, 2) if done else None
             row["round_s_median"] = round(statistics.median(row["round_s"]), 2)
             sites_in_rounds = [len(m["sites"]) for m in study.admin_json(f"show_job {job_id}")["metrics"]
                                if m["type"] == "round"]
             row["sites_per_round"] = sites_in_rounds
+            wire = [m["bytes_sent"] for m in study.admin_json(f"show_job {job_id}")["metrics"]
+                    if m["type"] == "wire" and m["task"] == "train"]
+            model_bytes = max(wire, default=0) or 4 * params
     except KeyboardInterrupt:
         if not sampler.low_memory:
             raise
         raise OutOfMemory(f"available memory fell below {min_free_bytes / MB:.0f} MB; study stopped") from None
     finally:
         _stop_sites_at_once(study)
+    if "round_s" in row:  # the bytes alone, same run, same kits, the study stopped first
+        raw = [run_raw_tls(model_bytes, n_sites, study.kits[study.server], study.kits[study.clients[0]])
+               for _ in range(3)]
+        row["raw_tls_s"] = round(statistics.median(raw), 3)
+        row["ratio"] = round(row["round_s_median"] / row["raw_tls_s"], 2)
     owners = sampler.by_owner()
     per_site = [owners.get(s, 0) for s in study.clients]
     daemons = [sampler.main_process(s) for s in study.clients]
@@ -205,15 +251,18 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
-    print(f"{'N':>4} {'registered s':>12} {'round s (each)':>22} {'server MB':>10} {'all MB':>8} "
-          f"{'site MB':>8} {'daemon MB':>10} {'torch':>6}")
+    print(f"{'N':>4} {'registered s':>12} {'submit->r1 s':>12} {'round s (each)':>22} {'raw TLS s':>9} "
+          f"{'ratio':>6} {'server MB':>10} {'KB/site':>8} {'all MB':>8} {'site MB':>8} {'daemon MB':>10} "
+          f"{'idle MB':>8} {'torch':>6}")
     for r in rows:
         if "error" in r:
             print(f"{r['N']:>4} failed: {r['error']}")
             continue
-        print(f"{r['N']:>4} {r['all_registered_s']:>12.2f} {' '.join(f'{x:.2f}' for x in r['round_s']):>22} "
-              f"{r['server_peak_rss_MB']:>10} {r['all_peak_rss_MB']:>8} {r['site_peak_rss_MB_mean']:>8} "
-              f"{r['daemon_peak_rss_MB_mean']:>10} {r['daemons_with_torch']:>6}")
+        print(f"{r['N']:>4} {r['all_registered_s']:>12.2f} {r['submit_to_first_round_s']:>12} "
+              f"{' '.join(f'{x:.2f}' for x in r['round_s']):>22} {r['raw_tls_s']:>9} {r['ratio']:>6} "
+              f"{r['server_peak_rss_MB']:>10} {r['server_growth_per_site_KB']:>8} {r['all_peak_rss_MB']:>8} "
+              f"{r['site_peak_rss_MB_mean']:>8} {r['daemon_peak_rss_MB_mean']:>10} "
+              f"{r['daemon_idle_rss_MB_mean']:>8} {r['daemons_with_torch']:>6}")
     sys.exit(1 if any("error" in r or r.get("state") != "finished" for r in rows) else 0)
 
 

@@ -152,10 +152,13 @@ class _Guard:
 class FederationHandler(Protocol):
     async def register(self, peer: Identity, request: pb.RegisterRequest) -> pb.RegisterReply: ...
     async def heartbeat(self, peer: Identity, request: pb.HeartbeatRequest) -> pb.HeartbeatReply: ...
-    def get_task(self, peer: Identity, request: pb.GetTaskRequest) -> AsyncIterator[pb.TaskChunk]: ...
+    # header (or idle) as a TaskChunk, then the payload as raw chunks
+    def get_task(self, peer: Identity, request: pb.GetTaskRequest) -> AsyncIterator[pb.TaskChunk | bytes]: ...
     def get_job(self, peer: Identity, request: pb.GetJobRequest) -> AsyncIterator[pb.DataChunk]: ...
     async def reserve_upload(self, peer: Identity, request: pb.ReserveRequest) -> pb.ReserveReply: ...
-    async def submit_result(self, peer: Identity, chunks: AsyncIterator[pb.ResultChunk]) -> pb.SubmitReply: ...
+    # header, payload (raw bytes on the bulk service, `data` chunks on the legacy one), trailer
+    async def submit_result(self, peer: Identity,
+                            chunks: AsyncIterator[pb.ResultChunk | bytes]) -> pb.SubmitReply: ...
     def presence(self, peer: Identity, request: pb.PresenceRequest) -> AsyncIterator[pb.PresenceEvent]: ...
 
 
@@ -219,11 +222,126 @@ class _FederationAdapter(pb_grpc.FederationServicer):
             self.GetCrl = _get_crl(guard, crl)
         self.Register = _unary(guard, handler.register)
         self.Heartbeat = _unary(guard, handler.heartbeat)
-        self.GetTask = _server_stream(guard, handler.get_task)
+        self.GetTask = _legacy_task_stream(guard, handler.get_task)
         self.GetJob = _server_stream(guard, handler.get_job)
         self.ReserveUpload = _unary(guard, handler.reserve_upload)
         self.SubmitResult = _client_stream(guard, handler.submit_result)
         self.Presence = _server_stream(guard, handler.presence)
+
+
+def _legacy_task_stream(guard: _Guard, fn: Callable[..., AsyncIterator[Any]]):
+    """GetTask on the protobuf service, for a site of the release before the bulk service: the same
+    handler, its raw chunks wrapped in TaskChunk `data` fields (the copies the bulk path saves)."""
+    async def as_messages(identity: Identity, request: pb.GetTaskRequest) -> AsyncIterator[pb.TaskChunk]:
+        async for item in fn(identity, request):
+            yield item if isinstance(item, pb.TaskChunk) else pb.TaskChunk(data=bytes(item))
+    return _server_stream(guard, as_messages)
+
+
+# ---- the bulk service: model bytes as raw gRPC messages --------------------------------------------------
+# Weights used to travel in protobuf `bytes` fields, which costs a copy into the message and one out of its
+# serialization on each side, per chunk. The bulk service carries the same calls with identity
+# (de)serializers: its first message is the protobuf header, then the payload as raw messages (exactly the
+# declared payload_bytes, however they are cut), then, on uploads, the protobuf trailer. Same port, same
+# mutual TLS, same peer check: only the framing differs. A site of another release meets UNIMPLEMENTED
+# (or FAILED_PRECONDITION on the old names) and `call_errors` turns that into one line naming the cause.
+BULK_SERVICE = "fedkit.Bulk"
+_GET_TASK = f"/{BULK_SERVICE}/GetTask"
+_SUBMIT_RESULT = f"/{BULK_SERVICE}/SubmitResult"
+RawChunk = bytes | memoryview
+
+
+def _as_wire(item: pb.TaskChunk | RawChunk) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, memoryview):
+        return item.tobytes()  # gRPC's send takes only bytes
+    return item.SerializeToString()
+
+
+def _bulk_task_stream(guard: _Guard, fn: Callable[..., AsyncIterator[Any]]):
+    async def method(request, context):
+        identity = await guard.identify(context)
+        try:
+            async for item in fn(identity, request):
+                yield _as_wire(item)
+        except Exception as e:
+            await guard.fail(context, e, identity)
+    return method
+
+
+def _parse(cls: type[T], data: bytes, what: str) -> T:
+    try:
+        return cls.FromString(data)
+    except Exception:  # protobuf's DecodeError, and anything a hostile message provokes
+        raise UpdateRejected(f"malformed {what} in the result stream") from None
+
+
+async def decode_result_stream(messages: AsyncIterator[bytes]) -> AsyncIterator[pb.ResultChunk | bytes]:
+    """A bulk upload as the handler reads it: the ResultChunk header, the raw payload messages (bytes), then
+    any ResultChunk trailer. Bytes past the declared size are refused before they are buffered."""
+    iterator = aiter(messages)
+    first = await anext(iterator, None)
+    if first is None:
+        return
+    head = _parse(pb.ResultChunk, first, "header")
+    yield head
+    remaining = head.header.payload_bytes if head.WhichOneof("kind") == "header" else 0
+    async for message in iterator:
+        if remaining:
+            if len(message) > remaining:
+                raise UpdateRejected(f"payload longer than the declared {head.header.payload_bytes} bytes")
+            remaining -= len(message)
+            yield message
+        else:
+            yield _parse(pb.ResultChunk, message, "trailer")
+
+
+def _bulk_result_stream(guard: _Guard, fn: Callable[..., Any]):
+    async def method(request_iterator, context):
+        identity = await guard.identify(context)
+        try:
+            return await fn(identity, decode_result_stream(_until_broken(request_iterator, context)))
+        except Exception as e:
+            await guard.fail(context, e, identity)
+    return method
+
+
+def _bulk_handler(handler: FederationHandler, check: PeerCheck, on_refused: RefusalHook | None):
+    guard = _Guard(check, "federation", on_refused)
+    return grpc.method_handlers_generic_handler(BULK_SERVICE, {
+        "GetTask": grpc.unary_stream_rpc_method_handler(
+            _bulk_task_stream(guard, handler.get_task), request_deserializer=pb.GetTaskRequest.FromString),
+        "SubmitResult": grpc.stream_unary_rpc_method_handler(
+            _bulk_result_stream(guard, handler.submit_result),
+            response_serializer=pb.SubmitReply.SerializeToString),
+    })
+
+
+class BulkStub:
+    """The site's side of the bulk service: GetTask answers raw messages (the first one a serialized
+    TaskChunk), SubmitResult takes raw messages (see `result_messages`)."""
+
+    def __init__(self, channel: grpc.aio.Channel):
+        self.GetTask = channel.unary_stream(_GET_TASK, request_serializer=pb.GetTaskRequest.SerializeToString)
+        self.SubmitResult = channel.stream_unary(_SUBMIT_RESULT, response_deserializer=pb.SubmitReply.FromString)
+
+
+def parse_task_head(message: bytes) -> pb.TaskChunk:
+    """The first message of a bulk GetTask answer; raises FedkitError if it is not a TaskChunk."""
+    try:
+        return pb.TaskChunk.FromString(message)
+    except Exception:
+        raise FedkitError("get task: the server's answer is not a fedkit task header "
+                          "(is the server of another fedkit version?)") from None
+
+
+def header_message(header: pb.ResultHeader) -> bytes:
+    return pb.ResultChunk(header=header).SerializeToString()
+
+
+def trailer_message(sha256_hex: str) -> bytes:
+    return pb.ResultChunk(sha256=sha256_hex).SerializeToString()
 
 
 class _AdminAdapter(pb_grpc.AdminServicer):
@@ -268,6 +386,7 @@ class RpcServer:
     def add_federation(self, handler: FederationHandler, check: PeerCheck,
                        on_refused: RefusalHook | None = None, crl: CrlSource | None = None) -> None:
         pb_grpc.add_FederationServicer_to_server(_FederationAdapter(handler, check, on_refused, crl), self._server)
+        self._server.add_generic_rpc_handlers((_bulk_handler(handler, check, on_refused),))
 
     def add_admin(self, handler: AdminHandler, check: PeerCheck, on_refused: RefusalHook | None = None,
                   crl: CrlSource | None = None) -> None:
@@ -285,6 +404,10 @@ def open_channel(tls: TlsFiles, host: str, port: int) -> grpc.aio.Channel:
     cert, key, root = tls.read()
     creds = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=cert)
     return grpc.aio.secure_channel(f"{host}:{port}", creds, options=_CLIENT_OPTIONS)
+
+
+def bulk_stub(channel: grpc.aio.Channel) -> BulkStub:
+    return BulkStub(channel)
 
 
 def federation_stub(channel: grpc.aio.Channel) -> pb_grpc.FederationStub:
@@ -314,6 +437,9 @@ def call_errors(what: str, target: str) -> Iterator[None]:
             raise UpdateRejected(f"{what}: {details}") from None
         if code == grpc.StatusCode.ABORTED:
             raise SessionExpired(f"{what}: {details}") from None
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            raise FedkitError(f"{what}: {target} does not offer this call: it runs another fedkit version "
+                              f"(update the server and the sites' kits to the same release)") from None
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             raise JobRejected(f"{what}: {details}") from None
         raise FedkitError(f"{what}: {target} answered {code.name}: {details}") from None

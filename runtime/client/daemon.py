@@ -47,9 +47,13 @@ from ..transport import (
     CHUNK_BYTES,
     PayloadReceiver,
     TlsFiles,
+    bulk_stub,
     call_errors,
     federation_stub,
+    header_message,
     open_channel,
+    parse_task_head,
+    trailer_message,
     with_idle_timeout,
 )
 from . import outgoing
@@ -114,6 +118,7 @@ class ClientDaemon:
     async def run(self) -> None:
         channel = open_channel(self._tls, self._cfg.server_host, self._cfg.fed_learn_port)
         self._stub = federation_stub(channel)
+        self._bulk = bulk_stub(channel)  # tasks and results: the model bytes as raw messages
         backoff = BACKOFF_START_S
         started = asyncio.get_running_loop().time()
         try:
@@ -261,9 +266,9 @@ class ClientDaemon:
 
     async def _poll(self) -> _Task | None:
         with call_errors("get task", self._target):
-            call = self._stub.GetTask(pb.GetTaskRequest(session_id=self._session_id, wait_s=POLL_WAIT_S))
+            call = self._bulk.GetTask(pb.GetTaskRequest(session_id=self._session_id, wait_s=POLL_WAIT_S))
             try:
-                first = await asyncio.wait_for(anext(aiter(call)), POLL_WAIT_S + RPC_TIMEOUT_S)
+                first = parse_task_head(await asyncio.wait_for(anext(aiter(call)), POLL_WAIT_S + RPC_TIMEOUT_S))
             except TimeoutError:
                 call.cancel()
                 raise ServerUnreachable(f"get task: {self._target} did not answer a long poll in time") from None
@@ -286,7 +291,7 @@ class ClientDaemon:
                         receiver = PayloadReceiver(h.payload_bytes, MAX_TASK_BYTES, h.payload_sha256, sink=f,
                                                    verify_sha256=False)
                         async for chunk in stream:
-                            await asyncio.to_thread(receiver.add, chunk.data)  # file I/O off the loop
+                            await asyncio.to_thread(receiver.add, chunk)  # raw bytes; file I/O off the loop
                         receiver.finish()
                 except BaseException:
                     call.cancel()
@@ -467,17 +472,17 @@ class ClientDaemon:
                                  lease_id=lease, payload_sha256=privacy.get("payload_sha256", ""))
         digest = hashlib.sha256()
 
-        async def chunks() -> AsyncIterator[pb.ResultChunk]:
-            yield pb.ResultChunk(header=header)
+        async def chunks() -> AsyncIterator[bytes]:
+            yield header_message(header)
             if payload is None:
                 return
             with payload.open("rb") as f:
                 while piece := await asyncio.to_thread(_read_hashed, f, digest):  # reading, hashing: off the loop
-                    yield pb.ResultChunk(data=piece)
-            yield pb.ResultChunk(sha256=digest.hexdigest())
+                    yield piece  # raw, as read: no protobuf copy
+            yield trailer_message(digest.hexdigest())
 
         with call_errors("submit result", self._target):
-            reply = await self._stub.SubmitResult(chunks(), timeout=RPC_TIMEOUT_S + size / 1e6)
+            reply = await self._bulk.SubmitResult(chunks(), timeout=RPC_TIMEOUT_S + size / 1e6)
         size_sent, digest_hex = size, digest.hexdigest() if size else ""
         if reply.accepted:
             self._audit.append("update_sent", job_id=h.job_id, task=h.task_name, round=h.round,

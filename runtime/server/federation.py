@@ -88,7 +88,7 @@ class FederationService:
                 log.info("site %s: connection dropped; dead in %.0f s unless it reconnects", peer.name,
                          self._registry.disconnect_grace_s)
 
-    async def get_task(self, peer: Identity, request: pb.GetTaskRequest) -> AsyncIterator[pb.TaskChunk]:
+    async def get_task(self, peer: Identity, request: pb.GetTaskRequest) -> AsyncIterator[pb.TaskChunk | bytes]:
         self._check_session(peer, request.session_id)
         self._registry.touch(peer.name, request.session_id)
         wait_s = min(max(request.wait_s, 0.0), MAX_POLL_S)
@@ -107,7 +107,7 @@ class FederationService:
                 config_json=json.dumps(task.config), payload_bytes=payload.nbytes,
                 payload_sha256=payload.sha256, timeout_s=task.timeout_s, job_sha256=task.job_sha256))
             async for chunk in payload.stream():
-                yield pb.TaskChunk(data=chunk)
+                yield chunk  # raw: the bulk service sends it as is, with no protobuf copy
         except BaseException:
             self._board.unsend(task)  # the transfer broke: offer the task again
             raise
@@ -131,7 +131,7 @@ class FederationService:
                 yield pb.DataChunk(data=chunk)
 
     async def _receive(self, task, controller, header: pb.ResultHeader,
-                       chunks: AsyncIterator[pb.ResultChunk]) -> str:
+                       chunks: AsyncIterator[pb.ResultChunk | bytes]) -> str:
         """Take the payload in, check it and hand it to the controller; returns its SHA-256."""
         metrics = decode_metrics(header.metrics_json)
         if not header.payload_bytes or header.error:
@@ -144,9 +144,11 @@ class FederationService:
                                        header.payload_sha256, buffer=buffer)
             trailer = ""
             async for chunk in with_idle_timeout(chunks, what=f"upload from {task.site}"):
-                kind = chunk.WhichOneof("kind")
+                raw = isinstance(chunk, bytes)  # the bulk service's payload; a legacy site sends `data` fields
+                kind = "data" if raw else chunk.WhichOneof("kind")
                 if kind == "data" and not trailer:
-                    await asyncio.to_thread(receiver.add, chunk.data)  # hashing and copying: off the loop
+                    # hashing and copying: off the loop
+                    await asyncio.to_thread(receiver.add, chunk if raw else chunk.data)
                 elif kind == "sha256" and not trailer:
                     trailer = chunk.sha256
                 else:
@@ -171,7 +173,7 @@ class FederationService:
         lease = await self._upload_slots.reserve(min(max(request.wait_s, 0.0), MAX_POLL_S), peer.name)
         return pb.ReserveReply(lease_id=lease, lease_s=self._upload_slots.lease_s)
 
-    async def submit_result(self, peer: Identity, chunks: AsyncIterator[pb.ResultChunk]) -> pb.SubmitReply:
+    async def submit_result(self, peer: Identity, chunks: AsyncIterator[pb.ResultChunk | bytes]) -> pb.SubmitReply:
         chunks = _decoded(chunks)
         try:
             first = await anext(chunks, None)
@@ -207,7 +209,7 @@ class FederationService:
         return pb.SubmitReply(accepted=True)
 
 
-async def _decoded(chunks: AsyncIterator[pb.ResultChunk]) -> AsyncIterator[pb.ResultChunk]:
+async def _decoded(chunks: AsyncIterator[pb.ResultChunk | bytes]) -> AsyncIterator[pb.ResultChunk | bytes]:
     """The stream's messages; a message that does not decode (malformed protobuf) becomes UpdateRejected
     rather than an internal error."""
     iterator = aiter(chunks)

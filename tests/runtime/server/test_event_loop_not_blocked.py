@@ -123,7 +123,7 @@ async def _site(service: FederationService, name: str, done: asyncio.Event) -> N
 
 
 def _joined(messages: list[pb.TaskChunk]) -> bytes:
-    return b"".join(m.data for m in messages)  # each .data is a copy: not on the loop
+    return b"".join(m if isinstance(m, bytes) else m.data for m in messages)  # joining copies: not on the loop
 
 
 def _half_delta(model: bytes) -> bytes:
