@@ -38,7 +38,8 @@ SITES_RUN_DIR = "sites"
 GLOBAL_RUN = "global"
 SCALARS_FILE = "scalars.jsonl"
 CURVES_PNG = "curves.png"
-DRAW_SHARE = 0.2  # at most this share of a job's wall time goes to redrawing curves.png
+DRAW_SHARE = 0.05  # at most this share of a job's wall time redraws curves.png mid-job (a preview; the
+# dashboard draws live curves itself, and the job's end draws the whole figure once)
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a site name safe as a folder name
 
 Points = list[tuple[str, int, float]]
