@@ -95,7 +95,7 @@ class FedAvgWorkflow:
             raise NoUsableUpdate(f"round {rnd}: no site sent a usable update ({_reasons(outcome)})")
         self._record_validation(rnd - 1, outcome)  # before the global file is replaced
         self.model = self._aggregator.close_round(self.model)
-        self._bytes = SerializedModel.of(self.model).write(self._ctx.models_dir / GLOBAL_FILE)
+        self._bytes = SerializedModel.save(self.model, self._ctx.models_dir / GLOBAL_FILE)
         self._round = rnd
         results = outcome.results
         self._ctx.append_metrics({
