@@ -138,10 +138,11 @@ def server_step(model: Weights, acc: WeightedSum, lr: float, momentum: float,
     others = [k for k in sent if not is_float(model[k])]
     new_model = dict(model)
     new_velocity = dict(velocity)
-    if floats:
-        stepped, moved = apply_server_step({k: model[k] for k in floats},
-                                           weighted_mean(acc, {k: model[k] for k in floats}), lr, momentum,
-                                           {k: velocity[k] for k in floats if k in velocity})
+    # one tensor at a time: the mean of one tensor is a temporary, never the mean of the whole model, so
+    # closing a round holds the old model, the sum and the new model (3x), not a 4th copy
+    for k in floats:
+        stepped, moved = apply_server_step({k: model[k]}, weighted_mean(acc, {k: model[k]}), lr, momentum,
+                                           {k: velocity[k]} if k in velocity else {})
         new_model.update(stepped)
         new_velocity.update(moved or {})
     for name, d in weighted_mean(acc, {k: model[k] for k in others}).items():
