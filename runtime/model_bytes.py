@@ -54,24 +54,8 @@ class SerializedModel:
     def save(cls, weights: Weights, path: Path) -> SerializedModel:
         """Write `weights` as a safetensors file at `path` atomically (temp file, fsync, rename), straight
         from the arrays' memory, hashing on the way; nothing the size of the model is allocated."""
-        arrays = {name: np.ascontiguousarray(arr) if not arr.flags.c_contiguous else arr
-                  for name, arr in weights.items()}
-        header_bytes = _header(arrays)
-        digest, total = hashlib.sha256(header_bytes), len(header_bytes)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with tmp.open("wb") as f:
-            f.write(header_bytes)
-            for name in _order(arrays):
-                flat = memoryview(arrays[name].reshape(-1).view(np.uint8))
-                for start in range(0, len(flat), WRITE_BYTES):
-                    piece = flat[start:start + WRITE_BYTES]
-                    digest.update(piece)
-                    f.write(piece)
-                total += len(flat)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)  # a crash never leaves a half-written model under the real name
-        return cls(nbytes=total, sha256=digest.hexdigest(), path=path)
+        nbytes, sha256 = write_safetensors(weights, path, hash_bytes=True, fsync=True)
+        return cls(nbytes=nbytes, sha256=sha256, path=path)
 
     @classmethod
     def read(cls, path: Path, chunk_bytes: int = WRITE_BYTES) -> SerializedModel:
@@ -108,6 +92,35 @@ class SerializedModel:
         if got != self.nbytes:
             raise OSError(f"{self.path}: {got} of {self.nbytes} bytes read (the file changed)")
         return view_bytes(buf)
+
+
+def write_safetensors(weights: Weights, path: Path, *, hash_bytes: bool = False,
+                      fsync: bool = False) -> tuple[int, str]:
+    """Write `weights` as a safetensors file (the bytes safetensors' own writer makes) at `path`, through a
+    temp file renamed into place, straight from the arrays' memory: safetensors' writer first copies every
+    tensor into one bytes object, so a 2 GB model would cost 2 GB more to save. Returns (size, SHA-256 or
+    "" when not `hash_bytes`)."""
+    arrays = {name: np.ascontiguousarray(arr) if not arr.flags.c_contiguous else arr
+              for name, arr in weights.items()}
+    header_bytes = _header(arrays)
+    digest = hashlib.sha256(header_bytes) if hash_bytes else None
+    total = len(header_bytes)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(header_bytes)
+        for name in _order(arrays):
+            flat = memoryview(arrays[name].reshape(-1).view(np.uint8))
+            for start in range(0, len(flat), WRITE_BYTES):
+                piece = flat[start:start + WRITE_BYTES]
+                if digest is not None:
+                    digest.update(piece)
+                f.write(piece)
+            total += len(flat)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    tmp.replace(path)  # a crash never leaves a half-written model under the real name
+    return total, digest.hexdigest() if digest is not None else ""
 
 
 def _order(arrays: Weights) -> list[str]:

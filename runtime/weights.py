@@ -22,7 +22,6 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save as _st_save
-from safetensors.numpy import save_file as _st_save_file
 
 from .errors import UpdateRejected
 
@@ -186,9 +185,10 @@ def _check_metadata(metadata: object) -> None:
 
 
 def save_file(weights: Weights, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    _st_save_file(_contiguous(weights), str(tmp))
-    tmp.replace(path)  # atomic: a crash never leaves a half-written model
+    """Atomic (temp file, rename), written from the arrays' memory without a serialized copy."""
+    from .model_bytes import write_safetensors  # it builds on this module
+
+    write_safetensors(weights, path)
 
 
 def load_file(path: Path) -> Weights:
