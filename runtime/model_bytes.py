@@ -1,69 +1,143 @@
-"""A model serialized once: the safetensors bytes of one global model, cut into wire-sized chunks, with
-their SHA-256, and the file they were written to.
+"""A model serialized once: the safetensors file of one global model, with its size and SHA-256.
 
 Before, every training round serialized the same global model three times: into the global file, into
-the checkpoint, and into the bytes sent to the sites. Now the workflow serializes it once (`of`), writes
-the global file from those chunks (`write`), the controller sends the very same chunks, and the
-checkpoint refers to the file by hash instead of holding the model again (runtime/server/checkpoint.py).
-So the bytes a site receives are, by construction, the bytes of the saved global model.
+the checkpoint, and into the bytes sent to the sites. Now the workflow writes the global file once
+(`save`), the controller sends that file (runtime.server.taskboard.FilePayload reads it a chunk at a time),
+and the checkpoint refers to the file by hash instead of holding the model again
+(runtime/server/checkpoint.py). So the bytes a site receives are, by construction, the bytes of the saved
+global model.
 
-The chunks are `bytes`: the protobuf runtime (upb) refuses memoryviews for `bytes` fields, so a slice
-would be copied at message construction anyway; cutting once here is the one copy that remains.
+The bytes live on disk, not in memory: a 2 GB model is held once, as the workflow's arrays, and `save`
+writes those arrays' buffers straight into the file (no serialized copy in between), hashing as it goes.
+A `SerializedModel` made in memory (`of`, for a model that has no file) keeps its chunks instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .weights import Weights, from_bytes, to_bytes
+import numpy as np
+
+from .weights import BFLOAT16, Weights, to_bytes, view_bytes
 
 # transport.CHUNK_BYTES (not imported: that would pull grpc into the workflows); any size up to the
 # transport's message cap works on the wire
 CHUNK_BYTES = 1 << 20
+WRITE_BYTES = 16 << 20  # how much of a tensor is hashed and written at once
+
+_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", BFLOAT16: "BF16",
+          np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16", np.dtype(np.int8): "I8",
+          np.dtype(np.uint64): "U64", np.dtype(np.uint32): "U32", np.dtype(np.uint16): "U16",
+          np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
 
 
 @dataclass(frozen=True)
 class SerializedModel:
-    chunks: tuple[bytes, ...]
     nbytes: int
     sha256: str
-    path: Path | None = None  # the file these bytes were last written to (or read from)
+    path: Path | None = None        # the file holding these bytes (written, or read)
+    chunks: tuple[bytes, ...] = ()  # only for a model serialized in memory (`of`), never for a file
 
     @classmethod
     def of(cls, weights: Weights, chunk_bytes: int = CHUNK_BYTES) -> SerializedModel:
-        """Serialize `weights` (one pass), chunk and hash it."""
-        return cls._from_data(to_bytes(weights), chunk_bytes)
-
-    @classmethod
-    def read(cls, path: Path, chunk_bytes: int = CHUNK_BYTES) -> SerializedModel:
-        """The bytes of a model file as they are on disk (no parse, no re-serialization)."""
-        digest, chunks, total = hashlib.sha256(), [], 0
-        with path.open("rb") as f:
-            while piece := f.read(chunk_bytes):
-                digest.update(piece)
-                chunks.append(piece)
-                total += len(piece)
-        return cls(chunks=tuple(chunks), nbytes=total, sha256=digest.hexdigest(), path=path)
-
-    @classmethod
-    def _from_data(cls, data: bytes, chunk_bytes: int) -> SerializedModel:
+        """Serialize `weights` in memory (one pass), chunk and hash it: for models small enough to hold twice."""
+        data = to_bytes(weights)
         view = memoryview(data)
         chunks = tuple(bytes(view[i:i + chunk_bytes]) for i in range(0, len(data), chunk_bytes))
         return cls(chunks=chunks, nbytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    @classmethod
+    def save(cls, weights: Weights, path: Path) -> SerializedModel:
+        """Write `weights` as a safetensors file at `path` atomically (temp file, fsync, rename), straight
+        from the arrays' memory, hashing on the way; nothing the size of the model is allocated."""
+        nbytes, sha256 = write_safetensors(weights, path, hash_bytes=True, fsync=True)
+        return cls(nbytes=nbytes, sha256=sha256, path=path)
+
+    @classmethod
+    def read(cls, path: Path, chunk_bytes: int = WRITE_BYTES) -> SerializedModel:
+        """A model file as it is on disk (hashed a chunk at a time; nothing kept in memory)."""
+        digest, total = hashlib.sha256(), 0
+        with path.open("rb") as f:
+            while piece := f.read(chunk_bytes):
+                digest.update(piece)
+                total += len(piece)
+        return cls(nbytes=total, sha256=digest.hexdigest(), path=path)
 
     def write(self, path: Path) -> SerializedModel:
         """Write the bytes to `path` atomically (temp file, fsync, rename); returns self with `path` set."""
         tmp = path.with_suffix(path.suffix + ".tmp")
         with tmp.open("wb") as f:
-            f.writelines(self.chunks)
+            if self.chunks or self.path is None:
+                f.writelines(self.chunks)
+            else:
+                with self.path.open("rb") as src:
+                    while piece := src.read(WRITE_BYTES):
+                        f.write(piece)
             f.flush()
             os.fsync(f.fileno())
-        tmp.replace(path)  # a crash never leaves a half-written model under the real name
-        return replace(self, path=path)
+        tmp.replace(path)
+        return replace(self, path=path, chunks=())
 
     def weights(self) -> Weights:
-        """The model as writable arrays (a copy)."""
-        return from_bytes(b"".join(self.chunks))
+        """The model as writable arrays sharing one buffer: one copy of the bytes, read in place."""
+        if self.chunks or self.path is None:
+            return view_bytes(bytearray(b"".join(self.chunks)))
+        buf = bytearray(self.nbytes)
+        with self.path.open("rb") as f:
+            got = f.readinto(buf)
+        if got != self.nbytes:
+            raise OSError(f"{self.path}: {got} of {self.nbytes} bytes read (the file changed)")
+        return view_bytes(buf)
+
+
+def write_safetensors(weights: Weights, path: Path, *, hash_bytes: bool = False,
+                      fsync: bool = False) -> tuple[int, str]:
+    """Write `weights` as a safetensors file (the bytes safetensors' own writer makes) at `path`, through a
+    temp file renamed into place, straight from the arrays' memory: safetensors' writer first copies every
+    tensor into one bytes object, so a 2 GB model would cost 2 GB more to save. Returns (size, SHA-256 or
+    "" when not `hash_bytes`)."""
+    arrays = {name: np.ascontiguousarray(arr) if not arr.flags.c_contiguous else arr
+              for name, arr in weights.items()}
+    header_bytes = _header(arrays)
+    digest = hashlib.sha256(header_bytes) if hash_bytes else None
+    total = len(header_bytes)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(header_bytes)
+        for name in _order(arrays):
+            flat = memoryview(arrays[name].reshape(-1).view(np.uint8))
+            for start in range(0, len(flat), WRITE_BYTES):
+                piece = flat[start:start + WRITE_BYTES]
+                if digest is not None:
+                    digest.update(piece)
+                f.write(piece)
+            total += len(flat)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    tmp.replace(path)  # a crash never leaves a half-written model under the real name
+    return total, digest.hexdigest() if digest is not None else ""
+
+
+def _order(arrays: Weights) -> list[str]:
+    """safetensors' own order: larger alignments first, then by name."""
+    return sorted(arrays, key=lambda name: (-arrays[name].dtype.itemsize, name))
+
+
+def _header(arrays: Weights) -> bytes:
+    """The 8-byte length and the JSON header (padded with spaces to 8 bytes) of the file `save` writes."""
+    header, offset = {}, 0
+    for name in _order(arrays):
+        arr = arrays[name]
+        if arr.dtype not in _NAMES:
+            raise TypeError(f"tensor '{name}': dtype {arr.dtype} cannot be saved as safetensors")
+        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text

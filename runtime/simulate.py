@@ -196,7 +196,7 @@ def task_command(task: Task, tmp: Path) -> dict[str, Any]:
     received, out = tmp / "received.safetensors", tmp / "out.safetensors"
     out.unlink(missing_ok=True)
     if task.payload.nbytes:
-        received.write_bytes(b"".join(task.payload.chunks))
+        received.write_bytes(task.payload.read_all())
         if config.wire_dtype != "float32":  # as the daemon does before its worker sees the model
             save_file(decode(load_file(received)), received)
     return {"op": kind.value, "weights": str(received), "out": str(out), "round": task.round,

@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save as _st_save
-from safetensors.numpy import save_file as _st_save_file
 
 from .errors import UpdateRejected
 
@@ -185,16 +185,18 @@ def _check_metadata(metadata: object) -> None:
 
 
 def save_file(weights: Weights, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    _st_save_file(_contiguous(weights), str(tmp))
-    tmp.replace(path)  # atomic: a crash never leaves a half-written model
+    """Atomic (temp file, rename), written from the arrays' memory without a serialized copy."""
+    from .model_bytes import write_safetensors  # it builds on this module
+
+    write_safetensors(weights, path)
 
 
 def load_file(path: Path) -> Weights:
     """Read a safetensors file into memory (one buffer the arrays share)."""
     try:
-        with open(path, "rb") as f:
-            buf = bytearray(f.read())
+        with open(path, "rb") as f:  # read into the one buffer the arrays share: a 1 GiB model costs 1 GiB
+            buf = bytearray(os.fstat(f.fileno()).st_size)
+            del buf[f.readinto(buf):]
     except OSError as e:
         raise UpdateRejected(f"{path}: cannot read the model file: {e.strerror}") from None
     try:

@@ -39,7 +39,7 @@ class WeightedSum:
 
 
 def start_sum(model: Weights) -> WeightedSum:
-    """An empty running sum shaped like `model` (float64 accumulators for float tensors)."""
+    """An empty running sum shaped like `model` (dtypes: `_acc_dtype`)."""
     return WeightedSum(sums={k: np.zeros(v.shape, dtype=_acc_dtype(v)) for k, v in model.items()},
                        totals={k: 0.0 for k in model})
 
@@ -64,8 +64,8 @@ def fold(acc: WeightedSum, delta: Weights, weight: float) -> WeightedSum:
             target += d
         elif weight != 0.0:
             # one temporary the size of one tensor, never of the model; float16/bfloat16 deltas are
-            # weighted in float64, not in their own few digits
-            target += np.multiply(d, weight, dtype=np.float64) if d.dtype in HALF_DTYPES else d * weight
+            # weighted in the float32 of the sum, not in their own few digits
+            target += np.multiply(d, weight, dtype=target.dtype) if d.dtype in HALF_DTYPES else d * weight
         acc.totals[name] += weight
     acc.n_updates += 1
     return acc
@@ -73,14 +73,15 @@ def fold(acc: WeightedSum, delta: Weights, weight: float) -> WeightedSum:
 
 def weighted_mean(acc: WeightedSum, like: Weights) -> Weights:
     """The weighted mean delta, cast to each tensor's dtype in `like` (float16/bfloat16 tensors: kept in
-    float64, so the step rounds once, to the model's dtype). A tensor no site sent (or whose total weight is
+    float32, so the step rounds once, to the model's dtype). A tensor no site sent (or whose total weight is
     0) gets a zero delta."""
     out: Weights = {}
     for name, ref in like.items():
         total = acc.totals.get(name, 0.0)
         dtype = _mean_dtype(ref.dtype)
         if total > 0:
-            out[name] = (acc.sums[name] / total).astype(dtype, copy=False)
+            total_t = np.asarray(total, dtype=acc.sums[name].dtype)  # a float32 sum stays float32: no temporary
+            out[name] = (acc.sums[name] / total_t).astype(dtype, copy=False)
         else:
             out[name] = np.zeros(ref.shape, dtype)
     return out
@@ -90,7 +91,7 @@ def apply_server_step(model: Weights, mean_delta: Weights, lr: float = 1.0,
                       momentum: float = 0.0, velocity: Weights | None = None) -> tuple[Weights, Weights | None]:
     """New global = model + lr * v, where v = momentum * velocity + mean_delta (FedAvgM; plain FedAvg
     when lr=1, momentum=0). Returns (new model, new velocity or None). float16/bfloat16 tensors step in
-    float64 and keep their velocity in float32 (`wide_dtype`); the others in their own dtype."""
+    float32 and keep their velocity in float32 (`wide_dtype`); the others in their own dtype."""
     new_velocity: Weights | None = None
     if momentum > 0:
         new_velocity = {}
@@ -104,17 +105,23 @@ def apply_server_step(model: Weights, mean_delta: Weights, lr: float = 1.0,
     new_model = {}
     for name, w in model.items():
         s = step[name]
-        x = w.astype(np.float64) if w.dtype in HALF_DTYPES else w
+        x = w.astype(np.float32) if w.dtype in HALF_DTYPES else w
         new_model[name] = ((x + s) if lr == 1.0 else (x + lr * s)).astype(w.dtype, copy=False)
     return new_model, new_velocity
 
 
 def _acc_dtype(arr: np.ndarray) -> np.dtype:
-    return np.dtype(np.float64) if is_float_dtype(arr.dtype) or arr.dtype.kind in "iu" else arr.dtype
+    """float32 sums for float32, float16 and bfloat16 tensors: a float32 sum of N deltas is off by about
+    N * 6e-8 of their size, far below what a float32 (let alone a half) model can hold, and it halves the
+    server's largest allocation (a 2 GB model's sum is 2 GB, not 4). float64 where precision needs it:
+    float64 tensors, and integer buffers, whose counts pass float32's 2**24 exact integers."""
+    if is_float_dtype(arr.dtype):
+        return np.dtype(np.float64) if arr.dtype == np.float64 else np.dtype(np.float32)
+    return np.dtype(np.float64) if arr.dtype.kind in "iu" else arr.dtype
 
 
 def _mean_dtype(dtype: np.dtype) -> np.dtype:
-    return np.dtype(np.float64) if dtype in HALF_DTYPES else dtype
+    return wide_dtype(dtype)
 
 
 def sent_tensors(acc: WeightedSum, model: Weights) -> list[str]:
@@ -131,10 +138,11 @@ def server_step(model: Weights, acc: WeightedSum, lr: float, momentum: float,
     others = [k for k in sent if not is_float(model[k])]
     new_model = dict(model)
     new_velocity = dict(velocity)
-    if floats:
-        stepped, moved = apply_server_step({k: model[k] for k in floats},
-                                           weighted_mean(acc, {k: model[k] for k in floats}), lr, momentum,
-                                           {k: velocity[k] for k in floats if k in velocity})
+    # one tensor at a time: the mean of one tensor is a temporary, never the mean of the whole model, so
+    # closing a round holds the old model, the sum and the new model (3x), not a 4th copy
+    for k in floats:
+        stepped, moved = apply_server_step({k: model[k]}, weighted_mean(acc, {k: model[k]}), lr, momentum,
+                                           {k: velocity[k]} if k in velocity else {})
         new_model.update(stepped)
         new_velocity.update(moved or {})
     for name, d in weighted_mean(acc, {k: model[k] for k in others}).items():
@@ -143,8 +151,9 @@ def server_step(model: Weights, acc: WeightedSum, lr: float, momentum: float,
 
 
 class StreamingMean:
-    """What FedAvg and FedOpt share: the round's updates folded, as they arrive, into one float64 running
-    weighted sum (O(model) memory); each closes the round with its own server step on the mean."""
+    """What FedAvg and FedOpt share: the round's updates folded, as they arrive, into one running weighted
+    sum (O(model) memory; float32 for float32 and half models: `_acc_dtype`); each closes the round with its
+    own server step on the mean."""
 
     def __init__(self) -> None:
         self._round = RoundPhase()
@@ -165,7 +174,7 @@ class StreamingMean:
 
 class FedAvgAggregator(StreamingMean):
     """Weighted FedAvg with a server learning rate and momentum (FedAvgM); O(model) memory for the round
-    (a float64 running sum) plus the velocity when momentum > 0."""
+    (a float32 running sum for a float32 model) plus the velocity when momentum > 0."""
 
     def __init__(self, config: FedAvgConfig):
         super().__init__()

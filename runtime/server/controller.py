@@ -25,7 +25,7 @@ from ..privacy_report import decode_report
 from ..quantize import WireError, decode, encode, is_encoded
 from ..tasks import RESULT_WEIGHTS, KeyMetricRef, TaskConfig, TaskKind, with_control
 from ..transport import CHUNK_BYTES
-from ..weights import nbytes, to_bytes, view_bytes
+from ..weights import load_file, nbytes, to_bytes, view_bytes
 from ..workflows import WORKFLOWS, InitialModel, JobResults, RoundOutcome, RoundPlan, SiteResult, Workflow
 from ..workflows import WorkflowContext as Context
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -33,7 +33,7 @@ from .job_store import JobRecord, JobStore
 from .metrics_check import numbers, scalars
 from .registry import Registry
 from .site_selection import eligible_sites
-from .taskboard import NO_PAYLOAD, Payload, Task, TaskBoard
+from .taskboard import NO_PAYLOAD, FilePayload, Payload, Task, TaskBoard, file_payload
 from .tracker import JobTracker
 
 log = logging.getLogger(__name__)
@@ -335,16 +335,22 @@ class JobController:
             raise JobAborted(f"job {self.record.job_id} aborted")
 
 
-def _payload(plan: RoundPlan, wire_dtype: str) -> tuple[Payload, WireError | None]:
-    """What the round sends: the model's bytes as the workflow saved them when it has them (serialized
-    once per round), else the model (and its extras) serialized here; encoded for the wire when the job
-    says so (with the error that costs)."""
+def _payload(plan: RoundPlan, wire_dtype: str) -> tuple[Payload | FilePayload, WireError | None]:
+    """What the round sends: the model's file as the workflow saved it when it has one (serialized once
+    per round, sent a chunk at a time from disk), else the model (and its extras) serialized here; encoded
+    for the wire when the job says so (with the error that costs)."""
+    if plan.model is None and plan.model_path is not None:
+        plan = replace(plan, model=load_file(plan.model_path)) if wire_dtype != "float32" else plan
+        if plan.model is None:
+            return file_payload(plan.model_path), None
     if plan.model is None:
         return NO_PAYLOAD, None
     if wire_dtype != "float32":
         encoded, error = encode(with_control(plan.model, plan.extras), wire_dtype)
         return Payload.of(to_bytes(encoded), CHUNK_BYTES), error
     if plan.model_bytes is not None and not plan.extras:
+        if plan.model_bytes.path is not None and not plan.model_bytes.chunks:
+            return FilePayload.of_model(plan.model_bytes), None
         return Payload.of_model(plan.model_bytes), None
     return Payload.of(to_bytes(with_control(plan.model, plan.extras)), CHUNK_BYTES), None
 

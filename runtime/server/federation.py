@@ -12,13 +12,14 @@ from ..audit import AuditLog
 from ..errors import FedkitError, JobRejected, SessionExpired, TransferStalled, UpdateRejected
 from ..identity import Identity
 from ..proto import fedkit_pb2 as pb
-from ..transport import CHUNK_BYTES, PayloadReceiver, with_idle_timeout
+from ..transport import CHUNK_BYTES, with_idle_timeout
 from .metrics_check import decode_metrics
 from .registry import Registry
 from .runner import JobRunner
 from .site_controls import SiteControls
 from .taskboard import TaskBoard
 from .transfer_slots import TransferSlots
+from .update_spool import IncomingUpdate
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +139,12 @@ class FederationService:
             await controller.accept_result(task, int(header.n_samples), metrics, header.error, None)
             return ""
         await self._upload_slots.acquire(header.lease_id, task.site)
+        incoming = None
         try:
-            buffer = self._free_buffers.pop() if self._free_buffers else None
-            receiver = PayloadReceiver(header.payload_bytes, controller.max_payload_bytes(task),
-                                       header.payload_sha256, buffer=buffer)
+            # in memory when small, else spooled to disk and mapped for its fold (update_spool.py)
+            incoming = IncomingUpdate(header.payload_bytes, controller.max_payload_bytes(task), header.payload_sha256,
+                                      self._runner.store.incoming_dir, self._free_buffers)
+            receiver = incoming.receiver
             trailer = ""
             async for chunk in with_idle_timeout(chunks, what=f"upload from {task.site}"):
                 raw = isinstance(chunk, bytes)  # the bulk service's payload; a legacy site sends `data` fields
@@ -156,14 +159,11 @@ class FederationService:
             if not trailer and not header.payload_sha256:
                 # an honest site always ends with the hash trailer: the link broke, the site may resend
                 raise TransferStalled(f"upload from {task.site} ended before its end marker")
-            payload = receiver.finish(trailer)
-            try:
-                await controller.accept_result(task, int(header.n_samples), metrics, header.error, payload)
-            finally:
-                # reuse the buffer for the next update: a fresh 40 MB buffer costs more in page faults
-                # than in copying; at most one per upload slot is kept
-                self._free_buffers.append(payload)
+            payload = await asyncio.to_thread(incoming.finish, trailer)
+            await controller.accept_result(task, int(header.n_samples), metrics, header.error, payload)
         finally:
+            if incoming is not None:
+                await asyncio.to_thread(incoming.release)  # the buffer back for reuse, or the spool file gone
             self._upload_slots.release(task.site)
         return receiver.sha256
 

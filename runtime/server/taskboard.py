@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import secrets
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from ..errors import UpdateRejected
 from ..model_bytes import SerializedModel
-from ..transport import iter_chunks
+from ..transport import CHUNK_BYTES, iter_chunks
 
 
 class TaskState(StrEnum):
@@ -44,7 +47,8 @@ class Payload:
 
     @classmethod
     def of_model(cls, model: SerializedModel) -> Payload:
-        """The chunks of a model serialized once (and saved from the same bytes): nothing is copied."""
+        """The chunks of a model serialized in memory (and saved from the same bytes): nothing is copied.
+        A model with a file is sent from it instead (FilePayload)."""
         return cls(chunks=model.chunks, nbytes=model.nbytes, sha256=model.sha256)
 
     async def stream(self) -> AsyncIterator[bytes | memoryview]:
@@ -53,8 +57,58 @@ class Payload:
         for chunk in self.chunks:
             yield chunk
 
+    def read_all(self) -> bytes:
+        """The whole payload in memory (the simulator and tests; never the wire)."""
+        return b"".join(self.chunks)
+
+
+class FilePayload:
+    """A payload kept on disk: the round's model file, read one chunk at a time while it is sent, so
+    sending a 2 GB model to N sites holds at most one chunk per download slot in memory.
+
+    The file is opened once, here: the descriptor keeps the bytes of this round's file even when the
+    next round's global file replaces it by rename while a slow site is still downloading; it is closed
+    when the last task holding the payload lets it go. Reads are positional (os.pread), so any number of
+    concurrent downloads share the one descriptor, each in a worker thread."""
+
+    def __init__(self, path: Path, nbytes: int, sha256: str, chunk_bytes: int = CHUNK_BYTES):
+        self._fd = os.open(path, os.O_RDONLY)
+        self._finalizer = weakref.finalize(self, os.close, self._fd)
+        size = os.fstat(self._fd).st_size
+        if size != nbytes:
+            self._finalizer()
+            raise OSError(f"{path}: {size} bytes on disk, {nbytes} expected (the file changed)")
+        self.path, self.nbytes, self.sha256, self._chunk_bytes = path, nbytes, sha256, chunk_bytes
+
+    @classmethod
+    def of_model(cls, model: SerializedModel) -> FilePayload:
+        if model.path is None:
+            raise ValueError("the model has no file to send from")
+        return cls(model.path, model.nbytes, model.sha256)
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        for offset in range(0, self.nbytes, self._chunk_bytes):
+            chunk = await asyncio.to_thread(os.pread, self._fd, min(self._chunk_bytes, self.nbytes - offset), offset)
+            if not chunk:
+                raise OSError(f"{self.path}: ended at {offset} of {self.nbytes} bytes")
+            yield chunk
+
+    def read_all(self) -> bytes:
+        """The whole payload in memory (the simulator and tests; never the wire)."""
+        return os.pread(self._fd, self.nbytes, 0)
+
+    def close(self) -> None:
+        self._finalizer()
+
 
 NO_PAYLOAD = Payload()
+
+
+def file_payload(path: Path) -> FilePayload:
+    """A model file sent as it is on disk (evaluate's and cross-site's models), hashed here a chunk at a
+    time (call it in a worker thread)."""
+    model = SerializedModel.read(path)
+    return FilePayload(path, model.nbytes, model.sha256)
 
 
 @dataclass
@@ -64,7 +118,7 @@ class Task:
     name: str
     round: int
     config: dict[str, Any]
-    payload: Payload = NO_PAYLOAD
+    payload: Payload | FilePayload = NO_PAYLOAD
     timeout_s: float = 600.0
     job_sha256: str = ""
     task_id: str = field(default_factory=lambda: secrets.token_hex(12))

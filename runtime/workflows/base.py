@@ -44,6 +44,8 @@ class RoundPlan:
     label: str = ""                           # what the model is ("global", "site:x", a file), for logs
     if_no_site: str = ""                      # set: fail at once with this when no eligible site is online
     model_bytes: SerializedModel | None = None  # `model` already serialized (as saved): sent as is
+    # a model to send as the file it is, never loaded by the server (evaluate, cross_site); `model` is None
+    model_path: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ memory. The result is the cross-site report (cross_site.json, .csv, .png) in the
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..errors import UpdateRejected
@@ -29,9 +30,9 @@ class CrossSiteWorkflow:
         self._ctx = ctx
         self._global = load_file(ctx.models_dir / GLOBAL_FILE)
         self._collected = False
-        self._scoring = ModelScoring(ctx, lambda label: load_file(self._model_path(label)))
+        self._scoring = ModelScoring(ctx, lambda label: load_file(self._model_path(label)), self._model_path)
 
-    def _model_path(self, label: str) -> Any:
+    def _model_path(self, label: str) -> Path:
         models = self._ctx.models_dir
         if label.startswith(SITE_PREFIX):
             return models / f"site_{label[len(SITE_PREFIX):]}.safetensors"

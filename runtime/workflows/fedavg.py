@@ -95,7 +95,7 @@ class FedAvgWorkflow:
             raise NoUsableUpdate(f"round {rnd}: no site sent a usable update ({_reasons(outcome)})")
         self._record_validation(rnd - 1, outcome)  # before the global file is replaced
         self.model = self._aggregator.close_round(self.model)
-        self._bytes = SerializedModel.of(self.model).write(self._ctx.models_dir / GLOBAL_FILE)
+        self._bytes = SerializedModel.save(self.model, self._ctx.models_dir / GLOBAL_FILE)
         self._round = rnd
         results = outcome.results
         self._ctx.append_metrics({
@@ -120,7 +120,9 @@ class FedAvgWorkflow:
     def load_state(self, meta: dict[str, Any], tensors: dict[str, Weights]) -> None:
         self._round, self._final_done = int(meta["round"]), bool(meta["final_done"])
         self.model = tensors[MODEL_GROUP]
-        self._bytes = None  # the global file may be a round ahead of the checkpoint: serialize this model anew
+        # the global file may be a round ahead of the checkpoint (that round runs again): it becomes the
+        # checkpoint's model once more, written from its arrays, and is sent from there
+        self._bytes = SerializedModel.save(self.model, self._ctx.models_dir / GLOBAL_FILE)
         self._aggregator.load_state({g[len(AGGREGATOR_PREFIX):]: t for g, t in tensors.items()
                                      if g.startswith(AGGREGATOR_PREFIX)})
 

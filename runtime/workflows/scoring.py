@@ -6,6 +6,7 @@ checkpoint."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..tasks import TaskKind
@@ -18,9 +19,11 @@ Matrix = dict[str, dict[str, dict[str, float]]]
 class ModelScoring:
     """Validate rounds over `labels`, in order; `load(label)` gives each model when its turn comes."""
 
-    def __init__(self, ctx: WorkflowContext, load: Callable[[str], Weights]):
+    def __init__(self, ctx: WorkflowContext, load: Callable[[str], Weights],
+                 path: Callable[[str], Path | None] = lambda label: None):
         self._ctx = ctx
         self._load = load
+        self._path = path  # a model with a file is sent from it, never loaded (it may be larger than memory)
         self.labels: list[str] = []
         self.matrix: Matrix = {}
 
@@ -30,8 +33,10 @@ class ModelScoring:
 
     def next_plan(self, first_round: int = 1) -> RoundPlan:
         label = self.labels[len(self.matrix)]
-        return RoundPlan(kind=TaskKind.VALIDATE, round=first_round + len(self.matrix), model=self._load(label),
-                         label=label)
+        rnd = first_round + len(self.matrix)
+        if (path := self._path(label)) is not None:
+            return RoundPlan(kind=TaskKind.VALIDATE, round=rnd, model_path=path, label=label)
+        return RoundPlan(kind=TaskKind.VALIDATE, round=rnd, model=self._load(label), label=label)
 
     def close(self, outcome: RoundOutcome) -> None:
         label = outcome.plan.label

@@ -36,7 +36,7 @@ def test_the_model_bytes_sent_are_the_saved_global_model_and_the_checkpoints(tmp
 
     def watching_post(board: TaskBoard, task) -> None:
         if task.payload.nbytes:
-            wire = b"".join(task.payload.chunks)
+            wire = task.payload.read_all()
             assert hashlib.sha256(wire).hexdigest() == task.payload.sha256
             on_disk = (models / "global.safetensors").read_bytes()
             sent.append((task.name, wire, on_disk))

@@ -1,0 +1,151 @@
+"""A 1 GiB model is not only stored but SENT, and trained on: an evaluate job whose initial model (1 GiB, given with
+`submit_job --initial-model`) is scored on 2 sites over the real server, site daemons and workers (mutual
+TLS on 127.0.0.1). The server sends the model from its file a chunk at a time (runtime.server.taskboard.
+FilePayload), so its peak memory grows by far less than the model; each site daemon writes the model to
+disk as it arrives, so its peak stays far below the model too (the worker, which the learner needs the
+arrays in, holds it once). A FedAvg round on the same model holds, in the server, the global model, the
+running sum and one update at a time (spooled to disk as it arrives), never one per site."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from provision.local_study import LocalStudy, wait_until
+from tests.e2e.test_big_initial_model import MODEL_BYTES, _memory_kib, _sparse_model
+
+PEAK_GROWTH_LIMIT_BYTES = 256 << 20  # the model is 1024 MiB; a server or daemon holding it would grow by that
+SITES = ["site-1", "site-2"]
+
+LEARNER = '''
+import numpy as np
+from runtime.learner import Learner, TrainResult
+
+
+class SizeLearner(Learner):
+    """Scores a model by what arrived: its bytes and the sum of its values (no copies, no torch)."""
+
+    def train(self, weights, round):
+        return TrainResult({k: np.zeros_like(v) for k, v in weights.items()}, 1)
+
+    def validate(self, weights):
+        return {"nbytes": float(sum(a.nbytes for a in weights.values())),
+                "total": float(sum(float(a.sum(dtype=np.float64)) for a in weights.values()))}
+'''
+
+
+def _multi_tensor_model(path: Path, n_bytes: int = MODEL_BYTES, n_tensors: int = 16) -> Path:
+    """A safetensors file of `n_tensors` float32 tensors of zeros (a real model has many), sparse on disk."""
+    size = n_bytes // n_tensors
+    header = {f"layer{i}.weight": {"dtype": "F32", "shape": [size // 4], "data_offsets": [i * size, (i + 1) * size]}
+              for i in range(n_tensors)}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(8 + len(text) + n_tensors * size)
+    return path
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """A safetensors file's tensors (dtype, shape), from its header alone."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _job(folder: Path, placeholder: Path, server_yml: str = "") -> Path:
+    (folder / "custom").mkdir(parents=True)
+    (folder / "custom" / "learner.py").write_text(textwrap.dedent(LEARNER))
+    (folder / "meta.yml").write_text("name: big-model\nsites: all\nmin_clients: 2\n")
+    (folder / "config_fed_client.yml").write_text("learner: {path: learner:SizeLearner}\ntask_timeout_s: 600\n")
+    (folder / "config_fed_server.yml").write_text(server_yml or
+        "workflows: [evaluate]\ninitial_model: model.safetensors\nround_timeout_s: 600\n"
+        "key_metric: {name: total, higher_is_better: true}\n")
+    (folder / "model.safetensors").write_bytes(placeholder.read_bytes())  # stands in; the upload replaces it
+    return folder
+
+
+def _pid_of(study: LocalStudy, name: str, module: bytes) -> int:
+    """The Python process running `module` under the kit's start script."""
+    pid = study.procs[name].pid
+    for _ in range(4):
+        if module in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if not children:
+            break
+        pid = int(children[0])
+    pytest.fail(f"no {module.decode()} process under {study.procs[name].pid}")
+
+
+def test_a_1_gib_model_is_sent_to_2_sites_with_server_and_daemons_memory_bounded(make_study, tmp_path):
+    handle = make_study(sites=SITES)
+    study = handle.study
+    study.start_server()
+    for site in SITES:
+        study.start(site)
+    wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == 2, 60,
+               "both sites online")
+    server = _pid_of(study, study.server, b"runtime.server")
+    daemons = {site: _pid_of(study, site, b"runtime.client") for site in SITES}
+    before = _memory_kib(server)
+    daemons_before = {site: _memory_kib(pid) for site, pid in daemons.items()}
+
+    model = _sparse_model(tmp_path / "big.safetensors")
+    job = _job(tmp_path / "job", _sparse_model(tmp_path / "small.safetensors", 1 << 10))
+    record = study.admin_json(f"submit_job {job} --initial-model {model}", timeout_s=600)
+    done = study.admin_json(f"wait_job {record['job_id']} 900", timeout_s=960)
+    assert done["state"] == "finished", done.get("error")
+    after = _memory_kib(server)
+
+    job_dir = study.kits[study.server] / "workspace" / "jobs" / record["job_id"]
+    scored = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()
+              if '"scored"' in line]
+    assert len(scored) == 1 and sorted(scored[0]["sites"]) == SITES
+    n_data = MODEL_BYTES  # the model's tensor data: every byte arrived, into the learner's arrays
+    assert all(m["nbytes"] == n_data and m["total"] == 0.0 for m in scored[0]["sites"].values()), scored
+
+    growth_kib = after["VmHWM"] - before["VmRSS"]
+    print(f"server RSS before {before['VmRSS'] // 1024} MiB, peak after sending 1 GiB to 2 sites "
+          f"{after['VmHWM'] // 1024} MiB")
+    assert growth_kib * 1024 < PEAK_GROWTH_LIMIT_BYTES, f"server peak grew by {growth_kib // 1024} MiB"
+    for site, pid in daemons.items():
+        peak = _memory_kib(pid)["VmHWM"]
+        print(f"{site} daemon RSS before {daemons_before[site]['VmRSS'] // 1024} MiB, peak {peak // 1024} MiB")
+        assert (peak - daemons_before[site]["VmRSS"]) * 1024 < PEAK_GROWTH_LIMIT_BYTES, f"{site} daemon grew"
+
+
+AGGREGATION_LIMIT_X_MODEL = 4  # the global model, the running sum, one update (and the new model at the close)
+
+
+def test_a_fedavg_round_on_a_1_gib_model_holds_about_3_models_in_the_server(make_study, tmp_path):
+    handle = make_study(sites=SITES)
+    study = handle.study
+    study.start_server()
+    for site in SITES:
+        study.start(site)
+    wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == 2, 60,
+               "both sites online")
+    server = _pid_of(study, study.server, b"runtime.server")
+    before = _memory_kib(server)
+
+    model = _multi_tensor_model(tmp_path / "big.safetensors")
+    job = _job(tmp_path / "job", _sparse_model(tmp_path / "small.safetensors", 1 << 10),
+               "workflows: [fedavg]\nrounds: 1\nround_timeout_s: 900\n"
+               "key_metric: {name: total, higher_is_better: true}\n")
+    record = study.admin_json(f"submit_job {job} --initial-model {model}", timeout_s=600)
+    done = study.admin_json(f"wait_job {record['job_id']} 1200", timeout_s=1260)
+    assert done["state"] == "finished" and done["rounds_done"] == 1, done.get("error")
+    after = _memory_kib(server)
+
+    models = study.kits[study.server] / "workspace" / "jobs" / record["job_id"] / "models"
+    assert _tensors(models / "global.safetensors") == _tensors(model)  # the round's new model, every tensor
+    assert not list((study.kits[study.server] / "workspace" / "jobs" / ".incoming").iterdir())  # spools gone
+    growth = (after["VmHWM"] - before["VmRSS"]) * 1024
+    print(f"server RSS before {before['VmRSS'] // 1024} MiB, peak in a FedAvg round of a 1 GiB model with 2 sites "
+          f"{after['VmHWM'] // 1024} MiB ({growth / MODEL_BYTES:.2f} x the model)")
+    assert growth < AGGREGATION_LIMIT_X_MODEL * MODEL_BYTES, f"server peak grew by {growth >> 20} MiB"

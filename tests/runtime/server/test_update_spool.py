@@ -1,0 +1,60 @@
+"""A large incoming update goes to disk as it arrives and is mapped for its fold, so N concurrent uploads
+of a big model cost the server page cache, not N x the model in memory; a small one reuses one buffer."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.errors import UpdateRejected
+from runtime.server.update_spool import IncomingUpdate
+from runtime.weights import to_bytes, view_bytes
+
+
+def _update() -> bytes:
+    return to_bytes({"w": np.arange(100_000, dtype=np.float32), "b": np.ones(3, np.float32)})
+
+
+def _receive(data: bytes, spool: Path, free: list[bytearray], spool_above: int, sha: str = "") -> IncomingUpdate:
+    incoming = IncomingUpdate(len(data), 1 << 30, sha or hashlib.sha256(data).hexdigest(), spool, free,
+                              spool_above_bytes=spool_above)
+    for start in range(0, len(data), 65536):
+        incoming.receiver.add(data[start:start + 65536])
+    return incoming
+
+
+def test_a_large_update_is_spooled_to_disk_and_mapped_then_deleted(tmp_path: Path) -> None:
+    data, free = _update(), []
+    incoming = _receive(data, tmp_path, free, spool_above=1 << 10)
+    (part,) = tmp_path.iterdir()
+    assert part.stat().st_size == len(data) and part.stat().st_mode & 0o077 == 0
+    payload = incoming.finish()
+    assert not isinstance(payload, bytearray) and payload[:] == data  # a map of the file, not a copy
+    weights = view_bytes(payload)
+    np.testing.assert_array_equal(weights["w"], np.arange(100_000, dtype=np.float32))
+    del weights
+    incoming.release()
+    assert not list(tmp_path.iterdir()) and free == []  # nothing kept: neither the file nor a buffer
+
+
+def test_a_spooled_update_whose_hash_does_not_match_is_refused_and_deleted(tmp_path: Path) -> None:
+    incoming = _receive(_update(), tmp_path, [], spool_above=1 << 10, sha="0" * 64)
+    with pytest.raises(UpdateRejected, match="SHA-256"):
+        incoming.finish()
+    incoming.release()
+    assert not list(tmp_path.iterdir())
+
+
+def test_small_updates_reuse_one_buffer_and_keep_no_more(tmp_path: Path) -> None:
+    data, free = _update(), []
+    first, second = _receive(data, tmp_path, free, 1 << 30), _receive(data, tmp_path, free, 1 << 30)
+    a, b = first.finish(), second.finish()
+    assert a == b == data and not list(tmp_path.iterdir())
+    first.release()
+    second.release()
+    assert len(free) == 1  # at most one buffer waits for the next update
+    third = _receive(data, tmp_path, free, 1 << 30)
+    assert third.finish() is a and free == []  # filled in place
