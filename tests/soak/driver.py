@@ -208,7 +208,7 @@ class Driver:
             for site in self.sites:
                 self.study.start(site)
             self.wait(lambda: self.online() == self.sites, cfg.online_bound_s, "every site online")
-            self._loop(started)
+            self._loop()
         finally:
             run.elapsed_s = time.monotonic() - started
             self.study.stop_all()
@@ -237,10 +237,11 @@ class Driver:
         self.run.jobs.append(job)
         return job
 
-    def _loop(self, started: float) -> None:
+    def _loop(self) -> None:
         run, cfg = self.run, self.cfg
         by_round = {f.round: f for f in run.schedule}
         job = self._submit(0)
+        started = time.monotonic()  # `minutes` counts from the first job, not from provisioning and startup
         active: Fault | None = None
         fired = False
         first_sent: float | None = None
@@ -282,8 +283,7 @@ class Driver:
                         fired = True
                 elif event == "round_done":
                     last_progress = time.monotonic()
-                    g = job.offset + int(rec["round"])
-                    run.round_end[g] = datetime.fromisoformat(rec["time"]).timestamp()
+                    g = self._round_closed(job, rec)
                     if active is not None and active.round == g:
                         if not fired and active.phase is Phase.BETWEEN:
                             self._fire(active)
@@ -313,6 +313,11 @@ class Driver:
                         self.injector.prepare(nxt)
                     break  # records after job_ended belong to no job we follow
 
+    def _round_closed(self, job: JobRun, rec: dict[str, Any]) -> int:
+        g = job.offset + int(rec["round"])
+        self.run.round_end[g] = datetime.fromisoformat(rec["time"]).timestamp()
+        return g
+
     def _fire(self, fault: Fault) -> None:
         self.injector.fire(fault)
 
@@ -330,7 +335,11 @@ class Driver:
         ended: list[dict[str, Any]] = []
 
         def job_ended() -> bool:
-            ended.extend(r for r in self.tail.new() if r.get("job_id") == job.job_id and r["event"] == "job_ended")
+            for r in self.tail.new():  # rounds keep closing until the abort lands (the console takes a while)
+                if r.get("job_id") == job.job_id and r["event"] == "round_done":
+                    self._round_closed(job, r)
+                elif r.get("job_id") == job.job_id and r["event"] == "job_ended":
+                    ended.append(r)
             return bool(ended)
 
         if self.wait(job_ended, self.cfg.round_timeout_s, "the aborted job to end"):

@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-WARMUP_FRACTION = 0.3   # the first 30 % of a series is warm-up (imports, first rounds, caches)
+WARMUP_FRACTION = 0.3   # the first 30 % of a series (and at least WARMUP_S) is warm-up: imports, first rounds
+WARMUP_S = 60.0
 MIN_SERIES_S = 60.0     # shorter series say nothing about a slope
 
 
@@ -53,9 +54,9 @@ class MemoryLog:
         """Per participant, the least-squares slope of its longest-lived series after warm-up (KiB/min)."""
         best: dict[str, tuple[float, float]] = {}  # name -> (series duration, slope)
         for (name, _pid), points in self.series.items():
-            if len(points) < 5 or points[-1][0] - points[0][0] < MIN_SERIES_S:
+            if len(points) < 5 or points[-1][0] - points[0][0] < WARMUP_S + MIN_SERIES_S:
                 continue
-            start = points[0][0] + WARMUP_FRACTION * (points[-1][0] - points[0][0])
+            start = points[0][0] + max(WARMUP_S, WARMUP_FRACTION * (points[-1][0] - points[0][0]))
             kept = [(t, r) for t, r in points if t >= start]
             if len(kept) < 3:
                 continue
