@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,7 @@ class Injector:
     study: LocalStudy
     proxy: FaultProxy
     data_dirs: dict[str, Path]
-    restart_server: object  # () -> None: start the server and wait until it listens behind the proxy
+    restart_server: Callable[[], None]  # start the server and wait until it listens behind the proxy
     killed_sites: set[str] = field(default_factory=set)
     mounts: list[Path] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
@@ -86,7 +87,7 @@ class Injector:
                     (self.data_dirs[site] / HOLD_TRIGGER).unlink()
         elif fault.kind in SERVER_KILLS:
             self.study.kill(self.study.server)
-            self.restart_server()  # type: ignore[operator]
+            self.restart_server()
 
     def cleanup(self, fault: Fault) -> None:
         """After the fault's round closed (or its job ended): everything back as it was."""
