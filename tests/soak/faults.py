@@ -118,13 +118,18 @@ class Injector:
         return True
 
     def _fill_disk(self, site: str) -> None:
+        """Write until not one more byte fits (big writes, then page-sized, then single bytes)."""
         jobs = self.study.kits[site] / "workspace" / "jobs"
         if jobs not in self.mounts:
             return
-        with contextlib.suppress(OSError), (jobs / FILLER).open("wb") as f:
-            while True:
-                f.write(b"\0" * (256 << 10))
-                f.flush()
+        fd = os.open(jobs / FILLER, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            for size in (256 << 10, 4096, 1):
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\0" * size)
+        finally:
+            os.close(fd)
 
     def _free_disk(self, site: str) -> None:
         with contextlib.suppress(FileNotFoundError):
