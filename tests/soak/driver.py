@@ -52,6 +52,11 @@ class SoakConfig:
     online_bound_s: float = 120.0
 
     @property
+    def startup_bound_s(self) -> float:
+        """The first start of every site: each is a Python process importing fedkit on a shared machine."""
+        return max(self.online_bound_s, 20.0 * self.sites)
+
+    @property
     def stuck_bound_s(self) -> float:
         """No round may take longer than this, whatever the faults: two round timeouts and a server restart."""
         return 2 * self.round_timeout_s + self.online_bound_s
@@ -98,6 +103,7 @@ class SoakRun:
     fds_after: int = 0
     elapsed_s: float = 0.0
     stuck: str = ""
+    died: list[str] = field(default_factory=list)  # participants that exited without the driver killing them
 
 
 def _listening(port: int) -> bool:
@@ -207,8 +213,9 @@ class Driver:
                 self.injector.mount_disk(site)
             for site in self.sites:
                 self.study.start(site)
-            self.wait(lambda: self.online() == self.sites, cfg.online_bound_s, "every site online")
+            self.wait(lambda: self.online() == self.sites, cfg.startup_bound_s, "every site online")
             self._loop()
+            self._note_deaths()
         finally:
             run.elapsed_s = time.monotonic() - started
             self.study.stop_all()
@@ -252,6 +259,7 @@ class Driver:
             now = time.monotonic()
             if now - last_memory >= MEMORY_EVERY_S:
                 run.memory.sample({n: p.pid for n, p in self.study.procs.items()})
+                self._note_deaths()
                 last_memory = now
             if cfg.minutes is not None and now - started >= cfg.minutes * 60:
                 stopping = True
@@ -312,6 +320,14 @@ class Driver:
                         active, fired, first_sent, sent = nxt, False, None, set()
                         self.injector.prepare(nxt)
                     break  # records after job_ended belong to no job we follow
+
+    def _note_deaths(self) -> None:
+        """A participant in `procs` is one the driver did not kill (kill() takes it out first): if it
+        exited, it died on its own. It is left dead, as no supervisor would restart it."""
+        for name, proc in list(self.study.procs.items()):
+            if proc.poll() is not None:
+                self.run.died.append(f"{name} (pid {proc.pid}) exited with code {proc.returncode}")
+                self.study.procs.pop(name)
 
     def _round_closed(self, job: JobRun, rec: dict[str, Any]) -> int:
         g = job.offset + int(rec["round"])

@@ -10,6 +10,7 @@
   has an accepted update for that round
 - leaks: no process of the study alive, no listener on its ports, no temp file left in its TMPDIR, no
   tmpfs still mounted, the driver's file descriptors back where they were
+- alive: no server or site process exited unless the driver killed it (a daemon that dies on a fault is a bug)
 - waits: every wait ended within its bound and the study never stalled
 """
 
@@ -141,6 +142,11 @@ def _cmdline(pid: int) -> str:
         return "(gone)"
 
 
+def check_alive(run: SoakRun) -> Check:
+    return Check("no participant died on its own (only the driver's kills)", not run.died,
+                 "; ".join(run.died[:5]) or "none")
+
+
 def check_waits(run: SoakRun) -> Check:
     late = [f"{w.what} ({w.took_s:.0f} s > {w.bound_s:g} s)" for w in run.waits if not w.ok]
     if run.stuck:
@@ -154,5 +160,5 @@ def check_all(run: SoakRun) -> list[Check]:
     def job_dir(job_id: str) -> Path:
         return run.study.kits[run.study.server] / "workspace" / "jobs" / job_id
 
-    return [check_rounds(run, job_dir), check_model(run, job_dir), check_audit(run), check_leaks(run),
-            check_waits(run)]
+    return [check_rounds(run, job_dir), check_model(run, job_dir), check_audit(run), check_alive(run),
+            check_leaks(run), check_waits(run)]
