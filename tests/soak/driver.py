@@ -54,7 +54,7 @@ class SoakConfig:
     @property
     def startup_bound_s(self) -> float:
         """The first start of every site: each is a Python process importing fedkit on a shared machine."""
-        return max(self.online_bound_s, 20.0 * self.sites)
+        return max(self.online_bound_s, 30.0 * self.sites)
 
     @property
     def stuck_bound_s(self) -> float:

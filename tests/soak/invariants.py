@@ -95,14 +95,15 @@ def check_audit(run: SoakRun) -> Check:
     server = _jsonl(study.kits[study.server] / "workspace" / "audit.jsonl")
     accepted: dict[tuple[str, int, str], set[str]] = {}
     for r in server:
-        if r["event"] == "result_accepted" and r.get("task") == "train":
+        if r["event"] == "result_accepted" and r.get("task") == "train" and r.get("payload_sha256"):
+            # (an empty hash: the site reported a failure, e.g. a full disk, for a round run again after a restart)
             accepted.setdefault((r["job_id"], r["round"], r["site"]), set()).add(r["payload_sha256"])
     for key, hashes in accepted.items():
         if len(hashes) != 1:
             problems.append(f"{key}: server accepted {len(hashes)} different updates")
     for site in study.clients:
         for r in _jsonl(study.kits[site] / "workspace" / "audit.jsonl"):
-            if r["event"] == "update_sent" and r.get("task") == "train":
+            if r["event"] == "update_sent" and r.get("task") == "train" and r.get("payload_sha256"):
                 n_updates += 1
                 if r["payload_sha256"] not in accepted.get((r["job_id"], r["round"], site), set()):
                     problems.append(f"{site} job {r['job_id']} round {r['round']}: sent an update the server "
