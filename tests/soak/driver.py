@@ -33,7 +33,9 @@ EXAMPLE_PROJECT = REPO / "project.yml.example"
 JOB = REPO / "tests" / "e2e" / "jobs" / "soak"
 POLL_S = 0.1
 MEMORY_EVERY_S = 2.0
-KILL_WAIT_BOUND_S = 30.0   # a mid-round site kill waits at most this long for its targets to get the task
+# a mid-round site kill waits at most this long (and a quarter of the round timeout) for its targets to get
+# the task; a target that never does (offline) must not stay held by its `hold` file past the round deadline
+KILL_WAIT_BOUND_S = 30.0
 
 
 @dataclass
@@ -270,7 +272,7 @@ class Driver:
             records = self.tail.new()
             if not records:
                 if active is not None and not fired and first_sent is not None and active.phase is Phase.MID \
-                        and now - first_sent > KILL_WAIT_BOUND_S:
+                        and now - first_sent > min(KILL_WAIT_BOUND_S, cfg.round_timeout_s / 4):
                     self._fire(active)  # the targets never got the task (offline): fire anyway, bounded
                     fired = True
                 time.sleep(POLL_S)
