@@ -82,7 +82,7 @@ class _Task:
     header: pb.TaskHeader
     round_dir: Path
     payload_path: Path | None  # the weights that came with the task, streamed straight to disk
-    config: TaskConfig | None  # None: the server sent settings this site cannot read (config_error says why)
+    config: TaskConfig | None  # None: settings this site cannot read, or no room for the model (config_error)
     config_error: str = ""
 
 
@@ -293,6 +293,12 @@ class ClientDaemon:
                         async for chunk in stream:
                             await asyncio.to_thread(receiver.add, chunk)  # raw bytes; file I/O off the loop
                         receiver.finish()
+                except OSError as e:  # the site's disk is full: fail this task, not the daemon (found by the soak)
+                    part.unlink(missing_ok=True)
+                    async for _chunk in stream:  # the download itself is fine: take the rest, keep none of it
+                        pass
+                    return _Task(header=h, round_dir=round_dir, payload_path=None, config=None,
+                                 config_error=f"cannot store the task's model under {round_dir}: {e.strerror or e}")
                 except BaseException:
                     call.cancel()
                     part.unlink(missing_ok=True)  # never leave a partial model behind
@@ -320,7 +326,8 @@ class ClientDaemon:
             n_samples, metrics, payload = await self._execute(h, kind, task, round_dir, client_cfg, chain)
             await self._submit(h, n_samples, metrics, payload)
         # UpdateRejected: the job's code wrote weights the privacy step cannot read; only this task fails
-        except (WorkerFailed, JobRejected, ConfigError, UpdateRejected) as e:
+        # OSError: the site's disk full or its job folder unwritable; fails this task, not the daemon (the soak)
+        except (WorkerFailed, JobRejected, ConfigError, UpdateRejected, OSError) as e:
             log.error("job %s %s round %d failed: %s", h.job_id, h.task_name, h.round, e)
             self._audit.append("task_failed", job_id=h.job_id, task=h.task_name, round=h.round, reason=str(e))
             await self._submit(h, 0, {}, None, error=str(e))

@@ -111,6 +111,10 @@ class WorkerHandle:
         except WorkerReplyRefused as e:
             await self.stop()
             raise WorkerFailed(str(e)) from None
+        except OSError as e:  # the outbox removed or replaced (job code can), or the site's disk full: fail
+            await self.stop()  # this task, not the daemon (an uncaught OSError here ended the whole daemon)
+            raise WorkerFailed(f"could not take the worker's result {name} from its outbox "
+                               f"({e.strerror or e}); the worker is restarted for the next task") from None
         return reply
 
     async def _read_reply(self, timeout_s: float) -> WorkerReply:
