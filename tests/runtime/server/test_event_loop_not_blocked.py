@@ -42,10 +42,12 @@ MAX_CALLBACK_CPU_S = 0.05  # serializing or hashing the 32 MB model in one callb
 
 
 class _Runner:
-    """The one thing FederationService asks of the job runner: the job that is running."""
+    """What FederationService asks of the job runner: the job that is running, and its store (where
+    large updates are spooled)."""
 
-    def __init__(self, controller: JobController):
+    def __init__(self, controller: JobController, store: JobStore):
         self.current = controller
+        self.store = store
 
     def controller_for(self, job_id: str) -> JobController:
         return self.current
@@ -152,7 +154,7 @@ def test_no_fsync_and_no_long_callback_on_the_loop_during_a_round(tmp_path: Path
     audit = AuditLog(tmp_path / "audit.jsonl")
     board, registry = TaskBoard(time.monotonic), Registry(1e9, time.monotonic)
     controller = JobController(record, spec, store, board, registry, audit, settings_max_update_factor=1.5)
-    service = FederationService(registry, board, _Runner(controller), audit, heartbeat_interval_s=5.0,
+    service = FederationService(registry, board, _Runner(controller, store), audit, heartbeat_interval_s=5.0,
                                 max_concurrent_uploads=2, max_concurrent_downloads=3, controls=SiteControls())
     watch = _LoopWatch()
 
