@@ -113,6 +113,10 @@ class ServerLocalSettings(_Strict):
     allow_job_aggregators: bool = Field(False, description="run a job's own aggregator class (aggregator: "
                                                            "{name: custom}) in the server process: that is "
                                                            "a job's code on the server, unsandboxed")
+    audit_repeated_reads_s: float = Field(60.0, ge=0, description="a successful read-only admin command "
+                                          "repeated by the same admin with the same arguments (a dashboard "
+                                          "polls every second) is audited once per this many seconds, with "
+                                          "its repeat count; 0 = every one")
 
 
 class SandboxSettings(_Strict):

@@ -6,10 +6,10 @@ Audit first, then act: a command that changes state or lets data out (STATE_CHAN
 command is refused if that record cannot be written; every command, read-only ones included, then gets
 an `admin_command` record with its outcome. (Read-only commands get only the outcome record: they have
 no effect a crash could hide, and wait_job polls; a successful read asked again by the same admin with
-the same arguments is recorded once a minute with the count of its repeats, see repeated_reads.py: a
-dashboard polls every second.) Whatever a request carries is bounded before it is
-recorded or echoed (audit_args.py), and a request whose arguments exceed MAX_REQUEST_ARGS_BYTES is
-refused unread.
+the same arguments is recorded once a minute (local/server.yml `audit_repeated_reads_s`) with the count
+of its repeats, see repeated_reads.py: a dashboard polls every second.) Whatever a request carries is
+bounded before it is recorded or echoed (audit_args.py), and a request whose arguments exceed
+MAX_REQUEST_ARGS_BYTES is refused unread.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .cross_site_report import report_view
 from .initial_model_upload import announced, spool_both
 from .job_store import FINAL_STATES, JobRecord, JobState
 from .registry import Registry
-from .repeated_reads import RepeatedReads, read_key
+from .repeated_reads import REPEAT_AFTER_S, RepeatedReads, read_key
 from .runner import JobRunner
 from .site_controls import SiteControls
 from .tracker import latest_scalars
@@ -74,7 +74,8 @@ class CommandError(FedkitError):
 class AdminService:
     def __init__(self, runner: JobRunner, registry: Registry, policy: Policy, audit: AuditLog,
                  server_org: str, log_path: Path, controls: SiteControls, on_shutdown: Callable[[], None],
-                 max_upload_bytes: int = MAX_UPLOAD_BYTES, max_initial_model_bytes: int = 64 << 30):
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES, max_initial_model_bytes: int = 64 << 30,
+                 repeated_reads_s: float = REPEAT_AFTER_S):
         self._runner = runner
         self._max_upload_bytes = max_upload_bytes
         self._max_initial_model_bytes = max_initial_model_bytes
@@ -85,7 +86,7 @@ class AdminService:
         self._log_path = log_path
         self._controls = controls  # delivered with each site's next heartbeat
         self._on_shutdown = on_shutdown
-        self._repeated_reads = RepeatedReads(time.monotonic)
+        self._repeated_reads = RepeatedReads(time.monotonic, repeated_reads_s)
         self._started_at = time.time()
         self._commands: dict[str, Handler] = {
             "help": self._help, "check_status": self._check_status, "list_jobs": self._list_jobs,

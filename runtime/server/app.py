@@ -56,7 +56,7 @@ async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None =
                                    settings.max_concurrent_uploads, settings.max_concurrent_downloads, controls)
     admin = AdminService(runner, registry, Policy.load(local / "authorization.yml"), audit, cfg.org,
                          ws / LOG_FILE, controls, stop.set, settings.max_job_archive_bytes,
-                         settings.max_initial_model_bytes)
+                         settings.max_initial_model_bytes, settings.audit_repeated_reads_s)
 
     host = settings.listen_host or cfg.name
     fed_server = RpcServer(tls, host, settings.fed_learn_listen_port or cfg.fed_learn_port)

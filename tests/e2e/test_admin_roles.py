@@ -43,7 +43,8 @@ def _start_study(root: Path) -> LocalStudy:
     study = LocalStudy.create(EXAMPLE_PROJECT, root / "study", edit=_edit)
     try:
         data = write_demo_data(root / "data", list(SITE_ORGS))
-        study.write_local(study.server, "server.yml", {"heartbeat_timeout_s": 6.0})
+        # every command its own record, repeated reads too: these tests count the records
+        study.write_local(study.server, "server.yml", {"heartbeat_timeout_s": 6.0, "audit_repeated_reads_s": 0})
         for site in SITE_ORGS:
             study.write_local(site, "site.yml", {"data_root": str(data.site_dirs[site]), "heartbeat_interval_s": 1.0})
         study.start_server()

@@ -74,3 +74,9 @@ def test_the_audit_trail_coalesces_polls_but_never_denials_failures_or_actions(t
     assert len([r for r in records if r["command"] == "show_job" and r["result"] == "error"]) == 30
     assert len([r for r in records if r["command"] == "abort_job" and r["allowed"]]) == 2
     assert verify(path).records == len(records)  # the chain holds: verify raises on a broken one
+
+
+def test_an_interval_of_zero_records_every_read():
+    reads = RepeatedReads(Clock(), repeat_after_s=0)
+    key = read_key("a", "list_jobs", {})
+    assert [reads.due(key) for _ in range(3)] == [0, 0, 0]
