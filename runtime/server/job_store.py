@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -209,5 +210,14 @@ class JobStore:
         shutil.rmtree(d)
 
     def output_bytes(self, job_id: str) -> int:
-        """Bytes download_job would send (the folder's files), for a progress bar's total."""
-        return sum(p.stat().st_size for p in self.job_dir(job_id).rglob("*") if p.is_file())
+        """Bytes download_job would send (the folder's files), for a progress bar's total. A running job
+        replaces files (models, checkpoint references) while this walks its folder: one gone is not counted."""
+        return sum(_size_if_there(p) for p in self.job_dir(job_id).rglob("*"))
+
+
+def _size_if_there(path: Path) -> int:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
