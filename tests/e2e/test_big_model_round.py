@@ -82,15 +82,19 @@ def _pid_of(study: LocalStudy, name: str, module: bytes) -> int:
     pytest.fail(f"no {module.decode()} process under {study.procs[name].pid}")
 
 
-def test_a_1_gib_model_is_sent_to_2_sites_with_server_and_daemons_memory_bounded(make_study, tmp_path):
-    handle = make_study(sites=SITES)
-    study = handle.study
+def _running(make_study) -> tuple[LocalStudy, int]:
+    """The server and both sites started and online; returns the study and the server's PID."""
+    study = make_study(sites=SITES).study
     study.start_server()
     for site in SITES:
         study.start(site)
     wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == 2, 60,
                "both sites online")
-    server = _pid_of(study, study.server, b"runtime.server")
+    return study, _pid_of(study, study.server, b"runtime.server")
+
+
+def test_a_1_gib_model_is_sent_to_2_sites_with_server_and_daemons_memory_bounded(make_study, tmp_path):
+    study, server = _running(make_study)
     daemons = {site: _pid_of(study, site, b"runtime.client") for site in SITES}
     before = _memory_kib(server)
     daemons_before = {site: _memory_kib(pid) for site, pid in daemons.items()}
@@ -123,14 +127,7 @@ AGGREGATION_LIMIT_X_MODEL = 4  # the global model, the running sum, one update (
 
 
 def test_a_fedavg_round_on_a_1_gib_model_holds_about_3_models_in_the_server(make_study, tmp_path):
-    handle = make_study(sites=SITES)
-    study = handle.study
-    study.start_server()
-    for site in SITES:
-        study.start(site)
-    wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == 2, 60,
-               "both sites online")
-    server = _pid_of(study, study.server, b"runtime.server")
+    study, server = _running(make_study)
     before = _memory_kib(server)
 
     model = _multi_tensor_model(tmp_path / "big.safetensors")
