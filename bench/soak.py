@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         same_model = list(first.final_models.values()) == list(second.final_models.values())
         print(f"replay of seed {args.seed}: schedule {'SAME' if same_schedule else 'DIFFERENT'}, "
               f"final model(s) {'SAME' if same_model else 'DIFFERENT'}")
+        for (g, a), (_, b) in zip(first.participants, second.participants, strict=False):
+            if a != b:
+                print(f"  first round answered by other sites: {g}: {a} then {b}")
+                break
         return 0 if first.passed and second.passed and same_schedule and same_model else 1
     finally:
         if args.root is None:

@@ -105,6 +105,11 @@ class ServerJobConfig(_Strict):
     rounds: int = Field(1, ge=1, le=100_000, description="training rounds of fedavg")
     round_timeout_s: float = Field(600.0, gt=0, description="a round ends at the latest after this many "
                                                             "seconds, with the answers it has")
+    rejoin_wait_s: float = Field(0.0, ge=0, description="how long a round waits for an offline site of the "
+                                                        "job to come back (restarting, reconnecting): at the "
+                                                        "round's start for a site that took part before, and "
+                                                        "for a site that went silent before answering; 0: go "
+                                                        "on without it at once")
     aggregator: AggregatorConfig = Field(FedAvgConfig(), description="how the sites' updates are combined")
     proximal_mu: float = Field(0.0, ge=0, description="> 0: FedProx, the proximal term added on every site")
     key_metric: KeyMetric = Field(KeyMetric(), description="the metric that picks the best global model")

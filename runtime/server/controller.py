@@ -83,6 +83,7 @@ class JobController:
         self._n_tensors = 0
         self._step = 0
         self._tasked: set[str] = set()  # every site this run has sent a task: the ones that may fetch the job
+        self._not_awaited: set[str] = set()  # offline sites a round's start waited for in vain (_rejoining)
         self._code_signature = store.code_signature(record.job_id)  # passed on to sites as submitted
 
     def is_selected(self, site: str) -> bool:
@@ -286,15 +287,24 @@ class JobController:
         return min(self.spec.meta.min_clients, plan.max_sites or self.spec.meta.min_clients)
 
     async def _wait_for_sites(self, plan: RoundPlan) -> list[str]:
-        """The sites to task this round; waits (bounded by the round timeout) until enough are alive."""
+        """The sites to task this round; waits (bounded by the round timeout) until enough are alive, then
+        up to `rejoin_wait_s` more for sites that took part in the job before and are offline now."""
         need = max(1, self._needed(plan))
         loop = asyncio.get_running_loop()
         timeout_s = self.spec.server.round_timeout_s
-        deadline = loop.time() + timeout_s
+        started = loop.time()
+        deadline = started + timeout_s
+        rejoin_until = started + min(self.spec.server.rejoin_wait_s, timeout_s)
         while True:
             self._check_aborted()
-            sites = eligible_sites(self.spec.meta, self._registry.alive(), plan.exclude)
-            if len(sites) >= need:
+            alive = self._registry.alive()
+            sites = eligible_sites(self.spec.meta, alive, plan.exclude)
+            away = eligible_sites(self.spec.meta, self._rejoining(alive), plan.exclude)
+            if len(sites) >= need and (not away or loop.time() >= rejoin_until):
+                self._not_awaited.update(away)
+                if away:
+                    log.info("job %s: %s goes on without %s (offline for rejoin_wait_s %g)", self.record.job_id,
+                             _what(plan), ", ".join(sorted(away)), self.spec.server.rejoin_wait_s)
                 return sites[:plan.max_sites] if plan.max_sites else sites
             if plan.if_no_site and not sites:
                 raise RoundFailed(plan.if_no_site)
@@ -305,19 +315,38 @@ class JobController:
             except TimeoutError:
                 pass
 
+    def _rejoining(self, alive: list[str]) -> list[str]:
+        """Sites that took part in the job before and are offline now: the ones a round's start waits for
+        (rejoin_wait_s). Not a revoked site, nor one a round's start already waited for in vain and that
+        has not been back since: a site gone for good costs the wait once, not every round."""
+        self._not_awaited.intersection_update(set(self.record.sites) - set(alive))
+        offline = set(self.record.sites) - set(alive) - self._not_awaited
+        return sorted(s for s in offline if not ((session := self._registry.session(s)) and session.is_revoked))
+
     async def _collect(self, rnd: _Round, need: int) -> None:
         """Wait until every selected site answered; or until the ones still owing an answer are all dead
-        and `need` answers are in; or until the round's deadline. Dead sites may come back (they register
-        again and are re-sent their task) until then, so a short outage does not fail a round."""
+        (for `rejoin_wait_s` at least) and `need` answers are in; or until the round's deadline. Dead sites
+        may come back (they register again and are re-sent their task) until then, so a short outage does
+        not fail a round."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.spec.server.round_timeout_s
+        rejoin_wait_s = self.spec.server.rejoin_wait_s
         outcome = rnd.outcome
+        silent_since: dict[str, float] = {}  # site owing an answer -> when it was first seen dead
         while True:
             self._check_aborted()
+            now = loop.time()
             waiting = [s for s in rnd.tasks if not rnd.answered(s)]
             alive_waiting = [s for s in waiting if self._registry.is_alive(s)]
-            timed_out = loop.time() >= deadline
-            if not waiting or (not alive_waiting and len(outcome.results) >= need) or timed_out:
+            for site in waiting:
+                if site in alive_waiting:
+                    silent_since.pop(site, None)
+                else:
+                    silent_since.setdefault(site, now)
+            # a silent site is still waited for until rejoin_wait_s passed since it went silent
+            owed = [s for s in waiting if s in alive_waiting or now - silent_since[s] < rejoin_wait_s]
+            timed_out = now >= deadline
+            if not waiting or (not owed and len(outcome.results) >= need) or timed_out:
                 why = "round deadline passed" if timed_out and alive_waiting else "site went silent (missed heartbeats)"
                 for site in waiting:
                     outcome.failures.setdefault(site, why)

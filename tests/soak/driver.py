@@ -49,6 +49,9 @@ class SoakConfig:
     heartbeat_timeout_s: float = 6.0
     disconnect_grace_s: float = 2.0
     round_timeout_s: float = 90.0
+    # a killed or cut-off site is waited for this long before a round goes on without it: a restarted site
+    # then takes part in the next round whatever the machine's speed, so a seed replays to the same model
+    rejoin_wait_s: float = 20.0
     train_s: float = 0.3
     kinds: tuple[Kind, ...] | None = None
     online_bound_s: float = 120.0
@@ -240,6 +243,7 @@ class Driver:
         rounds = self.cfg.rounds - offset
         sets = [f"server.rounds={rounds}", f"meta.min_clients={self.cfg.min_clients}",
                 f"server.round_timeout_s={self.cfg.round_timeout_s:g}",
+                f"server.rejoin_wait_s={self.cfg.rejoin_wait_s:g}",
                 f"client.learner.args.train_s={self.cfg.train_s:g}"]
         job_id = self.study.admin_json(f"submit_job {job_dir} " + " ".join(f"--set {s}" for s in sets))["job_id"]
         job = JobRun(job_id=job_id, offset=offset, rounds=rounds)
