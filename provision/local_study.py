@@ -188,6 +188,17 @@ class LocalStudy:
             raise RuntimeError(f"server exited with code {proc.returncode}: {self.log_tail(self.server)}")
         return proc
 
+    def online_sites(self) -> list[str]:
+        """The sites the server counts online now (check_status through the first admin's console)."""
+        return sorted(s["site"] for s in self.admin_json("check_status client")["sites"] if s["online"])
+
+    def start_sites(self, sites: list[str] | None = None, timeout_s: float = 60.0) -> None:
+        """Start `sites` (default: every client) and wait until the server counts each of them online."""
+        sites = sorted(sites if sites is not None else self.clients)
+        for site in sites:
+            self.start(site)
+        wait_until(lambda: set(sites) <= set(self.online_sites()), timeout_s, f"{', '.join(sites)} online")
+
     def stop(self, name: str, grace_s: float = STOP_GRACE_S) -> int | None:
         proc = self.procs.pop(name, None)
         if proc is None or proc.poll() is not None:

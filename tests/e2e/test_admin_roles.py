@@ -48,10 +48,7 @@ def _start_study(root: Path) -> LocalStudy:
         for site in SITE_ORGS:
             study.write_local(site, "site.yml", {"data_root": str(data.site_dirs[site]), "heartbeat_interval_s": 1.0})
         study.start_server()
-        for site in SITE_ORGS:
-            study.start(site)
-        wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == 2,
-                   60, "both sites online")
+        study.start_sites(list(SITE_ORGS))
     except BaseException:
         study.stop_all()
         raise

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from provision.local_study import wait_until
 from runtime.weights import load_file
 
 from ..conftest import JOB_TEMPLATE
@@ -38,10 +37,7 @@ def _heldout_metrics(weights: dict[str, np.ndarray], heldout_csv: Path) -> dict[
 def _started(study):
     """Start the server and every site from their kits; return once all sites are online."""
     study.start_server()
-    for site in study.clients:
-        study.start(site)
-    wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"])
-               == len(study.clients), 60, "every site online")
+    study.start_sites()
     return study
 
 

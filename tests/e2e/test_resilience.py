@@ -59,15 +59,9 @@ def _audit_time(record: dict[str, Any]) -> float:
     return datetime.fromisoformat(record["time"]).timestamp()
 
 
-def _online(study: LocalStudy) -> list[str]:
-    return sorted(s["site"] for s in study.admin_json("check_status client")["sites"] if s["online"])
-
-
 def _start_all(study: LocalStudy) -> None:
     study.start_server()
-    for site in study.clients:
-        study.start(site)
-    wait_until(lambda: _online(study) == sorted(study.clients), 60, "every site online", interval_s=0.3)
+    study.start_sites()
 
 
 def _submit(study: LocalStudy, tmp_path: Path, *overrides: str) -> str:
@@ -144,10 +138,7 @@ def proxied(make_study) -> Iterator[Any]:
         running.append((study, proxy))
         study.start_server()
         wait_until(lambda: _listening(server_port), 30, "the server to listen behind the proxy")
-        for site in study.clients:
-            study.start(site)
-        wait_until(lambda: _online(study) == sorted(study.clients), 60, "every site online through the proxy",
-                   interval_s=0.3)
+        study.start_sites()
         return study, proxy
 
     yield make
@@ -291,7 +282,7 @@ def test_link_outage_longer_than_heartbeat_timeout_does_not_fail_the_job(proxied
     wait_until(lambda: len(_events(study, study.server, "task_sent", job_id=job_id, round=2, task="train")) == 2,
                60, "round 2 sent to both sites")
     proxy.stall()
-    wait_until(lambda: _online(study) == [], BEFORE_DEADLINE * round_timeout_s,
+    wait_until(lambda: study.online_sites() == [], BEFORE_DEADLINE * round_timeout_s,
                "the server to see both sites as dead, well before the round deadline")
     proxy.pass_()
 

@@ -13,7 +13,6 @@ import pytest
 from typer.testing import CliRunner
 
 from provision.cli import app
-from provision.local_study import wait_until
 from runtime.weights import load_file
 
 SITES = ["site-1", "site-2"]
@@ -41,10 +40,7 @@ def test_simulator_and_federation_give_the_same_model(make_study, tmp_path: Path
     handle = make_study(sites=SITES)
     study = handle.study
     study.start_server()
-    for site in SITES:
-        study.start(site)
-    wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == len(SITES),
-               60, "every site online")
+    study.start_sites(SITES)
     job = handle.job(tmp_path / "job")
     record = study.admin_json(f"submit_job {job} {' '.join(SETTINGS)}")
     assert study.admin_json(f"wait_job {record['job_id']} 240")["state"] == "finished"

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 
-from provision.local_study import wait_until
 from runtime.quantize import decode, encode, is_encoded
 from runtime.weights import load_file
 
@@ -17,10 +16,7 @@ def test_an_int8_round_folds_the_decoded_deltas_the_sites_sent(make_study, tmp_p
     handle = make_study(sites=["site-1", "site-2"])
     study = handle.study
     study.start_server()
-    for site in study.clients:
-        study.start(site)
-    wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == 2, 60,
-               "every site online")
+    study.start_sites()
     job = handle.job(tmp_path / "job")
     record = study.admin_json(f"submit_job {job} --set server.rounds=1 --set server.wire_dtype=int8 "
                               "--set client.keep_updates=true --set meta.min_clients=2")
