@@ -13,18 +13,23 @@ thread, so a synchronous test can switch its mode while real processes talk thro
 `direction` picks what counts and what is affected: "up" (site -> server), "down" (server -> site) or
 "both". `drop`, `reset` and a byte-triggered `stall` fire on at most `times` connections and then fall
 back to pass, so a retried transfer can succeed. It never changes the bytes it forwards (TLS passes as is).
+`pids=` (stall, drop, reset) limits a fault to connections dialed by those processes (found through
+/proc: the client socket's inode among the process's file descriptors), so a test can cut one site's link
+when several sites share the proxy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Literal
 
 Direction = Literal["up", "down", "both"]
@@ -55,6 +60,7 @@ class Fault:
     after_bytes: int = 0  # DROP, RESET, STALL: bytes a connection forwards before it fires; -1: at once, all
     times: int = 1
     generation: int = 0
+    pids: frozenset[int] = frozenset()  # only connections dialed by these processes; empty: any
 
     def applies_to(self, direction: str) -> bool:
         return self.direction in ("both", direction)
@@ -81,6 +87,17 @@ class _Connection:
         self.counted: dict[str, tuple[int, int]] = {}  # direction -> (fault generation, bytes since)
         self.closed = False
         self.frozen: set[str] = set()  # directions stalled on this connection alone, until pass_()
+        self.client_port = int(self.client_writer.get_extra_info("peername")[1])
+        self._owned_by: dict[int, bool] = {}  # pid -> whether it dialed this connection (cached)
+
+    def dialed_by(self, pids: frozenset[int]) -> bool:
+        """Whether one of `pids` holds the client end of this connection (any process when empty)."""
+        if not pids:
+            return True
+        for pid in pids:
+            if pid not in self._owned_by:
+                self._owned_by[pid] = _holds_socket(pid, self.client_port, self.proxy.port)
+        return any(self._owned_by[pid] for pid in pids)
 
     async def run(self) -> None:
         up = asyncio.create_task(self._pump(self.client_reader, self.server_writer, "up"))
@@ -108,7 +125,8 @@ class _Connection:
                 if fault.applies_to(direction) and fault.mode is Mode.DELAY and fault.delay_ms > 0:
                     await asyncio.sleep(fault.delay_ms / 1000)
                     fault = proxy.fault
-                if fault.applies_to(direction) and fault.after_bytes >= 0 and fault.mode in _TRIGGERED:
+                if fault.applies_to(direction) and fault.after_bytes >= 0 and fault.mode in _TRIGGERED \
+                        and self.dialed_by(fault.pids):
                     gen, seen = self.counted.get(direction, (fault.generation, 0))
                     seen = seen if gen == fault.generation else 0
                     room = fault.after_bytes - seen
@@ -294,17 +312,21 @@ class FaultProxy:
     def delay(self, ms: float, direction: Direction = "both") -> None:
         self._set(Mode.DELAY, delay_ms=float(ms), direction=direction)
 
-    def stall(self, direction: Direction = "both", after_bytes: int = -1, times: int = 1) -> None:
+    def stall(self, direction: Direction = "both", after_bytes: int = -1, times: int = 1,
+              pids: frozenset[int] = frozenset()) -> None:
         """Stop forwarding. By default every connection, open or new, at once, until pass_(). With
-        `after_bytes` >= 0, only the first `times` connections that forward that many more bytes freeze
-        (a black-holed flow: sockets open, nothing moves) while others pass; pass_() thaws them."""
-        self._set(Mode.STALL, direction=direction, after_bytes=int(after_bytes), times=times)
+        `after_bytes` >= 0, only the first `times` connections (of `pids`, if given) that forward that many
+        more bytes freeze (a black-holed flow: sockets open, nothing moves) while others pass; pass_()
+        thaws them."""
+        self._set(Mode.STALL, direction=direction, after_bytes=int(after_bytes), times=times, pids=frozenset(pids))
 
-    def drop(self, after_bytes: int, direction: Direction = "both", times: int = 1) -> None:
-        self._set(Mode.DROP, after_bytes=int(after_bytes), direction=direction, times=times)
+    def drop(self, after_bytes: int, direction: Direction = "both", times: int = 1,
+             pids: frozenset[int] = frozenset()) -> None:
+        self._set(Mode.DROP, after_bytes=int(after_bytes), direction=direction, times=times, pids=frozenset(pids))
 
-    def reset(self, after_bytes: int = 0, direction: Direction = "both", times: int = 1) -> None:
-        self._set(Mode.RESET, after_bytes=int(after_bytes), direction=direction, times=times)
+    def reset(self, after_bytes: int = 0, direction: Direction = "both", times: int = 1,
+              pids: frozenset[int] = frozenset()) -> None:
+        self._set(Mode.RESET, after_bytes=int(after_bytes), direction=direction, times=times, pids=frozenset(pids))
 
     def reset_all_now(self) -> int:
         """Abort every open connection with a RST at once; returns how many there were."""
@@ -331,7 +353,7 @@ class FaultProxy:
             self._replace_fault(Fault(generation=fault.generation + 1))
         else:
             self.fault = Fault(mode=fault.mode, direction=fault.direction, after_bytes=fault.after_bytes,
-                               times=left, generation=fault.generation)
+                               times=left, generation=fault.generation, pids=fault.pids)
         return True
 
     async def _not_stalled(self, conn: _Connection, direction: str) -> None:
@@ -339,3 +361,27 @@ class FaultProxy:
                 self.fault.mode is Mode.STALL and self.fault.after_bytes < 0 and self.fault.applies_to(direction)):
             assert self._changed is not None
             await self._changed.wait()
+
+
+def _holds_socket(pid: int, local_port: int, remote_port: int) -> bool:
+    """Whether process `pid` has the loopback TCP socket local_port -> remote_port among its file
+    descriptors (its inode from /proc/net/tcp and tcp6, matched against /proc/PID/fd)."""
+    wanted = f":{local_port:04X}", f":{remote_port:04X}"
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[1].endswith(wanted[0]) and fields[2].endswith(wanted[1]):
+                    inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+    return False

@@ -3,8 +3,10 @@ resilience tests rely on, so a passing resilience test means the fault really ha
 
 from __future__ import annotations
 
+import os
 import socket
 import socketserver
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -128,3 +130,21 @@ def test_one_shot_stall_freezes_one_connection_mid_stream(proxy):
         proxy.pass_()
         frozen.settimeout(5)
         assert _recv_all(frozen, 4000) == b"f" * 4000
+
+
+def test_a_fault_limited_to_some_processes_spares_the_connections_of_others(proxy):
+    other = subprocess.Popen(["sleep", "60"])  # a process that dialed nothing
+    try:
+        proxy.drop(after_bytes=1000, direction="down", pids=frozenset({other.pid}))
+        with _connect(proxy) as s:  # dialed by this process: not the fault's target, so it passes
+            s.sendall(b"z" * 5000)
+            assert _recv_all(s, 5000) == b"z" * 5000
+        assert proxy.stats.faults_fired == []
+    finally:
+        other.kill()
+        other.wait()
+    proxy.drop(after_bytes=1000, direction="down", pids=frozenset({os.getpid()}))
+    with _connect(proxy) as s:  # dialed by the target: cut after 1000 bytes
+        s.sendall(b"z" * 5000)
+        assert _recv_all(s, 5000) == b"z" * 1000
+    assert proxy.stats.faults_fired == ["drop:down:1000"]

@@ -70,11 +70,18 @@ class Injector:
         elif kind is Kind.DISK_FULL:
             self._fill_disk(fault.sites[0])
         elif kind is Kind.LINK_STALL:
-            self.proxy.stall(direction=fault.direction, after_bytes=fault.after_bytes, times=1)  # type: ignore[arg-type]
+            self.proxy.stall(direction=fault.direction, after_bytes=fault.after_bytes, times=1,  # type: ignore[arg-type]
+                             pids=self._daemon_pids(fault.sites))
         elif kind is Kind.LINK_RESET:
-            self.proxy.reset(after_bytes=fault.after_bytes, direction=fault.direction, times=1)  # type: ignore[arg-type]
+            self.proxy.reset(after_bytes=fault.after_bytes, direction=fault.direction, times=1,  # type: ignore[arg-type]
+                             pids=self._daemon_pids(fault.sites))
         elif kind is Kind.LINK_SLOW:
             self.proxy.delay(fault.delay_ms)
+
+    def _daemon_pids(self, sites: tuple[str, ...]) -> frozenset[int]:
+        """The site daemons a link fault cuts: the connections they dial (a site with no daemon running,
+        e.g. one that died, is cut nowhere rather than some other site in its place)."""
+        return frozenset(self.study.procs[s].pid if s in self.study.procs else -1 for s in sites)
 
     def fire(self, fault: Fault) -> None:
         """At the fault's point of its round: mid-round (its tasks sent) or between (the round closed)."""

@@ -18,8 +18,8 @@ class Kind(StrEnum):
     SITES_KILL = "sites_kill"          # SIGKILL two or three sites in the same round
     SERVER_KILL_MID = "server_kill_mid"          # SIGKILL the server mid-round, restart at once
     SERVER_KILL_BETWEEN = "server_kill_between"  # SIGKILL the server just after a round closed
-    LINK_STALL = "link_stall"          # black-hole one connection after N bytes (either direction)
-    LINK_RESET = "link_reset"          # TCP RST on one connection after N bytes (either direction)
+    LINK_STALL = "link_stall"          # black-hole one site's connection after N bytes (either direction)
+    LINK_RESET = "link_reset"          # TCP RST on one site's connection after N bytes (either direction)
     LINK_SLOW = "link_slow"            # every chunk delayed, both directions, for one round
     WORKER_CRASH = "worker_crash"      # the site's learner raises for one round
     DISK_FULL = "disk_full"            # a tiny tmpfs over the site's jobs folder for one round
@@ -44,7 +44,7 @@ class Fault:
     round: int                 # global round number at which it fires
     phase: Phase
     kind: Kind
-    sites: tuple[str, ...] = ()
+    sites: tuple[str, ...] = ()  # kills, worker crash, disk full, link stall and reset: the sites it hits
     direction: str = "both"    # link faults: up, down or both
     after_bytes: int = 0       # link stall/reset: bytes the connection forwards first
     delay_ms: float = 0.0      # link slow
@@ -70,8 +70,8 @@ def make_schedule(seed: int, sites: list[str], n_rounds: int, kinds: tuple[Kind,
             return faults
         kind = rng.choices(pool, weights)[0]
         phase = Phase.BETWEEN if kind is Kind.SERVER_KILL_BETWEEN else Phase.MID
-        n_sites = {Kind.SITE_KILL: 1, Kind.WORKER_CRASH: 1, Kind.DISK_FULL: 1,
-                   Kind.SITES_KILL: min(len(sites) - 2, rng.randint(2, 3))}.get(kind, 0)
+        n_sites = {Kind.SITE_KILL: 1, Kind.WORKER_CRASH: 1, Kind.DISK_FULL: 1, Kind.LINK_STALL: 1,
+                   Kind.LINK_RESET: 1, Kind.SITES_KILL: min(len(sites) - 2, rng.randint(2, 3))}.get(kind, 0)
         chosen = tuple(sorted(rng.sample(sites, max(0, n_sites))))
         faults.append(Fault(
             index=len(faults), round=rnd, phase=phase, kind=kind, sites=chosen,
