@@ -36,7 +36,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sites", type=int, default=12, help="client sites (default 12)")
     p.add_argument("--rounds", type=int, default=100_000, help="stop after this many rounds (default: by --minutes)")
     p.add_argument("--min-clients", type=int, default=None, help="the job's min_clients (default: sites // 3, >= 2)")
-    p.add_argument("--round-timeout-s", type=float, default=60.0, help="the job's round_timeout_s (default 60)")
+    p.add_argument("--round-timeout-s", type=float, default=120.0, help="the job's round_timeout_s (default 120)")
     p.add_argument("--root", type=Path, default=None, help="where the study lives (default: a temp dir, removed)")
     p.add_argument("--replay-check", action="store_true",
                    help="run the seed twice over --rounds rounds (no time limit) and compare schedules and models")

@@ -49,9 +49,10 @@ class SoakConfig:
     heartbeat_timeout_s: float = 6.0
     disconnect_grace_s: float = 2.0
     round_timeout_s: float = 90.0
-    # a killed or cut-off site is waited for this long before a round goes on without it: a restarted site
-    # then takes part in the next round whatever the machine's speed, so a seed replays to the same model
-    rejoin_wait_s: float = 20.0
+    # a killed (and restarted) or cut-off site is waited for this long before a round goes on without it: far
+    # more than a site's restart takes on a loaded machine (up to ~25 s seen), so it takes part in the round
+    # whatever the machine's speed, and a seed replays to the same model
+    rejoin_wait_s: float = 60.0
     train_s: float = 0.3
     kinds: tuple[Kind, ...] | None = None
     online_bound_s: float = 120.0

@@ -1,6 +1,6 @@
 """Injecting one scheduled fault into a running study and undoing it: each kind is prepared before its
 round starts (trigger files, proxy modes, a full disk), fired at its point of the round (kills), and
-cleaned up once the round closed (restarts, files removed, links passing again, disk unmounted).
+cleaned up once the round closed (files removed, links passing again, disk unmounted).
 
 Everything here acts on processes by PID (LocalStudy.kill), on files the driver owns (a site's data root)
 and on the study's own fault proxy; nothing waits without a bound."""
@@ -53,7 +53,6 @@ class Injector:
     proxy: FaultProxy
     data_dirs: dict[str, Path]
     restart_server: Callable[[], None]  # start the server and wait until it listens behind the proxy
-    killed_sites: set[str] = field(default_factory=set)
     mounts: list[Path] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
 
@@ -86,12 +85,16 @@ class Injector:
     def fire(self, fault: Fault) -> None:
         """At the fault's point of its round: mid-round (its tasks sent) or between (the round closed)."""
         if fault.kind in SITE_KILLS:
+            # a reboot: killed, then started again at once; it registers again, is sent its task again and
+            # answers this same round (the round waits rejoin_wait_s for it), however long its start takes
             for site in fault.sites:
-                if site in self.study.procs:
+                killed = site in self.study.procs
+                if killed:
                     self.study.kill(site)
-                    self.killed_sites.add(site)
                 with contextlib.suppress(FileNotFoundError):
                     (self.data_dirs[site] / HOLD_TRIGGER).unlink()
+                if killed:
+                    self.study.start(site)
         elif fault.kind in SERVER_KILLS:
             self.study.kill(self.study.server)
             self.restart_server()
@@ -107,9 +110,6 @@ class Injector:
             self.proxy.pass_()
         if kind is Kind.DISK_FULL:
             self._free_disk(fault.sites[0])
-        for site in sorted(self.killed_sites):
-            self.study.start(site)
-        self.killed_sites.clear()
 
     # ---- disk full ----------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from enum import StrEnum
 
 
 class Kind(StrEnum):
-    SITE_KILL = "site_kill"            # SIGKILL one site (daemon + worker), restart it the next round
+    SITE_KILL = "site_kill"            # SIGKILL one site (daemon + worker) mid-round, restart it at once
     SITES_KILL = "sites_kill"          # SIGKILL two or three sites in the same round
     SERVER_KILL_MID = "server_kill_mid"          # SIGKILL the server mid-round, restart at once
     SERVER_KILL_BETWEEN = "server_kill_between"  # SIGKILL the server just after a round closed
