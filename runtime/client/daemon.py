@@ -2,7 +2,10 @@
 worker, filter and upload the result. Reconnects with exponential backoff and jitter whenever the
 server or the link goes away, and keeps heartbeating while the worker trains.
 
-It never imports torch and never unpickles: weights are safetensors files and bytes.
+It never imports torch and never unpickles: weights are safetensors files and bytes. NumPy, safetensors and
+ml_dtypes are imported only by a task that needs them (a privacy chain with steps, wire quantization), never
+at start: an idle site holds only what registering and heartbeating need, and a site that sends its weights
+as they are never pays for them (tests/runtime/client/test_idle_imports.py, tests/e2e/test_lean_site.py).
 """
 
 from __future__ import annotations
@@ -20,11 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import ValidationError
 
 from .. import kit_config as kc
-from .. import quantize
 from ..audit import AuditLog
 from ..crl import load_root_ca, parse_crl
 from ..errors import (
@@ -109,7 +110,7 @@ class ClientDaemon:
         self._aborted: set[str] = set()
         self._current: asyncio.Task | None = None
         self.restart_requested = False
-        self._rng = np.random.default_rng()
+        self._rng: Any = None  # NumPy's Generator for the privacy chain: made when a chain first has steps
         self._once = once  # --once: give up instead of retrying for ever when the server cannot be reached
         self._registered_once = False
 
@@ -406,6 +407,8 @@ class ClientDaemon:
         if received is None:
             raise JobRejected(f"{kind.value} task came without weights")
         if task.config.wire_dtype != "float32":  # the worker sees the model, never the wire encoding
+            from .. import quantize  # numpy and ml_dtypes: only a quantized job's sites pay for them
+
             await asyncio.to_thread(quantize.decode_file, received)
         if kind is TaskKind.VALIDATE:
             reply = await self._worker.call({"op": kind.value, "weights": str(received)}, timeout_s)
@@ -427,6 +430,8 @@ class ClientDaemon:
                    **({"local_validation": reply["local_validation"]} if reply.get("local_validation") else {}),
                    **_scalars(reply)}
         if config.wire_dtype != "float32":  # after the privacy chain: what leaves is its output, encoded
+            from .. import quantize
+
             sent, digest, error = await asyncio.to_thread(quantize.encode_file, sent, config.wire_dtype)
             privacy = {"privacy": {**privacy["privacy"], "payload_sha256": digest}}  # the bytes that leave
             metrics["wire"] = error.as_metrics()
@@ -441,11 +446,19 @@ class ClientDaemon:
         ledger = DpLedger(self._ws / "jobs" / _safe_name(job_id), job_id)
         try:
             report = await asyncio.to_thread(outgoing.prepare, task, raw, raw.with_suffix(SENT_SUFFIX), chain,
-                                             self._rng, reference, ledger=ledger)
+                                             self._generator, reference, ledger=ledger)
         except DpBudgetExhausted as e:
             self._audit.append("dp_budget_exhausted", job_id=job_id, task=task, round=self._round, **e.details)
             raise
         return {"privacy": report.model_dump(mode="json", exclude_none=True)}
+
+    def _generator(self) -> Any:
+        """The site's one random Generator for its privacy filters, made (and NumPy imported) on first use."""
+        if self._rng is None:
+            import numpy as np
+
+            self._rng = np.random.default_rng()
+        return self._rng
 
     def _approve_code(self, code: ReceivedCode) -> str:
         """local/job_policy.yml `code:` on the code as received; signers are checked against this site's
