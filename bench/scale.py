@@ -180,6 +180,15 @@ def breakdown(study: LocalStudy, job_id: str, submitted: float) -> dict[str, Any
                            for name, v in per_step.items() if v}
     if done is not None and accepted_round1:
         out["last_accepted_to_round_done"] = round(done - max(accepted_round1), 2)
+    # the console's own part: its process start, TLS and upload (request audited), then the server's intake
+    request = min((_t(r) for r in server if r["event"] == "admin_request" and r.get("command") == "submit_job"
+                   and _t(r) >= submitted - 1), default=None)
+    accepted = min((_t(r) for r in server if r["event"] == "admin_command" and r.get("command") == "submit_job"
+                    and _t(r) >= submitted - 1), default=None)
+    if request is not None:
+        out["submit_console_to_request"] = round(request - submitted, 2)
+        if accepted is not None:
+            out["submit_request_to_accepted"] = round(accepted - request, 2)
     started = _first(server, "job_started", job_id=job_id)
     built = _first(server, "initial_model_built", job_id=job_id)
     round1_sent = _first(server, "task_sent", job_id=job_id, round=1)
