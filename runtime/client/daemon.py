@@ -322,7 +322,8 @@ class ClientDaemon:
             kind = _task_kind(h.task_name)
             client_cfg = ClientJobConfig.model_validate(task.config.client)
             keep_updates = client_cfg.keep_updates
-            chain = self._privacy.chain_for(h.job_id, client_cfg.filters)  # a refusal comes before any job code
+            # a refusal comes before any job code; in a thread: the first chain with filters imports NumPy
+            chain = await asyncio.to_thread(self._privacy.chain_for, h.job_id, client_cfg.filters)
             await self._ensure_job(h, task.config.model_dump(mode="json"), job_dir, client_cfg)
             n_samples, metrics, payload = await self._execute(h, kind, task, round_dir, client_cfg, chain)
             await self._submit(h, n_samples, metrics, payload)
@@ -407,9 +408,7 @@ class ClientDaemon:
         if received is None:
             raise JobRejected(f"{kind.value} task came without weights")
         if task.config.wire_dtype != "float32":  # the worker sees the model, never the wire encoding
-            from .. import quantize  # numpy and ml_dtypes: only a quantized job's sites pay for them
-
-            await asyncio.to_thread(quantize.decode_file, received)
+            await asyncio.to_thread(_decode_wire, received)
         if kind is TaskKind.VALIDATE:
             reply = await self._worker.call({"op": kind.value, "weights": str(received)}, timeout_s)
             return 0, {"validation": reply["metrics"], **_scalars(reply)}, None
@@ -430,9 +429,7 @@ class ClientDaemon:
                    **({"local_validation": reply["local_validation"]} if reply.get("local_validation") else {}),
                    **_scalars(reply)}
         if config.wire_dtype != "float32":  # after the privacy chain: what leaves is its output, encoded
-            from .. import quantize
-
-            sent, digest, error = await asyncio.to_thread(quantize.encode_file, sent, config.wire_dtype)
+            sent, digest, error = await asyncio.to_thread(_encode_wire, sent, config.wire_dtype)
             privacy = {"privacy": {**privacy["privacy"], "payload_sha256": digest}}  # the bytes that leave
             metrics["wire"] = error.as_metrics()
         return int(reply["n_samples"]), {**metrics, **privacy}, sent
@@ -520,6 +517,20 @@ class ClientDaemon:
             await self._worker.stop()
             self._worker = None
             log.info("stopped the training worker of job %s", job_id)
+
+
+def _decode_wire(path: Path) -> None:
+    """runtime.quantize.decode_file, imported here (in a worker thread, off the event loop): NumPy and
+    ml_dtypes are loaded only by the sites of a quantized job."""
+    from .. import quantize
+
+    quantize.decode_file(path)
+
+
+def _encode_wire(path: Path, wire_dtype: str) -> tuple[Path, str, Any]:
+    from .. import quantize
+
+    return quantize.encode_file(path, wire_dtype)
 
 
 def _read_hashed(f, digest) -> bytes:
