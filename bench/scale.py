@@ -135,6 +135,72 @@ def _t(record: dict[str, Any]) -> float:
     return datetime.fromisoformat(record["time"]).timestamp()
 
 
+def _site_audit(study: LocalStudy, site: str) -> list[dict[str, Any]]:
+    path = study.kits[site] / "workspace" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _first(records: list[dict[str, Any]], event: str, **match: Any) -> float | None:
+    return min((_t(r) for r in records if r["event"] == event and all(r.get(k) == v for k, v in match.items())),
+               default=None)
+
+
+# submit -> end of round 1, step by step: (name, from event, to event), each per site from the server's and
+# the site's own audit (same machine, same clock); the job's first task may be round 0's init at one site
+BREAKDOWN_STEPS = ("submit_to_first_task_sent", "task_sent_to_received", "fetch_check_unpack_job",
+                   "sandbox_and_worker_start", "worker_ready_to_update_sent", "update_sent_to_accepted",
+                   "last_accepted_to_round_done")
+
+
+def breakdown(study: LocalStudy, job_id: str, submitted: float) -> dict[str, Any]:
+    """Where submit -> end of round 1 goes: for each step the median and the max over sites (seconds).
+    Steps of a site's first task of the job: the server sends it, the site receives it (long poll), fetches,
+    hash-checks, approves and unpacks the job, starts its sandboxed worker (which imports the learner and
+    answers ready), runs the task and uploads; then the server closes round 1 after the last result."""
+    server = _audit(study)
+    done = _first(server, "round_done", job_id=job_id, round=1)
+    per_step: dict[str, list[float]] = {name: [] for name in BREAKDOWN_STEPS[:-1]}
+    accepted_round1: list[float] = []
+    for site in study.clients:
+        mine = _site_audit(study, site)
+        sent = _first(server, "task_sent", job_id=job_id, site=site)
+        received = _first(mine, "task_received", job_id=job_id)
+        fetched = _first(mine, "job_received", job_id=job_id)
+        worker = _first(mine, "worker_started", job_id=job_id)
+        update = _first(mine, "update_sent", job_id=job_id)
+        accepted = _first(server, "result_accepted", job_id=job_id, site=site)
+        r1 = _first(server, "result_accepted", job_id=job_id, site=site, round=1)
+        if r1 is not None:
+            accepted_round1.append(r1)
+        points = [submitted, sent, received, fetched, worker, update, accepted]
+        for name, a, b in zip(BREAKDOWN_STEPS, points, points[1:], strict=False):
+            if a is not None and b is not None:
+                per_step[name].append(b - a)
+    out: dict[str, Any] = {name: {"median": round(statistics.median(v), 2), "max": round(max(v), 2)}
+                           for name, v in per_step.items() if v}
+    if done is not None and accepted_round1:
+        out["last_accepted_to_round_done"] = round(done - max(accepted_round1), 2)
+    # the console's own part: its process start, TLS and upload (request audited), then the server's intake
+    request = min((_t(r) for r in server if r["event"] == "admin_request" and r.get("command") == "submit_job"
+                   and _t(r) >= submitted - 1), default=None)
+    accepted = min((_t(r) for r in server if r["event"] == "admin_command" and r.get("command") == "submit_job"
+                    and _t(r) >= submitted - 1), default=None)
+    if request is not None:
+        out["submit_console_to_request"] = round(request - submitted, 2)
+        if accepted is not None:
+            out["submit_request_to_accepted"] = round(accepted - request, 2)
+    started = _first(server, "job_started", job_id=job_id)
+    built = _first(server, "initial_model_built", job_id=job_id)
+    round1_sent = _first(server, "task_sent", job_id=job_id, round=1)
+    if started is not None:
+        out["submit_to_job_started"] = round(started - submitted, 2)
+    if built is not None:  # round 0: one site fetches the job, starts its worker and builds the model
+        out["round0_initial_model_built"] = round(built - submitted, 2)
+        if round1_sent is not None:
+            out["round0_built_to_round1_sent"] = round(round1_sent - built, 2)
+    return out
+
+
 def _registered(study: LocalStudy) -> set[str]:
     return {r["site"] for r in _audit(study) if r["event"] == "site_registered"}
 
@@ -202,6 +268,7 @@ def run(params: int, n_sites: int, rounds: int, root: Path, timeout_s: float, mi
             sites_in_rounds = [len(m["sites"]) for m in study.admin_json(f"show_job {job_id}")["metrics"]
                                if m["type"] == "round"]
             row["sites_per_round"] = sites_in_rounds
+            row["breakdown_s"] = breakdown(study, job_id, submitted)
             wire = [m["bytes_sent"] for m in study.admin_json(f"show_job {job_id}")["metrics"]
                     if m["type"] == "wire" and m["task"] == "train"]
             model_bytes = max(wire, default=0) or 4 * params
@@ -242,6 +309,7 @@ def main() -> None:
                         help="stop a run when the machine's available memory falls below this")
     args = parser.parse_args()
     rows = []
+    print(f"load before: {Path('/proc/loadavg').read_text().strip()}", flush=True)
     for n in args.sites:
         with tempfile.TemporaryDirectory(prefix="fedkit-scale-") as tmp:
             try:
@@ -250,6 +318,7 @@ def main() -> None:
                 row = {"P": args.params, "N": n, "error": f"{type(e).__name__}: {e}"}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    print(f"load after: {Path('/proc/loadavg').read_text().strip()}")
     print()
     print(f"{'N':>4} {'registered s':>12} {'submit->r1 s':>12} {'round s (each)':>22} {'raw TLS s':>9} "
           f"{'ratio':>6} {'server MB':>10} {'KB/site':>8} {'all MB':>8} {'site MB':>8} {'daemon MB':>10} "

@@ -4,13 +4,16 @@ SIGTERM/SIGINT into a clean, awaited shutdown."""
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncio
 
 WORKSPACE = "workspace"
 PID_FILE = "daemon.pid"
@@ -83,6 +86,8 @@ def die_with_parent() -> None:
 
 def stop_event_on_signals() -> asyncio.Event:
     """An event set by SIGTERM or SIGINT, so the main coroutine can shut down in order."""
+    import asyncio  # here, not at the top: the training worker imports this module and runs no event loop
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from ..errors import FedkitError, UpdateRejected
 from ..transport import CHUNK_BYTES
-from ..weights import check_file
 
 
 @dataclass(frozen=True)
@@ -31,6 +30,8 @@ class ModelToSend:
 
 def model_to_send(path: Path) -> ModelToSend:
     """Check `path` and hash it (blocking: call in a thread). FedkitError naming the file on a bad one."""
+    from ..weights import check_file  # NumPy: only a submit that ships an initial model pays for it
+
     try:
         check_file(path)
     except UpdateRejected as e:

@@ -2,7 +2,10 @@
 worker, filter and upload the result. Reconnects with exponential backoff and jitter whenever the
 server or the link goes away, and keeps heartbeating while the worker trains.
 
-It never imports torch and never unpickles: weights are safetensors files and bytes.
+It never imports torch and never unpickles: weights are safetensors files and bytes. NumPy, safetensors and
+ml_dtypes are imported only by a task that needs them (a privacy chain with steps, wire quantization), never
+at start: an idle site holds only what registering and heartbeating need, and a site that sends its weights
+as they are never pays for them (tests/runtime/client/test_idle_imports.py, tests/e2e/test_lean_site.py).
 """
 
 from __future__ import annotations
@@ -20,11 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import ValidationError
 
 from .. import kit_config as kc
-from .. import quantize
 from ..audit import AuditLog
 from ..crl import load_root_ca, parse_crl
 from ..errors import (
@@ -109,7 +110,7 @@ class ClientDaemon:
         self._aborted: set[str] = set()
         self._current: asyncio.Task | None = None
         self.restart_requested = False
-        self._rng = np.random.default_rng()
+        self._rng: Any = None  # NumPy's Generator for the privacy chain: made when a chain first has steps
         self._once = once  # --once: give up instead of retrying for ever when the server cannot be reached
         self._registered_once = False
 
@@ -321,7 +322,8 @@ class ClientDaemon:
             kind = _task_kind(h.task_name)
             client_cfg = ClientJobConfig.model_validate(task.config.client)
             keep_updates = client_cfg.keep_updates
-            chain = self._privacy.chain_for(h.job_id, client_cfg.filters)  # a refusal comes before any job code
+            # a refusal comes before any job code; in a thread: the first chain with filters imports NumPy
+            chain = await asyncio.to_thread(self._privacy.chain_for, h.job_id, client_cfg.filters)
             await self._ensure_job(h, task.config.model_dump(mode="json"), job_dir, client_cfg)
             n_samples, metrics, payload = await self._execute(h, kind, task, round_dir, client_cfg, chain)
             await self._submit(h, n_samples, metrics, payload)
@@ -406,7 +408,7 @@ class ClientDaemon:
         if received is None:
             raise JobRejected(f"{kind.value} task came without weights")
         if task.config.wire_dtype != "float32":  # the worker sees the model, never the wire encoding
-            await asyncio.to_thread(quantize.decode_file, received)
+            await asyncio.to_thread(_decode_wire, received)
         if kind is TaskKind.VALIDATE:
             reply = await self._worker.call({"op": kind.value, "weights": str(received)}, timeout_s)
             return 0, {"validation": reply["metrics"], **_scalars(reply)}, None
@@ -427,7 +429,7 @@ class ClientDaemon:
                    **({"local_validation": reply["local_validation"]} if reply.get("local_validation") else {}),
                    **_scalars(reply)}
         if config.wire_dtype != "float32":  # after the privacy chain: what leaves is its output, encoded
-            sent, digest, error = await asyncio.to_thread(quantize.encode_file, sent, config.wire_dtype)
+            sent, digest, error = await asyncio.to_thread(_encode_wire, sent, config.wire_dtype)
             privacy = {"privacy": {**privacy["privacy"], "payload_sha256": digest}}  # the bytes that leave
             metrics["wire"] = error.as_metrics()
         return int(reply["n_samples"]), {**metrics, **privacy}, sent
@@ -441,11 +443,19 @@ class ClientDaemon:
         ledger = DpLedger(self._ws / "jobs" / _safe_name(job_id), job_id)
         try:
             report = await asyncio.to_thread(outgoing.prepare, task, raw, raw.with_suffix(SENT_SUFFIX), chain,
-                                             self._rng, reference, ledger=ledger)
+                                             self._generator, reference, ledger=ledger)
         except DpBudgetExhausted as e:
             self._audit.append("dp_budget_exhausted", job_id=job_id, task=task, round=self._round, **e.details)
             raise
         return {"privacy": report.model_dump(mode="json", exclude_none=True)}
+
+    def _generator(self) -> Any:
+        """The site's one random Generator for its privacy filters, made (and NumPy imported) on first use."""
+        if self._rng is None:
+            import numpy as np
+
+            self._rng = np.random.default_rng()
+        return self._rng
 
     def _approve_code(self, code: ReceivedCode) -> str:
         """local/job_policy.yml `code:` on the code as received; signers are checked against this site's
@@ -507,6 +517,20 @@ class ClientDaemon:
             await self._worker.stop()
             self._worker = None
             log.info("stopped the training worker of job %s", job_id)
+
+
+def _decode_wire(path: Path) -> None:
+    """runtime.quantize.decode_file, imported here (in a worker thread, off the event loop): NumPy and
+    ml_dtypes are loaded only by the sites of a quantized job."""
+    from .. import quantize
+
+    quantize.decode_file(path)
+
+
+def _encode_wire(path: Path, wire_dtype: str) -> tuple[Path, str, Any]:
+    from .. import quantize
+
+    return quantize.encode_file(path, wire_dtype)
 
 
 def _read_hashed(f, digest) -> bytes:

@@ -15,7 +15,8 @@ Tensors removed by exclude_vars never leave in any task. The result is written o
 bytes, and described by a PrivacyReport (runtime.privacy_report), which the daemon sends and audits.
 An upload through gaussian_dp is a DP release: it is counted in the job's ledger on this site (and refused
 past the site's dp_budget) before anything is written to send, and the report says what it cost (`dp`).
-Runs in a worker thread (NumPy and file I/O); never imports torch, never unpickles.
+Runs in a worker thread (NumPy and file I/O); never imports torch, never unpickles. NumPy, safetensors and
+the filters are imported only when a chain has steps: a site that sends its weights as they are never loads them.
 """
 
 from __future__ import annotations
@@ -23,28 +24,35 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from ..filters import apply_filters
 from ..privacy_report import MAX_EXCLUDED_LISTED, AppliedTo, PrivacyReport
 from ..tasks import RESULT_WEIGHTS, TaskKind
-from ..weights import Weights, is_float_dtype, load_file, to_bytes
 from .dp_ledger import DpLedger
 from .privacy_policy import EffectiveChain
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..weights import Weights
 
 Task = TaskKind  # the kinds that send weights: runtime.tasks.RESULT_WEIGHTS
 
 
-def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, rng: np.random.Generator,
+def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, rng: Any,
             reference_path: Path | None = None, *, ledger: DpLedger) -> PrivacyReport:
     """Filter the weights in `raw_path` as `task` requires, write what may leave to `out_path`, and report.
     `reference_path`: the last global model this site received (submit_model only); `ledger`: the job's
-    count of DP releases on this site. Raises UpdateRejected if a file is not valid safetensors, and
+    count of DP releases on this site; `rng`: a NumPy Generator, or a callable that makes one (so a chain
+    without steps needs no NumPy). Raises UpdateRejected if a file is not valid safetensors, and
     DpBudgetExhausted (out_path then absent) when the site's DP budget does not allow this release."""
     out_path.unlink(missing_ok=True)  # nothing from an earlier attempt may be sent in this one's place
     if not chain.steps:  # nothing to apply: send the file as it is, without a load and a rewrite
         return _unfiltered(task, raw_path, out_path, chain)
+    from ..filters import apply_filters
+    from ..weights import load_file, to_bytes
+
+    rng = rng() if callable(rng) else rng
     raw = load_file(raw_path)
     # only a filter that changes values needs the reference; exclusions alone send the model bit for bit
     changes_values = any(step.name != "exclude_vars" for step in chain.steps)
@@ -84,6 +92,8 @@ def _unfiltered(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChai
 
 
 def _is_float(a: np.ndarray) -> bool:
+    from ..weights import is_float_dtype
+
     return is_float_dtype(a.dtype)
 
 

@@ -12,7 +12,8 @@ a gaussian_dp release that would take a job's total epsilon on this site past it
 (runtime.client.dp_ledger), and a job whose uploads would not be differentially private at all (no
 gaussian_dp, or one without noise) is refused before any of its code runs.
 
-Never imports torch; never reads the job's code.
+Never imports torch; never reads the job's code. runtime.filters (NumPy) is imported when a job's chain is
+built, not when the daemon starts: an idle site does not hold NumPy.
 """
 
 from __future__ import annotations
@@ -21,16 +22,18 @@ import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ConfigError, JobRejected
-from ..filters import FILTERS, Filter, build_filters
 from ..job_spec import FilterConfig
 from ..kit_config import load_optional
 from ..privacy_accounting import GaussianMechanism
 from ..privacy_report import FilterStep
+
+if TYPE_CHECKING:
+    from ..filters import Filter
 
 PRIVACY_FILE = "privacy.yml"
 
@@ -95,7 +98,10 @@ class PrivacyPolicy(_Strict):
         """The filters this site applies for a job that asks for `job_filters`. Raises JobRejected under
         `on_weaker_job: refuse` when the job asks for less than this site's floor, and ConfigError for a
         filter the job names wrongly."""
-        build_filters(job_filters)  # unknown names and bad arguments fail here, with their own line
+        if job_filters:  # a job without filters needs none of their code (NumPy) here
+            from ..filters import build_filters
+
+            build_filters(job_filters)  # unknown names and bad arguments fail here, with their own line
         steps = [FilterStep(name="exclude_vars", args={"pattern": p}, source="site") for p in self.exclude_vars]
         present: set[str] = set()
         for entry in job_filters:
@@ -187,12 +193,16 @@ class EffectiveChain:
         return release is not None and all(m.noise_multiplier > 0 for m in release[0])
 
     def build(self) -> list[Filter]:
+        from ..filters import build_filters
+
         return build_filters([FilterConfig(name=s.name, args=dict(s.args)) for s in self.steps])
 
 
 def _defaults(name: str) -> dict[str, Any]:
     """A filter's default arguments, read from its factory, so a job that leaves one out is compared with
     the value that would actually run."""
+    from ..filters import FILTERS
+
     factory = FILTERS.get(name)
     if factory is None:
         raise ConfigError(f"config_fed_client.yml: unknown filter '{name}' (known: {', '.join(FILTERS)})")
