@@ -280,7 +280,13 @@ class ClientDaemon:
             config, config_error = _decode_task_config(h.config_json)
             round_dir = (JobFolders(self._ws / "jobs" / _safe_name(h.job_id)).inbox
                          / _round_folder(config, h.round, h.task_name))
-            round_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                round_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a full disk (a directory needs a block on most file systems): fail the task
+                async for _chunk in stream:  # take the model, keep none of it
+                    pass
+                return _Task(header=h, round_dir=round_dir, payload_path=None, config=None,
+                             config_error=f"cannot store the task's model under {round_dir}: {e.strerror or e}")
             path = round_dir / "global_in.safetensors"
             if h.payload_bytes:
                 part = path.with_suffix(".part")

@@ -1,6 +1,7 @@
 """Found by the chaos soak (issue 16): a site whose disk was full when a task's model arrived died with an
-OSError traceback (ENOSPC while writing the model) and stayed offline. Now that task fails with one line
-naming the folder and the reason, the server records it, and the daemon keeps serving the job."""
+OSError traceback (ENOSPC while writing the model, or making the round's folder) and stayed offline. Now that
+task fails with one line naming the folder and the reason, the server records it, and the daemon keeps serving
+the job."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from provision.local_study import wait_until
 from ..soak.driver import JOB as SOAK_JOB
 
 DISK_BYTES = 1 << 20
+DISK_INODES = 64
 
 
 def _server_audit(study) -> list[dict]:
@@ -25,7 +27,8 @@ def _server_audit(study) -> list[dict]:
 
 
 def _fill(folder) -> None:
-    """Write until not one more byte fits (big writes, then page-sized, then single bytes)."""
+    """Write until not one more byte fits (big writes, then page-sized, then single bytes), then create
+    empty files until not one more inode is left: even a new folder cannot be made (as on a full ext4)."""
     fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         for size in (65536, 4096, 1):
@@ -34,6 +37,15 @@ def _fill(folder) -> None:
                     os.write(fd, b"\0" * size)
     finally:
         os.close(fd)
+    with contextlib.suppress(OSError):
+        for i in range(DISK_INODES):
+            (folder / f"inode-{i}").touch()
+
+
+def _free(folder) -> None:
+    for path in folder.glob("inode-*"):
+        path.unlink()
+    (folder / "filler").unlink()
 
 
 def test_a_site_with_a_full_disk_fails_its_task_and_stays_up(make_study, tmp_path):
@@ -42,8 +54,8 @@ def test_a_site_with_a_full_disk_fails_its_task_and_stays_up(make_study, tmp_pat
     study = make_study(sites=["site-1", "site-2"]).study
     jobs = study.kits["site-1"] / "workspace" / "jobs"
     jobs.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES},mode=0700", "tmpfs", str(jobs)], check=True,
-                   timeout=30)
+    options = f"size={DISK_BYTES},nr_inodes={DISK_INODES},mode=0700"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(jobs)], check=True, timeout=30)
     try:
         _fill(jobs)
         study.start_server()
@@ -64,7 +76,7 @@ def test_a_site_with_a_full_disk_fails_its_task_and_stays_up(make_study, tmp_pat
         assert round1["sites"] == ["site-2"]
         assert "cannot store the task's model" in round1["failed"]["site-1"]
         assert "No space left on device" in round1["failed"]["site-1"]
-        (jobs / "filler").unlink()
+        _free(jobs)
         final = study.admin_json(f"wait_job {job_id} 120", timeout_s=150)
         assert final["state"] == "finished"
         assert study.procs["site-1"].poll() is None
