@@ -13,7 +13,9 @@ Two things, both glibc-only (elsewhere they are no-ops):
   buffers are reused rather than faulted in again): between two transfers that is right, but at the
   round's close the heap still held every chunk of the round's transfers while the new model was
   allocated beside the old one. malloc_trim(0) hands the free pages back (madvise), keeping the heap's
-  layout, so the next transfer's buffers cost a page fault each, not a system call per chunk.
+  layout, so the next transfer's buffers cost a page fault each, not a system call per chunk. Measured:
+  the server's RSS between transfers falls by tens of MB (P=10M, N=2); its effect on the peak alone
+  was within the run-to-run spread.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ fold lock), so the server's memory holds one update at a time: the one being fol
 is then about the global model, the aggregator's running sum and one update, at any number of sites
 (docs/aggregation.md): issue 12's "idle + 3x the model".
 
-Measured (bench/server_memory.py, P=10M, 40 MB model, N=2): receiving into reused in-memory buffers
-held 2 of them at once, plus the allocator's leftovers of growing a second one; spooling costs one
-1 MiB write per chunk into the page cache and one mapping per fold, no more CPU than the in-memory copy.
+Measured (bench/server_memory.py, P=10M, 40 MB model, N=2): with updates up to 64 MiB received into
+memory, two were held at once (one in a reused buffer, one grown from nothing); spooling them took the
+server's peak from 452 to 364 MB. Spooling costs one 1 MiB write per chunk into the page cache and one
+mapping per fold, in worker threads.
 
 A tiny update (a few counters, a test model) stays in memory, in a buffer reused from the previous one:
 a file per update would cost more than it saves. At most one such buffer is kept between updates.
