@@ -19,6 +19,10 @@ from tests.e2e.test_big_initial_model import MODEL_BYTES, _memory_kib, _sparse_m
 
 PEAK_GROWTH_LIMIT_BYTES = 256 << 20  # the model is 1024 MiB; a server or daemon holding it would grow by that
 SITES = ["site-1", "site-2"]
+SMALL_MODEL_BYTES = 256 << 20
+# What the server allocates beyond 3 models, whatever the model's size (measured: 80 MiB at 256 MiB, 95 MiB at
+# 1 GiB): matplotlib for curves.png (about 35 MB), the code a job's first rounds import, gRPC's buffers.
+FIXED_OVERHEAD_BYTES = 160 << 20
 
 LEARNER = '''
 import numpy as np
@@ -123,10 +127,9 @@ def test_a_1_gib_model_is_sent_to_2_sites_with_server_and_daemons_memory_bounded
         assert (peak - daemons_before[site]["VmRSS"]) * 1024 < PEAK_GROWTH_LIMIT_BYTES, f"{site} daemon grew"
 
 
-AGGREGATION_LIMIT_X_MODEL = 4  # the global model, the running sum, one update (and the new model at the close)
 
 
-def test_a_fedavg_round_on_a_1_gib_model_holds_about_3_models_in_the_server(make_study, tmp_path):
+def test_a_fedavg_round_on_a_1_gib_model_holds_3_models_in_the_server(make_study, tmp_path):
     study, server = _running(make_study)
     before = _memory_kib(server)
 
@@ -145,13 +148,9 @@ def test_a_fedavg_round_on_a_1_gib_model_holds_about_3_models_in_the_server(make
     growth = (after["VmHWM"] - before["VmRSS"]) * 1024
     print(f"server RSS before {before['VmRSS'] // 1024} MiB, peak in a FedAvg round of a 1 GiB model with 2 sites "
           f"{after['VmHWM'] // 1024} MiB ({growth / MODEL_BYTES:.2f} x the model)")
-    assert growth < AGGREGATION_LIMIT_X_MODEL * MODEL_BYTES, f"server peak grew by {growth >> 20} MiB"
+    # the global model, the running sum, one update (or the new model at the close), and a fixed allowance
+    assert growth < 3 * MODEL_BYTES + FIXED_OVERHEAD_BYTES, f"server peak grew by {growth >> 20} MiB"
 
-
-SMALL_MODEL_BYTES = 256 << 20
-# What the server allocates once, whatever the model: matplotlib for curves.png (about 35 MB), the audit,
-# TensorBoard and checkpoint code paths a job's first rounds import, gRPC's transport buffers.
-FIXED_OVERHEAD_BYTES = 128 << 20
 
 
 def test_fedavg_rounds_on_a_256_mib_model_hold_the_server_to_3_models(make_study, tmp_path):
