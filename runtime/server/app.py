@@ -22,6 +22,7 @@ from .federation import FederationService
 from .handshake_watch import StderrWatch, service_reporter
 from .job_quota import JobQuota
 from .job_store import JobStore
+from .memory import limit_arenas
 from .refusals import RefusalLog
 from .registry import Registry
 from .runner import JobRunner
@@ -38,6 +39,7 @@ async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None =
     ws = workspace(kit)
     setup_logging(ws / LOG_FILE, debug)
     tune_malloc()
+    limit_arenas()  # before the server starts its threads (memory.py)
     tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
     check_validity(tls.own_certificate(), f"{startup / cfg.cert}")
     audit = AuditLog(ws / "audit.jsonl")

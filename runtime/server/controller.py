@@ -202,6 +202,7 @@ class JobController:
                 await asyncio.to_thread(self._tracker.round_done, outcome)
                 await self._publish(outcome)
                 await self._checkpoint(index, workflow)
+                del plan, outcome  # they hold the model this round sent: not through the next round (memory)
         finally:
             self._workflow = None
 

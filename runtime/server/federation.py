@@ -13,6 +13,7 @@ from ..errors import FedkitError, JobRejected, SessionExpired, TransferStalled, 
 from ..identity import Identity
 from ..proto import fedkit_pb2 as pb
 from ..transport import CHUNK_BYTES, with_idle_timeout
+from .memory import give_back_free_memory
 from .metrics_check import decode_metrics
 from .registry import Registry
 from .runner import JobRunner
@@ -117,6 +118,8 @@ class FederationService:
                 self._download_slots.release()
         await self._append_audit("task_sent", site=peer.name, job_id=task.job_id, task=task.name, round=task.round,
                            task_id=task.task_id)
+        if payload.nbytes:
+            await asyncio.to_thread(give_back_free_memory)  # the sent chunks out of the heap (memory.py)
 
     async def get_job(self, peer: Identity, request: pb.GetJobRequest) -> AsyncIterator[pb.DataChunk]:
         self._check_session(peer, request.session_id)
@@ -162,8 +165,8 @@ class FederationService:
             payload = await asyncio.to_thread(incoming.finish, trailer)
             await controller.accept_result(task, int(header.n_samples), metrics, header.error, payload)
         finally:
-            if incoming is not None:
-                await asyncio.to_thread(incoming.release)  # the buffer back for reuse, or the spool file gone
+            if incoming is not None:  # the buffer back for reuse, or the spool file gone; then the round's
+                await asyncio.to_thread(_release, incoming)  # chunks out of the heap (memory.py)
             self._upload_slots.release(task.site)
         return receiver.sha256
 
@@ -207,6 +210,11 @@ class FederationService:
                            task=task.name, n_samples=int(header.n_samples),
                            payload_sha256=sha256)
         return pb.SubmitReply(accepted=True)
+
+
+def _release(incoming: IncomingUpdate) -> None:
+    incoming.release()
+    give_back_free_memory()
 
 
 async def _decoded(chunks: AsyncIterator[pb.ResultChunk | bytes]) -> AsyncIterator[pb.ResultChunk | bytes]:

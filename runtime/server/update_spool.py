@@ -1,16 +1,21 @@
 """Where one site's incoming update lives between its first byte and the end of its fold.
 
-A small update (the common case: a few MB to tens of MB) is received into memory, into a buffer reused
-from the previous update: faulting in a fresh buffer costs more than the copy. At most one such buffer
-is kept between updates.
+Every update but a tiny one (over SPOOL_ABOVE_BYTES, 1 MiB) is written to a file in the job store's
+incoming folder as it arrives, then mapped read-only for its fold and unmapped as soon as the fold
+returns. With several upload slots, N updates arriving at once would otherwise each hold a model-sized
+buffer in the server's memory (4 slots of a 40 MB model: 160 MB; of a 2 GB model: 8 GB); on disk they
+cost page cache, which the kernel gives back under pressure. Folds run one at a time (the controller's
+fold lock), so the server's memory holds one update at a time: the one being folded. The server's peak
+is then about the global model, the aggregator's running sum and one update, at any number of sites
+(docs/aggregation.md): issue 12's "idle + 3x the model".
 
-A large one (over SPOOL_ABOVE_BYTES) is written to a file in the job store's incoming folder as it
-arrives, then mapped read-only for the fold. With several upload slots, N updates of a 2 GB model
-arriving at once would otherwise cost N x 2 GB of server memory; on disk they cost page cache, which the
-kernel gives back under pressure. Folds run one at a time (the controller's fold lock), so the server's
-memory holds one update at a time: the one being folded, mapped, unmapped as soon as its fold returns.
-The server's peak is then about the global model, the aggregator's running sum and one update, at any
-number of sites (docs/aggregation.md).
+Measured (bench/server_memory.py, P=10M, 40 MB model, N=2): with updates up to 64 MiB received into
+memory, two were held at once (one in a reused buffer, one grown from nothing); spooling them took the
+server's peak from 452 to 364 MB. Spooling costs one 1 MiB write per chunk into the page cache and one
+mapping per fold, in worker threads.
+
+A tiny update (a few counters, a test model) stays in memory, in a buffer reused from the previous one:
+a file per update would cost more than it saves. At most one such buffer is kept between updates.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from pathlib import Path
 
 from ..transport import PayloadReceiver
 
-SPOOL_ABOVE_BYTES = 64 << 20
-KEEP_BUFFERS = 1  # in-memory buffers kept for the next small update
+SPOOL_ABOVE_BYTES = 1 << 20  # larger updates go to disk as they arrive (see the module docstring)
+KEEP_BUFFERS = 1  # in-memory buffers kept for the next tiny update
 
 
 class IncomingUpdate:
@@ -63,9 +68,10 @@ class IncomingUpdate:
             self._free.append(self._buffer)
         self._buffer = None
         if self._map is not None:
+            _drop_pages(self._map)
             try:
                 self._map.close()
-            except BufferError:  # a view of it is still referenced somewhere: unmapped when that goes
+            except BufferError:  # a view of it is still referenced (below): unmapped when that goes
                 pass
             self._map = None
         if self._file is not None:
@@ -74,3 +80,15 @@ class IncomingUpdate:
         if self._path is not None:
             self._path.unlink(missing_ok=True)
             self._path = None
+
+
+def _drop_pages(mapped: mmap.mmap) -> None:
+    """Take the mapping's pages out of the server's resident memory now, even while views of it live on.
+
+    The fold's arrays are views of the map, and asyncio's thread-future chain keeps the last SiteResult
+    (with those views) in a reference cycle until the garbage collector runs: `close()` then fails and the
+    whole update stayed resident (measured: one update, 40 MB at P=10M, through the round's close, which
+    allocates the new model: 4x the model instead of 3x). A read-only shared mapping's pages are the page
+    cache's: dropping them loses nothing, and a late reader faults them in again from the file."""
+    if len(mapped) and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)

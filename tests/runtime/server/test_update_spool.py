@@ -58,3 +58,26 @@ def test_small_updates_reuse_one_buffer_and_keep_no_more(tmp_path: Path) -> None
     assert len(free) == 1  # at most one buffer waits for the next update
     third = _receive(data, tmp_path, free, 1 << 30)
     assert third.finish() is a and free == []  # filled in place
+
+
+def _rss_file_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no RssFile in /proc/self/status (not Linux)")
+
+
+def test_releasing_a_spooled_update_drops_its_pages_even_while_a_view_of_it_lives_on(tmp_path: Path) -> None:
+    """asyncio's thread futures keep the folded SiteResult (views of the map) in a reference cycle until
+    the garbage collector runs, so the map cannot be closed at release: its pages must leave the
+    server's memory anyway, or the whole update stays resident through the round's close."""
+    n = 16 << 20  # float32 values: 64 MiB
+    data = to_bytes({"w": np.arange(n, dtype=np.float32)})
+    incoming = _receive(data, tmp_path, [], spool_above=1 << 10)
+    weights = view_bytes(incoming.finish())
+    assert float(weights["w"].sum(dtype=np.float64)) == n * (n - 1) / 2  # every page touched: resident
+    resident = _rss_file_bytes()
+    incoming.release()  # a view is alive: the map stays open
+    dropped = resident - _rss_file_bytes()
+    assert dropped > (48 << 20), f"only {dropped >> 20} MiB of the 64 MiB update left the process's memory"
+    assert weights["w"][n - 1] == n - 1 and not list(tmp_path.iterdir())  # a late reader still reads it
