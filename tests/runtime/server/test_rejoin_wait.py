@@ -181,4 +181,6 @@ def test_a_site_gone_for_good_is_waited_for_once_not_every_round(tmp_path: Path,
         ("after", 1): _dead_and(registry, lambda: 4 in _rounds(audit))})
     assert _rounds(audit) == {1: SITES, 2: SITES[:2], 3: SITES[:2], 4: SITES[:2]}
     went_on = [r.getMessage() for r in caplog.records if "goes on without" in r.getMessage()]
-    assert len(went_on) == 1 and "train round 2" in went_on[0] and "site-3" in went_on[0], went_on
+    # one round's start waited for it (round 2, or round 3 when it was still counted alive at round 2's
+    # start and went silent in it); rounds 4 (and 3) started without waiting
+    assert len(went_on) == 1 and "site-3" in went_on[0], went_on
