@@ -8,11 +8,13 @@ import asyncio
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from runtime.job_spec import load_job_spec
 from runtime.learner import SiteContext, TrainResult
+from runtime.server.controller import RoundFailed
 from runtime.server.tb_events import EventFile
 from runtime.server.tracker import CURVES_PNG, SCALARS_FILE, JobTracker, latest_scalars
 from runtime.simulate import simulate
@@ -78,6 +80,8 @@ def test_tracker_writes_each_site_and_the_global_run_and_keeps_the_latest_scalar
     assert overall["train/loss"] == [(1, 1.75), (2, 0.875)]
 
     assert latest_scalars(job) == {"s1": {"batch": [5, 0.25]}}
+    assert not (job / CURVES_PNG).exists(), "no round draws the figure (matplotlib off the round's path)"
+    tracker.draw()  # the job's end
     assert _is_real_png(job / CURVES_PNG)
 
     # a server restarted after step 1: the history of the round that runs again is dropped
@@ -131,3 +135,24 @@ def test_a_simulated_job_leaves_event_files_history_and_curves_in_its_folder(tmp
     assert final == pytest.approx(result.record.final_metrics["mse"], rel=1e-6)
     assert set(latest_scalars(folder)) == set(learners)
     assert _is_real_png(folder / CURVES_PNG)
+
+
+class _NanFromRound2(LinearLearner):
+    def train(self, weights, round: int) -> TrainResult:
+        if round >= 2:
+            return TrainResult({"w": np.full(3, np.nan, np.float32), "b": weights["b"]}, len(self.y))
+        return super().train(weights, round)
+
+
+def test_a_failed_job_still_leaves_the_curves_of_its_rounds(tmp_path: Path) -> None:
+    spec = load_job_spec({"meta.yml": "name: sim\nmin_clients: 2", "config_fed_client.yml": "learner: {path: a:B}",
+                          "config_fed_server.yml": "rounds: 3\nkey_metric: {name: mse, higher_is_better: false}"})
+    learners = {}
+    for i, site in enumerate(["site-a", "site-b"]):
+        x, y = site_data(i, 20, shift=float(i))
+        learners[site] = _NanFromRound2(SiteContext(site=site, job_id="simulated", data_root=None,
+                                                    work_dir=tmp_path / site), x, y)
+    with pytest.raises(RoundFailed, match="train round 2"):
+        asyncio.run(simulate(spec, learners, tmp_path / "server"))
+    (png,) = (tmp_path / "server").glob(f"*/{CURVES_PNG}")
+    assert _is_real_png(png)
