@@ -44,7 +44,7 @@ from .registry import Registry
 from .repeated_reads import REPEAT_AFTER_S, RepeatedReads, read_key
 from .runner import JobRunner
 from .site_controls import SiteControls
-from .tracker import latest_scalars
+from .tracker import draw_curves, latest_scalars
 from .upload_spool import spool
 
 log = logging.getLogger(__name__)
@@ -380,6 +380,7 @@ class AdminService:
         """The job's folder, plus the server log lines that name it, as one zip in the workspace (not
         /tmp, which may be too small for the models)."""
         job_dir = self._runner.store.job_dir(job_id)
+        draw_curves(job_dir, self._key_metric(job_id))  # only when the metrics changed since the last draw
         fd, name = tempfile.mkstemp(suffix=".download.zip", dir=self._log_path.parent)
         os.close(fd)
         with zipfile.ZipFile(name, "w", zipfile.ZIP_STORED) as zf:  # models barely compress
@@ -388,6 +389,12 @@ class AdminService:
                     zf.write(path, path.relative_to(job_dir).as_posix())
             zf.writestr("server_log.txt", "".join(_lines_naming(self._log_path, job_id)))
         return Path(name)
+
+    def _key_metric(self, job_id: str) -> str:
+        try:
+            return self._runner.spec(job_id).server.key_metric.name
+        except (OSError, ValueError):  # no readable spec: the curves are drawn in name order
+            return ""
 
 
 def _decode_args(text: str) -> dict[str, Any]:

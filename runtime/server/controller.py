@@ -174,17 +174,13 @@ class JobController:
                      names[min(checkpoint.workflow_index, len(names) - 1)])
         if self.spec.server.trains and checkpoint.workflow_index == 0 and not checkpoint.state:
             await self._run_workflow(InitialModel(self._ctx), 0)  # a no-op once the model is on disk
-        try:
-            for index in range(checkpoint.workflow_index, len(names)):
-                workflow = await asyncio.to_thread(WORKFLOWS[names[index]], self._ctx)
-                if index == checkpoint.workflow_index and checkpoint.state:
-                    workflow.load_state(checkpoint.state, checkpoint.tensors)
-                await self._run_workflow(workflow, index)
-                await self._checkpoint(index + 1, None)  # done: a resumed job goes on with the next one
-        except FedkitError:  # failed or aborted: its curves so far still help (a server stopping skips them)
-            await asyncio.to_thread(self._tracker.draw)
-            raise
-        await asyncio.to_thread(self._tracker.draw)  # the curves, drawn once per job, never in a round
+        for index in range(checkpoint.workflow_index, len(names)):
+            workflow = await asyncio.to_thread(WORKFLOWS[names[index]], self._ctx)
+            if index == checkpoint.workflow_index and checkpoint.state:
+                workflow.load_state(checkpoint.state, checkpoint.tensors)
+            await self._run_workflow(workflow, index)
+            await self._checkpoint(index + 1, None)  # done: a resumed job goes on with the next one
+        # curves.png is drawn when someone downloads the job (tracker.draw_curves), never on the job's path
 
     def _context(self, results: JobResults) -> Context:
         job_id = self.record.job_id

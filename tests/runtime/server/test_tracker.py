@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from runtime.job_spec import load_job_spec
 from runtime.learner import SiteContext, TrainResult
-from runtime.server.controller import RoundFailed
 from runtime.server.tb_events import EventFile
-from runtime.server.tracker import CURVES_PNG, SCALARS_FILE, JobTracker, latest_scalars
+from runtime.server.tracker import CURVES_PNG, SCALARS_FILE, JobTracker, draw_curves, latest_scalars
 from runtime.simulate import simulate
 from runtime.tasks import TaskKind
 from runtime.workflows import RoundOutcome, RoundPlan, SiteResult
@@ -137,22 +136,25 @@ def test_a_simulated_job_leaves_event_files_history_and_curves_in_its_folder(tmp
     assert _is_real_png(folder / CURVES_PNG)
 
 
-class _NanFromRound2(LinearLearner):
-    def train(self, weights, round: int) -> TrainResult:
-        if round >= 2:
-            return TrainResult({"w": np.full(3, np.nan, np.float32), "b": weights["b"]}, len(self.y))
-        return super().train(weights, round)
-
-
-def test_a_failed_job_still_leaves_the_curves_of_its_rounds(tmp_path: Path) -> None:
-    spec = load_job_spec({"meta.yml": "name: sim\nmin_clients: 2", "config_fed_client.yml": "learner: {path: a:B}",
-                          "config_fed_server.yml": "rounds: 3\nkey_metric: {name: mse, higher_is_better: false}"})
-    learners = {}
-    for i, site in enumerate(["site-a", "site-b"]):
-        x, y = site_data(i, 20, shift=float(i))
-        learners[site] = _NanFromRound2(SiteContext(site=site, job_id="simulated", data_root=None,
-                                                    work_dir=tmp_path / site), x, y)
-    with pytest.raises(RoundFailed, match="train round 2"):
-        asyncio.run(simulate(spec, learners, tmp_path / "server"))
-    (png,) = (tmp_path / "server").glob(f"*/{CURVES_PNG}")
-    assert _is_real_png(png)
+def test_download_draws_the_curves_only_when_the_metrics_changed(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    tracker = JobTracker(job, key_metric="auc")
+    entry = {"type": "round", "round": 1, "train": {"s1": {"loss": 1.0}}, "train_global": {"loss": 1.0}}
+    for _ in range(2):
+        with (job / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        tracker.entry(entry)
+        tracker.round_done(_outcome(TaskKind.TRAIN, 1, 1, {"s1": SiteResult("s1", TaskKind.TRAIN)}))
+    assert not (job / CURVES_PNG).exists(), "a running job's rounds never draw"
+    draw_curves(job, "auc")
+    first = (job / CURVES_PNG).stat().st_mtime_ns
+    assert _is_real_png(job / CURVES_PNG)
+    draw_curves(job, "auc")
+    assert (job / CURVES_PNG).stat().st_mtime_ns == first, "nothing changed: not drawn again"
+    later = {**entry, "round": 2, "train": {"s1": {"loss": 0.5}}}
+    os.utime(job / CURVES_PNG, ns=(first - 10**9, first - 10**9))  # the figure is older than what follows
+    with (job / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(later) + "\n")
+    draw_curves(job, "auc")
+    assert (job / CURVES_PNG).stat().st_mtime_ns > first - 10**9, "a new round: drawn again"
