@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import shutil
 import socket
 import ssl
@@ -29,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._procs import cpu_seconds, tree_peak_rss_bytes, tree_pids  # noqa: E402
+from bench._procs import tree_peak_rss_bytes, tree_pids  # noqa: E402
 from provision.local_study import LocalStudy, wait_until  # noqa: E402
 
 JOB = REPO / "bench" / "jobs" / "trivial"
@@ -77,13 +78,34 @@ def run_fedkit(params: int, n_sites: int, rounds: int, root: Path, wire: str = "
 
 
 def _cpu_by_role(study: LocalStudy) -> dict[str, float]:
-    """CPU seconds so far of the server, all site daemons, and all training workers."""
+    """CPU seconds so far of the server, all site daemons, and all training workers (everything a daemon
+    started: workers, their sandboxes, helpers). A worker that has already exited (the job ended before
+    this is read) counts through the CPU time its parent collected when it reaped it (cutime + cstime):
+    reading only the live processes lost it, and the workers' figure could even come out negative."""
     totals = {"server": 0.0, "daemons": 0.0, "workers": 0.0}
     for name, proc in study.procs.items():
         for pid in tree_pids(proc.pid):
-            role = "server" if name == study.server else ("daemons" if pid == proc.pid else "workers")
-            totals[role] += cpu_seconds(pid)
+            own, reaped = _cpu_own_and_reaped(pid)
+            if name == study.server:
+                totals["server"] += own + reaped
+            elif pid == proc.pid:
+                totals["daemons"] += own
+                totals["workers"] += reaped  # the daemon's exited descendants
+            else:
+                totals["workers"] += own + reaped
     return totals
+
+
+def _cpu_own_and_reaped(pid: int) -> tuple[float, float]:
+    """(utime + stime, cutime + cstime) of a process: its own CPU seconds and those of its descendants
+    that exited and were waited for."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0, 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
 
 
 # ---- the baseline: the same bytes over plain TLS sockets -----------------------------------------------
