@@ -176,6 +176,7 @@ class AdminService:
             reply = await self._refused(peer, "download_job", args, e, allowed=not isinstance(e, PermissionDenied))
             raise type(e)(reply.message) from None
         await self._record(peer, "download_job", args, allowed=True)
+        await asyncio.to_thread(self._draw_curves, record.job_id)
         path = await asyncio.to_thread(self._zip_job, record.job_id)
         try:
             with path.open("rb") as f:
@@ -380,7 +381,6 @@ class AdminService:
         """The job's folder, plus the server log lines that name it, as one zip in the workspace (not
         /tmp, which may be too small for the models)."""
         job_dir = self._runner.store.job_dir(job_id)
-        draw_curves(job_dir, self._key_metric(job_id))  # only when the metrics changed since the last draw
         fd, name = tempfile.mkstemp(suffix=".download.zip", dir=self._log_path.parent)
         os.close(fd)
         with zipfile.ZipFile(name, "w", zipfile.ZIP_STORED) as zf:  # models barely compress
@@ -390,11 +390,14 @@ class AdminService:
             zf.writestr("server_log.txt", "".join(_lines_naming(self._log_path, job_id)))
         return Path(name)
 
-    def _key_metric(self, job_id: str) -> str:
+    def _draw_curves(self, job_id: str) -> None:
+        """The learning curves, drawn here (never by the job's rounds) when its metrics changed since the
+        last drawing (tracker.draw_curves)."""
         try:
-            return self._runner.spec(job_id).server.key_metric.name
-        except (OSError, ValueError):  # no readable spec: the curves are drawn in name order
-            return ""
+            key_metric = self._runner.spec(job_id).server.key_metric.name
+        except (OSError, ValueError):  # no readable spec: the panels come in name order
+            key_metric = ""
+        draw_curves(self._runner.store.job_dir(job_id), key_metric)
 
 
 def _decode_args(text: str) -> dict[str, Any]:
