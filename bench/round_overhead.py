@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import shutil
 import socket
 import ssl
@@ -29,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._procs import cpu_seconds, tree_peak_rss_bytes, tree_pids  # noqa: E402
+from bench._procs import tree_peak_rss_bytes, tree_pids  # noqa: E402
 from provision.local_study import LocalStudy, wait_until  # noqa: E402
 
 JOB = REPO / "bench" / "jobs" / "trivial"
@@ -55,12 +56,12 @@ def run_fedkit(params: int, n_sites: int, rounds: int, root: Path, wire: str = "
                    120, "all sites online", interval_s=0.5)
         job = root / "job"
         shutil.copytree(JOB, job)
+        role_cpu = _RoleCpu(study)  # from before the submission: a worker starting at once counts whole
         record = study.admin_json(f"submit_job {job} --set server.rounds={rounds} "
                                   f"--set client.learner.args.n_params={params} --set meta.min_clients={n_sites} "
                                   f"--set server.wire_dtype={wire}")
-        cpu_before = _cpu_by_role(study)
         study.admin_json(f"wait_job {record['job_id']} 1800", timeout_s=1900)
-        cpu_after = _cpu_by_role(study)
+        cpu_used = role_cpu.stop()
         metrics = study.admin_json(f"show_job {record['job_id']}")["metrics"]
         ends = [m["time"] for m in metrics if m["type"] == "round"]
         per_round = [b - a for a, b in zip(ends, ends[1:], strict=False)]
@@ -69,21 +70,57 @@ def run_fedkit(params: int, n_sites: int, rounds: int, root: Path, wire: str = "
         rss = {name: tree_peak_rss_bytes(proc.pid) for name, proc in study.procs.items()}
     finally:
         study.stop_all()
-    cpu = {role: round((cpu_after[role] - cpu_before.get(role, 0.0)) / rounds, 3) for role in cpu_after}
+    cpu = {role: round(seconds / rounds, 3) for role, seconds in cpu_used.items()}
     return {"round_s": statistics.median(per_round), "rounds_measured": len(per_round), "cpu_s_per_round": cpu,
             "server_rss": rss[study.server], "all_rss": sum(rss.values()),
             "kits": study.kits, "server": study.server, "wire_bytes": max(wire_bytes, default=0),
             "wire_error": wire_error[0] if wire_error else None}
 
 
-def _cpu_by_role(study: LocalStudy) -> dict[str, float]:
-    """CPU seconds so far of the server, all site daemons, and all training workers."""
-    totals = {"server": 0.0, "daemons": 0.0, "workers": 0.0}
-    for name, proc in study.procs.items():
-        for pid in tree_pids(proc.pid):
-            role = "server" if name == study.server else ("daemons" if pid == proc.pid else "workers")
-            totals[role] += cpu_seconds(pid)
-    return totals
+class _RoleCpu:
+    """CPU seconds of the server, all site daemons, and all training workers (everything a daemon started:
+    workers, their sandboxes, helpers), read from /proc every SAMPLE_S while the job runs. A worker exits
+    when its job ends, often before the end is read, and its sandbox's pid namespace dies with it (nobody
+    collects its CPU time): reading only the processes alive at the end lost those workers entirely, and
+    the workers' figure could even come out negative. Sampling keeps the last reading of every process
+    (by pid and start time); what a worker used in its last SAMPLE_S is lost (it is idle by then)."""
+
+    SAMPLE_S = 0.2
+
+    def __init__(self, study: LocalStudy):
+        self._study = study
+        self._last: dict[tuple[int, str], tuple[str, float]] = {}
+        self._first = self._read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> dict[tuple[int, str], tuple[str, float]]:
+        seen = {}
+        for name, proc in list(self._study.procs.items()):
+            for pid in tree_pids(proc.pid):
+                role = "server" if name == self._study.server else ("daemons" if pid == proc.pid else "workers")
+                try:
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                except OSError:
+                    continue
+                fields = stat[stat.rindex(")") + 2:].split()
+                seen[(pid, fields[19])] = (role, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        return seen
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.SAMPLE_S):
+            self._last.update(self._read())
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds each role used since this was made."""
+        self._stop.set()
+        self._thread.join()
+        self._last.update(self._read())
+        totals = {"server": 0.0, "daemons": 0.0, "workers": 0.0}
+        for key, (role, seconds) in self._last.items():
+            totals[role] += seconds - self._first.get(key, (role, 0.0))[1]
+        return totals
 
 
 # ---- the baseline: the same bytes over plain TLS sockets -----------------------------------------------

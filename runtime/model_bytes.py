@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .weights import BFLOAT16, Weights, to_bytes, view_bytes
+from .weights import Weights, is_bfloat16, to_bytes, view_bytes
 
 # transport.CHUNK_BYTES (not imported: that would pull grpc into the workflows); any size up to the
 # transport's message cap works on the wire
 CHUNK_BYTES = 1 << 20
 WRITE_BYTES = 16 << 20  # how much of a tensor is hashed and written at once
 
-_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", BFLOAT16: "BF16",
+_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
           np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16", np.dtype(np.int8): "I8",
           np.dtype(np.uint64): "U64", np.dtype(np.uint32): "U32", np.dtype(np.uint16): "U16",
           np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
@@ -133,9 +133,10 @@ def _header(arrays: Weights) -> bytes:
     header, offset = {}, 0
     for name in _order(arrays):
         arr = arrays[name]
-        if arr.dtype not in _NAMES:
+        dtype_name = "BF16" if is_bfloat16(arr.dtype) else _NAMES.get(arr.dtype)
+        if dtype_name is None:
             raise TypeError(f"tensor '{name}': dtype {arr.dtype} cannot be saved as safetensors")
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+        header[name] = {"dtype": dtype_name, "shape": list(arr.shape),
                         "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()

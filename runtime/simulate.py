@@ -45,6 +45,7 @@ from .server.controller import JobController
 from .server.job_store import JobRecord, JobState, JobStore
 from .server.registry import Registry
 from .server.taskboard import Task, TaskBoard
+from .server.tracker import draw_curves
 from .tasks import RESULT_WEIGHTS, TaskConfig, TaskKind
 from .weights import Weights, from_bytes, load_file, save_file, to_bytes
 
@@ -139,6 +140,7 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner] | SitePool, folde
         run.result()  # raises the job's failure
         record.state, record.finished_at = JobState.FINISHED, time.time()
         store.save(record)
+        await asyncio.to_thread(draw_curves, store.job_dir(JOB_ID), spec.server.key_metric.name)
         return SimulationResult(record, store.job_dir(JOB_ID))
     finally:
         for task in [*sites, interrupt]:

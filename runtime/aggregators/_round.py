@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from ..errors import ConfigError, UpdateRejected
-from ..weights import HALF_DTYPES, Weights, is_float_dtype
+from ..weights import Weights, is_float_dtype, is_half_dtype
 from .base import Update
 
 NOTHING_FOLDED = "no usable update this round"
@@ -29,7 +29,7 @@ def add_mean_delta(x: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
     """x + mean delta for a tensor no optimizer touches (integer buffers, robust aggregators' output):
     the delta is cast to x's dtype first (integers truncate toward zero), as `fedavg.weighted_mean` does.
     float16/bfloat16 tensors add in float64 and round once, back to their dtype."""
-    if x.dtype in HALF_DTYPES:
+    if is_half_dtype(x.dtype):
         return (x.astype(np.float64) + mean_delta).astype(x.dtype)
     return x + mean_delta.astype(x.dtype, copy=False)
 

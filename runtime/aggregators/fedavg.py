@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..tasks import LocalAlgorithm
-from ..weights import HALF_DTYPES, Weights, is_float_dtype, wide_dtype
+from ..weights import Weights, is_float_dtype, is_half_dtype, wide_dtype
 from ._round import RoundPhase, check_fits, check_state_group, check_weight, copy_state, is_float, take_state
 from .base import Update
 from .config import FedAvgConfig
@@ -65,7 +65,7 @@ def fold(acc: WeightedSum, delta: Weights, weight: float) -> WeightedSum:
         elif weight != 0.0:
             # one temporary the size of one tensor, never of the model; float16/bfloat16 deltas are
             # weighted in the float32 of the sum, not in their own few digits
-            target += np.multiply(d, weight, dtype=target.dtype) if d.dtype in HALF_DTYPES else d * weight
+            target += np.multiply(d, weight, dtype=target.dtype) if is_half_dtype(d.dtype) else d * weight
         acc.totals[name] += weight
     acc.n_updates += 1
     return acc
@@ -105,7 +105,7 @@ def apply_server_step(model: Weights, mean_delta: Weights, lr: float = 1.0,
     new_model = {}
     for name, w in model.items():
         s = step[name]
-        x = w.astype(np.float32) if w.dtype in HALF_DTYPES else w
+        x = w.astype(np.float32) if is_half_dtype(w.dtype) else w
         new_model[name] = ((x + s) if lr == 1.0 else (x + lr * s)).astype(w.dtype, copy=False)
     return new_model, new_velocity
 

@@ -123,6 +123,23 @@ def _filled(received: dict, learner: Learner, local: SiteState) -> dict:
     return {**received, **missing} if missing else received
 
 
+def _applied(received: Weights, delta: Weights, loaded: frozenset[str]) -> Weights:
+    """received + delta: the model this site trained. Added in place into the tensors loaded from the
+    received file (this process's own buffer, no longer needed once the delta is saved), so the worker
+    holds no third copy of the model; a new array for the others (kept-local tensors, which may be the
+    learner's own) and wherever the delta's dtype differs."""
+    out: Weights = {}
+    for k, r in received.items():
+        d = delta.get(k)
+        if d is None:
+            out[k] = r
+        elif k in loaded and d.dtype == r.dtype and d.shape == r.shape and r.flags.writeable:
+            out[k] = np.add(r, d, out=r)
+        else:
+            out[k] = r + d
+    return out
+
+
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
@@ -153,11 +170,10 @@ def _train(learner: Learner, cmd: dict[str, Any], local: SiteState, is_main: boo
         result = learner.train(received, round_)
     delta = result.weights if result.is_delta else _delta(result.weights, received)
     local_report = run.finish(delta) if run is not None else {}
-    local.weights = ({k: received[k] + delta[k] if k in delta else received[k] for k in received}
-                     if result.is_delta else result.weights)
     local.shared_names = frozenset(global_in)
     if is_main:  # kept-local names stay here
         save_file({k: v for k, v in delta.items() if k in global_in}, Path(cmd["out"]))
+    local.weights = _applied(received, delta, frozenset(global_in)) if result.is_delta else result.weights
     reply = {"ok": True, "n_samples": int(result.n_samples), "validation": validation,
              "metrics": _numbers(result.metrics), "local": local_report}
     if cmd.get("keep_best_local"):

@@ -44,7 +44,7 @@ from .registry import Registry
 from .repeated_reads import REPEAT_AFTER_S, RepeatedReads, read_key
 from .runner import JobRunner
 from .site_controls import SiteControls
-from .tracker import latest_scalars
+from .tracker import draw_curves, latest_scalars
 from .upload_spool import spool
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,7 @@ class AdminService:
             reply = await self._refused(peer, "download_job", args, e, allowed=not isinstance(e, PermissionDenied))
             raise type(e)(reply.message) from None
         await self._record(peer, "download_job", args, allowed=True)
+        await asyncio.to_thread(self._draw_curves, record.job_id)
         path = await asyncio.to_thread(self._zip_job, record.job_id)
         try:
             with path.open("rb") as f:
@@ -388,6 +389,15 @@ class AdminService:
                     zf.write(path, path.relative_to(job_dir).as_posix())
             zf.writestr("server_log.txt", "".join(_lines_naming(self._log_path, job_id)))
         return Path(name)
+
+    def _draw_curves(self, job_id: str) -> None:
+        """The learning curves, drawn here (never by the job's rounds) when its metrics changed since the
+        last drawing (tracker.draw_curves)."""
+        try:
+            key_metric = self._runner.spec(job_id).server.key_metric.name
+        except (OSError, ValueError):  # no readable spec: the panels come in name order
+            key_metric = ""
+        draw_curves(self._runner.store.job_dir(job_id), key_metric)
 
 
 def _decode_args(text: str) -> dict[str, Any]:

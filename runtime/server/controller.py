@@ -181,7 +181,7 @@ class JobController:
                 workflow.load_state(checkpoint.state, checkpoint.tensors)
             await self._run_workflow(workflow, index)
             await self._checkpoint(index + 1, None)  # done: a resumed job goes on with the next one
-        await asyncio.to_thread(self._tracker.draw)  # the curves of the whole job (round_done may skip some)
+        # curves.png is drawn when someone downloads the job (tracker.draw_curves), never on the job's path
 
     def _context(self, results: JobResults) -> Context:
         job_id = self.record.job_id

@@ -5,15 +5,21 @@ a history of the learners' logged scalars, and a PNG of the learning curves, all
     jobs/<id>/tensorboard/sites/<site>/events.out.tfevents.*    that site's curves
     jobs/<id>/tensorboard/global/events.out.tfevents.*          the weighted global ones
     jobs/<id>/scalars.jsonl                                      per round: each site's logged scalars, summed up
-    jobs/<id>/curves.png                                         the curves, per site and global
+    jobs/<id>/curves.png                                         the curves, per site and global, drawn
+                                                                 when the job is downloaded (`draw_curves`)
 
 Tags in a run: "train/<metric>" (step: round), "validation/<metric>" (step: the round of the model
 scored; 0 is the initial model), "local_validation/<metric>" (step: round), and "learner/<name>" for
 what the learner logged with context.log_scalar (step: the learner's own).
 
 The controller feeds it the job's metrics entries as they are written (`entry`) and each closed round
-(`round_done`, for the logged scalars). Tracking never fails a study: a server without the tensorboard
-package writes no event files (one warning), and a file or figure that cannot be written is logged.
+(`round_done`, for the logged scalars). The figure is not drawn while the job runs: matplotlib cost the
+server more CPU than averaging the model (a quarter to a third of its busy time when a round drew it; about
+1 CPU-second to import and 0.5 to draw when only the job's end did, as much as a whole round's transfer).
+`download_job` draws it (`draw_curves`) when the job's metrics are newer than the figure, so it is drawn
+only for someone who asks, at most once per change; the live curves are the dashboard's and TensorBoard's.
+Tracking never fails a study: a server without the tensorboard package writes no event files (one
+warning), and a file or figure that cannot be written is logged.
 Blocking (files, matplotlib): the controller calls it in a worker thread.
 """
 
@@ -37,9 +43,8 @@ TENSORBOARD_DIR = "tensorboard"
 SITES_RUN_DIR = "sites"
 GLOBAL_RUN = "global"
 SCALARS_FILE = "scalars.jsonl"
+METRICS_FILE = "metrics.jsonl"  # written by the job store (JobStore.append_metrics)
 CURVES_PNG = "curves.png"
-DRAW_SHARE = 0.05  # at most this share of a job's wall time redraws curves.png mid-job (a preview; the
-# dashboard draws live curves itself, and the job's end draws the whole figure once)
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a site name safe as a folder name
 
 Points = list[tuple[str, int, float]]
@@ -55,7 +60,6 @@ class JobTracker:
         self._files: dict[str, EventFile] = {}
         self._no_events = ""   # why event files are off (the tensorboard package missing)
         self._warned: set[str] = set()
-        self._next_draw_s = 0.0  # monotonic time before which round_done does not redraw
         self._keep_history(keep_through_step)
 
     # ---- fed by the controller ---------------------------------------------------------------------
@@ -80,9 +84,8 @@ class JobTracker:
         self._write(by_run)
 
     def round_done(self, outcome: RoundOutcome) -> None:
-        """The logged scalars of a closed round: into each site's event file and the history; then the
-        curves are drawn again, unless drawing would take more than DRAW_SHARE of the job's time (many
-        sites): then at most that often, and once more at the job's end (`draw`)."""
+        """The logged scalars of a closed round: into each site's event file and the history (the figure
+        is drawn from it at the job's end, `draw`)."""
         by_run: dict[str, Points] = {}
         summary: dict[str, dict[str, Any]] = {}
         for site, result in sorted(outcome.results.items()):
@@ -99,27 +102,10 @@ class JobTracker:
                     f.write(json.dumps(line, sort_keys=True) + "\n")
             except OSError as e:
                 self._warn("history", f"logged scalars not kept for job {self._job_dir.name}: {e}")
-        if time.monotonic() >= self._next_draw_s:
-            self.draw()
 
     def draw(self) -> None:
-        """Write curves.png from the job's metrics and scalar history (replaced atomically)."""
-        from .curves import curves_png  # matplotlib: only where a figure is drawn
-
-        started = time.monotonic()
-        try:
-            png = curves_png(_read_jsonl(self._job_dir / "metrics.jsonl"), _read_jsonl(self._job_dir / SCALARS_FILE),
-                             self._key_metric)
-            if png is None:
-                return
-            tmp = self._job_dir / (CURVES_PNG + ".tmp")
-            tmp.write_bytes(png)
-            tmp.replace(self._job_dir / CURVES_PNG)
-        except Exception as e:  # noqa: BLE001 - a figure that fails must not fail the study
-            self._warn("curves", f"learning curves not drawn for job {self._job_dir.name}: {type(e).__name__}: {e}")
-        finally:
-            took_s = time.monotonic() - started
-            self._next_draw_s = time.monotonic() + took_s * (1 - DRAW_SHARE) / DRAW_SHARE
+        """Write curves.png now (`draw_curves`)."""
+        draw_curves(self._job_dir, self._key_metric, only_if_stale=False)
 
     # ---- inside ----------------------------------------------------------------------------------------
 
@@ -155,6 +141,29 @@ class JobTracker:
         if key not in self._warned:  # once per kind of trouble and job, not once per round
             self._warned.add(key)
             log.warning("%s", message)
+
+
+def draw_curves(job_dir: Path, key_metric: str = "", *, only_if_stale: bool = True) -> None:
+    """Write the job's curves.png from its metrics and scalar history (replaced atomically); with
+    `only_if_stale`, only when either file changed after the figure was drawn. Blocking (matplotlib): call
+    it in a worker thread. A figure that cannot be drawn is logged, never raised."""
+    sources = [job_dir / METRICS_FILE, job_dir / SCALARS_FILE]
+    target = job_dir / CURVES_PNG
+    try:
+        if only_if_stale and target.exists():
+            drawn_ns = target.stat().st_mtime_ns
+            if all(not p.exists() or p.stat().st_mtime_ns <= drawn_ns for p in sources):
+                return
+        from .curves import curves_png  # matplotlib: only where a figure is drawn
+
+        png = curves_png(_read_jsonl(sources[0]), _read_jsonl(sources[1]), key_metric)
+        if png is None:
+            return
+        tmp = job_dir / (CURVES_PNG + ".tmp")
+        tmp.write_bytes(png)
+        tmp.replace(target)
+    except Exception as e:  # noqa: BLE001 - a figure that fails must not fail the study or the download
+        log.warning("learning curves not drawn for job %s: %s: %s", job_dir.name, type(e).__name__, e)
 
 
 def latest_scalars(job_dir: Path) -> dict[str, dict[str, list[float]]]:
@@ -209,4 +218,4 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["CURVES_PNG", "GLOBAL_RUN", "SCALARS_FILE", "TENSORBOARD_DIR", "JobTracker", "latest_scalars"]
+__all__ = ["CURVES_PNG", "GLOBAL_RUN", "SCALARS_FILE", "TENSORBOARD_DIR", "JobTracker", "draw_curves", "latest_scalars"]

@@ -13,8 +13,10 @@ so far are part of the checkpoint, so a server restarted mid-job resumes exactly
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from ..aggregators import Update, build_aggregator, update_weight
@@ -142,13 +144,24 @@ class FedAvgWorkflow:
             if best is None or (score > best if key.higher_is_better else score < best):
                 is_best = True
                 results.best_metric, results.best_round = score, model_round
-                models = self._ctx.models_dir
                 # the global file still holds the model of `model_round` here (it is replaced after)
-                shutil.copyfile(models / GLOBAL_FILE, models / "best.tmp")
-                (models / "best.tmp").replace(models / BEST_FILE)
+                _keep_as_best(self._ctx.models_dir)
         self._ctx.append_metrics({"type": "validation", "workflow": self.name, "step": outcome.step,
                                   "model_round": model_round, "sites": by_site, "global": overall,
                                   "is_best": is_best})
+
+
+def _keep_as_best(models: Path) -> None:
+    """The global file becomes best.safetensors by a hard link, not a copy (a round that improves would
+    otherwise write the model a second time): the global file is only ever replaced by rename, never
+    rewritten in place, so the link keeps this round's bytes. A copy where links are not possible."""
+    tmp = models / "best.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(models / GLOBAL_FILE, tmp)
+    except OSError:
+        shutil.copyfile(models / GLOBAL_FILE, tmp)
+    tmp.replace(models / BEST_FILE)
 
 
 def _reasons(outcome: RoundOutcome) -> str:

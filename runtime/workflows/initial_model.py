@@ -73,7 +73,10 @@ class InitialModel:
             check_file(self._path)
         except UpdateRejected as e:
             raise InitialModelFailed(f"round 0: initial model: {e}") from None
-        shutil.copyfile(self._path, self._ctx.models_dir / GLOBAL_FILE)
+        # by rename, never in place: best.safetensors and checkpoint references are hard links to it
+        tmp = self._ctx.models_dir / (GLOBAL_FILE + ".tmp")
+        shutil.copyfile(self._path, tmp)
+        tmp.replace(self._ctx.models_dir / GLOBAL_FILE)
         self._done = True
 
     def state(self) -> tuple[dict[str, Any], dict[str, Weights]]:

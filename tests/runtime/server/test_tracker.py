@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from runtime.job_spec import load_job_spec
 from runtime.learner import SiteContext, TrainResult
 from runtime.server.tb_events import EventFile
-from runtime.server.tracker import CURVES_PNG, SCALARS_FILE, JobTracker, latest_scalars
+from runtime.server.tracker import CURVES_PNG, SCALARS_FILE, JobTracker, draw_curves, latest_scalars
 from runtime.simulate import simulate
 from runtime.tasks import TaskKind
 from runtime.workflows import RoundOutcome, RoundPlan, SiteResult
@@ -78,6 +79,8 @@ def test_tracker_writes_each_site_and_the_global_run_and_keeps_the_latest_scalar
     assert overall["train/loss"] == [(1, 1.75), (2, 0.875)]
 
     assert latest_scalars(job) == {"s1": {"batch": [5, 0.25]}}
+    assert not (job / CURVES_PNG).exists(), "no round draws the figure (matplotlib off the round's path)"
+    tracker.draw()  # the job's end
     assert _is_real_png(job / CURVES_PNG)
 
     # a server restarted after step 1: the history of the round that runs again is dropped
@@ -131,3 +134,27 @@ def test_a_simulated_job_leaves_event_files_history_and_curves_in_its_folder(tmp
     assert final == pytest.approx(result.record.final_metrics["mse"], rel=1e-6)
     assert set(latest_scalars(folder)) == set(learners)
     assert _is_real_png(folder / CURVES_PNG)
+
+
+def test_download_draws_the_curves_only_when_the_metrics_changed(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    tracker = JobTracker(job, key_metric="auc")
+    entry = {"type": "round", "round": 1, "train": {"s1": {"loss": 1.0}}, "train_global": {"loss": 1.0}}
+    for _ in range(2):
+        with (job / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        tracker.entry(entry)
+        tracker.round_done(_outcome(TaskKind.TRAIN, 1, 1, {"s1": SiteResult("s1", TaskKind.TRAIN)}))
+    assert not (job / CURVES_PNG).exists(), "a running job's rounds never draw"
+    draw_curves(job, "auc")
+    first = (job / CURVES_PNG).stat().st_mtime_ns
+    assert _is_real_png(job / CURVES_PNG)
+    draw_curves(job, "auc")
+    assert (job / CURVES_PNG).stat().st_mtime_ns == first, "nothing changed: not drawn again"
+    later = {**entry, "round": 2, "train": {"s1": {"loss": 0.5}}}
+    os.utime(job / CURVES_PNG, ns=(first - 10**9, first - 10**9))  # the figure is older than what follows
+    with (job / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(later) + "\n")
+    draw_curves(job, "auc")
+    assert (job / CURVES_PNG).stat().st_mtime_ns > first - 10**9, "a new round: drawn again"
