@@ -219,7 +219,16 @@ class Driver:
                 self.injector.mount_disk(site)
             for site in self.sites:
                 self.study.start(site)
-            self.wait(lambda: self.online() == self.sites, cfg.startup_bound_s, "every site online")
+            # read from the server's audit, not asked through the console: on a loaded machine each console
+            # command (a new process) took over a minute, and the sites' start was measured by the console's
+            registered = AuditTail(self.tail.path)
+            seen: set[str] = set()
+
+            def all_registered() -> bool:
+                seen.update(r["site"] for r in registered.new() if r["event"] == "site_registered")
+                return seen >= set(self.sites)
+
+            self.wait(all_registered, cfg.startup_bound_s, "every site registered")
             self._loop()
             self._note_deaths()
         finally:
