@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from bench._procs import peak_rss_bytes, tree_pids  # noqa: E402
 from bench.round_overhead import _sites_edit  # noqa: E402
-from provision.local_study import LocalStudy, wait_until  # noqa: E402
+from provision.local_study import LocalStudy  # noqa: E402
 
 JOB = REPO / "bench" / "jobs" / "trivial"
 MIB = 1 << 20
@@ -113,10 +113,7 @@ def run(params: int, n_sites: int, n_tensors: int, root: Path) -> dict:
     model = sparse_model(root / "initial.safetensors", params, n_tensors)
     try:
         study.start_server()
-        for site in study.clients:
-            study.start(site)
-        wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == n_sites,
-                   120, "all sites online", interval_s=0.5)
+        study.start_sites(timeout_s=120)
         server_pid = next(p for p in tree_pids(study.procs[study.server].pid) if _role("", p, "") == "server")
         idle = _vm(server_pid, "VmRSS")
         job = root / "job"

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._procs import tree_peak_rss_bytes, tree_pids  # noqa: E402
-from provision.local_study import LocalStudy, wait_until  # noqa: E402
+from provision.local_study import LocalStudy  # noqa: E402
 
 JOB = REPO / "bench" / "jobs" / "trivial"
 
@@ -50,10 +50,7 @@ def run_fedkit(params: int, n_sites: int, rounds: int, root: Path, wire: str = "
         study.write_local(site, "site.yml", {"heartbeat_interval_s": 2.0})
     try:
         study.start_server()
-        for site in study.clients:
-            study.start(site)
-        wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == n_sites,
-                   120, "all sites online", interval_s=0.5)
+        study.start_sites(timeout_s=120)
         job = root / "job"
         shutil.copytree(JOB, job)
         role_cpu = _RoleCpu(study)  # from before the submission: a worker starting at once counts whole

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 from bench._procs import tree_pids  # noqa: E402
 from bench.big_model import _role  # noqa: E402
 from bench.round_overhead import _sites_edit  # noqa: E402
-from provision.local_study import LocalStudy, wait_until  # noqa: E402
+from provision.local_study import LocalStudy  # noqa: E402
 
 JOB = REPO / "bench" / "jobs" / "trivial"
 MB = 1e6
@@ -97,10 +97,7 @@ def run(params: int, n_sites: int, rounds: int, root: Path) -> dict:
         study.write_local(site, "site.yml", {"heartbeat_interval_s": 2.0})
     try:
         study.start_server()
-        for site in study.clients:
-            study.start(site)
-        wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == n_sites,
-                   120, "all sites online", interval_s=0.5)
+        study.start_sites(timeout_s=120)
         pid = next(p for p in tree_pids(study.procs[study.server].pid) if _role("", p, "") == "server")
         idle = _status(pid)["VmRSS"]
         job = root / "job"

@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from bench._procs import peak_rss_bytes, tree_pids  # noqa: E402
 from bench.round_overhead import _sites_edit  # noqa: E402
 from provision.demo_data import write_demo_data  # noqa: E402
-from provision.local_study import LocalStudy, wait_until  # noqa: E402
+from provision.local_study import LocalStudy  # noqa: E402
 
 TABULAR = REPO / "templates" / "jobs" / "tabular_classifier"
 TRIVIAL = REPO / "bench" / "jobs" / "trivial"
@@ -120,10 +120,7 @@ def run_real(job: Path, n_sites: int, rounds: int, overrides: list[str], root: P
     with PeakSampler(os.getpid()) as sampler:
         try:
             study.start_server()
-            for site in study.clients:
-                study.start(site)
-            wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == n_sites,
-                       300, "all sites online", interval_s=0.5)
+            study.start_sites(timeout_s=300)
             copy = root / f"real-{n_sites}" / "job"
             shutil.copytree(job, copy)
             sets = " ".join(f"--set {o}" for o in [f"server.rounds={rounds}", f"meta.min_clients={n_sites}",

@@ -9,7 +9,7 @@ import itertools
 import json
 from typing import Any
 
-from provision.local_study import LocalStudy, wait_until
+from provision.local_study import LocalStudy
 
 SUBMITTER = "lead@study.org"
 FAST = "--set server.rounds=1 --set meta.min_clients=1"
@@ -88,10 +88,7 @@ def test_a_job_a_site_refuses_is_reported_with_the_sites_reason(make_study, tmp_
     study = handle.study
     study.write_local("site-2", "job_policy.yml", {"allowed_orgs": ["org-site-2"]})  # not the lead's org
     study.start_server()
-    for site in study.clients:
-        study.start(site)
-    wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == 2, 60,
-               "both sites online")
+    study.start_sites()
     job = handle.job(tmp_path / "job")
     only_site_2 = study.admin_json(f"submit_job {job} {FAST} --set meta.sites=[site-2]", admin=SUBMITTER)["job_id"]
     both = study.admin_json(f"submit_job {job} {FAST}", admin=SUBMITTER)["job_id"]

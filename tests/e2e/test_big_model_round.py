@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from provision.local_study import LocalStudy, wait_until
+from provision.local_study import LocalStudy
 from tests.e2e.test_big_initial_model import MODEL_BYTES, _memory_kib, _sparse_model
 
 PEAK_GROWTH_LIMIT_BYTES = 256 << 20  # the model is 1024 MiB; a server or daemon holding it would grow by that
@@ -90,10 +90,7 @@ def _running(make_study) -> tuple[LocalStudy, int]:
     """The server and both sites started and online; returns the study and the server's PID."""
     study = make_study(sites=SITES).study
     study.start_server()
-    for site in SITES:
-        study.start(site)
-    wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == 2, 60,
-               "both sites online")
+    study.start_sites(SITES)
     return study, _pid_of(study, study.server, b"runtime.server")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.local_study import LocalStudy, wait_until
+from tests.soak.memory import children_by_parent
 
 REPO = Path(__file__).resolve().parents[2]
 TRIVIAL_JOB = REPO / "bench" / "jobs" / "trivial"
@@ -24,21 +25,10 @@ def _maps(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            tree.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
-    return tree
-
-
 def _workers(daemon_pid: int) -> list[int]:
     """The training worker processes under a site daemon (the sandbox's bwrap sits in between)."""
-    tree, todo, found = _children(), list(_children().get(daemon_pid, [])), []
+    tree = children_by_parent()
+    todo, found = list(tree.get(daemon_pid, [])), []
     while todo:
         pid = todo.pop()
         todo.extend(tree.get(pid, []))
@@ -64,8 +54,7 @@ def test_an_idle_site_maps_no_numpy_and_a_numpy_only_worker_no_torch(make_study,
     handle = make_study(sites=["site-1", "site-2"], heartbeat_timeout_s=60.0)
     study = handle.study
     study.start_server()
-    for site in study.clients:
-        study.start(site)
+    study.start_sites(timeout_s=90)
     wait_until(lambda: _states(study) == {"site-1": "idle", "site-2": "idle"}, 90, "both sites idle")
 
     for site in study.clients:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from provision.local_study import wait_until
-
 JOB = Path(__file__).parent / "jobs" / "ddp"
 
 
@@ -17,10 +15,7 @@ def test_site_trains_with_two_ranks_under_torchrun(make_study, tmp_path):
     study.write_local("site-1", "site.yml", {"data_root": str(handle.data.site_dirs["site-1"]),
                                              "heartbeat_interval_s": 1.0, "nproc": 2})
     study.start_server()
-    for site in study.clients:
-        study.start(site)
-    wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == 2, 60,
-               "both sites online")
+    study.start_sites()
     job = tmp_path / "job"
     shutil.copytree(JOB, job)
 

@@ -11,8 +11,6 @@ import pytest
 from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from provision.local_study import wait_until
-
 
 def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(run_dir))
@@ -25,10 +23,7 @@ def test_two_sites_two_rounds_leave_tensorboard_files_and_curves(make_study, tmp
     handle = make_study(sites=sites)
     study = handle.study
     study.start_server()
-    for site in sites:
-        study.start(site)
-    wait_until(lambda: sum(s["online"] for s in study.admin_json("check_status client")["sites"]) == len(sites),
-               60, "both sites online")
+    study.start_sites(sites)
 
     job = handle.job(tmp_path / "job")
     record = study.admin_json(f"submit_job {job} --set server.rounds=2 --set meta.min_clients=2")

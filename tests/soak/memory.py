@@ -22,8 +22,8 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def tree_rss_bytes(root: int) -> int:
-    """RSS of `root` and its descendants (a daemon and its worker; start.sh and the server)."""
+def children_by_parent() -> dict[int, list[int]]:
+    """Every live process's children, by parent PID (from /proc/PID/stat)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -32,6 +32,12 @@ def tree_rss_bytes(root: int) -> int:
             except OSError:
                 continue
             children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
+    return children
+
+
+def tree_rss_bytes(root: int) -> int:
+    """RSS of `root` and its descendants (a daemon and its worker; start.sh and the server)."""
+    children = children_by_parent()
     total, todo = 0, [root]
     while todo:
         pid = todo.pop()

@@ -107,21 +107,27 @@ async def _site(service: FederationService, name: str, done: asyncio.Event) -> N
             await asyncio.sleep(0)  # as gRPC's writes do: the other sites' transfers interleave
         if messages[0].WhichOneof("kind") != "header":
             continue
-        header = messages[0].header
-        received = await asyncio.to_thread(_joined, messages[1:])
-        if header.task_name != "train":
-            reply = pb.ResultHeader(session_id=session, task_id=header.task_id,
-                                    metrics_json=json.dumps({"validation": {"accuracy": 0.5}}))
-            await service.submit_result(peer, _stream([pb.ResultChunk(header=reply)]))
-            continue
-        delta = await asyncio.to_thread(_half_delta, received)
-        lease = (await service.reserve_upload(peer, pb.ReserveRequest(session_id=session, task_id=header.task_id,
-                                                                      wait_s=5.0))).lease_id
-        reply = pb.ResultHeader(session_id=session, task_id=header.task_id, n_samples=10, lease_id=lease,
-                                metrics_json=json.dumps({"train": {"loss": 1.0}}), payload_bytes=len(delta))
-        chunks = [pb.ResultChunk(header=reply), *await asyncio.to_thread(_data_chunks, delta)]
-        answer = await service.submit_result(peer, _stream(chunks))
-        assert answer.accepted, answer.reason
+        await _answer(service, peer, session, messages)
+
+
+async def _answer(service: FederationService, peer: Identity, session: str, messages: list) -> None:
+    """Answer the task in `messages` (its header, then the model): a validation score, or a train update of
+    +0.5 on every weight, as a site would send them."""
+    header = messages[0].header
+    received = await asyncio.to_thread(_joined, messages[1:])
+    if header.task_name != "train":
+        reply = pb.ResultHeader(session_id=session, task_id=header.task_id,
+                                metrics_json=json.dumps({"validation": {"accuracy": 0.5}}))
+        await service.submit_result(peer, _stream([pb.ResultChunk(header=reply)]))
+        return
+    delta = await asyncio.to_thread(_half_delta, received)
+    lease = (await service.reserve_upload(peer, pb.ReserveRequest(session_id=session, task_id=header.task_id,
+                                                                  wait_s=5.0))).lease_id
+    reply = pb.ResultHeader(session_id=session, task_id=header.task_id, n_samples=10, lease_id=lease,
+                            metrics_json=json.dumps({"train": {"loss": 1.0}}), payload_bytes=len(delta))
+    chunks = [pb.ResultChunk(header=reply), *await asyncio.to_thread(_data_chunks, delta)]
+    answer = await service.submit_result(peer, _stream(chunks))
+    assert answer.accepted, answer.reason
 
 
 def _joined(messages: list[pb.TaskChunk]) -> bytes:

@@ -11,7 +11,6 @@ site dead 0.3 s after its last sign of life.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -32,14 +31,7 @@ from runtime.server.site_controls import SiteControls
 from runtime.server.taskboard import TaskBoard
 from runtime.simulate import _job_record
 from runtime.weights import to_bytes
-from tests.runtime.server.test_event_loop_not_blocked import (
-    _data_chunks,
-    _half_delta,
-    _joined,
-    _Runner,
-    _stream,
-    _until,
-)
+from tests.runtime.server.test_event_loop_not_blocked import _answer, _Runner, _until
 
 SITES = ["site-1", "site-2", "site-3"]
 HEARTBEAT_TIMEOUT_S = 0.3
@@ -70,19 +62,8 @@ async def _site(service: FederationService, name: str, done: asyncio.Event, paus
         if header.task_name == "train" and await away("before", header.round):
             session = (await service.register(peer, pb.RegisterRequest(host_info_json="{}"))).session_id
             continue  # its unanswered task is sent again
-        received = await asyncio.to_thread(_joined, messages[1:])
-        if header.task_name != "train":
-            reply = pb.ResultHeader(session_id=session, task_id=header.task_id,
-                                    metrics_json=json.dumps({"validation": {"accuracy": 0.5}}))
-            await service.submit_result(peer, _stream([pb.ResultChunk(header=reply)]))
-            continue
-        delta = await asyncio.to_thread(_half_delta, received)
-        lease = (await service.reserve_upload(peer, pb.ReserveRequest(session_id=session, task_id=header.task_id,
-                                                                      wait_s=5.0))).lease_id
-        reply = pb.ResultHeader(session_id=session, task_id=header.task_id, n_samples=10, lease_id=lease,
-                                metrics_json=json.dumps({"train": {"loss": 1.0}}), payload_bytes=len(delta))
-        await service.submit_result(peer, _stream([pb.ResultChunk(header=reply), *_data_chunks(delta)]))
-        if await away("after", header.round):
+        await _answer(service, peer, session, messages)
+        if header.task_name == "train" and await away("after", header.round):
             session = (await service.register(peer, pb.RegisterRequest(host_info_json="{}"))).session_id
 
 
