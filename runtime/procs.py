@@ -92,4 +92,33 @@ def stop_event_on_signals() -> asyncio.Event:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, log_task_stacks)
     return stop
+
+
+def log_task_stacks() -> None:
+    """SIGUSR1: write where every asyncio task of this process is waiting into its log, for a process that
+    looks stuck (`kill -USR1 PID`, then read the log); py-spy shows threads, not coroutines."""
+    import asyncio
+
+    tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
+    lines = [f"SIGUSR1: {len(tasks)} asyncio tasks"]
+    for task in tasks:
+        lines.append(f"task {task.get_name()}:")
+        lines += [f"    {where}" for where in _awaiting(task.get_coro())]
+    logging.getLogger("fedkit.tasks").warning("%s", "\n".join(lines))
+
+
+def _awaiting(coro: object) -> list[str]:
+    """The chain of coroutines (and async generators) `coro` is suspended in, outermost first, ending
+    with what the innermost awaits. A task's own get_stack() shows only the outermost frame."""
+    chain: list[str] = []
+    while coro is not None and len(chain) < 64:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is None:
+            chain.append(repr(coro)[:200])
+            break
+        chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = (getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+                or getattr(coro, "ag_await", None))
+    return chain

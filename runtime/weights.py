@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 from pathlib import Path
 
@@ -266,6 +267,25 @@ def check_update(update: Weights, reference: Weights) -> None:
             raise UpdateRejected(f"tensor '{name}' has dtype {arr.dtype}, model has {ref.dtype}")
         if is_float_dtype(arr.dtype) and not _all_finite(arr):
             raise UpdateRejected(f"tensor '{name}' holds NaN or Inf")
+        drop_read_pages(arr)  # checked: a spooled update is not all resident before its fold
+
+
+def drop_read_pages(arr: np.ndarray) -> None:
+    """When `arr` is a view of a mapped file (the server's spooled updates, runtime/server/update_spool.py)
+    and has just been read, take its pages out of this process's resident memory, so that checking and
+    folding an update holds one tensor of it at a time, not the whole update beside the model and the sum.
+    Nothing is lost: a later read faults the pages in again from the page cache. Any other array: a no-op."""
+    base = arr.base
+    while isinstance(base, np.ndarray):
+        base = base.base
+    mapped = base.obj if isinstance(base, memoryview) else base
+    if not isinstance(mapped, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or not arr.nbytes:
+        return
+    offset = arr.ctypes.data - np.frombuffer(mapped, np.uint8, count=1).ctypes.data
+    first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: the edges may hold a neighbour
+    end = (offset + arr.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > first:
+        mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
 
 
 FINITE_CHUNK = 1 << 20  # elements checked at once: a 1 MiB bool temporary, never one the size of the tensor

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..tasks import LocalAlgorithm
-from ..weights import Weights, is_float_dtype, is_half_dtype, wide_dtype
+from ..weights import Weights, drop_read_pages, is_float_dtype, is_half_dtype, wide_dtype
 from ._round import RoundPhase, check_fits, check_state_group, check_weight, copy_state, is_float, take_state
 from .base import Update
 from .config import FedAvgConfig
@@ -66,6 +66,7 @@ def fold(acc: WeightedSum, delta: Weights, weight: float) -> WeightedSum:
             # one temporary the size of one tensor, never of the model; float16/bfloat16 deltas are
             # weighted in the float32 of the sum, not in their own few digits
             target += np.multiply(d, weight, dtype=target.dtype) if is_half_dtype(d.dtype) else d * weight
+        drop_read_pages(d)  # folded: a spooled update's tensor leaves memory before the next is read
         acc.totals[name] += weight
     acc.n_updates += 1
     return acc
@@ -130,24 +131,44 @@ def sent_tensors(acc: WeightedSum, model: Weights) -> list[str]:
 
 
 def server_step(model: Weights, acc: WeightedSum, lr: float, momentum: float,
-                velocity: Weights) -> tuple[Weights, Weights]:
+                velocity: Weights, into_sum: bool = False) -> tuple[Weights, Weights]:
     """The FedAvg(M) step of the module docstring: (new model, new velocity). Tensors nobody sent are the
-    same arrays as in `model`; `model` and `velocity` are not mutated."""
+    same arrays as in `model`; `model` and `velocity` are not mutated.
+
+    `into_sum`: without momentum, a tensor whose sum has the model's own dtype (float32, float64) gets its
+    new values written over its sum (the same operations in the same order, so the same bits), and `acc`
+    is spent: the round closes in the old model and the sum (2x the model), not in those and a new model."""
     sent = sent_tensors(acc, model)
     floats = [k for k in sent if is_float(model[k])]
     others = [k for k in sent if not is_float(model[k])]
+    in_place = {k for k in floats if into_sum and momentum == 0 and acc.sums[k].dtype == model[k].dtype}
     new_model = dict(model)
     new_velocity = dict(velocity)
     # one tensor at a time: the mean of one tensor is a temporary, never the mean of the whole model, so
     # closing a round holds the old model, the sum and the new model (3x), not a 4th copy
     for k in floats:
+        if k in in_place:
+            continue
         stepped, moved = apply_server_step({k: model[k]}, weighted_mean(acc, {k: model[k]}), lr, momentum,
                                            {k: velocity[k]} if k in velocity else {})
         new_model.update(stepped)
         new_velocity.update(moved or {})
     for name, d in weighted_mean(acc, {k: model[k] for k in others}).items():
         new_model[name] = (model[name] + d).astype(model[name].dtype, copy=False)
+    # last, once nothing can fail for want of memory: a close that raised has left the sum untouched
+    for k in (k for k in floats if k in in_place):
+        new_model[k] = _step_in_place(model[k], acc.sums[k], acc.totals[k], lr)
     return new_model, new_velocity
+
+
+def _step_in_place(x: np.ndarray, total_sum: np.ndarray, total: float, lr: float) -> np.ndarray:
+    """x + lr * (total_sum / total), computed in total_sum's memory, which it returns: what
+    weighted_mean then apply_server_step compute (the same roundings), without a new array."""
+    np.divide(total_sum, np.asarray(total, dtype=total_sum.dtype), out=total_sum)
+    if lr != 1.0:
+        np.multiply(total_sum, lr, out=total_sum)
+    np.add(x, total_sum, out=total_sum)
+    return total_sum
 
 
 class StreamingMean:
@@ -188,7 +209,8 @@ class FedAvgAggregator(StreamingMean):
     def close_round(self, model: Weights) -> Weights:
         self._round.close(self.n_folded)
         new_model, velocity = server_step(model, self._sum, self.config.server_lr, self.config.server_momentum,
-                                          self._velocity)
+                                          self._velocity, into_sum=True)
+        self._sum = None  # its memory is the new model now; the next round sums into fresh pages
         self._velocity = velocity if self.config.server_momentum > 0 else {}
         self._round.closed = True
         return new_model

@@ -165,9 +165,13 @@ class FederationService:
             payload = await asyncio.to_thread(incoming.finish, trailer)
             await controller.accept_result(task, int(header.n_samples), metrics, header.error, payload)
         finally:
-            if incoming is not None:  # the buffer back for reuse, or the spool file gone; then the round's
-                await asyncio.to_thread(_release, incoming)  # chunks out of the heap (memory.py)
-            self._upload_slots.release(task.site)
+            try:
+                if incoming is not None:  # the buffer back for reuse, or the spool file gone; then the round's
+                    await asyncio.to_thread(_release, incoming)  # chunks out of the heap (memory.py)
+            finally:
+                # even when gRPC cancels the handler again during that await (a reset link does): a slot
+                # lost here left the site asking for one for ever (tests/runtime/server/test_upload_cut.py)
+                self._upload_slots.release(task.site)
         return receiver.sha256
 
     async def reserve_upload(self, peer: Identity, request: pb.ReserveRequest) -> pb.ReserveReply:

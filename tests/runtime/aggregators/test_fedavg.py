@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.aggregators import apply_server_step, fold, start_sum, weighted_mean
+from runtime.aggregators import FedAvgAggregator, Update, WeightedSum, apply_server_step, fold, start_sum, weighted_mean
+from runtime.aggregators.config import FedAvgConfig
+from runtime.aggregators.fedavg import server_step
 
 
 def _f32(*values: float) -> np.ndarray:
@@ -139,3 +141,41 @@ def test_server_step_does_not_mutate_the_old_model() -> None:
     apply_server_step(model, {"w": _f32(1, 1)}, lr=0.5, momentum=0.5)
 
     np.testing.assert_array_equal(model["w"], [1, 1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("lr", [1.0, 0.7])
+def test_a_step_written_over_the_sum_gives_the_same_bits_in_the_sum_memory(dtype, lr) -> None:
+    """Closing a round in place (the server's memory: old model + sum, no third copy) changes no bit of
+    the new model, leaves the old model alone, and keeps integer buffers and unsent tensors as before."""
+    rng = np.random.default_rng(3)
+    model = {"w": rng.normal(size=1000).astype(dtype), "b": rng.normal(size=7).astype(dtype),
+             "steps": np.array([10], np.int64), "unsent": rng.normal(size=3).astype(dtype)}
+    old = {k: v.copy() for k, v in model.items()}
+    acc = start_sum(model)
+    for n in (3.0, 5.0, 11.0):
+        fold(acc, {k: rng.normal(size=v.shape).astype(v.dtype) for k, v in model.items() if k != "unsent"}, n)
+    spent = WeightedSum(sums={k: v.copy() for k, v in acc.sums.items()}, totals=dict(acc.totals))
+
+    expected, _ = server_step(model, acc, lr, 0.0, {})
+    stepped, _ = server_step(model, spent, lr, 0.0, {}, into_sum=True)
+
+    for name in model:
+        np.testing.assert_array_equal(stepped[name], expected[name], err_msg=name)
+        assert stepped[name].dtype == model[name].dtype
+        np.testing.assert_array_equal(model[name], old[name], err_msg=f"old model changed: {name}")
+    assert np.shares_memory(stepped["w"], spent.sums["w"]), "the new float tensor is the sum's memory"
+    assert stepped["unsent"] is model["unsent"], "a tensor no site sent stays the model's own array"
+
+
+def test_fedavg_rounds_closed_in_place_match_the_hand_computed_means() -> None:
+    """Round after round: a round's sum, spent on the new model, is never summed into again."""
+    agg = FedAvgAggregator(FedAvgConfig())
+    model = {"w": _f32(1, 1)}
+    for delta in ([1, 3], [2, 2]):
+        agg.begin_round(model)
+        agg.fold(Update(site="a", delta={"w": _f32(*delta)}, n_samples=1, weight=1.0))
+        agg.fold(Update(site="b", delta={"w": _f32(0, 0)}, n_samples=1, weight=1.0))
+        model = agg.close_round(model)
+    # round 1: 1 + [0.5, 1.5]; round 2: + [1, 1]
+    np.testing.assert_array_equal(model["w"], [2.5, 3.5])

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.aggregators import fold, start_sum
 from runtime.errors import UpdateRejected
 from runtime.server.update_spool import IncomingUpdate
-from runtime.weights import to_bytes, view_bytes
+from runtime.weights import check_update, to_bytes, view_bytes
 
 
 def _update() -> bytes:
@@ -81,3 +82,27 @@ def test_releasing_a_spooled_update_drops_its_pages_even_while_a_view_of_it_live
     dropped = resident - _rss_file_bytes()
     assert dropped > (48 << 20), f"only {dropped >> 20} MiB of the 64 MiB update left the process's memory"
     assert weights["w"][n - 1] == n - 1 and not list(tmp_path.iterdir())  # a late reader still reads it
+
+
+def test_checking_and_folding_a_spooled_update_holds_one_tensor_of_it_at_a_time(tmp_path: Path) -> None:
+    """The server's peak is the model, the running sum and what it holds of the update being folded:
+    the NaN check and the fold each let a tensor's pages go once read, so that is one tensor, not the
+    whole update (16 tensors of 4 MiB here)."""
+    n_tensors, n = 16, 1 << 20  # float32 values per tensor: 4 MiB
+    update = {f"t{i:02d}": np.full(n, i, dtype=np.float32) for i in range(n_tensors)}
+    model = {k: np.zeros(n, np.float32) for k in update}
+    acc = start_sum(model)
+    incoming = _receive(to_bytes(update), tmp_path, [], spool_above=1 << 10)
+    weights = view_bytes(incoming.finish())
+    before = _rss_file_bytes()
+    grew = 0
+
+    check_update(weights, model)
+    grew = max(grew, _rss_file_bytes() - before)
+    fold(acc, weights, 2.0)
+    grew = max(grew, _rss_file_bytes() - before)
+
+    assert grew < (12 << 20), f"{grew >> 20} MiB of the 64 MiB update stayed resident"
+    for i in range(n_tensors):  # and nothing was lost: the sum is right, the views still read
+        assert acc.sums[f"t{i:02d}"][-1] == 2.0 * i and weights[f"t{i:02d}"][0] == i
+    incoming.release()
