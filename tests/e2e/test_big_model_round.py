@@ -3,8 +3,9 @@
 TLS on 127.0.0.1). The server sends the model from its file a chunk at a time (runtime.server.taskboard.
 FilePayload), so its peak memory grows by far less than the model; each site daemon writes the model to
 disk as it arrives, so its peak stays far below the model too (the worker, which the learner needs the
-arrays in, holds it once). A FedAvg round on the same model holds, in the server, the global model, the
-running sum and one update at a time (spooled to disk as it arrives), never one per site."""
+arrays in, holds it once). A FedAvg round on the same model holds, in the server, the global model and the
+running sum, which becomes the new model at the close; of the updates (spooled to disk as they arrive) only
+the tensor being checked or folded is resident, never one update per site."""
 
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ from tests.e2e.test_big_initial_model import MODEL_BYTES, _memory_kib, _sparse_m
 PEAK_GROWTH_LIMIT_BYTES = 256 << 20  # the model is 1024 MiB; a server or daemon holding it would grow by that
 SITES = ["site-1", "site-2"]
 SMALL_MODEL_BYTES = 256 << 20
-# What the server allocates beyond 3 models, whatever the model's size (measured: 80 MiB at 256 MiB, 95 MiB at
-# 1 GiB): matplotlib for curves.png (about 35 MB), the code a job's first rounds import, gRPC's buffers.
+# What the server allocates beyond the models it holds, whatever the model's size: the code a job's first
+# rounds import, gRPC's buffers, the heap's chunks.
 FIXED_OVERHEAD_BYTES = 160 << 20
+# The model and the running sum (the close writes the new model over the sum), and at most half a model
+# more: one of the update's 16 tensors, a tensor's temporaries. Measured: 2.09x the model at 1 GiB and 2 GB
+# (bench/big_model.py); 3.08x before the close wrote over the sum and the fold let each tensor's pages go.
+MODELS_HELD = 2.5
 
 LEARNER = '''
 import numpy as np
@@ -126,7 +131,7 @@ def test_a_1_gib_model_is_sent_to_2_sites_with_server_and_daemons_memory_bounded
 
 
 
-def test_a_fedavg_round_on_a_1_gib_model_holds_3_models_in_the_server(make_study, tmp_path):
+def test_a_fedavg_round_on_a_1_gib_model_holds_2_models_in_the_server(make_study, tmp_path):
     study, server = _running(make_study)
     before = _memory_kib(server)
 
@@ -145,15 +150,14 @@ def test_a_fedavg_round_on_a_1_gib_model_holds_3_models_in_the_server(make_study
     growth = (after["VmHWM"] - before["VmRSS"]) * 1024
     print(f"server RSS before {before['VmRSS'] // 1024} MiB, peak in a FedAvg round of a 1 GiB model with 2 sites "
           f"{after['VmHWM'] // 1024} MiB ({growth / MODEL_BYTES:.2f} x the model)")
-    # the global model, the running sum, one update (or the new model at the close), and a fixed allowance
-    assert growth < 3 * MODEL_BYTES + FIXED_OVERHEAD_BYTES, f"server peak grew by {growth >> 20} MiB"
+    assert growth < MODELS_HELD * MODEL_BYTES + FIXED_OVERHEAD_BYTES, f"server peak grew by {growth >> 20} MiB"
 
 
 
-def test_fedavg_rounds_on_a_256_mib_model_hold_the_server_to_3_models(make_study, tmp_path):
-    """Issue 12's bound: the server's peak is its idle size plus 3x the model (the global model, the
-    running sum, and either the update being folded or the new model at the close), plus a fixed
-    allowance that does not grow with the model. Two rounds, so the second runs with the first's
+def test_fedavg_rounds_on_a_256_mib_model_hold_the_server_to_2_models(make_study, tmp_path):
+    """The server's peak is its idle size plus 2x the model (the global model, and the running sum that
+    becomes the new model), half a model for a tensor of the update being folded and temporaries, and a
+    fixed allowance that does not grow with the model. Two rounds, so the second runs with the first's
     leftovers (a previous round's model still referenced, updates still mapped, the heap's chunks); both
     updates of a round are received at once (4 upload slots), so one held in memory per site shows."""
     study, server = _running(make_study)
@@ -174,5 +178,6 @@ def test_fedavg_rounds_on_a_256_mib_model_hold_the_server_to_3_models(make_study
     growth = (after["VmHWM"] - before["VmRSS"]) * 1024
     print(f"server RSS before {before['VmRSS'] // 1024} MiB, peak in 2 FedAvg rounds of a 256 MiB model with 2 "
           f"sites {after['VmHWM'] // 1024} MiB ({growth / SMALL_MODEL_BYTES:.2f} x the model)")
-    limit = 3 * SMALL_MODEL_BYTES + FIXED_OVERHEAD_BYTES
-    assert growth < limit, f"server peak grew by {growth >> 20} MiB, over 3 models + the allowance ({limit >> 20})"
+    limit = int(MODELS_HELD * SMALL_MODEL_BYTES) + FIXED_OVERHEAD_BYTES
+    assert growth < limit, f"server peak grew by {growth >> 20} MiB, over {MODELS_HELD} models + the allowance " \
+                           f"({limit >> 20} MiB)"
