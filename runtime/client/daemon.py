@@ -486,14 +486,17 @@ class ClientDaemon:
 
     async def _submit(self, h: pb.TaskHeader, n_samples: int, metrics: dict[str, Any], payload: Path | None,
                       error: str = "") -> None:
-        """Stream the result from disk, hashing as it goes; the hash follows as a trailer."""
+        """Stream the result from disk; its hash follows as a trailer. The privacy step hashed what it wrote
+        (the header carries that hash, and the server checks the bytes it receives against it), so the
+        bytes are hashed again here only when no such hash came with them."""
         size = payload.stat().st_size if payload is not None else 0
         lease = await self._reserve_upload(h.task_id) if size else ""
         privacy = metrics.get("privacy") or {}
+        known = privacy.get("payload_sha256", "")
         header = pb.ResultHeader(session_id=self._session_id, task_id=h.task_id, n_samples=n_samples,
                                  metrics_json=json.dumps(metrics), payload_bytes=size, error=error,
-                                 lease_id=lease, payload_sha256=privacy.get("payload_sha256", ""))
-        digest = hashlib.sha256()
+                                 lease_id=lease, payload_sha256=known)
+        digest = None if known else hashlib.sha256()
 
         async def chunks() -> AsyncIterator[bytes]:
             yield header_message(header)
@@ -502,11 +505,11 @@ class ClientDaemon:
             with payload.open("rb") as f:
                 while piece := await asyncio.to_thread(_read_hashed, f, digest):  # reading, hashing: off the loop
                     yield piece  # raw, as read: no protobuf copy
-            yield trailer_message(digest.hexdigest())
+            yield trailer_message(known or digest.hexdigest())
 
         with call_errors("submit result", self._target):
             reply = await self._bulk.SubmitResult(chunks(), timeout=RPC_TIMEOUT_S + size / 1e6)
-        size_sent, digest_hex = size, digest.hexdigest() if size else ""
+        size_sent, digest_hex = size, (known or digest.hexdigest()) if size else ""
         if reply.accepted:
             self._audit.append("update_sent", job_id=h.job_id, task=h.task_name, round=h.round,
                                n_samples=n_samples, payload_sha256=digest_hex, privacy=privacy or None)
@@ -541,7 +544,8 @@ def _encode_wire(path: Path, wire_dtype: str) -> tuple[Path, str, Any]:
 
 def _read_hashed(f, digest) -> bytes:
     piece = f.read(CHUNK_BYTES)
-    digest.update(piece)
+    if digest is not None:
+        digest.update(piece)
     return piece
 
 
