@@ -6,6 +6,9 @@ the worker gets it as its `op`), and a task's settings travel as one typed `Task
     train         train on the model sent; score it on local validation first  -> delta (trained - sent)
     validate      score the model sent on local validation data                -> metrics only
     submit_model  send this site's best local model (by the job's key metric)  -> whole model
+    prepare       fetch and check the job, start its worker; while another site  -> nothing (never
+                  builds the round-0 model, so round 1 does not wait for every       answered)
+                  site's worker to start after it
 
 Models sent with a task may carry extra tensors a site-side algorithm needs (SCAFFOLD's server control
 variates) under CONTROL_PREFIX; `split_control` separates them from the model at the edge.
@@ -26,12 +29,13 @@ class TaskKind(StrEnum):
     TRAIN = "train"
     VALIDATE = "validate"
     SUBMIT_MODEL = "submit_model"
+    PREPARE = "prepare"
 
 
 # what a site sends back for each kind: the weights a result carries, if any
 RESULT_WEIGHTS: dict[TaskKind, Literal["whole_model", "delta"] | None] = {
     TaskKind.INIT: "whole_model", TaskKind.TRAIN: "delta", TaskKind.VALIDATE: None,
-    TaskKind.SUBMIT_MODEL: "whole_model",
+    TaskKind.SUBMIT_MODEL: "whole_model", TaskKind.PREPARE: None,
 }
 
 

@@ -331,6 +331,8 @@ class ClientDaemon:
             # a refusal comes before any job code; in a thread: the first chain with filters imports NumPy
             chain = await asyncio.to_thread(self._privacy.chain_for, h.job_id, client_cfg.filters)
             await self._ensure_job(h, task.config.model_dump(mode="json"), job_dir, client_cfg)
+            if kind is TaskKind.PREPARE:  # the job's worker is running for its first real task: no answer
+                return
             n_samples, metrics, payload = await self._execute(h, kind, task, round_dir, client_cfg, chain)
             await self._submit(h, n_samples, metrics, payload)
         # UpdateRejected: the job's code wrote weights the privacy step cannot read; only this task fails
@@ -338,7 +340,8 @@ class ClientDaemon:
         except (WorkerFailed, JobRejected, ConfigError, UpdateRejected, OSError) as e:
             log.error("job %s %s round %d failed: %s", h.job_id, h.task_name, h.round, e)
             self._audit.append("task_failed", job_id=h.job_id, task=h.task_name, round=h.round, reason=str(e))
-            await self._submit(h, 0, {}, None, error=str(e))
+            if h.task_name != TaskKind.PREPARE:  # a prepare is never answered: the job's first task says it
+                await self._submit(h, 0, {}, None, error=str(e))
         finally:
             if not keep_updates:
                 shutil.rmtree(round_dir, ignore_errors=True)

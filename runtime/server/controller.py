@@ -83,6 +83,7 @@ class JobController:
         self._n_tensors = 0
         self._step = 0
         self._tasked: set[str] = set()  # every site this run has sent a task: the ones that may fetch the job
+        self._prepared: set[str] = set()  # the sites told to start the job's worker during round 0
         self._not_awaited: set[str] = set()  # offline sites a round's start waited for in vain (_rejoining)
         self._code_signature = store.code_signature(record.job_id)  # passed on to sites as submitted
 
@@ -261,12 +262,13 @@ class JobController:
         for task in tasks.values():
             self._board.post(task)
         log.info("job %s: %s sent to %s", self.record.job_id, _what(plan), ", ".join(sites))
+        preparing = self._prepare_others(plan, sites, config) if plan.kind is TaskKind.INIT else []
         need = self._needed(plan)
         started = asyncio.get_running_loop().time()
         try:
             await self._collect(self._round, need)
         finally:
-            self._board.cancel(list(tasks.values()))
+            self._board.cancel([*tasks.values(), *preparing])
             done, self._round = self._round, None
         outcome = done.outcome
         if cfg.wire_dtype != "float32":
@@ -281,6 +283,22 @@ class JobController:
             raise RoundFailed(f"{_what(plan)}: {len(outcome.results)} of min {need} sites answered "
                               f"in {waited:.0f} s (round_timeout_s {cfg.round_timeout_s:g}; {reasons})")
         return outcome
+
+    def _prepare_others(self, plan: RoundPlan, init_sites: list[str], config: dict[str, Any]) -> list[Task]:
+        """While one site builds the round-0 model, tell every other eligible site online to fetch and
+        check the job and start its worker (a `prepare` task, never answered), once per job: round 1 then
+        finds their workers running instead of waiting for each to start after round 0. A site that
+        cannot run the job says so in round 1, where its refusal counts."""
+        sites = [s for s in eligible_sites(self.spec.meta, self._registry.alive(), plan.exclude)
+                 if s not in init_sites and s not in self._prepared]
+        self._prepared.update(sites)
+        self._tasked.update(sites)
+        tasks = [Task(job_id=self.record.job_id, site=site, name=TaskKind.PREPARE.value, round=plan.round,
+                      config=config, timeout_s=self.spec.server.round_timeout_s, job_sha256=self.record.job_sha256)
+                 for site in sites]
+        for task in tasks:
+            self._board.post(task)
+        return tasks
 
     def _needed(self, plan: RoundPlan) -> int:
         if plan.min_results is not None:

@@ -92,6 +92,15 @@ def test_fedavg_three_sites_three_rounds(make_study, tmp_path):
     assert [m["model_round"] for m in validations] == [0, 1, 2, 3]
     assert sum(m["is_best"] for m in validations) >= 1
 
+    # while one site built the initial model, the others prepared the job (fetched it, started its worker):
+    # every site started one worker for the whole job, and only the builder was not told to prepare
+    audits = {site: [json.loads(line) for line in (study.kits[site] / "workspace" / "audit.jsonl").read_text()
+                     .splitlines()] for site in study.clients}
+    tasks = {site: [r["task"] for r in records if r["event"] == "task_received"] for site, records in audits.items()}
+    (builder,) = [site for site, names in tasks.items() if "init" in names]
+    assert all(("prepare" in names) == (site != builder) for site, names in tasks.items()), tasks
+    assert all(sum(r["event"] == "worker_started" for r in records) == 1 for records in audits.values())
+
 
 def test_cross_site_validation_matrix(make_study, tmp_path):
     handle = make_study()
