@@ -117,7 +117,7 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner] | SitePool, folde
         with tempfile.TemporaryDirectory(prefix=f"fedkit-sim-{site}-") as tmp:
             while True:
                 task = await board.next_for(site, POLL_S)
-                if task is None:
+                if task is None or task.name == TaskKind.PREPARE:  # in-process learners need no start
                     continue
                 board.claim(task.task_id, site)
                 n_samples, metrics, error, payload = await _run_task(pool, site, task, Path(tmp), filters, rng)

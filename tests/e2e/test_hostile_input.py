@@ -178,7 +178,7 @@ class HostileSite:
                     header = chunk.header
                 elif kind == "data":
                     data += chunk.data
-            if header is not None:
+            if header is not None and header.task_name != "prepare":  # a prepare asks for no answer
                 return header, bytes(data)
         raise TimeoutError(f"no task for {HOSTILE} within {timeout_s:g} s")
 
