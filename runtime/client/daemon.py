@@ -72,6 +72,7 @@ log = logging.getLogger("fedkit.client")
 VERSION = "0.1.0"
 RPC_TIMEOUT_S = 30.0
 POLL_WAIT_S = 20.0
+UPLOAD_WAIT_LOG_S = 60.0  # how often a site still waiting for an upload slot says so in its log
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 15.0
 ONCE_DEADLINE_S = 60.0  # --once: how long a site keeps trying to reach the server before it gives up
@@ -478,7 +479,10 @@ class ClientDaemon:
         return self._policy.check_code(code, self._tls.root_ca.read_bytes(), revoked)
 
     async def _reserve_upload(self, task_id: str) -> str:
-        """Wait (in bounded long polls) for an upload slot on the server; returns its lease."""
+        """Wait (in bounded long polls) for an upload slot on the server; returns its lease. A long wait is
+        logged once a minute: sites queue for slots by design, but a site that never gets one must show."""
+        loop = asyncio.get_running_loop()
+        started = logged = loop.time()
         while True:
             with call_errors("reserve upload", self._target):
                 reply = await self._stub.ReserveUpload(
@@ -486,6 +490,10 @@ class ClientDaemon:
                     timeout=POLL_WAIT_S + RPC_TIMEOUT_S)
             if reply.lease_id:
                 return reply.lease_id
+            if loop.time() - logged >= UPLOAD_WAIT_LOG_S:
+                logged = loop.time()
+                log.info("waiting %.0f s so far for an upload slot on the server (its uploads are all busy)",
+                         logged - started)
 
     async def _submit(self, h: pb.TaskHeader, n_samples: int, metrics: dict[str, Any], payload: Path | None,
                       error: str = "") -> None:
