@@ -120,7 +120,14 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner] | SitePool, folde
                 if task is None or task.name == TaskKind.PREPARE:  # in-process learners need no start
                     continue
                 board.claim(task.task_id, site)
-                n_samples, metrics, error, payload = await _run_task(pool, site, task, Path(tmp), filters, rng)
+                running = asyncio.ensure_future(_run_task(pool, site, task, Path(tmp), filters, rng))
+                try:
+                    n_samples, metrics, error, payload = await asyncio.shield(running)
+                except asyncio.CancelledError:
+                    # the learner runs in a thread, which a cancel does not stop: let it finish writing
+                    # into `tmp` before the folder goes, or a file it writes late outlives the simulation
+                    await asyncio.wait([running])
+                    raise
                 with contextlib.suppress(FedkitError):  # a refused update fails only that site's round
                     await controller.accept_result(task, n_samples, metrics, error, payload)
                 counter["results"] += 1
