@@ -16,7 +16,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +191,18 @@ def test_no_fsync_and_no_long_callback_on_the_loop_during_a_round(tmp_path: Path
 async def _until(condition) -> None:
     while not condition():
         await asyncio.sleep(0.01)
+
+
+async def _run_with_sites(controller: JobController, registry: Registry, sites: list[str],
+                          start: Callable[[asyncio.Event], list[Coroutine]], timeout_s: float) -> None:
+    """Start the site coroutines `start(done)` makes, wait until every site is registered, run the job
+    within `timeout_s`, then stop the sites."""
+    done = asyncio.Event()
+    tasks = [asyncio.create_task(c) for c in start(done)]
+    try:
+        for name in sites:
+            await asyncio.wait_for(_until(lambda n=name: registry.is_alive(n)), 30)
+        await asyncio.wait_for(controller.run(), timeout_s)
+    finally:
+        done.set()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -26,7 +26,7 @@ from runtime.server.site_controls import SiteControls
 from runtime.server.taskboard import TaskBoard
 from runtime.simulate import _job_record
 from runtime.weights import sha256_hex, to_bytes
-from tests.runtime.server.test_event_loop_not_blocked import _answer, _data_chunks, _Runner, _stream, _until
+from tests.runtime.server.test_event_loop_not_blocked import _answer, _data_chunks, _run_with_sites, _Runner, _stream
 
 SITES = ["site-1", "site-2", "site-3", "site-4"]
 
@@ -76,18 +76,8 @@ def test_the_other_sites_prepare_the_job_while_one_builds_the_initial_model(tmp_
     seen: list[tuple[str, str, int]] = []
     job_bytes: dict[str, int] = {}
 
-    async def main() -> None:
-        done = asyncio.Event()
-        sites = [asyncio.create_task(_site(service, n, done, seen, job_bytes)) for n in SITES]
-        try:
-            for name in SITES:
-                await asyncio.wait_for(_until(lambda n=name: registry.is_alive(n)), 30)
-            await asyncio.wait_for(controller.run(), 60)
-        finally:
-            done.set()
-            await asyncio.gather(*sites, return_exceptions=True)
-
-    asyncio.run(main())
+    asyncio.run(_run_with_sites(controller, registry, SITES, lambda done: [
+        _site(service, n, done, seen, job_bytes) for n in SITES], 60))
 
     (builder,) = [site for site, task, _ in seen if task == "init"]
     prepared = sorted(site for site, task, _ in seen if task == "prepare")

@@ -31,7 +31,7 @@ from runtime.server.site_controls import SiteControls
 from runtime.server.taskboard import TaskBoard
 from runtime.simulate import _job_record
 from runtime.weights import to_bytes
-from tests.runtime.server.test_event_loop_not_blocked import _answer, _Runner, _until
+from tests.runtime.server.test_event_loop_not_blocked import _answer, _run_with_sites, _Runner, _until
 
 SITES = ["site-1", "site-2", "site-3"]
 HEARTBEAT_TIMEOUT_S = 0.3
@@ -93,19 +93,9 @@ def _run_job(tmp_path: Path, rejoin_wait_s: float, make_pauses: Callable[[Regist
                 registry.touch(name, session.session_id)
             await asyncio.sleep(0.05)
 
-    async def main() -> None:
-        done = asyncio.Event()
-        tasks = [asyncio.create_task(_site(service, n, done, pauses if n == "site-3" else {}, silent)) for n in SITES]
-        tasks += [asyncio.create_task(keep_alive(n, done)) for n in SITES]
-        try:
-            for name in SITES:
-                await asyncio.wait_for(_until(lambda n=name: registry.is_alive(n)), 30)
-            await asyncio.wait_for(controller.run(), 120)
-        finally:
-            done.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    asyncio.run(main())
+    asyncio.run(_run_with_sites(controller, registry, SITES, lambda done: [
+        *(_site(service, n, done, pauses if n == "site-3" else {}, silent) for n in SITES),
+        *(keep_alive(n, done) for n in SITES)], 120))
     return audit
 
 
