@@ -33,7 +33,6 @@ def study(n_sites: int) -> Project:
             "org": "lead",
             "fed_learn_port": 8002,
             "admin_port": 8003,
-            "bulk_port": 8004,
         },
         *({"type": "client", "name": f"site-{i}", "org": f"hospital-{i % 10}"} for i in range(1, n_sites + 1)),
         {"type": "admin", "name": "admin@example.org", "org": "lead", "role": "project_admin"},

@@ -68,8 +68,7 @@ def _run(root: Path, rounds: int, python: str, task: str = "tabular") -> dict:
     study = LocalStudy.create(EXAMPLE_PROJECT, root, python=python)
     _say(
         f"provisioned {EXAMPLE_PROJECT.name}: server '{study.server}' (ports {study.fed_learn_port}/"
-        f"{study.admin_port}{f'/{study.bulk_port}' if study.bulk_port else ''}, free ones in place of the "
-        f"example's), sites {', '.join(study.clients)}, "
+        f"{study.admin_port}, free ones in place of the example's), sites {', '.join(study.clients)}, "
         f"admins {', '.join(study.admins)}; kits unzipped under {root / 'kits'}"
     )
     job_template, wait_s = (JOB_TEMPLATE, 300) if task == "tabular" else (SEGMENTATION_TEMPLATE, 1200)

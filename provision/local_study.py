@@ -104,7 +104,6 @@ class LocalStudy:
     kits: dict[str, Path]
     fed_learn_port: int
     admin_port: int
-    bulk_port: int | None = None  # None when the project names no bulk port: sites use fed_learn_port only
     python: str = sys.executable
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -114,18 +113,12 @@ class LocalStudy:
     ) -> LocalStudy:
         """Provision `project_yml` under `root/workspace` and unzip each kit into `root/kits/<name>`.
 
-        With `free_ports`, the server's ports (fed_learn, admin and bulk when named) are replaced by free ones
-        (so studies never collide); `edit(data)` may change the parsed project.yml before provisioning (tests
-        use it)."""
+        With `free_ports`, the server's two ports are replaced by free ones (so studies never collide);
+        `edit(data)` may change the parsed project.yml before provisioning (tests use it)."""
         data = yaml.safe_load(project_yml.read_text())
         server_entry = next(p for p in data["participants"] if p.get("type") == "server")
         if free_ports:
-            names = ["fed_learn_port", "admin_port"] + (["bulk_port"] if server_entry.get("bulk_port") else [])
-            ports: list[int] = []
-            while len(ports) < len(names):  # distinct: project.yml refuses two equal server ports
-                if (port := free_port()) not in ports:
-                    ports.append(port)
-            server_entry.update(zip(names, ports, strict=True))
+            server_entry["fed_learn_port"], server_entry["admin_port"] = free_port(), free_port()
         if edit is not None:
             edit(data)
         root.mkdir(parents=True, exist_ok=True)
@@ -150,7 +143,6 @@ class LocalStudy:
             kits=kits,
             fed_learn_port=int(server_entry["fed_learn_port"]),
             admin_port=int(server_entry["admin_port"]),
-            bulk_port=None if server_entry.get("bulk_port") is None else int(server_entry["bulk_port"]),
             python=python,
         )
 
@@ -188,8 +180,7 @@ class LocalStudy:
     def start_server(self, timeout_s: float = 60.0) -> subprocess.Popen:
         proc = self.start(self.server)
         wait_until(
-            lambda: proc.poll() is not None
-            or all(_listening(port) for port in (self.fed_learn_port, self.admin_port, self.bulk_port) if port),
+            lambda: proc.poll() is not None or _listening(self.fed_learn_port) and _listening(self.admin_port),
             timeout_s,
             "the server to listen",
         )

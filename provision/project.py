@@ -87,8 +87,6 @@ class ServerSpec(_Strict):
     org: NonEmpty
     fed_learn_port: Port
     admin_port: Port
-    bulk_port: Port | None = Field(None, description="raw TLS channel for model bytes; optional: sites fall back "
-                                                     "to fed_learn_port when it is absent or unreachable")
     host_names: tuple[str, ...] = Field(default=(), description="extra SANs: other DNS names or IP literals")
 
     @property
@@ -114,10 +112,6 @@ class ServerSpec(_Strict):
     def _ports_differ(self) -> ServerSpec:
         if self.fed_learn_port == self.admin_port:
             raise ValueError(f"admin_port {self.admin_port} equals fed_learn_port; the two must differ")
-        if self.bulk_port == self.fed_learn_port:
-            raise ValueError(f"bulk_port {self.bulk_port} equals fed_learn_port; the two must differ")
-        if self.bulk_port == self.admin_port:
-            raise ValueError(f"bulk_port {self.bulk_port} equals admin_port; the two must differ")
         return self
 
     @property

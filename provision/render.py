@@ -115,7 +115,6 @@ class KitContext:
     server_host: str
     fed_learn_port: int
     admin_port: int
-    bulk_port: int | None  # the server's; None when project.yml names none
     docker_image: str
     image_tag: str
     container_name: str
@@ -190,7 +189,6 @@ def kit_config(project: Project, participant: ParticipantSpec) -> tuple[str, Bas
             org=participant.org,
             fed_learn_port=participant.fed_learn_port,
             admin_port=participant.admin_port,
-            bulk_port=participant.bulk_port,
             clients=[ClientEntry(name=c.name, org=c.org) for c in project.clients],
             admins=[AdminEntry(name=a.name, org=a.org, role=a.role) for a in project.admins],
         )
@@ -201,7 +199,6 @@ def kit_config(project: Project, participant: ParticipantSpec) -> tuple[str, Bas
             org=participant.org,
             server_host=server.name,
             fed_learn_port=server.fed_learn_port,
-            bulk_port=server.bulk_port,
         )
     return ADMIN_CONFIG, AdminKitConfig(
         project=project.name,
@@ -255,7 +252,6 @@ class KitRenderer:
             server_host=project.server.name,
             fed_learn_port=project.server.fed_learn_port,
             admin_port=project.server.admin_port,
-            bulk_port=project.server.bulk_port,
             docker_image=project.docker_image,
             # one image per study and kind: every site of a study runs the same, so a host with several
             # kits (or a second site) builds nothing new

@@ -51,7 +51,6 @@ class ServerKitConfig(_Strict):
     org: str
     fed_learn_port: int
     admin_port: int
-    bulk_port: int | None = None  # None in kits from before the bulk port, and when project.yml names none
     cert: str = "server.crt"
     key: str = "server.key"
     root_ca: str = ROOT_CA
@@ -67,7 +66,6 @@ class ClientKitConfig(_Strict):
     org: str
     server_host: str
     fed_learn_port: int
-    bulk_port: int | None = None  # the server's raw TLS port for model bytes; None: all goes by fed_learn_port
     cert: str = "client.crt"
     key: str = "client.key"
     root_ca: str = ROOT_CA
@@ -95,7 +93,6 @@ class ServerLocalSettings(_Strict):
                                               description="port to bind for sites, when a proxy or NAT "
                                                           "forwards the kit's fed_learn_port to another")
     admin_listen_port: int | None = Field(None, ge=1, le=65535, description="likewise for the admin port")
-    bulk_listen_port: int | None = Field(None, ge=1, le=65535, description="likewise for the bulk port")
     heartbeat_timeout_s: float = 30.0
     disconnect_grace_s: float = Field(5.0, gt=0, description="a site whose connection dropped counts as dead "
                                                                "after this long unless it reconnects")

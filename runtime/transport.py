@@ -424,44 +424,25 @@ def call_errors(what: str, target: str) -> Iterator[None]:
     try:
         yield
     except grpc.aio.AioRpcError as e:
-        raise error_for_status(e.code(), (e.details() or "").replace("\n", " "), what, target) from None
-
-
-def error_for_status(code: grpc.StatusCode, details: str, what: str, target: str) -> FedkitError:
-    """The fedkit error for a call the server answered with `code` (gRPC's, or the bulk channel's number
-    for it: `status_from_number`)."""
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        if "handshake" in details.lower() or "ssl" in details.lower() or "certificate" in details.lower():
-            return CertificateError(f"{what}: TLS handshake with {target} failed: {details}")
-        return ServerUnreachable(f"{what}: server {target} unreachable ({code.name}): {details}")
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return CertificateError(f"{what}: {target} refused our certificate: {details}")
-    if code == grpc.StatusCode.PERMISSION_DENIED:
-        return PermissionDenied(f"{what}: {details}")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return UpdateRejected(f"{what}: {details}")
-    if code == grpc.StatusCode.ABORTED:
-        return SessionExpired(f"{what}: {details}")
-    if code == grpc.StatusCode.UNIMPLEMENTED:
-        return FedkitError(f"{what}: {target} does not offer this call: it runs another fedkit version "
-                           f"(update the server and the sites' kits to the same release)")
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return JobRejected(f"{what}: {details}")
-    return FedkitError(f"{what}: {target} answered {code.name}: {details}")
-
-
-def status_number(err: Exception) -> int:
-    """The status a handler's failure is answered with, as a number (the bulk channel's wire form):
-    the gRPC code a gRPC call would carry, INTERNAL for anything not a fedkit error."""
-    code = _status_for(err) if isinstance(err, FedkitError) else grpc.StatusCode.INTERNAL
-    return code.value[0]
-
-
-def status_from_number(number: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == number:
-            return code
-    return grpc.StatusCode.UNKNOWN
+        code, details = e.code(), (e.details() or "").replace("\n", " ")
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if "handshake" in details.lower() or "ssl" in details.lower() or "certificate" in details.lower():
+                raise CertificateError(f"{what}: TLS handshake with {target} failed: {details}") from None
+            raise ServerUnreachable(f"{what}: server {target} unreachable ({code.name}): {details}") from None
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            raise CertificateError(f"{what}: {target} refused our certificate: {details}") from None
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            raise PermissionDenied(f"{what}: {details}") from None
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise UpdateRejected(f"{what}: {details}") from None
+        if code == grpc.StatusCode.ABORTED:
+            raise SessionExpired(f"{what}: {details}") from None
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            raise FedkitError(f"{what}: {target} does not offer this call: it runs another fedkit version "
+                              f"(update the server and the sites' kits to the same release)") from None
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            raise JobRejected(f"{what}: {details}") from None
+        raise FedkitError(f"{what}: {target} answered {code.name}: {details}") from None
 
 
 def is_retryable(err: FedkitError) -> bool:

@@ -88,7 +88,6 @@ class _Connection:
         self.closed = False
         self.frozen: set[str] = set()  # directions stalled on this connection alone, until pass_()
         self.client_port = int(self.client_writer.get_extra_info("peername")[1])
-        self.listen_port = int(self.client_writer.get_extra_info("sockname")[1])  # which of the proxy's ports
         self._owned_by: dict[int, bool] = {}  # pid -> whether it dialed this connection (cached)
 
     def dialed_by(self, pids: frozenset[int]) -> bool:
@@ -97,7 +96,7 @@ class _Connection:
             return True
         for pid in pids:
             if pid not in self._owned_by:
-                self._owned_by[pid] = _holds_socket(pid, self.client_port, self.listen_port)
+                self._owned_by[pid] = _holds_socket(pid, self.client_port, self.proxy.port)
         return any(self._owned_by[pid] for pid in pids)
 
     async def run(self) -> None:
@@ -176,12 +175,9 @@ class FaultProxy:
     Use as a context manager, or call start() and stop(). Mode setters are safe to call from any thread.
     """
 
-    def __init__(self, target_port: int, listen_port: int = 0, target_host: str = "127.0.0.1",
-                 also: dict[int, int] | None = None):
+    def __init__(self, target_port: int, listen_port: int = 0, target_host: str = "127.0.0.1"):
         self.target_host, self.target_port = target_host, target_port
         self.port = listen_port
-        # more listen port -> target port pairs under the same faults (the server's bulk port beside its gRPC one)
-        self.also = dict(also or {})
         self.fault = Fault()
         self.stats = Stats()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -230,24 +226,18 @@ class FaultProxy:
     async def _serve(self) -> None:
         self._changed = asyncio.Event()
         self._stop = asyncio.Event()
-        servers: list[asyncio.Server] = []
         try:
-            for listen, target in [(self.port, self.target_port), *self.also.items()]:
-                servers.append(await asyncio.start_server(
-                    lambda r, w, target=target: self._accept(r, w, target), "127.0.0.1", listen, reuse_address=True))
+            server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
         except OSError as e:
-            for server in servers:
-                server.close()
             self._start_error = e
             self._ready.set()
             return
-        self.port = servers[0].sockets[0].getsockname()[1]
+        self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         try:
             await self._stop.wait()
         finally:
-            for server in servers:
-                server.close()
+            server.close()
             for conn in list(self._connections):
                 conn.close(rst=True)
             pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -255,19 +245,17 @@ class FaultProxy:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in servers)), STOP_TIMEOUT_S / 2)
+                await asyncio.wait_for(server.wait_closed(), STOP_TIMEOUT_S / 2)
 
-    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
-                      target_port: int) -> None:
+    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         # asyncio (3.11) logs a cancelled connection callback as an error, so stopping ends these quietly
         with contextlib.suppress(asyncio.CancelledError):
-            await self._forward(client_reader, client_writer, target_port)
+            await self._forward(client_reader, client_writer)
 
-    async def _forward(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
-                       target_port: int) -> None:
+    async def _forward(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self.stats.connections_accepted += 1
         try:
-            server = await asyncio.wait_for(asyncio.open_connection(self.target_host, target_port), 10.0)
+            server = await asyncio.wait_for(asyncio.open_connection(self.target_host, self.target_port), 10.0)
         except (OSError, TimeoutError):
             client_writer.close()  # the server is down: the site sees a closed connection, as it would
             return

@@ -27,7 +27,6 @@ from pydantic import ValidationError
 
 from .. import kit_config as kc
 from ..audit import AuditLog
-from ..bulk_channel import BulkClient, BulkRoute
 from ..crl import load_root_ca, parse_crl
 from ..errors import (
     CertificateError,
@@ -121,10 +120,7 @@ class ClientDaemon:
     async def run(self) -> None:
         channel = open_channel(self._tls, self._cfg.server_host, self._cfg.fed_learn_port)
         self._stub = federation_stub(channel)
-        # tasks and results, with their model bytes: over the bulk port when the kit names one and it answers,
-        # else as raw messages on the gRPC port (runtime/bulk_channel.py)
-        raw = BulkClient(self._tls, self._cfg.server_host, self._cfg.bulk_port) if self._cfg.bulk_port else None
-        self._bulk = BulkRoute(bulk_stub(channel), raw)
+        self._bulk = bulk_stub(channel)  # tasks and results: the model bytes as raw messages
         backoff = BACKOFF_START_S
         started = asyncio.get_running_loop().time()
         try:

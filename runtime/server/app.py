@@ -10,7 +10,6 @@ from pathlib import Path
 
 from .. import kit_config as kc
 from ..audit import AuditLog
-from ..bulk_channel import BulkServer
 from ..certs import check_validity, not_revoked
 from ..crl import PIN_FILE, CrlPin
 from ..identity import Kind
@@ -64,12 +63,8 @@ async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None =
     host = settings.listen_host or cfg.name
     fed_server = RpcServer(tls, host, settings.fed_learn_listen_port or cfg.fed_learn_port)
     refused = RefusalLog(audit, time.monotonic)  # one log line and audit record per peer and reason a minute
-    site_check = require_kind(Kind.CLIENT, not_revoked(crl.revoked,
-                                                       on_revoked=lambda peer: registry.mark_revoked(peer.name)))
-    fed_server.add_federation(federation, site_check, refused, crl.pem)
-    # the model bytes of tasks and results, raw over mutual TLS, when the kit names a bulk port (bulk_channel.py)
-    bulk_port = settings.bulk_listen_port or cfg.bulk_port
-    bulk_server = BulkServer(tls, host, bulk_port, federation, site_check, refused) if bulk_port else None
+    fed_server.add_federation(federation, require_kind(Kind.CLIENT, not_revoked(
+        crl.revoked, on_revoked=lambda peer: registry.mark_revoked(peer.name))), refused, crl.pem)
     admin_server = RpcServer(tls, host, settings.admin_listen_port or cfg.admin_port)
     admin_server.add_admin(admin, require_kind(Kind.ADMIN, not_revoked(crl.revoked)), refused, crl.pem)
     if handshakes is not None:  # refused at the TLS handshake (another study's CA, expired): same RefusalLog
@@ -77,15 +72,12 @@ async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None =
                                               asyncio.get_running_loop().call_soon_threadsafe))
     await fed_server.start()
     await admin_server.start()
-    if bulk_server is not None:
-        await bulk_server.start()
     write_pid(ws)
     audit.append("server_started", project=cfg.project, name=cfg.name)
     log.info("audit log %s: %s (check with: fedkit audit verify FILE --expect-head HASH --expect-count N)",
              audit.path, audit.head())
-    log.info("server %s for project %s listening on %s:%d (federation), :%d (admin)%s",
-             cfg.name, cfg.project, host, fed_server.port, admin_server.port,
-             f" and :{bulk_server.port} (bulk)" if bulk_server is not None else "")
+    log.info("server %s for project %s listening on %s:%d (federation) and :%d (admin)",
+             cfg.name, cfg.project, host, fed_server.port, admin_server.port)
 
     runner_task = asyncio.create_task(runner.run_forever(), name="job-runner")
     stop_wait = asyncio.create_task(stop.wait())
@@ -97,8 +89,6 @@ async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None =
     stop_wait.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner_task
-    if bulk_server is not None:
-        await bulk_server.stop()
     await fed_server.stop(2.0)
     await admin_server.stop(2.0)
     audit.append("server_stopped", name=cfg.name)

@@ -150,7 +150,7 @@ class FederationService:
             receiver = incoming.receiver
             trailer = ""
             async for chunk in with_idle_timeout(chunks, what=f"upload from {task.site}"):
-                raw = not isinstance(chunk, pb.ResultChunk)  # bulk payload; a legacy site sends `data` fields
+                raw = isinstance(chunk, bytes)  # the bulk service's payload; a legacy site sends `data` fields
                 kind = "data" if raw else chunk.WhichOneof("kind")
                 if kind == "data" and not trailer:
                     # hashing and copying: off the loop

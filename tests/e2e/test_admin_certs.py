@@ -24,7 +24,6 @@ def _foreign_study(ours: LocalStudy, root: Path) -> LocalStudy:
         with_sites(["site-1"])(data)
         server = next(p for p in data["participants"] if p["type"] == "server")
         server["fed_learn_port"], server["admin_port"] = ours.fed_learn_port, ours.admin_port
-        server["bulk_port"] = ours.bulk_port
 
     return LocalStudy.create(EXAMPLE_PROJECT, root, free_ports=False, edit=same_server)
 

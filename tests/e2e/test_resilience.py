@@ -125,20 +125,16 @@ def _assert_sites_got_whole_models(study: LocalStudy, job_id: str) -> None:
 
 @pytest.fixture
 def proxied(make_study) -> Iterator[Any]:
-    """A study whose sites dial a fault proxy: the client kits carry the proxy's ports (the study's
-    fed_learn_port and bulk_port), and the server binds others through local/server.yml
-    `fed_learn_listen_port` and `bulk_listen_port`. A fault fires on whichever port's connection it meets."""
+    """A study whose sites dial a fault proxy: the client kits carry the proxy's port (the study's
+    fed_learn_port), and the server binds another port through local/server.yml `fed_learn_listen_port`."""
     running: list[tuple[LocalStudy, FaultProxy]] = []
 
     def make(sites: list[str], heartbeat_timeout_s: float) -> tuple[LocalStudy, FaultProxy]:
         study = make_study(sites=sites, heartbeat_timeout_s=heartbeat_timeout_s).study
-        server_port, server_bulk_port = free_port(), free_port()
-        assert study.bulk_port, "the example project names a bulk port"
+        server_port = free_port()
         study.write_local(study.server, "server.yml", {"heartbeat_timeout_s": heartbeat_timeout_s,
-                                                        "fed_learn_listen_port": server_port,
-                                                        "bulk_listen_port": server_bulk_port})
-        proxy = FaultProxy(target_port=server_port, listen_port=study.fed_learn_port,
-                           also={study.bulk_port: server_bulk_port}).start()
+                                                        "fed_learn_listen_port": server_port})
+        proxy = FaultProxy(target_port=server_port, listen_port=study.fed_learn_port).start()
         running.append((study, proxy))
         study.start_server()
         wait_until(lambda: _listening(server_port), 30, "the server to listen behind the proxy")

@@ -27,7 +27,6 @@ def test_client_from_another_ca_is_refused_at_handshake(make_study, tmp_path):
         with_sites(["site-1"])(data)
         server = next(p for p in data["participants"] if p["type"] == "server")
         server["fed_learn_port"], server["admin_port"] = ours.fed_learn_port, ours.admin_port
-        server["bulk_port"] = ours.bulk_port
 
     foreign = LocalStudy.create(EXAMPLE_PROJECT, tmp_path / "foreign", free_ports=False, edit=same_server)
     try:

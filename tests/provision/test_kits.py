@@ -18,7 +18,6 @@ import yaml
 
 import runtime
 from provision.kit import Kit, KitFile
-from provision.project import parse_project
 from provision.render import KitRenderer, docker_name, read_runtime_package
 from provision.zipping import zip_kit
 from runtime.client.job_policy import JobPolicy
@@ -33,8 +32,6 @@ from runtime.kit_config import (
     load_model,
 )
 from runtime.server.authz import DEFAULT_POLICY, Policy
-
-from .conftest import EXAMPLE
 
 COMMON = {"readme.txt", "requirements.txt", "startup/rootCA.pem", "startup/signature.json"}
 DAEMON = {"startup/start.sh", "startup/stop.sh", "startup/docker.sh", "startup/Dockerfile"}
@@ -116,12 +113,11 @@ def test_modes_scripts_executable_keys_private(provisioned) -> None:
 
 def test_configs_are_the_runtime_models_with_the_right_values(provisioned) -> None:
     server = load_model(provisioned.kit("localhost") / "startup" / "fed_server.json", ServerKitConfig)
-    assert (server.project, server.name, server.fed_learn_port, server.admin_port, server.bulk_port) == (
+    assert (server.project, server.name, server.fed_learn_port, server.admin_port) == (
         "example-study",
         "localhost",
         8002,
         8003,
-        8004,
     )
     assert [(c.name, c.org) for c in server.clients] == [
         ("site-1", "hospital-a"),
@@ -133,12 +129,11 @@ def test_configs_are_the_runtime_models_with_the_right_values(provisioned) -> No
         ("lead@study.org", Role.LEAD),
     }
     client = load_model(provisioned.kit("site-2") / "startup" / "fed_client.json", ClientKitConfig)
-    assert (client.name, client.org, client.server_host, client.fed_learn_port, client.bulk_port) == (
+    assert (client.name, client.org, client.server_host, client.fed_learn_port) == (
         "site-2",
         "hospital-b",
         "localhost",
         8002,
-        8004,
     )
     admin = load_model(provisioned.kit("lead@study.org") / "startup" / "fed_admin.json", AdminKitConfig)
     assert (admin.name, admin.role, admin.server_host, admin.admin_port) == (
@@ -147,34 +142,6 @@ def test_configs_are_the_runtime_models_with_the_right_values(provisioned) -> No
         "localhost",
         8003,
     )
-
-
-def test_a_project_without_a_bulk_port_renders_kits_that_load(renderer) -> None:
-    """bulk_port is optional: the configs say null (sites then use fed_learn_port only), the models load
-    them, and the readmes speak of the two gRPC ports only."""
-    data = yaml.safe_load(EXAMPLE.read_text())
-    next(p for p in data["participants"] if p["type"] == "server").pop("bulk_port")
-    project = parse_project(yaml.safe_dump(data), "project.yml")
-    server = renderer.render(project, project.server, ca_fingerprint="AB:CD")
-    client = renderer.render(project, project.clients[0], ca_fingerprint="AB:CD")
-    assert json.loads(server["startup/fed_server.json"].data)["bulk_port"] is None
-    assert json.loads(client["startup/fed_client.json"].data)["bulk_port"] is None
-    assert ServerKitConfig.model_validate_json(server["startup/fed_server.json"].data).bulk_port is None
-    assert ClientKitConfig.model_validate_json(client["startup/fed_client.json"].data).bulk_port is None
-    assert "open both for inbound TCP" in server["readme.txt"].data.decode()
-    assert "8004" not in server["readme.txt"].data.decode() + client["readme.txt"].data.decode()
-
-
-def test_kit_configs_from_before_the_bulk_port_still_load() -> None:
-    old_server = {"project": "p", "name": "fl", "org": "o", "fed_learn_port": 8002, "admin_port": 8003}
-    old_client = {"project": "p", "name": "site-1", "org": "o", "server_host": "fl", "fed_learn_port": 8002}
-    assert ServerKitConfig.model_validate(old_server).bulk_port is None
-    assert ClientKitConfig.model_validate(old_client).bulk_port is None
-
-
-def test_admin_kits_do_not_carry_the_bulk_port(provisioned) -> None:
-    admin = json.loads((provisioned.kit("lead@study.org") / "startup" / "fed_admin.json").read_text())
-    assert "bulk_port" not in admin
 
 
 @pytest.mark.parametrize(
@@ -226,7 +193,7 @@ def test_readme_says_what_each_participant_does(provisioned) -> None:
     server = (provisioned.kit("localhost") / "readme.txt").read_text()
     client = (provisioned.kit("site-1") / "readme.txt").read_text()
     admin = (provisioned.kit("lead@study.org") / "readme.txt").read_text()
-    assert "8002" in server and "8003" in server and "8004" in server and "local/crl.pem" in server
+    assert "8002" in server and "8003" in server and "local/crl.pem" in server
     assert "localhost:8002" in client and "data_root" in client
     assert "fl_admin.sh" in admin and "role lead" in admin
 

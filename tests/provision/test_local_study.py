@@ -11,8 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from provision.local_study import LocalStudy, _ephemeral_range, free_port, wait_until
-from runtime.kit_config import ClientKitConfig, load_model
+from provision.local_study import _ephemeral_range, free_port, wait_until
 
 from ..conftest import EXAMPLE_PROJECT, REPO
 
@@ -23,21 +22,6 @@ def test_free_ports_lie_outside_the_ephemeral_range() -> None:
     ports = [free_port() for _ in range(50)]
 
     assert all(not low <= p <= high for p in ports)
-
-
-def test_a_study_gets_distinct_free_server_ports_the_bulk_port_only_when_named(tmp_path: Path) -> None:
-    study = LocalStudy.create(EXAMPLE_PROJECT, tmp_path / "with")
-    assert study.bulk_port is not None
-    assert len({study.fed_learn_port, study.admin_port, study.bulk_port}) == 3
-    site = load_model(study.kits["site-1"] / "startup" / "fed_client.json", ClientKitConfig)
-    assert (site.fed_learn_port, site.bulk_port) == (study.fed_learn_port, study.bulk_port)
-
-    def without_bulk_port(data: dict) -> None:
-        next(p for p in data["participants"] if p["type"] == "server").pop("bulk_port")
-
-    plain = LocalStudy.create(EXAMPLE_PROJECT, tmp_path / "without", edit=without_bulk_port)
-    assert plain.bulk_port is None
-    assert load_model(plain.kits["site-1"] / "startup" / "fed_client.json", ClientKitConfig).bulk_port is None
 
 
 def _alive(pid: int) -> bool:

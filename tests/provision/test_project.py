@@ -85,22 +85,6 @@ BAD_CASES: list[tuple[str, str, str]] = [
         "project.yml: participants[0] (fl.example.org): admin_port 8002 equals fed_learn_port; the two must differ",
     ),
     (
-        "bulk-port-equals-fed-learn-port",
-        yaml.safe_dump(with_participant(0, bulk_port=8002)),
-        "project.yml: participants[0] (fl.example.org): bulk_port 8002 equals fed_learn_port; the two must differ",
-    ),
-    (
-        "bulk-port-equals-admin-port",
-        yaml.safe_dump(with_participant(0, bulk_port=8003)),
-        "project.yml: participants[0] (fl.example.org): bulk_port 8003 equals admin_port; the two must differ",
-    ),
-    (
-        "bulk-port-too-big",
-        yaml.safe_dump(with_participant(0, bulk_port=70000)),
-        "project.yml: participants[0] (fl.example.org): field 'bulk_port': "
-        "Input should be less than or equal to 65535",
-    ),
-    (
         "port-wrong-type",
         yaml.safe_dump(with_participant(0, fed_learn_port="eight")),
         "project.yml: participants[0] (fl.example.org): field 'fed_learn_port': Input should be a valid integer",
@@ -202,7 +186,7 @@ def test_example_project_is_the_documented_three_site_study() -> None:
     project = load_project(EXAMPLE)
     assert project.name == "example-study"
     server = project.server
-    assert (server.name, server.fed_learn_port, server.admin_port, server.bulk_port) == ("localhost", 8002, 8003, 8004)
+    assert (server.name, server.fed_learn_port, server.admin_port) == ("localhost", 8002, 8003)
     assert [c.name for c in project.clients] == ["site-1", "site-2", "site-3"]
     assert len({c.org for c in project.clients}) == 3
     assert sorted(a.role for a in project.admins) == sorted([Role.PROJECT_ADMIN, Role.LEAD])
@@ -215,7 +199,6 @@ def test_good_project_defaults() -> None:
     assert project.cert_validity_days == 360
     assert project.docker_image == "python:3.11-slim"
     assert project.server.san_hosts == ("fl.example.org",)
-    assert project.server.bulk_port is None  # optional: sites then use fed_learn_port only
 
 
 @pytest.mark.parametrize(("text", "expected"), [c[1:] for c in BAD_CASES], ids=[c[0] for c in BAD_CASES])

@@ -165,10 +165,7 @@ class Driver:
             self.run.notes.append(note)
         self.server_port = free_port()
         self.data_dirs = {s: root / "data" / s for s in self.sites}
-        # the bulk port (model bytes) behind the same proxy and faults as the gRPC port
-        self.server_bulk_port = free_port() if self.study.bulk_port else None
-        self.proxy = FaultProxy(target_port=self.server_port, listen_port=self.study.fed_learn_port,
-                                also={self.study.bulk_port: self.server_bulk_port} if self.server_bulk_port else None)
+        self.proxy = FaultProxy(target_port=self.server_port, listen_port=self.study.fed_learn_port)
         self.injector = Injector(self.study, self.proxy, self.data_dirs, self.restart_server)
         self.tail = AuditTail(self.study.kits[self.study.server] / "workspace" / "audit.jsonl")
         self._configure()
@@ -177,14 +174,12 @@ class Driver:
         study, cfg = self.study, self.cfg
         study.write_local(study.server, "server.yml", {
             "heartbeat_timeout_s": cfg.heartbeat_timeout_s, "disconnect_grace_s": cfg.disconnect_grace_s,
-            "fed_learn_listen_port": self.server_port,
-            **({"bulk_listen_port": self.server_bulk_port} if self.server_bulk_port else {})})
+            "fed_learn_listen_port": self.server_port})
         for site in self.sites:
             self.data_dirs[site].mkdir(parents=True, exist_ok=True)
             study.write_local(site, "site.yml", {"data_root": str(self.data_dirs[site]),
                                                  "heartbeat_interval_s": 1.0, "threads": 1})
-        self.run.ports = [self.server_port, study.fed_learn_port, study.admin_port,
-                          *([study.bulk_port, self.server_bulk_port] if self.server_bulk_port else [])]
+        self.run.ports = [self.server_port, study.fed_learn_port, study.admin_port]
 
     # ---- bounded waits --------------------------------------------------------------------------
 
