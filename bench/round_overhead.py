@@ -17,6 +17,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -65,13 +66,30 @@ def run_fedkit(params: int, n_sites: int, rounds: int, root: Path, wire: str = "
         wire_bytes = [m["bytes_sent"] for m in metrics if m["type"] == "wire" and m["task"] == "train"]
         wire_error = [m["sent"] for m in metrics if m["type"] == "wire" and m["task"] == "train"][-1:]
         rss = {name: tree_peak_rss_bytes(proc.pid) for name, proc in study.procs.items()}
+        steps = _site_steps(study, first_round=2)
     finally:
         study.stop_all()
     cpu = {role: round(seconds / rounds, 3) for role, seconds in cpu_used.items()}
     return {"round_s": statistics.median(per_round), "rounds_measured": len(per_round), "cpu_s_per_round": cpu,
             "server_rss": rss[study.server], "all_rss": sum(rss.values()),
             "kits": study.kits, "server": study.server, "wire_bytes": max(wire_bytes, default=0),
-            "wire_error": wire_error[0] if wire_error else None}
+            "wire_error": wire_error[0] if wire_error else None, "site_steps_s": steps}
+
+
+_STEPS = re.compile(r"train round (\d+): result accepted .*?; (.*)$")
+
+
+def _site_steps(study: LocalStudy, first_round: int) -> dict[str, float]:
+    """Median seconds of each step of a site's training task (download, worker, privacy, upload slot, upload),
+    over every site and round from `first_round`, from the line each site logs for an accepted result."""
+    seen: dict[str, list[float]] = {}
+    for site in study.clients:
+        for line in study.log_tail(site, 10 << 20).splitlines():
+            if (match := _STEPS.search(line)) and int(match.group(1)) >= first_round:
+                for part in match.group(2).split(", "):
+                    step, seconds = part.rsplit(" ", 2)[:2]
+                    seen.setdefault(step, []).append(float(seconds))
+    return {step: round(statistics.median(values), 3) for step, values in seen.items()}
 
 
 class _RoleCpu:
@@ -199,7 +217,8 @@ def main() -> None:
                "raw_tls_s": round(raw_s, 3), "ratio": round(result["round_s"] / raw_s, 2),
                "server_peak_rss_MB": round(result["server_rss"] / 1e6),
                "all_peak_rss_MB": round(result["all_rss"] / 1e6),
-               "cpu_s_per_round": result["cpu_s_per_round"], "wire_error": result["wire_error"]}
+               "cpu_s_per_round": result["cpu_s_per_round"], "wire_error": result["wire_error"],
+               "site_steps_s": result["site_steps_s"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
@@ -208,6 +227,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['P']:>10} {r['N']:>3} {r['round_s']:>8.3f} {r['MB_per_round']:>9.1f} {r['raw_tls_s']:>10.3f} "
               f"{r['ratio']:>6.2f} {r['server_peak_rss_MB']:>14} {r['all_peak_rss_MB']:>11}")
+    print("\nWhere a site's training task goes (median s, rounds 2 on; the rest of a round is the server's):")
+    for r in rows:
+        print(f"  N={r['N']}: " + ", ".join(f"{step} {s:.3f}" for step, s in r["site_steps_s"].items()))
 
 
 if __name__ == "__main__":

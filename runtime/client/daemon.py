@@ -18,8 +18,9 @@ import logging
 import platform
 import random
 import shutil
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,25 @@ ONCE_DEADLINE_S = 60.0  # --once: how long a site keeps trying to reach the serv
 MAX_TASK_BYTES = 64 << 30
 
 
+class Steps:
+    """How long each step of one task took on this site, for the line that logs its result: where a slow
+    round spends its time (download, worker, privacy, upload slot, upload), without a profiler."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - started
+
+    def __str__(self) -> str:
+        return ", ".join(f"{step} {s:.2f} s" for step, s in self.seconds.items())
+
+
 @dataclass
 class _Task:
     header: pb.TaskHeader
@@ -86,6 +106,7 @@ class _Task:
     payload_path: Path | None  # the weights that came with the task, streamed straight to disk
     config: TaskConfig | None  # None: settings this site cannot read, or no room for the model (config_error)
     config_error: str = ""
+    steps: Steps = field(default_factory=Steps)
 
 
 class ClientDaemon:
@@ -289,6 +310,7 @@ class ClientDaemon:
                 return _Task(header=h, round_dir=round_dir, payload_path=None, config=None,
                              config_error=f"cannot store the task's model under {round_dir}: {e.strerror or e}")
             path = round_dir / "global_in.safetensors"
+            steps = Steps()
             if h.payload_bytes:
                 part = path.with_suffix(".part")
                 try:
@@ -298,9 +320,10 @@ class ClientDaemon:
                         # every site a full pass over the model each round.
                         receiver = PayloadReceiver(h.payload_bytes, MAX_TASK_BYTES, h.payload_sha256, sink=f,
                                                    verify_sha256=False)
-                        async for chunk in stream:
-                            await asyncio.to_thread(receiver.add, chunk)  # raw bytes; file I/O off the loop
-                        receiver.finish()
+                        with steps.timed("download"):
+                            async for chunk in stream:
+                                await asyncio.to_thread(receiver.add, chunk)  # raw bytes; file I/O off the loop
+                            receiver.finish()
                 except OSError as e:  # the site's disk is full: fail this task, not the daemon (found by the soak)
                     part.unlink(missing_ok=True)
                     async for _chunk in stream:  # the download itself is fine: take the rest, keep none of it
@@ -313,7 +336,7 @@ class ClientDaemon:
                     raise
                 part.replace(path)  # only a complete, verified model ever gets the real name
         return _Task(header=h, round_dir=round_dir, payload_path=path if h.payload_bytes else None,
-                     config=config, config_error=config_error)
+                     config=config, config_error=config_error, steps=steps)
 
     async def _do_task(self, task: _Task) -> None:
         h = task.header
@@ -335,7 +358,7 @@ class ClientDaemon:
             if kind is TaskKind.PREPARE:  # the job's worker is running for its first real task: no answer
                 return
             n_samples, metrics, payload = await self._execute(h, kind, task, round_dir, client_cfg, chain)
-            await self._submit(h, n_samples, metrics, payload)
+            await self._submit(h, n_samples, metrics, payload, steps=task.steps)
         # UpdateRejected: the job's code wrote weights the privacy step cannot read; only this task fails
         # OSError: the site's disk full or its job folder unwritable; fails this task, not the daemon (the soak)
         except (WorkerFailed, JobRejected, ConfigError, UpdateRejected, OSError) as e:
@@ -406,30 +429,38 @@ class ClientDaemon:
         reference = round_dir.parent / LAST_GLOBAL_FILE  # the last global model this site trained on
         if kind is TaskKind.INIT:
             out = round_dir / "initial.safetensors"
-            await self._worker.call_writing({"op": kind.value}, out, timeout_s)
-            return 0, await self._outgoing(kind, out, chain), out.with_suffix(SENT_SUFFIX)
+            with task.steps.timed("worker"):
+                await self._worker.call_writing({"op": kind.value}, out, timeout_s)
+            with task.steps.timed("privacy"):
+                return 0, await self._outgoing(kind, out, chain), out.with_suffix(SENT_SUFFIX)
         if kind is TaskKind.SUBMIT_MODEL:
             out = round_dir / "local_model.safetensors"
-            await self._worker.call_writing({"op": kind.value}, out, timeout_s)
-            metrics = await self._outgoing(kind, out, chain, reference)
+            with task.steps.timed("worker"):
+                await self._worker.call_writing({"op": kind.value}, out, timeout_s)
+            with task.steps.timed("privacy"):
+                metrics = await self._outgoing(kind, out, chain, reference)
             self._audit.append("local_model_shared", job_id=h.job_id, round=h.round)
             return 0, metrics, out.with_suffix(SENT_SUFFIX)
         received = task.payload_path
         if received is None:
             raise JobRejected(f"{kind.value} task came without weights")
         if task.config.wire_dtype != "float32":  # the worker sees the model, never the wire encoding
-            await asyncio.to_thread(_decode_wire, received)
+            with task.steps.timed("decode"):
+                await asyncio.to_thread(_decode_wire, received)
         if kind is TaskKind.VALIDATE:
-            reply = await self._worker.call({"op": kind.value, "weights": str(received)}, timeout_s)
+            with task.steps.timed("worker"):
+                reply = await self._worker.call({"op": kind.value, "weights": str(received)}, timeout_s)
             return 0, {"validation": reply["metrics"], **_scalars(reply)}, None
         out = round_dir / "delta_out.safetensors"
         config = task.config
         command = {"op": kind.value, "weights": str(received), "round": h.round,
                    "algorithm": config.algorithm.model_dump(mode="json") if config.algorithm else None,
                    "key_metric": config.key_metric.model_dump(mode="json"), "keep_best_local": config.keep_best_local}
-        reply = await self._worker.call_writing(command, out, timeout_s)
-        await asyncio.to_thread(_keep_reference, received, reference)
-        privacy = await self._outgoing(kind, out, chain)
+        with task.steps.timed("worker"):
+            reply = await self._worker.call_writing(command, out, timeout_s)
+        with task.steps.timed("privacy"):
+            await asyncio.to_thread(_keep_reference, received, reference)
+            report = await self._outgoing(kind, out, chain)
         sent = out.with_suffix(SENT_SUFFIX)
         if client_cfg.keep_updates:
             await asyncio.to_thread(shutil.copyfile, sent, round_dir / "update_sent.safetensors")
@@ -439,10 +470,11 @@ class ClientDaemon:
                    **({"local_validation": reply["local_validation"]} if reply.get("local_validation") else {}),
                    **_scalars(reply)}
         if config.wire_dtype != "float32":  # after the privacy chain: what leaves is its output, encoded
-            sent, digest, error = await asyncio.to_thread(_encode_wire, sent, config.wire_dtype)
-            privacy = {"privacy": {**privacy["privacy"], "payload_sha256": digest}}  # the bytes that leave
+            with task.steps.timed("encode"):
+                sent, digest, error = await asyncio.to_thread(_encode_wire, sent, config.wire_dtype)
+            report = {"privacy": {**report["privacy"], "payload_sha256": digest}}  # the bytes that leave
             metrics["wire"] = error.as_metrics()
-        return int(reply["n_samples"]), {**metrics, **privacy}, sent
+        return int(reply["n_samples"]), {**metrics, **report}, sent
 
     async def _outgoing(self, task: TaskKind, raw: Path, chain: EffectiveChain,
                         reference: Path | None = None) -> dict[str, Any]:
@@ -496,12 +528,16 @@ class ClientDaemon:
                          logged - started)
 
     async def _submit(self, h: pb.TaskHeader, n_samples: int, metrics: dict[str, Any], payload: Path | None,
-                      error: str = "") -> None:
+                      error: str = "", steps: Steps | None = None) -> None:
         """Stream the result from disk; its hash follows as a trailer. The privacy step hashed what it wrote
         (the header carries that hash, and the server checks the bytes it receives against it), so the
         bytes are hashed again here only when no such hash came with them."""
+        steps = steps if steps is not None else Steps()
         size = payload.stat().st_size if payload is not None else 0
-        lease = await self._reserve_upload(h.task_id) if size else ""
+        lease = ""
+        if size:
+            with steps.timed("upload slot"):
+                lease = await self._reserve_upload(h.task_id)
         privacy = metrics.get("privacy") or {}
         known = privacy.get("payload_sha256", "")
         header = pb.ResultHeader(session_id=self._session_id, task_id=h.task_id, n_samples=n_samples,
@@ -518,14 +554,14 @@ class ClientDaemon:
                     yield piece  # raw, as read: no protobuf copy
             yield trailer_message(known or digest.hexdigest())
 
-        with call_errors("submit result", self._target):
+        with call_errors("submit result", self._target), steps.timed("upload"):
             reply = await self._bulk.SubmitResult(chunks(), timeout=RPC_TIMEOUT_S + size / 1e6)
         size_sent, digest_hex = size, (known or digest.hexdigest()) if size else ""
         if reply.accepted:
             self._audit.append("update_sent", job_id=h.job_id, task=h.task_name, round=h.round,
                                n_samples=n_samples, payload_sha256=digest_hex, privacy=privacy or None)
-            log.info("job %s %s round %d: result accepted (%d bytes, n_samples=%d)", h.job_id, h.task_name,
-                     h.round, size_sent, n_samples)
+            log.info("job %s %s round %d: result accepted (%d bytes, n_samples=%d); %s", h.job_id, h.task_name,
+                     h.round, size_sent, n_samples, steps)
         else:
             self._audit.append("update_refused_by_server", job_id=h.job_id, round=h.round, reason=reply.reason)
             log.warning("job %s %s round %d: server refused our result: %s", h.job_id, h.task_name, h.round,

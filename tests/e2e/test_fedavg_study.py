@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -100,6 +101,14 @@ def test_fedavg_three_sites_three_rounds(make_study, tmp_path):
     (builder,) = [site for site, names in tasks.items() if "init" in names]
     assert all(("prepare" in names) == (site != builder) for site, names in tasks.items()), tasks
     assert all(sum(r["event"] == "worker_started" for r in records) == 1 for records in audits.values())
+
+    # each site's log says where its training rounds spent their time, for site IT looking at a slow round
+    for site in study.clients:
+        log = study.log_tail(site, 1 << 20).splitlines()
+        lines = [line for line in log if "train round 3: result accepted" in line]
+        assert len(lines) == 1, site
+        assert re.search(r"; download [\d.]+ s, worker [\d.]+ s, privacy [\d.]+ s, upload slot [\d.]+ s, "
+                         r"upload [\d.]+ s$", lines[0]), lines[0]
 
 
 def test_cross_site_validation_matrix(make_study, tmp_path):
