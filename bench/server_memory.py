@@ -6,6 +6,7 @@ as real processes from their kits, mutual TLS on 127.0.0.1). The server's idle s
 are online; the target of issue 12 is a peak of at most idle + 3 x the model.
 
     python bench/server_memory.py --params 10000000 --sites 2 --rounds 3
+    python bench/server_memory.py --sites 4 --wire int8           # a quantized round (server.wire_dtype)
     MALLOC_ARENA_MAX=1 python bench/server_memory.py ...     # the server inherits the environment
 """
 
@@ -91,7 +92,7 @@ def _audit_events(path: Path) -> list[tuple[float, str]]:
     return out
 
 
-def run(params: int, n_sites: int, rounds: int, root: Path) -> dict:
+def run(params: int, n_sites: int, rounds: int, root: Path, wire: str = "float32") -> dict:
     study = LocalStudy.create(REPO / "project.yml.example", root, edit=_sites_edit(n_sites))
     for site in study.clients:
         study.write_local(site, "site.yml", {"heartbeat_interval_s": 2.0})
@@ -104,7 +105,8 @@ def run(params: int, n_sites: int, rounds: int, root: Path) -> dict:
         shutil.copytree(JOB, job)
         with Timeline(pid) as timeline:
             record = study.admin_json(f"submit_job {job} --set server.rounds={rounds} "
-                                      f"--set client.learner.args.n_params={params} --set meta.min_clients={n_sites}")
+                                      f"--set client.learner.args.n_params={params} --set meta.min_clients={n_sites} "
+                                      f"--set server.wire_dtype={wire}")
             study.admin_json(f"wait_job {record['job_id']} 1800", timeout_s=1900)
         hwm = _status(pid)["VmHWM"]
         events = sorted(_log_events(study.log_path(study.server))
@@ -117,7 +119,7 @@ def run(params: int, n_sites: int, rounds: int, root: Path) -> dict:
     after = [e for e in events if e[0] > t_peak][:2]
     series = [(round(t - t_peak, 2), m) for t, m in events] + [
         (round(t - t_peak, 2), round(r / MB), round(a / MB), round(f / MB)) for t, r, a, f in timeline.samples[::10]]
-    return {"series": series, "P": params, "N": n_sites, "rounds": rounds, "idle_MB": round(idle / MB),
+    return {"series": series, "P": params, "N": n_sites, "rounds": rounds, "wire": wire, "idle_MB": round(idle / MB),
             "VmHWM_MB": round(hwm / MB),
             "over_idle_x_model": round((hwm - idle) / model, 2), "sampled_peak_MB": round(rss_peak / MB),
             "at_peak_anon_MB": round(anon / MB), "at_peak_file_MB": round(file / MB),
@@ -130,11 +132,13 @@ def main() -> None:
     p.add_argument("--params", type=int, default=10_000_000)
     p.add_argument("--sites", type=int, nargs="+", default=[2])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--wire", default="float32", choices=["float32", "float16", "bfloat16", "int8"],
+                   help="quantized transfer (server.wire_dtype)")
     p.add_argument("--series", help="write (seconds from the peak, RSS MB) every ~50 ms to this file")
     a = p.parse_args()
     for n in a.sites:
         with tempfile.TemporaryDirectory(prefix="fedkit-mem-") as tmp:
-            result = run(a.params, n, a.rounds, Path(tmp) / "study")
+            result = run(a.params, n, a.rounds, Path(tmp) / "study", a.wire)
             series = result.pop("series")
             if a.series:
                 Path(a.series).write_text("\n".join(" ".join(map(str, s)) for s in sorted(series, key=lambda s: s[0])))

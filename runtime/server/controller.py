@@ -21,6 +21,7 @@ from typing import Any
 from ..audit import AuditLog
 from ..errors import FedkitError, UpdateRejected
 from ..job_spec import JobSpec, read_zip_member
+from ..model_bytes import SerializedModel
 from ..privacy_report import decode_report
 from ..quantize import WireError, decode, encode, is_encoded
 from ..tasks import RESULT_WEIGHTS, KeyMetricRef, TaskConfig, TaskKind, with_control
@@ -119,13 +120,17 @@ class JobController:
                 log.warning("job %s %s: %s reports failure: %s", self.record.job_id, _what(outcome.plan), site, error)
                 return
             privacy = decode_report(metrics.get("privacy"))
-            result = await asyncio.to_thread(_decode_result, site, TaskKind(task.name), n_samples, metrics, payload)
-            if wire := _wire_error(metrics):
-                rnd.wire_errors[site] = wire
             assert self._workflow is not None
             async with self._fold_lock:
+                # decoded under the fold lock: a quantized update decodes into a full-precision copy of the
+                # model, so with several uploads at once, only one such copy may exist at a time
+                result = await asyncio.to_thread(_decode_result, site, TaskKind(task.name), n_samples, metrics,
+                                                 payload)
                 await asyncio.to_thread(self._workflow.fold, result)
-            outcome.results[site] = replace(result, weights=None)  # the receive buffer is reused
+                result = replace(result, weights=None)  # the receive buffer is reused; a decoded copy goes now
+            if wire := _wire_error(metrics):
+                rnd.wire_errors[site] = wire
+            outcome.results[site] = result
             if privacy is not None:
                 outcome.privacy[site] = privacy
         except UpdateRejected as e:
@@ -395,7 +400,15 @@ def _payload(plan: RoundPlan, wire_dtype: str) -> tuple[Payload | FilePayload, W
         return NO_PAYLOAD, None
     if wire_dtype != "float32":
         encoded, error = encode(with_control(plan.model, plan.extras), wire_dtype)
-        return Payload.of(to_bytes(encoded), CHUNK_BYTES), error
+        saved = plan.model_path or (plan.model_bytes.path if plan.model_bytes is not None else None)
+        if saved is None:
+            return Payload.of(to_bytes(encoded), CHUNK_BYTES), error
+        # written beside the model and sent from disk, like a float32 round: held in memory, the encoded
+        # bytes and their chunks cost the server two more copies of the encoded model for the whole round
+        wire_file = saved.with_name(f"{saved.stem}.{wire_dtype}.wire")
+        payload = FilePayload.of_model(SerializedModel.save(encoded, wire_file))
+        wire_file.unlink()  # the payload's open descriptor keeps the bytes until the round lets them go
+        return payload, error
     if plan.model_bytes is not None and not plan.extras:
         if plan.model_bytes.path is not None and not plan.model_bytes.chunks:
             return FilePayload.of_model(plan.model_bytes), None
