@@ -40,6 +40,25 @@ def peak_rss_bytes(pid: int) -> int:
     return 0
 
 
+def shared_memory_split(pid: int) -> dict[str, int]:
+    """Resident bytes as the kernel splits them between processes (/proc/PID/smaps_rollup): `pss` charges
+    each shared page (a library's code, mapped by every daemon) to its sharers in proportion, `private`
+    counts only pages no other process maps. On one machine running N daemons, `pss` is what each one
+    adds; on a site's own machine, where nothing shares its libraries, RSS is."""
+    out = {"pss": 0, "private": 0}
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "Pss":
+            out["pss"] = int(value.split()[0]) * 1024
+        elif key in ("Private_Clean", "Private_Dirty"):
+            out["private"] += int(value.split()[0]) * 1024
+    return out
+
+
 def tree_peak_rss_bytes(root: int) -> int:
     return sum(peak_rss_bytes(p) for p in tree_pids(root) if p != os.getpid())
 

@@ -5,9 +5,10 @@ For each N it prints: seconds until every site registered (from launching the fi
 submit_job to the end of round 1, seconds per round, and, in the same run, the seconds a plain TLS socket
 needs to move the same bytes (round_overhead's baseline: the model to N receivers and N models back);
 peak RSS of the server, of all processes together and per site (daemon + its training worker), the
-daemons' own peak RSS and their idle RSS (all registered, no job), the server's RSS growth per connected
-site (idle RSS with N sites registered minus before the first, over N), and whether any client daemon has
-torch loaded (/proc/PID/maps). Peaks are sampled while the study runs (workers exit when a job ends), so
+daemons' own peak RSS and their idle RSS (all registered, no job) with its PSS and private part (what
+each daemon adds on this one machine, where all N share the libraries' pages), the server's RSS growth per
+connected site (idle RSS with N sites registered minus before the first, over N), and whether any client
+daemon has torch loaded (/proc/PID/maps). Peaks are sampled while the study runs (workers exit when a job ends), so
 they are VmHWM as last seen per process.
 
     python bench/scale.py                          # P=1M, N=16,32,64,100, 3 rounds
@@ -33,7 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._procs import peak_rss_bytes, tree_pids  # noqa: E402
+from bench._procs import peak_rss_bytes, shared_memory_split, tree_pids  # noqa: E402
 from bench.round_overhead import _sites_edit, run_raw_tls  # noqa: E402
 from provision.local_study import LocalStudy, wait_until  # noqa: E402
 
@@ -247,6 +248,9 @@ def run(params: int, n_sites: int, rounds: int, root: Path, timeout_s: float, mi
             row["server_growth_per_site_KB"] = round((server_idle_after - server_idle_before) / n_sites / 1e3)
             row["daemon_idle_rss_MB_mean"] = round(statistics.mean(daemon_idle) / MB, 1)
             row["daemon_idle_rss_MB_max"] = round(max(daemon_idle) / MB, 1)
+            split = [shared_memory_split(study.procs[s].pid) for s in study.clients]
+            row["daemon_idle_pss_MB_mean"] = round(statistics.mean(x["pss"] for x in split) / MB, 1)
+            row["daemon_idle_private_MB_mean"] = round(statistics.mean(x["private"] for x in split) / MB, 1)
 
             job = root / "job"
             shutil.copytree(JOB, job)
@@ -322,7 +326,7 @@ def main() -> None:
     print()
     print(f"{'N':>4} {'registered s':>12} {'submit->r1 s':>12} {'round s (each)':>22} {'raw TLS s':>9} "
           f"{'ratio':>6} {'server MB':>10} {'KB/site':>8} {'all MB':>8} {'site MB':>8} {'daemon MB':>10} "
-          f"{'idle MB':>8} {'torch':>6}")
+          f"{'idle MB':>8} {'PSS MB':>7} {'own MB':>7} {'torch':>6}")
     for r in rows:
         if "error" in r:
             print(f"{r['N']:>4} failed: {r['error']}")
@@ -331,7 +335,8 @@ def main() -> None:
               f"{' '.join(f'{x:.2f}' for x in r['round_s']):>22} {r['raw_tls_s']:>9} {r['ratio']:>6} "
               f"{r['server_peak_rss_MB']:>10} {r['server_growth_per_site_KB']:>8} {r['all_peak_rss_MB']:>8} "
               f"{r['site_peak_rss_MB_mean']:>8} {r['daemon_peak_rss_MB_mean']:>10} "
-              f"{r['daemon_idle_rss_MB_mean']:>8} {r['daemons_with_torch']:>6}")
+              f"{r['daemon_idle_rss_MB_mean']:>8} {r['daemon_idle_pss_MB_mean']:>7} "
+              f"{r['daemon_idle_private_MB_mean']:>7} {r['daemons_with_torch']:>6}")
     sys.exit(1 if any("error" in r or r.get("state") != "finished" for r in rows) else 0)
 
 

@@ -1,0 +1,49 @@
+"""bench/_procs.py's memory split: what scale.py reports as each daemon's share of a machine."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import subprocess
+import sys
+
+from bench._procs import shared_memory_split
+
+MB = 1 << 20
+
+
+def _rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_page_shared_with_a_child_is_half_charged_to_each():
+    shared = mmap.mmap(-1, 64 * MB, flags=mmap.MAP_SHARED)
+    shared.write(b"x" * (64 * MB))  # resident in this process
+    before = shared_memory_split(os.getpid())
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # touch every page, then wait to be told to go
+        sum(shared[i] for i in range(0, 64 * MB, mmap.PAGESIZE))
+        os.write(write, b"1")
+        os.read(read, 1)
+        os._exit(0)
+    try:
+        os.read(read, 1)
+        after = shared_memory_split(os.getpid())
+        assert _rss(os.getpid()) >= 64 * MB
+        # the 64 MB are now charged half to each process, and are no longer private to this one
+        assert before["pss"] - after["pss"] > 24 * MB
+        assert before["private"] - after["private"] > 48 * MB
+        assert after["private"] <= after["pss"] <= _rss(os.getpid())
+    finally:
+        os.write(write, b"1")
+        os.waitpid(child, 0)
+        shared.close()
+
+
+def test_a_process_that_is_gone_reports_nothing():
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert shared_memory_split(int(proc.stdout)) == {"pss": 0, "private": 0}
