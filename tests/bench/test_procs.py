@@ -23,15 +23,16 @@ def test_a_page_shared_with_a_child_is_half_charged_to_each():
     shared = mmap.mmap(-1, 64 * MB, flags=mmap.MAP_SHARED)
     shared.write(b"x" * (64 * MB))  # resident in this process
     before = shared_memory_split(os.getpid())
-    read, write = os.pipe()
+    ready_r, ready_w = os.pipe()  # child -> parent: every page touched
+    go_r, go_w = os.pipe()  # parent -> child: measured, exit now
     child = os.fork()
-    if child == 0:  # touch every page, then wait to be told to go
+    if child == 0:
         sum(shared[i] for i in range(0, 64 * MB, mmap.PAGESIZE))
-        os.write(write, b"1")
-        os.read(read, 1)
+        os.write(ready_w, b"1")
+        os.read(go_r, 1)
         os._exit(0)
     try:
-        os.read(read, 1)
+        os.read(ready_r, 1)
         after = shared_memory_split(os.getpid())
         assert _rss(os.getpid()) >= 64 * MB
         # the 64 MB are now charged half to each process, and are no longer private to this one
@@ -39,8 +40,10 @@ def test_a_page_shared_with_a_child_is_half_charged_to_each():
         assert before["private"] - after["private"] > 48 * MB
         assert after["private"] <= after["pss"] <= _rss(os.getpid())
     finally:
-        os.write(write, b"1")
+        os.write(go_w, b"1")
         os.waitpid(child, 0)
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
         shared.close()
 
 
