@@ -1,10 +1,11 @@
 """The project.yml schema: one study, its server, client sites and admins, validated at the edge.
 
 The models only hold and check data; they never drive provisioning. Every check that spans participants
-(unique names, exactly one server, at least one site and one admin, distinct ports) lives here, so a
-`Project` built in code is as valid as one loaded from a file. `load_project` turns any mistake into one
-ProjectConfigError line naming the file, the participant (index and name) and the field, e.g.
-`project.yml: participants[3] (site-2): duplicate name 'site-2'`.
+(unique names and container names, exactly one server, at least one site and one admin, distinct ports)
+lives here, so a `Project` built in code is as valid as one loaded from a file. `load_project` turns the
+mistakes into one ProjectConfigError line naming the file, the participant (index and name) and the field, e.g.
+`project.yml: participants[3] (site-2): duplicate name 'site-2'`, or for several
+`project.yml: 2 problems: field 'name': missing; participants[1] (site-1): field 'org': missing`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ MAX_CERT_VALIDITY_DAYS = 3650
 DEFAULT_DOCKER_IMAGE = "python:3.11-slim"
 # X.509 caps CN and O at 64 characters (RFC 5280 ub-common-name / ub-organization-name).
 MAX_NAME_CHARS = 64
+# A project.yml error names every problem on its one line, up to this many (then says how many more).
+MAX_PROBLEMS_SHOWN = 10
 
 _FOLDER_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?")
@@ -171,6 +174,11 @@ ParticipantSpec = ServerSpec | ClientSpec | AdminSpec
 Participant = Annotated[ParticipantSpec, Field(discriminator="type")]
 
 
+def docker_name(*parts: str) -> str:
+    """A docker image/container name from folder-safe parts: lowercase, runs of other characters -> '-'."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+
+
 def _participant_error(index: int, message: str) -> PydanticCustomError:
     """A cross-participant error that remembers which participant it is about, for the one-line message."""
     return PydanticCustomError("participant", message, {"participant_index": index})
@@ -206,6 +214,7 @@ class Project(_Strict):
     @model_validator(mode="after")
     def _roster(self) -> Project:
         seen: dict[str, int] = {}
+        containers: dict[str, int] = {}
         server_at: int | None = None
         for i, p in enumerate(self.participants):
             key = p.name.casefold()
@@ -215,6 +224,17 @@ class Project(_Strict):
                     i, f"duplicate name '{p.name}'" + ("" if first == p.name else f" (same as '{first}')")
                 )
             seen[key] = i
+            # Each kit's docker.sh names its container after the participant, lowercased with runs of other
+            # characters as '-' (the one identifier a kit derives from a name): 'site-a' and 'site_a' would
+            # fight over one container on a shared Docker host, so refuse them here, for add-site too.
+            container = docker_name("fedkit", self.name, p.name)
+            if container in containers:
+                j = containers[container]
+                raise _participant_error(
+                    i, f"'{p.name}' and '{self.participants[j].name}' (participants[{j}]) would share the Docker "
+                       f"container name '{container}'; rename one of them",
+                )
+            containers[container] = i
             if isinstance(p, ServerSpec):
                 if server_at is not None:
                     raise _participant_error(
@@ -267,16 +287,16 @@ def _describe(error: ErrorDetails) -> str:
     if kind == "union_tag_invalid":
         tag = (error.get("ctx") or {}).get("tag", "?")
         return f"field 'type': unknown type '{tag}'; use server, client or admin"
+    if kind == "tuple_type":  # a YAML list is a tuple here; "valid tuple" would be Python's word, not the file's
+        return f"field '{field}': must be a list"
     message = error["msg"].removeprefix("Value error, ")
     return f"field '{field}': {message}" if field else message
 
 
-def format_validation_error(source: str, data: Any, err: ValidationError) -> str:
-    """One line for the first error in `err`: file, participant (index and name), field, message."""
-    errors = err.errors()
-    first = errors[0]
-    loc = list(first["loc"])
-    ctx = first.get("ctx") or {}
+def _locate(data: Any, error: ErrorDetails) -> str:
+    """One problem as text: participant (index and name) if it is about one, then field and message."""
+    loc = list(error["loc"])
+    ctx = error.get("ctx") or {}
     where = ""
     if "participant_index" in ctx:
         index = int(ctx["participant_index"])
@@ -288,10 +308,19 @@ def format_validation_error(source: str, data: Any, err: ValidationError) -> str
         index = -1
     if index >= 0:
         name = _name_at(data, index)
-        where = f" participants[{index}]" + (f" ({name})" if name else "") + ":"
-    text = _describe({**first, "loc": tuple(loc)})
-    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{source}:{where} {text}{more}"
+        where = f"participants[{index}]" + (f" ({name})" if name else "") + ": "
+    return where + _describe({**error, "loc": tuple(loc)})
+
+
+def format_validation_error(source: str, data: Any, err: ValidationError) -> str:
+    """One line naming every error in `err` (the first MAX_PROBLEMS_SHOWN, then how many more), each with
+    its participant (index and name) and field: a new user fixes them all in one pass, not one per run."""
+    problems = list(dict.fromkeys(_locate(data, error) for error in err.errors()))
+    if len(problems) == 1:
+        return f"{source}: {problems[0]}"
+    shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
+    more = f"; and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+    return f"{source}: {len(problems)} problems: {shown}{more}"
 
 
 def parse_project(text: str, source: str) -> Project:

@@ -41,7 +41,7 @@ from runtime.server.authz import DEFAULT_POLICY
 
 from ._files import EXECUTABLE_MODE, PUBLIC_MODE
 from .kit import KitFile
-from .project import AdminSpec, ClientSpec, ParticipantSpec, Project, ServerSpec
+from .project import AdminSpec, ClientSpec, ParticipantSpec, Project, ServerSpec, docker_name
 
 DEFAULT_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates" / "kit"
 DISTRIBUTION = "fedkit"
@@ -125,11 +125,6 @@ class KitContext:
     requirements: tuple[str, ...]
     site_names: tuple[str, ...]
     ca_fingerprint: str  # SHA-256 of the study CA (runtime.kitsig.ca_fingerprint), stated in every readme
-
-
-def docker_name(*parts: str) -> str:
-    """A docker image/container name from folder-safe parts: lowercase, runs of other characters -> '-'."""
-    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
 def installed_pin(name: str) -> str:

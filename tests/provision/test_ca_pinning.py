@@ -5,6 +5,7 @@ consistently. `fedkit verify-kit --ca-fingerprint` checks the same offline."""
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import sys
@@ -125,6 +126,24 @@ def test_start_sh_refuses_a_re_signed_kit_once_the_real_ca_is_pinned(stub_kit: P
     assert done.returncode == 1
     assert "stub client started" not in done.stdout
     assert "local/ca.sha256" in done.stderr.splitlines()[0]
+
+
+@pytest.mark.parametrize("script", ["start.sh", "docker.sh"])
+def test_a_malformed_pin_gets_advice_on_that_file_not_to_unzip_again(stub_kit: Path, script: str) -> None:  # noqa: F811
+    # Unzipping again never touches local/ca.sha256 (site IT wrote it): the advice must be to fix that file.
+    (stub_kit / PIN).write_text("AB:CD\n")
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONSAFEPATH"}}
+    env["FEDKIT_PYTHON"] = sys.executable  # docker.sh then checks with this Python, before it needs Docker
+    done = subprocess.run(["bash", str(stub_kit / "startup" / script)], capture_output=True, text=True,
+                          check=False, env=env, cwd=REPO, timeout=60)
+    assert done.returncode == 1
+    assert "stub client started" not in done.stdout
+    first, last = done.stderr.splitlines()
+    assert first.startswith(f"{stub_kit.resolve() / PIN}: not a SHA-256 fingerprint; ")
+    assert last.startswith(f"{script}: refusing to start: the study CA check against local/ca.sha256 failed ")
+    assert "must hold one line, the study CA's SHA-256 fingerprint as lead IT gave it (64 hex digits" in last
+    assert "unzip the kit you were sent" not in done.stderr and "signed manifest" not in done.stderr
+    assert (stub_kit / PIN).read_text() == "AB:CD\n"  # left for site IT to fix, never overwritten
 
 
 def test_admin_kit_is_pinned_too(kit_copy) -> None:

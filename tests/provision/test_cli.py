@@ -89,6 +89,20 @@ def test_provision_add_site_and_revoke_end_to_end(tmp_path: Path, project_file: 
     assert not_listed.stderr.startswith(f"{project_file}: no participant named 'site-9'")
 
 
+def test_add_site_refuses_a_site_whose_container_name_an_existing_site_has(tmp_path: Path, project_file: Path) -> None:
+    ws = tmp_path / "ws"
+    assert fedkit("provision", "-p", str(project_file), "-w", str(ws)).exit_code == 0
+    # site_3 would get site-3's container (fedkit-example-study-site-3) on a Docker host running both kits
+    project_file.write_text(project_file.read_text() + "  - type: client\n    name: site_3\n    org: hospital-d\n")
+    added = fedkit("provision", "add-site", "site_3", "-p", str(project_file), "-w", str(ws))
+    assert added.exit_code == 2
+    assert added.stderr == (
+        f"{project_file}: participants[6] (site_3): 'site_3' and 'site-3' (participants[3]) would share the Docker "
+        "container name 'fedkit-example-study-site-3'; rename one of them\n"
+    )
+    assert not list(ws.glob("example-study/prod_*/site_3*"))
+
+
 def test_verify_kit_ok_and_per_file_report(provisioned, kit_copy, tmp_path: Path) -> None:
     ok = fedkit("verify-kit", str(provisioned.kit("site-1")))
     assert ok.exit_code == 0

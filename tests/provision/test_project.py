@@ -52,6 +52,19 @@ BAD_CASES: list[tuple[str, str, str]] = [
         "project.yml: participants[4] (site-2): duplicate name 'site-2'",
     ),
     (
+        # docker.sh names containers fedkit-<study>-<name> with '_' and '.' as '-': both kits would get one name
+        "same-container-name",
+        yaml.safe_dump(appended({"type": "client", "name": "site_2", "org": "c"})),
+        "project.yml: participants[4] (site_2): 'site_2' and 'site-2' (participants[2]) would share the Docker "
+        "container name 'fedkit-study-x-site-2'; rename one of them",
+    ),
+    (
+        "several-problems",  # a new user's first try: every problem is named, not the first and a count
+        "participants: 5\n",
+        "project.yml: 3 problems: field 'api_version': missing; field 'name': missing; "
+        "field 'participants': must be a list",
+    ),
+    (
         "no-server",
         yaml.safe_dump({**GOOD, "participants": GOOD["participants"][1:]}),
         "project.yml: no server; add one participant with 'type: server'",
@@ -218,12 +231,45 @@ def test_duplicate_names_differing_only_in_case_are_refused() -> None:
         parse_project(text, "project.yml")
 
 
-def test_more_errors_are_counted_on_the_same_line() -> None:
+def test_every_error_is_named_on_the_same_line() -> None:
     data = with_participant(1, org=None)
     data["participants"][2].pop("org")
     with pytest.raises(ProjectConfigError) as info:
         parse_project(yaml.safe_dump(data), "p.yml")
-    assert str(info.value) == "p.yml: participants[1] (site-1): field 'org': missing (+1 more)"
+    assert str(info.value) == (
+        "p.yml: 2 problems: participants[1] (site-1): field 'org': missing; "
+        "participants[2] (site-2): field 'org': missing"
+    )
+
+
+def test_past_ten_errors_the_rest_are_counted() -> None:
+    data = appended(*({"type": "client", "name": f"extra-{i}"} for i in range(12)))  # 12 sites without an org
+    with pytest.raises(ProjectConfigError) as info:
+        parse_project(yaml.safe_dump(data), "p.yml")
+    message = str(info.value)
+    assert message.startswith("p.yml: 12 problems: participants[4] (extra-0): field 'org': missing; ")
+    assert "participants[13] (extra-9): field 'org': missing; and 2 more" in message
+    assert message.endswith("; and 2 more") and "extra-10" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("site-2", "site.2"),
+        ("site-2", "Site__2"),
+        ("fl.example.org", "fl-example-org"),  # a site against the server
+        ("boss@example.org", "boss-example.org"),  # and against an admin
+    ],
+)
+def test_names_that_share_a_container_name_are_refused_naming_both(first: str, second: str) -> None:
+    data = appended({"type": "client", "name": second, "org": "c"})
+    index = next(i for i, p in enumerate(data["participants"]) if p["name"] == first)
+    with pytest.raises(ProjectConfigError) as info:
+        parse_project(yaml.safe_dump(data), "p.yml")
+    assert str(info.value).startswith(
+        f"p.yml: participants[4] ({second}): '{second}' and '{first}' (participants[{index}]) would share the "
+        "Docker container name 'fedkit-study-x-"
+    )
 
 
 def test_error_names_the_path_given(tmp_path: Path) -> None:

@@ -292,7 +292,10 @@ def test_start_sh_refuses_a_tampered_kit(stub_kit: Path, tamper: Tamper, expecte
     assert "stub client started" not in done.stdout
     lines = done.stderr.splitlines()
     assert lines[:-1] == [f"{stub_kit.resolve()}/{line}" for line in expected]
-    assert lines[-1].startswith("start.sh: refusing to start: this kit differs from its signed manifest or")
+    assert lines[-1] == (
+        "start.sh: refusing to start: this kit differs from its signed manifest (lines above); "
+        "unzip the kit you were sent again"
+    )
 
 
 def test_start_sh_refuses_a_tampered_runtime_module(stub_kit: Path) -> None:
