@@ -7,8 +7,8 @@ says what is left out). The learners run in a pool of worker processes sized to 
 (runtime/simulate_pool.py), each hosting many sites; `--processes 0` runs them in this process.
 
 Sites and their data:
-    --data-roots A B C        one site per folder, named after the folder (site-N where names repeat)
-    --sites N --data-roots A B  N sites, the folders given cycled over them
+    --data-roots A --data-roots B   one site per folder, named after the folder (site-N where names repeat)
+    --sites N --data-roots A --data-roots B   N sites, the folders given cycled over them
     --sites N --demo-data     the demo study's three splits of the breast-cancer table (provision/demo_data.py),
                               written under OUT/data; sites beyond three reuse them cyclically (a scale
                               run: sites 1, 4, 7, ... hold the same rows)
@@ -33,6 +33,7 @@ from rich.live import Live
 from rich.table import Table
 
 from runtime.errors import ConfigError, JobRejected
+from runtime.job_check import check_static
 from runtime.job_spec import CUSTOM_DIR, JobSpec, load_job_folder
 from runtime.learner import Learner
 from runtime.simulate import JOB_ID, SimulationResult, SitePool, simulate
@@ -191,6 +192,9 @@ def simulate_command(job_dir: Path, sites: int | None, data_roots: list[Path], d
     console = console or Console()
     if processes is not None and processes < 0:
         raise ConfigError(f"--processes {processes}: give 0 (all sites in this process) or more")
+    # every config problem at once, with its fix ("did you mean 'rounds'?"), as submit_job gives them
+    if problems := check_static(job_dir, overrides).problems:
+        raise ConfigError(f"{job_dir}: " + "; ".join(p.line() for p in problems))
     try:
         spec = load_job_folder(job_dir, overrides)
     except JobRejected as e:  # the person's own job folder: bad input (exit 2), as a bad project.yml is
