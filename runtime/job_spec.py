@@ -77,6 +77,21 @@ class JobMeta(_Strict):
                                                                "site names")
     min_clients: int = Field(1, ge=1, description="a round needs at least this many sites' answers")
 
+    @model_validator(mode="after")
+    def _can_start(self) -> JobMeta:
+        """A job that could never start is refused at submit, not left queued for ever."""
+        if self.sites == "all":
+            return self
+        if not self.sites:
+            raise ValueError("sites is an empty list: name the sites that take part, or 'all'")
+        if len(set(self.sites)) != len(self.sites):
+            twice = sorted({s for s in self.sites if self.sites.count(s) > 1})
+            raise ValueError(f"sites names {', '.join(twice)} more than once")
+        if self.min_clients > len(self.sites):
+            raise ValueError(f"min_clients is {self.min_clients} but sites names only {len(self.sites)} "
+                             f"({', '.join(self.sites)}): the job could never start")
+        return self
+
 
 class KeyMetric(_Strict):
     name: str = Field("accuracy", description="a metric validate() returns; picks the best model")
@@ -194,8 +209,11 @@ def _parse_yaml(name: str, text: str) -> dict[str, Any]:
     except _AliasRefused:
         raise JobRejected(f"{name}: YAML aliases (*name) are not allowed in job configs; write the value out "
                           "instead") from None
-    except yaml.YAMLError as e:
-        raise JobRejected(f"{name}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:  # where and what, as provisioning says it for project.yml
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise JobRejected(f"{name}: not valid YAML{at}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

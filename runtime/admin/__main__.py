@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cmd
+import contextlib
 import json
 import os
 import sys
@@ -95,7 +96,7 @@ def interactive(kit: Path, as_json: bool) -> int:
         import readline
 
         shell = _Shell(kit, as_json)
-        if shell.history.exists():
+        with contextlib.suppress(OSError):  # an unreadable history (a folder, another user's file): start without
             readline.read_history_file(shell.history)
     except ImportError:
         shell = _Shell(kit, as_json)

@@ -4,16 +4,17 @@ a deadline (COMMAND_TIMEOUT_S, or TRANSFER_TIMEOUT_S for uploads and downloads).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
 import zipfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .. import kit_config as kc
-from ..errors import FedkitError
+from ..errors import FedkitError, JobRejected
 from ..job_code import CodeSignature, code_hash_of_zip, sign_code
 from ..job_spec import load_job_folder, zip_folder
 from ..procs import workspace
@@ -70,9 +71,10 @@ class AdminClient:
         With `sign`, the code hash goes with an ECDSA signature by this admin's key (for sites whose
         job_policy.yml accepts only code signed by named admins). `initial_model`: a safetensors file
         streamed from disk after the archive (a model too large for the archive), checked here first."""
-        load_job_folder(folder, overrides)  # fail here, before the upload, on a bad folder or override
-        model = await asyncio.to_thread(model_to_send, initial_model) if initial_model else None
-        archive = await asyncio.to_thread(zip_folder, folder)
+        with unreadable_job_files(folder):
+            load_job_folder(folder, overrides)  # fail here, before the upload, on a bad folder or override
+            model = await asyncio.to_thread(model_to_send, initial_model) if initial_model else None
+            archive = await asyncio.to_thread(zip_folder, folder)
         args: dict[str, Any] = {"folder": folder.name, "overrides": overrides or []}
         if sign:
             args["code_signature"] = (await asyncio.to_thread(self._sign, archive)).model_dump(mode="json")
@@ -119,11 +121,17 @@ class AdminClient:
         if not _JOB_ID.fullmatch(job_id):
             raise CommandFailed(f"'{job_id[:80]}' is not a job id (letters, digits, '.', '_', '-')")
         out, zip_path = dest / job_id, dest / f"{job_id}.zip"
+        if dest.exists() and not dest.is_dir():
+            raise FedkitError(f"cannot write results to {dest}: it is a file, not a folder")
         if out.exists():
             raise CommandFailed(f"{out} exists already; remove it or download into another folder")
         part_zip, part_dir = dest / f".{job_id}.zip.part", dest / f".{job_id}.part"
-        made_dest = not dest.exists()
-        dest.mkdir(parents=True, exist_ok=True)
+        made = [p for p in (dest, *dest.parents) if not p.exists()]  # the folders made here, removed on failure
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file on the way (afile/sub), a place no one may write (/proc): before the server
+            _remove_empty(made)
+            raise _cannot_write(dest, e) from None
         received = 0
         try:
             with call_errors("download_job", self._target), part_zip.open("wb") as f:
@@ -138,14 +146,40 @@ class AdminClient:
             part_dir.rename(out)
             if keep_zip:
                 part_zip.rename(zip_path)
-        except BaseException:
+        except BaseException as e:
             part_zip.unlink(missing_ok=True)
             await asyncio.to_thread(shutil.rmtree, part_dir, True)
-            if made_dest and not any(dest.iterdir()):
-                dest.rmdir()
+            _remove_empty(made)
+            if isinstance(e, OSError):  # DEST not writable, disk full: one line, not a traceback
+                raise _cannot_write(dest, e) from None
             raise
         part_zip.unlink(missing_ok=True)
         return out, received
+
+
+@contextlib.contextmanager
+def unreadable_job_files(folder: Path) -> Iterator[None]:
+    """A job folder's file that cannot be read (a dangling link, no permission) as a one-line JobRejected
+    naming it: the job and model checks and the zipping below them let OSError through."""
+    try:
+        yield
+    except OSError as e:
+        raise JobRejected(f"{e.filename or folder}: cannot read ({e.strerror or e}); job not submitted") from None
+
+
+def _cannot_write(dest: Path, e: OSError) -> FedkitError:
+    return FedkitError(f"cannot write results to {dest}: {(e.strerror or str(e)).lower()}")
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed download made (deepest first), as long as nothing else was put in them."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue  # mkdir failed before it
+        except OSError:
+            return  # something else is in it
 
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import shlex
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,7 +23,7 @@ from ..errors import FedkitError, JobRejected
 from ..job_check import require_static_ok
 from ..privacy_report import describe_chain
 from ..tasks import TaskKind
-from .client import AdminClient
+from .client import AdminClient, unreadable_job_files
 from .cross_site_table import cross_site_output
 from .sanitize import clean_remote
 from .scalars_view import scalar_lines
@@ -99,7 +100,11 @@ class AdminConsole:
         return sorted(self._handlers)
 
     async def run_line(self, line: str) -> None:
-        words = shlex.split(line)
+        try:
+            words = shlex.split(line)
+        except ValueError as e:  # an unclosed quote, a trailing backslash: exit 2 in one line, not a traceback
+            raise UsageError(f"the command line does not parse: {str(e).lower()} (put \\ before a quote or "
+                             "backslash that is part of a word, as in dr.o\\'brien)") from None
         if not words:
             return
         handler = self._handlers.get(words[0])
@@ -143,8 +148,7 @@ class AdminConsole:
         data = await self._client.command("check_status", sites=args[1:])
         if not self._json:
             s = data["server"]
-            running = f"{s['running_job']} ({s['running_job_name']}) round {s['round']}/{s['rounds_total']}" \
-                if s["running_job"] else "no job"
+            running = f"{s['running_job']} ({s['running_job_name']}) {_fmt_step(s)}" if s["running_job"] else "no job"
             self._out.print(f"server: up {s['uptime_s']:.0f} s, {s['sites_online']} site(s) online, running "
                             f"{running}, {len(s['queued'])} queued{': ' if s['queued'] else ''}"
                             f"{' '.join(s['queued'])}", markup=False, highlight=False)
@@ -172,15 +176,18 @@ class AdminConsole:
                 overrides.append(rest[1])
             else:
                 initial_model = Path(rest[1])
-                if not initial_model.is_file():
-                    raise UsageError(f"--initial-model {initial_model}: no such file")
+                if not initial_model.is_file():  # the line parses: a missing file is a failure (1), not 2
+                    raise JobRejected(f"--initial-model {initial_model}: no such file")
             rest = rest[2:]
         # the static part of `fedkit job check`: every config problem, one line each, before the upload
-        await asyncio.to_thread(require_static_ok, folder, overrides)
+        with unreadable_job_files(folder):
+            await asyncio.to_thread(require_static_ok, folder, overrides)
         with self._transfer_bar(f"uploading {folder.name}") as progress:
             record = await self._client.submit_job(folder, overrides, progress, initial_model=initial_model)
         if not self._json:
             self._out.print(f"submitted job {record['job_id']} ({record['name']}), state {record['state']}")
+            if record.get("waiting_for"):  # e.g. a misspelt site name: say so now, not after a silent wait
+                self._out.print(clean_remote(f"it waits: {record['waiting_for']}"), markup=False, highlight=False)
             self._out.print(_fmt_code(record), markup=False, highlight=False)
         return record
 
@@ -261,6 +268,8 @@ class AdminConsole:
                         if r["best_metric"] is not None else "-")
             + f"; final metrics: {_fmt_metrics(r['final_metrics'])}",
         ]
+        if data.get("waiting_for"):
+            lines.insert(1, f"waiting: {data['waiting_for']}")
         if r["error"]:
             lines.append(f"error: {r['error']}")
         for line in lines:
@@ -290,7 +299,8 @@ class AdminConsole:
             if record["state"] in FINAL_STATES:
                 return self._job_ended(record)
             if time.monotonic() >= deadline:
-                raise JobRejected(f"job {job_id} still {record['state']} after {timeout_s:g} s")
+                why = f": {data['waiting_for']}" if data.get("waiting_for") else ""
+                raise JobRejected(clean_remote(f"job {job_id} still {record['state']} after {timeout_s:g} s{why}"))
 
     def _print_progress_row(self, entry: dict[str, Any], columns: list[str]) -> None:
         values = "  ".join(f"{entry['global'].get(c, float('nan')):>9.4f}" for c in columns)
@@ -335,13 +345,15 @@ class AdminConsole:
 
     @contextlib.contextmanager
     def _transfer_bar(self, what: str) -> Iterator[Transfer]:
-        """A rich progress bar on stderr for people; nothing for --json, whose stdout a script parses."""
-        if self._json:
+        """A rich progress bar on stderr for people; nothing for --json, whose stdout a script parses, nor for
+        a stderr that is not a terminal (rich leaves a blank line there, above the one line of an error)."""
+        stderr = Console(stderr=True)
+        if self._json or not stderr.is_terminal:
             yield lambda done, total: None
             return
         columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                    TransferSpeedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        with Progress(*columns, console=stderr, transient=True) as bar:
             task = bar.add_task(what, total=None)
             yield lambda done, total: bar.update(task, completed=done, total=max(total, done) or None)
 
@@ -398,9 +410,22 @@ class AdminConsole:
 
 def _number(text: str, what: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise UsageError(f"{what} must be a number, not '{text}'") from None
+        value = math.nan
+    if not math.isfinite(value):  # nan and inf parse as floats, but no count or timeout can be one
+        raise UsageError(f"{what} must be a number, not '{text}'")
+    return value
+
+
+def _fmt_step(server: dict[str, Any]) -> str:
+    """Where the running job is: a training round out of the job's rounds, or another workflow's task (its
+    rounds count on their own, so "round 4/50" during cross-site validation would mislead)."""
+    task = server.get("task")
+    if task in (None, TaskKind.TRAIN.value):
+        return f"round {server['round']}/{server['rounds_total']}"
+    label = f" {server['task_label']}" if server.get("task_label") else ""
+    return f"{task}{label} (step {server['round']})"
 
 
 def _fmt_code(record: dict[str, Any]) -> str:

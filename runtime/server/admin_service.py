@@ -162,7 +162,8 @@ class AdminService:
                     part.path.unlink(missing_ok=True)  # moved into the job's folder when accepted
         await self._record(peer, "submit_job", {**args, "job_id": record.job_id, "job_sha256": record.job_sha256,
                                                 "code_sha256": record.code_sha256}, allowed=True)
-        return pb.AdminReply(ok=True, message=f"submitted job {record.job_id}", data_json=json.dumps(asdict(record)))
+        reply = {**asdict(record), "waiting_for": await self._runner.waiting_for(record)}
+        return pb.AdminReply(ok=True, message=f"submitted job {record.job_id}", data_json=json.dumps(reply))
 
     async def download(self, peer: Identity, request: pb.AdminRequest) -> AsyncIterator[pb.DataChunk]:
         args: dict[str, Any] = {}
@@ -209,20 +210,27 @@ class AdminService:
 
     def _server_status(self) -> dict[str, Any]:
         current = self._runner.current
+        plan = current.current_plan if current else None
         return {"running_job": current.record.job_id if current else None,
                 "running_job_name": current.record.name if current else None,
                 "round": current.current_round if current else None,
                 "rounds_total": current.record.rounds_total if current else None,
+                # a round's number counts within its workflow: rounds_total is for the train task only
+                "task": plan.kind.value if plan else None, "task_label": plan.label if plan else None,
                 "queued": self._runner.queued(), "uptime_s": round(time.time() - self._started_at, 1),
                 "sites_online": len(self._registry.alive())}
 
     def _site_status(self, site: str) -> dict[str, Any]:
         s = self._registry.session(site)
         assert s is not None
-        return {"site": s.name, "org": s.org, "online": self._registry.is_alive(s.name),
-                "state": self._registry.state(s.name),
+        state, job_id, rnd = self._registry.state(s.name), s.job_id, s.round
+        current = self._runner.current
+        if job_id and (current is None or current.record.job_id != job_id) and state.startswith("round "):
+            # its last heartbeat (up to one interval old) names a job that has ended here since
+            state, job_id, rnd = "idle", "", 0
+        return {"site": s.name, "org": s.org, "online": self._registry.is_alive(s.name), "state": state,
                 "last_heartbeat_s_ago": round(self._registry.seconds_since_seen(s.name) or 0.0, 1),
-                "job_id": s.job_id, "round": s.round}
+                "job_id": job_id, "round": rnd}
 
     async def _list_jobs(self, peer: Identity, args: dict[str, Any]) -> Any:
         """Every job the admin may see: all of them by default, fewer under an own_jobs/own_org policy."""
@@ -236,7 +244,8 @@ class AdminService:
         """A job's record and per-round metrics, with where it stands in the queue and its output size."""
         record = await asyncio.to_thread(self._runner.store.load, job_id)
         self._policy.check(peer, "show_job", **_job_target(record))
-        return await asyncio.to_thread(self._job_details, record)
+        details = await asyncio.to_thread(self._job_details, record)
+        return {**details, "waiting_for": await self._runner.waiting_for(record)}  # why a queued job waits
 
     def _job_details(self, record: JobRecord) -> dict[str, Any]:
         queued = self._runner.queued()
@@ -277,7 +286,7 @@ class AdminService:
             clone = await self._runner.submit(peer, copy, record.overrides, record.job_sha256, signature)
         finally:
             copy.unlink(missing_ok=True)
-        return {**asdict(clone), "cloned_from": record.job_id}
+        return {**asdict(clone), "cloned_from": record.job_id, "waiting_for": await self._runner.waiting_for(clone)}
 
     def _copy_archive(self, job_id: str) -> Path:
         """A copy of a job's archive in the incoming folder, as an upload would be."""

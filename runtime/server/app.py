@@ -50,7 +50,7 @@ async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None =
     board = TaskBoard(time.monotonic)
     runner = JobRunner(JobStore(ws / "jobs"), board, registry, audit, settings.max_update_bytes_factor,
                        JobQuota(settings.max_jobs_per_admin, settings.max_job_bytes_per_admin),
-                       allow_job_aggregators=settings.allow_job_aggregators)
+                       allow_job_aggregators=settings.allow_job_aggregators, roster=[c.name for c in cfg.clients])
     controls = SiteControls()
     stop = stop_event_on_signals()
     heartbeat_interval_s = min(5.0, settings.heartbeat_timeout_s / 4)

@@ -163,6 +163,11 @@ class JobController:
     def current_round(self) -> int:
         return self._round.outcome.plan.round if self._round else self.record.rounds_done
 
+    @property
+    def current_plan(self) -> RoundPlan | None:
+        """The round in flight (its task says which workflow step it is), None between rounds."""
+        return self._round.outcome.plan if self._round else None
+
     # ---- the loop -------------------------------------------------------------------------------
 
     async def run(self) -> None:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from .controller import JobAborted, JobController
 from .job_quota import JobQuota
 from .job_store import FINAL_STATES, JobRecord, JobState, JobStore
 from .registry import Registry
-from .site_selection import enough_sites
+from .site_selection import enough_sites, waiting_for
 from .taskboard import TaskBoard
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,10 @@ SCHEDULER_TICK_S = 0.5
 
 class JobRunner:
     def __init__(self, store: JobStore, board: TaskBoard, registry: Registry, audit: AuditLog,
-                 max_update_factor: float, quota: JobQuota | None = None, allow_job_aggregators: bool = False):
+                 max_update_factor: float, quota: JobQuota | None = None, allow_job_aggregators: bool = False,
+                 roster: Iterable[str] = ()):
         self.store = store
+        self._roster = frozenset(roster)  # the sites provisioned with this server's kit (add-site ones join later)
         self._allow_job_aggregators = allow_job_aggregators
         self._quota = quota or JobQuota()
         # parsed specs by job id: spec.json never changes once written, and the scheduler asks every tick
@@ -151,6 +153,18 @@ class JobRunner:
             if record.state is JobState.QUEUED and self._sites_ready(record):
                 return record
         return None
+
+    async def waiting_for(self, record: JobRecord) -> str:
+        """Why a queued job is not running yet ("" for any other job, or one that can start). On the loop,
+        where the registry changes; the spec is read in a thread (once: then it is kept)."""
+        if record.state is not JobState.QUEUED:
+            return ""
+        try:
+            meta = (await asyncio.to_thread(self.spec, record.job_id)).meta
+        except (OSError, ValueError):
+            return ""
+        known = self._roster | {s.name for s in self._registry.sessions()}
+        return waiting_for(meta, self._registry.alive(), known)
 
     def _sites_ready(self, record: JobRecord) -> bool:
         try:

@@ -53,3 +53,9 @@ def test_check_status_tells_idle_busy_and_revoked_sites_apart(make_study, tmp_pa
     assert refused[0]["peer"].startswith(("127.0.0.1:", "[::1]:")), refused[0]["peer"]
     if study.admin_json(f"show_job {job_id}")["record"]["state"] in ("queued", "running"):
         study.admin_json(f"abort_job {job_id}")
+    wait_until(lambda: study.admin_json(f"show_job {job_id}")["record"]["state"] in ("aborted", "finished", "failed"),
+               60, "the job to end")
+    # at once, not a heartbeat later: the site's last heartbeat still names the job, which has ended
+    after = study.admin_json("check_status client")
+    assert after["server"]["running_job"] is None
+    assert {s["site"]: (s["state"], s["job_id"]) for s in after["sites"]}["site-1"] == ("idle", "")

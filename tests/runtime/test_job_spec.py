@@ -57,13 +57,13 @@ def test_the_job_template_validates() -> None:
 
 def test_overrides_are_applied_with_yaml_typed_values() -> None:
     spec = load_job_folder(TEMPLATE, ["server.rounds=7", "client.learner.args.lr=0.1", "meta.min_clients=3",
-                                      "meta.sites=[site-1, site-2]", "server.aggregator.server_momentum=0.9"])
+                                      "meta.sites=[site-1, site-2, site-3]", "server.aggregator.server_momentum=0.9"])
 
     assert spec.server.rounds == 7
     assert spec.client.learner.args["lr"] == 0.1
     assert spec.client.learner.args["epochs"] == 2  # siblings untouched
     assert spec.meta.min_clients == 3
-    assert spec.meta.sites == ["site-1", "site-2"]
+    assert spec.meta.sites == ["site-1", "site-2", "site-3"]
     assert spec.server.aggregator.server_momentum == 0.9
 
 
@@ -142,7 +142,8 @@ def test_a_missing_required_field_is_named(job: Path) -> None:
         load_job_folder(job)
 
 
-@pytest.mark.parametrize(("text", "reason"), [("- a\n- b\n", "must be a mapping"), ("name: [x\n", "not valid YAML")])
+@pytest.mark.parametrize(("text", "reason"), [("- a\n- b\n", "must be a mapping"),
+                                              ("name: x\nsites: [a\nmin_clients: 1\n", "not valid YAML at line 3: ")])
 def test_a_config_that_is_not_a_mapping_is_named(job: Path, text: str, reason: str) -> None:
     (job / META).write_text(text)
 
@@ -217,3 +218,24 @@ def test_safe_extract_refuses_unsafe_entries_and_writes_nothing(tmp_path: Path, 
 def test_safe_extract_refuses_data_that_is_not_a_zip(tmp_path: Path, data: bytes) -> None:
     with pytest.raises(JobRejected, match="not a valid zip"):
         safe_extract(data, tmp_path / "dest")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (["meta.sites=[site-1,site-2]", "meta.min_clients=3"], "min_clients is 3 but sites names only 2"),
+        (["meta.sites=[]"], "sites is an empty list"),
+        (["meta.sites=[site-1,site-1]"], "sites names site-1 more than once"),
+    ],
+)
+def test_a_job_that_could_never_start_is_refused(overrides: list[str], reason: str) -> None:
+    with pytest.raises(JobRejected) as caught:
+        load_job_folder(TEMPLATE, overrides)
+
+    assert str(caught.value).startswith(f"{META}: {reason}")
+
+
+def test_a_job_naming_as_many_sites_as_it_needs_is_accepted() -> None:
+    spec = load_job_folder(TEMPLATE, ["meta.sites=[site-1,site-2]", "meta.min_clients=2"])
+
+    assert spec.meta.sites == ["site-1", "site-2"]
