@@ -156,6 +156,7 @@ def test_member_may_only_read(study: LocalStudy, job: Path, tmp_path: Path) -> N
     assert helped_submit["allowed"] is False and helped_submit["usage"].startswith("submit_job FOLDER")
     assert job_id in [j["job_id"] for j in listed]
     assert shown["record"]["submitter"] == LEAD and shown["record"]["state"] == "queued"
+    assert shown["waiting_for"] == "needs 1 site online, 0 are; never seen by this server (check the names): site-9"
     assert {s["site"] for s in status["sites"]} == set(SITE_ORGS)
     assert all(s["online"] and 0 <= s["last_heartbeat_s_ago"] < 6 for s in status["sites"])
     # the role is checked before the target is looked up: no probing for which jobs exist
