@@ -10,15 +10,28 @@ import shutil
 import sys
 from pathlib import Path
 
-from .. import kit_config as kc
-from ..audit import AuditLog
-from ..certs import check_validity
-from ..errors import FedkitError
-from ..procs import LOG_FILE, private_umask, setup_logging, stop_event_on_signals, tune_malloc, workspace, write_pid
-from ..transport import TlsFiles
-from .daemon import ClientDaemon
-from .job_policy import JobPolicy
-from .privacy_policy import PRIVACY_FILE, PrivacyPolicy
+# gRPC's C core logs each failed TLS handshake to stderr (INFO lines, twice per attempt); the site says it
+# in one line a person can act on instead (runtime/tls_diagnosis.py). Set before grpc is imported, and only
+# where site IT has not chosen a level (GRPC_VERBOSITY=INFO brings them back for a deeper look).
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from .. import kit_config as kc  # noqa: E402
+from ..audit import AuditLog  # noqa: E402
+from ..certs import check_validity  # noqa: E402
+from ..errors import FedkitError  # noqa: E402
+from ..procs import (  # noqa: E402
+    LOG_FILE,
+    private_umask,
+    setup_logging,
+    stop_event_on_signals,
+    tune_malloc,
+    workspace,
+    write_pid,
+)
+from ..transport import TlsFiles  # noqa: E402
+from .daemon import ClientDaemon  # noqa: E402
+from .job_policy import JobPolicy  # noqa: E402
+from .privacy_policy import PRIVACY_FILE, PrivacyPolicy  # noqa: E402
 
 log = logging.getLogger("fedkit.client")
 

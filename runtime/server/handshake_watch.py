@@ -45,6 +45,8 @@ _REASONS: tuple[tuple[tuple[str, ...], str], ...] = (
       "unable to verify the first certificate", "certificate signature failure"), ANOTHER_CA),
     (("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_UNKNOWN"),
      "the peer does not trust this server's certificate (a kit of another study?)"),
+    # what this server's core reports when a site of another study rejects its certificate and hangs up
+    (("BAD_PACKET_LENGTH",), "the peer broke off the handshake (a kit of another study?)"),
     (("HTTP_REQUEST", "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL"), "not a TLS client (plain HTTP or another protocol)"),
 )
 # Only the TLS layer's own verdicts are refusals. A peer that hangs up mid-handshake ("Handshake read failed

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from provision import revoke
-from provision.local_study import LocalStudy
+from provision.local_study import LocalStudy, wait_until
 from provision.state import StudyWorkspace
 
 from ..conftest import EXAMPLE_PROJECT, with_sites
@@ -46,6 +46,10 @@ def test_a_kit_of_another_study_is_told_so_and_stops(make_study, tmp_path):
     line = _last_line(done)
     assert "certificate this kit's study CA did not issue" in line and "another study" in line, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+    assert "Handshake failed" not in done.stderr, "gRPC core's own lines, beside the one that says it all"
+    # the server, for its part, logs the refusal with a reason too, not a TLS error code
+    wait_until(lambda: "the peer broke off the handshake (a kit of another study?)" in ours.log_tail(ours.server),
+               30, "the server to log the refusal")
 
 
 def test_a_certificate_the_server_refuses_at_the_handshake_is_told_so_and_stops(make_study, tmp_path):

@@ -87,6 +87,8 @@ def test_reasons_read_as_what_happened() -> None:
     assert explain("error:100000c0:SSL routines:OPENSSL_internal:PEER_DID_NOT_RETURN_A_CERTIFICATE: Invalid "
                    "certificate verification context") == "no client certificate"
     assert explain("OPENSSL_internal:HTTP_REQUEST: x").startswith("not a TLS client")
+    assert explain("error:100000a0:SSL routines:OPENSSL_internal:BAD_PACKET_LENGTH: Invalid certificate "
+                   "verification context") == "the peer broke off the handshake (a kit of another study?)"
     assert explain("SSL routines:OPENSSL_internal:SOMETHING_NEW: detail: OK") == \
         "TLS handshake failed: SOMETHING_NEW: detail"
 
