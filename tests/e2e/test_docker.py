@@ -17,6 +17,7 @@ import pytest
 
 from provision.demo_data import write_demo_data
 from provision.local_study import LocalStudy, wait_until
+from runtime.kitsig import CA_PIN_PATH
 from tests.conftest import EXAMPLE_PROJECT, JOB_TEMPLATE, with_sites
 from tests.docker_support import BASE_IMAGE, Engine, ensure_wheels
 
@@ -112,8 +113,14 @@ def test_study_runs_from_docker_sh(docker_study: DockerStudy) -> None:
     ds.timings["server: docker.sh to listening"] = time.monotonic() - t0
 
     t0 = time.monotonic()
+    # site-2's host has no Python: its kit is checked in a throw-away container, and its first start (no
+    # local/ca.sha256 yet) pins the study CA inside its own container (the throw-away one sees the kit read-only)
+    (study.kits["site-2"] / CA_PIN_PATH).unlink()
     for site in SITES:
+        host_python = ds.env["FEDKIT_PYTHON"]
+        ds.env["FEDKIT_PYTHON"] = "/nonexistent/python3" if site == "site-2" else host_python
         started = ds.docker_sh(site)
+        ds.env["FEDKIT_PYTHON"] = host_python
         assert started.returncode == 0, started.stderr[-3000:]
         ds.timings[f"sites: {site}'s docker.sh returned"] = time.monotonic() - t0
     server_log = study.kits[study.server] / "workspace" / "log.txt"
@@ -121,6 +128,8 @@ def test_study_runs_from_docker_sh(docker_study: DockerStudy) -> None:
                "both sites registered in the server log", interval_s=0.5)
     ds.timings["sites: first docker.sh to both registered (server log)"] = time.monotonic() - t0
     wait_until(lambda: ds.online_sites() == set(SITES), BUILD_TIMEOUT_S, "both sites online", interval_s=1.0)
+    pins = {site: (study.kits[site] / CA_PIN_PATH).read_text().strip() for site in SITES}
+    assert pins["site-2"] == pins["site-1"], "site-2's first start pinned the study CA in its own container"
 
     # the site runs as the kit's owner, with the engine's socket and FEDKIT_IN_DOCKER for job sandboxes
     inspected = json.loads(ds.engine.docker("container", "inspect", ds.container("site-1")).stdout)[0]

@@ -139,9 +139,10 @@ def test_a_malformed_pin_gets_advice_on_that_file_not_to_unzip_again(stub_kit: P
     assert done.returncode == 1
     assert "stub client started" not in done.stdout
     first, last = done.stderr.splitlines()
-    assert first.startswith(f"{stub_kit.resolve() / PIN}: not a SHA-256 fingerprint; ")
+    assert first.startswith(f"{stub_kit.resolve() / PIN}: not a SHA-256 fingerprint; write the study CA's "
+                            "fingerprint from lead IT there (64 hex digits")
     assert last.startswith(f"{script}: refusing to start: the study CA check against local/ca.sha256 failed ")
-    assert "must hold one line, the study CA's SHA-256 fingerprint as lead IT gave it (64 hex digits" in last
+    assert "unzipping the kit again leaves that file as it is" in last
     assert "unzip the kit you were sent" not in done.stderr and "signed manifest" not in done.stderr
     assert (stub_kit / PIN).read_text() == "AB:CD\n"  # left for site IT to fix, never overwritten
 
