@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -203,9 +204,15 @@ def simulate_command(job_dir: Path, sites: int | None, data_roots: list[Path], d
         raise ConfigError(f"{job_dir}: no {CUSTOM_DIR}/ folder with the learner's code")
     if (out / JOB_ID).exists():
         raise ConfigError(f"--out {out}: already holds a simulation ({out / JOB_ID}); give a new folder or delete it")
+    made_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    data = site_data(sites, data_roots, demo_data, out)
-    check_sites(spec, list(data))
+    try:
+        data = site_data(sites, data_roots, demo_data, out)  # demo data is written under OUT/data
+        check_sites(spec, list(data))
+    except ConfigError:
+        if made_out:  # bad input leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     n_proc, threads = pool_shape(len(data), processes) if processes != 0 else (0, 0)
     console.print(f"simulating job '{spec.meta.name}' on {len(data)} virtual sites, "
                   + (f"{n_proc} worker processes x {threads} threads" if n_proc else "in this process"),

@@ -150,10 +150,17 @@ class SiteLocalSettings(_Strict):
 M = TypeVar("M", bound=BaseModel)
 
 
+MAX_PROBLEMS_SHOWN = 10  # a settings error names every problem on its one line, up to this many
+
+
 def _format_validation_error(path: Path, err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    return f"{path}: field '{where}': {first['msg']}"
+    """One line naming every problem (field and message): site IT fixes them all in one pass."""
+    problems = list(dict.fromkeys(f"field '{'.'.join(str(p) for p in e['loc']) or '(top level)'}': {e['msg']}"
+                                  for e in err.errors()))
+    if len(problems) == 1:
+        return f"{path}: {problems[0]}"
+    more = f"; and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+    return f"{path}: {len(problems)} problems: {'; '.join(problems[:MAX_PROBLEMS_SHOWN])}{more}"
 
 
 def load_model(path: Path, model: type[M]) -> M:

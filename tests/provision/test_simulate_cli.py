@@ -56,6 +56,7 @@ def test_pool_and_in_process_give_the_same_study(tmp_path: Path) -> None:
 def test_bad_input_gets_one_line(tmp_path: Path) -> None:
     code, output = _simulate(tmp_path / "a", "--sites", "1", "--demo-data")
     assert code == 2 and "min_clients: 2 but only 1 virtual sites" in output and len(output.splitlines()) == 1
+    assert not (tmp_path / "a").exists(), "bad input left its --out folder (with the demo data) behind"
     code, output = _simulate(tmp_path / "b", "--demo-data")
     assert code == 2 and "no sites: give --data-roots" in output
     code, output = _simulate(tmp_path / "c", "--data-roots", str(tmp_path / "nowhere"))
