@@ -1,8 +1,9 @@
 """The global model the soak must end with, computed without the server: from the recorded participants
 of each round (the job's metrics: `sites` and `n_samples` of every `round` entry) and the learner's own
-(site, round) -> delta function, with the same IEEE operations as FedAvg (float64 weighted sum, one
-division, cast to float32, float32 step). The deltas are small integers and n_samples integers, so the
-sum is exact in any order and the result is bit-exact, not approximately equal."""
+(site, round) -> delta function, with the same IEEE operations as FedAvg: a weighted sum, one division,
+a float32 step. The deltas are small integers and n_samples integers, so the sum is exact in any order in
+FedAvg's float32 and in float64 here, and one division of exact values rounds to the same float32 either
+way (float64 carries more than twice float32's digits): the result is bit-exact, not approximately equal."""
 
 from __future__ import annotations
 
