@@ -11,7 +11,8 @@ into them and rejects unknown names or arguments with a one-line error.
 
 Every float tensor is filtered, float16 and bfloat16 included (a tensor a filter skipped would leave the
 site unprotected); the arithmetic runs in float32 or better (`weights.wide_dtype`) and the result is
-rounded once back to the tensor's dtype. Integer buffers pass through.
+rounded once back to the tensor's dtype. Integer buffers pass through the filters themselves; the site's
+privacy step (runtime.client.outgoing) sends them blank under any chain that changes values.
 """
 
 from __future__ import annotations

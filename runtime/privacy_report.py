@@ -9,8 +9,14 @@ bounded (entries, string lengths, total size): a site cannot park arbitrary data
      "chain": [{"name": "exclude_vars", "args": {"pattern": "^2\\\\.bias$"}, "source": "site"},
                {"name": "gaussian_dp", "args": {"clip_norm": 1.0, "noise_multiplier": 1.0}, "source": "site"}],
      "excluded": ["2.bias"], "n_excluded": 1, "payload_sha256": "<sha256 of exactly the bytes sent>",
+     "zeroed": ["1.num_batches_tracked"], "n_zeroed": 1,
      "dp": {"epsilon_round": 4.73, "epsilon_total": 10.2, "delta": 1e-05, "noise_multiplier": 1.0,
             "sampling_rate": 1.0, "releases": 3}}
+
+`zeroed` lists the tensors a chain that changes values (anything beyond exclude_vars) could not filter,
+because they are not floating point (integer or bool buffers, such as BatchNorm's num_batches_tracked):
+they leave blank, as the last global model's value for submit_model and as zeros otherwise, so no data a
+job parks in them leaves the site. Absent when there were none.
 
 `dp` is present when the upload went through gaussian_dp: the epsilon of this release alone and of all
 this job's releases from this site so far (runtime.client.dp_ledger), at `delta`, from the RDP accountant
@@ -82,6 +88,11 @@ class PrivacyReport(_Strict):
     excluded: list[ShortText] = Field(default_factory=list, max_length=MAX_EXCLUDED_LISTED,
                                       description="names of tensors that did not leave (the first 64)")
     n_excluded: int = Field(0, ge=0)
+    # tensors the chain cannot filter (not floating point) that left as zeros or the last global's value;
+    # absent when none did, so a report without any stays readable by servers that predate these fields
+    zeroed: list[ShortText] | None = Field(None, max_length=MAX_EXCLUDED_LISTED,
+                                           description="names of tensors sent blank (the first 64)")
+    n_zeroed: int | None = Field(None, ge=1)
     payload_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     dp: DpSpend | None = None
 
@@ -110,4 +121,5 @@ def describe_chain(report: dict[str, Any], with_target: bool = True) -> str:
         steps.append(f"{step['name']}({args}){mark}")
     text = " -> ".join(steps) or "no filters"
     target = f"; on {report.get('applied_to', '?')}" if with_target else ""
-    return text + target + ("; raised by site" if report.get("raised") else "")
+    blank = f"; {report['n_zeroed']} non-float tensor(s) sent blank" if report.get("n_zeroed") else ""
+    return text + target + blank + ("; raised by site" if report.get("raised") else "")

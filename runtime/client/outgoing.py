@@ -60,6 +60,9 @@ def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, r
         and reference_path is not None and reference_path.exists() else None
     applied_to: AppliedTo = "delta" if RESULT_WEIGHTS[task] == "delta" else "whole_model" if reference is None \
         else "model_minus_last_global"
+    # the filters change float tensors only: under a chain that changes values, anything else (integer or
+    # bool buffers, where a job could park raw data) leaves carrying nothing the site computed
+    raw, zeroed = _blank_unfilterable(raw, reference) if changes_values else (raw, [])
     subject = raw if reference is None else _minus(raw, reference)
     filtered = apply_filters(subject, chain.build(), rng)
     sent = filtered if reference is None else _plus(filtered, reference)
@@ -72,9 +75,11 @@ def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, r
     tmp.write_bytes(data)
     tmp.replace(out_path)
     excluded = sorted(set(raw) - set(sent))
+    zeroed = sorted(set(zeroed) & set(sent))  # an excluded tensor did not leave at all
     return PrivacyReport(task=task, applied_to=applied_to, on_weaker_job=chain.on_weaker_job,
                          raised=chain.is_raised, chain=list(chain.steps), excluded=excluded[:MAX_EXCLUDED_LISTED],
-                         n_excluded=len(excluded), payload_sha256=hashlib.sha256(data).hexdigest(), dp=dp)
+                         n_excluded=len(excluded), payload_sha256=hashlib.sha256(data).hexdigest(), dp=dp,
+                         zeroed=zeroed[:MAX_EXCLUDED_LISTED] or None, n_zeroed=len(zeroed) or None)
 
 
 def _unfiltered(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain) -> PrivacyReport:
@@ -89,6 +94,25 @@ def _unfiltered(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChai
         shutil.copyfile(raw_path, out_path)
     return PrivacyReport(task=task, applied_to="delta" if RESULT_WEIGHTS[task] == "delta" else "whole_model",
                          on_weaker_job=chain.on_weaker_job, raised=False, payload_sha256=digest.hexdigest())
+
+
+def _blank_unfilterable(model: Weights, reference: Weights | None) -> tuple[Weights, list[str]]:
+    """`model` with every tensor the filters leave alone (not floating point) replaced by what the server
+    already holds: the last global model's value when `reference` has it (same shape and dtype), else
+    zeros. Returns the names replaced."""
+    import numpy as np
+
+    out: Weights = {}
+    replaced: list[str] = []
+    for name, value in model.items():
+        if _is_float(value) or value.size == 0:
+            out[name] = value
+            continue
+        known = reference.get(name) if reference is not None else None
+        same = known is not None and known.shape == value.shape and known.dtype == value.dtype
+        out[name] = known if same else np.zeros_like(value)
+        replaced.append(name)
+    return out, replaced
 
 
 def _is_float(a: np.ndarray) -> bool:

@@ -13,6 +13,7 @@ from runtime.client.dp_ledger import DpLedger
 from runtime.client.outgoing import prepare
 from runtime.client.privacy_policy import PrivacyPolicy
 from runtime.job_spec import FilterConfig
+from runtime.privacy_report import describe_chain
 from runtime.weights import load_file, save_file
 
 DP = {"gaussian_dp": {"noise_multiplier": 0.5, "clip_norm": 1.0}}
@@ -55,7 +56,40 @@ def test_delta_is_clipped_and_noised(files: dict[str, Path]) -> None:
     assert report.applied_to == "delta"
     for name in ("0.weight", "0.bias", "2.bias"):
         assert not np.allclose(sent[name], raw[name])
-    np.testing.assert_array_equal(sent["steps"], raw["steps"])  # integer buffers pass through
+    # an integer buffer cannot be clipped or noised: it leaves blank (a zero delta), not as the job wrote it
+    np.testing.assert_array_equal(sent["steps"], np.zeros(1, dtype=np.int64))
+    assert report.zeroed == ["steps"] and report.n_zeroed == 1
+
+
+@pytest.mark.parametrize("filters", [{**DP}, {"percentile": {"fraction": 0.5}}], ids=["gaussian_dp", "percentile"])
+def test_data_parked_in_an_integer_tensor_never_leaves_under_a_chain_that_changes_values(
+        files: dict[str, Path], filters: dict) -> None:
+    """A hostile learner writes a patient's record into an int64 buffer: the site's DP (or any value-changing
+    floor) cannot filter it, so it leaves as what the server already holds, never as written."""
+    record = np.array([2161, 2228, 14440, 140700, 1167], dtype=np.int64)
+    leaky = {**model(1), "leak.buf": record, "flags": np.array([True, False])}
+    save_file(leaky, files["raw"])
+    save_file({**model(2), "leak.buf": np.arange(5, dtype=np.int64), "flags": np.array([False, False])}, files["ref"])
+    chain = PrivacyPolicy(**filters).chain_for("j", []) if "gaussian_dp" in filters else \
+        PrivacyPolicy().chain_for("j", [FilterConfig(name="percentile", args=filters["percentile"])])
+
+    for task, expected in (("train", np.zeros(5, np.int64)), ("init", np.zeros(5, np.int64)),
+                           ("submit_model", np.arange(5, dtype=np.int64))):  # the last global's value
+        report = prepare(task, files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"],
+                         ledger=ledger(files))
+        sent = load_file(files["out"])
+        np.testing.assert_array_equal(sent["leak.buf"], expected, err_msg=task)
+        assert not sent["flags"][0], task
+        assert report.zeroed == ["flags", "leak.buf", "steps"] and report.n_zeroed == 3, task
+        assert "3 non-float tensor(s) sent blank" in describe_chain(report.model_dump(mode="json", exclude_none=True))
+
+
+def test_exclusions_alone_send_integer_tensors_as_they_are(files: dict[str, Path]) -> None:
+    """exclude_vars changes no value: what it lets through leaves bit for bit, and nothing is reported blank."""
+    chain = PrivacyPolicy(exclude_vars=["^2\\.bias$"]).chain_for("j", [])
+    report = prepare("train", files["raw"], files["out"], chain, np.random.default_rng(0), ledger=ledger(files))
+    np.testing.assert_array_equal(load_file(files["out"])["steps"], load_file(files["raw"])["steps"])
+    assert report.zeroed is None and "zeroed" not in report.model_dump(mode="json", exclude_none=True)
 
 
 def test_local_model_is_last_global_plus_a_filtered_delta(files: dict[str, Path]) -> None:
