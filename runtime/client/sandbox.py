@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import JobRejected
+from .worker_log import CappedLog, pump
 
 if TYPE_CHECKING:
     from ..audit import AuditLog
@@ -127,11 +128,11 @@ class OffSandbox(Sandbox):
         return None
 
     async def start(self, launch: WorkerLaunch) -> WorkerProcess:
-        with launch.log_path.open("ab") as log_file:
-            return await asyncio.create_subprocess_exec(
-                *launch.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
-                cwd=str(launch.cwd), env=dict(launch.env), limit=WORKER_LINE_LIMIT_BYTES,
-                start_new_session=True)
+        proc = await asyncio.create_subprocess_exec(
+            *launch.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, cwd=str(launch.cwd), env=dict(launch.env),
+            limit=WORKER_LINE_LIMIT_BYTES, start_new_session=True)
+        return LoggedProcess(proc, launch.log_path)
 
     def kill(self, proc: WorkerProcess) -> None:
         if proc.returncode is None:
@@ -142,6 +143,25 @@ class OffSandbox(Sandbox):
 
     def describe_limits(self, limits: SandboxLimits) -> dict[str, str]:
         return {"cpus": "not enforced", "memory": "not enforced", "pids": "not enforced"}
+
+
+class LoggedProcess:
+    """A worker process whose stderr (a pipe) is copied into its bounded log (runtime.client.worker_log)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path):
+        self._proc = proc
+        self.pid = proc.pid
+        self.stdin = proc.stdin
+        self.stdout = proc.stdout
+        assert proc.stderr is not None
+        self.log_pump = asyncio.create_task(pump(proc.stderr, CappedLog(log_path)), name=f"worker-log-{proc.pid}")
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    async def wait(self) -> int:
+        return await self._proc.wait()
 
 
 # the longest reply line the daemon reads from a worker (a reply is a few metrics, never weights)

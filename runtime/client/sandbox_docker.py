@@ -25,10 +25,11 @@ import os
 import socket
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from ..kit_config import SandboxSettings
 from .sandbox import Sandbox, SandboxUnavailable, WorkerLaunch
+from .worker_log import CappedLog
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ class DockerSandbox(Sandbox):
         exit_task = asyncio.create_task(asyncio.to_thread(exit_status))
         try:
             reader, writer = await asyncio.open_connection(sock=sock, limit=LINE_LIMIT_BYTES)
-            log_file = launch.log_path.open("ab")
+            log_file = CappedLog(launch.log_path)  # the job's stderr, bounded (runtime.client.worker_log)
         except Exception:
             sock.close()
             await asyncio.to_thread(remove)
@@ -357,7 +358,7 @@ class DockerSandbox(Sandbox):
         return DockerWorker(container_id, pid, _Stdin(writer), stdout, exit_task, pump_task, remove)
 
     @staticmethod
-    async def _pump(reader: asyncio.StreamReader, stdout: _LineReader, log_file: BinaryIO) -> None:
+    async def _pump(reader: asyncio.StreamReader, stdout: _LineReader, log_file: CappedLog) -> None:
         """Split Docker's multiplexed stream: stdout frames to the daemon, stderr frames to the log file."""
         try:
             while True:
@@ -372,8 +373,7 @@ class DockerSandbox(Sandbox):
             pass
         finally:
             stdout.feed_eof()
-            with contextlib.suppress(OSError):
-                log_file.close()
+            log_file.close()
 
     def describe_limits(self, limits: Any) -> dict[str, str]:
         """What the engine enforces of `limits` (for the site's audit): all of it, through the cgroups it

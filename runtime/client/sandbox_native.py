@@ -38,6 +38,7 @@ from . import cgroups
 from .sandbox import (
     FIX_HINT,
     WORKER_LINE_LIMIT_BYTES,
+    LoggedProcess,
     Sandbox,
     SandboxLimits,
     SandboxUnavailable,
@@ -135,18 +136,17 @@ class NativeSandbox(Sandbox):
             if enter:
                 argv = [sys.executable, "-I", str(ENTER_SCRIPT), *enter, "--", *argv]
             env = {**launch.env, "HOME": str(launch.cwd), "USER": "nobody", "LOGNAME": "nobody", "TMPDIR": "/tmp"}
-            with launch.log_path.open("ab") as log_file:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
-                    cwd="/", env=env, limit=WORKER_LINE_LIMIT_BYTES, pass_fds=data_fds,
-                    start_new_session=True)
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, cwd="/", env=env, limit=WORKER_LINE_LIMIT_BYTES,
+                pass_fds=data_fds, start_new_session=True)
         except BaseException:
             await asyncio.to_thread(groups.remove)
             raise
         finally:
             for fd in data_fds:
                 os.close(fd)
-        return _SandboxedProcess(proc, groups)
+        return _SandboxedProcess(proc, groups, launch.log_path)
 
     def kill(self, proc: WorkerProcess) -> None:
         """SIGKILL bwrap: --die-with-parent kills the namespace's init, and the kernel then kills every
@@ -202,23 +202,16 @@ class NativeSandbox(Sandbox):
         return args
 
 
-class _SandboxedProcess:
+class _SandboxedProcess(LoggedProcess):
     """The bwrap process as the daemon sees it; once it has exited, the job's cgroups are emptied and removed."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, groups: cgroups.WorkerCgroups):
-        self._proc = proc
+    def __init__(self, proc: asyncio.subprocess.Process, groups: cgroups.WorkerCgroups, log_path: Path):
+        super().__init__(proc, log_path)
         self.groups = groups
-        self.pid = proc.pid
-        self.stdin = proc.stdin
-        self.stdout = proc.stdout
         self._cleaned = False
 
-    @property
-    def returncode(self) -> int | None:
-        return self._proc.returncode
-
     async def wait(self) -> int:
-        code = await self._proc.wait()
+        code = await super().wait()
         if not self._cleaned:
             self._cleaned = True
             await asyncio.to_thread(self.groups.remove)
