@@ -12,6 +12,13 @@ a gaussian_dp release that would take a job's total epsilon on this site past it
 (runtime.client.dp_ledger), and a job whose uploads would not be differentially private at all (no
 gaussian_dp, or one without noise) is refused before any of its code runs.
 
+A gaussian_dp `sampling_rate` is the job's claim, which this site cannot check, and a smaller one makes
+every release look cheaper. So a site with a dp_budget or a gaussian_dp floor never accounts a sampling rate
+below its own floor's `sampling_rate`, or 1.0 (no amplification credited) where the floor sets none: a
+job claiming less is raised to it (or refused under `on_weaker_job: refuse`), a job claiming more keeps
+its claim. The rate changes nothing in what is sent, only the epsilon accounted. A site with neither
+leaves the job's claim as the job's own.
+
 Never imports torch; never reads the job's code. runtime.filters (NumPy) is imported when a job's chain is
 built, not when the daemon starts: an idle site does not hold NumPy.
 """
@@ -47,8 +54,8 @@ class GaussianDpFloor(_Strict):
     clip_norm: float = Field(gt=0, description="at most this L2 norm of what is sent, before the noise")
     delta: float | None = Field(None, gt=0, lt=1, description="epsilon is reported at this delta or a smaller one")
     sampling_rate: float | None = Field(None, gt=0, le=1, description="the accounting assumes at least this "
-                                        "sampling rate (1.0: credit no amplification by the job's sampling, "
-                                        "which this site cannot check)")
+                                        "sampling rate; unset: 1.0, crediting no amplification by the job's "
+                                        "sampling, which this site cannot check")
 
 
 class DpBudget(_Strict):
@@ -124,8 +131,8 @@ class PrivacyPolicy(_Strict):
             if self.on_weaker_job == "refuse":
                 raise JobRejected(f"site privacy policy refuses job {job_id}: it asks for no {name}; this site "
                                   f"requires {_floor_text(name, floor)} (local/privacy.yml on_weaker_job: refuse)")
-            steps.append(FilterStep(name=name, args={**_defaults(name), **floor.model_dump(exclude_none=True)},
-                                    source="site"))
+            added, _ = self._raise(name, {**_defaults(name), **floor.model_dump(exclude_none=True)})  # the floor
+            steps.append(FilterStep(name=name, args=added, source="site"))  # and the accounted sampling rate
         chain = EffectiveChain(tuple(steps), self.on_weaker_job, self.dp_budget)
         if self.dp_budget is not None and not chain.is_differentially_private:
             raise JobRejected(f"site privacy policy refuses job {job_id}: this site has a DP budget (epsilon "
@@ -134,13 +141,22 @@ class PrivacyPolicy(_Strict):
                               "noise_multiplier > 0 (or site IT a gaussian_dp floor in local/privacy.yml)")
         return chain
 
+    @property
+    def accounted_sampling_rate(self) -> float:
+        """The smallest gaussian_dp sampling rate this site accounts when it has a dp_budget or a gaussian_dp
+        floor: the floor's own, else 1.0. The job's rate is its claim, which this site cannot check; a smaller
+        one would make each release look cheaper against this site's budget and in its report."""
+        if self.gaussian_dp is not None and self.gaussian_dp.sampling_rate is not None:
+            return self.gaussian_dp.sampling_rate
+        return 1.0
+
     def _raise(self, name: str, args: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """`args` lifted to this site's floor for filter `name`, and what was weaker (empty: nothing)."""
         out, reasons = dict(args), []
 
-        def at_least(key: str, floor: float) -> None:
+        def at_least(key: str, floor: float, why: str = "") -> None:
             if float(out[key]) < floor:
-                reasons.append(f"{name} {key}={out[key]:g} is below this site's minimum {floor:g}")
+                reasons.append(f"{name} {key}={out[key]:g} is below this site's minimum {floor:g}{why}")
                 out[key] = floor
 
         def at_most(key: str, ceiling: float) -> None:
@@ -148,13 +164,16 @@ class PrivacyPolicy(_Strict):
                 reasons.append(f"{name} {key}={out[key]:g} is above this site's maximum {ceiling:g}")
                 out[key] = ceiling
 
-        if name == "gaussian_dp" and self.gaussian_dp is not None:
-            at_least("noise_multiplier", self.gaussian_dp.noise_multiplier)
-            at_most("clip_norm", self.gaussian_dp.clip_norm)
-            if self.gaussian_dp.delta is not None:
-                at_most("delta", self.gaussian_dp.delta)
-            if self.gaussian_dp.sampling_rate is not None:
-                at_least("sampling_rate", self.gaussian_dp.sampling_rate)
+        if name == "gaussian_dp" and (self.gaussian_dp is not None or self.dp_budget is not None):
+            if self.gaussian_dp is not None:
+                at_least("noise_multiplier", self.gaussian_dp.noise_multiplier)
+                at_most("clip_norm", self.gaussian_dp.clip_norm)
+                if self.gaussian_dp.delta is not None:
+                    at_most("delta", self.gaussian_dp.delta)
+            implicit = self.gaussian_dp is None or self.gaussian_dp.sampling_rate is None
+            at_least("sampling_rate", self.accounted_sampling_rate,
+                     " (this site credits no amplification by a job's sampling, which it cannot check; site IT "
+                     "may allow some with gaussian_dp.sampling_rate in local/privacy.yml)" if implicit else "")
         elif name == "percentile" and self.percentile is not None:
             at_most("fraction", self.percentile.fraction)
         elif name == "svt" and self.svt is not None:
