@@ -93,6 +93,8 @@ class PrivacyReport(_Strict):
     zeroed: list[ShortText] | None = Field(None, max_length=MAX_EXCLUDED_LISTED,
                                            description="names of tensors sent blank (the first 64)")
     n_zeroed: int | None = Field(None, ge=1)
+    # why the site raised the chain, one line per change (absent when it raised nothing, as for zeroed)
+    raised_because: list[ShortText] | None = Field(None, max_length=MAX_CHAIN_STEPS)
     payload_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     dp: DpSpend | None = None
 
@@ -122,4 +124,5 @@ def describe_chain(report: dict[str, Any], with_target: bool = True) -> str:
     text = " -> ".join(steps) or "no filters"
     target = f"; on {report.get('applied_to', '?')}" if with_target else ""
     blank = f"; {report['n_zeroed']} non-float tensor(s) sent blank" if report.get("n_zeroed") else ""
-    return text + target + blank + ("; raised by site" if report.get("raised") else "")
+    why = f" ({'; '.join(report['raised_because'])})" if report.get("raised_because") else ""
+    return text + target + blank + (f"; raised by site{why}" if report.get("raised") else "")

@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..privacy_report import MAX_EXCLUDED_LISTED, AppliedTo, PrivacyReport
+from ..privacy_report import MAX_CHAIN_STEPS, MAX_EXCLUDED_LISTED, AppliedTo, PrivacyReport
 from ..tasks import RESULT_WEIGHTS, TaskKind
 from .dp_ledger import DpLedger
 from .privacy_policy import EffectiveChain
@@ -79,7 +79,8 @@ def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, r
     return PrivacyReport(task=task, applied_to=applied_to, on_weaker_job=chain.on_weaker_job,
                          raised=chain.is_raised, chain=list(chain.steps), excluded=excluded[:MAX_EXCLUDED_LISTED],
                          n_excluded=len(excluded), payload_sha256=hashlib.sha256(data).hexdigest(), dp=dp,
-                         zeroed=zeroed[:MAX_EXCLUDED_LISTED] or None, n_zeroed=len(zeroed) or None)
+                         zeroed=zeroed[:MAX_EXCLUDED_LISTED] or None, n_zeroed=len(zeroed) or None,
+                         raised_because=list(chain.raised_because[:MAX_CHAIN_STEPS]) or None)
 
 
 def _unfiltered(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain) -> PrivacyReport:

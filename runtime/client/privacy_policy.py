@@ -111,6 +111,7 @@ class PrivacyPolicy(_Strict):
             build_filters(job_filters)  # unknown names and bad arguments fail here, with their own line
         steps = [FilterStep(name="exclude_vars", args={"pattern": p}, source="site") for p in self.exclude_vars]
         present: set[str] = set()
+        why: list[str] = []  # what the site raised, and why: it travels with every report of this job
         for entry in job_filters:
             args = {**_defaults(entry.name), **entry.args}
             if entry.name == "gaussian_dp":  # all numbers (checked above), though YAML may have read 1e-5 as text
@@ -120,6 +121,7 @@ class PrivacyPolicy(_Strict):
             if reasons and self.on_weaker_job == "refuse":
                 raise JobRejected(f"site privacy policy refuses job {job_id}: {'; '.join(reasons)} "
                                   "(local/privacy.yml on_weaker_job: refuse)")
+            why += reasons
             try:
                 steps.append(FilterStep(name=entry.name, args=stronger, source="raised" if reasons else "job"))
             except ValidationError:
@@ -133,7 +135,8 @@ class PrivacyPolicy(_Strict):
                                   f"requires {_floor_text(name, floor)} (local/privacy.yml on_weaker_job: refuse)")
             added, _ = self._raise(name, {**_defaults(name), **floor.model_dump(exclude_none=True)})  # the floor
             steps.append(FilterStep(name=name, args=added, source="site"))  # and the accounted sampling rate
-        chain = EffectiveChain(tuple(steps), self.on_weaker_job, self.dp_budget)
+            why.append(f"the job asks for no {name}; this site requires {_floor_text(name, floor)}")
+        chain = EffectiveChain(tuple(steps), self.on_weaker_job, self.dp_budget, tuple(why))
         if self.dp_budget is not None and not chain.is_differentially_private:
             raise JobRejected(f"site privacy policy refuses job {job_id}: this site has a DP budget (epsilon "
                               f"{self.dp_budget.epsilon:g} at delta {self.dp_budget.delta:g}) and the job's uploads "
@@ -189,6 +192,7 @@ class EffectiveChain:
     steps: tuple[FilterStep, ...]
     on_weaker_job: Literal["raise", "refuse"]
     dp_budget: DpBudget | None = None
+    raised_because: tuple[str, ...] = ()  # one line per thing the site made stronger or added, saying why
 
     @property
     def is_raised(self) -> bool:

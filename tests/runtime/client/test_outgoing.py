@@ -136,3 +136,24 @@ def test_no_filters_send_the_weights_bit_for_bit(files: dict[str, Path]) -> None
     assert report.chain == [] and not report.raised and report.applied_to == "whole_model"
     for name in raw:
         np.testing.assert_array_equal(sent[name], raw[name])
+
+
+def test_the_report_says_why_the_site_raised_the_chain(files: dict[str, Path]) -> None:
+    """show_job's 'raised by site' comes with the site's reasons: what was below its minimum, what was missing."""
+    policy = PrivacyPolicy(gaussian_dp={"noise_multiplier": 1.0, "clip_norm": 1.0}, percentile={"fraction": 0.5})
+    chain = policy.chain_for("j", [FilterConfig(name="gaussian_dp", args={"noise_multiplier": 0.5, "clip_norm": 1.0})])
+    report = prepare("train", files["raw"], files["out"], chain, np.random.default_rng(0), ledger=ledger(files))
+
+    assert report.raised_because == [
+        "gaussian_dp noise_multiplier=0.5 is below this site's minimum 1",
+        "the job asks for no percentile; this site requires percentile with fraction <= 0.5"]
+    line = describe_chain(report.model_dump(mode="json", exclude_none=True))
+    assert line.endswith("; raised by site (gaussian_dp noise_multiplier=0.5 is below this site's minimum 1; "
+                         "the job asks for no percentile; this site requires percentile with fraction <= 0.5)")
+
+
+def test_a_chain_the_site_did_not_raise_gives_no_reasons(files: dict[str, Path]) -> None:
+    chain = PrivacyPolicy().chain_for("j", [FilterConfig(name="percentile", args={"fraction": 0.5})])
+    report = prepare("train", files["raw"], files["out"], chain, np.random.default_rng(0), ledger=ledger(files))
+
+    assert report.raised_because is None and not report.raised
