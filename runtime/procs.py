@@ -43,12 +43,19 @@ def workspace(kit: Path) -> Path:
     return ws
 
 
+# `log.error(..., extra=FILE_ONLY)`: a line for the workspace log only, not stderr, for a message the process
+# prints to stderr itself in its own words (a start that fails: one line there, as the CLI promises)
+FILE_ONLY = {"file_only": True}
+
+
 def setup_logging(log_path: Path, debug: bool = False) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for handler in (logging.FileHandler(log_path), logging.StreamHandler(sys.stderr)):
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.addFilter(lambda record: not getattr(record, "file_only", False))
+    for handler in (logging.FileHandler(log_path), stderr):
         handler.setFormatter(fmt)
         root.addHandler(handler)
 

@@ -20,6 +20,7 @@ from ..audit import AuditLog  # noqa: E402
 from ..certs import check_validity  # noqa: E402
 from ..errors import FedkitError  # noqa: E402
 from ..procs import (  # noqa: E402
+    FILE_ONLY,
     LOG_FILE,
     private_umask,
     setup_logging,
@@ -39,16 +40,25 @@ log = logging.getLogger("fedkit.client")
 async def run(kit: Path, debug: bool, once: bool = False) -> bool:
     """Run the site daemon until stopped; True when the server asked for a restart."""
     startup, local = kit / kc.STARTUP, kit / kc.LOCAL
-    cfg = kc.load_model(startup / kc.CLIENT_CONFIG, kc.ClientKitConfig)
-    settings = kc.load_optional(local / "site.yml", kc.SiteLocalSettings)
-    policy = JobPolicy.load(local / "job_policy.yml")
-    privacy = PrivacyPolicy.load(local / PRIVACY_FILE)
+    if not startup.is_dir():  # no kit here (a wrong --kit): no workspace to create, the loader says what is missing
+        kc.load_model(startup / kc.CLIENT_CONFIG, kc.ClientKitConfig)
+    # logging first: a site restarted from the admin console (restart client) starts again through start.sh
+    # (a new process, this same path), where nobody reads stderr; why it cannot start must be in
+    # workspace/log.txt, for site IT and, once the site runs again, for tail_log
     ws = workspace(kit)
     setup_logging(ws / LOG_FILE, debug)
-    tune_malloc()
-    tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
-    tls.read()  # a missing, unreadable or group/world-readable key stops the start here, with the fix
-    check_validity(tls.own_certificate(), str(startup / cfg.cert))
+    try:
+        cfg = kc.load_model(startup / kc.CLIENT_CONFIG, kc.ClientKitConfig)
+        settings = kc.load_optional(local / "site.yml", kc.SiteLocalSettings)
+        policy = JobPolicy.load(local / "job_policy.yml")
+        privacy = PrivacyPolicy.load(local / PRIVACY_FILE)
+        tune_malloc()
+        tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
+        tls.read()  # a missing, unreadable or group/world-readable key stops the start here, with the fix
+        check_validity(tls.own_certificate(), str(startup / cfg.cert))
+    except FedkitError as e:  # main() prints it to stderr, as its one line: here it goes to the log file only
+        log.error("site cannot start: %s", e, extra=FILE_ONLY)
+        raise
     write_pid(ws)
     audit = AuditLog(ws / "audit.jsonl")
     audit.append("client_started", site=cfg.name, org=cfg.org, privacy_floor=privacy.model_dump(mode="json"),

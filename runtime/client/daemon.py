@@ -135,6 +135,9 @@ class ClientDaemon:
         self._rng: Any = None  # NumPy's Generator for the privacy chain: made when a chain first has steps
         self._once = once  # --once: give up instead of retrying for ever when the server cannot be reached
         self._registered_once = False
+        # (job, reason) of each job this site's policy refused, audited once (job_refused): the server
+        # keeps tasking a refusing site every round of the job, and each task is refused again
+        self._refused: set[tuple[str, str]] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -352,9 +355,14 @@ class ClientDaemon:
             kind = _task_kind(h.task_name)
             client_cfg = ClientJobConfig.model_validate(task.config.client)
             keep_updates = client_cfg.keep_updates
+            config = task.config.model_dump(mode="json")
             # a refusal comes before any job code; in a thread: the first chain with filters imports NumPy
-            chain = await asyncio.to_thread(self._privacy.chain_for, h.job_id, client_cfg.filters)
-            await self._ensure_job(h, task.config.model_dump(mode="json"), job_dir, client_cfg)
+            try:
+                chain = await asyncio.to_thread(self._privacy.chain_for, h.job_id, client_cfg.filters)
+            except JobRejected as e:  # local/privacy.yml: a floor under `on_weaker_job: refuse`, or a dp_budget
+                self._job_refused(h, config, "privacy", e)
+                raise
+            await self._ensure_job(h, config, job_dir, client_cfg)
             if kind is TaskKind.PREPARE:  # the job's worker is running for its first real task: no answer
                 return
             n_samples, metrics, payload = await self._execute(h, kind, task, round_dir, client_cfg, chain)
@@ -365,7 +373,7 @@ class ClientDaemon:
             log.error("job %s %s round %d failed: %s", h.job_id, h.task_name, h.round, e)
             self._audit.append("task_failed", job_id=h.job_id, task=h.task_name, round=h.round, reason=str(e))
             if h.task_name != TaskKind.PREPARE:  # a prepare is never answered: the job's first task says it
-                await self._submit(h, 0, {}, None, error=str(e))
+                await self._report_failure(h, str(e))
         finally:
             if not keep_updates:
                 shutil.rmtree(round_dir, ignore_errors=True)
@@ -377,7 +385,11 @@ class ClientDaemon:
             return
         await self._stop_worker()
         submitter = config.get("submitter", {})
-        self._policy.check(h.job_id, submitter)  # raises JobRejected with the site's reason
+        try:
+            self._policy.check(h.job_id, submitter)  # raises JobRejected with the site's reason
+        except JobRejected as e:  # local/job_policy.yml allowed_orgs / allowed_roles
+            self._job_refused(h, config, "org_role", e)
+            raise
         code_dir = JobFolders(job_dir).code
         if self._policy.requires_code_check:  # extract afresh: what runs must be exactly what was approved
             await asyncio.to_thread(shutil.rmtree, code_dir, True)
@@ -394,14 +406,28 @@ class ClientDaemon:
             code = await asyncio.to_thread(received_code, h.job_id, archive, config, client_cfg)
             try:
                 approval = await asyncio.to_thread(self._approve_code, code)
-            except JobRejected as e:
-                self._audit.append("job_refused", job_id=h.job_id, code_sha256=code.code_sha256, reason=str(e))
+            except JobRejected as e:  # local/job_policy.yml code:
+                self._job_refused(h, config, "code", e, job_sha256=digest, code_sha256=code.code_sha256)
                 raise
             await asyncio.to_thread(safe_extract, archive, code_dir)
             self._audit.append("job_received", job_id=h.job_id, job_name=config.get("job_name", ""),
                                job_sha256=digest, code_sha256=code.code_sha256, code_approval=approval,
                                submitter=submitter)
         self._worker = await self._start_worker(h.job_id, JobFolders(job_dir), client_cfg)
+
+    def _job_refused(self, h: pb.TaskHeader, config: dict[str, Any], rule: str, error: JobRejected,
+                     job_sha256: str = "", code_sha256: str = "") -> None:
+        """Audit that this site's own policy refused a job (`rule`: org_role, code or privacy): who submitted
+        it, its hashes, and the reason; once per job and reason, though the server tasks a refusing site again
+        each round. The archive's hash is the one the server announced unless the site fetched the archive;
+        its code hash is known ("" otherwise) only once the archive was fetched, which only the code rule does."""
+        reason = str(error)
+        if (h.job_id, reason) in self._refused:
+            return
+        self._refused.add((h.job_id, reason))
+        self._audit.append("job_refused", job_id=h.job_id, job_name=config.get("job_name", ""),
+                           submitter=config.get("submitter", {}), job_sha256=job_sha256 or h.job_sha256,
+                           code_sha256=code_sha256, rule=rule, reason=reason)
 
     async def _start_worker(self, job_id: str, folders: JobFolders, client_cfg: ClientJobConfig) -> WorkerHandle:
         """Start the job's worker in this site's sandbox; audit the backend and its limits, or the refusal."""
@@ -528,7 +554,7 @@ class ClientDaemon:
                          logged - started)
 
     async def _submit(self, h: pb.TaskHeader, n_samples: int, metrics: dict[str, Any], payload: Path | None,
-                      error: str = "", steps: Steps | None = None) -> None:
+                      steps: Steps | None = None) -> None:
         """Stream the result from disk; its hash follows as a trailer. The privacy step hashed what it wrote
         (the header carries that hash, and the server checks the bytes it receives against it), so the
         bytes are hashed again here only when no such hash came with them."""
@@ -541,8 +567,8 @@ class ClientDaemon:
         privacy = metrics.get("privacy") or {}
         known = privacy.get("payload_sha256", "")
         header = pb.ResultHeader(session_id=self._session_id, task_id=h.task_id, n_samples=n_samples,
-                                 metrics_json=json.dumps(metrics), payload_bytes=size, error=error,
-                                 lease_id=lease, payload_sha256=known)
+                                 metrics_json=json.dumps(metrics), payload_bytes=size, lease_id=lease,
+                                 payload_sha256=known)
         digest = None if known else hashlib.sha256()
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -566,6 +592,27 @@ class ClientDaemon:
             self._audit.append("update_refused_by_server", job_id=h.job_id, round=h.round, reason=reply.reason)
             log.warning("job %s %s round %d: server refused our result: %s", h.job_id, h.task_name, h.round,
                         reply.reason)
+
+    async def _report_failure(self, h: pb.TaskHeader, reason: str) -> None:
+        """Tell the server this site's task failed, and why: a result header with the error, no weights and
+        no metrics (the server counts it as this site's failure of the round). Audited as what it is, an
+        error report (`error_reported`, with the reason that left the site), never as an update sent."""
+        header = pb.ResultHeader(session_id=self._session_id, task_id=h.task_id, metrics_json="{}", error=reason)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield header_message(header)
+
+        with call_errors("report failure", self._target):
+            reply = await self._bulk.SubmitResult(chunks(), timeout=RPC_TIMEOUT_S)
+        if reply.accepted:
+            self._audit.append("error_reported", job_id=h.job_id, task=h.task_name, round=h.round, reason=reason)
+            log.info("job %s %s round %d: the server took this site's failure report", h.job_id, h.task_name,
+                     h.round)
+        else:
+            self._audit.append("error_report_refused_by_server", job_id=h.job_id, task=h.task_name, round=h.round,
+                               reason=reply.reason)
+            log.warning("job %s %s round %d: server refused this site's failure report: %s", h.job_id,
+                        h.task_name, h.round, reply.reason)
 
     async def _stop_worker(self) -> None:
         if self._worker is not None:

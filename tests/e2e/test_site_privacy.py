@@ -135,8 +135,9 @@ def test_site_policy_filters_every_path_out_of_the_site(make_study, tmp_path):
     assert init["privacy"][builder]["applied_to"] == "whole_model"
     table = study.admin(f"show_job {job_id}", as_json=False).stdout
     assert ("  site-2: exclude_vars(pattern=^2[.]bias$)[site] -> gaussian_dp(clip_norm=1, delta=1e-05, "  # sorted by
-            "noise_multiplier=0.1, sampling_rate=1)[site]; raised by site  [round 1, submit_model]") \
-        in table.splitlines()  # the server's record
+            "noise_multiplier=0.1, sampling_rate=1)[site]; raised by site (the job asks for no gaussian_dp; "
+            "this site requires gaussian_dp with noise_multiplier >= 0.1, clip_norm <= 1)  "
+            "[round 1, submit_model]") in table.splitlines()  # the server's record, with the site's reason
 
 
 def _job_hash(job: Path) -> str:
