@@ -18,7 +18,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from .. import kit_config as kc  # noqa: E402
 from ..audit import AuditLog  # noqa: E402
 from ..certs import check_validity  # noqa: E402
-from ..errors import FedkitError  # noqa: E402
+from ..errors import ConfigError, FedkitError  # noqa: E402
 from ..procs import (  # noqa: E402
     FILE_ONLY,
     LOG_FILE,
@@ -56,13 +56,16 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
         tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
         tls.read()  # a missing, unreadable or group/world-readable key stops the start here, with the fix
         check_validity(tls.own_certificate(), str(startup / cfg.cert))
+        check_data_root(settings.data_root, kit)
     except FedkitError as e:  # main() prints it to stderr, as its one line: here it goes to the log file only
         log.error("site cannot start: %s", e, extra=FILE_ONLY)
         raise
     write_pid(ws)
     audit = AuditLog(ws / "audit.jsonl")
+    rules = policy.model_dump(mode="json")
     audit.append("client_started", site=cfg.name, org=cfg.org, privacy_floor=privacy.model_dump(mode="json"),
-                 code_rule=policy.model_dump(mode="json")["code"])  # what this site enforces, from the start
+                 code_rule=rules["code"], allowed_orgs=rules["allowed_orgs"],
+                 allowed_roles=rules["allowed_roles"])  # what this site enforces, from the start
     log.info("audit log %s: %s", audit.path, audit.head())
     log.info("site %s (%s) starting; server %s:%d", cfg.name, cfg.org, cfg.server_host, cfg.fed_learn_port)
     daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals(), privacy=privacy,
@@ -74,6 +77,18 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
         log.info("audit log %s: %s", audit.path, audit.head())
         (ws / "daemon.pid").unlink(missing_ok=True)
     return daemon.restart_requested
+
+
+def check_data_root(data_root: str | None, kit: Path) -> None:
+    """Refuse a data root that holds this kit: every job would see what lies beside the site's data (other
+    kits' keys, a CA's state, this kit's folder where a sandbox cannot hide it), so it must name the folder
+    of the data alone. Raises ConfigError with the fix."""
+    if not data_root:
+        return
+    root = Path(data_root).expanduser().resolve()
+    if kit == root or root in kit.parents:
+        raise ConfigError(f"local/site.yml: data_root {data_root} holds this kit ({kit}): every job reads all "
+                          "of it, keys of other kits included; give the folder that holds only this site's data")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,21 @@ class WorkerFailed(FedkitError):
     """The training worker reported an error or died."""
 
 
+# what job code sees when the sandbox keeps it from a file, a folder or the network: Python's own words
+# would send a researcher looking for a missing file or a server that is down
+_SANDBOX_SYMPTOMS = ("FileNotFoundError", "PermissionError", "Read-only file system", "ConnectionRefusedError",
+                     "Network is unreachable", "gaierror", "Temporary failure in name resolution")
+SANDBOX_HINT = ("the job ran in this site's sandbox: it sees only its code, the data root and the models it "
+                "received, writes only scratch/ and outbox/, and has no network")
+
+
+def _with_sandbox_hint(error: str, backend: str) -> str:
+    """The worker's error, with a word on the sandbox when it looks like the sandbox's doing."""
+    if backend == "off" or not any(symptom in error for symptom in _SANDBOX_SYMPTOMS):
+        return error
+    return f"{error} ({SANDBOX_HINT})"
+
+
 class WorkerHandle:
     def __init__(self, proc: WorkerProcess, job_id: str, sandbox: Sandbox, outbox: Path,
                  max_result_bytes: int = MAX_RESULT_BYTES):
@@ -94,7 +109,7 @@ class WorkerHandle:
                 await asyncio.shield(self._proc.wait())
                 raise
         if not reply.ok:
-            raise WorkerFailed(reply.error or "unknown worker error")
+            raise WorkerFailed(_with_sandbox_hint(reply.error or "unknown worker error", self.sandbox.name))
         if command.get("op") == TaskKind.TRAIN and reply.n_samples is None:
             await self.stop()
             raise WorkerFailed("worker reply refused: a train reply must carry n_samples")

@@ -61,3 +61,22 @@ def test_a_wrong_kit_folder_is_refused_without_creating_one(tmp_path: Path) -> N
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("fedkit client: ") and "cannot read" in line
     assert not nowhere.exists()
+
+
+@pytest.mark.parametrize("where", ["study", "kit", "root"])
+def test_a_data_root_that_holds_the_kit_is_refused(study: LocalStudy, where: str) -> None:
+    """Every job reads its data root: one above the kit would show it other kits' keys and the CA's state."""
+    site = study.clients[0]
+    kit = study.kits[site]
+    for name in ("privacy.yml", "job_policy.yml", "site.yml"):
+        (kit / "local" / name).unlink(missing_ok=True)
+    data_root = {"study": study.root, "kit": kit, "root": Path("/")}[where]
+    study.write_local(site, "site.yml", {"data_root": str(data_root)})
+
+    done = _start(kit)
+
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line == (f"fedkit client: local/site.yml: data_root {data_root} holds this kit ({kit.resolve()}): every "
+                    "job reads all of it, keys of other kits included; give the folder that holds only this "
+                    "site's data")
