@@ -128,11 +128,16 @@ class OffSandbox(Sandbox):
         return None
 
     async def start(self, launch: WorkerLaunch) -> WorkerProcess:
-        proc = await asyncio.create_subprocess_exec(
-            *launch.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, cwd=str(launch.cwd), env=dict(launch.env),
-            limit=WORKER_LINE_LIMIT_BYTES, start_new_session=True)
-        return LoggedProcess(proc, launch.log_path)
+        log_file = CappedLog(launch.log_path)  # before the process: a full disk fails here, with nothing started
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *launch.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, cwd=str(launch.cwd), env=dict(launch.env),
+                limit=WORKER_LINE_LIMIT_BYTES, start_new_session=True)
+        except BaseException:
+            log_file.close()
+            raise
+        return LoggedProcess(proc, log_file)
 
     def kill(self, proc: WorkerProcess) -> None:
         if proc.returncode is None:
@@ -148,13 +153,13 @@ class OffSandbox(Sandbox):
 class LoggedProcess:
     """A worker process whose stderr (a pipe) is copied into its bounded log (runtime.client.worker_log)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path):
+    def __init__(self, proc: asyncio.subprocess.Process, log_file: CappedLog):
         self._proc = proc
         self.pid = proc.pid
         self.stdin = proc.stdin
         self.stdout = proc.stdout
         assert proc.stderr is not None
-        self.log_pump = asyncio.create_task(pump(proc.stderr, CappedLog(log_path)), name=f"worker-log-{proc.pid}")
+        self.log_pump = asyncio.create_task(pump(proc.stderr, log_file), name=f"worker-log-{proc.pid}")
 
     @property
     def returncode(self) -> int | None:

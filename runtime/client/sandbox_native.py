@@ -46,6 +46,7 @@ from .sandbox import (
     WorkerProcess,
     limits_of,
 )
+from .worker_log import CappedLog
 
 SANDBOX_UID = 65534
 PROBE_TIMEOUT_S = 30.0
@@ -136,17 +137,22 @@ class NativeSandbox(Sandbox):
             if enter:
                 argv = [sys.executable, "-I", str(ENTER_SCRIPT), *enter, "--", *argv]
             env = {**launch.env, "HOME": str(launch.cwd), "USER": "nobody", "LOGNAME": "nobody", "TMPDIR": "/tmp"}
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, cwd="/", env=env, limit=WORKER_LINE_LIMIT_BYTES,
-                pass_fds=data_fds, start_new_session=True)
+            log_file = CappedLog(launch.log_path)  # before the process: a full disk fails here, nothing started
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE, cwd="/", env=env, limit=WORKER_LINE_LIMIT_BYTES,
+                    pass_fds=data_fds, start_new_session=True)
+            except BaseException:
+                log_file.close()
+                raise
         except BaseException:
             await asyncio.to_thread(groups.remove)
             raise
         finally:
             for fd in data_fds:
                 os.close(fd)
-        return _SandboxedProcess(proc, groups, launch.log_path)
+        return _SandboxedProcess(proc, groups, log_file)
 
     def kill(self, proc: WorkerProcess) -> None:
         """SIGKILL bwrap: --die-with-parent kills the namespace's init, and the kernel then kills every
@@ -205,8 +211,8 @@ class NativeSandbox(Sandbox):
 class _SandboxedProcess(LoggedProcess):
     """The bwrap process as the daemon sees it; once it has exited, the job's cgroups are emptied and removed."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, groups: cgroups.WorkerCgroups, log_path: Path):
-        super().__init__(proc, log_path)
+    def __init__(self, proc: asyncio.subprocess.Process, groups: cgroups.WorkerCgroups, log_file: CappedLog):
+        super().__init__(proc, log_file)
         self.groups = groups
         self._cleaned = False
 

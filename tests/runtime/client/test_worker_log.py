@@ -95,3 +95,28 @@ def test_a_worker_flooding_its_stderr_leaves_a_bounded_log(tmp_path: Path, backe
     assert (out, code) == (b"done\n", 0)
     assert log_path.stat().st_size <= 1 << 20 and (tmp_path / "worker.log.1").stat().st_size <= 1 << 20
     assert log_path.read_bytes().endswith(b"the last line\n")
+
+
+@pytest.mark.parametrize("backend", ["native", "off"])
+def test_a_log_that_cannot_be_opened_starts_no_worker(tmp_path: Path, backend: str) -> None:
+    """The site's disk is full, or the log's place is taken: the start fails before any job code runs."""
+    sandbox = NativeSandbox() if backend == "native" else OffSandbox()
+    code_dir, scratch, outbox = tmp_path / "code", tmp_path / "scratch", tmp_path / "outbox"
+    for folder in (code_dir, scratch, outbox, tmp_path / "runtime"):
+        folder.mkdir()
+    ran = scratch / "ran"
+    (code_dir / "mark.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    log_path = tmp_path / "worker.log"
+    log_path.mkdir()  # a folder where the log file should go: opening it fails as a full disk would
+    launch = WorkerLaunch(argv=(sys.executable, str(code_dir / "mark.py")), env={"PATH": "/usr/bin:/bin"},
+                          runtime_dir=tmp_path / "runtime", read_only=(code_dir,), writable=(scratch, outbox),
+                          gpus=(), limits=SandboxLimits(), log_path=log_path, cwd=scratch)
+
+    async def scenario() -> None:
+        with pytest.raises(OSError):
+            await sandbox.start(launch)
+        await asyncio.sleep(1.0)  # time enough for a started worker to leave its mark
+
+    asyncio.run(scenario())
+
+    assert not ran.exists()
