@@ -63,6 +63,7 @@ from .code_approval import ReceivedCode, received_code
 from .dp_ledger import DpLedger
 from .job_folders import JobFolders
 from .job_policy import JobPolicy
+from .local_edits import LocalEdits
 from .privacy_policy import EffectiveChain, PrivacyPolicy
 from .sandbox import limits_of, sandbox_for_job
 from .worker_handle import WorkerFailed, WorkerHandle
@@ -138,6 +139,7 @@ class ClientDaemon:
         # (job, reason) of each job this site's policy refused, audited once (job_refused): the server
         # keeps tasking a refusing site every round of the job, and each task is refused again
         self._refused: set[tuple[str, str]] = set()
+        self._local_edits = LocalEdits(kit / kc.LOCAL)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -241,6 +243,11 @@ class ClientDaemon:
                 self._audit.append("control_received", control=reply.control)
                 self.restart_requested = reply.control == "restart"
                 self._stop.set()
+            for name in [] if self._stop.is_set() else await asyncio.to_thread(self._local_edits.changed):
+                log.warning("local/%s changed since this site started; it still applies the settings it started "
+                            "with: restart it (startup/stop.sh, then start.sh; or restart client %s from the "
+                            "console) to apply the new ones", name, self._cfg.name)
+                self._audit.append("local_settings_changed", file=f"local/{name}")
             log_tail = ""
             if reply.control == "send_log":  # an admin ran tail_log for this site: answer at once
                 self._audit.append("control_received", control=reply.control)

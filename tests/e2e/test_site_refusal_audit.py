@@ -4,7 +4,8 @@
   reason), though the server tasks it again every round of the job; each failed task's report to the server
   is audited as `error_reported`, never as `update_sent`, and its log never says a result was accepted; the
   server takes the reports as the site's failures as before;
-- a site restarted from the console with a local/*.yml it cannot read stops with exit code 1 and says why in
+- a running site notices an edit of its local/*.yml once (log and audit: it applies it only after a restart);
+  restarted from the console with a local/*.yml it cannot read, it stops with exit code 1 and says why in
   its workspace/log.txt, right after the line that says the server asked it to restart.
 
 (tests/runtime/client/test_site_refusals.py covers every kind of refusal against a fake server.)"""
@@ -70,6 +71,12 @@ def test_a_site_restarted_with_a_bad_local_file_says_why_in_its_log(make_study):
     study.start_sites()
     proc = study.procs["site-1"]
     study.write_local("site-1", "privacy.yml", {"gaussian_dp": {"noise_multiplier": 1.0, "clip": 1.0}})
+    # the running site goes on with the settings it started with, and says so once
+    site_log = study.kits["site-1"] / "workspace" / "log.txt"
+    wait_until(lambda: "local/privacy.yml changed since this site started" in site_log.read_text(), 60,
+               "site-1 to notice the edit")
+    assert [r["file"] for r in map(json.loads, (study.kits["site-1"] / "workspace" / "audit.jsonl").read_text()
+                                   .splitlines()) if r["event"] == "local_settings_changed"] == ["local/privacy.yml"]
 
     study.admin_json("restart client site-1")
 
