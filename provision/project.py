@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from runtime.errors import ProjectConfigError
+from runtime.errors import ProjectConfigError, problems_line
 from runtime.identity import Kind, Role
 
 API_VERSION = 1
@@ -29,8 +29,6 @@ MAX_CERT_VALIDITY_DAYS = 3650
 DEFAULT_DOCKER_IMAGE = "python:3.11-slim"
 # X.509 caps CN and O at 64 characters (RFC 5280 ub-common-name / ub-organization-name).
 MAX_NAME_CHARS = 64
-# A project.yml error names every problem on its one line, up to this many (then says how many more).
-MAX_PROBLEMS_SHOWN = 10
 
 _FOLDER_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?")
@@ -313,14 +311,9 @@ def _locate(data: Any, error: ErrorDetails) -> str:
 
 
 def format_validation_error(source: str, data: Any, err: ValidationError) -> str:
-    """One line naming every error in `err` (the first MAX_PROBLEMS_SHOWN, then how many more), each with
+    """One line naming every error in `err` (runtime.errors.problems_line), each with
     its participant (index and name) and field: a new user fixes them all in one pass, not one per run."""
-    problems = list(dict.fromkeys(_locate(data, error) for error in err.errors()))
-    if len(problems) == 1:
-        return f"{source}: {problems[0]}"
-    shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
-    more = f"; and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
-    return f"{source}: {len(problems)} problems: {shown}{more}"
+    return problems_line(source, (_locate(data, error) for error in err.errors()))
 
 
 def parse_project(text: str, source: str) -> Project:

@@ -19,6 +19,20 @@ Only the CLI layer catches these; everything below raises. This module never imp
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+MAX_PROBLEMS_SHOWN = 10  # a file with many mistakes names this many on its one line, then counts the rest
+
+
+def problems_line(source: str, problems: Iterable[str]) -> str:
+    """`source: problem`, or `source: N problems: a; b; ...; and K more` for several (repeats once): a person
+    fixes every mistake of a file in one pass, and the message stays one line."""
+    unique = list(dict.fromkeys(problems))
+    if len(unique) == 1:
+        return f"{source}: {unique[0]}"
+    more = f"; and {len(unique) - MAX_PROBLEMS_SHOWN} more" if len(unique) > MAX_PROBLEMS_SHOWN else ""
+    return f"{source}: {len(unique)} problems: {'; '.join(unique[:MAX_PROBLEMS_SHOWN])}{more}"
+
 
 class FedkitError(Exception):
     """Base of every fedkit error; its message is a single line meant for a person."""

@@ -14,7 +14,7 @@ from typing import Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, problems_line
 from .identity import Role
 
 # File names inside a kit, in one place.
@@ -150,17 +150,10 @@ class SiteLocalSettings(_Strict):
 M = TypeVar("M", bound=BaseModel)
 
 
-MAX_PROBLEMS_SHOWN = 10  # a settings error names every problem on its one line, up to this many
-
-
 def _format_validation_error(path: Path, err: ValidationError) -> str:
     """One line naming every problem (field and message): site IT fixes them all in one pass."""
-    problems = list(dict.fromkeys(f"field '{'.'.join(str(p) for p in e['loc']) or '(top level)'}': {e['msg']}"
-                                  for e in err.errors()))
-    if len(problems) == 1:
-        return f"{path}: {problems[0]}"
-    more = f"; and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
-    return f"{path}: {len(problems)} problems: {'; '.join(problems[:MAX_PROBLEMS_SHOWN])}{more}"
+    return problems_line(str(path), (f"field '{'.'.join(str(p) for p in e['loc']) or '(top level)'}': {e['msg']}"
+                                     for e in err.errors()))
 
 
 def load_model(path: Path, model: type[M]) -> M:

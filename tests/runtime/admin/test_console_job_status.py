@@ -3,15 +3,10 @@ started (submit_job, show_job, wait_job), and which workflow step a running job 
 
 from __future__ import annotations
 
-import asyncio
-import io
-from typing import Any
-
 import pytest
-from rich.console import Console
 
-from runtime.admin.console import AdminConsole
 from runtime.errors import JobRejected
+from tests.runtime.admin.canned import printed as printed_by
 
 WHY = "needs 2 sites online, 1 is: site-1; never seen by this server (check the names): site-9"
 RECORD = {"job_id": "j1", "name": "job", "state": "queued", "rounds_done": 0, "rounds_total": 50,
@@ -20,30 +15,15 @@ RECORD = {"job_id": "j1", "name": "job", "state": "queued", "rounds_done": 0, "r
           "best_metric": None, "best_round": None, "final_metrics": {}, "error": ""}
 
 
-class _Server:
-    def __init__(self, replies: dict[str, Any]):
-        self._replies = replies
-
-    async def command(self, name: str, **args: Any) -> Any:
-        return self._replies[name]
-
-
-def _printed(line: str, replies: dict[str, Any]) -> str:
-    out = io.StringIO()
-    console = AdminConsole(_Server(replies), Console(file=out, width=200, markup=False, highlight=False))  # type: ignore[arg-type]
-    asyncio.run(console.run_line(line))
-    return out.getvalue()
-
-
 def test_show_job_says_why_a_queued_job_waits() -> None:
-    printed = _printed("show_job j1", {"show_job": {"record": RECORD, "queue_position": 1, "metrics": [],
+    printed = printed_by("show_job j1", {"show_job": {"record": RECORD, "queue_position": 1, "metrics": [],
                                                     "waiting_for": WHY}})
 
     assert f"waiting: {WHY}" in printed.splitlines()
 
 
 def test_show_job_of_a_job_that_waits_for_nothing_has_no_such_line() -> None:
-    printed = _printed("show_job j1", {"show_job": {"record": {**RECORD, "state": "running"}, "queue_position": None,
+    printed = printed_by("show_job j1", {"show_job": {"record": {**RECORD, "state": "running"}, "queue_position": None,
                                                     "metrics": [], "waiting_for": ""}})
 
     assert "waiting" not in printed
@@ -51,7 +31,7 @@ def test_show_job_of_a_job_that_waits_for_nothing_has_no_such_line() -> None:
 
 def test_wait_job_that_times_out_on_a_queued_job_says_why_it_waits() -> None:
     with pytest.raises(JobRejected) as caught:
-        _printed("wait_job j1 0", {"wait_job": {"record": RECORD, "metrics": [], "waiting_for": WHY}})
+        printed_by("wait_job j1 0", {"wait_job": {"record": RECORD, "metrics": [], "waiting_for": WHY}})
 
     assert str(caught.value) == f"job j1 still queued after 0 s: {WHY}"
 
@@ -68,7 +48,7 @@ SERVER = {"running_job": "j1", "running_job_name": "job", "round": 3, "rounds_to
 ], ids=["training", "between-rounds", "cross-site-scoring", "cross-site-models"])
 def test_check_status_names_the_workflow_step_not_a_training_round(task: str | None, label: str | None,
                                                                   expected: str) -> None:
-    printed = _printed("check_status server", {"check_status": {
+    printed = printed_by("check_status server", {"check_status": {
         "server": {**SERVER, "task": task, "task_label": label}, "sites": []}})
 
     assert expected in printed

@@ -3,34 +3,14 @@ without terminal control sequences: no retitled window, no cleared screen, no hi
 
 from __future__ import annotations
 
-import asyncio
-import io
 from typing import Any
 
 import pytest
-from rich.console import Console
 
-from runtime.admin.console import AdminConsole
 from runtime.admin.sanitize import clean_remote
+from tests.runtime.admin.canned import printed as printed_by
 
 HOSTILE = "ok\x1b]0;pwned\x07\x1b[2J\x1b[1A\rhidden\x9b31m\x00\x08 end\tcol"
-
-
-class _Server:
-    """Answers the console's calls with canned data holding hostile text."""
-
-    def __init__(self, replies: dict[str, Any]):
-        self._replies = replies
-
-    async def command(self, name: str, **args: Any) -> Any:
-        return self._replies[name]
-
-
-def _printed(line: str, replies: dict[str, Any]) -> str:
-    out = io.StringIO()
-    console = AdminConsole(_Server(replies), Console(file=out, width=200, markup=False, highlight=False))  # type: ignore[arg-type]
-    asyncio.run(console.run_line(line))
-    return out.getvalue()
 
 
 def test_clean_remote_strips_escape_sequences_and_control_characters_but_keeps_tabs_and_newlines() -> None:
@@ -51,7 +31,7 @@ RECORD = {"job_id": "j1", "name": "job", "state": "failed", "rounds_done": 1, "r
          "failed": {"site-1": f"update rejected: {HOSTILE}"}}]}}),
 ], ids=["tail_log", "sys_info", "show_job"])
 def test_remote_text_is_printed_without_control_sequences(line: str, replies: dict[str, Any]) -> None:
-    printed = _printed(line, replies)
+    printed = printed_by(line, replies)
 
     assert "hidden" in printed
     assert not any(c in printed for c in "\x1b\x07\x9b\x00\x08\r"), repr(printed)
