@@ -107,7 +107,8 @@ def test_global_model_beats_local_models_off_diagonal_on_label_skewed_sites(make
 def test_server_killed_mid_job_ends_with_the_uninterrupted_model(make_study, tmp_path, aggregator):
     handle = make_study(sites=SITES[:2])
     study = _started(handle.study)
-    sets = (f"--set server.rounds=4 --set 'server.aggregator={aggregator}' --set meta.min_clients=2 "
+    # eight short rounds, the kill when round 3 goes out: the five left take longer than one poll of the audit
+    sets = (f"--set server.rounds=8 --set 'server.aggregator={aggregator}' --set meta.min_clients=2 "
             "--set client.learner.args.epochs=1")
 
     straight = study.admin_json(f"submit_job {handle.job(tmp_path / 'a')} {sets}")["job_id"]
