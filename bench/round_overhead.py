@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -149,16 +150,27 @@ def _recv_exact(sock: ssl.SSLSocket, n: int, buf: bytearray) -> None:
         got += k
 
 
-def _tls_receiver(port: int, nbytes: int, cafile: str, cert: str, key: str) -> None:
+def _tls_receiver(port: int, nbytes: int, cafile: str, cert: str, key: str, cpu_out) -> None:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
     ctx.load_cert_chain(cert, key)
     with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as s:
         buf = bytearray(nbytes)
+        began = time.process_time()  # after the handshake, as the server's own count
         _recv_exact(s, nbytes, buf)
         s.sendall(buf)  # the "update" back: same size as the model
+        cpu_out.send(time.process_time() - began)
 
 
-def run_raw_tls(nbytes: int, n_sites: int, server_kit: Path, client_kit: Path) -> float:
+class RawTls(NamedTuple):
+    """One plain-TLS transfer of a round's bytes: its wall time, and the CPU it took on each side (after
+    the handshakes): the floor under what any transport over TLS costs each role on this machine."""
+
+    seconds: float
+    server_cpu_s: float
+    sites_cpu_s: float
+
+
+def run_raw_tls(nbytes: int, n_sites: int, server_kit: Path, client_kit: Path) -> RawTls:
     startup, cstartup = server_kit / "startup", client_kit / "startup"
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(startup / "rootCA.pem"))
     ctx.load_cert_chain(str(startup / "server.crt"), str(startup / "server.key"))
@@ -166,17 +178,19 @@ def run_raw_tls(nbytes: int, n_sites: int, server_kit: Path, client_kit: Path) -
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     payload = bytes(nbytes)
-    procs = [mp.get_context("spawn").Process(target=_tls_receiver, args=(
-        port, nbytes, str(cstartup / "rootCA.pem"), str(cstartup / "client.crt"), str(cstartup / "client.key")),
-        daemon=True)  # an interrupted run must not wait on receivers blocked in recv
-        for _ in range(n_sites)]
+    spawn = mp.get_context("spawn")
+    pipes = [spawn.Pipe(duplex=False) for _ in range(n_sites)]
+    procs = [spawn.Process(target=_tls_receiver, args=(
+        port, nbytes, str(cstartup / "rootCA.pem"), str(cstartup / "client.crt"), str(cstartup / "client.key"),
+        sender), daemon=True)  # an interrupted run must not wait on receivers blocked in recv
+        for _, sender in pipes]
     for p in procs:
         p.start()
     conns = []
     for _ in range(n_sites):
         raw, _ = listener.accept()
         conns.append(ctx.wrap_socket(raw, server_side=True))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
 
     def serve(conn: ssl.SSLSocket) -> None:
         conn.sendall(payload)
@@ -187,13 +201,14 @@ def run_raw_tls(nbytes: int, n_sites: int, server_kit: Path, client_kit: Path) -
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - start
+    elapsed, server_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    sites_cpu = sum(receiver.recv() for receiver, _ in pipes)
     for p in procs:
         p.join()
     for c in conns:
         c.close()
     listener.close()
-    return elapsed
+    return RawTls(elapsed, server_cpu, sites_cpu)
 
 
 def main() -> None:
@@ -209,16 +224,20 @@ def main() -> None:
             result = run_fedkit(args.params, n, args.rounds, Path(tmp), args.wire)
             # the bytes one transfer moves: the model as encoded for the wire (an update is the same size)
             model_bytes = result["wire_bytes"] or 4 * args.params
-            raw_s = statistics.median(run_raw_tls(model_bytes, n, result["kits"][result["server"]],
-                                                  result["kits"]["site-1"]) for _ in range(3))
+            raw = [run_raw_tls(model_bytes, n, result["kits"][result["server"]], result["kits"]["site-1"])
+                   for _ in range(3)]
+        raw_s = statistics.median(r.seconds for r in raw)
         moved = 2 * n * model_bytes
         row = {"P": args.params, "N": n, "wire": args.wire, "round_s": round(result["round_s"], 3),
                "MB_per_round": round(moved / 1e6, 1),
                "raw_tls_s": round(raw_s, 3), "ratio": round(result["round_s"] / raw_s, 2),
                "server_peak_rss_MB": round(result["server_rss"] / 1e6),
                "all_peak_rss_MB": round(result["all_rss"] / 1e6),
-               "cpu_s_per_round": result["cpu_s_per_round"], "wire_error": result["wire_error"],
-               "site_steps_s": result["site_steps_s"]}
+               "cpu_s_per_round": result["cpu_s_per_round"],
+               # what plain TLS itself costs each side for the same bytes: fedkit's floor per role
+               "raw_tls_cpu_s": {"server": round(statistics.median(r.server_cpu_s for r in raw), 3),
+                                 "sites": round(statistics.median(r.sites_cpu_s for r in raw), 3)},
+               "wire_error": result["wire_error"], "site_steps_s": result["site_steps_s"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
@@ -227,6 +246,15 @@ def main() -> None:
     for r in rows:
         print(f"{r['P']:>10} {r['N']:>3} {r['round_s']:>8.3f} {r['MB_per_round']:>9.1f} {r['raw_tls_s']:>10.3f} "
               f"{r['ratio']:>6.2f} {r['server_peak_rss_MB']:>14} {r['all_peak_rss_MB']:>11}")
+    print("\nCPU-s per round, fedkit against plain TLS moving the same bytes (server; sites: daemons + workers):")
+    for r in rows:
+        cpu, raw = r["cpu_s_per_round"], r["raw_tls_cpu_s"]
+        sites = cpu["daemons"] + cpu["workers"]
+        print(f"  N={r['N']}: server {cpu['server']:.3f} vs {raw['server']:.3f} "
+              f"({cpu['server'] / raw['server']:.2f}x); "
+              f"sites {sites:.3f} vs {raw['sites']:.3f} ({sites / raw['sites']:.2f}x); "
+              f"all {cpu['server'] + sites:.3f} vs {raw['server'] + raw['sites']:.3f} CPU-s on "
+              f"{os.cpu_count()} cores")
     print("\nWhere a site's training task goes (median s, rounds 2 on; the rest of a round is the server's):")
     for r in rows:
         print(f"  N={r['N']}: " + ", ".join(f"{step} {s:.3f}" for step, s in r["site_steps_s"].items()))

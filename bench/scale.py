@@ -285,7 +285,7 @@ def run(params: int, n_sites: int, rounds: int, root: Path, timeout_s: float, mi
     if "round_s" in row:  # the bytes alone, same run, same kits, the study stopped first
         raw = [run_raw_tls(model_bytes, n_sites, study.kits[study.server], study.kits[study.clients[0]])
                for _ in range(3)]
-        row["raw_tls_s"] = round(statistics.median(raw), 3)
+        row["raw_tls_s"] = round(statistics.median(r.seconds for r in raw), 3)
         row["ratio"] = round(row["round_s_median"] / row["raw_tls_s"], 2)
     owners = sampler.by_owner()
     per_site = [owners.get(s, 0) for s in study.clients]

@@ -77,6 +77,12 @@ class DpSpend(_Strict):
     noise_multiplier: float = Field(ge=0, allow_inf_nan=False, description="the weakest of the release's steps")
     sampling_rate: float = Field(gt=0, le=1)
     releases: int = Field(ge=1, le=MAX_RELEASES, description="DP releases of this job from this site so far")
+    # every job's releases on this site together; only from a site with a dp_site_budget, so a report
+    # without them stays readable by servers that predate these fields
+    epsilon_site_total: Epsilon | None = Field(None, description="every DP release of every job from this "
+                                                                 "site so far, this one included")
+    site_releases: int | None = Field(None, ge=1, le=MAX_RELEASES, description="DP releases of every job from "
+                                                                               "this site so far")
 
 
 class PrivacyReport(_Strict):

@@ -470,7 +470,9 @@ def _dp_lines(metrics: list[dict[str, Any]]) -> list[str]:
                      f"{releases} release{'s' if releases != 1 else ''} (noise multiplier {dp['noise_multiplier']:g}, "
                      f"sampling rate {dp['sampling_rate']:g}; the last release alone: "
                      f"{_fmt_epsilon(dp['epsilon_round'])})"
-                     + ("; not differentially private: a release had no noise" if dp["epsilon_total"] == "inf" else ""))
+                     + ("; not differentially private: a release had no noise" if dp["epsilon_total"] == "inf" else "")
+                     + (f"; all jobs on this site together: epsilon {_fmt_epsilon(dp['epsilon_site_total'])} after "
+                        f"{dp['site_releases']} releases" if "epsilon_site_total" in dp else ""))
     return lines
 
 

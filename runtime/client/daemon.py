@@ -60,7 +60,7 @@ from ..transport import (
 )
 from . import outgoing
 from .code_approval import ReceivedCode, received_code
-from .dp_ledger import DpLedger
+from .dp_ledger import SITE_LEDGER_FILE, DpLedger
 from .job_folders import JobFolders
 from .job_policy import JobPolicy
 from .local_edits import LocalEdits
@@ -366,7 +366,7 @@ class ClientDaemon:
             # a refusal comes before any job code; in a thread: the first chain with filters imports NumPy
             try:
                 chain = await asyncio.to_thread(self._privacy.chain_for, h.job_id, client_cfg.filters)
-            except JobRejected as e:  # local/privacy.yml: a floor under `on_weaker_job: refuse`, or a dp_budget
+            except JobRejected as e:  # local/privacy.yml: a floor under `on_weaker_job: refuse`, or a DP budget
                 self._job_refused(h, config, "privacy", e)
                 raise
             await self._ensure_job(h, config, job_dir, client_cfg)
@@ -512,10 +512,10 @@ class ClientDaemon:
     async def _outgoing(self, task: TaskKind, raw: Path, chain: EffectiveChain,
                         reference: Path | None = None) -> dict[str, Any]:
         """Apply the privacy chain to `raw`, writing what may leave next to it; the result's "privacy".
-        A gaussian_dp upload is counted in the job's DP ledger; past the site's budget it is not written,
+        A gaussian_dp upload is counted in the job's DP ledger and the site's; past a budget it is not written,
         and the refusal is audited (dp_budget_exhausted) before the task fails."""
         job_id = self._job_id
-        ledger = DpLedger(self._ws / "jobs" / _safe_name(job_id), job_id)
+        ledger = DpLedger(self._ws / "jobs" / _safe_name(job_id), job_id, self._ws / SITE_LEDGER_FILE)
         try:
             report = await asyncio.to_thread(outgoing.prepare, task, raw, raw.with_suffix(SENT_SUFFIX), chain,
                                              self._generator, reference, ledger=ledger)

@@ -13,8 +13,9 @@ Everything a site uploads goes through `prepare`, whatever the task:
 
 Tensors removed by exclude_vars never leave in any task. The result is written once, hashed from the same
 bytes, and described by a PrivacyReport (runtime.privacy_report), which the daemon sends and audits.
-An upload through gaussian_dp is a DP release: it is counted in the job's ledger on this site (and refused
-past the site's dp_budget) before anything is written to send, and the report says what it cost (`dp`).
+An upload through gaussian_dp is a DP release: it is counted in the job's ledger and the site's (and refused
+past the site's dp_budget or dp_site_budget) before anything is written to send, and the report says what
+it cost (`dp`).
 Runs in a worker thread (NumPy and file I/O); never imports torch, never unpickles. NumPy, safetensors and
 the filters are imported only when a chain has steps: a site that sends its weights as they are never loads them.
 """
@@ -70,7 +71,7 @@ def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, r
     # counted (or refused) before the bytes exist anywhere they could be sent from; weights the privacy
     # step cannot read fail above without spending any of the budget
     release = chain.dp_release()
-    dp = ledger.charge(*release, chain.dp_budget) if release is not None else None
+    dp = ledger.charge(*release, chain.dp_budget, chain.dp_site_budget) if release is not None else None
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(out_path)

@@ -7,13 +7,14 @@ is raised to the site's minimum (`on_weaker_job: raise`, the default) or refused
 runs here (`on_weaker_job: refuse`), with a line saying why. The effective chain this module returns is
 what runtime.client.outgoing applies to everything that leaves the site.
 
-It may also set a differential-privacy budget for every job, e.g. `dp_budget: {epsilon: 8.0, delta: 1e-5}`:
-a gaussian_dp release that would take a job's total epsilon on this site past it is not sent
-(runtime.client.dp_ledger), and a job whose uploads would not be differentially private at all (no
-gaussian_dp, or one without noise) is refused before any of its code runs.
+It may also set differential-privacy budgets: `dp_budget: {epsilon: 8.0, delta: 1e-5}` for each job, and
+`dp_site_budget` for all jobs together (what the study may ever take from this site's data, so that a
+clone or a resubmission does not start from 0). A gaussian_dp release that would take a total past its
+budget is not sent (runtime.client.dp_ledger), and under either budget a job whose uploads would not be
+differentially private at all (no gaussian_dp, or one without noise) is refused before any of its code runs.
 
 A gaussian_dp `sampling_rate` is the job's claim, which this site cannot check, and a smaller one makes
-every release look cheaper. So a site with a dp_budget or a gaussian_dp floor never accounts a sampling rate
+every release look cheaper. So a site with a DP budget or a gaussian_dp floor never accounts a sampling rate
 below its own floor's `sampling_rate`, or 1.0 (no amplification credited) where the floor sets none: a
 job claiming less is raised to it (or refused under `on_weaker_job: refuse`), a job claiming more keeps
 its claim. The rate changes nothing in what is sent, only the epsilon accounted. A site with neither
@@ -59,7 +60,8 @@ class GaussianDpFloor(_Strict):
 
 
 class DpBudget(_Strict):
-    """The most epsilon (at `delta`) all of one job's gaussian_dp releases from this site may add up to."""
+    """The most epsilon (at `delta`) the gaussian_dp releases it covers may add up to: one job's
+    (`dp_budget`), or every job's together (`dp_site_budget`)."""
 
     epsilon: float = Field(gt=0, allow_inf_nan=False)
     delta: float = Field(gt=0, lt=1)
@@ -85,6 +87,7 @@ class PrivacyPolicy(_Strict):
     percentile: PercentileFloor | None = None
     svt: SvtFloor | None = None
     dp_budget: DpBudget | None = None
+    dp_site_budget: DpBudget | None = None
 
     @field_validator("exclude_vars")
     @classmethod
@@ -136,17 +139,18 @@ class PrivacyPolicy(_Strict):
             added, _ = self._raise(name, {**_defaults(name), **floor.model_dump(exclude_none=True)})  # the floor
             steps.append(FilterStep(name=name, args=added, source="site"))  # and the accounted sampling rate
             why.append(f"the job asks for no {name}; this site requires {_floor_text(name, floor)}")
-        chain = EffectiveChain(tuple(steps), self.on_weaker_job, self.dp_budget, tuple(why))
-        if self.dp_budget is not None and not chain.is_differentially_private:
-            raise JobRejected(f"site privacy policy refuses job {job_id}: this site has a DP budget (epsilon "
-                              f"{self.dp_budget.epsilon:g} at delta {self.dp_budget.delta:g}) and the job's uploads "
-                              "would have no gaussian_dp noise; give the job a gaussian_dp filter with "
-                              "noise_multiplier > 0 (or site IT a gaussian_dp floor in local/privacy.yml)")
+        chain = EffectiveChain(tuple(steps), self.on_weaker_job, self.dp_budget, tuple(why), self.dp_site_budget)
+        for setting, budget in (("dp_budget", self.dp_budget), ("dp_site_budget", self.dp_site_budget)):
+            if budget is not None and not chain.is_differentially_private:
+                raise JobRejected(f"site privacy policy refuses job {job_id}: this site has a DP budget ({setting}: "
+                                  f"epsilon {budget.epsilon:g} at delta {budget.delta:g}) and the job's uploads "
+                                  "would have no gaussian_dp noise; give the job a gaussian_dp filter with "
+                                  "noise_multiplier > 0 (or site IT a gaussian_dp floor in local/privacy.yml)")
         return chain
 
     @property
     def accounted_sampling_rate(self) -> float:
-        """The smallest gaussian_dp sampling rate this site accounts when it has a dp_budget or a gaussian_dp
+        """The smallest gaussian_dp sampling rate this site accounts when it has a DP budget or a gaussian_dp
         floor: the floor's own, else 1.0. The job's rate is its claim, which this site cannot check; a smaller
         one would make each release look cheaper against this site's budget and in its report."""
         if self.gaussian_dp is not None and self.gaussian_dp.sampling_rate is not None:
@@ -167,7 +171,8 @@ class PrivacyPolicy(_Strict):
                 reasons.append(f"{name} {key}={out[key]:g} is above this site's maximum {ceiling:g}")
                 out[key] = ceiling
 
-        if name == "gaussian_dp" and (self.gaussian_dp is not None or self.dp_budget is not None):
+        if name == "gaussian_dp" and (self.gaussian_dp is not None or self.dp_budget is not None
+                                      or self.dp_site_budget is not None):
             if self.gaussian_dp is not None:
                 at_least("noise_multiplier", self.gaussian_dp.noise_multiplier)
                 at_most("clip_norm", self.gaussian_dp.clip_norm)
@@ -193,6 +198,7 @@ class EffectiveChain:
     on_weaker_job: Literal["raise", "refuse"]
     dp_budget: DpBudget | None = None
     raised_because: tuple[str, ...] = ()  # one line per thing the site made stronger or added, saying why
+    dp_site_budget: DpBudget | None = None  # every job's releases from this site together
 
     @property
     def is_raised(self) -> bool:

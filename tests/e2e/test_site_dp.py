@@ -72,3 +72,38 @@ def test_site_reports_its_epsilon_and_stops_at_its_budget(make_study, tmp_path):
     table = study.admin(f"show_job {job_id}", as_json=False).stdout
     expected = f"  site-1: epsilon {accountant_epsilon(2):.3g} at delta 1e-05 after 2 releases (noise multiplier 1"
     assert any(line.startswith(expected) for line in table.splitlines()), table
+
+
+def test_a_site_budget_holds_across_a_job_and_its_clone(make_study, tmp_path):
+    """dp_site_budget fits three releases: the first job spends two (the round-0 model and round 1), its
+    clone one; the clone's round 1 is refused, though the clone alone has released once."""
+    handle = make_study(sites=["site-1"])
+    study = handle.study
+    budget = (accountant_epsilon(3) + accountant_epsilon(4)) / 2
+    study.write_local("site-1", "privacy.yml", {"gaussian_dp": {"noise_multiplier": NOISE, "clip_norm": 1.0},
+                                                "dp_site_budget": {"epsilon": budget, "delta": DELTA}})
+    study.start_server()
+    study.start("site-1")
+    wait_until(lambda: any(s["online"] for s in study.admin_json("check_status client")["sites"]), 60,
+               "site-1 online")
+
+    job = handle.job(tmp_path / "job")
+    first = study.admin_json(f"submit_job {job} --set server.rounds=1 --set meta.min_clients=1 "
+                             "--set client.filters=[]")["job_id"]
+    assert study.admin_json(f"wait_job {first} 300", timeout_s=330)["state"] == "finished"
+    clone = study.admin_json(f"clone_job {first}")["job_id"]
+    wait_until(lambda: _events(study, "site-1", "dp_budget_exhausted"), 300, "the site to refuse the clone's round 1")
+    study.admin(f"wait_job {clone} 120")
+
+    (refused,) = _events(study, "site-1", "dp_budget_exhausted")
+    assert (refused["job_id"], refused["task"], refused["budget"]) == (clone, "train", "dp_site_budget")
+    assert refused["releases_so_far"] == 3
+    assert refused["epsilon_would_be"] == pytest.approx(accountant_epsilon(4), rel=1e-9)
+    sent = [(r["job_id"], r["task"], r["privacy"]["dp"]["releases"], r["privacy"]["dp"]["site_releases"])
+            for r in _events(study, "site-1", "update_sent") if r["privacy"]]  # validation sends no weights
+    assert sent == [(first, "init", 1, 1), (first, "train", 2, 2), (clone, "init", 1, 3)]
+    ledger = json.loads((study.kits["site-1"] / "workspace" / "dp_site_ledger.json").read_text())
+    assert ledger["releases"] == 3 and ledger["jobs"] == {first: 2, clone: 1}
+
+    table = study.admin(f"show_job {clone}", as_json=False).stdout
+    assert f"all jobs on this site together: epsilon {accountant_epsilon(3):.3g} after 3 releases" in table, table

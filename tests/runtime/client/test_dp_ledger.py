@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from dp_accounting.rdp import RdpAccountant
 
-from runtime.client.dp_ledger import LEDGER_FILE, DpLedger
+from runtime.client.dp_ledger import LEDGER_FILE, SITE_LEDGER_FILE, DpLedger
 from runtime.client.job_folders import JobFolders
 from runtime.client.outgoing import prepare
 from runtime.client.privacy_policy import PrivacyPolicy
@@ -49,7 +49,10 @@ class Site:
     def upload(self, filters: list[FilterConfig], task: str = "train") -> PrivacyReport:
         chain = self.policy.chain_for(self.job_id, filters)
         return prepare(task, self.raw, self.out, chain, np.random.default_rng(0), None,
-                       ledger=DpLedger(self.job_root, self.job_id))
+                       ledger=self.ledger())
+
+    def ledger(self) -> DpLedger:
+        return DpLedger(self.job_root, self.job_id, self.root / SITE_LEDGER_FILE)  # as the daemon makes it
 
 
 @pytest.mark.parametrize(("z", "q", "delta"), [(1.0, 1.0, 1e-5), (0.7, 0.05, 1e-6)])
@@ -112,7 +115,7 @@ def test_a_release_past_the_budget_is_not_written_and_not_counted(tmp_path: Path
         site.upload(dp_filter(1.0))
     message = str(err.value)
     assert not site.out.exists()
-    assert DpLedger(site.job_root, "job-1").read().releases == 2
+    assert site.ledger().read().releases == 2 and site.ledger().read_site().releases == 2
     assert f"{three:.4g}" in message and f"budget of {budget:g}" in message and f"{two:.4g}" in message
     assert "local/privacy.yml dp_budget" in message and "\n" not in message
     assert err.value.details["releases_so_far"] == 2 and err.value.details["budget_epsilon"] == budget
@@ -157,9 +160,65 @@ def test_an_unreadable_ledger_is_never_taken_as_zero(tmp_path: Path, text: str, 
 
 def test_the_worker_never_sees_the_ledger(tmp_path: Path) -> None:
     folders = JobFolders(tmp_path / "jobs" / "job-1")
-    ledger = DpLedger(folders.root, "job-1").path
+    ledger = Site(tmp_path).ledger()
     for exposed in (folders.code, folders.scratch, folders.inbox, folders.outbox):
-        assert not ledger.is_relative_to(exposed)
+        assert not ledger.path.is_relative_to(exposed) and not ledger.site_file.is_relative_to(exposed)
+
+
+def test_a_site_budget_counts_every_job_together(tmp_path: Path) -> None:
+    """Budget: between the epsilon of 3 and of 4 releases. Job 1 releases twice, job 2 once (its own count
+    1, the site's 3); job 2's next release is refused, though a per-job budget of the same size would have
+    let it through: a clone or a resubmission does not start the site's count again."""
+    three, four = accountant_epsilon(1.0, 1.0, 3, 1e-5), accountant_epsilon(1.0, 1.0, 4, 1e-5)
+    budget = {"epsilon": (three + four) / 2, "delta": 1e-5}
+    site_wide = PrivacyPolicy(dp_site_budget=budget)
+    first = Site(tmp_path, site_wide)
+    first.upload(dp_filter(1.0))
+    first.upload(dp_filter(1.0))
+    second = Site(tmp_path, site_wide, job_id="job-2")
+    dp = second.upload(dp_filter(1.0)).dp
+    assert (dp.releases, dp.site_releases) == (1, 3)
+    assert dp.epsilon_total == pytest.approx(accountant_epsilon(1.0, 1.0, 1, 1e-5), rel=1e-9)
+    assert dp.epsilon_site_total == pytest.approx(three, rel=1e-9)
+    with pytest.raises(DpBudgetExhausted) as err:
+        second.upload(dp_filter(1.0))
+    message = str(err.value)
+    assert "this site's DP budget for all jobs is exhausted" in message
+    assert "local/privacy.yml dp_site_budget" in message
+    assert f"{four:.4g}" in message and f"{three:.4g}" in message and "\n" not in message
+    assert err.value.details["budget"] == "dp_site_budget" and err.value.details["releases_so_far"] == 3
+    # neither ledger counted the refused release, and the site's says where the spend came from
+    assert second.ledger().read().releases == 1
+    on_disk = json.loads((tmp_path / SITE_LEDGER_FILE).read_text())
+    assert on_disk["releases"] == 3 and on_disk["jobs"] == {"job-1": 2, "job-2": 1}
+    # the same epsilon as a per-job budget: job 2 (1 release so far) may go on
+    assert Site(tmp_path, PrivacyPolicy(dp_budget=budget), job_id="job-2").upload(dp_filter(1.0)).dp.releases == 2
+
+
+def test_the_site_counts_before_it_has_a_budget(tmp_path: Path) -> None:
+    """Releases made while the site had no site budget count once site IT sets one."""
+    Site(tmp_path).upload(dp_filter(1.0))
+    Site(tmp_path, job_id="job-2").upload(dp_filter(1.0))
+    budget = {"epsilon": accountant_epsilon(1.0, 1.0, 2, 1e-5) * 1.01, "delta": 1e-5}
+    with pytest.raises(DpBudgetExhausted, match="dp_site_budget"):
+        Site(tmp_path, PrivacyPolicy(dp_site_budget=budget), job_id="job-3").upload(dp_filter(1.0))
+
+
+def test_without_a_site_budget_the_report_carries_no_site_total(tmp_path: Path) -> None:
+    """A report without the new fields stays readable by a server that predates them."""
+    dp = Site(tmp_path, PrivacyPolicy(dp_budget={"epsilon": 50.0, "delta": 1e-5})).upload(dp_filter(1.0)).dp
+    assert dp.epsilon_site_total is None and dp.site_releases is None
+    assert "epsilon_site_total" not in dp.model_dump(mode="json", exclude_none=True)
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"format": 1, "releases": -1}', '{"format": 2}'])
+def test_an_unreadable_site_ledger_is_never_taken_as_zero(tmp_path: Path, text: str) -> None:
+    (tmp_path / SITE_LEDGER_FILE).write_text(text)
+    site = Site(tmp_path)
+    with pytest.raises(JobRejected) as err:
+        site.upload(dp_filter(1.0))
+    assert str(tmp_path / SITE_LEDGER_FILE) in str(err.value) and "of all jobs cannot be read" in str(err.value)
+    assert "\n" not in str(err.value) and not site.out.exists() and not (site.job_root / LEDGER_FILE).exists()
 
 
 def test_weights_the_site_cannot_read_spend_nothing(tmp_path: Path) -> None:

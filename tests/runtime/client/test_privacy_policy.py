@@ -136,13 +136,14 @@ def test_a_floor_on_the_accounting_raises_delta_and_sampling_rate() -> None:
         policy(on_weaker_job="refuse", gaussian_dp=floor).chain_for("j", [])
 
 
-def test_a_dp_budget_needs_noise_on_every_upload() -> None:
+@pytest.mark.parametrize("setting", ["dp_budget", "dp_site_budget"])
+def test_a_dp_budget_needs_noise_on_every_upload(setting: str) -> None:
     budget = {"epsilon": 8.0, "delta": 1e-5}
     with pytest.raises(JobRejected) as err:
-        policy(dp_budget=budget).chain_for("job-7", [FilterConfig(name="percentile")])
-    assert "refuses job job-7: this site has a DP budget (epsilon 8 at delta 1e-05)" in str(err.value)
-    chain = policy(dp_budget=budget, gaussian_dp=FLOOR["gaussian_dp"]).chain_for("j", [])  # the floor adds the noise
-    assert chain.dp_budget is not None and chain.is_differentially_private
+        policy(**{setting: budget}).chain_for("job-7", [FilterConfig(name="percentile")])
+    assert f"refuses job job-7: this site has a DP budget ({setting}: epsilon 8 at delta 1e-05)" in str(err.value)
+    chain = policy(**{setting: budget}, gaussian_dp=FLOOR["gaussian_dp"]).chain_for("j", [])  # the floor adds noise
+    assert getattr(chain, setting) is not None and chain.is_differentially_private
 
 
 def test_yaml_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
