@@ -105,6 +105,27 @@ class PrivacyReport(_Strict):
     dp: DpSpend | None = None
 
 
+class SiteReports(_Strict):
+    """What a site's `reports:` policy (local/privacy.yml) kept of what the job's code reported with one
+    result: how many metrics and logged scalars it withheld, and the rounding it applied. Never which names."""
+
+    metrics_withheld: int = Field(0, ge=0, le=MAX_RELEASES)
+    scalars_withheld: int = Field(0, ge=0, le=MAX_RELEASES)
+    significant_digits: int | None = Field(None, ge=1, le=17)
+
+
+def decode_site_reports(value: Any) -> dict[str, Any] | None:
+    """The server's check of a result's "site_reports" object: None when absent. Raises UpdateRejected."""
+    if value is None:
+        return None
+    try:
+        return SiteReports.model_validate(value).model_dump(mode="json", exclude_none=True)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise UpdateRejected(f"metrics 'site_reports': field '{where}': {first['msg']}") from None
+
+
 def decode_report(value: Any) -> dict[str, Any] | None:
     """The server's check of a result's "privacy" object: None when absent; else the validated object as
     plain JSON data. Raises UpdateRejected naming the first bad field."""

@@ -445,11 +445,34 @@ def _privacy_lines(metrics: list[dict[str, Any]]) -> list[str]:
         label = f"round {entry['round']}" if entry["type"] == "round" else entry["task"]
         for site, report in sorted((entry.get("privacy") or {}).items()):
             where.setdefault((site, describe_chain(report, with_target=False)), []).append(label)
-    if not where:
-        return []
     head = "privacy, per site (rounds: on deltas; init: on the whole model; submit_model: on local - last global):"
     lines = [head] + [f"  {site}: {chain}  [{', '.join(labels)}]" for (site, chain), labels in sorted(where.items())]
-    return lines + _dp_lines(metrics)
+    return (lines if where else []) + _dp_lines(metrics) + _site_report_lines(metrics)
+
+
+def _site_report_lines(metrics: list[dict[str, Any]]) -> list[str]:
+    """Per site, what its `reports:` policy kept back of what the job's code reported, over the whole job."""
+    totals: dict[str, dict[str, int]] = {}
+    for entry in metrics:
+        if entry["type"] != "site_reports":
+            continue
+        for site, kept in (entry.get("sites") or {}).items():
+            total = totals.setdefault(site, {"metrics_withheld": 0, "scalars_withheld": 0, "results": 0})
+            total["metrics_withheld"] += kept.get("metrics_withheld", 0)
+            total["scalars_withheld"] += kept.get("scalars_withheld", 0)
+            total["results"] += 1
+            if kept.get("significant_digits"):
+                total["significant_digits"] = kept["significant_digits"]
+    if not totals:
+        return []
+    lines = ["the job's own reports (metrics, logged scalars), as each site's local/privacy.yml `reports:` let "
+             "them leave:"]
+    for site, t in sorted(totals.items()):
+        rounding = f"; values rounded to {t['significant_digits']} significant digits" \
+            if "significant_digits" in t else ""
+        lines.append(f"  {site}: {t['metrics_withheld']} metrics and {t['scalars_withheld']} scalars withheld over "
+                     f"{t['results']} result{'s' if t['results'] != 1 else ''}{rounding}")
+    return lines
 
 
 def _dp_lines(metrics: list[dict[str, Any]]) -> list[str]:

@@ -68,6 +68,10 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
                  allowed_roles=rules["allowed_roles"])  # what this site enforces, from the start
     log.info("audit log %s: %s", audit.path, audit.head())
     log.info("site %s (%s) starting; server %s:%d", cfg.name, cfg.org, cfg.server_host, cfg.fed_learn_port)
+    if privacy.reports.is_open and (privacy.gaussian_dp or privacy.dp_budget or privacy.dp_site_budget):
+        log.warning("this site puts differential privacy on the weights, but a job's metrics, logged scalars and "
+                    "error messages leave as its code writes them, without noise; local/privacy.yml `reports:` "
+                    "limits them (see local/privacy.yml.example)")
     daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals(), privacy=privacy,
                          once=once)
     try:

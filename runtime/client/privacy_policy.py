@@ -39,6 +39,7 @@ from ..job_spec import FilterConfig
 from ..kit_config import load_optional
 from ..privacy_accounting import GaussianMechanism
 from ..privacy_report import FilterStep
+from .report_policy import ReportPolicy
 
 if TYPE_CHECKING:
     from ..filters import Filter
@@ -88,6 +89,7 @@ class PrivacyPolicy(_Strict):
     svt: SvtFloor | None = None
     dp_budget: DpBudget | None = None
     dp_site_budget: DpBudget | None = None
+    reports: ReportPolicy = Field(default_factory=ReportPolicy)  # what the job's own reports may carry out
 
     @field_validator("exclude_vars")
     @classmethod

@@ -22,7 +22,7 @@ from ..audit import AuditLog
 from ..errors import FedkitError, UpdateRejected
 from ..job_spec import JobSpec, read_zip_member
 from ..model_bytes import SerializedModel
-from ..privacy_report import decode_report
+from ..privacy_report import decode_report, decode_site_reports
 from ..quantize import WireError, decode, encode, is_encoded
 from ..tasks import RESULT_WEIGHTS, KeyMetricRef, TaskConfig, TaskKind, with_control
 from ..transport import CHUNK_BYTES
@@ -120,6 +120,7 @@ class JobController:
                 log.warning("job %s %s: %s reports failure: %s", self.record.job_id, _what(outcome.plan), site, error)
                 return
             privacy = decode_report(metrics.get("privacy"))
+            kept_back = decode_site_reports(metrics.get("site_reports"))
             assert self._workflow is not None
             async with self._fold_lock:
                 # decoded under the fold lock: a quantized update decodes into a full-precision copy of the
@@ -133,6 +134,8 @@ class JobController:
             outcome.results[site] = result
             if privacy is not None:
                 outcome.privacy[site] = privacy
+            if kept_back is not None:
+                outcome.site_reports[site] = kept_back
         except UpdateRejected as e:
             outcome.failures[site] = f"update rejected: {e}"
             await asyncio.to_thread(self._audit.append, "update_rejected", job_id=self.record.job_id, site=site,
@@ -240,6 +243,10 @@ class JobController:
         record.sites = sorted({*record.sites, *results.sites, *outcome.results})  # every site that took part
         await asyncio.to_thread(self._store.save, replace(record, sites=list(record.sites),
                                                           final_metrics=dict(record.final_metrics)))
+        if outcome.site_reports:  # what sites kept of the job's own reports, for show_job
+            await asyncio.to_thread(self._store.append_metrics, record.job_id, {
+                "type": "site_reports", "task": outcome.plan.kind.value, "step": outcome.step,
+                "round": outcome.plan.round, "sites": outcome.site_reports})
         if RESULT_WEIGHTS[outcome.plan.kind] == "whole_model":
             # round 0 and cross-site models: show_job shows every path out of a site, with its filters
             await asyncio.to_thread(self._store.append_metrics, record.job_id, {

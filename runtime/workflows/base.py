@@ -72,6 +72,7 @@ class RoundOutcome:
     results: dict[str, SiteResult] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # per site: what its filters did
+    site_reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # per site: what it kept of the job's reports
 
 
 class Workflow(Protocol):

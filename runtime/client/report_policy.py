@@ -1,0 +1,107 @@
+"""What a job's code may report beside its weights: `reports:` in the site's local/privacy.yml.
+
+The privacy chain (runtime.client.outgoing) protects the weights. A result also carries what the job's
+code wrote itself: metric names and values (train, validation, the site-side algorithm's figures, a
+local model's scores), the scalars it logged, and, when it fails, its error message. All of it leaves the
+site outside that chain, so a hostile learner can put data in it: a value, a name, or an exception's text.
+This policy, owned by site IT, decides what of it leaves:
+
+- `metric_names`: regular expressions; only names matching one (whole name) leave, the rest are withheld
+  (their names too: a name can carry data). null: any name.
+- `max_metrics`: at most this many metrics per map leave (the first by name); the rest are withheld.
+- `significant_digits`: each value rounded to this many significant digits before it leaves, which bounds
+  what the low digits can carry. null: as computed.
+- `scalars`: false keeps the learner's logged curves on the site.
+- `error_details`: false keeps a failed task's message (written by the job's code) on the site: the
+  server is told only that the job's code failed, and the message stays in the site's log and audit.
+
+Without a `reports:` section everything leaves as the job reports it (up to the server's own limits). A
+result whose reports this policy changed says so in a `site_reports` entry of its metrics: how many
+metrics and scalars were withheld and the rounding applied, never which names. Only `metric_names: []`
+with `scalars: false` and `error_details: false` sends nothing the job's code chose but the weights (through
+the chain), its sample count, and whether it failed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..privacy_report import SiteReports
+
+JOB_MAPS = ("train", "validation", "local", "local_validation")  # the metric maps the job's code fills
+REPORT_KEY = "site_reports"
+MAX_METRICS_PER_MAP = 256  # the server's own limit (runtime.server.metrics_check)
+GENERIC_ERROR = ("the job's code failed on this site; its message stays in the site's log "
+                 "(local/privacy.yml reports.error_details: false)")
+
+
+class ReportPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric_names: list[str] | None = Field(None, description="regular expressions of metric names that may "
+                                                             "leave (whole name); null: any")
+    max_metrics: int = Field(MAX_METRICS_PER_MAP, ge=0, le=MAX_METRICS_PER_MAP,
+                             description="at most this many metrics per map leave")
+    significant_digits: int | None = Field(None, ge=1, le=17, description="values rounded to this many "
+                                                                          "significant digits; null: as computed")
+    scalars: bool = Field(True, description="the learner's logged scalars may leave")
+    error_details: bool = Field(True, description="a failed task's message may leave")
+
+    @field_validator("metric_names")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str] | None) -> list[str] | None:
+        for p in patterns or []:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"'{p}' is not a valid regular expression ({e})") from None
+        return patterns
+
+    @property
+    def is_open(self) -> bool:
+        """Everything the job reports leaves (the default)."""
+        return self == ReportPolicy()
+
+    def allows(self, name: str) -> bool:
+        return self.metric_names is None or any(re.fullmatch(p, name) for p in self.metric_names)
+
+    def apply(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """`metrics` as they may leave: the job's maps and scalars filtered and rounded, the site's own
+        entries (privacy, wire) untouched, and `site_reports` saying what was changed (absent when nothing)."""
+        if self.is_open:
+            return metrics
+        out = dict(metrics)
+        withheld = 0
+        for key in JOB_MAPS:
+            values = metrics.get(key)
+            if not isinstance(values, dict):
+                continue
+            allowed = sorted(name for name in values if self.allows(name))
+            kept = allowed[:self.max_metrics]
+            withheld += len(values) - len(kept)
+            out[key] = {name: self._rounded(values[name]) for name in kept}
+        points = metrics.get("scalars") or []
+        kept_points = [[name, step, self._rounded(value)] for name, step, value in points
+                       if self.scalars and self.allows(name)]
+        out.pop("scalars", None)
+        if kept_points:
+            out["scalars"] = kept_points
+        summary = SiteReports(metrics_withheld=withheld, scalars_withheld=len(points) - len(kept_points),
+                              significant_digits=self.significant_digits)
+        if summary != SiteReports():
+            out[REPORT_KEY] = summary.model_dump(mode="json", exclude_none=True)
+        return out
+
+    def error_text(self, message: str, from_job_code: bool) -> str:
+        """What a failure report says: the message, or, for one the job's code wrote, a generic line."""
+        return GENERIC_ERROR if from_job_code and not self.error_details else message
+
+    def _rounded(self, value: Any) -> Any:
+        if self.significant_digits is None or isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
+            return value
+        return float(f"{value:.{self.significant_digits}g}")

@@ -1,0 +1,118 @@
+"""What a job's own reports carry off a site: `reports:` in local/privacy.yml. Metric names and values,
+logged scalars and a failed task's message are written by the job's code and leave outside the privacy
+chain; the site withholds what its policy does not allow, rounds what it does, and says how much it kept
+back (never which names). Checked on the policy and through ClientDaemon against a fake server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime.client.privacy_policy import PrivacyPolicy
+from runtime.client.report_policy import GENERIC_ERROR, ReportPolicy
+from runtime.client.worker_handle import WorkerFailed
+from runtime.errors import ConfigError
+from runtime.proto import fedkit_pb2 as pb
+from runtime.server.metrics_check import check_metrics
+from tests.runtime.client.test_site_refusals import FakeServer, _daemon, _events, _task
+
+SECRET = "patient_0042_glucose_187"  # what a hostile learner tries to get out
+REPORTED = {
+    "train": {"loss": 0.123456789, SECRET: 187.0, "accuracy": 0.912345},
+    "validation": {"accuracy": 0.87654321, "n_samples": 40.0, "auc": 0.9},
+    "local": {"prox_term": 0.0012345},
+    "scalars": [["loss", 1, 0.5123456], [SECRET, 2, 187.0]],
+    "privacy": {"payload_sha256": "ab" * 32},  # the site's own entries pass as they are
+}
+
+
+def test_without_a_reports_section_everything_leaves_as_reported() -> None:
+    assert PrivacyPolicy().reports.apply(REPORTED) == REPORTED
+
+
+def test_only_allowed_names_leave_rounded_and_counted() -> None:
+    policy = ReportPolicy(metric_names=["accuracy", "loss", "n_samples"], significant_digits=3)
+    out = policy.apply(REPORTED)
+    assert out["train"] == {"accuracy": 0.912, "loss": 0.123}
+    assert out["validation"] == {"accuracy": 0.877, "n_samples": 40.0}
+    assert out["local"] == {}
+    assert out["scalars"] == [["loss", 1, 0.512]]
+    assert out["privacy"] == REPORTED["privacy"]
+    assert out["site_reports"] == {"metrics_withheld": 3, "scalars_withheld": 1, "significant_digits": 3}
+    assert SECRET not in json.dumps(out)
+    check_metrics(out)  # and the server takes it
+
+
+def test_at_most_max_metrics_per_map_the_first_by_name() -> None:
+    out = ReportPolicy(max_metrics=1).apply(REPORTED)
+    assert out["train"] == {"accuracy": 0.912345} and out["validation"] == {"accuracy": 0.87654321}
+    assert out["site_reports"]["metrics_withheld"] == 2 + 2 + 0
+
+
+def test_no_metrics_no_scalars() -> None:
+    out = ReportPolicy(metric_names=[], scalars=False).apply(REPORTED)
+    assert all(out[key] == {} for key in ("train", "validation", "local")) and "scalars" not in out
+    assert out["site_reports"] == {"metrics_withheld": 7, "scalars_withheld": 2}
+
+
+@pytest.mark.parametrize(("policy", "from_job_code", "sent"), [
+    (ReportPolicy(), True, f"ValueError: {SECRET}"),
+    (ReportPolicy(error_details=False), True, GENERIC_ERROR),
+    (ReportPolicy(error_details=False), False, "training worker gave no answer within 60 s"),  # the site's own
+])
+def test_error_text(policy: ReportPolicy, from_job_code: bool, sent: str) -> None:
+    message = f"ValueError: {SECRET}" if from_job_code else "training worker gave no answer within 60 s"
+    assert policy.error_text(message, from_job_code) == sent
+
+
+def test_a_bad_pattern_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.yml"
+    path.write_text("reports: {metric_names: ['acc(']}\n")
+    with pytest.raises(ConfigError, match="reports.metric_names"):
+        PrivacyPolicy.load(path)
+
+
+# ---- through the daemon: what reaches the server, what stays in the site's audit ------------------------
+
+def _run_one(tmp_path: Path, privacy: PrivacyPolicy, execute: Any) -> tuple[FakeServer, Any]:
+    server = FakeServer()
+    daemon = _daemon(tmp_path, server, privacy=privacy)
+
+    async def no_job(*args: Any) -> None:  # the job's folder and worker: not what this test is about
+        return None
+
+    daemon._ensure_job, daemon._execute = no_job, execute
+    asyncio.run(daemon._do_task(_task(daemon, "job-a", "validate", 1)))
+    return server, daemon
+
+
+def _header(server: FakeServer) -> pb.ResultHeader:
+    (messages,) = server.results
+    return pb.ResultChunk.FromString(messages[0]).header
+
+
+def test_the_server_receives_only_what_the_site_allows(tmp_path: Path) -> None:
+    async def execute(*args: Any) -> tuple[int, dict[str, Any], None]:
+        return 0, {"validation": dict(REPORTED["validation"], **{SECRET: 187.0}),
+                   "scalars": REPORTED["scalars"]}, None
+
+    policy = PrivacyPolicy(reports=ReportPolicy(metric_names=["accuracy", "n_samples"], significant_digits=2,
+                                                scalars=False))
+    server, _ = _run_one(tmp_path, policy, execute)
+    sent = json.loads(_header(server).metrics_json)
+    assert sent == {"validation": {"accuracy": 0.88, "n_samples": 40.0},
+                    "site_reports": {"metrics_withheld": 2, "scalars_withheld": 2, "significant_digits": 2}}
+
+
+def test_a_job_error_message_stays_on_the_site(tmp_path: Path) -> None:
+    async def execute(*args: Any) -> None:
+        raise WorkerFailed(f"ValueError: {SECRET}", from_job_code=True)
+
+    server, daemon = _run_one(tmp_path, PrivacyPolicy(reports=ReportPolicy(error_details=False)), execute)
+    assert _header(server).error == GENERIC_ERROR
+    assert [r["reason"] for r in _events(daemon, "error_reported")] == [GENERIC_ERROR]
+    assert SECRET in _events(daemon, "task_failed")[0]["reason"]  # site IT still sees what happened
