@@ -145,6 +145,7 @@ class SiteLocalSettings(_Strict):
     heartbeat_interval_s: float = 5.0
     python: str | None = Field(None, description="interpreter for the training worker; default: this one")
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+    send_log: bool = Field(True, description="answer an admin's tail_log with the end of workspace/log.txt")
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -251,7 +251,8 @@ class ClientDaemon:
             log_tail = ""
             if reply.control == "send_log":  # an admin ran tail_log for this site: answer at once
                 self._audit.append("control_received", control=reply.control)
-                log_tail = await asyncio.to_thread(_log_tail, self._ws / LOG_FILE)
+                log_tail = await asyncio.to_thread(_log_tail, self._ws / LOG_FILE) if self._settings.send_log \
+                    else NO_LOG
                 continue
             await asyncio.sleep(self._heartbeat_interval_s)
 
@@ -705,6 +706,9 @@ def _safe_name(text: str) -> str:
     if not text or "/" in text or "\\" in text or text.startswith("."):
         raise JobRejected(f"invalid id '{text[:40]}' from the server")
     return text
+
+
+NO_LOG = "this site keeps its log to itself (local/site.yml send_log: false); ask its IT for workspace/log.txt"
 
 
 def _log_tail(path: Path, max_bytes: int = 64 << 10) -> str:

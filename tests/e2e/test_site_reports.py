@@ -1,7 +1,8 @@
 """What a job's own reports carry off a site, over real processes: the learner (tests/e2e/jobs/leaky) puts
 the first patient's row of the site's train.csv into a metric name, a metric value, a logged scalar and,
 in round 2, an exception's message. Under the site's `reports:` policy none of it reaches the server: not
-its job folder, not its log, not show_job; the site's own audit keeps the error for site IT."""
+its job folder, not its log, not show_job, not tail_log; the site's own audit and log keep the error for
+site IT."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import re
 import shutil
 from pathlib import Path
 
+import yaml
+
 from provision.local_study import wait_until
+from runtime.client.daemon import NO_LOG
 from runtime.client.report_policy import GENERIC_ERROR
 
 LEAKY_JOB = Path(__file__).parent / "jobs" / "leaky"
@@ -34,6 +38,8 @@ def test_the_site_keeps_what_its_reports_policy_does_not_allow(make_study, tmp_p
     study = handle.study
     secret = _row_name(handle.data.site_dirs["site-1"])
     study.write_local("site-1", "privacy.yml", {"reports": REPORTS})
+    site_yml = study.kits["site-1"] / "local" / "site.yml"
+    study.write_local("site-1", "site.yml", {**yaml.safe_load(site_yml.read_text()), "send_log": False})
     study.start_server()
     study.start("site-1")
     wait_until(lambda: any(s["online"] for s in study.admin_json("check_status client")["sites"]), 60,
@@ -70,3 +76,6 @@ def test_the_site_keeps_what_its_reports_policy_does_not_allow(make_study, tmp_p
                   (study.kits["site-1"] / "workspace" / "audit.jsonl").read_text().splitlines()]
     assert [r["reason"] for r in site_audit if r["event"] == "error_reported"] == [GENERIC_ERROR]
     assert any(secret in r["reason"] for r in site_audit if r["event"] == "task_failed")
+    assert secret in (study.kits["site-1"] / "workspace" / "log.txt").read_text()  # and its log does
+    # which is why the site may keep its log from tail_log (local/site.yml send_log: false)
+    assert study.admin_json("tail_log site-1")["lines"] == [NO_LOG]
