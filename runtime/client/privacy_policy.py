@@ -27,7 +27,6 @@ built, not when the daemon starts: an idle site does not hold NumPy.
 from __future__ import annotations
 
 import inspect
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,7 +38,7 @@ from ..job_spec import FilterConfig
 from ..kit_config import load_optional
 from ..privacy_accounting import GaussianMechanism
 from ..privacy_report import FilterStep
-from .report_policy import ReportPolicy
+from .report_policy import ReportPolicy, checked_patterns
 
 if TYPE_CHECKING:
     from ..filters import Filter
@@ -94,12 +93,7 @@ class PrivacyPolicy(_Strict):
     @field_validator("exclude_vars")
     @classmethod
     def _patterns_compile(cls, patterns: list[str]) -> list[str]:
-        for p in patterns:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"'{p}' is not a valid regular expression ({e})") from None
-        return patterns
+        return checked_patterns(patterns)
 
     @classmethod
     def load(cls, path: Path) -> PrivacyPolicy:

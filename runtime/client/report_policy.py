@@ -39,6 +39,17 @@ GENERIC_ERROR = ("the job's code failed on this site; its message stays in the s
                  "(local/privacy.yml reports.error_details: false)")
 
 
+def checked_patterns(patterns: list[str]) -> list[str]:
+    """`patterns` unchanged if each is a valid regular expression; else ValueError naming the first bad one
+    (a field validator's error, which the settings loader puts on its one line)."""
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"'{p}' is not a valid regular expression ({e})") from None
+    return patterns
+
+
 class ReportPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -54,12 +65,7 @@ class ReportPolicy(BaseModel):
     @field_validator("metric_names")
     @classmethod
     def _patterns_compile(cls, patterns: list[str] | None) -> list[str] | None:
-        for p in patterns or []:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"'{p}' is not a valid regular expression ({e})") from None
-        return patterns
+        return patterns if patterns is None else checked_patterns(patterns)
 
     @property
     def is_open(self) -> bool:

@@ -28,16 +28,21 @@ def _events(study: LocalStudy, site: str, event: str) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, audit.read_text().splitlines()) if r["event"] == event]
 
 
-def test_site_reports_its_epsilon_and_stops_at_its_budget(make_study, tmp_path):
-    handle = make_study(sites=["site-1"])
-    study = handle.study
-    budget = (accountant_epsilon(2) + accountant_epsilon(3)) / 2  # the round-0 model and round 1 fit; not round 2
+def _start_with_budget(study: LocalStudy, setting: str, budget: float) -> None:
+    """The server and site-1, whose local/privacy.yml adds gaussian_dp at NOISE and sets `setting`."""
     study.write_local("site-1", "privacy.yml", {"gaussian_dp": {"noise_multiplier": NOISE, "clip_norm": 1.0},
-                                                "dp_budget": {"epsilon": budget, "delta": DELTA}})
+                                                setting: {"epsilon": budget, "delta": DELTA}})
     study.start_server()
     study.start("site-1")
     wait_until(lambda: any(s["online"] for s in study.admin_json("check_status client")["sites"]), 60,
                "site-1 online")
+
+
+def test_site_reports_its_epsilon_and_stops_at_its_budget(make_study, tmp_path):
+    handle = make_study(sites=["site-1"])
+    study = handle.study
+    budget = (accountant_epsilon(2) + accountant_epsilon(3)) / 2  # the round-0 model and round 1 fit; not round 2
+    _start_with_budget(study, "dp_budget", budget)
 
     job = handle.job(tmp_path / "job")
     job_id = study.admin_json(f"submit_job {job} --set server.rounds=2 --set meta.min_clients=1 "
@@ -80,12 +85,7 @@ def test_a_site_budget_holds_across_a_job_and_its_clone(make_study, tmp_path):
     handle = make_study(sites=["site-1"])
     study = handle.study
     budget = (accountant_epsilon(3) + accountant_epsilon(4)) / 2
-    study.write_local("site-1", "privacy.yml", {"gaussian_dp": {"noise_multiplier": NOISE, "clip_norm": 1.0},
-                                                "dp_site_budget": {"epsilon": budget, "delta": DELTA}})
-    study.start_server()
-    study.start("site-1")
-    wait_until(lambda: any(s["online"] for s in study.admin_json("check_status client")["sites"]), 60,
-               "site-1 online")
+    _start_with_budget(study, "dp_site_budget", budget)
 
     job = handle.job(tmp_path / "job")
     first = study.admin_json(f"submit_job {job} --set server.rounds=1 --set meta.min_clients=1 "
