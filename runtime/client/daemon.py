@@ -60,6 +60,7 @@ from ..transport import (
 )
 from . import outgoing
 from .code_approval import ReceivedCode, received_code
+from .disk_guard import DiskGuard
 from .dp_ledger import SITE_LEDGER_FILE, DpLedger
 from .job_folders import JobFolders
 from .job_policy import JobPolicy
@@ -140,6 +141,9 @@ class ClientDaemon:
         # keeps tasking a refusing site every round of the job, and each task is refused again
         self._refused: set[tuple[str, str]] = set()
         self._local_edits = LocalEdits(kit / kc.LOCAL)
+        self._disk = DiskGuard(ws, settings.sandbox.min_free_disk_mb)
+        self._disk_watch: asyncio.Task | None = None
+        self._disk_stopped: dict[str, str] = {}  # job -> why the disk guard stopped it: no more of its tasks
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -360,6 +364,8 @@ class ClientDaemon:
         try:
             if task.config is None:
                 raise JobRejected(task.config_error)
+            if h.job_id in self._disk_stopped:  # it filled the disk here once: none of its code runs again
+                raise JobRejected(self._disk_stopped[h.job_id])
             kind = _task_kind(h.task_name)
             client_cfg = ClientJobConfig.model_validate(task.config.client)
             keep_updates = client_cfg.keep_updates
@@ -379,6 +385,8 @@ class ClientDaemon:
         # UpdateRejected: the job's code wrote weights the privacy step cannot read; only this task fails
         # OSError: the site's disk full or its job folder unwritable; fails this task, not the daemon (the soak)
         except (WorkerFailed, JobRejected, ConfigError, UpdateRejected, OSError) as e:
+            if isinstance(e, WorkerFailed) and h.job_id in self._disk_stopped:  # killed by the disk guard
+                e = JobRejected(self._disk_stopped[h.job_id])
             log.error("job %s %s round %d failed: %s", h.job_id, h.task_name, h.round, e)
             self._audit.append("task_failed", job_id=h.job_id, task=h.task_name, round=h.round, reason=str(e))
             if h.task_name != TaskKind.PREPARE:  # a prepare is never answered: the job's first task says it
@@ -442,6 +450,7 @@ class ClientDaemon:
     async def _start_worker(self, job_id: str, folders: JobFolders, client_cfg: ClientJobConfig) -> WorkerHandle:
         """Start the job's worker in this site's sandbox; audit the backend and its limits, or the refusal."""
         limits = limits_of(self._settings.sandbox)
+        self._disk.check_room(job_id)
         sandbox = await sandbox_for_job(self._settings.sandbox, self._audit, job_id)
         await asyncio.to_thread(folders.create)
         nproc = self._settings.nproc or max(1, len(self._settings.gpus))
@@ -454,6 +463,7 @@ class ClientDaemon:
             threads=worker_threads)
         self._audit.append("worker_started", job_id=job_id, backend=sandbox.name, threads=worker_threads,
                            limits=await asyncio.to_thread(sandbox.describe_limits, limits))
+        self._watch_disk(job_id, folders, worker)
         return worker
 
     async def _execute(self, h: pb.TaskHeader, kind: TaskKind, task: _Task, round_dir: Path,
@@ -624,7 +634,19 @@ class ClientDaemon:
             log.warning("job %s %s round %d: server refused this site's failure report: %s", h.job_id,
                         h.task_name, h.round, reply.reason)
 
+    def _watch_disk(self, job_id: str, folders: JobFolders, worker: WorkerHandle) -> None:
+        def stop(reason: str) -> None:
+            self._disk_stopped[job_id] = reason
+            self._audit.append("job_stopped", job_id=job_id, rule="disk", reason=reason)
+            worker.kill()
+
+        self._disk_watch = asyncio.create_task(self._disk.watch(job_id, (folders.scratch, folders.outbox), stop),
+                                               name="disk guard")
+
     async def _stop_worker(self) -> None:
+        if self._disk_watch is not None:
+            self._disk_watch.cancel()
+            self._disk_watch = None
         if self._worker is not None:
             job_id = self._worker.job_id
             await self._worker.stop()

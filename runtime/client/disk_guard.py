@@ -1,0 +1,78 @@
+"""The site's disk against a job that fills it: local/site.yml `sandbox.min_free_disk_mb`.
+
+A job writes in its own scratch/ and outbox/ folders, on the disk that also holds the site's workspace:
+its audit log, its DP ledgers, the kit. A job that filled it would stop the site from recording what it
+does, and could take down other services of the hospital machine. Quotas need root or a file system of
+their own, so the site watches instead: while a job's worker runs, the free space of the workspace's file
+system is read every CHECK_INTERVAL_S (one statvfs call); when it falls below the floor the worker is
+killed, the job's scratch and outbox are emptied, and the site takes no more of that job's tasks. A worker
+does not start while the disk is already below the floor. The bound is soft: a job writing at W bytes per
+second may pass the floor by about W * CHECK_INTERVAL_S before it is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import JobRejected
+
+log = logging.getLogger("fedkit.client")
+
+CHECK_INTERVAL_S = 0.5
+MB = 1 << 20
+
+
+def free_mb(path: Path) -> float:
+    """Free space, in MiB, that an unprivileged writer may still use on `path`'s file system."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize / MB
+
+
+class DiskGuard:
+    """The floor of free space under a site's workspace; None as the floor turns the guard off."""
+
+    def __init__(self, workspace: Path, min_free_mb: int | None,
+                 free: Callable[[Path], float] = free_mb) -> None:
+        self._workspace, self.min_free_mb, self._free = workspace, min_free_mb, free
+
+    def check_room(self, job_id: str) -> None:
+        """Raise JobRejected when the disk is already below the floor (no worker starts)."""
+        if self.min_free_mb is None:
+            return
+        free = self._free(self._workspace)
+        if free < self.min_free_mb:
+            raise JobRejected(f"job {job_id} not started: the disk holding this site's workspace has {free:.0f} MB "
+                              f"free, below local/site.yml sandbox.min_free_disk_mb ({self.min_free_mb}); free "
+                              "some space on it")
+
+    async def watch(self, job_id: str, job_folders: tuple[Path, ...], stop: Callable[[str], None]) -> None:
+        """Until cancelled: when free space falls below the floor, `stop(reason)` (which kills the worker;
+        the reason first, so the task the kill interrupts fails with it), then empty the job's folders.
+        Returns at once when the guard is off."""
+        if self.min_free_mb is None:
+            return
+        while (free := self._free(self._workspace)) >= self.min_free_mb:
+            await asyncio.sleep(CHECK_INTERVAL_S)
+        reason = (f"job {job_id} stopped on this site: the disk holding its workspace fell to {free:.0f} MB free "
+                  f"while the job ran, below local/site.yml sandbox.min_free_disk_mb ({self.min_free_mb}); the "
+                  "job's scratch and outbox were emptied and this site takes no more of its tasks")
+        log.error("%s", reason)
+        stop(reason)
+        await asyncio.to_thread(_empty, job_folders)
+
+
+def _empty(folders: tuple[Path, ...]) -> None:
+    """Remove everything inside each folder, keeping the folder."""
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)

@@ -1,0 +1,59 @@
+"""The site's disk against a job that fills it, over real processes: the learner (tests/e2e/jobs/diskfill)
+writes 32 MiB files into its scratch folder; the site's floor (local/site.yml sandbox.min_free_disk_mb) is
+set 320 MiB under the disk's free space at the start, so the job passes it within seconds. The site kills
+the worker, empties the job's scratch, audits job_stopped, fails the task with the reason, and takes no
+more of the job's tasks; the site itself stays up."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from provision.local_study import wait_until
+from runtime.client.disk_guard import free_mb
+
+DISKFILL_JOB = Path(__file__).parent / "jobs" / "diskfill"
+MARGIN_MB = 320
+
+
+def test_a_job_that_fills_the_disk_is_stopped_and_cleaned_up(make_study, tmp_path):
+    handle = make_study(sites=["site-1"])
+    study = handle.study
+    site_yml = study.kits["site-1"] / "local" / "site.yml"
+    floor = int(free_mb(tmp_path)) - MARGIN_MB
+    settings = yaml.safe_load(site_yml.read_text())
+    study.write_local("site-1", "site.yml", {**settings, "sandbox": {"min_free_disk_mb": floor}})
+    study.start_server()
+    study.start("site-1")
+    wait_until(lambda: any(s["online"] for s in study.admin_json("check_status client")["sites"]), 60,
+               "site-1 online")
+
+    job = Path(shutil.copytree(DISKFILL_JOB, tmp_path / "diskfill"))
+    job_id = study.admin_json(f"submit_job {job}")["job_id"]
+    audit_path = study.kits["site-1"] / "workspace" / "audit.jsonl"
+
+    def events(name: str) -> list[dict]:
+        return [r for r in map(json.loads, audit_path.read_text().splitlines()) if r["event"] == name]
+
+    wait_until(lambda: events("job_stopped"), 120, "the site to stop the job")
+    try:
+        study.admin(f"wait_job {job_id} 120", timeout_s=150)
+    except RuntimeError:
+        pass  # the job fails: its only site stopped it
+
+    (stopped,) = events("job_stopped")
+    assert stopped["job_id"] == job_id and stopped["rule"] == "disk"
+    assert f"below local/site.yml sandbox.min_free_disk_mb ({floor})" in stopped["reason"]
+    failed = [r["reason"] for r in events("task_failed") if r["job_id"] == job_id]
+    assert failed and all(r == stopped["reason"] for r in failed), failed  # the interrupted task and any later
+    scratch = study.kits["site-1"] / "workspace" / "jobs" / job_id / "scratch"
+    assert not any(scratch.iterdir()), "the job's files were removed"
+    assert free_mb(tmp_path) > floor  # the room came back
+    assert len(events("worker_started")) == 1, "no second worker for a stopped job"
+    # the site stays up and says why to the server
+    assert study.procs["site-1"].poll() is None
+    shown = study.admin_json(f"show_job {job_id}")
+    assert "min_free_disk_mb" in json.dumps(shown)

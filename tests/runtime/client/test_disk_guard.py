@@ -1,0 +1,73 @@
+"""The site's disk against a job that fills it (local/site.yml sandbox.min_free_disk_mb): no worker starts
+below the floor; a running one is stopped when free space falls below it, with the reason recorded before
+the kill, and the job's folders are emptied; off, it watches nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from runtime.client import disk_guard
+from runtime.client.disk_guard import DiskGuard, free_mb
+from runtime.errors import JobRejected
+
+
+class FakeDisk:
+    def __init__(self, free: list[float]) -> None:
+        self.readings = list(free)
+
+    def __call__(self, path: Path) -> float:
+        return self.readings.pop(0) if len(self.readings) > 1 else self.readings[0]
+
+
+def test_no_worker_starts_below_the_floor(tmp_path: Path) -> None:
+    with pytest.raises(JobRejected) as err:
+        DiskGuard(tmp_path, 1024, FakeDisk([900.0])).check_room("job-1")
+    assert "job job-1 not started" in str(err.value) and "900 MB free" in str(err.value)
+    assert "sandbox.min_free_disk_mb (1024)" in str(err.value)
+    DiskGuard(tmp_path, 1024, FakeDisk([2048.0])).check_room("job-1")  # room: no error
+    DiskGuard(tmp_path, None, FakeDisk([0.0])).check_room("job-1")  # off
+
+
+def test_a_job_that_fills_the_disk_is_stopped_and_its_folders_emptied(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(disk_guard, "CHECK_INTERVAL_S", 0.001)
+    scratch, outbox = tmp_path / "scratch", tmp_path / "outbox"
+    (scratch / "deep").mkdir(parents=True)
+    outbox.mkdir()
+    (scratch / "deep" / "big.bin").write_bytes(b"x" * 1000)
+    (outbox / "result.safetensors").write_bytes(b"y")
+    events: list[str] = []
+
+    def stop(reason: str) -> None:
+        events.append(reason)
+        assert (scratch / "deep").exists(), "the reason is recorded and the worker killed before the clean-up"
+
+    guard = DiskGuard(tmp_path, 1024, FakeDisk([5000.0, 3000.0, 1500.0, 700.0]))
+    asyncio.run(asyncio.wait_for(guard.watch("job-1", (scratch, outbox), stop), 5))
+    (reason,) = events
+    assert reason.startswith("job job-1 stopped on this site: the disk holding its workspace fell to 700 MB free")
+    assert "takes no more of its tasks" in reason and "\n" not in reason
+    assert scratch.is_dir() and outbox.is_dir() and not any(scratch.iterdir()) and not any(outbox.iterdir())
+
+
+def test_plenty_of_room_stops_nothing_until_cancelled(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(disk_guard, "CHECK_INTERVAL_S", 0.001)
+    events: list[str] = []
+
+    async def watch_a_while() -> None:
+        task = asyncio.create_task(DiskGuard(tmp_path, 1024, FakeDisk([9000.0])).watch("j", (), events.append))
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(watch_a_while())
+    assert events == []
+    asyncio.run(asyncio.wait_for(DiskGuard(tmp_path, None).watch("j", (), events.append), 1))  # off: returns
+    assert events == []
+
+
+def test_free_space_is_the_file_systems(tmp_path: Path) -> None:
+    import shutil
+
+    assert free_mb(tmp_path) == pytest.approx(shutil.disk_usage(tmp_path).free / (1 << 20), rel=0.01)
