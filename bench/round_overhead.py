@@ -202,6 +202,8 @@ def run_raw_tls(nbytes: int, n_sites: int, server_kit: Path, client_kit: Path) -
     for t in threads:
         t.join()
     elapsed, server_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    for _, sender in pipes:
+        sender.close()  # the receivers hold theirs: a receiver that dies makes recv() raise, not hang
     sites_cpu = sum(receiver.recv() for receiver, _ in pipes)
     for p in procs:
         p.join()
@@ -249,10 +251,10 @@ def main() -> None:
     print("\nCPU-s per round, fedkit against plain TLS moving the same bytes (server; sites: daemons + workers):")
     for r in rows:
         cpu, raw = r["cpu_s_per_round"], r["raw_tls_cpu_s"]
-        sites = cpu["daemons"] + cpu["workers"]
+        sites = cpu["daemons"] + cpu["workers"]  # the workers' part includes the trivial learner's own work
         print(f"  N={r['N']}: server {cpu['server']:.3f} vs {raw['server']:.3f} "
-              f"({cpu['server'] / raw['server']:.2f}x); "
-              f"sites {sites:.3f} vs {raw['sites']:.3f} ({sites / raw['sites']:.2f}x); "
+              f"({cpu['server'] / max(raw['server'], 1e-3):.2f}x); "
+              f"sites {sites:.3f} vs {raw['sites']:.3f} ({sites / max(raw['sites'], 1e-3):.2f}x); "
               f"all {cpu['server'] + sites:.3f} vs {raw['server'] + raw['sites']:.3f} CPU-s on "
               f"{os.cpu_count()} cores")
     print("\nWhere a site's training task goes (median s, rounds 2 on; the rest of a round is the server's):")

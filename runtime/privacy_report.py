@@ -77,12 +77,14 @@ class DpSpend(_Strict):
     noise_multiplier: float = Field(ge=0, allow_inf_nan=False, description="the weakest of the release's steps")
     sampling_rate: float = Field(gt=0, le=1)
     releases: int = Field(ge=1, le=MAX_RELEASES, description="DP releases of this job from this site so far")
-    # every job's releases on this site together; only from a site with a dp_site_budget, so a report
-    # without them stays readable by servers that predate these fields
+    # every job's releases on this site together, at the site budget's delta; only from a site with a
+    # dp_site_budget (a server older than these fields refuses reports that carry them)
     epsilon_site_total: Epsilon | None = Field(None, description="every DP release of every job from this "
                                                                  "site so far, this one included")
     site_releases: int | None = Field(None, ge=1, le=MAX_RELEASES, description="DP releases of every job from "
                                                                                "this site so far")
+    site_delta: float | None = Field(None, gt=0, lt=1, description="the delta of epsilon_site_total: the site "
+                                                                   "budget's")
 
 
 class PrivacyReport(_Strict):
@@ -107,10 +109,11 @@ class PrivacyReport(_Strict):
 
 class SiteReports(_Strict):
     """What a site's `reports:` policy (local/privacy.yml) kept of what the job's code reported with one
-    result: how many metrics and logged scalars it withheld, and the rounding it applied. Never which names."""
+    result: whether it withheld metrics or logged scalars, and the rounding it applied. Never which names,
+    nor how many: a count would be the job's to choose, one more channel out."""
 
-    metrics_withheld: int = Field(0, ge=0, le=MAX_RELEASES)
-    scalars_withheld: int = Field(0, ge=0, le=MAX_RELEASES)
+    metrics_withheld: bool = False
+    scalars_withheld: bool = False
     significant_digits: int | None = Field(None, ge=1, le=17)
 
 

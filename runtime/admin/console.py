@@ -458,8 +458,8 @@ def _site_report_lines(metrics: list[dict[str, Any]]) -> list[str]:
             continue
         for site, kept in (entry.get("sites") or {}).items():
             total = totals.setdefault(site, {"metrics_withheld": 0, "scalars_withheld": 0, "results": 0})
-            total["metrics_withheld"] += kept.get("metrics_withheld", 0)
-            total["scalars_withheld"] += kept.get("scalars_withheld", 0)
+            total["metrics_withheld"] += bool(kept.get("metrics_withheld"))
+            total["scalars_withheld"] += bool(kept.get("scalars_withheld"))
             total["results"] += 1
             if kept.get("significant_digits"):
                 total["significant_digits"] = kept["significant_digits"]
@@ -470,8 +470,8 @@ def _site_report_lines(metrics: list[dict[str, Any]]) -> list[str]:
     for site, t in sorted(totals.items()):
         rounding = f"; values rounded to {t['significant_digits']} significant digits" \
             if "significant_digits" in t else ""
-        lines.append(f"  {site}: {t['metrics_withheld']} metrics and {t['scalars_withheld']} scalars withheld over "
-                     f"{t['results']} result{'s' if t['results'] != 1 else ''}{rounding}")
+        lines.append(f"  {site}: metrics withheld in {t['metrics_withheld']} and scalars in {t['scalars_withheld']} "
+                     f"of {t['results']} result{'s' if t['results'] != 1 else ''}{rounding}")
     return lines
 
 
@@ -494,8 +494,9 @@ def _dp_lines(metrics: list[dict[str, Any]]) -> list[str]:
                      f"sampling rate {dp['sampling_rate']:g}; the last release alone: "
                      f"{_fmt_epsilon(dp['epsilon_round'])})"
                      + ("; not differentially private: a release had no noise" if dp["epsilon_total"] == "inf" else "")
-                     + (f"; all jobs on this site together: epsilon {_fmt_epsilon(dp['epsilon_site_total'])} after "
-                        f"{dp['site_releases']} releases" if "epsilon_site_total" in dp else ""))
+                     + (f"; all jobs on this site together: epsilon {_fmt_epsilon(dp['epsilon_site_total'])} at delta "
+                        f"{dp.get('site_delta', dp['delta']):g} after {dp['site_releases']} releases"
+                        if "epsilon_site_total" in dp else ""))
     return lines
 
 

@@ -381,7 +381,8 @@ class ClientDaemon:
                 return
             n_samples, metrics, payload = await self._execute(h, kind, task, round_dir, client_cfg, chain)
             # what the job's code reported leaves as the site's `reports:` allow; the privacy chain did the weights
-            await self._submit(h, n_samples, self._privacy.reports.apply(metrics), payload, steps=task.steps)
+            reports = self._privacy.reports
+            await self._submit(h, reports.sample_count(n_samples), reports.apply(metrics), payload, steps=task.steps)
         # UpdateRejected: the job's code wrote weights the privacy step cannot read; only this task fails
         # OSError: the site's disk full or its job folder unwritable; fails this task, not the daemon (the soak)
         except (WorkerFailed, JobRejected, ConfigError, UpdateRejected, OSError) as e:
@@ -390,8 +391,9 @@ class ClientDaemon:
             log.error("job %s %s round %d failed: %s", h.job_id, h.task_name, h.round, e)
             self._audit.append("task_failed", job_id=h.job_id, task=h.task_name, round=h.round, reason=str(e))
             if h.task_name != TaskKind.PREPARE:  # a prepare is never answered: the job's first task says it
+                # what the job's code could shape: its worker's errors and exit, the weights it wrote
                 await self._report_failure(h, self._privacy.reports.error_text(
-                    str(e), isinstance(e, WorkerFailed) and e.from_job_code))
+                    str(e), isinstance(e, WorkerFailed | UpdateRejected)))
         finally:
             if not keep_updates:
                 shutil.rmtree(round_dir, ignore_errors=True)

@@ -137,9 +137,9 @@ class DpLedger:
             if site_after is not None:  # first: a crash before the job's write over-counts, never under-counts
                 _write(self.site_file, site_after)
             _write(self.path, after)
-        site_total = {} if site_budget is None else {
-            "epsilon_site_total": _json_epsilon(epsilon(site_after.counts(), delta)),
-            "site_releases": site_after.releases}
+        site_total = {} if site_budget is None else {  # at the site budget's delta: what it is checked against
+            "epsilon_site_total": _json_epsilon(epsilon(site_after.counts(), site_budget.delta)),
+            "site_delta": site_budget.delta, "site_releases": site_after.releases}
         return DpSpend(epsilon_round=_json_epsilon(epsilon(Counter(release), delta)),
                        epsilon_total=_json_epsilon(epsilon(after.counts(), delta)), delta=delta,
                        noise_multiplier=min(m.noise_multiplier for m in release),

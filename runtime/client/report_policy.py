@@ -1,25 +1,27 @@
 """What a job's code may report beside its weights: `reports:` in the site's local/privacy.yml.
 
 The privacy chain (runtime.client.outgoing) protects the weights. A result also carries what the job's
-code wrote itself: metric names and values (train, validation, the site-side algorithm's figures, a
-local model's scores), the scalars it logged, and, when it fails, its error message. All of it leaves the
-site outside that chain, so a hostile learner can put data in it: a value, a name, or an exception's text.
-This policy, owned by site IT, decides what of it leaves:
+code chose: metric names and values (train, validation, the site-side algorithm's figures, a local
+model's scores), the scalars it logged with their steps, its sample count, and, when it fails, an error
+message (its exception, or the names inside weights it wrote). All of it leaves the site outside that
+chain, so a hostile learner can put data in it. This policy, owned by site IT, decides what of it leaves:
 
-- `metric_names`: regular expressions; only names matching one (whole name) leave, the rest are withheld
-  (their names too: a name can carry data). null: any name.
+- `metric_names`: regular expressions; only names matching one (whole name) leave, metrics and scalars
+  alike; the rest are withheld, their names too (a name can carry data). null: any name.
 - `max_metrics`: at most this many metrics per map leave (the first by name); the rest are withheld.
-- `significant_digits`: each value rounded to this many significant digits before it leaves, which bounds
-  what the low digits can carry. null: as computed.
+- `significant_digits`: metric and scalar values, scalar steps and the sample count are rounded to this
+  many significant digits before they leave, which bounds what the low digits can carry. null: as
+  computed. The site-side algorithm's figures (`local`) are never rounded: the server's SCAFFOLD
+  computes with `lr_sum`, which must then be allowed by `metric_names`.
 - `scalars`: false keeps the learner's logged curves on the site.
-- `error_details`: false keeps a failed task's message (written by the job's code) on the site: the
-  server is told only that the job's code failed, and the message stays in the site's log and audit.
+- `error_details`: false keeps every failure the job's code could have shaped (its worker's errors and
+  exit, the weights it wrote) on the site: the server is told only that the job's code failed, and the
+  message stays in the site's log and audit. The site's own reasons (a refusal, a budget, the disk) leave.
 
-Without a `reports:` section everything leaves as the job reports it (up to the server's own limits). A
-result whose reports this policy changed says so in a `site_reports` entry of its metrics: how many
-metrics and scalars were withheld and the rounding applied, never which names. Only `metric_names: []`
-with `scalars: false` and `error_details: false` sends nothing the job's code chose but the weights (through
-the chain), its sample count, and whether it failed.
+This bounds the channel; it does not close it. Whether something was withheld, the number of points, the
+sample count, whether and when a task fails are still the job's to choose (a few bits a result). A result
+whose reports this policy changed says so in a `site_reports` entry of its metrics (whether metrics and
+scalars were withheld, and the rounding applied), never which names.
 """
 
 from __future__ import annotations
@@ -81,33 +83,41 @@ class ReportPolicy(BaseModel):
         if self.is_open:
             return metrics
         out = dict(metrics)
-        withheld = 0
+        withheld = False
         for key in JOB_MAPS:
             values = metrics.get(key)
             if not isinstance(values, dict):
                 continue
-            allowed = sorted(name for name in values if self.allows(name))
-            kept = allowed[:self.max_metrics]
-            withheld += len(values) - len(kept)
-            out[key] = {name: self._rounded(values[name]) for name in kept}
+            kept = sorted(name for name in values if self.allows(name))[:self.max_metrics]
+            withheld |= len(kept) < len(values)
+            # the site-side algorithm's figures are inputs to the server's (SCAFFOLD's lr_sum): never rounded
+            out[key] = {name: values[name] if key == "local" else self._rounded(values[name]) for name in kept}
         points = metrics.get("scalars") or []
-        kept_points = [[name, step, self._rounded(value)] for name, step, value in points
+        kept_points = [[name, int(self._rounded(step)), self._rounded(value)] for name, step, value in points
                        if self.scalars and self.allows(name)]
         out.pop("scalars", None)
         if kept_points:
             out["scalars"] = kept_points
-        summary = SiteReports(metrics_withheld=withheld, scalars_withheld=len(points) - len(kept_points),
+        summary = SiteReports(metrics_withheld=withheld, scalars_withheld=len(kept_points) < len(points),
                               significant_digits=self.significant_digits)
         if summary != SiteReports():
             out[REPORT_KEY] = summary.model_dump(mode="json", exclude_none=True)
         return out
 
-    def error_text(self, message: str, from_job_code: bool) -> str:
-        """What a failure report says: the message, or, for one the job's code wrote, a generic line."""
-        return GENERIC_ERROR if from_job_code and not self.error_details else message
+    def sample_count(self, n_samples: int) -> int:
+        """The sample count as it may leave: rounded like the values (at least 1 when it was)."""
+        return max(int(self._rounded(n_samples)), min(n_samples, 1))
+
+    def error_text(self, message: str, shaped_by_job: bool) -> str:
+        """What a failure report says: the message, or, for a failure the job's code could shape, a generic
+        line (under `error_details: false`)."""
+        return GENERIC_ERROR if shaped_by_job and not self.error_details else message
 
     def _rounded(self, value: Any) -> Any:
         if self.significant_digits is None or isinstance(value, bool) or not isinstance(value, int | float) \
                 or not math.isfinite(value):
             return value
-        return float(f"{value:.{self.significant_digits}g}")
+        rounded = float(f"{value:.{self.significant_digits}g}")
+        if not math.isfinite(rounded):  # 1.8e308 to one digit overflows; the server would refuse the result
+            return value
+        return int(rounded) if isinstance(value, int) else rounded

@@ -29,12 +29,7 @@ MAX_RESULT_BYTES = 64 << 30  # a result file (weights) larger than this is refus
 
 
 class WorkerFailed(FedkitError):
-    """The training worker reported an error or died. `from_job_code`: the message holds text the job's
-    code wrote (its exception, a reply it broke), which a site may keep from leaving (reports.error_details)."""
-
-    def __init__(self, message: str, from_job_code: bool = False) -> None:
-        super().__init__(message)
-        self.from_job_code = from_job_code
+    """The training worker reported an error or died."""
 
 
 # what job code sees when the sandbox keeps it from a file, a folder or the network: Python's own words
@@ -93,7 +88,7 @@ class WorkerHandle:
         ready = await handle._read_reply(ready_timeout_s)
         if not ready.ok:
             await handle.stop()
-            raise WorkerFailed(ready.error or "worker failed to start", from_job_code=bool(ready.error))
+            raise WorkerFailed(ready.error or "worker failed to start")
         log.info("training worker for job %s started in sandbox '%s' (pid %d)", job_id, sandbox.name, proc.pid)
         return handle
 
@@ -114,8 +109,7 @@ class WorkerHandle:
                 await asyncio.shield(self._proc.wait())
                 raise
         if not reply.ok:
-            raise WorkerFailed(_with_sandbox_hint(reply.error or "unknown worker error", self.sandbox.name),
-                               from_job_code=True)
+            raise WorkerFailed(_with_sandbox_hint(reply.error or "unknown worker error", self.sandbox.name))
         if command.get("op") == TaskKind.TRAIN and reply.n_samples is None:
             await self.stop()
             raise WorkerFailed("worker reply refused: a train reply must carry n_samples")
@@ -157,7 +151,7 @@ class WorkerHandle:
             return parse_reply(line)
         except WorkerReplyRefused as e:
             await self.stop()
-            raise WorkerFailed(str(e), from_job_code=True) from None  # it may quote what the job wrote
+            raise WorkerFailed(str(e)) from None
 
     @property
     def alive(self) -> bool:

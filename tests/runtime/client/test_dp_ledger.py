@@ -195,6 +195,14 @@ def test_a_site_budget_counts_every_job_together(tmp_path: Path) -> None:
     assert Site(tmp_path, PrivacyPolicy(dp_budget=budget), job_id="job-2").upload(dp_filter(1.0)).dp.releases == 2
 
 
+def test_the_site_total_is_reported_at_the_site_budgets_delta(tmp_path: Path) -> None:
+    """The job reports at delta 1e-5; the site's total is shown at its budget's delta, where it is checked."""
+    dp = Site(tmp_path, PrivacyPolicy(dp_site_budget={"epsilon": 100.0, "delta": 1e-8})).upload(dp_filter(1.0)).dp
+    assert dp.epsilon_total == pytest.approx(accountant_epsilon(1.0, 1.0, 1, 1e-5), rel=1e-9)
+    assert dp.epsilon_site_total == pytest.approx(accountant_epsilon(1.0, 1.0, 1, 1e-8), rel=1e-9)
+    assert dp.site_delta == 1e-8
+
+
 def test_the_site_counts_before_it_has_a_budget(tmp_path: Path) -> None:
     """Releases made while the site had no site budget count once site IT sets one."""
     Site(tmp_path).upload(dp_filter(1.0))

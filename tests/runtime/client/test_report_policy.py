@@ -15,7 +15,7 @@ import pytest
 from runtime.client.privacy_policy import PrivacyPolicy
 from runtime.client.report_policy import GENERIC_ERROR, ReportPolicy
 from runtime.client.worker_handle import WorkerFailed
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, JobRejected, UpdateRejected
 from runtime.proto import fedkit_pb2 as pb
 from runtime.server.metrics_check import check_metrics
 from tests.runtime.client.test_site_refusals import FakeServer, _daemon, _events, _task
@@ -42,7 +42,7 @@ def test_only_allowed_names_leave_rounded_and_counted() -> None:
     assert out["local"] == {}
     assert out["scalars"] == [["loss", 1, 0.512]]
     assert out["privacy"] == REPORTED["privacy"]
-    assert out["site_reports"] == {"metrics_withheld": 3, "scalars_withheld": 1, "significant_digits": 3}
+    assert out["site_reports"] == {"metrics_withheld": True, "scalars_withheld": True, "significant_digits": 3}
     assert SECRET not in json.dumps(out)
     check_metrics(out)  # and the server takes it
 
@@ -50,13 +50,33 @@ def test_only_allowed_names_leave_rounded_and_counted() -> None:
 def test_at_most_max_metrics_per_map_the_first_by_name() -> None:
     out = ReportPolicy(max_metrics=1).apply(REPORTED)
     assert out["train"] == {"accuracy": 0.912345} and out["validation"] == {"accuracy": 0.87654321}
-    assert out["site_reports"]["metrics_withheld"] == 2 + 2 + 0
+    assert out["site_reports"] == {"metrics_withheld": True, "scalars_withheld": False}
 
 
 def test_no_metrics_no_scalars() -> None:
     out = ReportPolicy(metric_names=[], scalars=False).apply(REPORTED)
     assert all(out[key] == {} for key in ("train", "validation", "local")) and "scalars" not in out
-    assert out["site_reports"] == {"metrics_withheld": 7, "scalars_withheld": 2}
+    assert out["site_reports"] == {"metrics_withheld": True, "scalars_withheld": True}
+
+
+def test_steps_and_the_sample_count_are_rounded_too() -> None:
+    """A step or a count is a number the job chooses as much as a value is."""
+    policy = ReportPolicy(significant_digits=2)
+    out = policy.apply({"scalars": [["loss", 123456789012345, 0.5], ["loss", 3, 0.25]]})
+    assert out["scalars"] == [["loss", 120000000000000, 0.5], ["loss", 3, 0.25]]
+    assert [policy.sample_count(n) for n in (0, 1, 7, 187, 123456)] == [0, 1, 7, 190, 120000]
+    assert ReportPolicy().sample_count(123456) == 123456
+
+
+def test_the_site_side_algorithms_figures_are_filtered_but_never_rounded() -> None:
+    """SCAFFOLD's server computes with local['lr_sum']: rounding it would corrupt the control variates."""
+    out = ReportPolicy(metric_names=["lr_sum"], significant_digits=1).apply({"local": {"lr_sum": 0.123456,
+                                                                                       "other": 1.0}})
+    assert out["local"] == {"lr_sum": 0.123456}
+
+
+def test_rounding_never_makes_a_value_infinite() -> None:
+    assert ReportPolicy(significant_digits=1).apply({"train": {"big": 1.797e308}})["train"] == {"big": 1.797e308}
 
 
 @pytest.mark.parametrize(("policy", "from_job_code", "sent"), [
@@ -66,7 +86,7 @@ def test_no_metrics_no_scalars() -> None:
 ])
 def test_error_text(policy: ReportPolicy, from_job_code: bool, sent: str) -> None:
     message = f"ValueError: {SECRET}" if from_job_code else "training worker gave no answer within 60 s"
-    assert policy.error_text(message, from_job_code) == sent
+    assert policy.error_text(message, shaped_by_job=from_job_code) == sent
 
 
 def test_a_bad_pattern_is_a_config_error(tmp_path: Path) -> None:
@@ -97,22 +117,36 @@ def _header(server: FakeServer) -> pb.ResultHeader:
 
 def test_the_server_receives_only_what_the_site_allows(tmp_path: Path) -> None:
     async def execute(*args: Any) -> tuple[int, dict[str, Any], None]:
-        return 0, {"validation": dict(REPORTED["validation"], **{SECRET: 187.0}),
+        return 187, {"validation": dict(REPORTED["validation"], **{SECRET: 187.0}),
                    "scalars": REPORTED["scalars"]}, None
 
     policy = PrivacyPolicy(reports=ReportPolicy(metric_names=["accuracy", "n_samples"], significant_digits=2,
                                                 scalars=False))
     server, _ = _run_one(tmp_path, policy, execute)
+    assert _header(server).n_samples == 190
     sent = json.loads(_header(server).metrics_json)
     assert sent == {"validation": {"accuracy": 0.88, "n_samples": 40.0},
-                    "site_reports": {"metrics_withheld": 2, "scalars_withheld": 2, "significant_digits": 2}}
+                    "site_reports": {"metrics_withheld": True, "scalars_withheld": True, "significant_digits": 2}}
 
 
-def test_a_job_error_message_stays_on_the_site(tmp_path: Path) -> None:
+@pytest.mark.parametrize("error", [
+    WorkerFailed(f"ValueError: {SECRET}"),  # the learner's exception
+    UpdateRejected(f"tensor '{SECRET}': holds NaN or Inf"),  # a name inside the weights it wrote
+    WorkerFailed("training worker exited with code 187 (see the site log)"),  # an exit code it chose
+], ids=["exception", "tensor_name", "exit_code"])
+def test_what_the_job_could_shape_in_an_error_stays_on_the_site(tmp_path: Path, error: Exception) -> None:
     async def execute(*args: Any) -> None:
-        raise WorkerFailed(f"ValueError: {SECRET}", from_job_code=True)
+        raise error
 
     server, daemon = _run_one(tmp_path, PrivacyPolicy(reports=ReportPolicy(error_details=False)), execute)
     assert _header(server).error == GENERIC_ERROR
     assert [r["reason"] for r in _events(daemon, "error_reported")] == [GENERIC_ERROR]
-    assert SECRET in _events(daemon, "task_failed")[0]["reason"]  # site IT still sees what happened
+    assert str(error) in _events(daemon, "task_failed")[0]["reason"]  # site IT still sees what happened
+
+
+def test_the_sites_own_reasons_still_leave(tmp_path: Path) -> None:
+    async def execute(*args: Any) -> None:
+        raise JobRejected("job job-a: DP budget exhausted on this site")
+
+    server, _ = _run_one(tmp_path, PrivacyPolicy(reports=ReportPolicy(error_details=False)), execute)
+    assert _header(server).error == "job job-a: DP budget exhausted on this site"
