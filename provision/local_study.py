@@ -151,6 +151,12 @@ class LocalStudy:
     def write_local(self, name: str, file: str, settings: dict[str, Any]) -> None:
         (self.kits[name] / "local" / file).write_text(yaml.safe_dump(settings))
 
+    def update_local(self, name: str, file: str, changes: dict[str, Any]) -> None:
+        """Set top-level keys of a participant's local/FILE, keeping the others."""
+        path = self.kits[name] / "local" / file
+        current = yaml.safe_load(path.read_text()) if path.exists() else {}
+        self.write_local(name, file, {**(current or {}), **changes})
+
     # ---- processes -------------------------------------------------------------------------------
 
     def log_path(self, name: str) -> Path:

@@ -10,8 +10,6 @@ import json
 import shutil
 from pathlib import Path
 
-import yaml
-
 from provision.local_study import wait_until
 from runtime.client.disk_guard import free_mb
 
@@ -22,14 +20,10 @@ MARGIN_MB = 320
 def test_a_job_that_fills_the_disk_is_stopped_and_cleaned_up(make_study, tmp_path):
     handle = make_study(sites=["site-1"])
     study = handle.study
-    site_yml = study.kits["site-1"] / "local" / "site.yml"
     floor = int(free_mb(tmp_path)) - MARGIN_MB
-    settings = yaml.safe_load(site_yml.read_text())
-    study.write_local("site-1", "site.yml", {**settings, "sandbox": {"min_free_disk_mb": floor}})
+    study.update_local("site-1", "site.yml", {"sandbox": {"min_free_disk_mb": floor}})
     study.start_server()
-    study.start("site-1")
-    wait_until(lambda: any(s["online"] for s in study.admin_json("check_status client")["sites"]), 60,
-               "site-1 online")
+    study.start_sites()
 
     job = Path(shutil.copytree(DISKFILL_JOB, tmp_path / "diskfill"))
     job_id = study.admin_json(f"submit_job {job}")["job_id"]

@@ -33,9 +33,7 @@ def _start_with_budget(study: LocalStudy, setting: str, budget: float) -> None:
     study.write_local("site-1", "privacy.yml", {"gaussian_dp": {"noise_multiplier": NOISE, "clip_norm": 1.0},
                                                 setting: {"epsilon": budget, "delta": DELTA}})
     study.start_server()
-    study.start("site-1")
-    wait_until(lambda: any(s["online"] for s in study.admin_json("check_status client")["sites"]), 60,
-               "site-1 online")
+    study.start_sites()
 
 
 def test_site_reports_its_epsilon_and_stops_at_its_budget(make_study, tmp_path):

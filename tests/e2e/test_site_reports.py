@@ -11,9 +11,6 @@ import re
 import shutil
 from pathlib import Path
 
-import yaml
-
-from provision.local_study import wait_until
 from runtime.client.daemon import NO_LOG
 from runtime.client.report_policy import GENERIC_ERROR
 
@@ -38,12 +35,9 @@ def test_the_site_keeps_what_its_reports_policy_does_not_allow(make_study, tmp_p
     study = handle.study
     secret = _row_name(handle.data.site_dirs["site-1"])
     study.write_local("site-1", "privacy.yml", {"reports": REPORTS})
-    site_yml = study.kits["site-1"] / "local" / "site.yml"
-    study.write_local("site-1", "site.yml", {**yaml.safe_load(site_yml.read_text()), "send_log": False})
+    study.update_local("site-1", "site.yml", {"send_log": False})
     study.start_server()
-    study.start("site-1")
-    wait_until(lambda: any(s["online"] for s in study.admin_json("check_status client")["sites"]), 60,
-               "site-1 online")
+    study.start_sites()
 
     job = Path(shutil.copytree(LEAKY_JOB, tmp_path / "leaky"))
     job_id = study.admin_json(f"submit_job {job}")["job_id"]
