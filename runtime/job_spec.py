@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .aggregators.config import AggregatorConfig, FedAvgConfig
 from .bounded_zip import extract_capped, open_zip, read_member
-from .errors import JobRejected
+from .errors import ConfigError, JobRejected
 
 META = "meta.yml"
 SERVER_CONFIG = "config_fed_server.yml"
@@ -296,6 +296,9 @@ def zip_folder(folder: Path) -> bytes:
             rel = path.relative_to(folder)
             if path.is_dir() or "__pycache__" in rel.parts or path.suffix == ".pyc":
                 continue
+            if path.exists() and not path.is_file():  # reading a FIFO would wait for ever; a device, the same
+                raise ConfigError(f"{path}: not a regular file (a FIFO, socket or device); a job folder holds "
+                                  "files and folders only: remove it")
             info = zipfile.ZipInfo(rel.as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, path.read_bytes())

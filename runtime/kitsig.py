@@ -40,7 +40,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .errors import ConfigError, KitTamperedError
+from .errors import ConfigError, KitTamperedError, problems_line
 
 # Same names as runtime.kit_config's STARTUP/SIGNATURE/ROOT_CA (a test pins them equal); spelled out here
 # so this check needs only `cryptography`, not pydantic or yaml, on a host that only runs docker.sh.
@@ -99,11 +99,10 @@ class KitReport:
         return lines
 
     def raise_if_tampered(self) -> None:
-        """Raise KitTamperedError (first problem, and how many more) unless the kit is intact."""
+        """Raise KitTamperedError, naming every problem on its one line, unless the kit is intact."""
         problems = self.problems()
         if problems:
-            more = f" (+{len(problems) - 1} more problems)" if len(problems) > 1 else ""
-            raise KitTamperedError(f"{self.kit_dir}: {problems[0]}{more}; re-unzip the kit you were sent")
+            raise KitTamperedError(f"{problems_line(str(self.kit_dir), problems)}; re-unzip the kit you were sent")
 
 
 def is_covered(rel_path: str) -> bool:

@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             from .dashboard.serve import serve  # Starlette and uvicorn load only for the dashboard
 
             return asyncio.run(serve(args.kit.resolve(), args.port, args.open))
-        if args.command:
+        if args.command is not None:
+            if not args.command.strip():  # -c '' from a script with an empty variable: say so, do not go interactive
+                raise UsageError('-c needs a command, e.g. -c "check_status server"; -c help lists them')
             return asyncio.run(one_shot(args.kit.resolve(), args.command, args.json))
         return interactive(args.kit.resolve(), args.json)
     except FedkitError as e:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import JobRejected
+from runtime.errors import ConfigError, JobRejected
 from runtime.job_spec import (
     CLIENT_CONFIG,
     META,
@@ -239,3 +239,11 @@ def test_a_job_naming_as_many_sites_as_it_needs_is_accepted() -> None:
     spec = load_job_folder(TEMPLATE, ["meta.sites=[site-1,site-2]", "meta.min_clients=2"])
 
     assert spec.meta.sites == ["site-1", "site-2"]
+
+
+def test_zip_folder_refuses_a_fifo(job: Path) -> None:
+    """Reading a FIFO would make the zip (and submit_job) wait for ever: one line instead."""
+    path = job / "custom" / "special"
+    os.mkfifo(path)
+    with pytest.raises(ConfigError, match=f"{path}: not a regular file"):
+        zip_folder(job)

@@ -106,6 +106,15 @@ def test_a_line_that_does_not_parse_is_one_json_object_with_json(console: Callab
     assert "no closing quotation" in json.loads(out)["error"]
 
 
+@pytest.mark.parametrize("line", ["", "   "])
+def test_an_empty_command_is_a_usage_error_not_the_interactive_console(console: Callable[..., Any],
+                                                                       line: str) -> None:
+    """`fl_admin.sh -c "$CMD" --json` with CMD unset: the script gets one JSON object, not silence and 0."""
+    code, out, err, calls = console("-c", line, "--json", stdin="check_status server\n")
+    assert code == 2 and "-c needs a command" in _one_line(err)
+    assert json.loads(out) == {"error": _one_line(err), "exit_code": 2} and calls == []
+
+
 @pytest.mark.parametrize("line", ["tail_log server nan", "show_audit inf", "wait_job J nan"])
 def test_a_number_that_is_not_finite_is_a_usage_error(console: Callable[..., Any], line: str) -> None:
     code, out, err, calls = console("-c", line, "--json")
