@@ -3,7 +3,10 @@
 A model of P float32 parameters, a trivial learner (returns a constant delta), N sites as separate
 processes started from their kits, over loopback with mutual TLS. Prints per-round median time, bytes
 moved per round, peak RSS of all processes, and, in the same run, the time a plain TLS socket needs to
-move the same bytes (server sends the model to N receivers and takes N models back), as a ratio.
+move the same bytes (server sends the model to N receivers and takes N models back), as a ratio; then the
+CPU-seconds per round of the server and of the sites (daemons and workers, the trivial learner's own work
+included) against the CPU plain TLS takes on each side for the same bytes: the floor under any transport
+over TLS on this machine.
 
     python bench/round_overhead.py                 # P=10M, N=2,4,8, 5 rounds
     python bench/round_overhead.py --params 1000000 --sites 2 --rounds 3
