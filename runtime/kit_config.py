@@ -130,6 +130,8 @@ class SandboxSettings(_Strict):
     cpus: float | None = Field(None, gt=0, description="CPU cores a job may use; null = no limit")
     memory_mb: int | None = Field(None, ge=64, description="memory a job may use, in MiB; null = no limit")
     pids: int = Field(4096, ge=16, description="processes and threads a job may run at once")
+    max_task_s: float | None = Field(None, gt=0, description="the longest a job's task may run here, whatever "
+                                                             "the job asks; null = the job's task_timeout_s")
     min_free_disk_mb: int | None = Field(1024, ge=0, description="a job's worker is stopped when the workspace's "
                                                                  "disk has less free; null = not watched")
 

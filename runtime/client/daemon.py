@@ -67,7 +67,7 @@ from .job_policy import JobPolicy
 from .local_edits import LocalEdits
 from .privacy_policy import EffectiveChain, PrivacyPolicy
 from .sandbox import limits_of, sandbox_for_job
-from .worker_handle import WorkerFailed, WorkerHandle
+from .worker_handle import WorkerFailed, WorkerHandle, WorkerTimedOut
 from .worker_threads import threads_per_rank
 
 log = logging.getLogger("fedkit.client")
@@ -473,7 +473,21 @@ class ClientDaemon:
         """Run the task in the worker; returns n_samples, metrics and the file of weights to send (always
         the output of the site's privacy chain: runtime.client.outgoing)."""
         assert self._worker is not None and task.config is not None
-        timeout_s = min(h.timeout_s or client_cfg.task_timeout_s, client_cfg.task_timeout_s)
+        asked = min(h.timeout_s or client_cfg.task_timeout_s, client_cfg.task_timeout_s)  # the job's own
+        cap = self._settings.sandbox.max_task_s
+        timeout_s = asked if cap is None else min(asked, cap)
+        try:
+            return await self._run_in_worker(h, kind, task, round_dir, client_cfg, chain, timeout_s)
+        except WorkerTimedOut as e:
+            if timeout_s < asked:
+                raise WorkerTimedOut(f"{e}: this site's cap (local/site.yml sandbox.max_task_s), below the "
+                                     f"{asked:g} s the job allows") from None
+            raise
+
+    async def _run_in_worker(self, h: pb.TaskHeader, kind: TaskKind, task: _Task, round_dir: Path,
+                             client_cfg: ClientJobConfig, chain: EffectiveChain,
+                             timeout_s: float) -> tuple[int, dict[str, Any], Path | None]:
+        assert self._worker is not None and task.config is not None
         reference = round_dir.parent / LAST_GLOBAL_FILE  # the last global model this site trained on
         if kind is TaskKind.INIT:
             out = round_dir / "initial.safetensors"

@@ -32,6 +32,10 @@ class WorkerFailed(FedkitError):
     """The training worker reported an error or died."""
 
 
+class WorkerTimedOut(WorkerFailed):
+    """The training worker gave no answer in the time a task had; it was stopped."""
+
+
 # what job code sees when the sandbox keeps it from a file, a folder or the network: Python's own words
 # would send a researcher looking for a missing file or a server that is down
 _SANDBOX_SYMPTOMS = ("FileNotFoundError", "PermissionError", "Read-only file system", "ConnectionRefusedError",
@@ -138,7 +142,7 @@ class WorkerHandle:
             line = await asyncio.wait_for(self._proc.stdout.readline(), timeout_s)
         except TimeoutError:
             await self.stop()
-            raise WorkerFailed(f"training worker gave no answer within {timeout_s:g} s") from None
+            raise WorkerTimedOut(f"training worker gave no answer within {timeout_s:g} s") from None
         except ValueError:  # the line outgrew the stream's limit; what follows is out of step, so stop
             self.kill()
             await self._proc.wait()

@@ -1,8 +1,11 @@
-"""The site's disk against a job that fills it, over real processes: the learner (tests/e2e/jobs/diskfill)
-writes 32 MiB files into its scratch folder; the site's floor (local/site.yml sandbox.min_free_disk_mb) is
-set 320 MiB under the disk's free space at the start, so the job passes it within seconds. The site kills
-the worker, empties the job's scratch, audits job_stopped, fails the task with the reason, and takes no
-more of the job's tasks; the site itself stays up."""
+"""The site's own limits on a job, over real processes, whatever the job asks.
+
+- Disk: the learner (tests/e2e/jobs/diskfill) writes 32 MiB files into its scratch folder; the site's floor
+  (local/site.yml sandbox.min_free_disk_mb) is set 320 MiB under the disk's free space at the start, so the
+  job passes it within seconds. The site kills the worker, empties the job's scratch, audits job_stopped,
+  fails the task with the reason, and takes no more of the job's tasks; the site itself stays up.
+- Time: a job allowing each task 120 s meets a site whose sandbox.max_task_s is 2: its 30 s round fails
+  at the site's cap, which the reason names."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from provision.local_study import wait_until
 from runtime.client.disk_guard import free_mb
 
 DISKFILL_JOB = Path(__file__).parent / "jobs" / "diskfill"
+SLEEPY_JOB = Path(__file__).parent / "jobs" / "sleepy"
 MARGIN_MB = 320
 
 
@@ -51,3 +55,24 @@ def test_a_job_that_fills_the_disk_is_stopped_and_cleaned_up(make_study, tmp_pat
     assert study.procs["site-1"].poll() is None
     shown = study.admin_json(f"show_job {job_id}")
     assert "min_free_disk_mb" in json.dumps(shown)
+
+
+def test_a_task_longer_than_the_sites_cap_fails_saying_so(make_study, tmp_path):
+    handle = make_study(sites=["site-1"])
+    study = handle.study
+    study.update_local("site-1", "site.yml", {"sandbox": {"max_task_s": 2}})
+    study.start_server()
+    study.start_sites()
+
+    job = Path(shutil.copytree(SLEEPY_JOB, tmp_path / "sleepy"))
+    job_id = study.admin_json(f"submit_job {job} --set server.rounds=1 --set client.learner.args.train_s=30 "
+                              "--set client.task_timeout_s=120 --set server.round_timeout_s=300")["job_id"]
+    audit_path = study.kits["site-1"] / "workspace" / "audit.jsonl"
+
+    def failed() -> list[str]:
+        return [r["reason"] for r in map(json.loads, audit_path.read_text().splitlines())
+                if r["event"] == "task_failed" and r["job_id"] == job_id]
+
+    wait_until(failed, 60, "the site to stop the round at its cap")
+    assert failed()[0] == ("training worker gave no answer within 2 s: this site's cap (local/site.yml "
+                           "sandbox.max_task_s), below the 120 s the job allows")
