@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import ConfigError, problems_line
 from .identity import Role
@@ -28,8 +28,27 @@ ROOT_CA = "rootCA.pem"
 REVOCATION_LIST = "crl.pem"
 
 
-class _Strict(BaseModel):
+class SettingsModel(BaseModel):
+    """A settings file's model: unknown keys refused, and true/false refused where a number belongs (pydantic
+    would read `true` as 1, so `min_free_disk_mb: true` would quietly mean 1 MiB)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _is_a_number(field.annotation):
+            raise ValueError(f"{str(value).lower()} is not a number")
+        return value
+
+
+def _is_a_number(annotation: Any) -> bool:
+    """int or float, possibly optional; not bool (a bool is an int to Python, not to site IT)."""
+    return annotation in (int, float) or any(a in (int, float) for a in get_args(annotation))
+
+
+_Strict = SettingsModel
 
 
 class ClientEntry(_Strict):

@@ -114,6 +114,8 @@ class SiteReports(_Strict):
 
     metrics_withheld: bool = False
     scalars_withheld: bool = False
+    key_metric_withheld: bool = Field(False, description="the job's key metric left out of a validation: this "
+                                                         "site's scores do not count toward the best model")
     significant_digits: int | None = Field(None, ge=1, le=17)
 
 
@@ -122,7 +124,7 @@ def decode_site_reports(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
     try:
-        return SiteReports.model_validate(value).model_dump(mode="json", exclude_none=True)
+        return SiteReports.model_validate(value).model_dump(mode="json", exclude_defaults=True)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"

@@ -457,8 +457,10 @@ def _site_report_lines(metrics: list[dict[str, Any]]) -> list[str]:
         if entry["type"] != "site_reports":
             continue
         for site, kept in (entry.get("sites") or {}).items():
-            total = totals.setdefault(site, {"metrics_withheld": 0, "scalars_withheld": 0, "results": 0})
+            total = totals.setdefault(site, {"metrics_withheld": 0, "scalars_withheld": 0, "key_metric_withheld": 0,
+                                             "results": 0})
             total["metrics_withheld"] += bool(kept.get("metrics_withheld"))
+            total["key_metric_withheld"] += bool(kept.get("key_metric_withheld"))
             total["scalars_withheld"] += bool(kept.get("scalars_withheld"))
             total["results"] += 1
             if kept.get("significant_digits"):
@@ -470,8 +472,10 @@ def _site_report_lines(metrics: list[dict[str, Any]]) -> list[str]:
     for site, t in sorted(totals.items()):
         rounding = f"; values rounded to {t['significant_digits']} significant digits" \
             if "significant_digits" in t else ""
+        key = (f"; the job's key metric withheld in {t['key_metric_withheld']}: these scores do not count toward "
+               "the best model") if t["key_metric_withheld"] else ""
         lines.append(f"  {site}: metrics withheld in {t['metrics_withheld']} and scalars in {t['scalars_withheld']} "
-                     f"of {t['results']} result{'s' if t['results'] != 1 else ''}{rounding}")
+                     f"of {t['results']} result{'s' if t['results'] != 1 else ''}{rounding}{key}")
     return lines
 
 

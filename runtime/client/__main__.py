@@ -31,6 +31,7 @@ from ..procs import (  # noqa: E402
 )
 from ..transport import TlsFiles  # noqa: E402
 from .daemon import ClientDaemon  # noqa: E402
+from .disk_guard import free_mb  # noqa: E402
 from .job_policy import JobPolicy  # noqa: E402
 from .privacy_policy import PRIVACY_FILE, PrivacyPolicy  # noqa: E402
 
@@ -68,6 +69,10 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
                  allowed_roles=rules["allowed_roles"])  # what this site enforces, from the start
     log.info("audit log %s: %s", audit.path, audit.head())
     log.info("site %s (%s) starting; server %s:%d", cfg.name, cfg.org, cfg.server_host, cfg.fed_learn_port)
+    floor = settings.sandbox.min_free_disk_mb
+    if floor is not None and (free := free_mb(ws)) < floor:
+        log.warning("the disk holding this site's workspace has %.0f MiB free, below local/site.yml "
+                    "sandbox.min_free_disk_mb (%d): no job's worker starts until there is room", free, floor)
     if privacy.reports.is_open and (privacy.gaussian_dp or privacy.dp_budget or privacy.dp_site_budget):
         log.warning("this site puts differential privacy on the weights, but a job's metrics, logged scalars and "
                     "error messages leave as its code writes them, without noise; local/privacy.yml `reports:` "

@@ -60,12 +60,13 @@ from ..transport import (
 )
 from . import outgoing
 from .code_approval import ReceivedCode, received_code
-from .disk_guard import DiskGuard
+from .disk_guard import DiskGuard, empty_folders
 from .dp_ledger import SITE_LEDGER_FILE, DpLedger
 from .job_folders import JobFolders
 from .job_policy import JobPolicy
 from .local_edits import LocalEdits
 from .privacy_policy import EffectiveChain, PrivacyPolicy
+from .report_policy import REPORT_KEY
 from .sandbox import limits_of, sandbox_for_job
 from .worker_handle import WorkerFailed, WorkerHandle, WorkerTimedOut
 from .worker_threads import threads_per_rank
@@ -99,6 +100,10 @@ class Steps:
 
     def __str__(self) -> str:
         return ", ".join(f"{step} {s:.2f} s" for step, s in self.seconds.items())
+
+
+# the tasks whose weights are a DP release, and the prepare that starts their worker: a spent budget stops them
+_RELEASING = frozenset({TaskKind.PREPARE, TaskKind.INIT, TaskKind.TRAIN, TaskKind.SUBMIT_MODEL})
 
 
 @dataclass
@@ -144,6 +149,7 @@ class ClientDaemon:
         self._disk = DiskGuard(ws, settings.sandbox.min_free_disk_mb)
         self._disk_watch: asyncio.Task | None = None
         self._disk_stopped: dict[str, str] = {}  # job -> why the disk guard stopped it: no more of its tasks
+        self._key_withheld: set[str] = set()  # jobs whose key metric this site's reports policy withholds (warned)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -272,8 +278,10 @@ class ClientDaemon:
                 self._worker.kill()
             await self._stop_worker()
             self._job_id, self._round = "", 0
-        with contextlib.suppress(JobRejected, OSError):  # the job is over: its privacy reference goes
-            (self._ws / "jobs" / _safe_name(job_id) / LAST_GLOBAL_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(JobRejected, OSError):  # the job is over: its privacy reference goes, and
+            folders = JobFolders(self._ws / "jobs" / _safe_name(job_id))  # what its code left in scratch/outbox
+            (folders.root / LAST_GLOBAL_FILE).unlink(missing_ok=True)
+            await asyncio.to_thread(empty_folders, (folders.scratch, folders.outbox))
 
     # ---- tasks -----------------------------------------------------------------------------------
 
@@ -373,6 +381,16 @@ class ClientDaemon:
             # a refusal comes before any job code; in a thread: the first chain with filters imports NumPy
             try:
                 chain = await asyncio.to_thread(self._privacy.chain_for, h.job_id, client_cfg.filters)
+                if kind in _RELEASING and (release := chain.dp_release()) is not None \
+                        and (chain.dp_budget is not None or chain.dp_site_budget is not None):
+                    # a spent budget stops the job's code too, not only its upload
+                    try:
+                        await asyncio.to_thread(self._ledger(h.job_id).check_room, release[0], chain.dp_budget,
+                                                chain.dp_site_budget)
+                    except DpBudgetExhausted as e:
+                        self._audit.append("dp_budget_exhausted", job_id=h.job_id, task=h.task_name, round=h.round,
+                                           **e.details)
+                        raise
             except JobRejected as e:  # local/privacy.yml: a floor under `on_weaker_job: refuse`, or a DP budget
                 self._job_refused(h, config, "privacy", e)
                 raise
@@ -382,7 +400,12 @@ class ClientDaemon:
             n_samples, metrics, payload = await self._execute(h, kind, task, round_dir, client_cfg, chain)
             # what the job's code reported leaves as the site's `reports:` allow; the privacy chain did the weights
             reports = self._privacy.reports
-            await self._submit(h, reports.sample_count(n_samples), reports.apply(metrics), payload, steps=task.steps)
+            sent = reports.apply(metrics, task.config.key_metric.name)
+            if sent.get(REPORT_KEY, {}).get("key_metric_withheld") and h.job_id not in self._key_withheld:
+                self._key_withheld.add(h.job_id)
+                log.warning("job %s: local/privacy.yml reports withholds its key metric '%s': this site's scores "
+                            "do not count toward the job's best model", h.job_id, task.config.key_metric.name)
+            await self._submit(h, reports.sample_count(n_samples), sent, payload, steps=task.steps)
         # UpdateRejected: the job's code wrote weights the privacy step cannot read; only this task fails
         # OSError: the site's disk full or its job folder unwritable; fails this task, not the daemon (the soak)
         except (WorkerFailed, JobRejected, ConfigError, UpdateRejected, OSError) as e:
@@ -544,7 +567,7 @@ class ClientDaemon:
         A gaussian_dp upload is counted in the job's DP ledger and the site's; past a budget it is not written,
         and the refusal is audited (dp_budget_exhausted) before the task fails."""
         job_id = self._job_id
-        ledger = DpLedger(self._ws / "jobs" / _safe_name(job_id), job_id, self._ws / SITE_LEDGER_FILE)
+        ledger = self._ledger(job_id)
         try:
             report = await asyncio.to_thread(outgoing.prepare, task, raw, raw.with_suffix(SENT_SUFFIX), chain,
                                              self._generator, reference, ledger=ledger)
@@ -552,6 +575,10 @@ class ClientDaemon:
             self._audit.append("dp_budget_exhausted", job_id=job_id, task=task, round=self._round, **e.details)
             raise
         return {"privacy": report.model_dump(mode="json", exclude_none=True)}
+
+    def _ledger(self, job_id: str) -> DpLedger:
+        """The job's DP ledger on this site, with the site's ledger of all jobs."""
+        return DpLedger(self._ws / "jobs" / _safe_name(job_id), job_id, self._ws / SITE_LEDGER_FILE)
 
     def _generator(self) -> Any:
         """The site's one random Generator for its privacy filters, made (and NumPy imported) on first use."""

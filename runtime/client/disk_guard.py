@@ -24,13 +24,13 @@ from ..errors import JobRejected
 log = logging.getLogger("fedkit.client")
 
 CHECK_INTERVAL_S = 0.5
-MB = 1 << 20
+MIB = 1 << 20
 
 
 def free_mb(path: Path) -> float:
     """Free space, in MiB, that an unprivileged writer may still use on `path`'s file system."""
     st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize / MB
+    return st.f_bavail * st.f_frsize / MIB
 
 
 class DiskGuard:
@@ -46,7 +46,7 @@ class DiskGuard:
             return
         free = self._free(self._workspace)
         if free < self.min_free_mb:
-            raise JobRejected(f"job {job_id} not started: the disk holding this site's workspace has {free:.0f} MB "
+            raise JobRejected(f"job {job_id} not started: the disk holding this site's workspace has {free:.0f} MiB "
                               f"free, below local/site.yml sandbox.min_free_disk_mb ({self.min_free_mb}); free "
                               "some space on it")
 
@@ -58,15 +58,15 @@ class DiskGuard:
             return
         while (free := self._free(self._workspace)) >= self.min_free_mb:
             await asyncio.sleep(CHECK_INTERVAL_S)
-        reason = (f"job {job_id} stopped on this site: the disk holding its workspace fell to {free:.0f} MB free "
+        reason = (f"job {job_id} stopped on this site: the disk holding its workspace fell to {free:.0f} MiB free "
                   f"while the job ran, below local/site.yml sandbox.min_free_disk_mb ({self.min_free_mb}); the "
                   "job's scratch and outbox were emptied and this site takes no more of its tasks")
         log.error("%s", reason)
         stop(reason)
-        await asyncio.to_thread(_empty, job_folders)
+        await asyncio.to_thread(empty_folders, job_folders)
 
 
-def _empty(folders: tuple[Path, ...]) -> None:
+def empty_folders(folders: tuple[Path, ...]) -> None:
     """Remove everything inside each folder, keeping the folder."""
     for folder in folders:
         if not folder.is_dir():

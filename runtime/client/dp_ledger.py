@@ -113,6 +113,21 @@ class DpLedger:
             raise ValueError("this ledger was made without the site's ledger file")
         return _read(self.site_file, SiteLedgerFile, self._site_unreadable) or SiteLedgerFile()
 
+    def check_room(self, release: Sequence[GaussianMechanism], budget: DpBudget | None,
+                   site_budget: DpBudget | None = None) -> None:
+        """Raise DpBudgetExhausted when one more such release would go past a budget: checked before a
+        task runs any of the job's code, so a spent budget stops training too, not only the upload."""
+        with _LOCK:
+            before = self.read()
+            if budget is not None:
+                self._check(budget, before, before.plus(release), "the job's", f"job {self.job_id}: DP budget "
+                            "exhausted on this site", "dp_budget", before.releases + 1, _NOT_RUN)
+            if site_budget is not None:
+                site_before = self.read_site()
+                self._check(site_budget, site_before, site_before.plus(release, self.job_id),
+                            "this site's, all jobs together,", f"job {self.job_id}: this site's DP budget for "
+                            "all jobs is exhausted", "dp_site_budget", site_before.releases + 1, _NOT_RUN)
+
     def charge(self, release: Sequence[GaussianMechanism], delta: float, budget: DpBudget | None,
                site_budget: DpBudget | None = None) -> DpSpend:
         """Count one release (a mechanism per gaussian_dp step of the upload) and say what it cost, at
@@ -146,7 +161,7 @@ class DpLedger:
                        sampling_rate=max(m.sampling_rate for m in release), releases=after.releases, **site_total)
 
     def _check(self, budget: DpBudget, before: _Releases, after: _Releases, whose: str, headline: str,
-               setting: str, releases: int) -> None:
+               setting: str, releases: int, outcome: str = "the update was not sent") -> None:
         would_be = epsilon(after.counts(), budget.delta)
         if would_be <= budget.epsilon:
             return
@@ -154,7 +169,7 @@ class DpLedger:
         raise DpBudgetExhausted(
             f"{headline}: this upload would bring {whose} epsilon to {_fmt(would_be)} (at delta {budget.delta:g}, "
             f"after {releases} releases), past this site's budget of {budget.epsilon:g} (local/privacy.yml "
-            f"{setting}); spent so far {_fmt(spent)}; the update was not sent",
+            f"{setting}); spent so far {_fmt(spent)}; {outcome}",
             budget=setting, epsilon_spent=_json_epsilon(spent), epsilon_would_be=_json_epsilon(would_be),
             budget_epsilon=budget.epsilon, delta=budget.delta, releases_so_far=before.releases)
 
@@ -168,6 +183,9 @@ class DpLedger:
                            "epsilon spent on this site is unknown and no DP upload is sent; restore the file from "
                            "a backup, or delete it only if you accept that the count of every job's releases "
                            "starts again from 0 (for instance, when the site's data is entirely new)")
+
+
+_NOT_RUN = "nothing of the job ran for this task"
 
 
 def _read(path: Path, model: type[_R], unreadable: Callable[[str], JobRejected]) -> _R | None:

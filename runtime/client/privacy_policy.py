@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from ..errors import ConfigError, JobRejected
 from ..job_spec import FilterConfig
-from ..kit_config import load_optional
+from ..kit_config import SettingsModel, load_optional
 from ..privacy_accounting import GaussianMechanism
 from ..privacy_report import FilterStep
 from .report_policy import ReportPolicy, checked_patterns
@@ -46,8 +46,7 @@ if TYPE_CHECKING:
 PRIVACY_FILE = "privacy.yml"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Strict = SettingsModel
 
 
 class GaussianDpFloor(_Strict):
@@ -89,6 +88,11 @@ class PrivacyPolicy(_Strict):
     dp_budget: DpBudget | None = None
     dp_site_budget: DpBudget | None = None
     reports: ReportPolicy = Field(default_factory=ReportPolicy)  # what the job's own reports may carry out
+
+    @field_validator("reports", mode="before")
+    @classmethod
+    def _null_reports_is_the_default(cls, value: Any) -> Any:
+        return {} if value is None else value  # `reports: null`, as the other sections say "none"
 
     @field_validator("exclude_vars")
     @classmethod

@@ -8,7 +8,8 @@ chain, so a hostile learner can put data in it. This policy, owned by site IT, d
 
 - `metric_names`: regular expressions; only names matching one (whole name) leave, metrics and scalars
   alike; the rest are withheld, their names too (a name can carry data). null: any name.
-- `max_metrics`: at most this many metrics per map leave (the first by name); the rest are withheld.
+- `max_metrics`: at most this many metrics per map leave (the first by name; `n_samples`, the weight of the
+  others, when allowed, on top); the rest are withheld.
 - `significant_digits`: metric and scalar values, scalar steps and the sample count are rounded to this
   many significant digits before they leave, which bounds what the low digits can carry. null: as
   computed. The site-side algorithm's figures (`local`) are never rounded: the server's SCAFFOLD
@@ -30,13 +31,15 @@ import math
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from ..kit_config import SettingsModel
 from ..privacy_report import SiteReports
 
 JOB_MAPS = ("train", "validation", "local", "local_validation")  # the metric maps the job's code fills
 REPORT_KEY = "site_reports"
 MAX_METRICS_PER_MAP = 256  # the server's own limit (runtime.server.metrics_check)
+WEIGHT = "n_samples"  # a validation's weight across sites (runtime.workflows.base.weighted_metrics)
 GENERIC_ERROR = ("the job's code failed on this site; its message stays in the site's log "
                  "(local/privacy.yml reports.error_details: false)")
 
@@ -52,9 +55,7 @@ def checked_patterns(patterns: list[str]) -> list[str]:
     return patterns
 
 
-class ReportPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class ReportPolicy(SettingsModel):
     metric_names: list[str] | None = Field(None, description="regular expressions of metric names that may "
                                                              "leave (whole name); null: any")
     max_metrics: int = Field(MAX_METRICS_PER_MAP, ge=0, le=MAX_METRICS_PER_MAP,
@@ -77,9 +78,10 @@ class ReportPolicy(BaseModel):
     def allows(self, name: str) -> bool:
         return self.metric_names is None or any(re.fullmatch(p, name) for p in self.metric_names)
 
-    def apply(self, metrics: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, metrics: dict[str, Any], key_metric: str | None = None) -> dict[str, Any]:
         """`metrics` as they may leave: the job's maps and scalars filtered and rounded, the site's own
-        entries (privacy, wire) untouched, and `site_reports` saying what was changed (absent when nothing)."""
+        entries (privacy, wire) untouched, and `site_reports` saying what was changed (absent when nothing),
+        including whether the job's `key_metric` was withheld from a validation."""
         if self.is_open:
             return metrics
         out = dict(metrics)
@@ -88,7 +90,9 @@ class ReportPolicy(BaseModel):
             values = metrics.get(key)
             if not isinstance(values, dict):
                 continue
-            kept = sorted(name for name in values if self.allows(name))[:self.max_metrics]
+            kept = sorted(name for name in values if self.allows(name) and name != WEIGHT)[:self.max_metrics]
+            if WEIGHT in values and self.allows(WEIGHT):  # what weighs the others across sites: never cut
+                kept.append(WEIGHT)
             withheld |= len(kept) < len(values)
             # the site-side algorithm's figures are inputs to the server's (SCAFFOLD's lr_sum): never rounded
             out[key] = {name: values[name] if key == "local" else self._rounded(values[name]) for name in kept}
@@ -98,10 +102,13 @@ class ReportPolicy(BaseModel):
         out.pop("scalars", None)
         if kept_points:
             out["scalars"] = kept_points
+        key_withheld = key_metric is not None and any(
+            isinstance(metrics.get(m), dict) and key_metric in metrics[m] and key_metric not in out[m]
+            for m in ("validation", "local_validation"))
         summary = SiteReports(metrics_withheld=withheld, scalars_withheld=len(kept_points) < len(points),
-                              significant_digits=self.significant_digits)
+                              key_metric_withheld=key_withheld, significant_digits=self.significant_digits)
         if summary != SiteReports():
-            out[REPORT_KEY] = summary.model_dump(mode="json", exclude_none=True)
+            out[REPORT_KEY] = summary.model_dump(mode="json", exclude_defaults=True)  # absent: false, none
         return out
 
     def sample_count(self, n_samples: int) -> int:

@@ -63,12 +63,13 @@ def test_site_reports_its_epsilon_and_stops_at_its_budget(make_study, tmp_path):
     assert refused["epsilon_would_be"] == pytest.approx(accountant_epsilon(3), rel=1e-9)
     failed = [r for r in _events(study, "site-1", "task_failed") if r["job_id"] == job_id]
     assert any("DP budget exhausted on this site" in r["reason"] and "local/privacy.yml dp_budget" in r["reason"]
-               for r in failed)
+               and "nothing of the job ran for this task" in r["reason"] for r in failed)
     site_job = study.kits["site-1"] / "workspace" / "jobs" / job_id
-    trained = sorted(site_job.glob("inbox/*/delta_out.safetensors"))  # kept by keep_updates
-    assert len(trained) == 2 and len(list(site_job.glob("inbox/*/*.sent.safetensors"))) == 2  # round 0 and 1
-    assert [p.parent.name for p in trained if not p.with_suffix(".sent.safetensors").exists()] == \
-        [trained[-1].parent.name]  # the last round trained, and nothing was written to send
+    trained = sorted(p.parent.name for p in site_job.glob("inbox/*/delta_out.safetensors"))  # kept by keep_updates
+    assert len(list(site_job.glob("inbox/*/*.sent.safetensors"))) == 2  # round 0 and 1
+    assert trained == ["round_0001_train"], "round 2 was refused before the job's code trained it"
+    refusals = [r for r in _events(study, "site-1", "job_refused") if r["job_id"] == job_id]
+    assert [r["rule"] for r in refusals] == ["privacy"] and "dp_budget" in refusals[0]["reason"]
     assert json.loads((site_job / "dp_ledger.json").read_text())["releases"] == 2
 
     # show_job: the total so far, per site, at the site's delta

@@ -43,3 +43,22 @@ def test_past_ten_mistakes_the_rest_are_counted(tmp_path: Path) -> None:
     message = str(caught.value)
     assert message.startswith(f"{path}: 12 problems: ") and message.endswith("; and 2 more")
     assert message.count("Extra inputs are not permitted") == 10
+
+
+@pytest.mark.parametrize(("file", "text", "field"), [
+    ("site.yml", "sandbox: {min_free_disk_mb: true}\n", "sandbox.min_free_disk_mb"),
+    ("site.yml", "sandbox: {cpus: false}\n", "sandbox.cpus"),
+    ("privacy.yml", "dp_site_budget: {epsilon: true, delta: 1.0e-5}\n", "dp_site_budget.epsilon"),
+    ("privacy.yml", "reports: {max_metrics: true}\n", "reports.max_metrics"),
+])
+def test_true_or_false_where_a_number_belongs_is_refused(tmp_path: Path, file: str, text: str, field: str) -> None:
+    """pydantic alone would read `true` as 1: `min_free_disk_mb: true` would quietly mean 1 MiB."""
+    from runtime.client.privacy_policy import PrivacyPolicy
+
+    path = tmp_path / file
+    path.write_text(text)
+    model = kc.SiteLocalSettings if file == "site.yml" else PrivacyPolicy
+    with pytest.raises(ConfigError, match=f"field '{field}': Value error, (true|false) is not a number"):
+        kc.load_model(path, model)
+    path.write_text("send_log: false\n" if file == "site.yml" else "reports: {scalars: false}\n")
+    kc.load_model(path, model)  # a real bool still reads

@@ -25,7 +25,7 @@ class FakeDisk:
 def test_no_worker_starts_below_the_floor(tmp_path: Path) -> None:
     with pytest.raises(JobRejected) as err:
         DiskGuard(tmp_path, 1024, FakeDisk([900.0])).check_room("job-1")
-    assert "job job-1 not started" in str(err.value) and "900 MB free" in str(err.value)
+    assert "job job-1 not started" in str(err.value) and "900 MiB free" in str(err.value)
     assert "sandbox.min_free_disk_mb (1024)" in str(err.value)
     DiskGuard(tmp_path, 1024, FakeDisk([2048.0])).check_room("job-1")  # room: no error
     DiskGuard(tmp_path, None, FakeDisk([0.0])).check_room("job-1")  # off
@@ -47,7 +47,7 @@ def test_a_job_that_fills_the_disk_is_stopped_and_its_folders_emptied(tmp_path: 
     guard = DiskGuard(tmp_path, 1024, FakeDisk([5000.0, 3000.0, 1500.0, 700.0]))
     asyncio.run(asyncio.wait_for(guard.watch("job-1", (scratch, outbox), stop), 5))
     (reason,) = events
-    assert reason.startswith("job job-1 stopped on this site: the disk holding its workspace fell to 700 MB free")
+    assert reason.startswith("job job-1 stopped on this site: the disk holding its workspace fell to 700 MiB free")
     assert "takes no more of its tasks" in reason and "\n" not in reason
     assert scratch.is_dir() and outbox.is_dir() and not any(scratch.iterdir()) and not any(outbox.iterdir())
 
@@ -71,3 +71,22 @@ def test_free_space_is_the_file_systems(tmp_path: Path) -> None:
     import shutil
 
     assert free_mb(tmp_path) == pytest.approx(shutil.disk_usage(tmp_path).free / (1 << 20), rel=0.01)
+
+
+def test_an_ended_jobs_scratch_and_outbox_are_emptied(tmp_path: Path) -> None:
+    """What a job's code left on the site's disk goes when the server says the job ended (or was aborted)."""
+    from runtime.client.job_folders import JobFolders
+    from tests.runtime.client.test_site_refusals import FakeServer, _daemon
+
+    daemon = _daemon(tmp_path, FakeServer())
+    folders = JobFolders(daemon._ws / "jobs" / "job-a")
+    folders.create()
+    (folders.scratch / "checkpoints").mkdir()
+    (folders.scratch / "checkpoints" / "epoch-9.pt").write_bytes(b"x" * 1000)
+    (folders.outbox / "train-3.safetensors").write_bytes(b"y")
+    (folders.inbox / "round_0003_train").mkdir(parents=True)  # kept: keep_updates is the job's own request
+
+    asyncio.run(daemon._abandon_job("job-a"))
+
+    assert folders.scratch.is_dir() and not any(folders.scratch.iterdir()) and not any(folders.outbox.iterdir())
+    assert (folders.inbox / "round_0003_train").is_dir()

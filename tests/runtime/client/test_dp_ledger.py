@@ -235,3 +235,20 @@ def test_weights_the_site_cannot_read_spend_nothing(tmp_path: Path) -> None:
     with pytest.raises(UpdateRejected):
         site.upload(dp_filter(1.0))
     assert not (site.job_root / LEDGER_FILE).exists() and not site.out.exists()
+
+
+@pytest.mark.parametrize("setting", ["dp_budget", "dp_site_budget"])
+def test_a_spent_budget_is_seen_before_the_job_runs(tmp_path: Path, setting: str) -> None:
+    """check_room answers whether one more release fits, without counting it: the daemon asks before a
+    task runs any of the job's code."""
+    two, three = accountant_epsilon(1.0, 1.0, 2, 1e-5), accountant_epsilon(1.0, 1.0, 3, 1e-5)
+    budget = {"epsilon": (two + three) / 2, "delta": 1e-5}
+    site = Site(tmp_path, PrivacyPolicy(**{setting: budget}))
+    chain = site.policy.chain_for("job-1", dp_filter(1.0))
+    mechanisms, _ = chain.dp_release()
+    for _ in range(2):
+        site.ledger().check_room(mechanisms, chain.dp_budget, chain.dp_site_budget)  # fits: no error
+        site.upload(dp_filter(1.0))
+    with pytest.raises(DpBudgetExhausted, match=f"local/privacy.yml {setting}.*nothing of the job ran"):
+        site.ledger().check_room(mechanisms, chain.dp_budget, chain.dp_site_budget)
+    assert site.ledger().read().releases == 2 and site.ledger().read_site().releases == 2

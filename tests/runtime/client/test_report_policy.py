@@ -49,8 +49,9 @@ def test_only_allowed_names_leave_rounded_and_counted() -> None:
 
 def test_at_most_max_metrics_per_map_the_first_by_name() -> None:
     out = ReportPolicy(max_metrics=1).apply(REPORTED)
-    assert out["train"] == {"accuracy": 0.912345} and out["validation"] == {"accuracy": 0.87654321}
-    assert out["site_reports"] == {"metrics_withheld": True, "scalars_withheld": False}
+    assert out["train"] == {"accuracy": 0.912345}
+    assert out["validation"] == {"accuracy": 0.87654321, "n_samples": 40.0}  # the weight on top of the cap
+    assert out["site_reports"] == {"metrics_withheld": True}  # absent: false
 
 
 def test_no_metrics_no_scalars() -> None:
@@ -150,3 +151,25 @@ def test_the_sites_own_reasons_still_leave(tmp_path: Path) -> None:
 
     server, _ = _run_one(tmp_path, PrivacyPolicy(reports=ReportPolicy(error_details=False)), execute)
     assert _header(server).error == "job job-a: DP budget exhausted on this site"
+
+
+def test_n_samples_is_never_cut_by_max_metrics() -> None:
+    """It weighs this site's other metrics across sites; cut, a score would count as from one sample."""
+    out = ReportPolicy(max_metrics=1).apply({"validation": {"accuracy": 0.5, "auc": 0.6, "n_samples": 34.0}})
+    assert out["validation"] == {"accuracy": 0.5, "n_samples": 34.0}
+
+
+def test_a_withheld_key_metric_is_flagged() -> None:
+    policy = ReportPolicy(metric_names=["score", "n_samples"])
+    out = policy.apply({"validation": {"auc": 0.9, "score": 0.5, "n_samples": 3.0}}, key_metric="auc")
+    assert out["site_reports"]["key_metric_withheld"] is True
+    kept = policy.apply({"validation": {"score": 0.5, "n_samples": 3.0}}, key_metric="score")
+    assert "site_reports" not in kept
+    train_only = policy.apply({"train": {"auc": 0.9}}, key_metric="auc")  # not a validation: nothing to flag
+    assert train_only["site_reports"] == {"metrics_withheld": True}
+
+
+def test_reports_null_is_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.yml"
+    path.write_text("reports: null\n")
+    assert PrivacyPolicy.load(path).reports.is_open
