@@ -48,21 +48,19 @@ def _is_a_number(annotation: Any) -> bool:
     return annotation in (int, float) or any(a in (int, float) for a in get_args(annotation))
 
 
-_Strict = SettingsModel
 
-
-class ClientEntry(_Strict):
+class ClientEntry(SettingsModel):
     name: str
     org: str
 
 
-class AdminEntry(_Strict):
+class AdminEntry(SettingsModel):
     name: str
     org: str
     role: Role
 
 
-class ServerKitConfig(_Strict):
+class ServerKitConfig(SettingsModel):
     """startup/fed_server.json"""
 
     project: str
@@ -77,7 +75,7 @@ class ServerKitConfig(_Strict):
     admins: list[AdminEntry] = Field(default_factory=list)
 
 
-class ClientKitConfig(_Strict):
+class ClientKitConfig(SettingsModel):
     """startup/fed_client.json"""
 
     project: str
@@ -90,7 +88,7 @@ class ClientKitConfig(_Strict):
     root_ca: str = ROOT_CA
 
 
-class AdminKitConfig(_Strict):
+class AdminKitConfig(SettingsModel):
     """startup/fed_admin.json"""
 
     project: str
@@ -104,7 +102,7 @@ class AdminKitConfig(_Strict):
     root_ca: str = ROOT_CA
 
 
-class ServerLocalSettings(_Strict):
+class ServerLocalSettings(SettingsModel):
     """local/server.yml (optional; defaults apply when absent)."""
 
     listen_host: str | None = Field(None, description="address to bind; default: the server's host name")
@@ -138,7 +136,7 @@ class ServerLocalSettings(_Strict):
                                           "its repeat count; 0 = every one")
 
 
-class SandboxSettings(_Strict):
+class SandboxSettings(SettingsModel):
     """local/site.yml `sandbox:`: how this site confines job code (a stranger's code) while it runs."""
 
     backend: Literal["auto", "native", "docker", "off"] = Field(
@@ -155,7 +153,7 @@ class SandboxSettings(_Strict):
                                                                  "disk has less free; null = not watched")
 
 
-class SiteLocalSettings(_Strict):
+class SiteLocalSettings(SettingsModel):
     """local/site.yml on a client site (optional; defaults apply when absent)."""
 
     data_root: str | None = Field(None, description="folder holding this site's data; passed to the learner")

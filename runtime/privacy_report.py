@@ -26,7 +26,7 @@ this job's releases from this site so far (runtime.client.dp_ledger), at `delta`
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
@@ -123,12 +123,20 @@ def decode_site_reports(value: Any) -> dict[str, Any] | None:
     """The server's check of a result's "site_reports" object: None when absent. Raises UpdateRejected."""
     if value is None:
         return None
+    return _validated(SiteReports, value, "site_reports").model_dump(mode="json", exclude_defaults=True)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validated(model: type[M], value: Any, key: str) -> M:
+    """`value` as `model`; UpdateRejected naming the first bad field of metrics `key` otherwise."""
     try:
-        return SiteReports.model_validate(value).model_dump(mode="json", exclude_defaults=True)
+        return model.model_validate(value)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise UpdateRejected(f"metrics 'site_reports': field '{where}': {first['msg']}") from None
+        raise UpdateRejected(f"metrics '{key}': field '{where}': {first['msg']}") from None
 
 
 def decode_report(value: Any) -> dict[str, Any] | None:
@@ -138,12 +146,7 @@ def decode_report(value: Any) -> dict[str, Any] | None:
         return None
     if len(json.dumps(value, default=str)) > MAX_REPORT_BYTES:
         raise UpdateRejected(f"metrics 'privacy' exceeds {MAX_REPORT_BYTES} bytes")
-    try:
-        return PrivacyReport.model_validate(value).model_dump(mode="json", exclude_none=True)  # no "dp": null
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise UpdateRejected(f"metrics 'privacy': field '{where}': {first['msg']}") from None
+    return _validated(PrivacyReport, value, "privacy").model_dump(mode="json", exclude_none=True)  # no "dp": null
 
 
 def describe_chain(report: dict[str, Any], with_target: bool = True) -> str:

@@ -19,10 +19,10 @@ import platform
 import random
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -72,6 +72,7 @@ from .worker_handle import WorkerFailed, WorkerHandle, WorkerTimedOut
 from .worker_threads import threads_per_rank
 
 log = logging.getLogger("fedkit.client")
+T = TypeVar("T")
 
 VERSION = "0.1.0"
 RPC_TIMEOUT_S = 30.0
@@ -381,16 +382,8 @@ class ClientDaemon:
             # a refusal comes before any job code; in a thread: the first chain with filters imports NumPy
             try:
                 chain = await asyncio.to_thread(self._privacy.chain_for, h.job_id, client_cfg.filters)
-                if kind in _RELEASING and (release := chain.dp_release()) is not None \
-                        and (chain.dp_budget is not None or chain.dp_site_budget is not None):
-                    # a spent budget stops the job's code too, not only its upload
-                    try:
-                        await asyncio.to_thread(self._ledger(h.job_id).check_room, release[0], chain.dp_budget,
-                                                chain.dp_site_budget)
-                    except DpBudgetExhausted as e:
-                        self._audit.append("dp_budget_exhausted", job_id=h.job_id, task=h.task_name, round=h.round,
-                                           **e.details)
-                        raise
+                if kind in _RELEASING:  # a spent budget stops the job's code too, not only its upload
+                    await self._dp_counted(h.job_id, h.task_name, h.round, self._check_dp_room, chain)
             except JobRejected as e:  # local/privacy.yml: a floor under `on_weaker_job: refuse`, or a DP budget
                 self._job_refused(h, config, "privacy", e)
                 raise
@@ -566,15 +559,25 @@ class ClientDaemon:
         """Apply the privacy chain to `raw`, writing what may leave next to it; the result's "privacy".
         A gaussian_dp upload is counted in the job's DP ledger and the site's; past a budget it is not written,
         and the refusal is audited (dp_budget_exhausted) before the task fails."""
-        job_id = self._job_id
-        ledger = self._ledger(job_id)
-        try:
-            report = await asyncio.to_thread(outgoing.prepare, task, raw, raw.with_suffix(SENT_SUFFIX), chain,
-                                             self._generator, reference, ledger=ledger)
-        except DpBudgetExhausted as e:
-            self._audit.append("dp_budget_exhausted", job_id=job_id, task=task, round=self._round, **e.details)
-            raise
+        report = await self._dp_counted(self._job_id, task, self._round, outgoing.prepare, task, raw,
+                                        raw.with_suffix(SENT_SUFFIX), chain, self._generator, reference,
+                                        ledger=self._ledger(self._job_id))
         return {"privacy": report.model_dump(mode="json", exclude_none=True)}
+
+    async def _dp_counted(self, job_id: str, task: str, round: int, fn: Callable[..., T], *args: Any,
+                          **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` in a thread; a DP budget it finds spent is audited (dp_budget_exhausted)."""
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except DpBudgetExhausted as e:
+            self._audit.append("dp_budget_exhausted", job_id=job_id, task=task, round=round, **e.details)
+            raise
+
+    def _check_dp_room(self, chain: EffectiveChain) -> None:
+        """Raise DpBudgetExhausted when the job's next release through `chain` would pass a budget."""
+        release = chain.dp_release()
+        if release is not None and (chain.dp_budget is not None or chain.dp_site_budget is not None):
+            self._ledger(self._job_id).check_room(release[0], chain.dp_budget, chain.dp_site_budget)
 
     def _ledger(self, job_id: str) -> DpLedger:
         """The job's DP ledger on this site, with the site's ledger of all jobs."""

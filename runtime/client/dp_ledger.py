@@ -118,15 +118,7 @@ class DpLedger:
         """Raise DpBudgetExhausted when one more such release would go past a budget: checked before a
         task runs any of the job's code, so a spent budget stops training too, not only the upload."""
         with _LOCK:
-            before = self.read()
-            if budget is not None:
-                self._check(budget, before, before.plus(release), "the job's", f"job {self.job_id}: DP budget "
-                            "exhausted on this site", "dp_budget", before.releases + 1, _NOT_RUN)
-            if site_budget is not None:
-                site_before = self.read_site()
-                self._check(site_budget, site_before, site_before.plus(release, self.job_id),
-                            "this site's, all jobs together,", f"job {self.job_id}: this site's DP budget for "
-                            "all jobs is exhausted", "dp_site_budget", site_before.releases + 1, _NOT_RUN)
+            self._check_budgets(*self._with(release), budget, site_budget, "nothing of the job ran for this task")
 
     def charge(self, release: Sequence[GaussianMechanism], delta: float, budget: DpBudget | None,
                site_budget: DpBudget | None = None) -> DpSpend:
@@ -135,20 +127,10 @@ class DpLedger:
         `budget`'s delta would go past `budget`, or the site's total over all jobs past `site_budget`."""
         if not release:
             raise ValueError("a DP release has at least one gaussian_dp step")
-        if site_budget is not None and self.site_file is None:
-            raise ValueError("a site budget needs the site's ledger file")
         with _LOCK:
-            before = self.read()
-            after = before.plus(release)
-            site_before = self.read_site() if self.site_file is not None else None
-            site_after = site_before.plus(release, self.job_id) if site_before is not None else None
-            if budget is not None:
-                self._check(budget, before, after, "the job's", f"job {self.job_id}: DP budget exhausted on this "
-                            "site", "dp_budget", after.releases)
-            if site_budget is not None:
-                self._check(site_budget, site_before, site_after, "this site's, all jobs together,",
-                            f"job {self.job_id}: this site's DP budget for all jobs is exhausted",
-                            "dp_site_budget", site_after.releases)
+            before, after, site_before, site_after = self._with(release)
+            self._check_budgets(before, after, site_before, site_after, budget, site_budget,
+                                "the update was not sent")
             if site_after is not None:  # first: a crash before the job's write over-counts, never under-counts
                 _write(self.site_file, site_after)
             _write(self.path, after)
@@ -160,18 +142,25 @@ class DpLedger:
                        noise_multiplier=min(m.noise_multiplier for m in release),
                        sampling_rate=max(m.sampling_rate for m in release), releases=after.releases, **site_total)
 
-    def _check(self, budget: DpBudget, before: _Releases, after: _Releases, whose: str, headline: str,
-               setting: str, releases: int, outcome: str = "the update was not sent") -> None:
-        would_be = epsilon(after.counts(), budget.delta)
-        if would_be <= budget.epsilon:
-            return
-        spent = epsilon(before.counts(), budget.delta)
-        raise DpBudgetExhausted(
-            f"{headline}: this upload would bring {whose} epsilon to {_fmt(would_be)} (at delta {budget.delta:g}, "
-            f"after {releases} releases), past this site's budget of {budget.epsilon:g} (local/privacy.yml "
-            f"{setting}); spent so far {_fmt(spent)}; {outcome}",
-            budget=setting, epsilon_spent=_json_epsilon(spent), epsilon_would_be=_json_epsilon(would_be),
-            budget_epsilon=budget.epsilon, delta=budget.delta, releases_so_far=before.releases)
+    def _with(self, release: Sequence[GaussianMechanism]) -> tuple[LedgerFile, LedgerFile, SiteLedgerFile | None,
+                                                                     SiteLedgerFile | None]:
+        """The job's and the site's ledgers as they are, and as they would be with `release` counted."""
+        before = self.read()
+        site_before = self.read_site() if self.site_file is not None else None
+        return (before, before.plus(release), site_before,
+                site_before.plus(release, self.job_id) if site_before is not None else None)
+
+    def _check_budgets(self, before: LedgerFile, after: LedgerFile, site_before: SiteLedgerFile | None,
+                       site_after: SiteLedgerFile | None, budget: DpBudget | None, site_budget: DpBudget | None,
+                       outcome: str) -> None:
+        if budget is not None:
+            _check(budget, before, after, "the job's", f"job {self.job_id}: DP budget exhausted on this site",
+                   "dp_budget", outcome)
+        if site_budget is not None:
+            if site_before is None or site_after is None:
+                raise ValueError("a site budget needs the site's ledger file")
+            _check(site_budget, site_before, site_after, "this site's, all jobs together,",
+                   f"job {self.job_id}: this site's DP budget for all jobs is exhausted", "dp_site_budget", outcome)
 
     def _unreadable(self, reason: str) -> JobRejected:
         return JobRejected(f"{self.path}: this job's DP ledger cannot be read ({reason}), so its epsilon on this "
@@ -185,7 +174,19 @@ class DpLedger:
                            "starts again from 0 (for instance, when the site's data is entirely new)")
 
 
-_NOT_RUN = "nothing of the job ran for this task"
+def _check(budget: DpBudget, before: _Releases, after: _Releases, whose: str, headline: str, setting: str,
+           outcome: str) -> None:
+    """Raise DpBudgetExhausted, saying `outcome`, when `after` goes past `budget` (at its delta)."""
+    would_be = epsilon(after.counts(), budget.delta)
+    if would_be <= budget.epsilon:
+        return
+    spent = epsilon(before.counts(), budget.delta)
+    raise DpBudgetExhausted(
+        f"{headline}: this upload would bring {whose} epsilon to {_fmt(would_be)} (at delta {budget.delta:g}, "
+        f"after {after.releases} releases), past this site's budget of {budget.epsilon:g} (local/privacy.yml "
+        f"{setting}); spent so far {_fmt(spent)}; {outcome}",
+        budget=setting, epsilon_spent=_json_epsilon(spent), epsilon_would_be=_json_epsilon(would_be),
+        budget_epsilon=budget.epsilon, delta=budget.delta, releases_so_far=before.releases)
 
 
 def _read(path: Path, model: type[_R], unreadable: Callable[[str], JobRejected]) -> _R | None:

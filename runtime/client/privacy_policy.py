@@ -46,10 +46,8 @@ if TYPE_CHECKING:
 PRIVACY_FILE = "privacy.yml"
 
 
-_Strict = SettingsModel
 
-
-class GaussianDpFloor(_Strict):
+class GaussianDpFloor(SettingsModel):
     noise_multiplier: float = Field(ge=0, description="at least this much noise (sigma = noise_multiplier * clip)")
     clip_norm: float = Field(gt=0, description="at most this L2 norm of what is sent, before the noise")
     delta: float | None = Field(None, gt=0, lt=1, description="epsilon is reported at this delta or a smaller one")
@@ -58,7 +56,7 @@ class GaussianDpFloor(_Strict):
                                         "sampling, which this site cannot check")
 
 
-class DpBudget(_Strict):
+class DpBudget(SettingsModel):
     """The most epsilon (at `delta`) the gaussian_dp releases it covers may add up to: one job's
     (`dp_budget`), or every job's together (`dp_site_budget`)."""
 
@@ -66,17 +64,17 @@ class DpBudget(_Strict):
     delta: float = Field(gt=0, lt=1)
 
 
-class PercentileFloor(_Strict):
+class PercentileFloor(SettingsModel):
     fraction: float = Field(gt=0, le=1, description="at most this fraction of each tensor's entries is sent")
 
 
-class SvtFloor(_Strict):
+class SvtFloor(SettingsModel):
     epsilon: float = Field(gt=0, description="at most this epsilon")
     fraction: float = Field(1.0, gt=0, le=1, description="at most this fraction of entries is released")
     clip: float = Field(0.01, gt=0, description="the clip used when this site adds svt to a job without it")
 
 
-class PrivacyPolicy(_Strict):
+class PrivacyPolicy(SettingsModel):
     """local/privacy.yml. Without the file: no floor, the job's own filters run as asked."""
 
     on_weaker_job: Literal["raise", "refuse"] = "raise"

@@ -35,10 +35,10 @@ from pydantic import Field, field_validator
 
 from ..kit_config import SettingsModel
 from ..privacy_report import SiteReports
+from ..server.metrics_check import CHECKED_MAPS as JOB_MAPS  # the metric maps the job's code fills
+from ..server.metrics_check import MAX_METRICS_PER_MAP
 
-JOB_MAPS = ("train", "validation", "local", "local_validation")  # the metric maps the job's code fills
 REPORT_KEY = "site_reports"
-MAX_METRICS_PER_MAP = 256  # the server's own limit (runtime.server.metrics_check)
 WEIGHT = "n_samples"  # a validation's weight across sites (runtime.workflows.base.weighted_metrics)
 GENERIC_ERROR = ("the job's code failed on this site; its message stays in the site's log "
                  "(local/privacy.yml reports.error_details: false)")

@@ -27,7 +27,7 @@ import logging
 import os
 import signal
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -128,16 +128,7 @@ class OffSandbox(Sandbox):
         return None
 
     async def start(self, launch: WorkerLaunch) -> WorkerProcess:
-        log_file = CappedLog(launch.log_path)  # before the process: a full disk fails here, with nothing started
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *launch.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, cwd=str(launch.cwd), env=dict(launch.env),
-                limit=WORKER_LINE_LIMIT_BYTES, start_new_session=True)
-        except BaseException:
-            log_file.close()
-            raise
-        return LoggedProcess(proc, log_file)
+        return LoggedProcess(*await spawn_worker(launch.argv, dict(launch.env), str(launch.cwd), launch.log_path))
 
     def kill(self, proc: WorkerProcess) -> None:
         if proc.returncode is None:
@@ -148,6 +139,21 @@ class OffSandbox(Sandbox):
 
     def describe_limits(self, limits: SandboxLimits) -> dict[str, str]:
         return {"cpus": "not enforced", "memory": "not enforced", "pids": "not enforced"}
+
+
+async def spawn_worker(argv: Sequence[str], env: dict[str, str], cwd: str, log_path: Path,
+                       pass_fds: Sequence[int] = ()) -> tuple[asyncio.subprocess.Process, CappedLog]:
+    """Start a worker process speaking JSON lines on stdin/stdout in a session of its own, and the capped
+    log its stderr goes to. The log is opened first: a full disk fails there, with nothing started."""
+    log_file = CappedLog(log_path)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            cwd=cwd, env=env, limit=WORKER_LINE_LIMIT_BYTES, pass_fds=tuple(pass_fds), start_new_session=True)
+    except BaseException:
+        log_file.close()
+        raise
+    return proc, log_file
 
 
 class LoggedProcess:

@@ -37,7 +37,6 @@ from ..kit_config import SandboxSettings
 from . import cgroups
 from .sandbox import (
     FIX_HINT,
-    WORKER_LINE_LIMIT_BYTES,
     LoggedProcess,
     Sandbox,
     SandboxLimits,
@@ -45,6 +44,7 @@ from .sandbox import (
     WorkerLaunch,
     WorkerProcess,
     limits_of,
+    spawn_worker,
 )
 from .worker_log import CappedLog
 
@@ -137,15 +137,7 @@ class NativeSandbox(Sandbox):
             if enter:
                 argv = [sys.executable, "-I", str(ENTER_SCRIPT), *enter, "--", *argv]
             env = {**launch.env, "HOME": str(launch.cwd), "USER": "nobody", "LOGNAME": "nobody", "TMPDIR": "/tmp"}
-            log_file = CappedLog(launch.log_path)  # before the process: a full disk fails here, nothing started
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE, cwd="/", env=env, limit=WORKER_LINE_LIMIT_BYTES,
-                    pass_fds=data_fds, start_new_session=True)
-            except BaseException:
-                log_file.close()
-                raise
+            proc, log_file = await spawn_worker(argv, env, "/", launch.log_path, pass_fds=data_fds)
         except BaseException:
             await asyncio.to_thread(groups.remove)
             raise
