@@ -38,7 +38,7 @@ from runtime.errors import FedkitError
 from runtime.filters import apply_filters, build_filters
 from runtime.job_check import Problem, check_static
 from runtime.job_spec import CLIENT_CONFIG, SERVER_CONFIG, ClientJobConfig, JobSpec, ServerJobConfig
-from runtime.tasks import TaskKind, with_control
+from runtime.tasks import KeyMetricRef, TaskKind, train_fields, with_control
 from runtime.weights import Weights, from_bytes, load_file, save_file
 from runtime.workflows import WORKFLOWS, RoundPlan, WorkflowContext
 from runtime.workflows.initial_model import GLOBAL_FILE
@@ -155,8 +155,7 @@ async def _steps(handle: WorkerHandle, folder: Path, folders: JobFolders, spec: 
     if plan.kind is TaskKind.TRAIN:
         delta_path = folders.inbox / "delta.safetensors"
         command = {"op": TaskKind.TRAIN, "weights": str(sent), "round": plan.round,
-                   "algorithm": plan.algorithm.model_dump(mode="json") if plan.algorithm is not None else None,
-                   "key_metric": key.model_dump(mode="json"), "keep_best_local": "cross_site" in server.workflows}
+                   **train_fields(plan.algorithm, KeyMetricRef(**key.model_dump()), "cross_site" in server.workflows)}
         try:
             reply = await handle.call_writing(command, delta_path, timeout_s)
         except WorkerFailed as e:

@@ -46,7 +46,8 @@ from .server.job_store import JobRecord, JobState, JobStore
 from .server.registry import Registry
 from .server.taskboard import Task, TaskBoard
 from .server.tracker import draw_curves
-from .tasks import RESULT_WEIGHTS, TaskConfig, TaskKind
+from .task_config import TaskConfig
+from .tasks import RESULT_WEIGHTS, TaskKind, train_fields
 from .weights import Weights, from_bytes, load_file, save_file, to_bytes
 
 JOB_ID = "simulated"
@@ -209,8 +210,7 @@ def task_command(task: Task, tmp: Path) -> dict[str, Any]:
         if config.wire_dtype != "float32":  # as the daemon does before its worker sees the model
             save_file(decode(load_file(received)), received)
     return {"op": kind.value, "weights": str(received), "out": str(out), "round": task.round,
-            "algorithm": config.algorithm.model_dump(mode="json") if config.algorithm else None,
-            "key_metric": config.key_metric.model_dump(mode="json"), "keep_best_local": config.keep_best_local}
+            **train_fields(config.algorithm, config.key_metric, config.keep_best_local)}
 
 
 async def _run_task(pool: SitePool, site: str, task: Task, tmp: Path, filters: list[Filter],

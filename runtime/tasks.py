@@ -1,6 +1,7 @@
 """The one vocabulary of work a server asks of a site, shared by the server, the site daemon and the
 training worker: a task kind names the same thing everywhere (the server posts it, the daemon runs it,
-the worker gets it as its `op`), and a task's settings travel as one typed `TaskConfig`.
+the worker gets it as its `op`), and a task's settings travel as one typed `TaskConfig`
+(runtime.task_config).
 
     init          build the round-0 model (the learner's initial_weights)      -> whole model
     train         train on the model sent; score it on local validation first  -> delta (trained - sent)
@@ -16,10 +17,9 @@ variates) under CONTROL_PREFIX; `split_control` separates them from the model at
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 CONTROL_PREFIX = "__fedkit_control__/"  # never a name a torch state_dict produces
 
@@ -39,46 +39,59 @@ RESULT_WEIGHTS: dict[TaskKind, Literal["whole_model", "delta"] | None] = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+# The local algorithms and the key metric are plain frozen dataclasses, and this module imports no pydantic,
+# so the training worker reads them without it (about a tenth of a CPU-second on every worker start);
+# runtime.task_config.TaskConfig validates them as its fields, refusing unknown keys (`__pydantic_config__`)
+# and, through __post_init__, bad values.
+_FORBID_EXTRA = {"extra": "forbid"}
 
 
-class FedProx(_Strict):
+@dataclass(frozen=True, kw_only=True)
+class FedProx:
     """The proximal term mu/2 * ||w - w_global||^2, added to the site's loss by fedkit (as its gradient)."""
 
+    __pydantic_config__ = _FORBID_EXTRA
     name: Literal["fedprox"] = "fedprox"
-    mu: float = Field(gt=0)
+    mu: float
+
+    def __post_init__(self) -> None:
+        if not self.mu > 0:
+            raise ValueError(f"mu must be greater than 0, not {self.mu}")
 
 
-class Scaffold(_Strict):
+@dataclass(frozen=True, kw_only=True)
+class Scaffold:
     """SCAFFOLD's drift correction: every local gradient gets `c - c_i` added (server's minus the site's
     control variate); the server's c comes with the model under CONTROL_PREFIX."""
 
+    __pydantic_config__ = _FORBID_EXTRA
     name: Literal["scaffold"] = "scaffold"
 
 
 LocalAlgorithm = FedProx | Scaffold
 
 
-class KeyMetricRef(_Strict):
+@dataclass(frozen=True, kw_only=True)
+class KeyMetricRef:
+    __pydantic_config__ = _FORBID_EXTRA
     name: str = "accuracy"
     higher_is_better: bool = True
 
 
-class TaskConfig(_Strict):
-    """What a task says besides its kind, round and weights. Built by the server, decoded by the daemon."""
+def train_fields(algorithm: LocalAlgorithm | None, key_metric: KeyMetricRef, keep_best_local: bool) -> dict[str, Any]:
+    """The fields of the worker's `train` command that say how to train (runtime.client.worker's docstring)."""
+    return {"algorithm": asdict(algorithm) if algorithm is not None else None, "key_metric": asdict(key_metric),
+            "keep_best_local": keep_best_local}
 
-    job_name: str = ""
-    workflow: str = ""                    # the workflow that posted it (fedavg, evaluate, cross_site)
-    rounds: int = 0                       # the training workflow's number of rounds
-    step: int = 0                         # job-wide sequence number of the round this task belongs to
-    client: dict[str, Any] = Field(default_factory=dict)    # config_fed_client.yml, as validated
-    submitter: dict[str, str] = Field(default_factory=dict)
-    code_signature: Any = None
-    algorithm: LocalAlgorithm | None = Field(None, discriminator="name")
-    key_metric: KeyMetricRef = KeyMetricRef()  # how a site picks its best local model ...
-    keep_best_local: bool = False         # ... which it tracks only for a job that will ask for it (cross_site)
-    wire_dtype: str = "float32"           # runtime.quantize: how the model comes and the result goes back
+
+def read_train_fields(command: dict[str, Any]) -> tuple[LocalAlgorithm | None, KeyMetricRef]:
+    """(local algorithm, key metric) of a `train` command that `train_fields` wrote."""
+    algorithm = command.get("algorithm")
+    kinds: dict[str, type[FedProx] | type[Scaffold]] = {"fedprox": FedProx, "scaffold": Scaffold}
+    if algorithm is not None and algorithm.get("name") not in kinds:
+        raise ValueError(f"unknown local algorithm {algorithm.get('name')!r} (expected one of {', '.join(kinds)})")
+    return (kinds[algorithm["name"]](**algorithm) if algorithm is not None else None,
+            KeyMetricRef(**(command.get("key_metric") or {})))
 
 
 def split_control(weights: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -43,7 +43,8 @@ from ..job_spec import TRAINING_WORKFLOWS, ClientJobConfig, safe_extract, sha256
 from ..procs import LOG_FILE
 from ..proto import fedkit_pb2 as pb
 from ..server_trust import refuse_revoked_server
-from ..tasks import TaskConfig, TaskKind
+from ..task_config import TaskConfig
+from ..tasks import TaskKind, train_fields
 from ..tls_diagnosis import diagnose
 from ..transport import (
     CHUNK_BYTES,
@@ -532,8 +533,7 @@ class ClientDaemon:
         out = round_dir / "delta_out.safetensors"
         config = task.config
         command = {"op": kind.value, "weights": str(received), "round": h.round,
-                   "algorithm": config.algorithm.model_dump(mode="json") if config.algorithm else None,
-                   "key_metric": config.key_metric.model_dump(mode="json"), "keep_best_local": config.keep_best_local}
+                   **train_fields(config.algorithm, config.key_metric, config.keep_best_local)}
         with task.steps.timed("worker"):
             reply = await self._worker.call_writing(command, out, timeout_s)
         with task.steps.timed("privacy"):

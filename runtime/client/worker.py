@@ -33,19 +33,15 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from pydantic import Field, TypeAdapter
 
 from ..errors import FedkitError
 from ..learner import Learner, LearnerError, SiteContext
 from ..procs import die_with_parent, tune_malloc
-from ..tasks import KeyMetricRef, LocalAlgorithm, TaskKind, split_control
+from ..tasks import KeyMetricRef, TaskKind, read_train_fields, split_control
 from ..weights import Weights, is_float_dtype, load_file, save_file
-
-_ALGORITHM: TypeAdapter[LocalAlgorithm | None] = TypeAdapter(
-    Annotated[LocalAlgorithm, Field(discriminator="name")] | None)
 
 
 def _load_learner(job_dir: Path, path: str, args: dict[str, Any], context: SiteContext) -> Learner:
@@ -153,8 +149,7 @@ def _train(learner: Learner, cmd: dict[str, Any], local: SiteState, is_main: boo
     global_in, control = _received(Path(cmd["weights"]))
     received = _filled(global_in, learner, local)
     round_ = int(cmd["round"])
-    algorithm = _ALGORITHM.validate_python(cmd.get("algorithm"))
-    key_metric = KeyMetricRef.model_validate(cmd.get("key_metric") or {})
+    algorithm, key_metric = read_train_fields(cmd)
     # the global model is scored on local validation data before training changes the learner
     validation = _numbers(learner.validate(received))
     if cmd.get("keep_best_local"):

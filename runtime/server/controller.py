@@ -24,7 +24,8 @@ from ..job_spec import JobSpec, read_zip_member
 from ..model_bytes import SerializedModel
 from ..privacy_report import decode_report, decode_site_reports
 from ..quantize import WireError, decode, encode, is_encoded
-from ..tasks import RESULT_WEIGHTS, KeyMetricRef, TaskConfig, TaskKind, with_control
+from ..task_config import TaskConfig
+from ..tasks import RESULT_WEIGHTS, KeyMetricRef, TaskKind, with_control
 from ..transport import CHUNK_BYTES
 from ..weights import load_file, nbytes, to_bytes, view_bytes
 from ..workflows import WORKFLOWS, InitialModel, JobResults, RoundOutcome, RoundPlan, SiteResult, Workflow

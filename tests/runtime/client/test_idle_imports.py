@@ -58,7 +58,8 @@ def test_an_idle_site_daemon_imports_no_numpy_ml_dtypes_or_torch(tmp_path):
 
 def test_the_training_worker_imports_no_torch_and_no_network_stack():
     """The worker of a job whose learner does not use torch never loads it (torch comes only with torchrun
-    ranks or a local algorithm), nor the daemon's gRPC, TLS or event loop: it speaks JSON lines on pipes."""
+    ranks or a local algorithm), nor the daemon's gRPC, TLS or event loop: it speaks JSON lines on pipes.
+    Nor pydantic: the daemon validated the task, and pydantic was a third of the worker's start-up CPU."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     probe = "import json, sys, runtime.client.worker; print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120,
@@ -66,4 +67,4 @@ def test_the_training_worker_imports_no_torch_and_no_network_stack():
     assert out.returncode == 0, out.stderr[-2000:]
     imported = set(json.loads(out.stdout.splitlines()[-1]))
     assert "numpy" in imported  # the probe really imported the worker
-    assert not imported & {"torch", "grpc", "cryptography", "asyncio", "matplotlib", "scipy"}, imported
+    assert not imported & {"torch", "grpc", "cryptography", "asyncio", "pydantic", "matplotlib", "scipy"}, imported

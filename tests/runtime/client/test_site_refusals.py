@@ -30,7 +30,7 @@ from runtime.client.privacy_policy import PrivacyPolicy
 from runtime.job_code import code_hash_of_zip
 from runtime.job_spec import ClientJobConfig, sha256_hex, zip_folder
 from runtime.proto import fedkit_pb2 as pb
-from runtime.tasks import TaskConfig
+from runtime.task_config import TaskConfig
 
 REPO = Path(__file__).resolve().parents[3]
 JOB = REPO / "templates" / "jobs" / "tabular_classifier"
