@@ -135,7 +135,8 @@ class NativeSandbox(Sandbox):
         try:
             argv = self._bwrap_argv(launch, prefixes, data_fds, hardening)
             if enter:
-                argv = [sys.executable, "-I", str(ENTER_SCRIPT), *enter, "--", *argv]
+                # -S: no site module (it imports only the standard library), a third of its start-up
+                argv = [sys.executable, "-I", "-S", str(ENTER_SCRIPT), *enter, "--", *argv]
             env = {**launch.env, "HOME": str(launch.cwd), "USER": "nobody", "LOGNAME": "nobody", "TMPDIR": "/tmp"}
             proc, log_file = await spawn_worker(argv, env, "/", launch.log_path, pass_fds=data_fds)
         except BaseException:
@@ -229,8 +230,19 @@ def _under(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
+# python -> its prefixes: asked once per daemon, as a probe is an interpreter start (~30 ms of CPU on every
+# job's worker start otherwise, which 100 sites on one machine pay 100 times); a failed probe is not kept
+_PREFIXES: dict[str, tuple[Path, ...]] = {}
+
+
 async def _interpreter_prefixes(python: str) -> list[Path]:
     """The folders the worker's interpreter lives in (venv and base install), asked of that interpreter."""
+    if python not in _PREFIXES:
+        _PREFIXES[python] = tuple(await _ask_prefixes(python))
+    return list(_PREFIXES[python])
+
+
+async def _ask_prefixes(python: str) -> list[Path]:
     proc = await asyncio.create_subprocess_exec(
         python, "-I", "-c", _PREFIX_PROBE, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)

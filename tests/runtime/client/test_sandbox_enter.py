@@ -13,7 +13,7 @@ TIMEOUT_S = 60
 
 
 def _enter(*options: str, code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-I", str(ENTER_SCRIPT), *options, "--", sys.executable, "-c", code],
+    return subprocess.run([sys.executable, "-I", "-S", str(ENTER_SCRIPT), *options, "--", sys.executable, "-c", code],
                           capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
