@@ -410,7 +410,7 @@ class ClientDaemon:
             if h.task_name != TaskKind.PREPARE:  # a prepare is never answered: the job's first task says it
                 # what the job's code could shape: its worker's errors and exit, the weights it wrote
                 await self._report_failure(h, self._privacy.reports.error_text(
-                    str(e), isinstance(e, WorkerFailed | UpdateRejected)))
+                    _kit_path_hidden(str(e), self._kit), isinstance(e, WorkerFailed | UpdateRejected)))
         finally:
             if not keep_updates:
                 shutil.rmtree(round_dir, ignore_errors=True)
@@ -748,6 +748,14 @@ def _task_kind(name: str) -> TaskKind:
 
 LAST_GLOBAL_FILE = "last_global.safetensors"
 SENT_SUFFIX = ".sent.safetensors"
+
+
+def _kit_path_hidden(message: str, kit: Path) -> str:
+    """A failure's message as it leaves the site: the kit's absolute location (the site's disk layout, often
+    a person's home folder) becomes `<kit>`; the site's log and audit keep the message whole."""
+    for location in sorted({str(kit), str(kit.resolve())}, key=len, reverse=True):
+        message = message.replace(location, "<kit>")
+    return message
 
 
 def _keep_reference(received: Path, reference: Path) -> None:

@@ -153,6 +153,19 @@ def test_the_sites_own_reasons_still_leave(tmp_path: Path) -> None:
     assert _header(server).error == "job job-a: DP budget exhausted on this site"
 
 
+def test_a_failure_report_names_files_in_the_kit_without_the_kits_location(tmp_path: Path) -> None:
+    """The site's own messages name its files (an unreadable DP ledger, a full disk); the server learns which
+    file of the kit, not where the kit lives on the site's disk. The site's audit keeps the whole path."""
+    kit_location = str(tmp_path / "kit")
+
+    async def execute(*args: Any) -> None:
+        raise JobRejected(f"{kit_location}/workspace/jobs/job-a/dp_ledger.json: this job's DP ledger cannot be read")
+
+    server, daemon = _run_one(tmp_path, PrivacyPolicy(), execute)
+    assert _header(server).error == "<kit>/workspace/jobs/job-a/dp_ledger.json: this job's DP ledger cannot be read"
+    assert kit_location in _events(daemon, "task_failed")[0]["reason"]
+
+
 def test_n_samples_is_never_cut_by_max_metrics() -> None:
     """It weighs this site's other metrics across sites; cut, a score would count as from one sample."""
     out = ReportPolicy(max_metrics=1).apply({"validation": {"accuracy": 0.5, "auc": 0.6, "n_samples": 34.0}})
