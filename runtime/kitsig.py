@@ -331,6 +331,35 @@ def pin_ca(kit_dir: Path) -> tuple[str | None, str | None]:
     return None, None
 
 
+# start_check's exit codes: the kit's scripts give each its own fix
+KIT_DIFFERS, CA_NOT_PINNED = 1, 3
+
+
+def start_check(kit_dir: str | Path) -> int:
+    """What a kit's start.sh and fl_admin.sh run before anything else, in one interpreter: the signed
+    manifest, then the study CA against local/ca.sha256 (pinned on the first start). One line per finding on
+    stderr; 0 to go on, KIT_DIFFERS (unzip the kit again) or CA_NOT_PINNED (site IT's pin file: unzipping
+    does not touch it)."""
+    kit_dir = Path(kit_dir)
+    try:
+        report = verify_kit(kit_dir)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return KIT_DIFFERS
+    for line in report.problems():
+        print(f"{kit_dir}/{line}", file=sys.stderr)
+    if not report.is_intact:
+        return KIT_DIFFERS
+    try:
+        problem, notice = pin_ca(kit_dir)
+    except ConfigError as e:
+        problem, notice = str(e), None
+    for line in (problem, notice):
+        if line is not None:
+            print(line, file=sys.stderr)
+    return CA_NOT_PINNED if problem is not None else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m runtime.kitsig KIT_DIR [--ca PEM] [--ca-fingerprint HEX] [--no-pin]`: print one line per
     problem to stderr; 0 when intact (and, unless --no-pin, its CA matches the pinned one), 1 when not,
@@ -386,6 +415,7 @@ __all__ = [
     "pin_ca",
     "sha256_hex",
     "signature_document",
+    "start_check",
     "signed_payload",
     "verify_kit",
 ]
