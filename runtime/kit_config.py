@@ -174,8 +174,35 @@ M = TypeVar("M", bound=BaseModel)
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:
     """One line naming every problem (field and message): site IT fixes them all in one pass."""
-    return problems_line(str(path), (f"field '{'.'.join(str(p) for p in e['loc']) or '(top level)'}': {e['msg']}"
-                                     for e in err.errors()))
+    return problems_line(str(path), (f"field '{'.'.join(str(p) for p in e['loc']) or '(top level)'}': "
+                                     f"{_plain_message(e)}" for e in err.errors()))
+
+
+_SECTION_ERRORS = frozenset({"model_type", "model_attributes_type", "dataclass_type", "dict_type"})
+
+
+def _plain_message(error: Any) -> str:
+    """pydantic's message, in the file's own terms where pydantic's would puzzle a person: a section given a
+    single value is named by its class ("instance of DpBudget"), and a number in exponent form without a
+    decimal point (1e12) is text to YAML, so pydantic says a string is not an integer."""
+    value = error.get("input")
+    if error["type"] in _SECTION_ERRORS:
+        return f"is a section (indented `key: value` lines, or {{key: value, ...}}), not {_shown(value)}"
+    if error["type"] == "int_parsing" and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return f"should be a whole number, not {_shown(value)}"
+        if number.is_integer() and abs(number) < 1e18:
+            return f"should be a whole number: YAML reads {value!r} as text; write {int(number)}"
+        return f"should be a whole number, not {value!r}"
+    return str(error["msg"])
+
+
+def _shown(value: Any) -> str:
+    kind = {bool: "the value", int: "the number", float: "the number", str: "the text", list: "the list"}
+    text = repr(value)
+    return f"{kind.get(type(value), 'the value')} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def load_model(path: Path, model: type[M]) -> M:

@@ -62,3 +62,27 @@ def test_true_or_false_where_a_number_belongs_is_refused(tmp_path: Path, file: s
         kc.load_model(path, model)
     path.write_text("send_log: false\n" if file == "site.yml" else "reports: {scalars: false}\n")
     kc.load_model(path, model)  # a real bool still reads
+
+
+@pytest.mark.parametrize(("file", "text", "expected"), [
+    ("site.yml", "sandbox: 5\n", "field 'sandbox': is a section (indented `key: value` lines, or {key: value, ...}), "
+                                 "not the number 5"),
+    ("privacy.yml", "dp_site_budget: 11.5\n", "field 'dp_site_budget': is a section"),
+    ("privacy.yml", "reports: [accuracy]\n", "field 'reports': is a section"),
+    ("site.yml", "sandbox: {min_free_disk_mb: 1e12}\n",
+     "field 'sandbox.min_free_disk_mb': should be a whole number: YAML reads '1e12' as text; write 1000000000000"),
+    ("site.yml", "sandbox: {pids: 2.5e3}\n", "field 'sandbox.pids': should be a whole number: YAML reads "
+                                             "'2.5e3' as text; write 2500"),
+    ("site.yml", "sandbox: {pids: 1.5e0}\n", "field 'sandbox.pids': should be a whole number, not '1.5e0'"),
+])
+def test_a_mistake_is_said_in_the_files_terms(tmp_path: Path, file: str, text: str, expected: str) -> None:
+    """Not pydantic's class names ("instance of DpBudget"), nor "unable to parse string as an integer" for a
+    number YAML 1.1 reads as text (an exponent without a decimal point)."""
+    from runtime.client.privacy_policy import PrivacyPolicy
+
+    path = tmp_path / file
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        kc.load_model(path, kc.SiteLocalSettings if file == "site.yml" else PrivacyPolicy)
+    assert str(caught.value).startswith(f"{path}: {expected}")
+    assert "instance of" not in str(caught.value) and "unable to parse" not in str(caught.value)
