@@ -1,8 +1,9 @@
 """The study dashboard in a real browser (Playwright driving the distribution's headless Chromium) over a real
 study from kits on 127.0.0.1: the sites online, a job's rounds arriving live with their curve points, a site
 SIGKILLed mid-round shown dead before the round ends, the finished job's cross-site heatmap holding exactly
-cross_site.json's values, a `member` without abort buttons whose forged abort the server refuses and audits,
-and no answer at all without the start's token. Screenshots of every page go to test-artifacts/dashboard/.
+cross_site.json's values, a DP site's total over all jobs and what its `reports:` policy kept back, a
+`member` without abort buttons whose forged abort the server refuses and audits, and no answer at all
+without the start's token. Screenshots of every page go to test-artifacts/dashboard/.
 
 Needs: `apt-get install -y chromium` and the dev extra `playwright` (no browser download: the system's
 Chromium is launched by path)."""
@@ -51,6 +52,12 @@ def study(tmp_path: Path) -> Iterator[LocalStudy]:
         for site in SITES:
             study.write_local(site, "site.yml", {"data_root": str(data.site_dirs[site]),
                                                  "heartbeat_interval_s": 1.0, "threads": 1})
+        # site-1 adds DP with a budget for all its jobs, and lets only the key metric and n_samples leave:
+        # the job page says both (the sleepy job's train metric `round` is withheld from every train result)
+        study.write_local("site-1", "privacy.yml", {
+            "gaussian_dp": {"noise_multiplier": 1.0, "clip_norm": 1.0},
+            "dp_site_budget": {"epsilon": 1000.0, "delta": 1e-5},
+            "reports": {"metric_names": ["score", "n_samples"]}})
         yield study
     finally:
         study.stop_all()  # the dashboards too: they are registered in study.procs
@@ -214,6 +221,23 @@ def test_dashboard_follows_a_study_live_and_holds_the_admins_rights(study, tmp_p
             assert best_row.startswith((f"model {best_round}", str(best_round + 1))), (best_row, best_round)
             assert page.evaluate("window.__notReloaded === true")
             page.screenshot(path=str(ARTIFACTS / "job.png"), full_page=True)
+
+            # site-1's privacy, as show_job has it: its DP total of all jobs, and what its `reports:` kept back
+            shown_job = study.admin_json(f"show_job {job_id}")
+            dp = [r["dp"] for m in shown_job["metrics"] for site, r in (m.get("privacy") or {}).items()
+                  if site == "site-1" and isinstance(r, dict) and r.get("dp")]
+            assert dp, "site-1 sent no DP release"
+            site_releases = max(d["site_releases"] for d in dp)
+            playwright_api.expect(page.locator('#dp-table tr[data-site="site-1"]')).to_contain_text(
+                f"after {site_releases} releases")
+            kept = [m["sites"]["site-1"] for m in shown_job["metrics"]
+                    if m["type"] == "site_reports" and "site-1" in m["sites"]]
+            withheld = sum(1 for k in kept if k.get("metrics_withheld"))
+            assert withheld >= 2, kept  # one per train result: rounds 1 and 2
+            cells = page.locator('#reports-table tr[data-site="site-1"] td')
+            playwright_api.expect(cells).to_have_count(6)
+            assert [cells.nth(i).inner_text() for i in range(4)] == ["site-1", str(len(kept)), str(withheld), "0"]
+            assert page.locator('#reports-table tr[data-site="site-2"]').count() == 0  # no policy: nothing kept
 
             report = json.loads((study.kits[study.server] / "workspace" / "jobs" / job_id / "cross_site.json")
                                 .read_text())

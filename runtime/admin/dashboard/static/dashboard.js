@@ -198,6 +198,7 @@ function renderJob() {
   renderRounds(data);
   renderCurves(data);
   renderDp(data.metrics);
+  renderSiteReports(data.metrics);
 }
 
 function renderRounds(data) {
@@ -317,9 +318,44 @@ function renderDp(metrics) {
     }
   }
   document.getElementById("dp-table").hidden = last.size === 0;
-  fill(document.querySelector("#dp-table tbody"), [...last.entries()].sort().map(([site, dp]) =>
-    row([site, dp.epsilon_total === "inf" ? "infinite (a release had no noise)" : fmt(Number(dp.epsilon_total), 3),
-      fmt(dp.delta), fmt(dp.releases), fmt(dp.noise_multiplier)])));
+  fill(document.querySelector("#dp-table tbody"), [...last.entries()].sort().map(([site, dp]) => {
+    const tr = row([site, fmtEpsilon(dp.epsilon_total), fmt(dp.delta), fmt(dp.releases), fmt(dp.noise_multiplier),
+      // a site with a dp_site_budget counts every job's releases together (its local/privacy.yml)
+      "epsilon_site_total" in dp ? `${fmtEpsilon(dp.epsilon_site_total)} at δ ${fmt(dp.site_delta)} after ` +
+        `${dp.site_releases} release${dp.site_releases === 1 ? "" : "s"}` : "-"]);
+    tr.dataset.site = site;
+    return tr;
+  }));
+}
+
+function fmtEpsilon(e) {
+  return e === "inf" ? "infinite (a release had no noise)" : fmt(Number(e), 3);
+}
+
+// Per site, what its local/privacy.yml `reports:` kept back of what the job's code reported (metrics,
+// logged scalars), over the whole job: a gap in a site's curve is then the site's choice, said here.
+function renderSiteReports(metrics) {
+  const totals = new Map();
+  for (const m of metrics) {
+    if (m.type !== "site_reports") continue;
+    for (const [site, kept] of Object.entries(m.sites || {})) {
+      const t = totals.get(site) || { results: 0, metrics: 0, scalars: 0, key: 0, digits: null };
+      t.results += 1;
+      t.metrics += kept.metrics_withheld ? 1 : 0;
+      t.scalars += kept.scalars_withheld ? 1 : 0;
+      t.key += kept.key_metric_withheld ? 1 : 0;
+      if (kept.significant_digits) t.digits = kept.significant_digits;
+      totals.set(site, t);
+    }
+  }
+  document.getElementById("reports-table").hidden = totals.size === 0;
+  fill(document.querySelector("#reports-table tbody"), [...totals.entries()].sort().map(([site, t]) => {
+    const tr = row([site, fmt(t.results), fmt(t.metrics), fmt(t.scalars),
+      t.key ? `${t.key} (this site's scores do not count toward the best model)` : "0",
+      t.digits === null ? "-" : `${t.digits} significant digits`]);
+    tr.dataset.site = site;
+    return tr;
+  }));
 }
 
 // ---- cross-site heatmap ----------------------------------------------------------------------------
