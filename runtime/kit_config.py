@@ -187,15 +187,16 @@ def _plain_message(error: Any) -> str:
     decimal point (1e12) is text to YAML, so pydantic says a string is not an integer."""
     value = error.get("input")
     if error["type"] in _SECTION_ERRORS:
-        return f"is a section (indented `key: value` lines, or {{key: value, ...}}), not {_shown(value)}"
+        given = "empty" if value is None else f"not {_shown(value)}"
+        return f"is a section (indented `key: value` lines, or {{key: value, ...}}), {given}"
     if error["type"] == "int_parsing" and isinstance(value, str):
         try:
             number = float(value)
         except ValueError:
             return f"should be a whole number, not {_shown(value)}"
         if number.is_integer() and abs(number) < 1e18:
-            return f"should be a whole number: YAML reads {value!r} as text; write {int(number)}"
-        return f"should be a whole number, not {value!r}"
+            return f"should be a whole number: {value!r} was read as text (YAML reads 1e12 so); write {int(number)}"
+        return f"should be a whole number, not {_shown(value)}"
     return str(error["msg"])
 
 

@@ -17,6 +17,7 @@ variates) under CONTROL_PREFIX; `split_control` separates them from the model at
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -40,9 +41,9 @@ RESULT_WEIGHTS: dict[TaskKind, Literal["whole_model", "delta"] | None] = {
 
 
 # The local algorithms and the key metric are plain frozen dataclasses, and this module imports no pydantic,
-# so the training worker reads them without it (about a tenth of a CPU-second on every worker start);
-# runtime.task_config.TaskConfig validates them as its fields, refusing unknown keys (`__pydantic_config__`)
-# and, through __post_init__, bad values.
+# so the training worker reads them without it (about 0.1 CPU-second, a third of a worker's start, on every
+# job and site); runtime.task_config.TaskConfig validates them as its fields, refusing unknown keys
+# (`__pydantic_config__`), and __post_init__ checks what Python code (a custom aggregator) builds directly.
 _FORBID_EXTRA = {"extra": "forbid"}
 
 
@@ -55,8 +56,11 @@ class FedProx:
     mu: float
 
     def __post_init__(self) -> None:
+        if isinstance(self.mu, bool) or not isinstance(self.mu, numbers.Real):
+            raise TypeError(f"mu must be a number, not {self.mu!r}")
         if not self.mu > 0:
             raise ValueError(f"mu must be greater than 0, not {self.mu}")
+        object.__setattr__(self, "mu", float(self.mu))  # a NumPy scalar from a custom aggregator: JSON-ready
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +80,11 @@ class KeyMetricRef:
     __pydantic_config__ = _FORBID_EXTRA
     name: str = "accuracy"
     higher_is_better: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not isinstance(self.higher_is_better, bool):
+            raise TypeError(f"a key metric is a name and a true/false, not {self.name!r} and "
+                            f"{self.higher_is_better!r}")
 
 
 def train_fields(algorithm: LocalAlgorithm | None, key_metric: KeyMetricRef, keep_best_local: bool) -> dict[str, Any]:

@@ -451,18 +451,17 @@ def _privacy_lines(metrics: list[dict[str, Any]]) -> list[str]:
 
 
 def _site_report_lines(metrics: list[dict[str, Any]]) -> list[str]:
-    """Per site, what its `reports:` policy kept back of what the job's code reported, over the whole job."""
+    """Per site, what its `reports:` policy kept back of what the job's code reported, over the whole job. A
+    site says so only with a result its policy changed, so these count results, without a total."""
     totals: dict[str, dict[str, int]] = {}
     for entry in metrics:
         if entry["type"] != "site_reports":
             continue
         for site, kept in (entry.get("sites") or {}).items():
-            total = totals.setdefault(site, {"metrics_withheld": 0, "scalars_withheld": 0, "key_metric_withheld": 0,
-                                             "results": 0})
+            total = totals.setdefault(site, {"metrics_withheld": 0, "scalars_withheld": 0, "key_metric_withheld": 0})
             total["metrics_withheld"] += bool(kept.get("metrics_withheld"))
             total["key_metric_withheld"] += bool(kept.get("key_metric_withheld"))
             total["scalars_withheld"] += bool(kept.get("scalars_withheld"))
-            total["results"] += 1
             if kept.get("significant_digits"):
                 total["significant_digits"] = kept["significant_digits"]
     if not totals:
@@ -472,11 +471,15 @@ def _site_report_lines(metrics: list[dict[str, Any]]) -> list[str]:
     for site, t in sorted(totals.items()):
         rounding = f"; values rounded to {t['significant_digits']} significant digits" \
             if "significant_digits" in t else ""
-        key = (f"; the job's key metric withheld in {t['key_metric_withheld']}: these scores do not count toward "
-               "the best model") if t["key_metric_withheld"] else ""
-        lines.append(f"  {site}: metrics withheld in {t['metrics_withheld']} and scalars in {t['scalars_withheld']} "
-                     f"of {t['results']} result{'s' if t['results'] != 1 else ''}{rounding}{key}")
+        key = (f"; the job's key metric withheld in {_results(t['key_metric_withheld'])}: these scores do not "
+               "count toward the best model") if t["key_metric_withheld"] else ""
+        lines.append(f"  {site}: metrics withheld in {_results(t['metrics_withheld'])}, scalars in "
+                     f"{_results(t['scalars_withheld'])}{rounding}{key}")
     return lines
+
+
+def _results(n: int) -> str:
+    return f"{n} result{'s' if n != 1 else ''}"
 
 
 def _dp_lines(metrics: list[dict[str, Any]]) -> list[str]:

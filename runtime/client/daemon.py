@@ -17,6 +17,7 @@ import json
 import logging
 import platform
 import random
+import re
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -754,7 +755,7 @@ def _kit_path_hidden(message: str, kit: Path) -> str:
     """A failure's message as it leaves the site: the kit's absolute location (the site's disk layout, often
     a person's home folder) becomes `<kit>`; the site's log and audit keep the message whole."""
     for location in sorted({str(kit), str(kit.resolve())}, key=len, reverse=True):
-        message = message.replace(location, "<kit>")
+        message = re.sub(re.escape(location) + r"(?![\w.-])", "<kit>", message)  # not /srv/kit-data for /srv/kit
     return message
 
 

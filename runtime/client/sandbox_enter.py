@@ -3,7 +3,7 @@
 Why a separate process: a cgroup is inherited at fork, so the only race-free way to have every process of a
 job inside its cgroups is to join them *before* bwrap forks anything. Python offers no portable way to do
 that between fork and exec (preexec_fn is unsafe in a threaded daemon), so the daemon starts this tiny
-script (`python -I sandbox_enter.py ...`), which joins, sets the fallback rlimits, and execs bwrap with
+script (`python -I -S sandbox_enter.py ...`), which joins, sets the fallback rlimits, and execs bwrap with
 the same pid, stdin and stdout.
 
 It imports only the standard library and never reads job input.

@@ -230,16 +230,22 @@ def _under(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
-# python -> its prefixes: asked once per daemon, as a probe is an interpreter start (~30 ms of CPU on every
-# job's worker start otherwise, which 100 sites on one machine pay 100 times); a failed probe is not kept
-_PREFIXES: dict[str, tuple[Path, ...]] = {}
+# (python, its file's identity) -> its prefixes. A probe is an interpreter start: ~30 ms of CPU on every job's
+# worker start, which 100 sites on one machine pay 100 times. Asked again when the interpreter's file changes
+# or goes (a venv rebuilt or removed), so a broken one is still named as such; a failed probe is not kept.
+_PREFIXES: dict[tuple[str, tuple[int, int, int]], tuple[Path, ...]] = {}
 
 
 async def _interpreter_prefixes(python: str) -> list[Path]:
     """The folders the worker's interpreter lives in (venv and base install), asked of that interpreter."""
-    if python not in _PREFIXES:
-        _PREFIXES[python] = tuple(await _ask_prefixes(python))
-    return list(_PREFIXES[python])
+    try:
+        st = os.stat(python)
+        key = (python, (st.st_dev, st.st_ino, st.st_mtime_ns))
+    except OSError:
+        return await _ask_prefixes(python)  # says why it does not run
+    if key not in _PREFIXES:
+        _PREFIXES[key] = tuple(await _ask_prefixes(python))
+    return list(_PREFIXES[key])
 
 
 async def _ask_prefixes(python: str) -> list[Path]:

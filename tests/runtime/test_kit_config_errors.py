@@ -70,10 +70,13 @@ def test_true_or_false_where_a_number_belongs_is_refused(tmp_path: Path, file: s
     ("privacy.yml", "dp_site_budget: 11.5\n", "field 'dp_site_budget': is a section"),
     ("privacy.yml", "reports: [accuracy]\n", "field 'reports': is a section"),
     ("site.yml", "sandbox: {min_free_disk_mb: 1e12}\n",
-     "field 'sandbox.min_free_disk_mb': should be a whole number: YAML reads '1e12' as text; write 1000000000000"),
-    ("site.yml", "sandbox: {pids: 2.5e3}\n", "field 'sandbox.pids': should be a whole number: YAML reads "
-                                             "'2.5e3' as text; write 2500"),
-    ("site.yml", "sandbox: {pids: 1.5e0}\n", "field 'sandbox.pids': should be a whole number, not '1.5e0'"),
+     "field 'sandbox.min_free_disk_mb': should be a whole number: '1e12' was read as text (YAML reads 1e12 so); "
+     "write 1000000000000"),
+    ("site.yml", "sandbox: {pids: 2.5e3}\n", "field 'sandbox.pids': should be a whole number: '2.5e3' was read as "
+                                             "text (YAML reads 1e12 so); write 2500"),
+    ("site.yml", "sandbox: {pids: 1.5e0}\n", "field 'sandbox.pids': should be a whole number, not the text '1.5e0'"),
+    ("site.yml", "sandbox:\n", "field 'sandbox': is a section (indented `key: value` lines, or {key: value, ...}), "
+                               "empty"),
 ])
 def test_a_mistake_is_said_in_the_files_terms(tmp_path: Path, file: str, text: str, expected: str) -> None:
     """Not pydantic's class names ("instance of DpBudget"), nor "unable to parse string as an integer" for a

@@ -47,3 +47,19 @@ def test_the_daemon_refuses_a_task_whose_settings_are_malformed(wire, where):
 def test_the_worker_refuses_an_unknown_local_algorithm_in_one_line():
     with pytest.raises(ValueError, match="unknown local algorithm 'fedsomething'"):
         read_train_fields({"algorithm": {"name": "fedsomething"}})
+
+
+def test_a_local_algorithm_built_in_python_is_checked_and_sent_as_json() -> None:
+    """A custom aggregator builds FedProx itself, maybe from a NumPy scalar: it must still go on the wire."""
+    import json
+
+    import numpy as np
+
+    config = TaskConfig(algorithm=FedProx(mu=np.float32(0.5)))
+    assert json.loads(config.model_dump_json())["algorithm"] == {"name": "fedprox", "mu": 0.5}
+    json.dumps(train_fields(config.algorithm, config.key_metric, False))
+    for bad in ("0.1", True, None):
+        with pytest.raises(TypeError, match="mu must be a number"):
+            FedProx(mu=bad)
+    with pytest.raises(TypeError, match="a key metric is a name and a true/false"):
+        KeyMetricRef(name="auc", higher_is_better="no")

@@ -159,10 +159,12 @@ def test_a_failure_report_names_files_in_the_kit_without_the_kits_location(tmp_p
     kit_location = str(tmp_path / "kit")
 
     async def execute(*args: Any) -> None:
-        raise JobRejected(f"{kit_location}/workspace/jobs/job-a/dp_ledger.json: this job's DP ledger cannot be read")
+        raise JobRejected(f"{kit_location}/workspace/jobs/job-a/dp_ledger.json: this job's DP ledger cannot be "
+                          f"read (next to {kit_location}-data)")
 
     server, daemon = _run_one(tmp_path, PrivacyPolicy(), execute)
-    assert _header(server).error == "<kit>/workspace/jobs/job-a/dp_ledger.json: this job's DP ledger cannot be read"
+    assert _header(server).error == ("<kit>/workspace/jobs/job-a/dp_ledger.json: this job's DP ledger cannot be read "
+                                     f"(next to {kit_location}-data)")  # another folder that starts alike: as is
     assert kit_location in _events(daemon, "task_failed")[0]["reason"]
 
 

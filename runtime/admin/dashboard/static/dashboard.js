@@ -319,13 +319,17 @@ function renderDp(metrics) {
   }
   document.getElementById("dp-table").hidden = last.size === 0;
   fill(document.querySelector("#dp-table tbody"), [...last.entries()].sort().map(([site, dp]) => {
-    const tr = row([site, fmtEpsilon(dp.epsilon_total), fmt(dp.delta), fmt(dp.releases), fmt(dp.noise_multiplier),
+    const tr = row([site, fmtEpsilon(dp.epsilon_total), fmtDelta(dp.delta), fmt(dp.releases), fmt(dp.noise_multiplier),
       // a site with a dp_site_budget counts every job's releases together (its local/privacy.yml)
-      "epsilon_site_total" in dp ? `${fmtEpsilon(dp.epsilon_site_total)} at δ ${fmt(dp.site_delta)} after ` +
-        `${dp.site_releases} release${dp.site_releases === 1 ? "" : "s"}` : "-"]);
+      "epsilon_site_total" in dp ? `${fmtEpsilon(dp.epsilon_site_total)} at δ ${fmtDelta(dp.site_delta ?? dp.delta)} ` +
+        `after ${dp.site_releases} release${dp.site_releases === 1 ? "" : "s"}` : "-"]);
     tr.dataset.site = site;
     return tr;
   }));
+}
+
+function fmtDelta(d) {  // 1e-5, not toFixed's 0.0000
+  return d === null || d === undefined ? "-" : String(d);
 }
 
 function fmtEpsilon(e) {
@@ -333,14 +337,14 @@ function fmtEpsilon(e) {
 }
 
 // Per site, what its local/privacy.yml `reports:` kept back of what the job's code reported (metrics,
-// logged scalars), over the whole job: a gap in a site's curve is then the site's choice, said here.
+// logged scalars), over the whole job: a gap in a site's curve is then the site's choice, said here. A site
+// says so only with a result its policy changed, so the table counts results, without a total.
 function renderSiteReports(metrics) {
   const totals = new Map();
   for (const m of metrics) {
     if (m.type !== "site_reports") continue;
     for (const [site, kept] of Object.entries(m.sites || {})) {
-      const t = totals.get(site) || { results: 0, metrics: 0, scalars: 0, key: 0, digits: null };
-      t.results += 1;
+      const t = totals.get(site) || { metrics: 0, scalars: 0, key: 0, digits: null };
       t.metrics += kept.metrics_withheld ? 1 : 0;
       t.scalars += kept.scalars_withheld ? 1 : 0;
       t.key += kept.key_metric_withheld ? 1 : 0;
@@ -350,7 +354,7 @@ function renderSiteReports(metrics) {
   }
   document.getElementById("reports-table").hidden = totals.size === 0;
   fill(document.querySelector("#reports-table tbody"), [...totals.entries()].sort().map(([site, t]) => {
-    const tr = row([site, fmt(t.results), fmt(t.metrics), fmt(t.scalars),
+    const tr = row([site, fmt(t.metrics), fmt(t.scalars),
       t.key ? `${t.key} (this site's scores do not count toward the best model)` : "0",
       t.digits === null ? "-" : `${t.digits} significant digits`]);
     tr.dataset.site = site;
