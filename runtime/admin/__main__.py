@@ -50,10 +50,13 @@ class _Shell(cmd.Cmd):
         self._client = AdminClient(kit)
         self._loop.run_until_complete(self._client.__aenter__())
         self._console = AdminConsole(self._client, _console(), as_json)
+        self._as_json = as_json
         cfg = self._client.config
         self.prompt = f"{cfg.name}@{cfg.project}> "
         self.intro = f"fedkit admin console: {cfg.name} ({cfg.role}) on {cfg.server_host}:{cfg.admin_port}. " \
                      "Type 'help', 'help COMMAND' or 'bye'."
+        if as_json:  # for a script: stdout holds only the JSON answers, one per line it sends
+            self.prompt, self.intro = "", None
         self.history = Path.home() / ".fedkit_admin_history"
 
     def completenames(self, text: str, *ignored: object) -> list[str]:
@@ -79,6 +82,9 @@ class _Shell(cmd.Cmd):
             self._loop.run_until_complete(self._console.run_line(line))
         except FedkitError as e:
             print(f"error: {e}", file=sys.stderr)
+            if self._as_json:  # a script feeding lines reads stdout: one JSON object per line, errors too
+                code = EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILED
+                print(json.dumps({"error": " ".join(str(e).split()), "exit_code": code}), flush=True)
         except KeyboardInterrupt:  # Ctrl-C stops the command (e.g. a wait_job), not the console
             print("interrupted", file=sys.stderr)
         return False

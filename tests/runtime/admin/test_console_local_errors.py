@@ -182,6 +182,22 @@ def test_the_interactive_console_stays_open_after_such_errors(console: Callable[
     assert "no jobs yet" in out and calls[-1] == "list_jobs", "the line after the errors ran"
 
 
+def test_the_interactive_console_with_json_answers_every_line_on_stdout(console: Callable[..., Any],
+                                                                        tmp_path: Path) -> None:
+    """A script feeding lines to `fl_admin.sh --json` reads one JSON value per line, a failed one included."""
+    (tmp_path / "afile").write_text("mine")
+    lines = [f"download_job {JOB_ID} afile", "tail_log server nan", "list_jobs", "bye"]
+
+    code, out, err, calls = console("--json", stdin="\n".join(lines) + "\n")
+
+    assert code == 0
+    answers = [json.loads(line) for line in out.splitlines()]  # no prompt, no banner: JSON only
+    assert answers[:2] == [{"error": "cannot write results to afile: it is a file, not a folder", "exit_code": 1},
+                           {"error": answers[1]["error"], "exit_code": 2}]
+    assert "must be a number" in answers[1]["error"]
+    assert answers[2] == [] and calls[-1] == "list_jobs"
+
+
 def test_a_history_file_that_cannot_be_read_does_not_stop_the_console(console: Callable[..., Any],
                                                                        tmp_path: Path) -> None:
     (tmp_path / ".fedkit_admin_history").mkdir()
