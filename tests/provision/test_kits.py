@@ -211,7 +211,7 @@ def test_scripts_are_valid_bash_that_verify_first(provisioned, script: str) -> N
             continue
         assert 'PYTHON="${FEDKIT_PYTHON:-python3}"' in text
         # The kit is verified before any of its code can be imported, and goes on PYTHONPATH only after.
-        verify = text.index("sys.path.append(sys.argv[1]); from runtime.kitsig import main;")
+        verify = text.index("sys.path.append(sys.argv[1]); from runtime.kitsig import ")  # start_check or main
         assert text.rfind('"$PYTHON"', 0, verify) == text.rfind('"$PYTHON" -E -P -c', 0, verify)
         assert "PYTHONPATH" not in text[:verify].replace("ignore PYTHONPATH", "")
         if 'exec "$PYTHON"' in text:
