@@ -26,9 +26,9 @@ from runtime.transport import (
 )
 
 NOW = dt.datetime.now(dt.UTC)
-ONE_WAY_DELAY_S = 0.02  # a 40 ms round trip: a hospital's link to a server in another region
-FAST_CHUNKS = 128  # read this many at full speed first, so the link's bandwidth-delay product is known
-MODEL_CHUNKS = 512
+ONE_WAY_DELAY_S = 0.05  # a 100 ms round trip: a hospital far from the server
+FAST_CHUNKS = 256  # read this many at full speed first, so the link's bandwidth-delay product is known
+MODEL_CHUNKS = 1024
 
 
 def _tls_pair(folder: Path) -> tuple[TlsFiles, TlsFiles]:
