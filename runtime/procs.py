@@ -18,8 +18,6 @@ if TYPE_CHECKING:
 WORKSPACE = "workspace"
 PID_FILE = "daemon.pid"
 LOG_FILE = "log.txt"
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
 PR_SET_PDEATHSIG = 1
 # Models, logs, audit trails and job folders hold a study's results and a site's file names: owner only.
 PRIVATE_UMASK = 0o077
@@ -64,22 +62,6 @@ def write_pid(ws: Path) -> Path:
     path = ws / PID_FILE
     path.write_text(f"{os.getpid()}\n")
     return path
-
-
-def tune_malloc() -> None:
-    """Keep freed memory in the heap instead of returning it to the OS at once.
-
-    Streaming a model allocates thousands of ~1 MiB buffers (gRPC messages, Python bytes); with glibc's
-    defaults each one is mmap-ed and munmap-ed, and every page is faulted in again, which measured here
-    as the largest single cost of moving weights. Raising the mmap and trim thresholds lets those
-    buffers be reused. A no-op where libc is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum on 64-bit
-        libc.mallopt(M_TRIM_THRESHOLD, 512 << 20)
-    except (OSError, AttributeError):
-        pass
 
 
 def die_with_parent() -> None:

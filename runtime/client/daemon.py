@@ -40,6 +40,7 @@ from ..errors import (
     SessionExpired,
     UpdateRejected,
 )
+from ..heap import give_back_free_memory
 from ..job_spec import TRAINING_WORKFLOWS, ClientJobConfig, safe_extract, sha256_hex
 from ..procs import LOG_FILE
 from ..proto import fedkit_pb2 as pb
@@ -361,6 +362,8 @@ class ClientDaemon:
                     part.unlink(missing_ok=True)  # never leave a partial model behind
                     raise
                 part.replace(path)  # only a complete, verified model ever gets the real name
+                # the transfer's buffers back to the OS while the worker (which needs the memory) trains
+                await asyncio.to_thread(give_back_free_memory)
         return _Task(header=h, round_dir=round_dir, payload_path=path if h.payload_bytes else None,
                      config=config, config_error=config_error, steps=steps)
 
@@ -649,6 +652,8 @@ class ClientDaemon:
 
         with call_errors("submit result", self._target), steps.timed("upload"):
             reply = await self._bulk.SubmitResult(chunks(), timeout=RPC_TIMEOUT_S + size / 1e6)
+        if size:
+            await asyncio.to_thread(give_back_free_memory)  # an idle site holds no transfer buffers
         size_sent, digest_hex = size, (known or digest.hexdigest()) if size else ""
         if reply.accepted:
             self._audit.append("update_sent", job_id=h.job_id, task=h.task_name, round=h.round,

@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import FedkitError
+from ..heap import tune_malloc
 from ..learner import Learner, LearnerError, SiteContext
-from ..procs import die_with_parent, tune_malloc
+from ..procs import die_with_parent
 from ..tasks import KeyMetricRef, TaskKind, read_train_fields, split_control
 from ..weights import Weights, is_float_dtype, load_file, save_file
 

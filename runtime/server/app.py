@@ -12,8 +12,9 @@ from .. import kit_config as kc
 from ..audit import AuditLog
 from ..certs import check_validity, not_revoked
 from ..crl import PIN_FILE, CrlPin
+from ..heap import limit_arenas, tune_malloc
 from ..identity import Kind
-from ..procs import LOG_FILE, setup_logging, stop_event_on_signals, tune_malloc, workspace, write_pid
+from ..procs import LOG_FILE, setup_logging, stop_event_on_signals, workspace, write_pid
 from ..transport import RpcServer, TlsFiles, require_kind
 from .admin_service import AdminService
 from .authz import Policy
@@ -22,7 +23,6 @@ from .federation import FederationService
 from .handshake_watch import StderrWatch, service_reporter
 from .job_quota import JobQuota
 from .job_store import JobStore
-from .memory import limit_arenas
 from .refusals import RefusalLog
 from .registry import Registry
 from .runner import JobRunner
@@ -39,7 +39,7 @@ async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None =
     ws = workspace(kit)
     setup_logging(ws / LOG_FILE, debug)
     tune_malloc()
-    limit_arenas()  # before the server starts its threads (memory.py)
+    limit_arenas()  # before the server starts its threads (runtime/heap.py)
     tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
     check_validity(tls.own_certificate(), f"{startup / cfg.cert}")
     audit = AuditLog(ws / "audit.jsonl")

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 
 from ..audit import AuditLog
 from ..errors import FedkitError, JobRejected, SessionExpired, TransferStalled, UpdateRejected
+from ..heap import give_back_free_memory
 from ..identity import Identity
 from ..proto import fedkit_pb2 as pb
 from ..transport import CHUNK_BYTES, with_idle_timeout
-from .memory import give_back_free_memory
 from .metrics_check import decode_metrics
 from .registry import Registry
 from .runner import JobRunner
@@ -119,7 +119,7 @@ class FederationService:
         await self._append_audit("task_sent", site=peer.name, job_id=task.job_id, task=task.name, round=task.round,
                            task_id=task.task_id)
         if payload.nbytes:
-            await asyncio.to_thread(give_back_free_memory)  # the sent chunks out of the heap (memory.py)
+            await asyncio.to_thread(give_back_free_memory)  # the sent chunks out of the heap (runtime/heap.py)
 
     async def get_job(self, peer: Identity, request: pb.GetJobRequest) -> AsyncIterator[pb.DataChunk]:
         self._check_session(peer, request.session_id)
@@ -167,7 +167,7 @@ class FederationService:
         finally:
             try:
                 if incoming is not None:  # the buffer back for reuse, or the spool file gone; then the round's
-                    await asyncio.to_thread(_release, incoming)  # chunks out of the heap (memory.py)
+                    await asyncio.to_thread(_release, incoming)  # chunks out of the heap (runtime/heap.py)
             finally:
                 # even when gRPC cancels the handler again during that await (a reset link does): a slot
                 # lost here left the site asking for one for ever (tests/runtime/server/test_upload_cut.py)

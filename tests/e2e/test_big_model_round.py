@@ -19,6 +19,10 @@ from provision.local_study import LocalStudy
 from tests.e2e.test_big_initial_model import MODEL_BYTES, _memory_kib, _sparse_model
 
 PEAK_GROWTH_LIMIT_BYTES = 256 << 20  # the model is 1024 MiB; a server or daemon holding it would grow by that
+# A site daemon receiving it holds one stream window (32 MiB) and the heap that buffers it: measured 55-97 MiB.
+# gRPC's window probing with four malloc arenas grew 145-265 MiB, once 489.
+DAEMON_PEAK_GROWTH_LIMIT_BYTES = 160 << 20
+IDLE_AGAIN_BYTES = 32 << 20  # after the job a daemon gives its transfer buffers back: measured 7 MiB above idle
 SITES = ["site-1", "site-2"]
 SMALL_MODEL_BYTES = 256 << 20
 # What the server allocates beyond the models it holds, whatever the model's size: the code a job's first
@@ -124,9 +128,11 @@ def test_a_1_gib_model_is_sent_to_2_sites_with_server_and_daemons_memory_bounded
           f"{after['VmHWM'] // 1024} MiB")
     assert growth_kib * 1024 < PEAK_GROWTH_LIMIT_BYTES, f"server peak grew by {growth_kib // 1024} MiB"
     for site, pid in daemons.items():
-        peak = _memory_kib(pid)["VmHWM"]
-        print(f"{site} daemon RSS before {daemons_before[site]['VmRSS'] // 1024} MiB, peak {peak // 1024} MiB")
-        assert (peak - daemons_before[site]["VmRSS"]) * 1024 < PEAK_GROWTH_LIMIT_BYTES, f"{site} daemon grew"
+        peak, now = _memory_kib(pid)["VmHWM"], _memory_kib(pid)["VmRSS"]
+        print(f"{site} daemon RSS before {daemons_before[site]['VmRSS'] // 1024} MiB, peak {peak // 1024} MiB, "
+              f"after {now // 1024} MiB")
+        assert (peak - daemons_before[site]["VmRSS"]) * 1024 < DAEMON_PEAK_GROWTH_LIMIT_BYTES, f"{site} daemon grew"
+        assert (now - daemons_before[site]["VmRSS"]) * 1024 < IDLE_AGAIN_BYTES, f"{site} daemon kept its buffers"
 
 
 
