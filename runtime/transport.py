@@ -41,7 +41,10 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
 # Chunks are 1 MiB; the cap leaves room for headers and refuses anything absurd early.
 MAX_MESSAGE_BYTES = 4 * CHUNK_BYTES
-STREAM_WINDOW_BYTES = 32 << 20
+STREAM_WINDOW_BYTES = 32 << 20  # a site's, for the model it downloads (one stream at a time)
+# The server's, for each update it receives: it holds one per upload slot (4 by default). At 32 MiB an
+# 8-site round of a 40 MB model peaked at 8x the model over idle, at 8 MiB 5x, with rounds no slower.
+SERVER_WINDOW_BYTES = 8 << 20
 _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -59,12 +62,14 @@ _OPTIONS = [
     # site writing the model to a busy disk, the server spooling an update): the reader holds that much in
     # memory. gRPC's bandwidth-delay probing widened it to 150-510 MiB after a fast start on a 100 ms link
     # (tests/runtime/test_flow_control.py), and a site daemon once grew 489 MiB receiving a 1 GiB model.
-    # Fixed, one stream still moves up to STREAM_WINDOW_BYTES per round trip: 320 MB/s at 100 ms. A 16 MiB
-    # window made an 8-site round on loopback 15-20% slower (more window updates, more wake-ups); 32 did not.
+    # Fixed, a download still moves up to STREAM_WINDOW_BYTES per round trip (320 MB/s at 100 ms), an upload
+    # SERVER_WINDOW_BYTES (80 MB/s; 4 uploads at once, 320). 16 MiB at both ends made an 8-site round on
+    # loopback 15-20% slower (more window updates, more wake-ups); 32 MiB for downloads did not.
     ("grpc.http2.bdp_probe", 0),
-    ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
 ]
-_CLIENT_OPTIONS = [*_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 10_000)]
+_SERVER_OPTIONS = [*_OPTIONS, ("grpc.http2.lookahead_bytes", SERVER_WINDOW_BYTES)]
+_CLIENT_OPTIONS = [*_OPTIONS, ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
+                   ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 10_000)]
 
 
 @dataclass(frozen=True)
@@ -380,7 +385,7 @@ class RpcServer:
 
     def __init__(self, tls: TlsFiles, host: str, port: int):
         cert, key, root = tls.read()
-        self._server = grpc.aio.server(options=_OPTIONS)
+        self._server = grpc.aio.server(options=_SERVER_OPTIONS)
         creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=root, require_client_auth=True)
         address = f"{host}:{port}"
         try:
