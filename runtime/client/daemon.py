@@ -414,7 +414,8 @@ class ClientDaemon:
             if h.task_name != TaskKind.PREPARE:  # a prepare is never answered: the job's first task says it
                 # what the job's code could shape: its worker's errors and exit, the weights it wrote
                 await self._report_failure(h, self._privacy.reports.error_text(
-                    _kit_path_hidden(str(e), self._kit), isinstance(e, WorkerFailed | UpdateRejected)))
+                    _site_paths_hidden(str(e), _site_places(self._kit, self._settings.data_root)),
+                    isinstance(e, WorkerFailed | UpdateRejected)))
         finally:
             if not keep_updates:
                 shutil.rmtree(round_dir, ignore_errors=True)
@@ -756,11 +757,24 @@ LAST_GLOBAL_FILE = "last_global.safetensors"
 SENT_SUFFIX = ".sent.safetensors"
 
 
-def _kit_path_hidden(message: str, kit: Path) -> str:
-    """A failure's message as it leaves the site: the kit's absolute location (the site's disk layout, often
-    a person's home folder) becomes `<kit>`; the site's log and audit keep the message whole."""
-    for location in sorted({str(kit), str(kit.resolve())}, key=len, reverse=True):
-        message = re.sub(re.escape(location) + r"(?![\w.-])", "<kit>", message)  # not /srv/kit-data for /srv/kit
+def _site_places(kit: Path, data_root: str | None) -> dict[str, str]:
+    """The site's own locations a failure message may name, each with the placeholder it leaves as: the kit
+    (often a person's home folder) and the data folder (whose names may say whose data it is)."""
+    places = {str(kit): "<kit>", str(kit.resolve()): "<kit>"}
+    if data_root:
+        root = Path(data_root).expanduser()
+        places |= {str(root): "<data_root>", str(root.resolve()): "<data_root>"}
+    return {location: name for location, name in places.items() if location != "/"}
+
+
+def _site_paths_hidden(message: str, places: dict[str, str]) -> str:
+    """A failure's message as it leaves the site: each of the site's locations (`_site_places`) becomes its
+    placeholder, the longest first (a data folder inside the kit stays <data_root>); the site's log and
+    audit keep the message whole. Best effort for honest messages: job code that wants a path out can
+    encode it, which is what `reports: error_details: false` is for."""
+    for location in sorted(places, key=len, reverse=True):
+        # a whole path only: not /srv/kit-data for /srv/kit
+        message = re.sub(re.escape(location) + r"(?![\w.-])", places[location], message)
     return message
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from runtime import kit_config as kc
 from runtime.client.privacy_policy import PrivacyPolicy
 from runtime.client.report_policy import GENERIC_ERROR, ReportPolicy
 from runtime.client.worker_handle import WorkerFailed
@@ -166,6 +167,27 @@ def test_a_failure_report_names_files_in_the_kit_without_the_kits_location(tmp_p
     assert _header(server).error == ("<kit>/workspace/jobs/job-a/dp_ledger.json: this job's DP ledger cannot be read "
                                      f"(next to {kit_location}-data)")  # another folder that starts alike: as is
     assert kit_location in _events(daemon, "task_failed")[0]["reason"]
+
+
+def test_a_failure_report_names_the_sites_data_folder_by_a_placeholder(tmp_path: Path) -> None:
+    """The learner's own exception (allowed out by the default policy) often names a file it could not read:
+    the server learns that it was under the site's data folder, not that folder's name, which may say whose
+    data it is. A data folder inside the kit is named as the data folder."""
+    data_root = tmp_path / "kit" / "data" / "ward-7-patients"
+    server = FakeServer()
+    daemon = _daemon(tmp_path, server)
+    daemon._settings = kc.SiteLocalSettings(data_root=str(data_root))
+
+    async def no_job(*args: Any) -> None:
+        return None
+
+    async def execute(*args: Any) -> None:
+        raise WorkerFailed(f"FileNotFoundError: {data_root}/scan-0042.nii (kit at {tmp_path / 'kit'})")
+
+    daemon._ensure_job, daemon._execute = no_job, execute
+    asyncio.run(daemon._do_task(_task(daemon, "job-a", "validate", 1)))
+    assert _header(server).error == "FileNotFoundError: <data_root>/scan-0042.nii (kit at <kit>)"
+    assert str(data_root) in _events(daemon, "task_failed")[0]["reason"]
 
 
 def test_n_samples_is_never_cut_by_max_metrics() -> None:
