@@ -40,7 +40,14 @@ class SettingsModel(BaseModel):
         field = cls.model_fields.get(info.field_name or "")
         if isinstance(value, bool) and field is not None and _is_a_number(field.annotation):
             raise ValueError(f"{str(value).lower()} is not a number")
+        if value is None and field is not None and _is_a_section(field.annotation):
+            return {}  # `sandbox:` with every key below it commented out: the section's defaults
         return value
+
+
+def _is_a_section(annotation: Any) -> bool:
+    """A nested settings section that always exists (not optional): empty, it holds its defaults."""
+    return isinstance(annotation, type) and issubclass(annotation, SettingsModel)
 
 
 def _is_a_number(annotation: Any) -> bool:

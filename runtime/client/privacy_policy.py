@@ -85,12 +85,9 @@ class PrivacyPolicy(SettingsModel):
     svt: SvtFloor | None = None
     dp_budget: DpBudget | None = None
     dp_site_budget: DpBudget | None = None
-    reports: ReportPolicy = Field(default_factory=ReportPolicy)  # what the job's own reports may carry out
-
-    @field_validator("reports", mode="before")
-    @classmethod
-    def _null_reports_is_the_default(cls, value: Any) -> Any:
-        return {} if value is None else value  # `reports: null`, as the other sections say "none"
+    # what the job's own reports may carry out; `reports: null` is the default (SettingsModel), as the
+    # other sections' null says "none"
+    reports: ReportPolicy = Field(default_factory=ReportPolicy)
 
     @field_validator("exclude_vars")
     @classmethod
