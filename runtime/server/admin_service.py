@@ -228,6 +228,8 @@ class AdminService:
         if job_id and (current is None or current.record.job_id != job_id) and state.startswith("round "):
             # its last heartbeat (up to one interval old) names a job that has ended here since
             state, job_id, rnd = "idle", "", 0
+        if state == "idle" and current is not None:  # why it has nothing to do while a job runs
+            state = current.idle_site_state(s.name) or state
         return {"site": s.name, "org": s.org, "online": self._registry.is_alive(s.name), "state": state,
                 "last_heartbeat_s_ago": round(self._registry.seconds_since_seen(s.name) or 0.0, 1),
                 "job_id": job_id, "round": rnd}

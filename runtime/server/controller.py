@@ -172,6 +172,21 @@ class JobController:
         """The round in flight (its task says which workflow step it is), None between rounds."""
         return self._round.outcome.plan if self._round else None
 
+    def idle_site_state(self, site: str) -> str | None:
+        """What a site with no task in hand is to this job, for check_status: outside the job, outside the
+        round in flight (not picked for it), or done with it (the round waits for others). None while its
+        task waits to be fetched, or between rounds."""
+        where = f"job {self.record.job_id}"
+        if not eligible_sites(self.spec.meta, [site]):
+            return f"outside {where}"
+        rnd = self._round
+        if rnd is None:
+            return None
+        where = f"round {rnd.outcome.plan.round} of {where}"
+        if rnd.answered(site):
+            return f"done with {where}"
+        return None if site in rnd.tasks else f"outside {where}"
+
     # ---- the loop -------------------------------------------------------------------------------
 
     async def run(self) -> None:

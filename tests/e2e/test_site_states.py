@@ -59,3 +59,24 @@ def test_check_status_tells_idle_busy_and_revoked_sites_apart(make_study, tmp_pa
     after = study.admin_json("check_status client")
     assert after["server"]["running_job"] is None
     assert {s["site"]: (s["state"], s["job_id"]) for s in after["sites"]}["site-1"] == ("idle", "")
+
+
+def test_a_site_outside_the_running_job_says_so_and_is_idle_again_after_it(make_study, tmp_path):
+    """While a job runs, an admin asking why a site does nothing reads it in check_status: this site is not
+    one of the job's (a round-level 'outside round R' or 'done with round R' is said the same way)."""
+    handle = make_study(sites=["site-1", "site-2"], heartbeat_timeout_s=60.0)
+    study = handle.study
+    study.start_server()
+    for site in study.clients:
+        study.start(site)
+    wait_until(lambda: _states(study) == {"site-1": "idle", "site-2": "idle"}, 90, "both sites idle")
+
+    job = handle.job(tmp_path / "job")
+    job_id = study.admin_json(f"submit_job {job} --set server.rounds=30 --set meta.min_clients=1 "
+                              "--set meta.sites=[site-1]")["job_id"]
+    wait_until(lambda: _states(study)["site-1"].startswith("round "), 120, "site-1 to work on the job")
+    assert _states(study)["site-2"] == f"outside job {job_id}"
+
+    study.admin_json(f"abort_job {job_id}")
+    wait_until(lambda: study.admin_json(f"show_job {job_id}")["record"]["state"] == "aborted", 60, "the abort")
+    assert _states(study)["site-2"] == "idle"
