@@ -22,13 +22,20 @@ def _audit(study: LocalStudy, name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (study.kits[name] / "workspace" / "audit.jsonl").read_text().splitlines()]
 
 
-def test_check_status_tells_idle_busy_and_revoked_sites_apart(make_study, tmp_path):
+def _two_idle_sites(make_study) -> Any:
+    """A server and site-1, site-2 started from their kits, both idle."""
     handle = make_study(sites=["site-1", "site-2"], heartbeat_timeout_s=60.0)
     study = handle.study
     study.start_server()
     for site in study.clients:
         study.start(site)
     wait_until(lambda: _states(study) == {"site-1": "idle", "site-2": "idle"}, 90, "both sites idle")
+    return handle
+
+
+def test_check_status_tells_idle_busy_and_revoked_sites_apart(make_study, tmp_path):
+    handle = _two_idle_sites(make_study)
+    study = handle.study
 
     job = handle.job(tmp_path / "job")
     job_id = study.admin_json(f"submit_job {job} --set server.rounds=30 --set meta.min_clients=1")["job_id"]
@@ -64,12 +71,8 @@ def test_check_status_tells_idle_busy_and_revoked_sites_apart(make_study, tmp_pa
 def test_a_site_outside_the_running_job_says_so_and_is_idle_again_after_it(make_study, tmp_path):
     """While a job runs, an admin asking why a site does nothing reads it in check_status: this site is not
     one of the job's (a round-level 'outside round R' or 'done with round R' is said the same way)."""
-    handle = make_study(sites=["site-1", "site-2"], heartbeat_timeout_s=60.0)
+    handle = _two_idle_sites(make_study)
     study = handle.study
-    study.start_server()
-    for site in study.clients:
-        study.start(site)
-    wait_until(lambda: _states(study) == {"site-1": "idle", "site-2": "idle"}, 90, "both sites idle")
 
     job = handle.job(tmp_path / "job")
     job_id = study.admin_json(f"submit_job {job} --set server.rounds=30 --set meta.min_clients=1 "
