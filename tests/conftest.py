@@ -56,6 +56,16 @@ class StudyHandle:
         return dest
 
 
+def site_2_refusing_the_lead(make: Callable[..., StudyHandle]) -> StudyHandle:
+    """site-1 and site-2 started and online; site-2's local/job_policy.yml allows only its own organisation,
+    so it refuses every job the lead (coordinating-center) submits."""
+    handle = make(sites=["site-1", "site-2"])
+    handle.study.write_local("site-2", "job_policy.yml", {"allowed_orgs": ["org-site-2"]})
+    handle.study.start_server()
+    handle.study.start_sites()
+    return handle
+
+
 @pytest.fixture
 def make_study(tmp_path: Path) -> Iterator[Callable[..., StudyHandle]]:
     created: list[LocalStudy] = []

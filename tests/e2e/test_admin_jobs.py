@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from provision.local_study import LocalStudy
+from tests.conftest import site_2_refusing_the_lead
 
 SUBMITTER = "lead@study.org"
 FAST = "--set server.rounds=1 --set meta.min_clients=1"
@@ -84,11 +85,8 @@ def _site_events(study: LocalStudy, site: str, event: str) -> list[dict[str, Any
 
 
 def test_a_job_a_site_refuses_is_reported_with_the_sites_reason(make_study, tmp_path):
-    handle = make_study(sites=["site-1", "site-2"])
+    handle = site_2_refusing_the_lead(make_study)
     study = handle.study
-    study.write_local("site-2", "job_policy.yml", {"allowed_orgs": ["org-site-2"]})  # not the lead's org
-    study.start_server()
-    study.start_sites()
     job = handle.job(tmp_path / "job")
     only_site_2 = study.admin_json(f"submit_job {job} {FAST} --set meta.sites=[site-2]", admin=SUBMITTER)["job_id"]
     both = study.admin_json(f"submit_job {job} {FAST}", admin=SUBMITTER)["job_id"]

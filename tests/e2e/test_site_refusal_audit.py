@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from provision.local_study import LocalStudy, wait_until
+from tests.conftest import site_2_refusing_the_lead
 
 SUBMITTER = {"name": "lead@study.org", "org": "coordinating-center", "role": "lead"}
 
@@ -27,11 +28,8 @@ def _events(study: LocalStudy, site: str, event: str, job_id: str) -> list[dict[
 
 
 def test_a_refused_job_is_audited_once_and_its_error_reports_are_no_updates(make_study, tmp_path):
-    handle = make_study(sites=["site-1", "site-2"])
+    handle = site_2_refusing_the_lead(make_study)
     study = handle.study
-    study.write_local("site-2", "job_policy.yml", {"allowed_orgs": ["org-site-2"]})  # not the lead's org
-    study.start_server()
-    study.start_sites()
     job = handle.job(tmp_path / "job")
     job_id = study.admin_json(f"submit_job {job} --set server.rounds=2 --set meta.min_clients=1",
                               admin=SUBMITTER["name"])["job_id"]
