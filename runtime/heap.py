@@ -6,7 +6,7 @@ and asyncio's worker threads and freed in others. Three settings keep that fast 
 - Reuse, not mmap (`tune_malloc`; server, site daemon, training worker). With glibc's defaults each
   buffer is mmap-ed and munmap-ed and every page faulted in again, which measured as the largest single
   cost of moving weights. Raised mmap and trim thresholds let the heap keep and reuse them.
-- One malloc arena (`limit_arenas`; server and site daemon, not the worker, whose learner's threads do
+- One malloc arena (`tune_malloc(one_arena=True)`; server and site daemon, not the worker, whose learner's threads do
   contend). glibc gives each thread that meets contention its own arena, up to 8 per core, and memory
   freed in one arena is reused only by that arena's threads; with the thresholds above, each arena kept
   its own high-water mark of chunks. Measured: the server's peak 70 MB lower (bench/server_memory.py,
@@ -39,17 +39,14 @@ def _libc() -> ctypes.CDLL | None:
 _LIBC = _libc()
 
 
-def tune_malloc() -> None:
-    """Keep freed transfer buffers in the heap for reuse instead of returning each to the OS at once."""
+def tune_malloc(one_arena: bool = False) -> None:
+    """Keep freed transfer buffers in the heap for reuse instead of returning each to the OS at once; with
+    `one_arena`, in one heap for all threads. Call it before the process starts its threads."""
     if _LIBC is not None and hasattr(_LIBC, "mallopt"):
         _LIBC.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum on 64-bit
         _LIBC.mallopt(M_TRIM_THRESHOLD, 512 << 20)
-
-
-def limit_arenas(n_arenas: int = 1) -> None:
-    """At most `n_arenas` malloc arenas for this process; call it before the process starts its threads."""
-    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
-        _LIBC.mallopt(M_ARENA_MAX, n_arenas)
+        if one_arena:
+            _LIBC.mallopt(M_ARENA_MAX, 1)
 
 
 def give_back_free_memory() -> None:

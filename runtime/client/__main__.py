@@ -19,7 +19,7 @@ from .. import kit_config as kc  # noqa: E402
 from ..audit import AuditLog  # noqa: E402
 from ..certs import check_validity  # noqa: E402
 from ..errors import ConfigError, FedkitError  # noqa: E402
-from ..heap import limit_arenas, tune_malloc  # noqa: E402
+from ..heap import tune_malloc  # noqa: E402
 from ..procs import (  # noqa: E402
     FILE_ONLY,
     LOG_FILE,
@@ -53,8 +53,7 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
         settings = kc.load_optional(local / "site.yml", kc.SiteLocalSettings)
         policy = JobPolicy.load(local / "job_policy.yml")
         privacy = PrivacyPolicy.load(local / PRIVACY_FILE)
-        tune_malloc()
-        limit_arenas()  # before gRPC starts its threads (runtime/heap.py)
+        tune_malloc(one_arena=True)  # before gRPC starts its threads (runtime/heap.py)
         tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
         tls.read()  # a missing, unreadable or group/world-readable key stops the start here, with the fix
         check_validity(tls.own_certificate(), str(startup / cfg.cert))

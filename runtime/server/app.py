@@ -12,7 +12,7 @@ from .. import kit_config as kc
 from ..audit import AuditLog
 from ..certs import check_validity, not_revoked
 from ..crl import PIN_FILE, CrlPin
-from ..heap import limit_arenas, tune_malloc
+from ..heap import tune_malloc
 from ..identity import Kind
 from ..procs import LOG_FILE, setup_logging, stop_event_on_signals, workspace, write_pid
 from ..transport import RpcServer, TlsFiles, require_kind
@@ -38,8 +38,7 @@ async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None =
     settings = kc.load_optional(local / "server.yml", kc.ServerLocalSettings)
     ws = workspace(kit)
     setup_logging(ws / LOG_FILE, debug)
-    tune_malloc()
-    limit_arenas()  # before the server starts its threads (runtime/heap.py)
+    tune_malloc(one_arena=True)  # before the server starts its threads (runtime/heap.py)
     tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
     check_validity(tls.own_certificate(), f"{startup / cfg.cert}")
     audit = AuditLog(ws / "audit.jsonl")

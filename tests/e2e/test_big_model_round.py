@@ -128,7 +128,8 @@ def test_a_1_gib_model_is_sent_to_2_sites_with_server_and_daemons_memory_bounded
           f"{after['VmHWM'] // 1024} MiB")
     assert growth_kib * 1024 < PEAK_GROWTH_LIMIT_BYTES, f"server peak grew by {growth_kib // 1024} MiB"
     for site, pid in daemons.items():
-        peak, now = _memory_kib(pid)["VmHWM"], _memory_kib(pid)["VmRSS"]
+        memory = _memory_kib(pid)
+        peak, now = memory["VmHWM"], memory["VmRSS"]
         print(f"{site} daemon RSS before {daemons_before[site]['VmRSS'] // 1024} MiB, peak {peak // 1024} MiB, "
               f"after {now // 1024} MiB")
         assert (peak - daemons_before[site]["VmRSS"]) * 1024 < DAEMON_PEAK_GROWTH_LIMIT_BYTES, f"{site} daemon grew"

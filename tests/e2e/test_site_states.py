@@ -12,6 +12,7 @@ from typing import Any
 from provision import revoke
 from provision.local_study import LocalStudy, wait_until
 from provision.state import StudyWorkspace
+from tests.conftest import StudyHandle
 
 
 def _states(study: LocalStudy) -> dict[str, str]:
@@ -22,7 +23,7 @@ def _audit(study: LocalStudy, name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (study.kits[name] / "workspace" / "audit.jsonl").read_text().splitlines()]
 
 
-def _two_idle_sites(make_study) -> Any:
+def _two_idle_sites(make_study) -> StudyHandle:
     """A server and site-1, site-2 started from their kits, both idle."""
     handle = make_study(sites=["site-1", "site-2"], heartbeat_timeout_s=60.0)
     study = handle.study
