@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .client.worker_threads import granted_cores, thread_env
+from .client.worker_threads import granted_cores, short_blas_spin, thread_env
 from .errors import ConfigError
 from .simulate import SiteTaskFailed
 
@@ -77,7 +77,7 @@ class ProcessPool:
         n, default_threads = pool_shape(len(data_roots), processes)
         threads = threads or default_threads
         work_root.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **thread_env(threads),
+        env = {**short_blas_spin(os.environ), **thread_env(threads),
                "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                              *filter(None, [os.environ.get("PYTHONPATH")])])}
         members = []

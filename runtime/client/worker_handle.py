@@ -20,7 +20,7 @@ from ..tasks import TaskKind
 from .job_folders import JobFolders, take_result
 from .sandbox import WORKER_LINE_LIMIT_BYTES, Sandbox, SandboxLimits, WorkerLaunch, WorkerProcess
 from .worker_replies import WorkerReply, WorkerReplyRefused, parse_reply
-from .worker_threads import thread_env
+from .worker_threads import short_blas_spin, thread_env
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class WorkerHandle:
                "--work-dir", str(folders.scratch), "--site", site, "--job-id", job_id, "--data-root", data_root,
                "--gpus", ",".join(map(str, gpus)), "--learner", learner,
                "--learner-args", json.dumps(learner_args)]
-        env = {**worker_env(os.environ), "PYTHONPATH": str(kit), "PYTHONUNBUFFERED": "1",
+        env = {**short_blas_spin(worker_env(os.environ)), "PYTHONPATH": str(kit), "PYTHONUNBUFFERED": "1",
                "HOME": str(folders.scratch)}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))

@@ -73,3 +73,21 @@ def test_the_worker_environment_keeps_no_secrets():
     env = worker_env({"PATH": "/usr/bin", "AWS_SECRET_ACCESS_KEY": "s", "FEDKIT_TOKEN": "t", "CUDA_HOME": "/c",
                       "LC_ALL": "C", "HOME": "/root"})
     assert env == {"PATH": "/usr/bin", "CUDA_HOME": "/c", "LC_ALL": "C"}
+
+
+_REPORT_BLAS_SPIN = """
+    spin = float(os.environ.get("OPENBLAS_THREAD_TIMEOUT", "-1"))
+    open(cmd["out"], "wb").write(b"weights")
+    print(json.dumps({"ok": True, "n_samples": 1, "metrics": {"blas_spin": spin}, "validation": {}}), flush=True)
+"""
+
+
+@pytest.mark.parametrize(("site_value", "expected"), [(None, 20.0), ("26", 26.0)])
+def test_a_worker_idles_blas_threads_early_unless_the_site_says(tmp_path, monkeypatch, site_value, expected):
+    """Idle OpenBLAS threads spinning for 0.1 s at every pause cost the other workers on the site their cores:
+    workers get a short spin, and the site's own OPENBLAS_THREAD_TIMEOUT wins."""
+    if site_value is None:
+        monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", site_value)
+    assert asyncio.run(_train_with(tmp_path, _REPORT_BLAS_SPIN))["metrics"]["blas_spin"] == expected
