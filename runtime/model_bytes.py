@@ -7,15 +7,17 @@ and the checkpoint refers to the file by hash instead of holding the model again
 (runtime/server/checkpoint.py). So the bytes a site receives are, by construction, the bytes of the saved
 global model.
 
-The bytes live on disk, not in memory: a 2 GB model is held once, as the workflow's arrays, and `save`
-writes those arrays' buffers straight into the file (no serialized copy in between), hashing as it goes.
-A `SerializedModel` made in memory (`of`, for a model that has no file) keeps its chunks instead.
+The bytes live on disk, not in memory: `save` writes the arrays' buffers straight into the file (no
+serialized copy in between), hashing as it goes, and the workflow then reads its model through a map of
+that file (`mapped`): pages of the page cache, resident in the server only while a round's close reads
+them. A `SerializedModel` made in memory (`of`, for a model that has no file) keeps its chunks instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -81,6 +83,19 @@ class SerializedModel:
             os.fsync(f.fileno())
         tmp.replace(path)
         return replace(self, path=path, chunks=())
+
+    def mapped(self) -> Weights:
+        """The model as read-only arrays over a map of its file, read in place: nothing is resident until
+        it is read, and `weights.drop_model_pages` takes what was read out of this process again (the
+        page cache keeps it). A model serialized in memory: `weights()`. The file must not change while
+        mapped; fedkit only ever replaces a model file by rename."""
+        if self.chunks or self.path is None:
+            return self.weights()
+        with self.path.open("rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the map outlives the descriptor
+        if len(mapped) != self.nbytes:
+            raise OSError(f"{self.path}: {len(mapped)} bytes, {self.nbytes} expected (the file changed)")
+        return view_bytes(mapped)
 
     def weights(self) -> Weights:
         """The model as writable arrays sharing one buffer: one copy of the bytes, read in place."""

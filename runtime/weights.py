@@ -101,7 +101,7 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None
 MAX_HEADER_BYTES = 100 << 20
 
 
-def view_bytes(buf: bytearray | bytes) -> Weights:
+def view_bytes(buf: bytearray | bytes | mmap.mmap) -> Weights:
     """Read safetensors bytes as NumPy views into `buf`, without copying tensor data.
 
     The server receives every update into one buffer; safetensors' own `load` would copy it twice more.
@@ -286,6 +286,13 @@ def drop_read_pages(arr: np.ndarray) -> None:
     end = (offset + arr.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > first:
         mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
+def drop_model_pages(weights: Weights) -> None:
+    """`drop_read_pages` for every tensor: a model read from a map of its file leaves this process's
+    resident memory (all but the pages two tensors share)."""
+    for arr in weights.values():
+        drop_read_pages(arr)
 
 
 FINITE_CHUNK = 1 << 20  # elements checked at once: a 1 MiB bool temporary, never one the size of the tensor

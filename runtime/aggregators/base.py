@@ -6,8 +6,10 @@ model. One object per job; the workflow calls, per round:
                                        UpdateRejected, and then must leave its state as it was
     close_round(model) -> Weights      the new global model; raises UpdateRejected if nothing was folded
 
-`update.delta` may be a view into a receive buffer that is reused after fold returns: an aggregator that
-keeps updates past fold (median, trimmed mean) copies them. Everything an aggregator must remember across
+`model` is read-only (the workflow reads it through a map of the global model's file): close_round returns
+new arrays, or arrays of `model` for tensors it leaves as they are. `update.delta` may be a view into a
+receive buffer that is reused after fold returns: an aggregator that keeps updates past fold (median,
+trimmed mean) copies them. Everything an aggregator must remember across
 rounds (momentum, Adam moments, control variates) is in `state()`, as named groups of tensors, and comes
 back through `load_state()` when a job resumes after a server restart; a resumed run must continue
 exactly as an uninterrupted one would.

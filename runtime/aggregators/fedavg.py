@@ -137,7 +137,8 @@ def server_step(model: Weights, acc: WeightedSum, lr: float, momentum: float,
 
     `into_sum`: without momentum, a tensor whose sum has the model's own dtype (float32, float64) gets its
     new values written over its sum (the same operations in the same order, so the same bits), and `acc`
-    is spent: the round closes in the old model and the sum (2x the model), not in those and a new model."""
+    is spent: the round closes in the old model and the sum, not in those and a new model (and in the sum
+    and one tensor when the old model is read from a map of its file: each tensor's pages go once stepped)."""
     sent = sent_tensors(acc, model)
     floats = [k for k in sent if is_float(model[k])]
     others = [k for k in sent if not is_float(model[k])]
@@ -153,11 +154,13 @@ def server_step(model: Weights, acc: WeightedSum, lr: float, momentum: float,
                                            {k: velocity[k]} if k in velocity else {})
         new_model.update(stepped)
         new_velocity.update(moved or {})
+        drop_read_pages(model[k])  # a model read from its file's map: one old tensor resident at a time
     for name, d in weighted_mean(acc, {k: model[k] for k in others}).items():
         new_model[name] = (model[name] + d).astype(model[name].dtype, copy=False)
     # last, once nothing can fail for want of memory: a close that raised has left the sum untouched
     for k in (k for k in floats if k in in_place):
         new_model[k] = _step_in_place(model[k], acc.sums[k], acc.totals[k], lr)
+        drop_read_pages(model[k])
     return new_model, new_velocity
 
 

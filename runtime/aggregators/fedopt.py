@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..tasks import LocalAlgorithm
-from ..weights import Weights
+from ..weights import Weights, drop_read_pages
 from ._round import (
     add_mean_delta,
     check_state_group,
@@ -65,11 +65,12 @@ class FedOptAggregator(StreamingMean):
             d = self._sum.sums[name] / self._sum.totals[name]   # float64
             if not is_float(x):
                 new_model[name] = add_mean_delta(x, d)
-                continue
-            step, new_m[name], v = self._step(name, x, d)
-            if v is not None:
-                new_v[name] = v
-            new_model[name] = (x.astype(np.float64) + self.config.server_lr * step).astype(x.dtype)
+            else:
+                step, new_m[name], v = self._step(name, x, d)
+                if v is not None:
+                    new_v[name] = v
+                new_model[name] = (x.astype(np.float64) + self.config.server_lr * step).astype(x.dtype)
+            drop_read_pages(x)  # a model read from its file's map: one old tensor resident at a time
         self._m, self._v = new_m, new_v
         self._round.closed = True
         return new_model

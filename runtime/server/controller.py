@@ -27,7 +27,7 @@ from ..quantize import WireError, decode, encode, is_encoded
 from ..task_config import TaskConfig
 from ..tasks import RESULT_WEIGHTS, KeyMetricRef, TaskKind, with_control
 from ..transport import CHUNK_BYTES
-from ..weights import load_file, nbytes, to_bytes, view_bytes
+from ..weights import drop_model_pages, load_file, nbytes, to_bytes, view_bytes
 from ..workflows import WORKFLOWS, InitialModel, JobResults, RoundOutcome, RoundPlan, SiteResult, Workflow
 from ..workflows import WorkflowContext as Context
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -428,6 +428,7 @@ def _payload(plan: RoundPlan, wire_dtype: str) -> tuple[Payload | FilePayload, W
         return NO_PAYLOAD, None
     if wire_dtype != "float32":
         encoded, error = encode(with_control(plan.model, plan.extras), wire_dtype)
+        drop_model_pages(plan.model)  # read from its file's map: encoded, it need not stay resident
         saved = plan.model_path or (plan.model_bytes.path if plan.model_bytes is not None else None)
         if saved is None:
             return Payload.of(to_bytes(encoded), CHUNK_BYTES), error
@@ -441,7 +442,9 @@ def _payload(plan: RoundPlan, wire_dtype: str) -> tuple[Payload | FilePayload, W
         if plan.model_bytes.path is not None and not plan.model_bytes.chunks:
             return FilePayload.of_model(plan.model_bytes), None
         return Payload.of_model(plan.model_bytes), None
-    return Payload.of(to_bytes(with_control(plan.model, plan.extras)), CHUNK_BYTES), None
+    payload = Payload.of(to_bytes(with_control(plan.model, plan.extras)), CHUNK_BYTES)
+    drop_model_pages(plan.model)
+    return payload, None
 
 
 def _wire_error(metrics: dict[str, Any]) -> dict[str, float]:

@@ -7,8 +7,9 @@ buffer in the server's memory (4 slots of a 40 MB model: 160 MB; of a 2 GB model
 cost page cache, which the kernel gives back under pressure. Folds run one at a time (the controller's
 fold lock), so the server's memory holds one update at a time: the one being folded, and of that only
 the tensor being checked or folded (weights.drop_read_pages lets each go once read). FedAvg then writes
-the new model over its running sum. The server's peak is about the global model and the running sum
-(2x the model) plus one tensor, at any number of sites (docs/architecture.md, "Server memory").
+the new model over its running sum, reading the old model from a map of its file. The server's peak is
+about the running sum (1x the model) plus a tensor or two, and its transfer buffers, at any number of
+sites (docs/architecture.md, "Server memory").
 
 Measured (bench/server_memory.py, P=10M, 40 MB model, N=2): with updates up to 64 MiB received into
 memory, two were held at once (one in a reused buffer, one grown from nothing); spooling them took the

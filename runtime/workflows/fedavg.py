@@ -23,7 +23,7 @@ from ..aggregators import Update, build_aggregator, update_weight
 from ..errors import FedkitError, UpdateRejected
 from ..model_bytes import SerializedModel
 from ..tasks import FedProx, TaskKind
-from ..weights import Weights, check_update
+from ..weights import Weights, check_update, drop_model_pages
 from .base import RoundOutcome, RoundPlan, SiteResult, WorkflowContext, weighted_metrics
 from .initial_model import GLOBAL_FILE
 
@@ -44,7 +44,8 @@ class FedAvgWorkflow:
         self._cfg = ctx.spec.server
         # the global model's bytes, serialized once per round: the file, the wire and the checkpoint share them
         self._bytes: SerializedModel | None = SerializedModel.read(ctx.models_dir / GLOBAL_FILE)
-        self.model: Weights = self._bytes.weights()
+        # read through a map of the file: between rounds the model costs the server no memory of its own
+        self.model: Weights = self._bytes.mapped()
         custom = self._cfg.aggregator.name == "custom"
         if custom and ctx.load_aggregator is None:
             raise FedkitError("this server does not run job code: the job's custom aggregator is not allowed here")
@@ -96,8 +97,7 @@ class FedAvgWorkflow:
         if self._aggregator.n_folded == 0:
             raise NoUsableUpdate(f"round {rnd}: no site sent a usable update ({_reasons(outcome)})")
         self._record_validation(rnd - 1, outcome)  # before the global file is replaced
-        self.model = self._aggregator.close_round(self.model)
-        self._bytes = SerializedModel.save(self.model, self._ctx.models_dir / GLOBAL_FILE)
+        self._replace_model(self._aggregator.close_round(self.model))
         self._round = rnd
         results = outcome.results
         self._ctx.append_metrics({
@@ -121,12 +121,20 @@ class FedAvgWorkflow:
 
     def load_state(self, meta: dict[str, Any], tensors: dict[str, Weights]) -> None:
         self._round, self._final_done = int(meta["round"]), bool(meta["final_done"])
-        self.model = tensors[MODEL_GROUP]
         # the global file may be a round ahead of the checkpoint (that round runs again): it becomes the
         # checkpoint's model once more, written from its arrays, and is sent from there
-        self._bytes = SerializedModel.save(self.model, self._ctx.models_dir / GLOBAL_FILE)
+        self._replace_model(tensors[MODEL_GROUP])
         self._aggregator.load_state({g[len(AGGREGATOR_PREFIX):]: t for g, t in tensors.items()
                                      if g.startswith(AGGREGATOR_PREFIX)})
+
+    def _replace_model(self, new: Weights) -> None:
+        """Save `new` as the global file and read the model from that file from now on: `new`'s memory (the
+        round's running sum, for FedAvg) goes back to the heap for the next round's sum, and whatever the
+        close read of the old model's file leaves this process's resident memory."""
+        old = self.model
+        self._bytes = SerializedModel.save(new, self._ctx.models_dir / GLOBAL_FILE)
+        self.model = self._bytes.mapped()
+        drop_model_pages(old)
 
     # ---- the best model --------------------------------------------------------------------------
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.aggregators import Update, build_aggregator
 from runtime.errors import UpdateRejected
 from runtime.job_spec import load_job_spec
+from runtime.model_bytes import SerializedModel
 from runtime.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from runtime.server.site_selection import eligible_sites, enough_sites
 from runtime.simulate import simulate
@@ -67,6 +69,35 @@ def test_fedavg_weights_by_n_samples_and_by_the_jobs_site_weights(tmp_path: Path
     # n_samples: w += (1*[4,0,0] + 3*[0,4,0]) / 4 ; site weights 3:1: w += (3*[4,0,0] + 1*[0,4,0]) / 4
     np.testing.assert_allclose(by_samples.model["w"], [2.0, 5.0, 3.0])
     np.testing.assert_allclose(by_site.model["w"], [4.0, 3.0, 3.0])
+
+
+@pytest.mark.parametrize("aggregator", ["{name: fedavg}", "{name: fedavg, server_momentum: 0.9}",
+                                        "{name: fedopt, optimizer: adam, server_lr: 0.1}", "{name: median}"])
+def test_rounds_on_the_model_read_from_its_file_step_as_on_the_model_in_memory(tmp_path: Path,
+                                                                               aggregator: str) -> None:
+    """The workflow reads the global model through a map of its file, and a round's close lets each old
+    tensor's pages go once stepped: round after round its model is what the aggregator makes of the same
+    model held in memory, bit for bit, a tensor no site sends included (until it is saved, the new model
+    shares that tensor with the old file's map); and it is the saved file's, read-only."""
+    workflow, _ = _fedavg(tmp_path, f"rounds: 3\naggregator: {aggregator}")
+    reference = build_aggregator(_spec(f"rounds: 3\naggregator: {aggregator}").server.aggregator)
+    model = {k: v.copy() for k, v in MODEL.items()}
+    for rnd in (1, 2, 3):
+        plan = workflow.next_round()
+        assert plan is not None and plan.round == rnd
+        reference.begin_round(model)
+        for site, n, w in (("a", 2, [0.5, -1.0, 0.25 * rnd]), ("b", 1, [1.5, 2.0, -0.75])):
+            delta = {"w": np.array(w, np.float32)}  # "b" is never sent
+            workflow.fold(SiteResult(site=site, kind=TaskKind.TRAIN, n_samples=n, weights=delta))
+            reference.fold(Update(site=site, delta=delta, n_samples=n, weight=float(n)))
+        workflow.close_round(RoundOutcome(plan=plan, step=rnd))
+        model = reference.close_round(model)
+        saved = SerializedModel.read(tmp_path / "models" / "global.safetensors").weights()
+        for name, expected in model.items():
+            np.testing.assert_array_equal(workflow.model[name], expected)
+            np.testing.assert_array_equal(saved[name], expected)
+            assert not workflow.model[name].flags.writeable
+    assert not np.array_equal(model["w"], MODEL["w"]) and np.array_equal(model["b"], MODEL["b"])
 
 
 @pytest.mark.parametrize(("result", "reason"), [
