@@ -10,7 +10,7 @@ sites). Peak memory is each process's VmHWM, sampled from /proc while the job ru
     python bench/big_model.py                         # P=500M (2 GB), 2 sites
     python bench/big_model.py --params 250000000      # 1 GB, where 2 GB does not fit beside other work
 
-Needs about 6 x the model in free memory (server about 2x above its idle size, each worker 2x while it
+Needs about 5 x the model in free memory (server about 1x above its idle size, each worker 2x while it
 trains; the daemons stay small) and about 10 x the model on disk (kits, received models, spooled updates).
 """
 
