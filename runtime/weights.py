@@ -235,6 +235,27 @@ def load_file(path: Path) -> Weights:
         raise UpdateRejected(f"{path}: not a valid safetensors file: {_reason(e)}") from None
 
 
+def map_file(path: Path) -> Weights:
+    """A safetensors file as writable arrays over a private (copy-on-write) map of it: the pages are the
+    page cache's, mapped in one go, and a page is copied only when written. `load_file` zeroes a buffer the
+    size of the file and copies the file into it. For a file nobody truncates while it is mapped (a read
+    past a truncated end kills the process with SIGBUS): a training worker's received model, which only
+    its site daemon writes, by rename."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if not size:
+                return load_file(path)  # an empty file cannot be mapped; load_file says what is wrong
+            mapped = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as e:
+        raise UpdateRejected(f"{path}: cannot read the model file: {e.strerror}") from None
+    try:
+        return view_bytes(mapped)
+    except UpdateRejected as e:
+        raise UpdateRejected(f"{path}: not a valid safetensors file: {_reason(e)}") from None
+
+
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -42,7 +42,7 @@ from ..heap import tune_malloc
 from ..learner import Learner, LearnerError, SiteContext
 from ..procs import die_with_parent
 from ..tasks import KeyMetricRef, TaskKind, read_train_fields, split_control
-from ..weights import Weights, is_float_dtype, load_file, save_file
+from ..weights import Weights, is_float_dtype, map_file, save_file
 
 
 def _load_learner(job_dir: Path, path: str, args: dict[str, Any], context: SiteContext) -> Learner:
@@ -143,7 +143,7 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
 
 def _received(path: Path) -> tuple[Weights, Weights]:
     """(model, control variates) of a received weights file."""
-    return split_control(load_file(path))
+    return split_control(map_file(path))  # the daemon's file: read in place, copied only where written
 
 
 def _train(learner: Learner, cmd: dict[str, Any], local: SiteState, is_main: bool) -> dict[str, Any]:

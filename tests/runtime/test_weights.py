@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import UpdateRejected
-from runtime.weights import check_update, from_bytes, load_file, save_file, to_bytes
+from runtime.weights import check_update, from_bytes, load_file, map_file, save_file, to_bytes
 
 
 def _mixed() -> dict[str, np.ndarray]:
@@ -92,6 +92,28 @@ def test_load_file_on_garbage_names_the_file(tmp_path: Path) -> None:
 
     with pytest.raises(UpdateRejected, match="model.safetensors"):
         load_file(path)
+
+
+def test_a_mapped_file_reads_as_loaded_and_writes_stay_in_the_process(tmp_path: Path) -> None:
+    """A training worker reads its received model through a private map: the learner gets the same
+    arrays, writable, and what it writes never reaches the site daemon's file."""
+    path = tmp_path / "model.safetensors"
+    save_file(_mixed(), path)
+    on_disk = path.read_bytes()
+    mapped = map_file(path)
+    _assert_same(mapped, _mixed())
+    mapped["conv.weight"] += 1.0
+    mapped["steps"][0] = 7
+    assert path.read_bytes() == on_disk
+    _assert_same(map_file(path), _mixed())
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage"])
+def test_map_file_on_garbage_names_the_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(UpdateRejected, match="model.safetensors"):
+        map_file(path)
 
 
 # ---- check_update ---------------------------------------------------------------------------------
