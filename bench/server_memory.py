@@ -7,14 +7,17 @@ are online; the target of issue 12 is a peak of at most idle + 3 x the model.
 
     python bench/server_memory.py --params 10000000 --sites 2 --rounds 3
     python bench/server_memory.py --sites 4 --wire int8           # a quantized round (server.wire_dtype)
+    python bench/server_memory.py --sites 8 --uploads 2 4         # the server's max_concurrent_uploads
     MALLOC_ARENA_MAX=1 python bench/server_memory.py ...     # the server inherits the environment
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -92,10 +95,12 @@ def _audit_events(path: Path) -> list[tuple[float, str]]:
     return out
 
 
-def run(params: int, n_sites: int, rounds: int, root: Path, wire: str = "float32") -> dict:
+def run(params: int, n_sites: int, rounds: int, root: Path, wire: str = "float32", uploads: int | None = None) -> dict:
     study = LocalStudy.create(REPO / "project.yml.example", root, edit=_sites_edit(n_sites))
     for site in study.clients:
         study.write_local(site, "site.yml", {"heartbeat_interval_s": 2.0})
+    if uploads is not None:  # updates the server receives at once, each with its stream window and buffers
+        study.update_local(study.server, "server.yml", {"max_concurrent_uploads": uploads})
     try:
         study.start_server()
         study.start_sites(timeout_s=120)
@@ -114,12 +119,17 @@ def run(params: int, n_sites: int, rounds: int, root: Path, wire: str = "float32
     finally:
         study.stop_all()
     model = 4 * params
+    done = [t for t, m in events if m.startswith("audit round_done")]
     t_peak, rss_peak, anon, file = max(timeline.samples, key=lambda s: s[1])
     before = [e for e in events if e[0] <= t_peak][-3:]
     after = [e for e in events if e[0] > t_peak][:2]
     series = [(round(t - t_peak, 2), m) for t, m in events] + [
         (round(t - t_peak, 2), round(r / MB), round(a / MB), round(f / MB)) for t, r, a, f in timeline.samples[::10]]
-    return {"series": series, "P": params, "N": n_sites, "rounds": rounds, "wire": wire, "idle_MB": round(idle / MB),
+    return {"series": series, "P": params, "N": n_sites, "rounds": rounds, "wire": wire, "uploads": uploads,
+            # rounds 2 on (round 1 also starts the workers): from one round's end to the next's
+            "round_s_median": round(statistics.median(b - a for a, b in itertools.pairwise(done[1:])), 3)
+            if len(done) >= 3 else None,
+            "idle_MB": round(idle / MB),
             "VmHWM_MB": round(hwm / MB),
             "over_idle_x_model": round((hwm - idle) / model, 2), "sampled_peak_MB": round(rss_peak / MB),
             "at_peak_anon_MB": round(anon / MB), "at_peak_file_MB": round(file / MB),
@@ -134,15 +144,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--wire", default="float32", choices=["float32", "float16", "bfloat16", "int8"],
                    help="quantized transfer (server.wire_dtype)")
+    p.add_argument("--uploads", type=int, nargs="+", default=[None],
+                   help="the server's max_concurrent_uploads (local/server.yml; default: the kit's, 4)")
     p.add_argument("--series", help="write (seconds from the peak, RSS MB) every ~50 ms to this file")
     a = p.parse_args()
     for n in a.sites:
-        with tempfile.TemporaryDirectory(prefix="fedkit-mem-") as tmp:
-            result = run(a.params, n, a.rounds, Path(tmp) / "study", a.wire)
-            series = result.pop("series")
-            if a.series:
-                Path(a.series).write_text("\n".join(" ".join(map(str, s)) for s in sorted(series, key=lambda s: s[0])))
-            print(json.dumps(result, indent=1), flush=True)
+        for uploads in a.uploads:
+            with tempfile.TemporaryDirectory(prefix="fedkit-mem-") as tmp:
+                result = run(a.params, n, a.rounds, Path(tmp) / "study", a.wire, uploads)
+                series = result.pop("series")
+                if a.series:
+                    Path(a.series).write_text("\n".join(" ".join(map(str, s))
+                                                         for s in sorted(series, key=lambda s: s[0])))
+                print(json.dumps(result, indent=1), flush=True)
 
 
 if __name__ == "__main__":

@@ -122,8 +122,8 @@ class ServerLocalSettings(SettingsModel):
                                                                "after this long unless it reconnects")
     max_update_bytes_factor: float = Field(1.5, description="largest accepted update, as a multiple of the model")
     max_concurrent_uploads: int = Field(4, ge=1, description="updates received at once: bounds server memory "
-                                                             "(about this many models); raise it for many "
-                                                             "sites on slow links")
+                                                             "(each costs its stream window and buffers, about "
+                                                             "22 MiB); raise it for many sites on slow links")
     max_concurrent_downloads: int = Field(8, ge=1, description="sites fetching the model at once: bounds "
                                                                "server memory per site")
     max_jobs_per_admin: int = Field(100, ge=1, description="jobs one admin may have stored (queued, running or "
