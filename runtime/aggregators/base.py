@@ -9,10 +9,9 @@ model. One object per job; the workflow calls, per round:
 `model` is read-only (the workflow reads it through a map of the global model's file): close_round returns
 new arrays, or arrays of `model` for tensors it leaves as they are. `update.delta` may be a view into a
 receive buffer that is reused after fold returns: an aggregator that keeps updates past fold (median,
-trimmed mean) copies them. Everything an aggregator must remember across
-rounds (momentum, Adam moments, control variates) is in `state()`, as named groups of tensors, and comes
-back through `load_state()` when a job resumes after a server restart; a resumed run must continue
-exactly as an uninterrupted one would.
+trimmed mean) copies them. Everything an aggregator must remember across rounds (momentum, Adam moments,
+control variates) is in `state()`, as named groups of tensors, and comes back through `load_state()` when
+a job resumes after a server restart; a resumed run must continue exactly as an uninterrupted one would.
 
 Extra tensors to send with the model (SCAFFOLD's server control variates) come from `task_extras()`, and
 the site-side algorithm the sites must run from `local_algorithm()`.

@@ -17,8 +17,9 @@ from ..kit_config import SiteLocalSettings
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # OpenBLAS's idle threads spin for 2^28 cycles (about 0.1 s) before they sleep: once its pool starts (NumPy's
-# import) and after every BLAS call. That spin was 0.12 of the 0.32 CPU-seconds a worker took to start here,
-# taken from the cores the other sites' workers wait for. 2^20 cycles (well under a millisecond) left
+# import) and after every BLAS call. On an idle machine that spin was 0.12 of the 0.32 CPU-seconds a worker
+# took to start, on cores the site's other work could use (on a busy one the spinning threads yield: 40
+# workers started at once took as long either way). 2^20 cycles (well under a millisecond) left
 # back-to-back matmuls as fast, within this machine's noise.
 BLAS_SPIN = {"OPENBLAS_THREAD_TIMEOUT": "20"}
 
