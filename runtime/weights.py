@@ -23,7 +23,9 @@ import json
 import math
 import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from safetensors.numpy import save as _st_save
@@ -222,17 +224,8 @@ def save_file(weights: Weights, path: Path) -> None:
 
 
 def load_file(path: Path) -> Weights:
-    """Read a safetensors file into memory (one buffer the arrays share)."""
-    try:
-        with open(path, "rb") as f:  # read into the one buffer the arrays share: a 1 GiB model costs 1 GiB
-            buf = bytearray(os.fstat(f.fileno()).st_size)
-            del buf[f.readinto(buf):]
-    except OSError as e:
-        raise UpdateRejected(f"{path}: cannot read the model file: {e.strerror}") from None
-    try:
-        return view_bytes(buf)
-    except UpdateRejected as e:
-        raise UpdateRejected(f"{path}: not a valid safetensors file: {_reason(e)}") from None
+    """Read a safetensors file into memory (one buffer the arrays share: a 1 GiB model costs 1 GiB)."""
+    return _file_weights(path, _read_whole)
 
 
 def map_file(path: Path) -> Weights:
@@ -241,19 +234,34 @@ def map_file(path: Path) -> Weights:
     size of the file and copies the file into it. For a file nobody truncates while it is mapped (a read
     past a truncated end kills the process with SIGBUS): a training worker's received model, which only
     its site daemon writes, by rename."""
+    return _file_weights(path, _map_private)
+
+
+def _file_weights(path: Path, contents: Callable[[BinaryIO], bytearray | mmap.mmap]) -> Weights:
+    """view_bytes of `contents(the open file)`; either step's failure as UpdateRejected naming the file."""
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if not size:
-                return load_file(path)  # an empty file cannot be mapped; load_file says what is wrong
-            mapped = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            data = contents(f)
     except OSError as e:
         raise UpdateRejected(f"{path}: cannot read the model file: {e.strerror}") from None
     try:
-        return view_bytes(mapped)
+        return view_bytes(data)
     except UpdateRejected as e:
         raise UpdateRejected(f"{path}: not a valid safetensors file: {_reason(e)}") from None
+
+
+def _read_whole(f: BinaryIO) -> bytearray:
+    buf = bytearray(os.fstat(f.fileno()).st_size)
+    del buf[f.readinto(buf):]
+    return buf
+
+
+def _map_private(f: BinaryIO) -> bytearray | mmap.mmap:
+    size = os.fstat(f.fileno()).st_size
+    if not size:  # an empty file cannot be mapped; view_bytes says what is wrong with it
+        return bytearray()
+    return mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
+                     prot=mmap.PROT_READ | mmap.PROT_WRITE)  # the map outlives the descriptor
 
 
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:
