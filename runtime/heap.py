@@ -6,16 +6,16 @@ and asyncio's worker threads and freed in others. Three settings keep that fast 
 - Reuse, not mmap (`tune_malloc`; server, site daemon, training worker). With glibc's defaults each
   buffer is mmap-ed and munmap-ed and every page faulted in again, which measured as the largest single
   cost of moving weights. Raised mmap and trim thresholds let the heap keep and reuse them.
-- One malloc arena (`tune_malloc(one_arena=True)`; server and site daemon, not the worker, whose learner's threads do
-  contend). glibc gives each thread that meets contention its own arena, up to 8 per core, and memory
-  freed in one arena is reused only by that arena's threads; with the thresholds above, each arena kept
-  its own high-water mark of chunks. Measured: the server's peak 70 MB lower (bench/server_memory.py,
+- One malloc arena (`tune_malloc(one_arena=True)`; server and site daemon, not the worker, whose
+  learner's threads do contend). glibc gives each thread that meets contention its own arena, up to 8 per
+  core, and memory freed in one arena is reused only by that arena's threads; with the thresholds above,
+  each arena kept its own high-water mark of chunks. Measured: the server's peak 70 MB lower (bench/server_memory.py,
   P=10M, N=2); a site daemon receiving a 1 GiB model peaked 55-97 MiB above its idle size with one arena,
   against 145-265 MiB with gRPC's four threads in four arenas (tests/e2e/test_big_model_round.py). The
   threads mostly wait on the event loop and the wire, so they rarely contend for the one arena.
 - Giving free pages back after a transfer (`give_back_free_memory`). Between two chunks keeping them is
-  right; after the transfer the heap would hold them until the next one, in the server while a round's
-  new model is allocated beside the old, in a daemon while it sits idle. malloc_trim(0) hands the free
+  right; after the transfer the heap would hold them until the next one, in the server through a round's
+  close, in a daemon while it sits idle. malloc_trim(0) hands the free
   pages back (madvise) and keeps the heap's layout, so the next transfer costs a page fault per page,
   not a system call per chunk.
 """
