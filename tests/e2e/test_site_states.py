@@ -76,7 +76,9 @@ def test_a_site_outside_the_running_job_says_so_and_is_idle_again_after_it(make_
     study = handle.study
 
     job = handle.job(tmp_path / "job")
-    job_id = study.admin_json(f"submit_job {job} --set server.rounds=30 --set meta.min_clients=1 "
+    # enough rounds that the job is still running when aborted: a one-site round of the small job takes well
+    # under a second, and 30 of them once ended before the abort came
+    job_id = study.admin_json(f"submit_job {job} --set server.rounds=1000 --set meta.min_clients=1 "
                               "--set meta.sites=[site-1]")["job_id"]
     wait_until(lambda: _states(study)["site-1"].startswith("round "), 120, "site-1 to work on the job")
     assert _states(study)["site-2"] == f"outside job {job_id}"
