@@ -29,6 +29,23 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
+def machine_busy_s() -> float:
+    """CPU-seconds all cores of this machine have been busy since boot (/proc/stat: every state but idle
+    and iowait), whoever ran: a study's processes, the benchmark's own, anything else on the machine."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU-seconds (user and system) the process has used so far; 0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_bytes(pid: int) -> int:
     """VmHWM: the most resident memory the process ever held."""
     try:

@@ -2,14 +2,16 @@
 parameters (the trivial learner: fedkit's own cost, not training), a few FedAvg rounds.
 
 For each N it prints: seconds until every site registered (from launching the first site), seconds from
-submit_job to the end of round 1, seconds per round, and, in the same run, the seconds a plain TLS socket
-needs to move the same bytes (round_overhead's baseline: the model to N receivers and N models back);
-peak RSS of the server, of all processes together and per site (daemon + its training worker), the
-daemons' own peak RSS and their idle RSS (all registered, no job) with its PSS and private part (what
-each daemon adds on this one machine, where all N share the libraries' pages), the server's RSS growth per
-connected site (idle RSS with N sites registered minus before the first, over N), and whether any client
-daemon has torch loaded (/proc/PID/maps). Peaks are sampled while the study runs (workers exit when a job ends), so
-they are VmHWM as last seen per process.
+submit_job to the end of round 1 with the CPU-seconds the machine spent meanwhile (all of it, the server's,
+and the rest per site: over the machine's cores, how soon round 1 could end if nothing ever waited),
+seconds per round, and, in the same run, the seconds a plain TLS socket needs to move the same bytes
+(round_overhead's baseline: the model to N receivers and N models back); peak RSS of the server, of all
+processes together and per site (daemon + its training worker), the daemons' own peak RSS and their idle
+RSS (all registered, no job) with its PSS and private part (what each daemon adds on this one machine,
+where all N share the libraries' pages), the server's RSS growth per connected site (idle RSS with N
+sites registered minus before the first, over N), and whether any client daemon has torch loaded
+(/proc/PID/maps). Peaks are sampled while the study runs (workers exit when a job ends), so they are
+VmHWM as last seen per process.
 
     python bench/scale.py                          # P=1M, N=16,32,64,100, 3 rounds
     python bench/scale.py --sites 16 32 --rounds 3
@@ -20,6 +22,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -34,7 +37,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._procs import peak_rss_bytes, shared_memory_split, tree_pids  # noqa: E402
+from bench._procs import (  # noqa: E402
+    machine_busy_s,
+    peak_rss_bytes,
+    process_cpu_s,
+    shared_memory_split,
+    tree_pids,
+)
 from bench.round_overhead import _sites_edit, run_raw_tls  # noqa: E402
 from provision.local_study import LocalStudy, wait_until  # noqa: E402
 
@@ -56,9 +65,10 @@ def _mem_available_bytes() -> int:
 
 
 class PeakSampler:
-    """Polls every process of the study and keeps each one's VmHWM as last seen, by owner. When the
-    machine's available memory falls below `min_free_bytes` it interrupts the run (KeyboardInterrupt in
-    the main thread), so the study is stopped by PID before the kernel picks something to kill."""
+    """Polls every process of the study and keeps each one's VmHWM as last seen, by owner, and the CPU-seconds
+    the machine and the server have spent so far (`cpu_between`). When the machine's available memory falls
+    below `min_free_bytes` it interrupts the run (KeyboardInterrupt in the main thread), so the study is
+    stopped by PID before the kernel picks something to kill."""
 
     def __init__(self, study: LocalStudy, min_free_bytes: int):
         self._study = study
@@ -67,6 +77,7 @@ class PeakSampler:
         self.start_available_bytes = self.min_available_bytes = _mem_available_bytes()
         self._stop = threading.Event()
         self.peaks: dict[int, tuple[str, bool, int]] = {}  # pid -> (owner, is the owner's main process, bytes)
+        self._cpu: list[tuple[float, float, float]] = []  # (time, machine busy CPU-s, server CPU-s)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> PeakSampler:
@@ -88,11 +99,20 @@ class PeakSampler:
                 _thread.interrupt_main()
 
     def sample(self) -> None:
+        server = self._study.procs.get(self._study.server)
+        self._cpu.append((time.time(), machine_busy_s(), process_cpu_s(server.pid) if server else 0.0))
         for name, proc in list(self._study.procs.items()):
             for pid in tree_pids(proc.pid):
                 rss = peak_rss_bytes(pid)
                 if rss:
                     self.peaks[pid] = (name, pid == proc.pid, max(rss, self.peaks.get(pid, ("", False, 0))[2]))
+
+    def cpu_between(self, start: float, end: float) -> tuple[float, float]:
+        """CPU-seconds (the whole machine's, the server's) from `start` to `end` (time.time()), read at the
+        samples nearest outside them: at most a sampling interval more on each side."""
+        before = max((c for c in self._cpu if c[0] <= start), default=self._cpu[0], key=lambda c: c[0])
+        after = min((c for c in self._cpu if c[0] >= end), default=self._cpu[-1], key=lambda c: c[0])
+        return after[1] - before[1], after[2] - before[2]
 
     def by_owner(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -268,6 +288,12 @@ def run(params: int, n_sites: int, rounds: int, root: Path, timeout_s: float, mi
             ends = [first_sent] + [done[r] for r in sorted(done)]
             row["round_s"] = [round(b - a, 2) for a, b in zip(ends, ends[1:], strict=False)]
             row["submit_to_first_round_s"] = round(done[min(done)] - submitted, 2) if done else None
+            if done:  # what that took in CPU: the machine's cores bound how soon N sites can all be ready
+                sampler.sample()
+                machine_cpu, server_cpu = sampler.cpu_between(submitted, done[min(done)])
+                row["submit_to_first_round_cpu_s"] = {
+                    "machine": round(machine_cpu, 1), "server": round(server_cpu, 1),
+                    "per_site": round((machine_cpu - server_cpu) / n_sites, 2), "cores": os.cpu_count()}
             row["round_s_median"] = round(statistics.median(row["round_s"]), 2)
             sites_in_rounds = [len(m["sites"]) for m in study.admin_json(f"show_job {job_id}")["metrics"]
                                if m["type"] == "round"]
@@ -324,14 +350,17 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     print(f"load after: {Path('/proc/loadavg').read_text().strip()}")
     print()
-    print(f"{'N':>4} {'registered s':>12} {'submit->r1 s':>12} {'round s (each)':>22} {'raw TLS s':>9} "
+    print(f"{'N':>4} {'registered s':>12} {'submit->r1 s':>12} {'r1 CPU-s':>8} {'/site':>6} "
+          f"{'round s (each)':>22} {'raw TLS s':>9} "
           f"{'ratio':>6} {'server MB':>10} {'KB/site':>8} {'all MB':>8} {'site MB':>8} {'daemon MB':>10} "
           f"{'idle MB':>8} {'PSS MB':>7} {'own MB':>7} {'torch':>6}")
     for r in rows:
         if "error" in r:
             print(f"{r['N']:>4} failed: {r['error']}")
             continue
+        cpu = r.get("submit_to_first_round_cpu_s") or {}
         print(f"{r['N']:>4} {r['all_registered_s']:>12.2f} {r['submit_to_first_round_s']:>12} "
+              f"{cpu.get('machine', '-'):>8} {cpu.get('per_site', '-'):>6} "
               f"{' '.join(f'{x:.2f}' for x in r['round_s']):>22} {r['raw_tls_s']:>9} {r['ratio']:>6} "
               f"{r['server_peak_rss_MB']:>10} {r['server_growth_per_site_KB']:>8} {r['all_peak_rss_MB']:>8} "
               f"{r['site_peak_rss_MB_mean']:>8} {r['daemon_peak_rss_MB_mean']:>10} "

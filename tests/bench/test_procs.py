@@ -1,4 +1,5 @@
-"""bench/_procs.py's memory split: what scale.py reports as each daemon's share of a machine."""
+"""bench/_procs.py's memory split (what scale.py reports as each daemon's share of a machine) and its CPU
+counters (the CPU-seconds scale.py reports for submit -> round 1)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from bench._procs import shared_memory_split
+from bench._procs import machine_busy_s, process_cpu_s, shared_memory_split
 
 MB = 1 << 20
 
@@ -50,3 +51,19 @@ def test_a_page_shared_with_a_child_is_half_charged_to_each():
 def test_a_process_that_is_gone_reports_nothing():
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     assert shared_memory_split(int(proc.stdout)) == {"pss": 0, "private": 0}
+
+
+def test_the_cpu_counters_see_a_process_spin():
+    spin = ("import sys, time\n"
+            "while time.process_time() < 0.5: pass\n"
+            "print('spun', flush=True); sys.stdin.read()")
+    machine_before = machine_busy_s()
+    child = subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "spun\n"
+        used = process_cpu_s(child.pid)
+        assert 0.45 <= used < 60, used  # /proc counts whole clock ticks
+        assert machine_busy_s() - machine_before >= used - 0.05  # a clock tick's rounding on each reading
+    finally:
+        child.communicate("")
+    assert process_cpu_s(child.pid) == 0.0  # gone (reaped): nothing to read
