@@ -8,6 +8,7 @@ speaking the service's messages (test_event_loop_not_blocked.py's helpers)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -42,9 +43,11 @@ async def _send_initial_model(service: FederationService, peer: Identity, sessio
 
 
 async def _site(service: FederationService, name: str, done: asyncio.Event, seen: list[tuple[str, str, int]],
-                job_bytes: dict[str, int]) -> None:
+                job_bytes: dict[str, int], all_prepared: asyncio.Event) -> None:
     """A site that records every task it gets; builds the initial model, fetches the job when told to
-    prepare (and answers nothing for it), and answers train and validate tasks."""
+    prepare (and answers nothing for it), and answers train and validate tasks. The builder takes as long as
+    the others need to get their prepare (up to 10 s): a real one trains or loads a model meanwhile, and a
+    prepare still unfetched when round 0 ends is withdrawn (the site then starts its worker in round 1)."""
     peer = Identity(name, f"org-{name}", Kind.CLIENT)
     session = (await service.register(peer, pb.RegisterRequest(host_info_json="{}"))).session_id
     while not done.is_set():
@@ -54,10 +57,14 @@ async def _site(service: FederationService, name: str, done: asyncio.Event, seen
         header = messages[0].header
         seen.append((name, header.task_name, header.round))
         if header.task_name == "init":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_prepared.wait(), 10)
             await _send_initial_model(service, peer, session, header.task_id)
         elif header.task_name == "prepare":
             request = pb.GetJobRequest(session_id=session, job_id=header.job_id)
             job_bytes[name] = sum([len(c.data) async for c in service.get_job(peer, request)])
+            if sum(task == "prepare" for _, task, _ in seen) == len(SITES) - 1:
+                all_prepared.set()
         else:
             await _answer(service, peer, session, messages)
 
@@ -76,8 +83,12 @@ def test_the_other_sites_prepare_the_job_while_one_builds_the_initial_model(tmp_
     seen: list[tuple[str, str, int]] = []
     job_bytes: dict[str, int] = {}
 
-    asyncio.run(_run_with_sites(controller, registry, SITES, lambda done: [
-        _site(service, n, done, seen, job_bytes) for n in SITES], 60))
+    async def run() -> None:
+        all_prepared = asyncio.Event()
+        await _run_with_sites(controller, registry, SITES, lambda done: [
+            _site(service, n, done, seen, job_bytes, all_prepared) for n in SITES], 60)
+
+    asyncio.run(run())
 
     (builder,) = [site for site, task, _ in seen if task == "init"]
     prepared = sorted(site for site, task, _ in seen if task == "prepare")
