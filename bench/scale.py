@@ -3,15 +3,15 @@ parameters (the trivial learner: fedkit's own cost, not training), a few FedAvg 
 
 For each N it prints: seconds until every site registered (from launching the first site), seconds from
 submit_job to the end of round 1 with the CPU-seconds the machine spent meanwhile (all of it, the server's,
-and the rest per site: over the machine's cores, how soon round 1 could end if nothing ever waited),
-seconds per round, and, in the same run, the seconds a plain TLS socket needs to move the same bytes
-(round_overhead's baseline: the model to N receivers and N models back); peak RSS of the server, of all
-processes together and per site (daemon + its training worker), the daemons' own peak RSS and their idle
-RSS (all registered, no job) with its PSS and private part (what each daemon adds on this one machine,
-where all N share the libraries' pages), the server's RSS growth per connected site (idle RSS with N
-sites registered minus before the first, over N), and whether any client daemon has torch loaded
-(/proc/PID/maps). Peaks are sampled while the study runs (workers exit when a job ends), so they are
-VmHWM as last seen per process.
+and the rest per site, the admin console's included: over the machine's cores, how soon round 1 could end
+if nothing ever waited), seconds per round, and, in the same run, the seconds a plain TLS socket needs to
+move the same bytes (round_overhead's baseline: the model to N receivers and N models back); peak RSS of
+the server, of all processes together and per site (daemon + its training worker), the daemons' own peak
+RSS and their idle RSS (all registered, no job) with its PSS and private part (what each daemon adds on
+this one machine, where all N share the libraries' pages), the server's RSS growth per connected site
+(idle RSS with N sites registered minus before the first, over N), and whether any client daemon has
+torch loaded (/proc/PID/maps). Peaks are sampled while the study runs (workers exit when a job ends), so
+they are VmHWM as last seen per process.
 
     python bench/scale.py                          # P=1M, N=16,32,64,100, 3 rounds
     python bench/scale.py --sites 16 32 --rounds 3
@@ -49,6 +49,7 @@ from provision.local_study import LocalStudy, wait_until  # noqa: E402
 
 JOB = REPO / "bench" / "jobs" / "trivial"
 SAMPLE_S = 0.5
+CPU_SAMPLE_S = 0.1
 HEARTBEAT_INTERVAL_S = 5.0
 MB = 1e6
 
@@ -65,10 +66,9 @@ def _mem_available_bytes() -> int:
 
 
 class PeakSampler:
-    """Polls every process of the study and keeps each one's VmHWM as last seen, by owner, and the CPU-seconds
-    the machine and the server have spent so far (`cpu_between`). When the machine's available memory falls
-    below `min_free_bytes` it interrupts the run (KeyboardInterrupt in the main thread), so the study is
-    stopped by PID before the kernel picks something to kill."""
+    """Polls every process of the study and keeps each one's VmHWM as last seen, by owner. When the
+    machine's available memory falls below `min_free_bytes` it interrupts the run (KeyboardInterrupt in
+    the main thread), so the study is stopped by PID before the kernel picks something to kill."""
 
     def __init__(self, study: LocalStudy, min_free_bytes: int):
         self._study = study
@@ -77,7 +77,6 @@ class PeakSampler:
         self.start_available_bytes = self.min_available_bytes = _mem_available_bytes()
         self._stop = threading.Event()
         self.peaks: dict[int, tuple[str, bool, int]] = {}  # pid -> (owner, is the owner's main process, bytes)
-        self._cpu: list[tuple[float, float, float]] = []  # (time, machine busy CPU-s, server CPU-s)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> PeakSampler:
@@ -99,20 +98,11 @@ class PeakSampler:
                 _thread.interrupt_main()
 
     def sample(self) -> None:
-        server = self._study.procs.get(self._study.server)
-        self._cpu.append((time.time(), machine_busy_s(), process_cpu_s(server.pid) if server else 0.0))
         for name, proc in list(self._study.procs.items()):
             for pid in tree_pids(proc.pid):
                 rss = peak_rss_bytes(pid)
                 if rss:
                     self.peaks[pid] = (name, pid == proc.pid, max(rss, self.peaks.get(pid, ("", False, 0))[2]))
-
-    def cpu_between(self, start: float, end: float) -> tuple[float, float]:
-        """CPU-seconds (the whole machine's, the server's) from `start` to `end` (time.time()), read at the
-        samples nearest outside them: at most a sampling interval more on each side."""
-        before = max((c for c in self._cpu if c[0] <= start), default=self._cpu[0], key=lambda c: c[0])
-        after = min((c for c in self._cpu if c[0] >= end), default=self._cpu[-1], key=lambda c: c[0])
-        return after[1] - before[1], after[2] - before[2]
 
     def by_owner(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -122,6 +112,42 @@ class PeakSampler:
 
     def main_process(self, owner: str) -> int:
         return max((rss for o, main, rss in self.peaks.values() if o == owner and main), default=0)
+
+
+class CpuClock:
+    """Reads, every CPU_SAMPLE_S, the CPU-seconds the whole machine and one process (the server) have spent
+    so far: two small /proc reads, so the readings stay that close together at any N (PeakSampler walks
+    every process and takes seconds at N=100)."""
+
+    def __init__(self, pid: int):
+        self._pid = pid
+        self._readings: list[tuple[float, float, float]] = []  # (time, machine busy CPU-s, the process's)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuClock:
+        self._read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._read()
+
+    def _read(self) -> None:
+        self._readings.append((time.time(), machine_busy_s(), process_cpu_s(self._pid)))
+
+    def _run(self) -> None:
+        while not self._stop.wait(CPU_SAMPLE_S):
+            self._read()
+
+    def between(self, start: float, end: float) -> tuple[float, float]:
+        """CPU-seconds (the machine's, the process's) from `start` to `end` (time.time()), from the readings
+        nearest outside them: at most CPU_SAMPLE_S more on each side."""
+        before = max((r for r in self._readings if r[0] <= start), default=self._readings[0], key=lambda r: r[0])
+        after = min((r for r in self._readings if r[0] >= end), default=self._readings[-1], key=lambda r: r[0])
+        return after[1] - before[1], after[2] - before[2]
 
 
 def rss_bytes(pid: int) -> int:
@@ -274,11 +300,12 @@ def run(params: int, n_sites: int, rounds: int, root: Path, timeout_s: float, mi
 
             job = root / "job"
             shutil.copytree(JOB, job)
-            submitted = time.time()
-            record = study.admin_json(f"submit_job {job} --set server.rounds={rounds} "
-                                      f"--set client.learner.args.n_params={params} "
-                                      f"--set meta.min_clients={n_sites}")
-            final = study.admin_json(f"wait_job {record['job_id']} {timeout_s:g}", timeout_s=timeout_s + 60)
+            with CpuClock(server_pid) as cpu:
+                submitted = time.time()
+                record = study.admin_json(f"submit_job {job} --set server.rounds={rounds} "
+                                          f"--set client.learner.args.n_params={params} "
+                                          f"--set meta.min_clients={n_sites}")
+                final = study.admin_json(f"wait_job {record['job_id']} {timeout_s:g}", timeout_s=timeout_s + 60)
             row["state"] = final["state"]
             audit = _audit(study)
             job_id = record["job_id"]
@@ -289,8 +316,7 @@ def run(params: int, n_sites: int, rounds: int, root: Path, timeout_s: float, mi
             row["round_s"] = [round(b - a, 2) for a, b in zip(ends, ends[1:], strict=False)]
             row["submit_to_first_round_s"] = round(done[min(done)] - submitted, 2) if done else None
             if done:  # what that took in CPU: the machine's cores bound how soon N sites can all be ready
-                sampler.sample()
-                machine_cpu, server_cpu = sampler.cpu_between(submitted, done[min(done)])
+                machine_cpu, server_cpu = cpu.between(submitted, done[min(done)])
                 row["submit_to_first_round_cpu_s"] = {
                     "machine": round(machine_cpu, 1), "server": round(server_cpu, 1),
                     "per_site": round((machine_cpu - server_cpu) / n_sites, 2), "cores": os.cpu_count()}
