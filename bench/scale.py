@@ -3,8 +3,8 @@ parameters (the trivial learner: fedkit's own cost, not training), a few FedAvg 
 
 For each N it prints: seconds until every site registered (from launching the first site), seconds from
 submit_job to the end of round 1 with the CPU-seconds the machine spent meanwhile (all of it, the server's,
-and the rest per site, the admin console's included: over the machine's cores, how soon round 1 could end
-if nothing ever waited), seconds per round, and, in the same run, the seconds a plain TLS socket needs to
+the admin consoles', and the rest per site: over the machine's cores, how soon round 1 could end if nothing
+ever waited), seconds per round, and, in the same run, the seconds a plain TLS socket needs to
 move the same bytes (round_overhead's baseline: the model to N receivers and N models back); peak RSS of
 the server, of all processes together and per site (daemon + its training worker), the daemons' own peak
 RSS and their idle RSS (all registered, no job) with its PSS and private part (what each daemon adds on
@@ -23,6 +23,7 @@ import _thread
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -148,6 +149,12 @@ class CpuClock:
         before = max((r for r in self._readings if r[0] <= start), default=self._readings[0], key=lambda r: r[0])
         after = min((r for r in self._readings if r[0] >= end), default=self._readings[-1], key=lambda r: r[0])
         return after[1] - before[1], after[2] - before[2]
+
+
+def _reaped_children_cpu_s() -> float:
+    """CPU-seconds of this process's children that have exited and been waited for (the admin consoles)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def rss_bytes(pid: int) -> int:
@@ -300,12 +307,14 @@ def run(params: int, n_sites: int, rounds: int, root: Path, timeout_s: float, mi
 
             job = root / "job"
             shutil.copytree(JOB, job)
+            consoles_before = _reaped_children_cpu_s()
             with CpuClock(server_pid) as cpu:
                 submitted = time.time()
                 record = study.admin_json(f"submit_job {job} --set server.rounds={rounds} "
                                           f"--set client.learner.args.n_params={params} "
                                           f"--set meta.min_clients={n_sites}")
                 final = study.admin_json(f"wait_job {record['job_id']} {timeout_s:g}", timeout_s=timeout_s + 60)
+            consoles_cpu = _reaped_children_cpu_s() - consoles_before  # the two console runs, start to exit
             row["state"] = final["state"]
             audit = _audit(study)
             job_id = record["job_id"]
@@ -319,7 +328,9 @@ def run(params: int, n_sites: int, rounds: int, root: Path, timeout_s: float, mi
                 machine_cpu, server_cpu = cpu.between(submitted, done[min(done)])
                 row["submit_to_first_round_cpu_s"] = {
                     "machine": round(machine_cpu, 1), "server": round(server_cpu, 1),
-                    "per_site": round((machine_cpu - server_cpu) / n_sites, 2), "cores": os.cpu_count()}
+                    "consoles": round(consoles_cpu, 1),
+                    "per_site": round((machine_cpu - server_cpu - consoles_cpu) / n_sites, 2),
+                    "cores": os.cpu_count()}
             row["round_s_median"] = round(statistics.median(row["round_s"]), 2)
             sites_in_rounds = [len(m["sites"]) for m in study.admin_json(f"show_job {job_id}")["metrics"]
                                if m["type"] == "round"]
@@ -376,8 +387,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     print(f"load after: {Path('/proc/loadavg').read_text().strip()}")
     print()
-    print(f"{'N':>4} {'registered s':>12} {'submit->r1 s':>12} {'r1 CPU-s':>8} {'/site':>6} "
-          f"{'round s (each)':>22} {'raw TLS s':>9} "
+    print(f"{'N':>4} {'registered s':>12} {'submit->r1 s':>12} {'r1 CPU-s':>8} {'server':>6} {'console':>7} "
+          f"{'/site':>6} {'round s (each)':>22} {'raw TLS s':>9} "
           f"{'ratio':>6} {'server MB':>10} {'KB/site':>8} {'all MB':>8} {'site MB':>8} {'daemon MB':>10} "
           f"{'idle MB':>8} {'PSS MB':>7} {'own MB':>7} {'torch':>6}")
     for r in rows:
@@ -386,7 +397,8 @@ def main() -> None:
             continue
         cpu = r.get("submit_to_first_round_cpu_s") or {}
         print(f"{r['N']:>4} {r['all_registered_s']:>12.2f} {r['submit_to_first_round_s']:>12} "
-              f"{cpu.get('machine', '-'):>8} {cpu.get('per_site', '-'):>6} "
+              f"{cpu.get('machine', '-'):>8} {cpu.get('server', '-'):>6} {cpu.get('consoles', '-'):>7} "
+              f"{cpu.get('per_site', '-'):>6} "
               f"{' '.join(f'{x:.2f}' for x in r['round_s']):>22} {r['raw_tls_s']:>9} {r['ratio']:>6} "
               f"{r['server_peak_rss_MB']:>10} {r['server_growth_per_site_KB']:>8} {r['all_peak_rss_MB']:>8} "
               f"{r['site_peak_rss_MB_mean']:>8} {r['daemon_peak_rss_MB_mean']:>10} "
