@@ -39,9 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._procs import (  # noqa: E402
+    cpu_seconds,
     machine_busy_s,
     peak_rss_bytes,
-    process_cpu_s,
     shared_memory_split,
     tree_pids,
 )
@@ -137,7 +137,7 @@ class CpuClock:
         self._read()
 
     def _read(self) -> None:
-        self._readings.append((time.time(), machine_busy_s(), process_cpu_s(self._pid)))
+        self._readings.append((time.time(), machine_busy_s(), cpu_seconds(self._pid)))
 
     def _run(self) -> None:
         while not self._stop.wait(CPU_SAMPLE_S):

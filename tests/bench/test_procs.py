@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from bench._procs import machine_busy_s, process_cpu_s, shared_memory_split
+from bench._procs import cpu_seconds, machine_busy_s, shared_memory_split
 
 MB = 1 << 20
 
@@ -61,9 +61,9 @@ def test_the_cpu_counters_see_a_process_spin():
     child = subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None and child.stdout.readline() == "spun\n"
-        used = process_cpu_s(child.pid)
+        used = cpu_seconds(child.pid)
         assert 0.45 <= used < 60, used  # /proc counts whole clock ticks
         assert machine_busy_s() - machine_before >= used - 0.05  # a clock tick's rounding on each reading
     finally:
         child.communicate("")
-    assert process_cpu_s(child.pid) == 0.0  # gone (reaped): nothing to read
+    assert cpu_seconds(child.pid) == 0.0  # gone (reaped): nothing to read
