@@ -49,13 +49,17 @@ class Registry:
         self._sites[peer.name] = session
         return session, had_session
 
-    def touch(self, site: str, session_id: str, job_id: str = "", round: int = 0) -> bool:
-        """Record a sign of life; False when the session is unknown (the site must register again)."""
+    def touch(self, site: str, session_id: str, job_id: str | None = None, round: int = 0) -> bool:
+        """Record a sign of life; False when the session is unknown (the site must register again).
+        `job_id` and `round` come with a heartbeat, which says what the site works on ("" for nothing); any
+        other call (a poll, an upload) leaves that as the last heartbeat said: a site polling between two
+        rounds of a job is still on the job, and reading it as idle showed a busy site idle in check_status."""
         session = self._sites.get(site)
         if session is None or not secrets.compare_digest(session.session_id, session_id):
             return False
         session.last_seen = self._clock()
-        session.job_id, session.round = job_id, round
+        if job_id is not None:
+            session.job_id, session.round = job_id, round
         return True
 
     def connected(self, site: str) -> int:

@@ -58,6 +58,21 @@ def test_touch_keeps_a_site_alive_past_the_first_timeout() -> None:
     assert (reg.session("site-1").job_id, reg.session("site-1").round) == ("job-1", 3)
 
 
+def test_a_poll_or_upload_keeps_what_the_last_heartbeat_said_the_site_works_on() -> None:
+    clock = FakeClock()
+    reg = _registry(clock)
+    session, _ = reg.register(_site("site-1"))
+    reg.touch("site-1", session.session_id, job_id="job-1", round=3)  # a heartbeat: busy with round 3
+
+    clock.now += 1
+    reg.touch("site-1", session.session_id)  # a poll for its next task, or its upload
+    assert reg.state("site-1") == "round 3 of job job-1"
+    assert reg.seconds_since_seen("site-1") == 0
+
+    reg.touch("site-1", session.session_id, job_id="", round=0)  # a heartbeat: the job is over here
+    assert reg.state("site-1") == "idle"
+
+
 def test_a_silent_site_is_dead_after_the_heartbeat_timeout() -> None:
     clock = FakeClock()
     reg = _registry(clock)
