@@ -1,9 +1,38 @@
-"""Peak memory of process trees, read from /proc (Linux), for the benchmarks."""
+"""Peak memory and CPU of process trees, read from /proc (Linux), for the benchmarks, and the thread that
+samples them while a study runs."""
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+
+
+class Periodic:
+    """`sample()` every `interval_s` in a thread, from entering the `with` block to leaving it, and once more
+    on each side (a process that ends within an interval is still seen once). Subclasses define `sample`."""
+
+    def __init__(self, interval_s: float):
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.sample()
 
 
 def _children() -> dict[int, list[int]]:

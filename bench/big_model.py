@@ -21,14 +21,13 @@ import json
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._procs import peak_rss_bytes, tree_pids  # noqa: E402
+from bench._procs import Periodic, peak_rss_bytes, tree_pids  # noqa: E402
 from bench.round_overhead import _sites_edit  # noqa: E402
 from provision.local_study import LocalStudy  # noqa: E402
 
@@ -62,27 +61,13 @@ def _vm(pid: int, key: str) -> int:
     return 0
 
 
-class PeakSampler:
+class PeakSampler(Periodic):
     """Each process's VmHWM under the study's process trees, by role, sampled until stopped."""
 
     def __init__(self, study: LocalStudy, interval_s: float = 0.5):
-        self._study, self._interval_s = study, interval_s
+        super().__init__(interval_s)
+        self._study = study
         self.peaks: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self.sample()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            self.sample()
 
     def sample(self) -> None:
         for name, proc in self._study.procs.items():

@@ -29,7 +29,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._procs import (  # noqa: E402
+    Periodic,
     cpu_seconds,
     machine_busy_s,
     peak_rss_bytes,
@@ -66,37 +66,18 @@ def _mem_available_bytes() -> int:
     return 0
 
 
-class PeakSampler:
+class PeakSampler(Periodic):
     """Polls every process of the study and keeps each one's VmHWM as last seen, by owner. When the
     machine's available memory falls below `min_free_bytes` it interrupts the run (KeyboardInterrupt in
     the main thread), so the study is stopped by PID before the kernel picks something to kill."""
 
     def __init__(self, study: LocalStudy, min_free_bytes: int):
+        super().__init__(SAMPLE_S)
         self._study = study
         self._min_free_bytes = min_free_bytes
         self.low_memory = False
         self.start_available_bytes = self.min_available_bytes = _mem_available_bytes()
-        self._stop = threading.Event()
         self.peaks: dict[int, tuple[str, bool, int]] = {}  # pid -> (owner, is the owner's main process, bytes)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sample()
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
-            self.sample()
-            available = _mem_available_bytes()
-            self.min_available_bytes = min(self.min_available_bytes, available)
-            if available < self._min_free_bytes and not self.low_memory:
-                self.low_memory = True
-                _thread.interrupt_main()
 
     def sample(self) -> None:
         for name, proc in list(self._study.procs.items()):
@@ -104,6 +85,11 @@ class PeakSampler:
                 rss = peak_rss_bytes(pid)
                 if rss:
                     self.peaks[pid] = (name, pid == proc.pid, max(rss, self.peaks.get(pid, ("", False, 0))[2]))
+        available = _mem_available_bytes()
+        self.min_available_bytes = min(self.min_available_bytes, available)
+        if available < self._min_free_bytes and not self.low_memory:
+            self.low_memory = True
+            _thread.interrupt_main()
 
     def by_owner(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -115,33 +101,18 @@ class PeakSampler:
         return max((rss for o, main, rss in self.peaks.values() if o == owner and main), default=0)
 
 
-class CpuClock:
+class CpuClock(Periodic):
     """Reads, every CPU_SAMPLE_S, the CPU-seconds the whole machine and one process (the server) have spent
     so far: two small /proc reads, so the readings stay that close together at any N (PeakSampler walks
     every process and takes seconds at N=100)."""
 
     def __init__(self, pid: int):
+        super().__init__(CPU_SAMPLE_S)
         self._pid = pid
         self._readings: list[tuple[float, float, float]] = []  # (time, machine busy CPU-s, the process's)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> CpuClock:
-        self._read()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        self._read()
-
-    def _read(self) -> None:
+    def sample(self) -> None:
         self._readings.append((time.time(), machine_busy_s(), cpu_seconds(self._pid)))
-
-    def _run(self) -> None:
-        while not self._stop.wait(CPU_SAMPLE_S):
-            self._read()
 
     def between(self, start: float, end: float) -> tuple[float, float]:
         """CPU-seconds (the machine's, the process's) from `start` to `end` (time.time()), from the readings

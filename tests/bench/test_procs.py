@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from bench._procs import cpu_seconds, machine_busy_s, shared_memory_split
+from bench._procs import Periodic, cpu_seconds, machine_busy_s, shared_memory_split
 
 MB = 1 << 20
 
@@ -67,3 +67,20 @@ def test_the_cpu_counters_see_a_process_spin():
     finally:
         child.communicate("")
     assert cpu_seconds(child.pid) == 0.0  # gone (reaped): nothing to read
+
+
+def test_a_periodic_sampler_samples_on_entering_and_leaving_and_stops_after():
+    class Counting(Periodic):
+        def __init__(self) -> None:
+            super().__init__(0.01)
+            self.count = 0
+
+        def sample(self) -> None:
+            self.count += 1
+
+    with Counting() as sampler:
+        pass
+    after_exit = sampler.count
+    assert after_exit >= 2  # once on each side, even for a block shorter than an interval
+    sampler._stop.wait(0.05)
+    assert sampler.count == after_exit, "the thread samples no more once the block is left"
