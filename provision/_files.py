@@ -7,6 +7,7 @@ are created with os.open(..., mode) and O_EXCL (never silently overwriting an ex
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 PRIVATE_MODE = 0o600
@@ -30,8 +31,11 @@ def write_public_file(path: Path, data: bytes) -> None:
 
 
 def replace_file(path: Path, data: bytes, mode: int = PUBLIC_MODE) -> None:
-    """Replace `path` atomically (temp file beside it, then rename): a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    write_new_file(tmp, data, mode)
-    os.replace(tmp, path)
+    """Replace `path` atomically (temp file beside it, then rename): a crash never leaves half a file. The
+    temp name is this call's own, so two writers never write into one temp file."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        write_new_file(tmp, data, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

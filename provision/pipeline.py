@@ -1,8 +1,9 @@
 """The provisioning pipeline: a fixed, ordered list of small steps over one typed BuildState.
 
-    provision:  open_ca -> new_prod_dir    -> issue_certs -> render_kits -> sign_kits -> write_kits
-                -> zip_kits -> record_issued
-    add-site:   the same, with latest_prod_dir in place of new_prod_dir
+    provision:  open_ca -> new_prod_dir    -> issue_certs -> render_kits -> add_crl -> sign_kits
+                -> write_kits -> zip_kits -> record_issued
+    add-site:   open_ca -> latest_prod_dir -> issue_certs -> render_kits -> sign_kits -> write_kits
+                -> zip_kits -> record_issued (after checking the server in project.yml is the one issued)
 
 The order lives here, in code: signing comes after every step that adds a file, and the ledger is written
 last, so it never lists a certificate whose kit was not written. If any step raises, everything this run
@@ -13,8 +14,10 @@ the CA, once created, is kept, because later runs must reuse it.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
+import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from runtime.errors import CertificateError, ProjectConfigError
 from runtime.identity import Kind
-from runtime.kit_config import ROOT_CA, STARTUP
+from runtime.kit_config import LOCAL, REVOCATION_LIST, ROOT_CA, SERVER_CONFIG, STARTUP
 from runtime.kitsig import ca_fingerprint
 
 from ._files import PRIVATE_MODE, PUBLIC_MODE
@@ -31,10 +34,9 @@ from .kit import Kit, KitFile, write_kit
 from .project import ParticipantSpec, Project
 from .render import CERT_STEM, KitRenderer
 from .signing import sign_kit
-from .state import IssuedCert, StudyWorkspace, load_ledger, save_ledger
+from .state import STATE_DIR_MODE, IssuedCert, StudyWorkspace, load_ledger, save_ledger
 from .zipping import zip_kit
 
-STATE_DIR_MODE = 0o700
 # zlib and file I/O release the GIL, so writing and zipping kits overlap on a thread per core; more threads
 # than cores only add GIL contention (measured: 2 threads beat 4 on 2 cores).
 MAX_WRITE_THREADS = min(4, os.cpu_count() or 2)
@@ -97,12 +99,14 @@ def new_prod_dir(state: BuildState) -> None:
 
 
 def latest_prod_dir(state: BuildState) -> None:
-    """Add to the newest prod_NN; refuse when there is none or a target already has a kit there."""
+    """Add to the newest prod_NN; refuse when there is none, a target already has a kit there, or
+    project.yml's server is not the one that prod_NN's kits were issued for."""
     path = state.workspace.latest_prod_dir()
     if path is None:
         raise ProjectConfigError(
             f"{state.workspace.root}: no prod_NN folder yet; run `fedkit provision` before add-site"
         )
+    _check_same_server(state.project, path)
     for p in state.targets:
         for existing in (path / p.name, path / f"{p.name}.zip"):
             if existing.exists():
@@ -111,6 +115,40 @@ def latest_prod_dir(state: BuildState) -> None:
                     "run `fedkit provision` for a fresh set, or `revoke` it first and remove that kit"
                 )
     state.prod_dir = path
+
+
+def _check_same_server(project: Project, prod_dir: Path) -> None:
+    """A kit from add-site connects where project.yml says; refuse when that is not the server issued in
+    `prod_dir` (a port or name edited since): the new site could never reach the study's server."""
+    issued = _issued_server(prod_dir)
+    if issued is None:  # the server's kit and zip were moved away: nothing to compare with
+        return
+    server = project.server
+    wanted = (server.name, server.fed_learn_port, server.admin_port)
+    had = (issued.get("name"), issued.get("fed_learn_port"), issued.get("admin_port"))
+    if wanted != had:
+        raise ProjectConfigError(
+            f"project.yml's server {wanted[0]} (ports {wanted[1]}, {wanted[2]}) is not the one issued in "
+            f"{prod_dir.name} ({had[0]}, ports {had[1]}, {had[2]}): an added kit could not reach it; put the "
+            "server back as it was, or run `fedkit provision` for a fresh set of kits"
+        )
+
+
+def _issued_server(prod_dir: Path) -> dict[str, object] | None:
+    """The server kit's startup/fed_server.json in `prod_dir`, from its folder or else its zip (None when
+    neither is there or readable)."""
+    member = f"{STARTUP}/{SERVER_CONFIG}"
+    try:
+        for path in sorted(prod_dir.glob(f"*/{member}")):
+            return json.loads(path.read_text())
+        for zip_path in sorted(prod_dir.glob("*.zip")):
+            with zipfile.ZipFile(zip_path) as z:
+                for name in z.namelist():
+                    if name.endswith(f"/{member}") and name.count("/") == 2:
+                        return json.loads(z.read(name))
+    except (OSError, ValueError, zipfile.BadZipFile):
+        pass
+    return None
 
 
 def issue_certs(state: BuildState) -> None:
@@ -142,6 +180,19 @@ def render_kits(state: BuildState) -> None:
     for kit in state.kits:
         for rel, kit_file in state.renderer.render(state.project, kit.participant, ca_fingerprint=fingerprint).items():
             kit.add(rel, kit_file)
+
+
+def add_crl(state: BuildState) -> None:
+    """The study's current CRL into the server kit's local/crl.pem (site-owned, so unsigned; the CRL carries
+    the CA's own signature). A server kit issued after a revoke must refuse the revoked from its first
+    start: without it, the fresh server admitted every certificate revoked before it was issued."""
+    crl_path = state.workspace.crl_path
+    if not crl_path.exists():
+        return
+    crl_pem = crl_path.read_bytes()
+    for kit in state.kits:
+        if kit.participant.kind is Kind.SERVER:
+            kit.add(f"{LOCAL}/{REVOCATION_LIST}", KitFile.of(crl_pem, PUBLIC_MODE))
 
 
 def sign_kits(state: BuildState) -> None:
@@ -190,6 +241,7 @@ PROVISION_STEPS: tuple[Step, ...] = (
     new_prod_dir,
     issue_certs,
     render_kits,
+    add_crl,
     sign_kits,
     write_kits,
     zip_kits,
@@ -261,7 +313,8 @@ def provision(
         now=now,
         renderer=renderer or KitRenderer(),
     )
-    run_steps(state, PROVISION_STEPS)
+    with state.workspace.locked():
+        run_steps(state, PROVISION_STEPS)
     return _result(state)
 
 
@@ -295,5 +348,6 @@ def add_site(
     state = BuildState(
         project=project, workspace=ws, targets=(participant,), now=now, renderer=renderer or KitRenderer()
     )
-    run_steps(state, ADD_SITE_STEPS)
+    with ws.locked():
+        run_steps(state, ADD_SITE_STEPS)
     return _result(state)

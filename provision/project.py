@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,8 +19,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from runtime import strict_yaml
 from runtime.errors import ProjectConfigError, problems_line
 from runtime.identity import Kind, Role
+from runtime.plain_text import check_one_line
 
 API_VERSION = 1
 DEFAULT_CERT_VALIDITY_DAYS = 360
@@ -57,19 +58,6 @@ def _check_host_name(host: str) -> str:
     return host
 
 
-# Bidirectional overrides and isolates reorder how text displays (a readme, a log line, a terminal).
-_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def _check_one_line(text: str) -> str:
-    """Free text (an org, the description) reaches kit scripts, readmes, certificates and logs: refuse a
-    newline or any other control character, which could end a shell comment or rewrite a terminal line."""
-    for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _BIDI_CONTROLS:
-            raise ValueError(f"control character U+{ord(ch):04X} not allowed; write it as one line of plain text")
-    return text
-
-
 def _check_folder_safe(name: str) -> str:
     if not _FOLDER_SAFE.fullmatch(name) or name in {".", ".."}:
         raise ValueError(f"'{name}' may hold only letters, digits, '.', '_' and '-', and start with a letter or digit")
@@ -97,11 +85,14 @@ class ServerSpec(_Strict):
     @field_validator("org")
     @classmethod
     def _org_one_line(cls, v: str) -> str:
-        return _check_one_line(v)
+        return check_one_line(v)
 
     @field_validator("name")
     @classmethod
     def _name_is_host(cls, v: str) -> str:
+        if ":" in v:  # the name also names the server's kit folder, zip and container, where ':' breaks docker -v
+            raise ValueError(f"'{v}' is an IPv6 address; give the server a DNS name that resolves to it (an "
+                             "IPv6 address may go in host_names)")
         return _check_host_name(v)
 
     @field_validator("host_names")
@@ -135,7 +126,7 @@ class ClientSpec(_Strict):
     @field_validator("org")
     @classmethod
     def _org_one_line(cls, v: str) -> str:
-        return _check_one_line(v)
+        return check_one_line(v)
 
     @field_validator("name")
     @classmethod
@@ -158,7 +149,7 @@ class AdminSpec(_Strict):
     @field_validator("org")
     @classmethod
     def _org_one_line(cls, v: str) -> str:
-        return _check_one_line(v)
+        return check_one_line(v)
 
     @field_validator("name")
     @classmethod
@@ -200,7 +191,7 @@ class Project(_Strict):
     @field_validator("description")
     @classmethod
     def _description_one_line(cls, v: str) -> str:
-        return _check_one_line(v)
+        return check_one_line(v)
 
     @field_validator("docker_image")
     @classmethod
@@ -239,6 +230,13 @@ class Project(_Strict):
                         i, f"second server; participants[{server_at}] is already the server, a study has one"
                     )
                 server_at = i
+        for i, p in enumerate(self.participants):  # prod_NN holds a folder and a <name>.zip per participant
+            other = seen.get(f"{p.name}.zip".casefold())
+            if other is not None:
+                raise _participant_error(
+                    other, f"'{self.participants[other].name}' is the name of the zip of '{p.name}' "
+                           f"(participants[{i}]); rename one of them",
+                )
         if server_at is None:
             raise ValueError("no server; add one participant with 'type: server'")
         if not self.clients:
@@ -319,12 +317,9 @@ def format_validation_error(source: str, data: Any, err: ValidationError) -> str
 def parse_project(text: str, source: str) -> Project:
     """Validate project.yml text; `source` names the file in error messages. Raises ProjectConfigError."""
     try:
-        data = yaml.safe_load(text)
+        data = strict_yaml.load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ProjectConfigError(f"{source}: not valid YAML{at}: {problem}") from None
+        raise ProjectConfigError(f"{source}: not valid YAML {strict_yaml.problem(e)}") from None
     if data is None:
         raise ProjectConfigError(f"{source}: empty; start from project.yml.example")
     if not isinstance(data, dict):

@@ -2,7 +2,8 @@
 
 Kits are signed, so the CRL never goes into one: it is written to `state/crl.pem` and published as
 `WORKSPACE/<study>/crl.pem`, and site IT copies it to the server kit's `local/crl.pem` (local/ is
-site-owned and unsigned); the server serves it on to sites and consoles. Serials come from the
+site-owned and unsigned); the server serves it on to sites and consoles. A server kit provisioned later
+gets it in its local/crl.pem from the start (pipeline.add_crl). Serials come from the
 issued-cert ledger, so a name issued in several runs is revoked in all of them. Re-running regenerates the
 CRL from the ledger, so it is safe to repeat; every CRL gets a higher CRL number than the last, because
 every reader refuses to go back to a lower one.
@@ -78,6 +79,11 @@ def revoke(workspace: StudyWorkspace, name: str, now: dt.datetime) -> RevokeResu
 
     Raises CertificateError when no certificate was ever issued to `name` or the CA cannot be loaded.
     """
+    with workspace.locked():
+        return _revoke(workspace, name, now)
+
+
+def _revoke(workspace: StudyWorkspace, name: str, now: dt.datetime) -> RevokeResult:
     ledger = load_ledger(workspace.ledger_path)
     serials = ledger.serials_of(name)
     if not serials:
@@ -91,9 +97,11 @@ def revoke(workspace: StudyWorkspace, name: str, now: dt.datetime) -> RevokeResu
     new = [s for s in serials if s not in done]
     ledger = ledger.with_revoked([Revocation(name=name, serial=s, revoked_at=now) for s in new])
     crl_pem = build_crl(ca, ledger.revoked, now, next_crl_number(workspace.crl_path, now))
+    # the ledger first: the CRL is rebuilt from it, so a failure between the two writes leaves a revocation
+    # the next revoke still lists; the other order could publish a CRL the next one drops it from
+    save_ledger(workspace.ledger_path, ledger)
     replace_file(workspace.crl_path, crl_pem)
     replace_file(workspace.published_crl_path, crl_pem)
-    save_ledger(workspace.ledger_path, ledger)
     return RevokeResult(
         name=name,
         newly_revoked=tuple(new),

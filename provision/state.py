@@ -7,13 +7,19 @@
       crl.pem                               the same list, where lead IT picks it up for the server's site
       prod_01/, prod_02/, ...               one folder per run: a kit folder and a zip per participant
 
-Nothing here is a cache: each run reads the ledger from disk and writes it back atomically.
+Nothing here is a cache: each run reads the ledger from disk and writes it back atomically, holding the
+study's lock (`state/.lock`), so two runs at once (two revokes, a revoke during a provision) take turns
+instead of each writing back a ledger that lacks the other's certificates or revocations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +30,7 @@ from runtime.identity import Kind
 
 from ._files import replace_file
 
+STATE_DIR_MODE = 0o700
 _PROD_DIR = re.compile(r"prod_(\d{2,})")
 
 
@@ -64,6 +71,17 @@ class StudyWorkspace:
     @property
     def published_crl_path(self) -> Path:
         return self.root / "crl.pem"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the study's lock (creating state/, 0700, if needed) while reading and writing its state."""
+        self.state_dir.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+        fd = os.open(self.state_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, and by the kernel if this process dies
+            yield
+        finally:
+            os.close(fd)
 
     def prod_dirs(self) -> list[Path]:
         """Existing prod_NN folders, oldest first (by number, not by name, so prod_100 follows prod_99)."""

@@ -64,16 +64,30 @@ def _is_unsafe(info: zipfile.ZipInfo) -> bool:
     return p.is_absolute() or ".." in p.parts or (info.external_attr >> 16) & 0o170000 == 0o120000
 
 
-def extract_capped(zf: zipfile.ZipFile, dest: Path, max_files: int, member_limit_bytes: int,
-                   total_limit_bytes: int) -> None:
-    """Unzip into `dest`, refusing absolute paths, '..', links, too many files, and any member or total
-    that decompresses past its cap (checked while writing, whatever the archive declares)."""
+def check_entries(zf: zipfile.ZipFile, max_files: int, member_limit_bytes: int | None = None,
+                  total_limit_bytes: int | None = None) -> list[zipfile.ZipInfo]:
+    """The archive's entries; JobRejected for too many, an absolute path, '..' or a link, and (when limits
+    are given) a member or a total that *declares* more than its cap. Declared sizes can lie: extracting
+    checks what really comes out; this refuses at once what could never be extracted."""
     infos = zf.infolist()
     if len(infos) > max_files:
         raise JobRejected(f"job archive holds {len(infos)} files (limit {max_files})")
     for info in infos:
         if _is_unsafe(info):
             raise JobRejected(f"job archive entry '{info.filename[:200]}' is unsafe")
+        if member_limit_bytes is not None and info.file_size > member_limit_bytes:
+            raise JobRejected(f"job archive member '{info.filename[:200]}' is larger than {member_limit_bytes} "
+                              "bytes decompressed")
+    if total_limit_bytes is not None and sum(i.file_size for i in infos) > total_limit_bytes:
+        raise JobRejected(f"job archive expands to more than {total_limit_bytes} bytes")
+    return infos
+
+
+def extract_capped(zf: zipfile.ZipFile, dest: Path, max_files: int, member_limit_bytes: int,
+                   total_limit_bytes: int) -> None:
+    """Unzip into `dest`, refusing absolute paths, '..', links, too many files, and any member or total
+    that decompresses past its cap (checked while writing, whatever the archive declares)."""
+    infos = check_entries(zf, max_files)
     dest.mkdir(parents=True, exist_ok=True)
     total = 0
     for info in infos:

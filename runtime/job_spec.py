@@ -26,9 +26,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import strict_yaml
 from .aggregators.config import AggregatorConfig, FedAvgConfig
-from .bounded_zip import extract_capped, open_zip, read_member
+from .bounded_zip import check_entries, extract_capped, open_zip, read_member
 from .errors import ConfigError, JobRejected
+from .plain_text import check_one_line
 
 META = "meta.yml"
 SERVER_CONFIG = "config_fed_server.yml"
@@ -43,29 +45,6 @@ MAX_OVERRIDES = 64
 MAX_OVERRIDE_CHARS = 1024
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """yaml's safe loader, refusing anchors and aliases: a job config has no use for them, and nested
-    aliases are how a few hundred bytes become gigabytes once expanded (a "billion laughs")."""
-
-    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
-        if self.check_event(yaml.AliasEvent):
-            raise _AliasRefused()
-        return super().compose_node(parent, index)
-
-
-class _AliasRefused(Exception):
-    pass
-
-
-def _load_yaml(text: str) -> Any:
-    """yaml.safe_load without aliases; raises _AliasRefused or yaml.YAMLError."""
-    loader = _NoAliasLoader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -76,6 +55,18 @@ class JobMeta(_Strict):
     sites: list[str] | Literal["all"] = Field("all", description="the sites that take part: 'all' or a list of "
                                                                "site names")
     min_clients: int = Field(1, ge=1, description="a round needs at least this many sites' answers")
+
+    @field_validator("name", "description")
+    @classmethod
+    def _one_line(cls, v: str) -> str:  # shown on every admin's console, in logs and the dashboard
+        return check_one_line(v)
+
+    @field_validator("sites")
+    @classmethod
+    def _site_names_one_line(cls, v: list[str] | str) -> list[str] | str:
+        for name in [] if isinstance(v, str) else v:
+            check_one_line(name)
+        return v
 
     @model_validator(mode="after")
     def _can_start(self) -> JobMeta:
@@ -205,15 +196,12 @@ def _parse_yaml(name: str, text: str) -> dict[str, Any]:
         raise JobRejected(f"{name}: larger than {MAX_CONFIG_BYTES} bytes; keep settings short and put data in "
                           f"{CUSTOM_DIR}/")
     try:
-        data = _load_yaml(text)
-    except _AliasRefused:
+        data = strict_yaml.load(text, aliases=False)
+    except strict_yaml.AliasRefused:
         raise JobRejected(f"{name}: YAML aliases (*name) are not allowed in job configs; write the value out "
                           "instead") from None
     except yaml.YAMLError as e:  # where and what, as provisioning says it for project.yml
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise JobRejected(f"{name}: not valid YAML{at}: {problem}") from None
+        raise JobRejected(f"{name}: not valid YAML {strict_yaml.problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -235,13 +223,17 @@ def _validate(name: str, model: type[BaseModel], data: dict[str, Any]) -> Any:
 
 def parse_override(text: str) -> tuple[str, list[str], Any]:
     """'server.rounds=5' -> ('server', ['rounds'], 5). Values are read as YAML scalars."""
+    try:  # an override is shown with the job, on every admin's console
+        check_one_line(text)
+    except ValueError as e:
+        raise JobRejected(f"override {text[:200]!r}: {e}") from None
     key, sep, value = text.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) < 2 or parts[0] not in ("meta", "server", "client"):
         raise JobRejected(f"override '{text}': use meta.KEY=VALUE, server.KEY=VALUE or client.KEY=VALUE")
     try:
-        return parts[0], parts[1:], _load_yaml(value)
-    except _AliasRefused:
+        return parts[0], parts[1:], strict_yaml.load(value, aliases=False)
+    except strict_yaml.AliasRefused:
         raise JobRejected(f"override '{text[:200]}': YAML aliases (*name) are not allowed; write the value "
                           "out") from None
     except yaml.YAMLError as e:
@@ -294,7 +286,12 @@ def zip_folder(folder: Path) -> bytes:
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(folder.rglob("*")):
             rel = path.relative_to(folder)
-            if path.is_dir() or "__pycache__" in rel.parts or path.suffix == ".pyc":
+            if "__pycache__" in rel.parts or path.suffix == ".pyc":
+                continue
+            if path.is_symlink():  # sent, it would carry what it points to (a key, ~/.ssh) to every site
+                raise ConfigError(f"{path}: a symbolic link; a job folder sends its own files only: copy the "
+                                  "file in if the job needs it, or remove the link")
+            if path.is_dir():
                 continue
             if path.exists() and not path.is_file():  # reading a FIFO would wait for ever; a device, the same
                 raise ConfigError(f"{path}: not a regular file (a FIFO, socket or device); a job folder holds "
@@ -330,6 +327,14 @@ def read_zip_member(source: bytes | Path, name: str, limit_bytes: int = MAX_MEMB
     """One file of a job archive, refused past `limit_bytes` decompressed. Raises JobRejected."""
     with open_zip(source) as zf:
         return read_member(zf, name, limit_bytes)
+
+
+def check_archive(source: bytes | Path) -> None:
+    """Refuse (JobRejected) an archive that no site would extract: an unsafe entry (absolute, '..', a link),
+    too many files, or sizes past the caps `safe_extract` holds every site to. The server checks at submit,
+    so such a job fails there in one line instead of on every site, round after round."""
+    with open_zip(source) as zf:
+        check_entries(zf, MAX_JOB_FILES, MAX_MEMBER_BYTES, MAX_EXPANDED_BYTES)
 
 
 def safe_extract(data: bytes, dest: Path, member_limit_bytes: int = MAX_MEMBER_BYTES,

@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from . import strict_yaml
 from .errors import ConfigError, problems_line
 from .identity import Role
 
@@ -154,8 +155,9 @@ class SandboxSettings(SettingsModel):
     cpus: float | None = Field(None, gt=0, description="CPU cores a job may use; null = no limit")
     memory_mb: int | None = Field(None, ge=64, description="memory a job may use, in MiB; null = no limit")
     pids: int = Field(4096, ge=16, description="processes and threads a job may run at once")
-    max_task_s: float | None = Field(None, gt=0, description="the longest a job's task may run here, whatever "
-                                                             "the job asks; null = the job's task_timeout_s")
+    max_task_s: float | None = Field(None, gt=0, description="the longest a job's task (and its worker's start) "
+                                                             "may run here, whatever the job asks; null = the "
+                                                             "job's task_timeout_s")
     min_free_disk_mb: int | None = Field(1024, ge=0, description="a job's worker is stopped when the workspace's "
                                                                  "disk has less free; null = not watched")
 
@@ -190,19 +192,13 @@ _SECTION_ERRORS = frozenset({"model_type", "model_attributes_type", "dataclass_t
 
 def _plain_message(error: Any) -> str:
     """pydantic's message, in the file's own terms where pydantic's would puzzle a person: a section given a
-    single value is named by its class ("instance of DpBudget"), and a number in exponent form without a
-    decimal point (1e12) is text to YAML, so pydantic says a string is not an integer."""
+    single value is named by its class ("instance of DpBudget"), and text where a whole number belongs is
+    "unable to parse string as an integer"."""
     value = error.get("input")
     if error["type"] in _SECTION_ERRORS:
         given = "empty" if value is None else f"not {_shown(value)}"
         return f"is a section (indented `key: value` lines, or {{key: value, ...}}), {given}"
     if error["type"] == "int_parsing" and isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return f"should be a whole number, not {_shown(value)}"
-        if number.is_integer() and abs(number) < 1e18:
-            return f"should be a whole number: {value!r} was read as text (YAML reads 1e12 so); write {int(number)}"
         return f"should be a whole number, not {_shown(value)}"
     return str(error["msg"])
 
@@ -220,9 +216,11 @@ def load_model(path: Path, model: type[M]) -> M:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'yaml'}: {str(e).splitlines()[0]}") from None
+        data = json.loads(text) if path.suffix == ".json" else strict_yaml.load(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid json: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML {strict_yaml.problem(e)}") from None
     try:
         return model.model_validate(data or {})
     except ValidationError as e:

@@ -59,12 +59,14 @@ class FileStatus(StrEnum):
     CHANGED = "changed"
     MISSING = "missing"
     EXTRA = "extra"
+    LINK = "link"
 
 
 _STATUS_TEXT = {
     FileStatus.CHANGED: "changed since the kit was signed",
     FileStatus.MISSING: "missing (listed in signature.json)",
     FileStatus.EXTRA: "extra (not listed in signature.json)",
+    FileStatus.LINK: "a symbolic link to a folder (a kit holds none; the files behind it are not checked)",
 }
 
 
@@ -144,6 +146,25 @@ def kit_files(kit_dir: Path) -> list[str]:
         for name in files:
             rel = name if rel_root == "." else f"{rel_root}/{name}"
             if is_covered(rel):
+                found.append(rel)
+    return sorted(found)
+
+
+def linked_folders(kit_dir: Path) -> list[str]:
+    """Symbolic links to folders where the kit's files live, as sorted kit-relative paths. `kit_files` does
+    not follow them, so what they hold was never checked: `yaml -> /elsewhere/yaml` at the kit's top would
+    stand in for a library module, a linked `__pycache__` would bring bytecode the scripts never clear.
+    Links under `workspace/` and inside `local/` (site IT's to own) are not reported."""
+    found: list[str] = []
+    for root, dirs, _files in os.walk(kit_dir):
+        rel_root = Path(root).relative_to(kit_dir).as_posix()
+        if rel_root == "." and "workspace" in dirs:
+            dirs.remove("workspace")
+        if rel_root == "local" or rel_root.startswith("local/"):
+            continue
+        for name in dirs:
+            rel = name if rel_root == "." else f"{rel_root}/{name}"
+            if os.path.islink(os.path.join(root, name)):
                 found.append(rel)
     return sorted(found)
 
@@ -246,6 +267,8 @@ def verify_kit(kit_dir: Path, root_ca_pem: bytes | None = None) -> KitReport:
         else:
             status = FileStatus.OK if on_disk[rel] == manifest.files[rel] else FileStatus.CHANGED
         checks.append(FileCheck(path=rel, status=status))
+    checks += [FileCheck(path=rel, status=FileStatus.LINK) for rel in linked_folders(kit_dir)]
+    checks.sort(key=lambda c: c.path)
 
     if root_ca_pem is None:
         try:

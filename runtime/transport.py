@@ -387,7 +387,7 @@ class RpcServer:
         cert, key, root = tls.read()
         self._server = grpc.aio.server(options=_SERVER_OPTIONS)
         creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=root, require_client_auth=True)
-        address = f"{host}:{port}"
+        address = host_port(host, port)
         try:
             self.port = self._server.add_secure_port(address, creds)
         except RuntimeError as e:
@@ -411,11 +411,16 @@ class RpcServer:
         await self._server.stop(grace_s)
 
 
+def host_port(host: str, port: int) -> str:
+    """gRPC's address of `host` and `port`: an IPv6 literal (a server.yml listen_host of '::') in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def open_channel(tls: TlsFiles, host: str, port: int) -> grpc.aio.Channel:
     """A mutual-TLS channel to the server; the server's certificate must name `host`."""
     cert, key, root = tls.read()
     creds = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=cert)
-    return grpc.aio.secure_channel(f"{host}:{port}", creds, options=_CLIENT_OPTIONS)
+    return grpc.aio.secure_channel(host_port(host, port), creds, options=_CLIENT_OPTIONS)
 
 
 def bulk_stub(channel: grpc.aio.Channel) -> BulkStub:

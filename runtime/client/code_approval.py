@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .. import strict_yaml
 from ..errors import JobRejected
 from ..job_code import CodeSignature, code_hash_of_zip, verify_signature, verify_signer_chain
 from ..job_spec import CLIENT_CONFIG, ClientJobConfig, read_zip_configs
@@ -69,7 +70,7 @@ def _learner_as_submitted(archive: bytes) -> dict[str, Any] | None:
     """The learner section of the archive's own config_fed_client.yml; None when it does not stand alone
     (e.g. the learner comes only from an override), which a strict code rule then refuses."""
     try:
-        data = yaml.safe_load(read_zip_configs(archive).get(CLIENT_CONFIG, ""))
+        data = strict_yaml.load(read_zip_configs(archive).get(CLIENT_CONFIG, ""), aliases=False)
         return ClientJobConfig.model_validate(data).learner.model_dump(mode="json")
     except (yaml.YAMLError, ValidationError, UnicodeDecodeError, zipfile.BadZipFile):
         return None

@@ -22,6 +22,11 @@ class JobPolicy(BaseModel):
     allowed_roles: list[Role] = Field(default_factory=lambda: [Role.PROJECT_ADMIN, Role.ORG_ADMIN, Role.LEAD])
     code: Literal["any"] | CodeRule = "any"
 
+    @field_validator("allowed_orgs", mode="before")
+    @classmethod
+    def _one_org(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # `allowed_orgs: "*"` reads as the list it means
+
     @field_validator("code", mode="before")
     @classmethod
     def _code_rule(cls, value: Any) -> Any:

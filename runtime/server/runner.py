@@ -20,7 +20,16 @@ from ..aggregators.custom import load_job_aggregator
 from ..audit import AuditLog
 from ..errors import FedkitError, JobRejected
 from ..identity import Identity
-from ..job_spec import CUSTOM_DIR, JobSpec, load_job_spec, read_zip_configs, safe_extract, sha256_hex, spec_to_json
+from ..job_spec import (
+    CUSTOM_DIR,
+    JobSpec,
+    check_archive,
+    load_job_spec,
+    read_zip_configs,
+    safe_extract,
+    sha256_hex,
+    spec_to_json,
+)
 from .code_intake import signed_code
 from .controller import JobAborted, JobController
 from .job_quota import JobQuota
@@ -75,6 +84,7 @@ class JobRunner:
 
     def _store_new_job(self, submitter: Identity, archive: Path, overrides: list[str], sha256: str,
                        code_signature: Any = None, initial_model: Path | None = None) -> JobRecord:
+        check_archive(archive)
         spec = load_job_spec(read_zip_configs(archive), overrides)
         if spec.server.aggregator.name == "custom" and not self._allow_job_aggregators:
             raise JobRejected("config_fed_server.yml: field 'aggregator': this server runs no job code, so a "

@@ -212,7 +212,8 @@ def test_scripts_are_valid_bash_that_verify_first(provisioned, script: str) -> N
         assert 'PYTHON="${FEDKIT_PYTHON:-python3}"' in text
         # The kit is verified before any of its code can be imported, and goes on PYTHONPATH only after.
         verify = text.index("sys.path.append(sys.argv[1]); from runtime.kitsig import ")  # start_check or main
-        assert text.rfind('"$PYTHON"', 0, verify) == text.rfind('"$PYTHON" -E -P -c', 0, verify)
+        # -E -P: no PYTHONPATH, no current folder; -B: the check writes no bytecode into the kit
+        assert text[:verify].endswith("-B -E -P -c 'import sys; ")
         assert "PYTHONPATH" not in text[:verify].replace("ignore PYTHONPATH", "")
         if 'exec "$PYTHON"' in text:
             assert text.index('export PYTHONPATH="$KIT_DIR"') > verify

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -169,3 +170,28 @@ def test_prod_dirs_sort_by_number(tmp_path: Path) -> None:
         (ws.root / name).mkdir(parents=True)
     assert [p.name for p in ws.prod_dirs()] == ["prod_02", "prod_10", "prod_99", "prod_100"]
     assert ws.next_prod_dir().name == "prod_101"
+
+
+@pytest.mark.parametrize("edit", [{"fed_learn_port": 19999}, {"admin_port": 19998}, {"name": "fl.hospital.org"}])
+def test_add_site_refuses_when_the_server_differs_from_the_one_issued(fresh, renderer, edit) -> None:
+    # the new site's kit would point at a server that does not exist, and it could never connect
+    workspace, first = fresh
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data["participants"].append({"type": "client", "name": "site-4", "org": "hospital-d"})
+    next(p for p in data["participants"] if p["type"] == "server").update(edit)
+    before = snapshot(first.prod_dir)
+    with pytest.raises(ProjectConfigError, match=r"is not the one issued in prod_01 \(localhost, ports 8002, 8003\)"):
+        add_site(Project.model_validate(data), workspace, "site-4", LATER, renderer)
+    assert snapshot(first.prod_dir) == before
+
+
+def test_add_site_compares_with_the_server_zip_when_its_folder_is_gone(fresh, renderer) -> None:
+    workspace, first = fresh
+    server = next(k for k in first.kits if k.kind is Kind.SERVER)
+    shutil.rmtree(server.kit_dir)
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data["participants"].append({"type": "client", "name": "site-4", "org": "hospital-d"})
+    next(p for p in data["participants"] if p["type"] == "server")["fed_learn_port"] = 19999
+    with pytest.raises(ProjectConfigError, match="is not the one issued in prod_01"):
+        add_site(Project.model_validate(data), workspace, "site-4", LATER, renderer)
+    add_site(project_with_site("site-4"), workspace, "site-4", LATER, renderer)  # as issued: added

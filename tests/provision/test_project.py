@@ -10,6 +10,7 @@ import yaml
 from provision.project import Project, load_project, parse_project
 from runtime.errors import ProjectConfigError
 from runtime.identity import Kind, Role
+from runtime.transport import host_port
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "project.yml.example"
 
@@ -154,6 +155,18 @@ BAD_CASES: list[tuple[str, str, str]] = [
         "project.yml: participants[0] (fl.example.org): field 'host_names': "
         "'bad_host!' is not a valid host name or IP address",
     ),
+    (  # prod_01 would hold a folder site-1 and site-1.zip twice over
+        "name-of-a-zip",
+        yaml.safe_dump(with_participant(2, name="site-1.zip")),
+        "project.yml: participants[2] (site-1.zip): 'site-1.zip' is the name of the zip of 'site-1' "
+        "(participants[1]); rename one of them",
+    ),
+    (  # it would name the kit's folder, zip and container, and sites dialled "::1:8002"
+        "ipv6-server-name",
+        yaml.safe_dump(with_participant(0, name="::1")),
+        "project.yml: participants[0] (::1): field 'name': '::1' is an IPv6 address; give the server a DNS name "
+        "that resolves to it (an IPv6 address may go in host_names)",
+    ),
     (
         "api-version",
         yaml.safe_dump(with_top(api_version=2)),
@@ -184,6 +197,16 @@ BAD_CASES: list[tuple[str, str, str]] = [
         "not-yaml",
         "name: [unclosed\n",
         "project.yml: not valid YAML at line 2: expected ',' or ']', but got '<stream end>'",
+    ),
+    (  # PyYAML would keep the last one silently: the admin would become project_admin
+        "duplicate-key",
+        "name: s\nparticipants:\n  - {type: admin, name: a@x.org, org: o, role: member, role: project_admin}\n",
+        "project.yml: not valid YAML at line 3: found duplicate key 'role'",
+    ),
+    (  # the second block would replace the first, and its sites vanish without a word
+        "duplicate-block",
+        "name: s\nparticipants: []\nparticipants: []\n",
+        "project.yml: not valid YAML at line 3: found duplicate key 'participants'",
     ),
     ("empty", "", "project.yml: empty; start from project.yml.example"),
     ("only-comments", "# nothing yet\n", "project.yml: empty; start from project.yml.example"),
@@ -289,6 +312,11 @@ def test_missing_file_is_a_project_error(tmp_path: Path) -> None:
 def test_ip_literals_are_valid_host_names() -> None:
     project = parse_project(yaml.safe_dump(with_participant(0, name="10.0.0.5", host_names=["::1"])), "p")
     assert project.server.san_hosts == ("10.0.0.5", "::1")
+
+
+def test_an_ipv6_listen_address_is_bracketed_for_grpc() -> None:
+    assert host_port("::", 8002) == "[::]:8002" and host_port("::1", 1) == "[::1]:1"
+    assert host_port("fl.example.org", 8002) == "fl.example.org:8002" and host_port("[::1]", 1) == "[::1]:1"
 
 
 def test_models_validate_when_built_in_code_too() -> None:

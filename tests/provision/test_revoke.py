@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import multiprocessing
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from cryptography import x509
 from provision import KitRenderer, Project, provision, revoke
 from provision.state import StudyWorkspace, load_ledger
 from runtime.errors import CertificateError
+from runtime.identity import Kind
+from runtime.kitsig import verify_kit
 
 from .conftest import NOW
 
@@ -91,3 +95,43 @@ def test_revoking_an_unknown_name_says_who_was_issued(workspace: StudyWorkspace)
     with pytest.raises(CertificateError, match=r"no certificate was issued to 'site-9' \(issued: .*site-1"):
         revoke(workspace, "site-9", REVOKED_AT)
     assert not workspace.crl_path.exists()
+
+
+def _revoke_in_child(workspace: StudyWorkspace, name: str) -> None:
+    revoke(workspace, name, REVOKED_AT)
+
+
+def test_revokes_run_at_once_each_keep_their_revocation(workspace: StudyWorkspace) -> None:
+    # lead IT scripting several revokes in parallel: each read the ledger, and the last to write it back
+    # dropped the others' revocations from the ledger and the CRL (4 of 6 listed), though all said "revoked"
+    names = ["site-1", "site-2", "site-3", "admin@study.org", "lead@study.org"]
+    fork = multiprocessing.get_context("fork")
+    children = [fork.Process(target=_revoke_in_child, args=(workspace, name)) for name in names]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+    assert [c.exitcode for c in children] == [0] * len(names)
+    ledger = load_ledger(workspace.ledger_path)
+    assert sorted(r.name for r in ledger.revoked) == sorted(names)
+    crl = x509.load_pem_x509_crl(workspace.crl_path.read_bytes())
+    assert {r.serial_number for r in crl} == {int(r.serial) for r in ledger.revoked}
+    assert workspace.published_crl_path.read_bytes() == workspace.crl_path.read_bytes()
+    assert not [p.name for p in workspace.state_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_server_kit_issued_after_a_revoke_refuses_the_revoked_from_its_first_start(
+    workspace: StudyWorkspace, example_project: Project, renderer: KitRenderer
+) -> None:
+    revoke(workspace, "site-2", REVOKED_AT)
+    later = provision(example_project, workspace.root.parent, REVOKED_AT + dt.timedelta(hours=1), renderer)
+    server = next(k for k in later.kits if k.kind is Kind.SERVER)
+    assert (server.kit_dir / "local" / "crl.pem").read_bytes() == workspace.crl_path.read_bytes()
+    with zipfile.ZipFile(server.zip_path) as z:
+        assert z.read(f"{server.name}/local/crl.pem") == workspace.crl_path.read_bytes()
+    assert verify_kit(server.kit_dir).is_intact  # local/ is site-owned: the CRL is not in the manifest
+    assert not any((k.kit_dir / "local" / "crl.pem").exists() for k in later.kits if k.kind is not Kind.SERVER)
+
+
+def test_a_study_with_no_revocation_issues_its_server_kit_without_a_crl(workspace: StudyWorkspace) -> None:
+    assert not (workspace.root / "prod_01" / "localhost" / "local" / "crl.pem").exists()

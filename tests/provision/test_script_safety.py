@@ -41,10 +41,14 @@ def _example_with(**changes: object) -> dict:
         ({"org": "tab\there"}, "participants[0] (localhost): field 'org'"),
         ({"org": "escape\x1b[31m"}, "participants[0] (localhost): field 'org'"),
         ({"org": "bidi\u202eevil"}, "participants[0] (localhost): field 'org'"),
+        # marks and zero-width characters: two orgs that look the same would differ (org_admin's scope)
+        ({"org": "hospital\u200f-a"}, "participants[0] (localhost): field 'org'"),
+        ({"org": "hospital\u200b-a"}, "participants[0] (localhost): field 'org'"),
         ({"description": "two\nlines; $(touch /tmp/pwned)"}, "field 'description'"),
         ({"description": "nul\x00"}, "field 'description'"),
     ],
-    ids=["org-newline", "org-cr", "org-tab", "org-ansi", "org-bidi", "description-newline", "description-nul"],
+    ids=["org-newline", "org-cr", "org-tab", "org-ansi", "org-bidi", "org-bidi-mark", "org-zero-width",
+         "description-newline", "description-nul"],
 )
 def test_control_characters_in_free_text_are_one_line_naming_the_field(changes: dict, where: str) -> None:
     text = yaml.safe_dump(_example_with(**changes))

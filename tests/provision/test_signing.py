@@ -36,6 +36,15 @@ def flip_one_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def link_a_folder(kit: Path, rel: str) -> None:
+    """`rel` in the kit becomes a symbolic link to a folder outside it, holding a module."""
+    target = kit.parent / f"outside-{rel.replace('/', '-')}"
+    target.mkdir()
+    (target / "__init__.py").write_text("raise SystemExit('code from outside the kit ran')\n")
+    (kit / rel).symlink_to(target, target_is_directory=True)
+
+
+LINK_TEXT = "a symbolic link to a folder (a kit holds none; the files behind it are not checked)"
 # (case id, how to tamper with a kit, the problem lines kitsig must report, kit-relative)
 Tamper = Callable[[Path], None]
 TAMPER_CASES: list[tuple[str, Tamper, list[str]]] = [
@@ -63,6 +72,16 @@ TAMPER_CASES: list[tuple[str, Tamper, list[str]]] = [
         "added-top-level-bytecode",
         lambda kit: (kit / "json.pyc").write_bytes(b"\0"),
         ["json.pyc: extra (not listed in signature.json)"],
+    ),
+    (  # it would shadow the library module: the kit goes first on sys.path once checked
+        "linked-module-folder",
+        lambda kit: link_a_folder(kit, "yaml"),
+        [f"yaml: {LINK_TEXT}"],
+    ),
+    (  # bytecode the scripts' __pycache__ clean-up (find -type d) does not remove
+        "linked-bytecode-folder",
+        lambda kit: link_a_folder(kit, "startup/__pycache__"),
+        [f"startup/__pycache__: {LINK_TEXT}"],
     ),
     (
         "removed-file",
@@ -279,6 +298,7 @@ def test_start_sh_runs_the_kits_own_runtime_when_intact(stub_kit: Path) -> None:
     done = run_start(stub_kit, "--extra")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"stub client started --kit {stub_kit.resolve()} --extra"
+    assert not list(stub_kit.rglob("__pycache__"))  # neither the check nor the runtime writes bytecode there
 
 
 @pytest.mark.parametrize(

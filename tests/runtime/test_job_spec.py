@@ -143,7 +143,9 @@ def test_a_missing_required_field_is_named(job: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "reason"), [("- a\n- b\n", "must be a mapping"),
-                                              ("name: x\nsites: [a\nmin_clients: 1\n", "not valid YAML at line 3: ")])
+                                              ("name: x\nsites: [a\nmin_clients: 1\n", "not valid YAML at line 3: "),
+                                              ("name: x\nmin_clients: 1\nmin_clients: 3\n",
+                                               "not valid YAML at line 3: found duplicate key 'min_clients'")])
 def test_a_config_that_is_not_a_mapping_is_named(job: Path, text: str, reason: str) -> None:
     (job / META).write_text(text)
 
@@ -247,3 +249,33 @@ def test_zip_folder_refuses_a_fifo(job: Path) -> None:
     os.mkfifo(path)
     with pytest.raises(ConfigError, match=f"{path}: not a regular file"):
         zip_folder(job)
+
+
+@pytest.mark.parametrize("target_is_folder", [False, True])
+def test_zip_folder_refuses_a_symbolic_link(job: Path, tmp_path: Path, target_is_folder: bool) -> None:
+    """A job folder copied from someone else may link to the researcher's own secrets: zipped, the link's
+    target (an admin key, ~/.ssh) went to the server and every site, where the job's code could read it."""
+    secret = tmp_path / "secret"
+    if target_is_folder:
+        secret.mkdir()
+        (secret / "id_rsa").write_text("-----BEGIN PRIVATE KEY-----\n")
+    else:
+        secret.write_text("-----BEGIN PRIVATE KEY-----\n")
+    link = job / "custom" / "notes"
+    link.symlink_to(secret, target_is_directory=target_is_folder)
+    with pytest.raises(ConfigError, match=f"^{link}: a symbolic link; a job folder sends its own files only"):
+        zip_folder(job)
+
+
+@pytest.mark.parametrize("override", ['meta.name="evil\\n2026-12-03 17:00:00,000 INFO fedkit.server: FORGED"',
+                                      'meta.description="x\\e[31m"', 'meta.name="a\\u202eb"', 'meta.name="a\\u200fb"',
+                                      'meta.sites=["site-1\\u200b"]'])
+def test_text_shown_to_other_admins_is_one_line_of_plain_text(override: str) -> None:
+    # a job's name, description and sites are printed on every admin's console and in the server's log
+    with pytest.raises(JobRejected, match=r"^meta\.yml: field '(name|description|sites)': control character U\+"):
+        load_job_folder(TEMPLATE, [override])
+
+
+def test_an_override_with_a_control_character_is_refused() -> None:
+    with pytest.raises(JobRejected, match=r"^override 'server\.rounds=3\\x1b\[2J': control character U\+001B"):
+        parse_override("server.rounds=3\x1b[2J")

@@ -115,7 +115,7 @@ def test_an_empty_command_is_a_usage_error_not_the_interactive_console(console: 
     assert json.loads(out) == {"error": _one_line(err), "exit_code": 2} and calls == []
 
 
-@pytest.mark.parametrize("line", ["tail_log server nan", "show_audit inf", "wait_job J nan"])
+@pytest.mark.parametrize("line", ["tail_log server nan", "show_audit inf", "wait_job J nan", "wait_job J -5"])
 def test_a_number_that_is_not_finite_is_a_usage_error(console: Callable[..., Any], line: str) -> None:
     code, out, err, calls = console("-c", line, "--json")
     assert code == 2 and json.loads(out) == {"error": _one_line(err), "exit_code": 2}
@@ -156,14 +156,14 @@ def test_a_missing_initial_model_is_a_failure_not_a_parse_error(console: Callabl
     assert "nosuch.safetensors: no such file" in _one_line(err) and calls == []
 
 
-def test_a_job_folder_with_a_file_that_cannot_be_read_fails_in_one_line(console: Callable[..., Any],
-                                                                          tmp_path: Path) -> None:
+def test_a_job_folder_with_a_link_fails_in_one_line(console: Callable[..., Any], tmp_path: Path) -> None:
     shutil.copytree(JOB_TEMPLATE, tmp_path / "my-job")
     (tmp_path / "my-job" / "custom" / "data.csv").symlink_to(tmp_path / "gone.csv")  # a dangling link
     code, out, err, calls = console("-c", "submit_job my-job", "--json")
     assert code == 1
     assert json.loads(out) == {"error": _one_line(err), "exit_code": 1}
-    assert _one_line(err) == "my-job/custom/data.csv: cannot read (No such file or directory); job not submitted"
+    assert _one_line(err) == ("my-job/custom/data.csv: a symbolic link; a job folder sends its own files only: "
+                              "copy the file in if the job needs it, or remove the link")
     assert calls == []
 
 

@@ -95,3 +95,15 @@ def test_malformed_code_rule_is_one_line(tmp_path: Path, text: str, fragment: st
     with pytest.raises(ConfigError) as err:
         JobPolicy.load(path)
     assert str(err.value).startswith(str(path)) and fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_one_org_may_be_written_without_the_list(tmp_path) -> None:
+    # the example said `"*" = any org`: written so, it stopped the site from starting
+    assert JobPolicy.model_validate({"allowed_orgs": "*"}).allowed_orgs == ["*"]
+    path = tmp_path / "job_policy.yml"
+    path.write_text("allowed_orgs: hospital-a\n")
+    policy = JobPolicy.load(path)
+    assert policy.allowed_orgs == ["hospital-a"]
+    with pytest.raises(JobRejected, match="org 'hospital-b' of x@b.org is not allowed here"):
+        policy.check("job-1", {"name": "x@b.org", "org": "hospital-b", "role": "lead"})
+    policy.check("job-1", {"name": "y@a.org", "org": "hospital-a", "role": "lead"})

@@ -103,7 +103,7 @@ def test_an_unknown_job_filter_is_a_config_error() -> None:
     ("gaussian_dp: {noise_multiplier: 1.0, clip_norm: 1.0, sampling_rate: 0}\n", "field 'gaussian_dp.sampling_rate'"),
     ("dp_budget: {epsilon: 8.0}\n", "field 'dp_budget.delta': Field required"),
     ("dp_budget: {epsilon: .inf, delta: 1.0e-5}\n", "field 'dp_budget.epsilon'"),
-    ("svt: [1, 2\n", "not valid yml"),
+    ("svt: [1, 2\n", "not valid YAML at line 2: "),
 ])
 def test_malformed_file_is_one_line_naming_file_and_field(tmp_path: Path, text: str, fragment: str) -> None:
     path = tmp_path / "privacy.yml"

@@ -201,3 +201,36 @@ def test_an_allowed_job_aggregator_is_loaded_from_the_jobs_custom_code(tmp_path:
     np.testing.assert_allclose(aggregator.close_round(model)["w"], [1.0, 2.0])
     audit = (tmp_path / "audit.jsonl").read_text()
     assert audit.count("job_code_loaded_on_server") == 1
+
+
+def _hostile_archive(runner: JobRunner, extra: str, data: bytes = b"x", symlink: bool = False) -> Path:
+    """The tabular job's files plus one `extra` entry, zipped by hand as only a hostile client would."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(TEMPLATE.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                zf.writestr(path.relative_to(TEMPLATE).as_posix(), path.read_bytes())
+        info = zipfile.ZipInfo(extra)
+        if symlink:
+            info.external_attr = 0o120777 << 16
+        zf.writestr(info, data)
+    return _run(spool(_chunks(buf.getvalue()), runner.store.incoming_dir, 1 << 30)).path
+
+
+@pytest.mark.parametrize(("extra", "symlink", "data", "expected"), [
+    ("../../../../escape", False, b"x", "entry '../../../../escape' is unsafe"),
+    ("/etc/cron.d/job", False, b"x", "entry '/etc/cron.d/job' is unsafe"),
+    ("custom/link", True, b"/etc/passwd", "entry 'custom/link' is unsafe"),
+    ("custom/huge.bin", False, bytes(300 << 20), "member 'custom/huge.bin' is larger than 268435456 bytes"),
+], ids=["dotdot", "absolute", "symlink", "oversized-member"])
+def test_an_archive_no_site_could_unpack_is_refused_at_submit(tmp_path: Path, extra: str, symlink: bool,
+                                                               data: bytes, expected: str) -> None:
+    # sent past the console (a hand-made Upload): the server queued it, and every site then refused it,
+    # round after round; now it is refused once, at submit, and nothing is stored
+    runner = _runner(tmp_path)
+    with pytest.raises(JobRejected, match=expected):
+        _run(runner.submit(LEAD, _hostile_archive(runner, extra, data, symlink), []))
+    assert runner.store.all() == []
