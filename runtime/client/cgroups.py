@@ -170,6 +170,19 @@ class WorkerCgroups:
                 pass
         return found
 
+    def memory_exhausted(self) -> bool:
+        """Whether the kernel killed a process of this worker for passing its memory limit (the oom_kill
+        count of memory.events on v2, of memory.oom_control on v1, kernel 4.13 on)."""
+        entry = self._folders.get("memory")
+        if entry is None:
+            return False
+        folder, version = entry
+        for line in _read(str(folder / ("memory.events" if version == 2 else "memory.oom_control"))).splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return value.strip().isdigit() and int(value) > 0
+        return False
+
     def kill_all(self) -> None:
         for pid in self.pids():
             try:

@@ -71,7 +71,7 @@ from .local_edits import LocalEdits
 from .privacy_policy import EffectiveChain, PrivacyPolicy
 from .report_policy import REPORT_KEY
 from .sandbox import limits_of, sandbox_for_job
-from .worker_handle import WorkerFailed, WorkerHandle, WorkerTimedOut
+from .worker_handle import WORKER_START_TIMEOUT_S, WorkerFailed, WorkerHandle, WorkerOutOfMemory, WorkerTimedOut
 from .worker_threads import threads_per_rank
 
 log = logging.getLogger("fedkit.client")
@@ -415,7 +415,7 @@ class ClientDaemon:
                 # what the job's code could shape: its worker's errors and exit, the weights it wrote
                 await self._report_failure(h, self._privacy.reports.error_text(
                     _site_paths_hidden(str(e), _site_places(self._kit, self._settings.data_root)),
-                    isinstance(e, WorkerFailed | UpdateRejected)))
+                    _shaped_by_job(e)))
         finally:
             if not keep_updates:
                 shutil.rmtree(round_dir, ignore_errors=True)
@@ -479,12 +479,22 @@ class ClientDaemon:
         await asyncio.to_thread(folders.create)
         nproc = self._settings.nproc or max(1, len(self._settings.gpus))
         worker_threads = threads_per_rank(self._settings, nproc)
-        worker = await WorkerHandle.start(
-            sandbox=sandbox, python=self._settings.python or "", kit=self._kit, folders=folders,
-            site=self._cfg.name, job_id=job_id, data_root=self._settings.data_root or "",
-            gpus=self._settings.gpus, learner=client_cfg.learner.path, learner_args=client_cfg.learner.args,
-            log_path=self._ws / f"worker_{job_id}.log", nproc=nproc, limits=limits, max_result_bytes=MAX_TASK_BYTES,
-            threads=worker_threads)
+        # the job's code runs from the worker's start (its imports, its learner's constructor): the site's
+        # cap on how long job code may run at once holds there too
+        cap = self._settings.sandbox.max_task_s
+        ready_timeout_s = WORKER_START_TIMEOUT_S if cap is None else min(WORKER_START_TIMEOUT_S, cap)
+        try:
+            worker = await WorkerHandle.start(
+                sandbox=sandbox, python=self._settings.python or "", kit=self._kit, folders=folders,
+                site=self._cfg.name, job_id=job_id, data_root=self._settings.data_root or "",
+                gpus=self._settings.gpus, learner=client_cfg.learner.path, learner_args=client_cfg.learner.args,
+                log_path=self._ws / f"worker_{job_id}.log", nproc=nproc, limits=limits,
+                max_result_bytes=MAX_TASK_BYTES, threads=worker_threads, ready_timeout_s=ready_timeout_s)
+        except WorkerTimedOut as e:
+            if ready_timeout_s < WORKER_START_TIMEOUT_S:
+                raise WorkerTimedOut(f"{e} while starting (importing the job's code, building its learner): "
+                                     "this site's cap (local/site.yml sandbox.max_task_s)") from None
+            raise WorkerTimedOut(f"{e} while starting (importing the job's code, building its learner)") from None
         self._audit.append("worker_started", job_id=job_id, backend=sandbox.name, threads=worker_threads,
                            limits=await asyncio.to_thread(sandbox.describe_limits, limits))
         self._watch_disk(job_id, folders, worker)
@@ -705,6 +715,14 @@ class ClientDaemon:
             await self._worker.stop()
             self._worker = None
             log.info("stopped the training worker of job %s", job_id)
+
+
+def _shaped_by_job(error: Exception) -> bool:
+    """Whether the job's code could shape a failure's text (its exception, its exit code, the weights it
+    wrote): under `reports: error_details: false` that stays on the site. The site's own limits (its task
+    time cap, its memory limit) say only which limit stopped the job, in the site's words."""
+    site_limit = isinstance(error, WorkerTimedOut | WorkerOutOfMemory)
+    return isinstance(error, WorkerFailed | UpdateRejected) and not site_limit
 
 
 def _decode_wire(path: Path) -> None:

@@ -208,11 +208,13 @@ class _SandboxedProcess(LoggedProcess):
         super().__init__(proc, log_file)
         self.groups = groups
         self._cleaned = False
+        self.memory_exhausted = False  # known once it has exited: killed for passing its memory limit
 
     async def wait(self) -> int:
         code = await super().wait()
         if not self._cleaned:
             self._cleaned = True
+            self.memory_exhausted = await asyncio.to_thread(self.groups.memory_exhausted)
             await asyncio.to_thread(self.groups.remove)
         return code
 

@@ -25,6 +25,7 @@ from .worker_threads import short_blas_spin, thread_env
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0
+WORKER_START_TIMEOUT_S = 300.0  # to import the job's code and build its learner (loading a large model)
 MAX_RESULT_BYTES = 64 << 30  # a result file (weights) larger than this is refused
 
 
@@ -34,6 +35,10 @@ class WorkerFailed(FedkitError):
 
 class WorkerTimedOut(WorkerFailed):
     """The training worker gave no answer in the time a task had; it was stopped."""
+
+
+class WorkerOutOfMemory(WorkerFailed):
+    """The kernel killed the training worker for passing the site's memory limit."""
 
 
 # what job code sees when the sandbox keeps it from a file, a folder or the network: Python's own words
@@ -66,7 +71,7 @@ class WorkerHandle:
     async def start(cls, *, sandbox: Sandbox, python: str, kit: Path, folders: JobFolders, site: str, job_id: str,
                     data_root: str, gpus: list[int], learner: str, learner_args: dict[str, Any],
                     log_path: Path, nproc: int = 1, limits: SandboxLimits | None = None,
-                    max_result_bytes: int = MAX_RESULT_BYTES, ready_timeout_s: float = 300.0,
+                    max_result_bytes: int = MAX_RESULT_BYTES, ready_timeout_s: float = WORKER_START_TIMEOUT_S,
                     threads: int | None = None) -> WorkerHandle:
         """Start the job's worker through `sandbox`; raises SandboxUnavailable or WorkerFailed."""
         python = shutil.which(python or sys.executable) or python or sys.executable
@@ -89,7 +94,12 @@ class WorkerHandle:
                               limits=limits or SandboxLimits(), log_path=log_path, cwd=folders.scratch)
         proc = await sandbox.start(launch)
         handle = cls(proc, job_id, sandbox, folders.outbox, max_result_bytes)
-        ready = await handle._read_reply(ready_timeout_s)
+        try:  # importing the job's code and building its learner: job code runs from here on
+            ready = await handle._read_reply(ready_timeout_s)
+        except asyncio.CancelledError:  # the job ended or was aborted while its code was still starting: the
+            handle.kill()  # handle never reached the daemon, so nobody else would ever stop this process
+            await asyncio.shield(proc.wait())
+            raise
         if not ready.ok:
             await handle.stop()
             raise WorkerFailed(ready.error or "worker failed to start")
@@ -102,7 +112,7 @@ class WorkerHandle:
         writing files. A refused reply stops the worker too: it broke the protocol, so it is not asked again."""
         async with self._lock:
             if self._proc.returncode is not None:
-                raise WorkerFailed(f"training worker exited with code {self._proc.returncode}")
+                raise self._exit_error(await self._proc.wait())
             assert self._proc.stdin is not None
             try:
                 self._proc.stdin.write((json.dumps(command) + "\n").encode())
@@ -149,13 +159,18 @@ class WorkerHandle:
             raise WorkerFailed(f"worker reply refused: a reply line is longer than "
                                f"{WORKER_LINE_LIMIT_BYTES} bytes") from None
         if not line:
-            code = await self._proc.wait()
-            raise WorkerFailed(f"training worker exited with code {code} (see the site log)")
+            raise self._exit_error(await self._proc.wait())
         try:
             return parse_reply(line)
         except WorkerReplyRefused as e:
             await self.stop()
             raise WorkerFailed(str(e)) from None
+
+    def _exit_error(self, code: int) -> WorkerFailed:
+        if getattr(self._proc, "memory_exhausted", False):  # the sandbox's cgroup counted an OOM kill
+            return WorkerOutOfMemory(f"training worker was killed (exit code {code}): it used more memory than "
+                                     "this site lets a job use (local/site.yml sandbox.memory_mb)")
+        return WorkerFailed(f"training worker exited with code {code} (see the site log)")
 
     @property
     def alive(self) -> bool:

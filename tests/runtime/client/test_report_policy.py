@@ -15,7 +15,7 @@ import pytest
 from runtime import kit_config as kc
 from runtime.client.privacy_policy import PrivacyPolicy
 from runtime.client.report_policy import GENERIC_ERROR, ReportPolicy
-from runtime.client.worker_handle import WorkerFailed
+from runtime.client.worker_handle import WorkerFailed, WorkerOutOfMemory, WorkerTimedOut
 from runtime.errors import ConfigError, JobRejected, UpdateRejected
 from runtime.proto import fedkit_pb2 as pb
 from runtime.server.metrics_check import check_metrics
@@ -146,12 +146,18 @@ def test_what_the_job_could_shape_in_an_error_stays_on_the_site(tmp_path: Path, 
     assert str(error) in _events(daemon, "task_failed")[0]["reason"]  # site IT still sees what happened
 
 
-def test_the_sites_own_reasons_still_leave(tmp_path: Path) -> None:
+@pytest.mark.parametrize("error", [
+    JobRejected("job job-a: DP budget exhausted on this site"),
+    WorkerTimedOut("training worker gave no answer within 60 s: this site's cap (local/site.yml sandbox.max_task_s)"),
+    WorkerOutOfMemory("training worker was killed (exit code -9): it used more memory than this site lets a job "
+                      "use (local/site.yml sandbox.memory_mb)"),
+], ids=["dp_budget", "task_time_cap", "memory_limit"])
+def test_the_sites_own_reasons_still_leave(tmp_path: Path, error: Exception) -> None:
     async def execute(*args: Any) -> None:
-        raise JobRejected("job job-a: DP budget exhausted on this site")
+        raise error
 
     server, _ = _run_one(tmp_path, PrivacyPolicy(reports=ReportPolicy(error_details=False)), execute)
-    assert _header(server).error == "job job-a: DP budget exhausted on this site"
+    assert _header(server).error == str(error)
 
 
 def test_a_failure_report_names_files_in_the_kit_without_the_kits_location(tmp_path: Path) -> None:

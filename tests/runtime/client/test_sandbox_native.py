@@ -59,6 +59,12 @@ def layout(tmp_path: Path) -> _Layout:
 
 async def _run(launch: WorkerLaunch) -> tuple[dict, int]:
     """Start the probe, read its JSON lines to the end, wait for it; (the lines merged, exit code)."""
+    answer, code, _ = await _run_noting_memory(launch)
+    return answer, code
+
+
+async def _run_noting_memory(launch: WorkerLaunch) -> tuple[dict, int, bool]:
+    """As _run, and whether the sandbox saw the probe killed for passing its memory limit."""
     sandbox = NativeSandbox()
     proc = await sandbox.start(launch)
     answer: dict = {}
@@ -71,7 +77,7 @@ async def _run(launch: WorkerLaunch) -> tuple[dict, int]:
         await proc.wait()
     for line in output.decode().splitlines():
         answer.update(json.loads(line))
-    return answer, code
+    return answer, code, proc.memory_exhausted
 
 
 ATTEMPT = """
@@ -208,8 +214,16 @@ for i in range(0, len(block), 4096):
     block[i] = 1
 print(json.dumps({"allocated": True}), flush=True)
 """, limits=limits)
-    answer, code = asyncio.run(_run(launch))
+    answer, code, memory_exhausted = asyncio.run(_run_noting_memory(launch))
     assert answer == {"started": True} and code != 0
+    assert memory_exhausted  # what lets the site say why the job died (WorkerHandle._exit_reason)
+
+
+def test_a_job_within_its_memory_limit_is_not_said_to_exhaust_it(layout):
+    launch = layout.launch('print(\'{"started": true}\', flush=True)\n',
+                           limits=SandboxLimits(memory_bytes=256 << 20, pids=64))
+    answer, code, memory_exhausted = asyncio.run(_run_noting_memory(launch))
+    assert answer == {"started": True} and code == 0 and not memory_exhausted
 
 
 def test_pids_limit_stops_a_fork_bomb(layout):

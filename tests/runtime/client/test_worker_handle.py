@@ -5,6 +5,7 @@ the hostile part, started through the `off` sandbox so only the checks are under
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import pytest
 
 from runtime.client.job_folders import JobFolders
 from runtime.client.sandbox import OffSandbox
-from runtime.client.worker_handle import WorkerFailed, WorkerHandle, worker_env
+from runtime.client.worker_handle import WorkerFailed, WorkerHandle, WorkerTimedOut, worker_env
 
 REPLY_TIMEOUT_S = 30.0
 
@@ -91,3 +92,75 @@ def test_a_worker_idles_blas_threads_early_unless_the_site_says(tmp_path, monkey
     else:
         monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", site_value)
     assert asyncio.run(_train_with(tmp_path, _REPORT_BLAS_SPIN))["metrics"]["blas_spin"] == expected
+
+
+def _never_ready_python(tmp_path: Path) -> Path:
+    """An 'interpreter' that notes its pid, then hangs as job code stuck in its imports or constructor would."""
+    script = tmp_path / "stuck_python"
+    pid_file = str(tmp_path / "pid")
+    script.write_text(f"#!{sys.executable}\nimport os, time\nopen({pid_file!r}, 'w').write(str(os.getpid()))\n"
+                      "while True:\n    time.sleep(1)\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script
+
+
+def _start_stuck(tmp_path: Path, ready_timeout_s: float):
+    folders = JobFolders(tmp_path / "job")
+    folders.create()
+    folders.code.mkdir()
+    return WorkerHandle.start(
+        sandbox=OffSandbox(), python=str(_never_ready_python(tmp_path)), kit=tmp_path, folders=folders,
+        site="site-1", job_id="job-1", data_root="", gpus=[], learner="m:C", learner_args={},
+        log_path=tmp_path / "worker.log", ready_timeout_s=ready_timeout_s)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_worker_cancelled_while_it_starts_is_killed(tmp_path):
+    # the job aborted (or ended) while its code was still importing: nothing else holds the process, so a
+    # start that let it live left job code running on the site's data after its job was over
+    async def scenario() -> int:
+        starting = asyncio.ensure_future(_start_stuck(tmp_path, REPLY_TIMEOUT_S))
+        while not (tmp_path / "pid").exists() or not (tmp_path / "pid").read_text():
+            await asyncio.sleep(0.05)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        return int((tmp_path / "pid").read_text())
+
+    assert _gone(asyncio.run(scenario()))
+
+
+def test_a_worker_that_never_gets_ready_is_stopped_at_the_start_timeout(tmp_path):
+    with pytest.raises(WorkerTimedOut, match="gave no answer within 1 s"):
+        asyncio.run(_start_stuck(tmp_path, 1.0))
+    assert _gone(int((tmp_path / "pid").read_text()))
+
+
+class _ExitedProcess:
+    """A worker that has already exited, as the native sandbox reports it (memory_exhausted from its cgroup)."""
+
+    def __init__(self, code: int, memory_exhausted: bool):
+        self.pid, self.returncode, self.memory_exhausted = 1, code, memory_exhausted
+        self.stdin = self.stdout = None
+
+    async def wait(self) -> int:
+        return self.returncode
+
+
+@pytest.mark.parametrize(("memory_exhausted", "expected"), [
+    (True, "training worker was killed (exit code -9): it used more memory than this site lets a job use "
+           "(local/site.yml sandbox.memory_mb)"),
+    (False, "training worker exited with code -9 (see the site log)"),
+])
+def test_a_worker_killed_for_its_memory_says_so(tmp_path, memory_exhausted, expected):
+    handle = WorkerHandle(_ExitedProcess(-9, memory_exhausted), "job-1", OffSandbox(), tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(WorkerFailed) as info:
+        asyncio.run(handle.call({"op": "train"}, REPLY_TIMEOUT_S))
+    assert str(info.value) == expected
