@@ -122,7 +122,9 @@ def interactive(kit: Path, as_json: bool) -> int:
 def _hint(error: FedkitError) -> str:
     """With TLS 1.3 a server that refuses our certificate just closes the socket after the handshake,
     which gRPC reports as an unreachable server; say what it most likely is."""
-    if isinstance(error, ServerUnreachable) and "socket closed" in str(error).lower():
+    text = str(error).lower()
+    # "stream removed": a call under way broke off (the server stopped), not a refused handshake
+    if isinstance(error, ServerUnreachable) and "socket closed" in text and "stream removed" not in text:
         return " (if the server is up, it refused this kit's certificate: use a kit from this study's provisioning)"
     return ""
 

@@ -19,7 +19,7 @@ from rich.filesize import decimal
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from ..errors import FedkitError, JobRejected
+from ..errors import FedkitError, JobRejected, ServerUnreachable
 from ..job_check import require_static_ok
 from ..privacy_report import describe_chain
 from ..tasks import TaskKind
@@ -53,8 +53,18 @@ class UsageError(FedkitError):
 
 
 FINAL_STATES = ("finished", "failed", "aborted")
+SERVER_RETRY_S = 5.0  # wait_job: how often it tries again while the server is unreachable
 WIDE_TABLE_COLUMNS = 150  # list_jobs prints a table from this terminal width on, two lines per job below it
 Transfer = Callable[[int, int], None]  # (bytes done, bytes in all; 0 when unknown)
+
+
+def _cleaned(record: dict[str, Any]) -> dict[str, Any]:
+    """A job record with its text fit for a terminal (clean_remote), one level deep (overrides: a list)."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return clean_remote(value)
+        return [clean(v) for v in value] if isinstance(value, list) else value
+    return {k: clean(v) for k, v in record.items()}
 
 
 def _fmt_time(ts: float | None) -> str:
@@ -193,16 +203,17 @@ class AdminConsole:
 
     async def _list_jobs(self, args: list[str]) -> Any:
         jobs = await self._client.command("list_jobs")
+        shown = [_cleaned(j) for j in jobs]  # names and overrides are what submitters wrote
         if not self._json and not jobs:
             self._out.print("no jobs yet")
         elif not self._json and self._out.width < WIDE_TABLE_COLUMNS:
-            self._print_jobs_narrow(jobs)
+            self._print_jobs_narrow(shown)
         elif not self._json:
             # one row per run, with what makes runs comparable: config hash, overrides, timings, results
             table = Table("job id", "name", "state", "submitter", "submitted", "took", "rounds", "config",
                           "overrides", "best", "final metrics")
             table.columns[0].no_wrap = True
-            for j in jobs:
+            for j in shown:
                 table.add_row(j["job_id"], j["name"], j["state"], j["submitter"], _fmt_time(j["submitted_at"]),
                               _fmt_took(j), f"{j['rounds_done']}/{j['rounds_total']}", j["config_hash"][:8],
                               " ".join(j["overrides"]) or "-", _fmt_best(j), _fmt_metrics(j["final_metrics"]))
@@ -285,15 +296,28 @@ class AdminConsole:
         deadline = time.monotonic() + timeout_s
         seen = 0
         columns: list[str] = []
+        shown: set[int] = set()  # the rounds whose row is printed
         while True:
             left_s = max(0.1, deadline - time.monotonic())
-            data = await self._client.command("wait_job", job_id=job_id, seen_metrics=seen, wait_s=min(20.0, left_s))
+            try:
+                data = await self._client.command("wait_job", job_id=job_id, seen_metrics=seen,
+                                                  wait_s=min(20.0, left_s))
+            except ServerUnreachable:  # restarted or crashed: a job resumes when its server is back
+                if time.monotonic() + SERVER_RETRY_S >= deadline:
+                    raise
+                if not self._json:
+                    self._out.print(f"server unreachable; still waiting for job {job_id} (retrying every "
+                                    f"{SERVER_RETRY_S:g} s)", markup=False, highlight=False)
+                await asyncio.sleep(SERVER_RETRY_S)
+                seen = 0  # a resumed job drops the metrics of the round it was in: read them all again
+                continue
             for entry in data["metrics"][seen:]:
-                if entry["type"] == "validation" and not self._json:
+                if entry["type"] == "validation" and not self._json and entry["model_round"] not in shown:
                     if not columns:  # the first model scored: its metric names head the columns
                         columns = sorted(entry["global"])
                         self._out.print("round  sites  " + "  ".join(f"{c:>9}" for c in columns), highlight=False)
                     self._print_progress_row(entry, columns)
+                    shown.add(entry["model_round"])
             seen = len(data["metrics"])
             record = data["record"]
             if record["state"] in FINAL_STATES:
@@ -310,11 +334,11 @@ class AdminConsole:
     def _job_ended(self, record: dict[str, Any]) -> dict[str, Any]:
         """The end of wait_job: the record on success; JobRejected (exit 1) with the reason otherwise."""
         job_id = record["job_id"]
+        if record["state"] != "finished":  # said once, as every failure is (stderr; with --json, stdout too)
+            raise JobRejected(f"job {job_id} {record['state']}: {record['error']}")
         if not self._json:
             reason = f": {record['error']}" if record["error"] else ""
             self._out.print(clean_remote(f"job {job_id} {record['state']}{reason}"), markup=False, highlight=False)
-        if record["state"] != "finished":
-            raise JobRejected(f"job {job_id} {record['state']}: {record['error']}")
         return record
 
     def _simple(self, name: str) -> Callable[[list[str]], Awaitable[Any]]:
@@ -413,8 +437,8 @@ def _number(text: str, what: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value):  # nan and inf parse as floats, but no count or timeout can be one
-        raise UsageError(f"{what} must be a number, not '{text}'")
+    if not math.isfinite(value) or value < 0:  # nan and inf parse as floats; no count or timeout is either,
+        raise UsageError(f"{what} must be a number of 0 or more, not '{text}'")  # nor below 0
     return value
 
 

@@ -41,6 +41,10 @@ from .tracker import JobTracker
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5  # how often a waiting round re-checks liveness, its deadline and aborts
+# A server restarted mid-job starts with no site online: its first round waits this long (or rejoin_wait_s, if
+# longer) for every site of the job to reconnect, so the resumed job runs on the sites an uninterrupted run
+# would have had; sites retry their connection every 10 s at most.
+RESUME_WAIT_S = 60.0
 INIT_PAYLOAD_LIMIT = 16 << 30  # round 0: no model yet to compare against; the site that makes it is trusted this far
 
 
@@ -87,6 +91,7 @@ class JobController:
         self._tasked: set[str] = set()  # every site this run has sent a task: the ones that may fetch the job
         self._prepared: set[str] = set()  # the sites told to start the job's worker during round 0
         self._not_awaited: set[str] = set()  # offline sites a round's start waited for in vain (_rejoining)
+        self._resume_wait_s = 0.0  # RESUME_WAIT_S from a resume until a round has started
         self._code_signature = store.code_signature(record.job_id)  # passed on to sites as submitted
 
     def is_selected(self, site: str) -> bool:
@@ -203,6 +208,7 @@ class JobController:
         if checkpoint.step:
             log.info("job %s: resuming after step %d, in %s", job_id, checkpoint.step,
                      names[min(checkpoint.workflow_index, len(names) - 1)])
+            self._resume_wait_s = RESUME_WAIT_S
         if self.spec.server.trains and checkpoint.workflow_index == 0 and not checkpoint.state:
             await self._run_workflow(InitialModel(self._ctx), 0)  # a no-op once the model is on disk
         for index in range(checkpoint.workflow_index, len(names)):
@@ -346,7 +352,8 @@ class JobController:
         timeout_s = self.spec.server.round_timeout_s
         started = loop.time()
         deadline = started + timeout_s
-        rejoin_until = started + min(self.spec.server.rejoin_wait_s, timeout_s)
+        rejoin_wait_s = max(self.spec.server.rejoin_wait_s, self._resume_wait_s)
+        rejoin_until = started + min(rejoin_wait_s, timeout_s)
         while True:
             self._check_aborted()
             alive = self._registry.alive()
@@ -354,9 +361,12 @@ class JobController:
             away = eligible_sites(self.spec.meta, self._rejoining(alive), plan.exclude)
             if len(sites) >= need and (not away or loop.time() >= rejoin_until):
                 self._not_awaited.update(away)
+                self._resume_wait_s = 0.0
                 if away:
-                    log.info("job %s: %s goes on without %s (offline for rejoin_wait_s %g)", self.record.job_id,
-                             _what(plan), ", ".join(sorted(away)), self.spec.server.rejoin_wait_s)
+                    log.info("job %s: %s goes on without %s (offline for %g s%s)", self.record.job_id, _what(plan),
+                             ", ".join(sorted(away)), rejoin_wait_s,
+                             " since the server's restart" if rejoin_wait_s > self.spec.server.rejoin_wait_s
+                             else ", rejoin_wait_s")
                 return sites[:plan.max_sites] if plan.max_sites else sites
             if plan.if_no_site and not sites:
                 raise RoundFailed(plan.if_no_site)

@@ -3,9 +3,17 @@ started (submit_job, show_job, wait_job), and which workflow step a running job 
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import io
+from typing import Any
 
-from runtime.errors import JobRejected
+import pytest
+from rich.console import Console
+
+from runtime.admin import console as console_module
+from runtime.admin.__main__ import _hint
+from runtime.admin.console import AdminConsole
+from runtime.errors import JobRejected, ServerUnreachable
 from tests.runtime.admin.canned import printed as printed_by
 
 WHY = "needs 2 sites online, 1 is: site-1; never seen by this server (check the names): site-9"
@@ -52,3 +60,51 @@ def test_check_status_names_the_workflow_step_not_a_training_round(task: str | N
         "server": {**SERVER, "task": task, "task_label": label}, "sites": []}})
 
     assert expected in printed
+
+
+def test_wait_job_says_a_failed_job_once() -> None:
+    # the failure goes to stderr (and with --json to stdout as one object) as every failure does; printed
+    # on stdout as well, a long reason stood twice on the terminal
+    failed = {**RECORD, "state": "failed", "error": "round 3: 1 of min 2 sites answered"}
+    out = io.StringIO()
+    console = AdminConsole(_Scripted([{"record": failed, "metrics": []}]),  # type: ignore[arg-type]
+                           Console(file=out, width=200, markup=False, highlight=False))
+    with pytest.raises(JobRejected, match="^job j1 failed: round 3: 1 of min 2 sites answered$"):
+        asyncio.run(console.run_line("wait_job j1 60"))
+    assert "failed" not in out.getvalue()
+
+
+class _Scripted:
+    """A server whose wait_job answers come from a list; an exception in it is raised instead."""
+
+    def __init__(self, answers: list[Any]):
+        self.answers, self.calls = answers, 0
+
+    async def command(self, name: str, **args: Any) -> Any:
+        self.calls += 1
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_wait_job_waits_through_a_server_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the server crashed mid-job and came back: the job resumes, so the wait goes on instead of failing
+    monkeypatch.setattr(console_module, "SERVER_RETRY_S", 0.01)
+    running, done = {**RECORD, "state": "running"}, {**RECORD, "state": "finished"}
+    unreachable = ServerUnreachable("wait_job: server localhost:8003 unreachable (UNAVAILABLE): Stream removed")
+    server = _Scripted([{"record": running, "metrics": []}, unreachable, unreachable,
+                        {"record": done, "metrics": []}])
+    out = io.StringIO()
+    console = AdminConsole(server, Console(file=out, width=200, markup=False, highlight=False))  # type: ignore[arg-type]
+    asyncio.run(console.run_line("wait_job j1 60"))
+    assert server.calls == 4
+    assert "server unreachable; still waiting for job j1" in out.getvalue()
+    assert "job j1 finished" in out.getvalue()
+
+
+def test_a_call_cut_off_mid_stream_is_not_blamed_on_the_certificate() -> None:
+    cut = ServerUnreachable("wait_job: server localhost:8003 unreachable (UNAVAILABLE): Stream removed (Socket closed)")
+    refused = ServerUnreachable("list_jobs: server localhost:8003 unreachable (UNAVAILABLE): Socket closed")
+    assert _hint(cut) == ""
+    assert "refused this kit's certificate" in _hint(refused)
