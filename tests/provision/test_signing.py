@@ -342,3 +342,34 @@ def test_start_sh_explains_a_missing_python(stub_kit: Path) -> None:
     )
     assert done.returncode == 1
     assert "is missing or older than Python 3.11" in done.stderr
+
+
+def test_start_sh_names_the_packages_its_python_lacks(stub_kit: Path, tmp_path: Path) -> None:
+    # the runtime would otherwise die at its first import with a traceback (No module named 'grpc')
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    env = {**os.environ, "FEDKIT_PYTHON": str(bare / "bin" / "python")}
+    done = subprocess.run(
+        ["bash", str(stub_kit / "startup" / "start.sh")], capture_output=True, text=True, check=False, env=env
+    )
+    assert done.returncode == 1 and "stub client started" not in done.stdout
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"start.sh: '{bare}/bin/python' lacks cryptography, pyyaml, grpcio")
+    assert line.endswith(f"of requirements.txt; install them: {bare}/bin/python -m pip install -r "
+                         f"{stub_kit.resolve()}/requirements.txt (or set FEDKIT_PYTHON to a Python that has them)")
+
+
+def test_fl_admin_json_answers_a_refused_kit_with_one_json_object(tmp_path: Path, example_project) -> None:
+    # --json: every outcome is one JSON object on stdout, the script's own refusals too
+    result = provision(example_project, tmp_path / "ws", NOW, KitRenderer())
+    kit = next(k.kit_dir for k in result.kits if k.name == "lead@study.org")
+    flip_one_byte(kit / "readme.txt")
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONSAFEPATH"}}
+    env["FEDKIT_PYTHON"] = sys.executable
+    done = subprocess.run(["bash", str(kit / "startup" / "fl_admin.sh"), "-c", "list_jobs", "--json"],
+                          capture_output=True, text=True, check=False, env=env, timeout=60)
+    assert done.returncode == 1
+    refusal = ("refusing to start: this kit differs from its signed manifest (lines above); unzip the kit you "
+               "were sent again")
+    assert json.loads(done.stdout) == {"error": refusal, "exit_code": 1}
+    assert done.stderr.splitlines()[-1] == f"fl_admin.sh: {refusal}"
