@@ -17,6 +17,7 @@ commands here hold private keys.
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import traceback
 from pathlib import Path
 from typing import Annotated, Any
@@ -266,8 +267,15 @@ def dashboard_cmd(
     asyncio.run(serve(kit.resolve(), port, open_browser))
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
-    """Console-script entry point (`fedkit`); errors are already mapped to one line by _FedkitGroup."""
+    """Console-script entry point (`fedkit`); errors are already mapped to one line by _FedkitGroup.
+    SIGTERM (a `timeout`, a service manager) ends it as Ctrl-C does, through every cleanup on the way out:
+    a provision cut short removes its half-written prod_NN, a demo stops the processes it started."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     app(prog_name="fedkit")
 
 

@@ -160,3 +160,34 @@ def test_console_script_is_installed() -> None:
     assert done.returncode == 0
     for command in ("provision", "verify-kit"):
         assert command in done.stdout
+
+
+def test_a_provision_stopped_by_sigterm_leaves_no_half_written_kits(tmp_path: Path) -> None:
+    # `timeout` or a service manager stops with SIGTERM: Python's default died on the spot, leaving
+    # thousands of files of a prod_NN that no ledger lists; now it cleans up as on Ctrl-C
+    import signal
+    import time
+
+    import yaml
+
+    data = yaml.safe_load(EXAMPLE.read_text())
+    others = [p for p in data["participants"] if p["type"] != "client"]
+    data["participants"] = others + [{"type": "client", "name": f"site-{i}", "org": "h"} for i in range(300)]
+    (tmp_path / "project.yml").write_text(yaml.safe_dump(data))
+    study = tmp_path / "ws" / data["name"]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "fedkit"), "provision", "-p",
+                             str(tmp_path / "project.yml"), "-w", str(tmp_path / "ws")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (study / "prod_01").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert sorted(p.name for p in study.iterdir()) == ["state"]  # the CA stays: later runs must reuse it
+    assert not (study / "state" / "issued.json").exists()
