@@ -252,6 +252,13 @@ class AdminConsole:
                     for site, reason in entry["failed"].items():
                         table.add_row(f"{entry['round']} ({entry['task']})", site, "-",
                                       clean_remote(f"FAILED: {reason}"), "")
+                elif entry["type"] == "round_failed":  # the round that ended the job: who answered, who not
+                    label = str(entry["round"]) if entry["task"] == TaskKind.TRAIN else \
+                        f"{entry['round']} ({entry['task']})"
+                    for site in entry["sites"]:
+                        table.add_row(label, site, "-", "answered; the round failed for want of others", "")
+                    for site, reason in entry["failed"].items():
+                        table.add_row(label, site, "-", clean_remote(f"FAILED: {reason}"), "")
                 elif entry["type"] == "validation":
                     table.add_row(f"model {entry['model_round']}", "all", "", "",
                                   _fmt_metrics(entry["global"]) + ("  [best]" if entry["is_best"] else ""))

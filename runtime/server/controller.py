@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -319,6 +320,11 @@ class JobController:
             missing = sorted(set(sites) - set(outcome.results))
             reasons = "; ".join(f"{s}: {outcome.failures.get(s, 'no answer')}" for s in missing)
             waited = asyncio.get_running_loop().time() - started
+            # what each site did in the round that ended the job, for show_job (a closed round has its own entry)
+            await asyncio.to_thread(self._store.append_metrics, self.record.job_id, {
+                "type": "round_failed", "task": plan.kind.value, "step": outcome.step, "round": plan.round,
+                "time": time.time(), "sites": sorted(outcome.results),
+                "failed": {s: outcome.failures.get(s, "no answer") for s in missing}})
             raise RoundFailed(f"{_what(plan)}: {len(outcome.results)} of min {need} sites answered "
                               f"in {waited:.0f} s (round_timeout_s {cfg.round_timeout_s:g}; {reasons})")
         return outcome

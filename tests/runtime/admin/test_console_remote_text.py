@@ -34,9 +34,12 @@ RECORD = {"job_id": "j1", "name": "job", "state": "failed", "rounds_done": 1, "r
     ("show_job j1", {"show_job": {"record": RECORD, "queue_position": None, "metrics": [
         {"type": "round", "round": 1, "sites": [], "n_samples": {}, "train": {},
          "failed": {"site-1": f"update rejected: {HOSTILE}"}}]}}),
+    ("show_job j1", {"show_job": {"record": RECORD, "queue_position": None, "metrics": [
+        {"type": "round_failed", "task": "train", "round": 2, "sites": ["site-2"],
+         "failed": {"site-1": f"update rejected: {HOSTILE}"}}]}}),
     # a job stored before its name had to be plain text: names and overrides are what a submitter wrote
     ("list_jobs", {"list_jobs": [{**RECORD, "name": f"job {HOSTILE}", "overrides": [f"meta.x={HOSTILE}"]}]}),
-], ids=["tail_log", "sys_info", "show_job", "list_jobs"])
+], ids=["tail_log", "sys_info", "show_job", "show_job_failed_round", "list_jobs"])
 def test_remote_text_is_printed_without_control_sequences(line: str, replies: dict[str, Any]) -> None:
     printed = printed_by(line, replies)
 

@@ -4,6 +4,7 @@ one process by runtime.simulate: no gRPC, every number recomputed by hand here."
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,12 @@ def test_too_few_answers_fail_the_round_with_each_sites_reason(tmp_path: Path) -
     sites = learners(tmp_path / "sites", {"site-a": 10, "site-b": 20}, fail={"site-b": "nan"})
     with pytest.raises(RoundFailed, match=r"train round 1.*1 of min 2.*site-b: update rejected"):
         _run(_spec("rounds: 2"), sites, tmp_path / "server")
+    # show_job's rows for the round that ended the job: who answered, and each other site's reason
+    [metrics_file] = (tmp_path / "server").rglob("metrics.jsonl")
+    entries = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    [failed] = [e for e in entries if e["type"] == "round_failed"]
+    assert (failed["task"], failed["round"], failed["sites"]) == ("train", 1, ["site-a"])
+    assert list(failed["failed"]) == ["site-b"] and "update rejected" in failed["failed"]["site-b"]
 
 
 @pytest.mark.parametrize("aggregator", ["{name: fedopt, optimizer: adam, server_lr: 0.05}",
