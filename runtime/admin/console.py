@@ -183,8 +183,12 @@ class AdminConsole:
             if rest[0] not in ("--set", "--initial-model") or len(rest) < 2:
                 raise UsageError(f"unexpected '{rest[0]}': use --set KEY=VALUE or --initial-model FILE")
             if rest[0] == "--set":
+                if "=" not in rest[1]:  # the line does not parse: 2, as any other
+                    raise UsageError(f"--set {rest[1]}: use --set KEY=VALUE (e.g. --set server.rounds=5)")
                 overrides.append(rest[1])
             else:
+                if initial_model is not None:
+                    raise UsageError("--initial-model is given twice: a job has one initial model")
                 initial_model = Path(rest[1])
                 if not initial_model.is_file():  # the line parses: a missing file is a failure (1), not 2
                     raise JobRejected(f"--initial-model {initial_model}: no such file")
@@ -202,6 +206,8 @@ class AdminConsole:
         return record
 
     async def _list_jobs(self, args: list[str]) -> Any:
+        if args:
+            raise UsageError("usage: list_jobs (it takes no arguments; show_job JOB_ID shows one job)")
         jobs = await self._client.command("list_jobs")
         shown = [_cleaned(j) for j in jobs]  # names and overrides are what submitters wrote
         if not self._json and not jobs:

@@ -203,3 +203,18 @@ def test_a_history_file_that_cannot_be_read_does_not_stop_the_console(console: C
     (tmp_path / ".fedkit_admin_history").mkdir()
     code, out, err, calls = console(stdin="list_jobs\nbye\n")
     assert code == 0 and "no jobs yet" in out and calls == ["list_jobs"]
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("list_jobs extra", "usage: list_jobs"),
+    ("submit_job my-job --set foo", "--set foo: use --set KEY=VALUE"),
+    ("submit_job my-job --initial-model a.safetensors --initial-model b.safetensors", "given twice"),
+])
+def test_a_command_line_a_command_cannot_take_exits_2(console: Callable[..., Any], tmp_path: Path, line: str,
+                                                      expected: str) -> None:
+    shutil.copytree(JOB_TEMPLATE, tmp_path / "my-job")
+    for name in ("a.safetensors", "b.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    code, out, err, calls = console("-c", line, "--json")
+    assert code == 2 and json.loads(out) == {"error": _one_line(err), "exit_code": 2}
+    assert expected in _one_line(err) and calls == []
