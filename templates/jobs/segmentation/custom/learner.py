@@ -68,7 +68,8 @@ class SegmentationLearner(Learner):
                  seed: int = 0):
         super().__init__(context)
         if context.data_root is None:
-            raise DatalistError("this learner needs the site's data_root (set it in local/site.yml)")
+            raise DatalistError("this learner needs the site's data_root (a site: data_root in local/site.yml; "
+                                "fedkit simulate: --demo-data or --data-roots DIR)")
         spatial_size = list(spatial_size or [64] * spatial_dims)
         channels = list(channels or [8, 16, 32])
         if spatial_dims not in (2, 3) or len(spatial_size) != spatial_dims:

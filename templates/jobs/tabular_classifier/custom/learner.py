@@ -45,7 +45,8 @@ class TabularLearner(Learner):
                  hidden: int = 16, seed: int = 0, dtype: str = "float32"):
         super().__init__(context)
         if context.data_root is None:
-            raise ValueError("this learner needs the site's data_root (set it in local/site.yml)")
+            raise ValueError("this learner needs the site's data_root (a site: data_root in local/site.yml; "
+                             "fedkit simulate: --demo-data or --data-roots DIR)")
         if dtype not in DTYPES:
             raise ValueError(f"learner arg dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
         self.dtype = DTYPES[dtype]
