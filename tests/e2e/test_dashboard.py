@@ -2,8 +2,8 @@
 study from kits on 127.0.0.1: the sites online, a job's rounds arriving live with their curve points, a site
 SIGKILLed mid-round shown dead before the round ends, the finished job's cross-site heatmap holding exactly
 cross_site.json's values, a DP site's total over all jobs and what its `reports:` policy kept back, a
-`member` without abort buttons whose forged abort the server refuses and audits, and no answer at all
-without the start's token. Screenshots of every page go to test-artifacts/dashboard/.
+`member` without abort buttons whose forged abort the server refuses and audits, and no API answer
+without the start's token (no cookie either). Screenshots of every page go to test-artifacts/dashboard/.
 
 Needs: `apt-get install -y chromium` and the dev extra `playwright` (no browser download: the system's
 Chromium is launched by path)."""
@@ -119,14 +119,15 @@ def test_dashboard_follows_a_study_live_and_holds_the_admins_rights(study, tmp_p
         study.start(site)
     admin, member = study.admins[0], MEMBER
     admin_url, member_url = _start_dashboard(study, admin), _start_dashboard(study, member)
-    base = admin_url.split("/?", 1)[0]
+    base, fragment = admin_url.split("/#", 1)
+    assert fragment.startswith("token="), "the token travels in the fragment, which no server is ever sent"
 
-    # without the token (or its cookie) nothing answers, and nothing reaches the server
+    # without the token no API call answers, and nothing reaches the server; the page itself is only code
     commands_before = sum(1 for r in _audit(study) if r["event"] == "admin_command")
-    assert _http_status(base + "/") == 403
-    assert _http_status(base + "/?token=wrong") == 403
+    assert _http_status(base + "/") == 200
     assert _http_status(base + "/api/session") == 403
     assert _http_status(base + "/api/events") == 403
+    assert _http_status(base + "/api/events?token=wrong") == 403
     assert _http_status(base + "/api/jobs/some-job/abort", "POST", {"X-Fedkit-Token": "wrong"}) == 403
     assert sum(1 for r in _audit(study) if r["event"] == "admin_command") == commands_before
 
@@ -139,10 +140,13 @@ def test_dashboard_follows_a_study_live_and_holds_the_admins_rights(study, tmp_p
             member_page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
             member_page.set_default_timeout(UI_TIMEOUT_MS)
             page.goto(admin_url)
-            assert "token=" not in page.url, "the token leaves the address bar once the cookie is set"
+            playwright_api.expect(page.locator("#conn")).to_have_text("live")
+            assert "token=" not in page.url, "the token leaves the address bar once the page has it"
             member_page.goto(member_url)
 
-            # the cookie alone does not let a POST through: it also needs the X-Fedkit-Token header
+            # no cookie is set (a browser sends 127.0.0.1's cookies to every local port, to any other local
+            # web server too), so a request from this browser without the header is refused
+            assert page.context.cookies() == []
             refused = page.request.post(base + "/api/jobs/some-job/abort")
             assert refused.status == 403
             assert not [r for r in _audit(study) if r.get("command") == "abort_job"], "no command may reach the server"
@@ -167,7 +171,7 @@ def test_dashboard_follows_a_study_live_and_holds_the_admins_rights(study, tmp_p
             playwright_api.expect(page.locator(f'#jobs-table tr[data-job="{job_id}"] button[data-action="abort"]')
                                   ).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "jobs.png"), full_page=True)
-            member_page.goto(member_url.split("/?", 1)[0] + "/#jobs")
+            member_page.goto(member_url.split("/#", 1)[0] + "/#jobs")
             member_row = member_page.locator(f'#jobs-table tr[data-job="{job_id}"]')
             playwright_api.expect(member_row).to_be_visible()
             assert member_page.locator("#jobs-table button").count() == 0
@@ -175,7 +179,7 @@ def test_dashboard_follows_a_study_live_and_holds_the_admins_rights(study, tmp_p
 
             # a forged abort from the member's own page, with its token: the server refuses and audits it
             forged = member_page.evaluate("""async (jobId) => {
-                const token = document.querySelector('meta[name="fedkit-token"]').content;
+                const token = sessionStorage.getItem("fedkit-token");
                 const r = await fetch(`/api/jobs/${jobId}/abort`, {method: "POST", headers: {"X-Fedkit-Token": token}});
                 return {status: r.status, body: await r.json()};
             }""", job_id)
@@ -259,7 +263,7 @@ def test_dashboard_follows_a_study_live_and_holds_the_admins_rights(study, tmp_p
             playwright_api.expect(page.locator("#audit-table tr.denied").first).to_be_visible()
             playwright_api.expect(page.locator("#audit-verify")).to_contain_text("does not report")
             page.screenshot(path=str(ARTIFACTS / "audit.png"), full_page=True)
-            member_page.goto(member_url.split("/?", 1)[0] + "/#audit")
+            member_page.goto(member_url.split("/#", 1)[0] + "/#audit")
             playwright_api.expect(member_page.locator("#audit-error")).to_contain_text("denied")
             member_page.screenshot(path=str(ARTIFACTS / "audit-member.png"), full_page=True)
         finally:

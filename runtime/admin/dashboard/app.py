@@ -5,10 +5,15 @@ it exactly as it does the console's.
 Who may talk to it (docs/dashboard.md, "Security model"):
 - it listens on 127.0.0.1 only, and answers only Host headers naming 127.0.0.1 or localhost (a web page
   that rebinds its own domain to 127.0.0.1 is turned away);
-- the URL printed at start carries a random token; the first GET / with it sets an HttpOnly, SameSite=Strict
-  cookie and every other request needs that cookie (403 otherwise, and nothing is asked of the server);
-- a request that changes something (POST) also needs the token in the X-Fedkit-Token header, which only the
-  page served to the cookie holder knows: another site's form or script cannot forge it.
+- the page itself (/ and /static/) is only code and answers anyone; every call that reads or changes the
+  study (/api/) needs this start's random token in the X-Fedkit-Token header (the live feed, an
+  EventSource, which cannot set headers: in its `token` query parameter), else 403 and nothing is asked
+  of the server. The URL printed at start carries the token in its fragment (#token=...), which browsers
+  never send to any server; the page keeps it in the tab's sessionStorage, which belongs to this origin
+  (this port) alone.
+- No cookie: browsers send a cookie for 127.0.0.1 to every port of 127.0.0.1, so any other local web
+  server the admin's browser visited received the token (found by a QA pass, which aborted a job with it).
+  Another origin can neither read this page's storage nor set the header (no CORS is answered).
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ from starlette.responses import (
     HTMLResponse,
     JSONResponse,
     PlainTextResponse,
-    RedirectResponse,
     Response,
     StreamingResponse,
 )
@@ -40,6 +44,7 @@ from ...errors import FedkitError, ServerUnreachable
 from .backend import AUDIT_MAX_RECORDS, Hub
 
 TOKEN_HEADER = "x-fedkit-token"
+EVENTS_PATH = "/api/events"
 _JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # as runtime.admin.client's: a job id, nothing else
 FORBIDDEN_HINT = "forbidden: open the URL that `fl_admin.sh dashboard` printed (it carries this start's token)"
 # The page loads only its own files: no inline script, no other origin, and it may not be framed.
@@ -53,31 +58,22 @@ SECURITY_HEADERS = {
 }
 
 
-def cookie_name(port: int) -> str:
-    """One cookie per port: cookies ignore ports, so two dashboards on one machine would overwrite each
-    other's under a shared name."""
-    return f"fedkit_dashboard_{port}"
-
-
 class _TokenGate:
-    """ASGI middleware: every request but GET / needs the cookie; every POST the header too. A refused
-    request gets 403 before any route runs, so no command reaches the server for it."""
+    """ASGI middleware: every /api/ request needs the token, in the X-Fedkit-Token header (or, for the live
+    feed only, the `token` query parameter). A refused request gets 403 before any route runs, so no
+    command reaches the server for it."""
 
-    def __init__(self, app: ASGIApp, token: str, cookie: str):
+    def __init__(self, app: ASGIApp, token: str):
         self._app = app
         self._token = token
-        self._cookie = cookie
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
+        if scope["type"] != "http":  # no websocket route exists; refuse rather than pass anything unchecked
             return
         request = Request(scope)
-        allowed = self._same(request.cookies.get(self._cookie))
-        if request.url.path == "/" and request.method == "GET":
+        allowed = not request.url.path.startswith("/api/") or self._same(request.headers.get(TOKEN_HEADER))
+        if request.url.path == EVENTS_PATH and request.method == "GET":
             allowed = allowed or self._same(request.query_params.get("token"))
-        if request.method not in ("GET", "HEAD"):
-            allowed = allowed and self._same(request.headers.get(TOKEN_HEADER))
         if not allowed:
             await PlainTextResponse(FORBIDDEN_HINT, status_code=403, headers=SECURITY_HEADERS)(scope, receive, send)
             return
@@ -102,20 +98,13 @@ def _static_dir() -> str:
     return str(resources.files(__package__) / "static")
 
 
-def create_app(hub: Hub, token: str, port: int, session: dict[str, Any]) -> Starlette:
+def create_app(hub: Hub, token: str, session: dict[str, Any]) -> Starlette:
     """The ASGI app for one start. `session` is the server's `help` answer for this admin (its role and the
     commands the role may run): the page shows abort/clone only where the server would allow them."""
-    cookie = cookie_name(port)
     index_html = (resources.files(__package__) / "static" / "index.html").read_text(encoding="utf-8")
 
     async def index(request: Request) -> Response:
-        if "token" in request.query_params:  # set the cookie, then drop the token from the address bar
-            response: Response = RedirectResponse("/", status_code=303)
-            response.set_cookie(cookie, token, httponly=True, samesite="strict", path="/")
-            return response
-        # the token goes into the page (a meta tag, read by app.js for the CSRF header): only a cookie
-        # holder gets this page, and no other origin can read it
-        return HTMLResponse(index_html.replace("{{TOKEN}}", token))
+        return HTMLResponse(index_html)  # code only: the study's data comes from /api/ with the token
 
     async def whoami(request: Request) -> Response:
         return JSONResponse(session)
@@ -152,7 +141,7 @@ def create_app(hub: Hub, token: str, port: int, session: dict[str, Any]) -> Star
     routes = [
         Route("/", index, methods=["GET"]),
         Route("/api/session", whoami, methods=["GET"]),
-        Route("/api/events", events, methods=["GET"]),
+        Route(EVENTS_PATH, events, methods=["GET"]),
         Route("/api/audit", audit, methods=["GET"]),
         Route("/api/jobs/{job_id}/abort", job_action("abort_job"), methods=["POST"]),
         Route("/api/jobs/{job_id}/clone", job_action("clone_job"), methods=["POST"]),
@@ -160,7 +149,7 @@ def create_app(hub: Hub, token: str, port: int, session: dict[str, Any]) -> Star
     ]
     middleware = [
         Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"]),
-        Middleware(_TokenGate, token=token, cookie=cookie),
+        Middleware(_TokenGate, token=token),
     ]
     return Starlette(routes=routes, middleware=middleware)
 

@@ -16,10 +16,13 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ...errors import FedkitError
+from ...errors import FedkitError, ServerUnreachable
 from ..client import AdminClient
 
 POLL_INTERVAL_S = 1.0
+# A question the server refused (no such job, not for this role) is asked again this rarely, not every
+# second: the server audits each refusal, and one page left on a deleted job wrote 3,600 records an hour.
+REFUSED_RETRY_S = 60.0
 KEEPALIVE_S = 15.0  # an SSE comment this often, so proxies and browsers keep an idle stream open
 AUDIT_MAX_RECORDS = 2000  # show_audit's answer stays well under gRPC's 4 MB message limit
 
@@ -40,6 +43,7 @@ class Hub:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._refused_at: dict[str, float] = {}  # part key -> when the server last refused it
 
     # ---- pages --------------------------------------------------------------------------------------
 
@@ -78,6 +82,7 @@ class Hub:
                 if self._watched[job_id] <= 0:
                     del self._watched[job_id]
                     self._parts.pop(f"job:{job_id}", None)
+                    self._refused_at.pop(f"job:{job_id}", None)
 
     async def command(self, name: str, **args: Any) -> Any:
         """One command, as the console would send it (abort_job, clone_job, show_audit, help); the next poll
@@ -105,9 +110,13 @@ class Hub:
     async def _poll_loop(self) -> None:
         while self._subscribers > 0:
             self._wake.clear()
-            parts = {"status": await self._ask("check_status"), "jobs": await self._ask("list_jobs")}
-            for job_id in list(self._watched):
-                parts[f"job:{job_id}"] = await self._ask("show_job", job_id=job_id)
+            questions = {"status": ("check_status", {}), "jobs": ("list_jobs", {})}
+            questions |= {f"job:{job_id}": ("show_job", {"job_id": job_id}) for job_id in list(self._watched)}
+            parts = {}
+            for key, (name, args) in questions.items():
+                refused_at = self._refused_at.get(key)
+                if refused_at is None or asyncio.get_running_loop().time() - refused_at >= REFUSED_RETRY_S:
+                    parts[key] = await self._ask(key, name, **args)
             async with self._changed:
                 changed = False
                 for key, value in parts.items():
@@ -121,11 +130,16 @@ class Hub:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval_s)
 
-    async def _ask(self, name: str, **args: Any) -> str:
+    async def _ask(self, key: str, name: str, **args: Any) -> str:
         """The server's answer as JSON text, or {"error": one line} when it refused or could not be reached
-        (the page shows that line; the loop keeps going and shows the answer again once there is one)."""
+        (the page shows that line; the loop keeps going and shows the answer again once there is one). A
+        refusal is asked again only after REFUSED_RETRY_S; an unreachable server at every poll."""
+        self._refused_at.pop(key, None)
         try:
             data: Any = await self._client.command(name, **args)
+        except ServerUnreachable as e:
+            data = {"error": " ".join(str(e).split())}
         except FedkitError as e:
             data = {"error": " ".join(str(e).split())}
+            self._refused_at[key] = asyncio.get_running_loop().time()
         return json.dumps(data, sort_keys=True, default=str)

@@ -1,11 +1,18 @@
 """Start the dashboard for one admin kit: connect to the server as that admin (as the console does), bind
-127.0.0.1, print the URL with this start's token, and serve until Ctrl-C (or SIGTERM)."""
+127.0.0.1, print the URL with this start's token, and serve until Ctrl-C (or SIGTERM).
+
+The token travels in the URL's fragment (#token=...), which a browser never sends to a server. `--open`
+hands the browser a private file that redirects to that URL, not the URL itself: a browser's command
+line is readable by every user of the machine (/proc/PID/cmdline)."""
 
 from __future__ import annotations
 
+import asyncio
+import html
 import secrets
 import socket
 import sys
+import tempfile
 import webbrowser
 from pathlib import Path
 
@@ -18,6 +25,7 @@ from .backend import Hub
 
 HOST = "127.0.0.1"  # never another address: the page is for the person at this machine
 SHUTDOWN_GRACE_S = 2.0  # open live feeds are cut after this on Ctrl-C
+OPENER_KEEP_S = 60.0  # --open: the redirect file is deleted after the browser had this long to read it
 
 
 def bind(port: int) -> socket.socket:
@@ -57,20 +65,33 @@ async def serve(kit: Path, port: int = 0, open_browser: bool = False) -> int:
         actual_port = sock.getsockname()[1]
         token = secrets.token_urlsafe(32)
         hub = Hub(client)
-        app = create_app(hub, token, actual_port, session)
+        app = create_app(hub, token, session)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
         server = _Server(config, hub)
-        url = f"http://{HOST}:{actual_port}/?token={token}"
+        url = f"http://{HOST}:{actual_port}/#token={token}"
         print(f"fedkit dashboard for {session['admin']} ({session['role']}) on {session['server']}: {url}",
               flush=True)
         print("keep this URL to yourself (it lets its holder act as you); Ctrl-C stops the dashboard",
               file=sys.stderr, flush=True)
-        if open_browser:
-            webbrowser.open(url)
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            await hub.close()
-            sock.close()
+        with tempfile.TemporaryDirectory(prefix="fedkit-dashboard-") as private:  # 0700: this user's only
+            if open_browser:
+                opener = _redirect_file(Path(private), url)
+                webbrowser.open(opener.as_uri())
+                asyncio.get_running_loop().call_later(OPENER_KEEP_S, opener.unlink, True)
+            try:
+                await server.serve(sockets=[sock])
+            finally:
+                await hub.close()
+                sock.close()
     return 0
+
+
+def _redirect_file(folder: Path, url: str) -> Path:
+    """A page (0600) that sends the browser on to `url`, so the token is on no command line."""
+    path = folder / "open.html"
+    target = html.escape(url, quote=True)
+    path.write_text(f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0; url={target}">'
+                    f'<title>fedkit dashboard</title><a href="{target}">open the fedkit dashboard</a>\n')
+    path.chmod(0o600)
+    return path

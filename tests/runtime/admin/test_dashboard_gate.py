@@ -1,6 +1,8 @@
-"""The dashboard's gate, in-process: without the start's token (cookie, and header for a POST) a request
-gets 403 and no command reaches the hub; with them, the server's own refusal comes back as 403; a foreign
-Host header is turned away; a taken port is refused in one line. (The browser test covers the real study.)"""
+"""The dashboard's gate, in-process: without the start's token (the X-Fedkit-Token header; for the live feed
+its query parameter) an /api/ request gets 403 and no command reaches the hub; with it, the server's own
+refusal comes back as 403; no cookie is ever set (browsers send 127.0.0.1's cookies to every local port); a
+foreign Host header is turned away; a taken port is refused in one line. (The browser test covers the real
+study.)"""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 import pytest
 
 from runtime.admin.client import CommandFailed
-from runtime.admin.dashboard.app import cookie_name, create_app
+from runtime.admin.dashboard.app import create_app
 from runtime.admin.dashboard.serve import bind
 from runtime.errors import ConfigError
 
@@ -57,37 +59,33 @@ def _request(app: Any, method: str, path: str, query: str = "", headers: dict[st
 @pytest.fixture
 def hub_app() -> tuple[FakeHub, Any]:
     hub = FakeHub()
-    return hub, create_app(hub, TOKEN, PORT, SESSION)  # type: ignore[arg-type]
+    return hub, create_app(hub, TOKEN, SESSION)  # type: ignore[arg-type]
 
 
-def test_without_the_token_nothing_answers_and_no_command_is_sent(hub_app):
+def test_without_the_token_no_api_call_answers_and_no_command_is_sent(hub_app):
     hub, app = hub_app
-    cookie = {"cookie": f"{cookie_name(PORT)}=wrong"}
-    assert _request(app, "GET", "/")[0] == 403
-    assert _request(app, "GET", "/", query="token=wrong")[0] == 403
-    assert _request(app, "GET", "/api/session", headers=cookie)[0] == 403
-    assert _request(app, "GET", "/api/audit")[0] == 403
-    assert _request(app, "POST", "/api/jobs/j1/abort", headers={"x-fedkit-token": TOKEN})[0] == 403  # no cookie
-    good_cookie = {"cookie": f"{cookie_name(PORT)}={TOKEN}"}
-    assert _request(app, "POST", "/api/jobs/j1/abort", headers=good_cookie)[0] == 403  # no CSRF header
-    assert _request(app, "POST", "/api/jobs/j1/abort", headers={**good_cookie, "x-fedkit-token": "x"})[0] == 403
+    assert _request(app, "GET", "/api/session")[0] == 403
+    assert _request(app, "GET", "/api/session", headers={"x-fedkit-token": "wrong"})[0] == 403
+    assert _request(app, "GET", "/api/audit", query=f"token={TOKEN}")[0] == 403  # the query: the live feed's only
+    assert _request(app, "GET", "/api/events", query="token=wrong")[0] == 403
+    assert _request(app, "POST", "/api/jobs/j1/abort", query=f"token={TOKEN}")[0] == 403
+    # a cookie is no credential: another local web server would have received it
+    assert _request(app, "POST", "/api/jobs/j1/abort", headers={"cookie": f"fedkit_dashboard_{PORT}={TOKEN}"})[0] == 403
     assert hub.calls == []
 
 
-def test_the_token_sets_a_strict_httponly_cookie_and_leaves_the_address_bar(hub_app):
+def test_the_page_is_code_only_and_sets_no_cookie(hub_app):
     _, app = hub_app
-    status, headers, _ = _request(app, "GET", "/", query=f"token={TOKEN}")
-    assert status == 303 and headers["location"] == "/"
-    cookie = headers["set-cookie"].lower()
-    assert f"{cookie_name(PORT)}={TOKEN}".lower() in cookie and "httponly" in cookie and "samesite=strict" in cookie
-    status, headers, body = _request(app, "GET", "/", headers={"cookie": f"{cookie_name(PORT)}={TOKEN}"})
-    assert status == 200 and TOKEN.encode() in body  # the page carries the token for its POST header
+    status, headers, body = _request(app, "GET", "/", query=f"token={TOKEN}")
+    assert status == 200 and "set-cookie" not in headers
+    assert TOKEN.encode() not in body  # the page holds no secret: the token stays in the tab that was given it
     assert "frame-ancestors 'none'" in headers["content-security-policy"]
 
 
-def test_a_post_with_cookie_and_header_goes_to_the_server_which_decides(hub_app):
+def test_with_the_token_calls_go_to_the_server_which_decides(hub_app):
     hub, app = hub_app
-    auth = {"cookie": f"{cookie_name(PORT)}={TOKEN}", "x-fedkit-token": TOKEN}
+    auth = {"x-fedkit-token": TOKEN}
+    assert _request(app, "GET", "/api/session", headers=auth)[0] == 200
     status, _, body = _request(app, "POST", "/api/jobs/j1/abort", headers=auth)
     assert status == 403 and b"denied" in body
     assert hub.calls == [("abort_job", {"job_id": "j1"})]
@@ -97,7 +95,7 @@ def test_a_post_with_cookie_and_header_goes_to_the_server_which_decides(hub_app)
 
 def test_a_foreign_host_header_is_turned_away(hub_app):
     hub, app = hub_app
-    status, _, _ = _request(app, "GET", "/", query=f"token={TOKEN}", host="evil.example:5000")
+    status, _, _ = _request(app, "GET", "/api/session", headers={"x-fedkit-token": TOKEN}, host="evil.example:5000")
     assert status == 400 and hub.calls == []
 
 

@@ -3,8 +3,9 @@
 // with textContent, never as HTML.
 "use strict";
 
-const TOKEN = document.querySelector('meta[name="fedkit-token"]').content;
+const TOKEN = takeToken();
 const FINAL = new Set(["finished", "failed", "aborted"]);
+const JOB_ID = /^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$/;  // as the backend's _JOB_ID
 // Okabe-Ito: a categorical palette people with colour-vision deficiencies can tell apart
 const SERIES_COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442"];
 // viridis anchors (matplotlib), interpolated linearly: perceptually uniform and colour-blind safe
@@ -13,6 +14,26 @@ const VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89
 
 const state = { session: null, status: null, jobs: null, job: null, jobId: null, source: null, chart: null,
   chartKey: "", metric: "" };
+
+// ---- the token -------------------------------------------------------------------------------------
+
+// The URL `fl_admin.sh dashboard` printed ends in #token=...: a fragment, which no browser sends to a server.
+// It is kept in this tab's sessionStorage (this origin's, port included: no other local server can read it)
+// and taken out of the address bar, so a reload keeps working and the token is not left on screen.
+function takeToken() {
+  const match = /^#token=([A-Za-z0-9_-]+)$/.exec(location.hash);
+  if (match) {
+    sessionStorage.setItem("fedkit-token", match[1]);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem("fedkit-token") || "";
+}
+
+// Every call to the dashboard's API carries the token; without it the backend answers 403.
+function api(path, options) {
+  const init = options || {};
+  return fetch(path, { ...init, headers: { ...(init.headers || {}), "X-Fedkit-Token": TOKEN } });
+}
 
 // ---- small helpers ---------------------------------------------------------------------------------
 
@@ -71,7 +92,9 @@ function may(command) {
 function route() {
   const [tab, id] = (location.hash.slice(1) || "study").split("/");
   const page = ["study", "jobs", "job", "cross", "audit"].includes(tab) ? tab : "study";
-  if (id && id !== state.jobId) selectJob(decodeURIComponent(id));
+  // a job id as the backend takes it: with any other, the live feed would be refused, and stop for good
+  const jobId = id ? decodeURIComponent(id) : "";
+  if (jobId && jobId !== state.jobId && JOB_ID.test(jobId)) selectJob(jobId);
   for (const section of document.querySelectorAll("main > section")) {
     section.hidden = section.id !== `page-${page}`;
   }
@@ -96,8 +119,9 @@ function selectJob(jobId) {
 
 function connect() {
   if (state.source) state.source.close();
-  const url = "/api/events" + (state.jobId ? `?job=${encodeURIComponent(state.jobId)}` : "");
-  const source = new EventSource(url);
+  const query = new URLSearchParams({ token: TOKEN });  // an EventSource cannot send headers
+  if (state.jobId) query.set("job", state.jobId);
+  const source = new EventSource(`/api/events?${query}`);
   state.source = source;
   const conn = document.getElementById("conn");
   source.onopen = () => { conn.textContent = "live"; conn.className = "ok"; };
@@ -165,8 +189,7 @@ function actionButton(action, jobId) {
 async function act(action, jobId) {
   if (action === "abort" && !confirm(`Abort job ${jobId}?`)) return;
   const out = document.getElementById("action-result");
-  const response = await fetch(`/api/jobs/${encodeURIComponent(jobId)}/${action}`,
-    { method: "POST", headers: { "X-Fedkit-Token": TOKEN } });
+  const response = await api(`/api/jobs/${encodeURIComponent(jobId)}/${action}`, { method: "POST" });
   const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
   out.textContent = response.ok
     ? (action === "clone" ? `cloned ${jobId} as ${body.job_id}` : `${jobId}: ${body.state}`)
@@ -436,7 +459,7 @@ async function loadAudit() {
     "Verification: the server does not report its audit chain's verification over the admin link, so this page " +
     "cannot show it. The server's IT verifies the whole chain with `fedkit audit verify workspace/audit.jsonl` " +
     "on the server machine.";
-  const response = await fetch(`/api/audit?n=${AUDIT_FETCH}`);
+  const response = await api(`/api/audit?n=${AUDIT_FETCH}`);
   const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
   const table = document.getElementById("audit-table");
   if (!response.ok) { showError("audit-error", `show_audit: ${body.error}`); table.hidden = true; return; }
@@ -467,7 +490,13 @@ async function loadAudit() {
 // ---- start -----------------------------------------------------------------------------------------
 
 async function start() {
-  const response = await fetch("/api/session");
+  const response = await api("/api/session");
+  if (!response.ok) {  // no token in this tab: opened without the printed URL, or a new start's token
+    const conn = document.getElementById("conn");
+    conn.textContent = "open the URL that `fl_admin.sh dashboard` printed (it carries this start's token)";
+    conn.className = "bad";
+    return;
+  }
   state.session = await response.json();
   const s = state.session;
   document.getElementById("project").textContent = s.project || "";
