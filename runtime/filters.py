@@ -17,6 +17,7 @@ privacy step (runtime.client.outgoing) sends them blank under any chain that cha
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -67,8 +68,9 @@ def gaussian_dp(clip_norm: float = 1.0, noise_multiplier: float = 1.0, delta: fl
     site cannot check it, so its privacy policy may insist on a minimum."""
     clip_norm, noise_multiplier = _number("clip_norm", clip_norm), _number("noise_multiplier", noise_multiplier)
     delta, sampling_rate = _number("delta", delta), _number("sampling_rate", sampling_rate)
-    if not (clip_norm > 0 and 0 <= noise_multiplier < float("inf")):
-        raise ConfigError("gaussian_dp filter: clip_norm must be > 0 and noise_multiplier a number >= 0")
+    if not (0 < clip_norm < math.inf and 0 <= noise_multiplier < math.inf):  # inf clipping: noise of scale NaN
+        raise ConfigError("gaussian_dp filter: clip_norm must be a finite number > 0 and noise_multiplier a finite "
+                          "number >= 0")
     if not (0 < delta < 1 and 0 < sampling_rate <= 1):
         raise ConfigError(f"gaussian_dp filter: delta must be in (0, 1) and sampling_rate in (0, 1], got "
                           f"delta={delta}, sampling_rate={sampling_rate}")
@@ -97,8 +99,9 @@ def svt(fraction: float = 0.1, epsilon: float = 1.0, clip: float = 0.01) -> Filt
     """Sparse vector technique, simplified: clip each entry to [-clip, clip], score it by its magnitude
     plus Laplace noise, release at most `fraction` of the entries (the best noisy scores above a noisy
     threshold) with Laplace noise added, and zero the rest."""
-    if not 0 < fraction <= 1 or epsilon <= 0 or clip <= 0:
-        raise ConfigError("svt filter: need 0 < fraction <= 1, epsilon > 0, clip > 0")
+    # written so that NaN fails too: with epsilon NaN every entry was withheld and the job trained nothing
+    if not (0 < fraction <= 1 and 0 < epsilon < math.inf and 0 < clip < math.inf):
+        raise ConfigError("svt filter: need 0 < fraction <= 1, and epsilon and clip finite numbers > 0")
 
     def apply(delta: Weights, rng: np.random.Generator) -> Weights:
         out = {}

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -33,8 +34,10 @@ class _Weighted(_Strict):
         if isinstance(v, dict):
             if not v:
                 raise ValueError("site weights must name at least one site")
-            if any(not w >= 0 for w in v.values()):
-                raise ValueError("site weights must be >= 0")
+            if any(not 0 <= w < math.inf for w in v.values()):  # NaN fails too
+                raise ValueError("site weights must be finite numbers >= 0")
+            if not any(w > 0 for w in v.values()):  # the job would run every round and never move the model
+                raise ValueError("site weights are all 0: at least one site needs a weight > 0")
         return v
 
 

@@ -136,9 +136,16 @@ def test_build_filters_rejects_an_unknown_name() -> None:
         ("svt", {"fraction": 2}),
         ("exclude_vars", {}),
         ("exclude_vars", {"pattern": "(unclosed"}),
+        # not finite: svt withheld every entry (the job trained nothing); inf clipping made NaN noise
+        ("svt", {"epsilon": float("nan")}),
+        ("svt", {"clip": float("nan")}),
+        ("svt", {"clip": float("inf")}),
+        ("gaussian_dp", {"clip_norm": float("inf"), "noise_multiplier": 0}),
+        ("gaussian_dp", {"clip_norm": float("nan")}),
     ],
     ids=["unknown-arg", "fraction-0", "fraction-big", "fraction-text", "clip-0", "noise-neg", "eps-0",
-         "svt-fraction", "pattern-missing", "pattern-bad-regex"],
+         "svt-fraction", "pattern-missing", "pattern-bad-regex", "svt-eps-nan", "svt-clip-nan", "svt-clip-inf",
+         "dp-clip-inf", "dp-clip-nan"],
 )
 def test_build_filters_rejects_bad_arguments(name: str, args: dict) -> None:
     with pytest.raises(ConfigError, match=name):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
 from runtime.aggregators import (
     FedAvgAggregator,
@@ -90,6 +90,17 @@ def test_weighting_by_samples_uniform_and_map() -> None:
     assert update_weight("n_samples", "a", 17) == 17.0
     assert update_weight("uniform", "a", 17) == 1.0
     assert update_weight({"a": 2.5, "b": 0.0}, "a", 17) == 2.5
+
+
+@pytest.mark.parametrize(("weights", "why"), [
+    ({"a": 0.0, "b": 0.0}, "all 0: at least one site needs a weight > 0"),  # ran every round, never moved
+    ({"a": float("inf"), "b": 1.0}, "finite numbers >= 0"),  # passed, then refused a's update every round
+    ({"a": float("nan")}, "finite numbers >= 0"),
+    ({"a": -1.0}, "finite numbers >= 0"),
+])
+def test_site_weights_that_could_never_train_are_refused_in_the_config(weights: dict, why: str) -> None:
+    with pytest.raises(ValidationError, match=why):
+        _parse({"name": "fedavg", "weighting": weights})
 
 
 def _job(tmp_path: Path, name: str, source: str) -> Path:
