@@ -47,11 +47,12 @@ from provision.demo_data import DemoData, write_demo_data, write_label_skewed_da
 from runtime.job_spec import CLIENT_CONFIG, META, SERVER_CONFIG, JobSpec, load_job_spec  # noqa: E402
 from runtime.learner import SiteContext  # noqa: E402
 from runtime.simulate import simulate  # noqa: E402
-from runtime.weights import Weights  # noqa: E402
+from runtime.weights import Weights, to_bytes  # noqa: E402
 
 TEMPLATE = REPO / "templates" / "jobs" / "tabular_classifier"
 SITES = ["site-1", "site-2", "site-3"]
 DELTA = 1e-5
+INITIAL_MODEL = "initial.safetensors"  # what a DP study here ships as its round-0 model (run_study)
 
 # (row label, overrides of config_fed_server.yml); the server settings are the guide's suggestions, untuned
 AGGREGATORS: list[tuple[str, list[str]]] = [
@@ -104,13 +105,19 @@ def job_spec(rounds: int, seed: int, overrides: list[str]) -> JobSpec:
 
 def run_study(module: ModuleType, spec: JobSpec, data: DemoData, work: Path, seed: int,
               apply_filters: bool = False) -> Score:
-    """One simulated study from fresh learners; the final global model scored as the module docstring says."""
+    """One simulated study from fresh learners; the final global model scored as the module docstring says.
+    With filters, the job ships its round-0 model (`initial_model`, the one a site's learner would build), as
+    docs/workflows.md advises for a DP job: no site then releases a whole model through the filters."""
     learners = {}
     for site, folder in data.site_dirs.items():
         context = SiteContext(site=site, job_id="bench", data_root=folder, work_dir=work / "sites" / site)
         context.work_dir.mkdir(parents=True, exist_ok=True)
         learners[site] = module.TabularLearner(context, **spec.client.learner.args)
-    result = asyncio.run(simulate(spec, learners, work / "server", apply_filters=apply_filters,
+    files = {}
+    if apply_filters:
+        files = {INITIAL_MODEL: to_bytes(next(iter(learners.values())).initial_weights())}
+        spec = spec.model_copy(update={"server": spec.server.model_copy(update={"initial_model": INITIAL_MODEL})})
+    result = asyncio.run(simulate(spec, learners, work / "server", job_files=files, apply_filters=apply_filters,
                                    filter_seed=seed))
     held = heldout_score(module, result.global_model, learners, data.heldout_csv)
     final = result.record.final_metrics

@@ -1,8 +1,11 @@
 """A study simulated in one process: the real server controller, workflows and aggregators, with each
 site's learner run in-process on its own data through the training worker's own command handler.
 
-What is left out is everything between the two: no TLS, kits, sandbox, site privacy policy or network (the
-job's own filters run on each train delta with `apply_filters=True`). It is
+What is left out is everything between the two: no TLS, kits, sandbox, site privacy policy or network. With
+`apply_filters=True` the job's own filters run as a site without a privacy policy runs them
+(runtime.client.outgoing): on every train delta, on the round-0 model a site builds, on the local models it
+submits for cross-site validation, with each release counted in a DP ledger per site and its report (epsilon
+included) in the job's metrics. It is
 for trying an algorithm on local data splits before a real study, for the workflow and controller tests
 (no gRPC), and for the guide's measured tables (bench/workflows.py). It is not a security boundary: the
 job's learner runs in this process.
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import io
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -33,10 +37,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .audit import AuditLog
+from .client import outgoing
+from .client.dp_ledger import DpLedger
+from .client.privacy_policy import EffectiveChain, PrivacyPolicy
 from .client.worker import SiteState, handle
 from .errors import FedkitError
-from .filters import Filter, build_filters
-from .filters import apply_filters as run_filters
 from .identity import Identity, Kind
 from .job_spec import JobSpec, spec_to_json
 from .learner import Learner
@@ -92,14 +97,15 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner] | SitePool, folde
     this many results were accepted (a crash mid-round), leaving the job resumable. `site_states`: the
     sites' worker state, kept by the caller across an interruption (as a site's worker outlives a server
     restart; in-process learners only, a pool keeps its own). `apply_filters`: run the job's client filters
-    (config_fed_client.yml `filters:`) on each train delta before the server gets it, with a NumPy generator
-    seeded by `filter_seed` and the site's name. These are the job's filters only; a real site's privacy
-    floor (its privacy policy) may add more, and a real site also filters the models it submits for
-    cross-site validation, which this does not.
+    (config_fed_client.yml `filters:`) on everything a site sends, as a real site does (runtime.client.outgoing:
+    train deltas, the round-0 model, models submitted for cross-site validation), with a NumPy generator seeded
+    by `filter_seed` and the site's name, DP releases counted per site (under `folder`/dp/). These are the
+    job's filters only; a real site's privacy floor (its privacy policy) may add more.
 
     Results are folded in arrival order, as on a real server: with several sites training at once the
     order varies between runs, so the global model is reproducible to float tolerance, not bit for bit."""
-    filters = build_filters(spec.client.filters) if apply_filters else []  # a bad filter fails here, once
+    # a bad filter fails here, once; a site without a privacy policy applies the job's filters as they are
+    chain = PrivacyPolicy().chain_for(JOB_ID, spec.client.filters) if apply_filters else None
     store = JobStore(folder)
     record = _job_record(store, spec, job_files or {})
     record.started_at = record.started_at or time.time()  # as the server's runner records it
@@ -115,13 +121,17 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner] | SitePool, folde
 
     async def serve(site: str) -> None:
         rng = np.random.default_rng([filter_seed, zlib.crc32(site.encode())])
+        dp_dir = folder / "dp" / site  # kept across a resume, as a site's ledger is
+        ledger = DpLedger(dp_dir, JOB_ID, dp_dir / "all_jobs.json")
+        if chain is not None:
+            dp_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f"fedkit-sim-{site}-") as tmp:
             while True:
                 task = await board.next_for(site, POLL_S)
                 if task is None or task.name == TaskKind.PREPARE:  # in-process learners need no start
                     continue
                 board.claim(task.task_id, site)
-                running = asyncio.ensure_future(_run_task(pool, site, task, Path(tmp), filters, rng))
+                running = asyncio.ensure_future(_run_task(pool, site, task, Path(tmp), chain, rng, ledger))
                 try:
                     n_samples, metrics, error, payload = await asyncio.shield(running)
                 except asyncio.CancelledError:
@@ -213,9 +223,10 @@ def task_command(task: Task, tmp: Path) -> dict[str, Any]:
             **train_fields(config.algorithm, config.key_metric, config.keep_best_local)}
 
 
-async def _run_task(pool: SitePool, site: str, task: Task, tmp: Path, filters: list[Filter],
-                    rng: np.random.Generator) -> tuple[int, dict[str, Any], str, bytearray | None]:
-    """One task on one site, as the site daemon and its worker do it (`filters` on train deltas only)."""
+async def _run_task(pool: SitePool, site: str, task: Task, tmp: Path, chain: EffectiveChain | None,
+                    rng: np.random.Generator, ledger: DpLedger) -> tuple[int, dict[str, Any], str, bytearray | None]:
+    """One task on one site, as the site daemon and its worker do it (`chain`: the job's filters, on every
+    upload, or None)."""
     kind = TaskKind(task.name)
     command = await asyncio.to_thread(task_command, task, tmp)
     try:
@@ -227,23 +238,41 @@ async def _run_task(pool: SitePool, site: str, task: Task, tmp: Path, filters: l
     metrics = {k: reply[k] for k in ("validation", "local", "local_validation", "scalars") if reply.get(k)}
     if "metrics" in reply and kind is TaskKind.TRAIN:
         metrics["train"] = reply["metrics"]
+    if kind is TaskKind.TRAIN and Path(command["weights"]).exists():  # the reference a submitted model is
+        await asyncio.to_thread(shutil.copyfile, command["weights"], tmp / LAST_GLOBAL)  # filtered against
     wire_dtype = TaskConfig.model_validate(task.config).wire_dtype
-    payload, wire = await asyncio.to_thread(_result_payload, kind, Path(command["out"]), filters, rng, wire_dtype)
+    try:
+        payload, wire, privacy = await asyncio.to_thread(_result_payload, kind, Path(command["out"]), tmp, chain,
+                                                         rng, ledger, wire_dtype)
+    except FedkitError as e:  # weights the privacy step cannot read, a spent budget: this task fails
+        return 0, {}, str(e), None
     if wire:
         metrics["wire"] = wire
+    if privacy is not None:
+        metrics["privacy"] = privacy
     return int(reply.get("n_samples", 0)), metrics, "", payload
 
 
-def _result_payload(kind: TaskKind, out: Path, filters: list[Filter], rng: np.random.Generator,
-                    wire_dtype: str = "float32") -> tuple[bytearray | None, dict[str, float]]:
-    """What a site sends back: its job's filters on a train delta, then the wire codec; and the codec's error."""
-    payload = bytearray(out.read_bytes()) if RESULT_WEIGHTS[kind] and out.exists() else None
-    if payload is not None and filters and kind is TaskKind.TRAIN:
-        payload = bytearray(to_bytes(run_filters(load_file(out), filters, rng)))
-    if payload is None or wire_dtype == "float32":
-        return payload, {}
+LAST_GLOBAL = "last_global.safetensors"
+
+
+def _result_payload(kind: TaskKind, out: Path, tmp: Path, chain: EffectiveChain | None, rng: np.random.Generator,
+                    ledger: DpLedger, wire_dtype: str = "float32"
+                    ) -> tuple[bytearray | None, dict[str, float], dict[str, Any] | None]:
+    """What a site sends back: the weights through the job's filters (as runtime.client.outgoing prepares
+    them on a site), then the wire codec; the codec's error, and the privacy report."""
+    if not (RESULT_WEIGHTS[kind] and out.exists()):
+        return None, {}, None
+    privacy = None
+    if chain is not None:
+        sent = out.with_name("sent.safetensors")
+        report = outgoing.prepare(kind, out, sent, chain, rng, tmp / LAST_GLOBAL, ledger=ledger)
+        privacy, out = report.model_dump(mode="json", exclude_none=True), sent
+    payload = bytearray(out.read_bytes())
+    if wire_dtype == "float32":
+        return payload, {}, privacy
     encoded, error = encode(from_bytes(payload), wire_dtype)
-    return bytearray(to_bytes(encoded)), error.as_metrics()
+    return bytearray(to_bytes(encoded)), error.as_metrics(), privacy
 
 
 __all__ = ["InProcessSites", "SimulationResult", "SitePool", "SiteTaskFailed", "simulate"]

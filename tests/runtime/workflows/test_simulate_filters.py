@@ -36,14 +36,18 @@ def _weighted(deltas: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def test_exclude_vars_keeps_a_tensor_out_of_what_the_server_folds(tmp_path: Path) -> None:
     spec = _spec("[{name: exclude_vars, args: {pattern: '^b$'}}]")
     filtered = asyncio.run(simulate(spec, learners(tmp_path / "s1", SIZES), tmp_path / "filtered", apply_filters=True))
-    # by hand: the bias never leaves a site, so the global bias stays at round 0's and each round trains
-    # from it; the weights are FedAvg of the sites' w deltas
-    model = {"w": np.zeros(3, np.float32), "b": np.zeros(1, np.float32)}
+    # by hand: the bias never leaves a site, in any task (not in the round-0 model either, as on a real
+    # site), so each site keeps training its own; the weights are FedAvg of the sites' w deltas
+    w = np.zeros(3, np.float32)
+    local_b = [np.zeros(1, np.float32) for _ in SIZES]
     for _ in range(2):
-        deltas = [{"w": gd_step(model, x, y, 0.1)["w"] - model["w"]} for x, y in _data()]
-        model = {"w": model["w"] + _weighted(deltas)["w"], "b": model["b"]}
-    np.testing.assert_allclose(filtered.global_model["w"], model["w"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(filtered.global_model.get("b", np.zeros(1, np.float32)), [0.0])
+        steps = [gd_step({"w": w, "b": b}, x, y, 0.1) for b, (x, y) in zip(local_b, _data(), strict=True)]
+        local_b = [step["b"] for step in steps]
+        w = w + _weighted([{"w": step["w"] - w} for step in steps])["w"]
+    np.testing.assert_allclose(filtered.global_model["w"], w, rtol=1e-5, atol=1e-6)
+    assert "b" not in filtered.global_model  # it never left a site
+    [round_0] = [e for e in filtered.metrics if e["type"] == "shared"]  # the model one site built
+    assert [r["excluded"] for r in round_0["privacy"].values()] == [["b"]]  # as that site reports it
 
     plain = asyncio.run(simulate(spec, learners(tmp_path / "s2", SIZES), tmp_path / "plain"))
     assert abs(float(plain.global_model["b"][0])) > 1e-3  # the option is what kept it out
@@ -68,3 +72,20 @@ def test_an_unknown_filter_fails_before_any_round_with_one_line(tmp_path: Path) 
     spec = _spec("[{name: blur, args: {}}]")
     with pytest.raises(ConfigError, match="unknown filter 'blur'"):
         asyncio.run(simulate(spec, learners(tmp_path / "s", SIZES), tmp_path / "server", apply_filters=True))
+
+
+def test_gaussian_dp_runs_on_every_release_as_on_a_site_and_reports_its_epsilon(tmp_path: Path) -> None:
+    # the simulator used to noise train deltas only: the round-0 model left clean and no epsilon was
+    # reported, so a simulated DP study looked far better than the same study on real sites
+    spec = _spec("[{name: gaussian_dp, args: {clip_norm: 1.0, noise_multiplier: 1.0}}]", rounds=2)
+    result = asyncio.run(simulate(spec, learners(tmp_path / "s", SIZES), tmp_path / "server", apply_filters=True))
+    [round_0] = [e for e in result.metrics if e["type"] == "shared"]
+    [(builder, report)] = round_0["privacy"].items()
+    assert report["applied_to"] == "whole_model" and report["dp"]["releases"] == 1
+    rounds = [e for e in result.metrics if e["type"] == "round"]
+    assert [sorted(e["privacy"]) for e in rounds] == [sorted(SIZES)] * 2
+    for site in SIZES:
+        releases = [e["privacy"][site]["dp"]["releases"] for e in rounds]
+        epsilons = [e["privacy"][site]["dp"]["epsilon_total"] for e in rounds]
+        assert releases == ([2, 3] if site == builder else [1, 2])  # the site that built round 0 spent one more
+        assert 0 < epsilons[0] < epsilons[1]
