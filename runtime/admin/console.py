@@ -261,8 +261,10 @@ class AdminConsole:
                 elif entry["type"] == "round_failed":  # the round that ended the job: who answered, who not
                     label = str(entry["round"]) if entry["task"] == TaskKind.TRAIN else \
                         f"{entry['round']} ({entry['task']})"
-                    for site in entry["sites"]:
-                        table.add_row(label, site, "-", "answered; the round failed for want of others", "")
+                    for site in entry["sites"]:  # (n_samples and train: absent from entries of older servers)
+                        table.add_row(label, site, str(entry.get("n_samples", {}).get(site, "-")),
+                                      _fmt_metrics(entry.get("train", {}).get(site) or {})
+                                      + " (answered; the round failed for want of others)", "")
                     for site, reason in entry["failed"].items():
                         table.add_row(label, site, "-", clean_remote(f"FAILED: {reason}"), "")
                 elif entry["type"] == "validation":

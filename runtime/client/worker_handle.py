@@ -150,8 +150,9 @@ class WorkerHandle:
         assert self._proc.stdout is not None
         try:
             line = await asyncio.wait_for(self._proc.stdout.readline(), timeout_s)
-        except TimeoutError:
-            await self.stop()
+        except TimeoutError:  # it is stuck in job code and reads no stop request: a grace period only waits
+            self.kill()
+            await self._proc.wait()
             raise WorkerTimedOut(f"training worker gave no answer within {timeout_s:g} s") from None
         except ValueError:  # the line outgrew the stream's limit; what follows is out of step, so stop
             self.kill()

@@ -324,6 +324,8 @@ class JobController:
             await asyncio.to_thread(self._store.append_metrics, self.record.job_id, {
                 "type": "round_failed", "task": plan.kind.value, "step": outcome.step, "round": plan.round,
                 "time": time.time(), "sites": sorted(outcome.results),
+                "n_samples": {s: r.n_samples for s, r in outcome.results.items()},
+                "train": {s: r.train_metrics for s, r in outcome.results.items()},
                 "failed": {s: outcome.failures.get(s, "no answer") for s in missing}})
             raise RoundFailed(f"{_what(plan)}: {len(outcome.results)} of min {need} sites answered "
                               f"in {waited:.0f} s (round_timeout_s {cfg.round_timeout_s:g}; {reasons})")

@@ -113,8 +113,8 @@ def test_a_call_cut_off_mid_stream_is_not_blamed_on_the_certificate() -> None:
 def test_show_job_lists_each_sites_part_in_the_round_that_failed_the_job() -> None:
     failed = {**RECORD, "state": "failed", "error": "train round 3: 1 of min 2 sites answered"}
     printed = printed_by("show_job j1", {"show_job": {"record": failed, "queue_position": None, "metrics": [
-        {"type": "round_failed", "task": "train", "round": 3, "sites": ["site-1"],
-         "failed": {"site-2": "round deadline passed"}}]}})
+        {"type": "round_failed", "task": "train", "round": 3, "sites": ["site-1"], "n_samples": {"site-1": 100},
+         "train": {"site-1": {"loss": 0.25}}, "failed": {"site-2": "round deadline passed"}}]}})
     rows = [" ".join(line.replace("│", " ").split()) for line in printed.splitlines()]
-    assert "3 site-1 - answered; the round failed for want of others" in rows
+    assert "3 site-1 100 loss=0.2500 (answered; the round failed for want of others)" in rows
     assert "3 site-2 - FAILED: round deadline passed" in rows

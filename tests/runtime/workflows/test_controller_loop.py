@@ -82,6 +82,7 @@ def test_too_few_answers_fail_the_round_with_each_sites_reason(tmp_path: Path) -
     entries = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     [failed] = [e for e in entries if e["type"] == "round_failed"]
     assert (failed["task"], failed["round"], failed["sites"]) == ("train", 1, ["site-a"])
+    assert failed["n_samples"] == {"site-a": 10} and set(failed["train"]["site-a"]) == {"mse"}
     assert list(failed["failed"]) == ["site-b"] and "update rejected" in failed["failed"]["site-b"]
 
 
