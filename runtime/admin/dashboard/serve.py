@@ -8,6 +8,7 @@ line is readable by every user of the machine (/proc/PID/cmdline)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import secrets
 import socket
@@ -74,22 +75,29 @@ async def serve(kit: Path, port: int = 0, open_browser: bool = False) -> int:
               flush=True)
         print("keep this URL to yourself (it lets its holder act as you); Ctrl-C stops the dashboard",
               file=sys.stderr, flush=True)
-        with tempfile.TemporaryDirectory(prefix="fedkit-dashboard-") as private:  # 0700: this user's only
+        if open_browser:
+            opener = _redirect_file(url)
+            webbrowser.open(opener.as_uri())
+            asyncio.get_running_loop().call_later(OPENER_KEEP_S, _remove, opener)
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            await hub.close()
+            sock.close()
             if open_browser:
-                opener = _redirect_file(Path(private), url)
-                webbrowser.open(opener.as_uri())
-                asyncio.get_running_loop().call_later(OPENER_KEEP_S, opener.unlink, True)
-            try:
-                await server.serve(sockets=[sock])
-            finally:
-                await hub.close()
-                sock.close()
+                _remove(opener)
     return 0
 
 
-def _redirect_file(folder: Path, url: str) -> Path:
-    """A page (0600) that sends the browser on to `url`, so the token is on no command line."""
-    path = folder / "open.html"
+def _remove(opener: Path) -> None:
+    opener.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        opener.parent.rmdir()
+
+
+def _redirect_file(url: str) -> Path:
+    """A page (0600, in a 0700 folder) that sends the browser on to `url`, so the token is on no command line."""
+    path = Path(tempfile.mkdtemp(prefix="fedkit-dashboard-")) / "open.html"
     target = html.escape(url, quote=True)
     path.write_text(f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0; url={target}">'
                     f'<title>fedkit dashboard</title><a href="{target}">open the fedkit dashboard</a>\n')

@@ -111,3 +111,21 @@ def test_a_taken_port_is_refused_in_one_line():
 def test_a_port_out_of_range_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="--port 99999: a port is 0 to 65535"):
         bind(99999)
+
+
+def test_open_hands_the_browser_a_private_file_not_the_token():
+    # a browser's command line is readable by every local user (/proc/PID/cmdline): --open gives it this file
+    import stat
+    from pathlib import Path
+
+    from runtime.admin.dashboard.serve import _redirect_file, _remove
+
+    url = f"http://127.0.0.1:{PORT}/#token={TOKEN}"
+    opener = _redirect_file(url)
+    try:
+        assert TOKEN not in opener.as_uri()
+        assert stat.S_IMODE(opener.stat().st_mode) == 0o600 and stat.S_IMODE(opener.parent.stat().st_mode) == 0o700
+        assert f'content="0; url={url}"' in opener.read_text()
+    finally:
+        _remove(opener)
+    assert not Path(opener).parent.exists()
