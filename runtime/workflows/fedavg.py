@@ -32,6 +32,10 @@ MODEL_GROUP = "model"
 AGGREGATOR_PREFIX = "aggregator/"
 
 
+class KeyMetricMissing(FedkitError):
+    """No site reports the job's key metric: the job could never keep a best model."""
+
+
 class NoUsableUpdate(FedkitError):
     """A training round ended without one update the server could use."""
 
@@ -145,6 +149,7 @@ class FedAvgWorkflow:
             return
         overall = weighted_metrics(by_site)
         key, results = self._cfg.key_metric, self._ctx.results
+        _check_key_metric_reported(key.name, by_site, outcome)
         score = overall.get(key.name)
         is_best = False
         if score is not None and model_round > 0:
@@ -157,6 +162,20 @@ class FedAvgWorkflow:
         self._ctx.append_metrics({"type": "validation", "workflow": self.name, "step": outcome.step,
                                   "model_round": model_round, "sites": by_site, "global": overall,
                                   "is_best": is_best})
+
+
+def _check_key_metric_reported(name: str, by_site: dict[str, dict[str, float]], outcome: RoundOutcome) -> None:
+    """Raise KeyMetricMissing when no site's validation names the key metric, though some site could have
+    sent it (a site's `reports:` policy may withhold it; that site then only does not count): the job
+    would run to its end without ever keeping a best model, and say nothing."""
+    if any(name in metrics for metrics in by_site.values()):
+        return
+    free = [s for s in by_site if not outcome.site_reports.get(s, {}).get("key_metric_withheld")]
+    if free:
+        reported = sorted({k for s in free for k in by_site[s]} - {"n_samples"})
+        raise KeyMetricMissing(f"key_metric '{name}' is not among the metrics the sites' validate() returns "
+                               f"({', '.join(reported) or 'none'}): set key_metric in config_fed_server.yml to "
+                               "one of them (`fedkit job check JOB --data DIR` checks it before a submit)")
 
 
 def _keep_as_best(models: Path) -> None:

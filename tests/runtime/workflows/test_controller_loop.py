@@ -120,3 +120,14 @@ def test_evaluate_scores_each_given_model_on_every_site(tmp_path: Path) -> None:
         assert report["matrix"]["m1.safetensors"][site]["mse"] == pytest.approx(mse(model, x, y), rel=1e-6)
         assert report["matrix"]["zero.safetensors"][site]["mse"] == pytest.approx(mse(ZERO, x, y), rel=1e-6)
     assert not (result.folder / "models" / "global.safetensors").exists()  # nothing was trained
+
+
+def test_a_key_metric_no_site_reports_fails_the_job_with_the_names_they_do(tmp_path: Path) -> None:
+    # it ran to "finished" with no best model and no word (found by a QA pass); `job check --data` refused it
+    from runtime.workflows.fedavg import KeyMetricMissing
+
+    spec = load_job_spec({"meta.yml": "name: sim\nmin_clients: 2", "config_fed_client.yml": "learner: {path: a:B}",
+                          "config_fed_server.yml": "rounds: 3\nkey_metric: {name: f1}"})
+    with pytest.raises(KeyMetricMissing, match=r"key_metric 'f1' is not among the metrics the sites' validate\(\) "
+                                               r"returns \(mse\): set key_metric in config_fed_server.yml"):
+        _run(spec, learners(tmp_path / "sites", {"site-a": 10, "site-b": 20}), tmp_path / "server")
