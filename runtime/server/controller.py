@@ -417,9 +417,9 @@ class JobController:
             owed = [s for s in waiting if s in alive_waiting or now - silent_since[s] < rejoin_wait_s]
             timed_out = now >= deadline
             if not waiting or (not owed and len(outcome.results) >= need) or timed_out:
-                why = "round deadline passed" if timed_out and alive_waiting else "site went silent (missed heartbeats)"
                 for site in waiting:
-                    outcome.failures.setdefault(site, why)
+                    outcome.failures.setdefault(site, "round deadline passed" if site in alive_waiting
+                                                else f"site gone: {self._registry.why_gone(site)}")
                     await asyncio.to_thread(self._audit.append, "site_timed_out", job_id=self.record.job_id,
                                             site=site, round=outcome.plan.round)
                 return

@@ -110,6 +110,18 @@ class Registry:
             return "reconnecting"
         return f"round {session.round} of job {session.job_id}" if session.job_id else "idle"
 
+    def why_gone(self, site: str) -> str:
+        """Why a site that is not alive counts as gone, for a person: its connection dropped and it did not
+        come back, it fell silent, or it was revoked."""
+        session = self._sites.get(site)
+        if session is None:
+            return "never registered"
+        if session.is_revoked:
+            return "its certificate was revoked"
+        if session.disconnected_at is not None:
+            return f"its connection dropped and it did not reconnect within {self._grace_s:g} s"
+        return f"it went silent (no heartbeat for {self._clock() - session.last_seen:.0f} s)"
+
     def is_suspect(self, site: str) -> bool:
         """Its connection dropped and it has not come back yet (it may still, within the grace)."""
         session = self._sites.get(site)

@@ -215,3 +215,19 @@ def test_state_says_idle_busy_reconnecting_dead_or_revoked() -> None:
 
     assert states == ["idle", "round 3 of job job-7", "reconnecting", "dead", "revoked"]
     assert reg.is_alive("site-1") is False
+
+
+def test_a_gone_site_says_why_it_counts_as_gone() -> None:
+    # a killed site's round failure read "site went silent (missed heartbeats)" though the server had seen
+    # its connection drop
+    clock = FakeClock()
+    reg = _with_grace(clock)
+    for name in ("crashed", "silent", "revoked"):
+        reg.register(_site(name))
+    reg.disconnected("crashed", reg.connected("crashed"))
+    reg.mark_revoked("revoked")
+    clock.now += TIMEOUT_S + 1
+    assert reg.why_gone("crashed") == f"its connection dropped and it did not reconnect within {GRACE_S:g} s"
+    assert reg.why_gone("silent") == f"it went silent (no heartbeat for {TIMEOUT_S + 1:.0f} s)"
+    assert reg.why_gone("revoked") == "its certificate was revoked"
+    assert reg.why_gone("site-9") == "never registered"
