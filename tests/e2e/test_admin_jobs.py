@@ -50,7 +50,8 @@ def test_queue_runs_in_order_survives_server_stop_and_crash_and_runs_compare(mak
     assert study.admin_json(f"wait_job {third} 180", admin=SUBMITTER)["state"] == "finished"
     done = _jobs(study)
     runs = [done[j] for j in (first, second, third)]
-    assert all(r["state"] == "finished" and r["rounds_done"] == 1 and r["final_metrics"] for r in runs)
+    assert all(r["state"] == "finished" and r["rounds_done"] == 1 and r["final_metrics"] for r in runs), \
+        [(r["state"], r["rounds_done"], r["final_metrics"], r["error"]) for r in runs]
     for before, after in itertools.pairwise(runs):  # one at a time, in submission order
         assert before["started_at"] < before["finished_at"] <= after["started_at"] < after["finished_at"]
 
