@@ -491,10 +491,10 @@ class ClientDaemon:
                 log_path=self._ws / f"worker_{job_id}.log", nproc=nproc, limits=limits,
                 max_result_bytes=MAX_TASK_BYTES, threads=worker_threads, ready_timeout_s=ready_timeout_s)
         except WorkerTimedOut as e:
-            if ready_timeout_s < WORKER_START_TIMEOUT_S:
-                raise WorkerTimedOut(f"{e} while starting (importing the job's code, building its learner): "
-                                     "this site's cap (local/site.yml sandbox.max_task_s)") from None
-            raise WorkerTimedOut(f"{e} while starting (importing the job's code, building its learner)") from None
+            capped = (": this site's cap (local/site.yml sandbox.max_task_s)"
+                      if ready_timeout_s < WORKER_START_TIMEOUT_S else "")
+            raise WorkerTimedOut(f"{e} while starting (importing the job's code, building its learner){capped}") \
+                from None
         self._audit.append("worker_started", job_id=job_id, backend=sandbox.name, threads=worker_threads,
                            limits=await asyncio.to_thread(sandbox.describe_limits, limits))
         self._watch_disk(job_id, folders, worker)
