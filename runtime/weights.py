@@ -230,10 +230,10 @@ def load_file(path: Path) -> Weights:
 
 def map_file(path: Path) -> Weights:
     """A safetensors file as writable arrays over a private (copy-on-write) map of it: the pages are the
-    page cache's, mapped in one go, and a page is copied only when written. `load_file` zeroes a buffer the
-    size of the file and copies the file into it. For a file nobody truncates while it is mapped (a read
-    past a truncated end kills the process with SIGBUS): a training worker's received model, which only
-    its site daemon writes, by rename."""
+    page cache's, and a page is copied only when written, so a learner that only reads the model holds no
+    copy of it. `load_file` zeroes a buffer the size of the file and copies the file into it. For a file
+    nobody truncates while it is mapped (a read past a truncated end kills the process with SIGBUS): a
+    training worker's received model, which only its site daemon writes, by rename."""
     return _file_weights(path, _map_private)
 
 
@@ -260,7 +260,9 @@ def _map_private(f: BinaryIO) -> bytearray | mmap.mmap:
     size = os.fstat(f.fileno()).st_size
     if not size:  # an empty file cannot be mapped; view_bytes says what is wrong with it
         return bytearray()
-    return mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
+    # no MAP_POPULATE: on a writable private map it copies every page up front (40 MB: 25 ms, against 3 ms
+    # to read the map lazily here), which is the copy this map exists to avoid
+    return mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,
                      prot=mmap.PROT_READ | mmap.PROT_WRITE)  # the map outlives the descriptor
 
 

@@ -108,6 +108,32 @@ def test_a_mapped_file_reads_as_loaded_and_writes_stay_in_the_process(tmp_path: 
     _assert_same(map_file(path), _mixed())
 
 
+def _private_copy_bytes(path: Path) -> int:
+    """Bytes of this process's private copies of `path`'s pages: the Anonymous lines of its maps in smaps."""
+    total, in_file = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split(maxsplit=1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header: "start-end perms offset dev inode path"
+            in_file = line.rstrip().endswith(str(path))
+        elif in_file and first == "Anonymous:":
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_a_mapped_model_costs_the_worker_no_copy_until_it_writes(tmp_path: Path) -> None:
+    """A learner that only reads the received model (most do: they load it into their own network) holds
+    no private copy of it; a write copies only the pages written. The training worker's memory and its
+    sandbox's memory cap then count the model once, not twice."""
+    path = tmp_path / "model.safetensors"
+    save_file({"a": np.ones(4 << 20, np.float32), "b": np.ones(4 << 20, np.float32)}, path)  # 2 x 16 MiB
+    mapped = map_file(path)
+    assert float(mapped["a"].sum()) == 4 << 20 and float(mapped["b"].sum()) == 4 << 20
+    assert _private_copy_bytes(path) < 1 << 20
+    mapped["a"] += 1.0
+    assert 16 << 20 <= _private_copy_bytes(path) < 17 << 20  # tensor a's pages, not b's
+    assert float(mapped["b"].sum()) == 4 << 20
+
+
 @pytest.mark.parametrize("content", [b"", b"garbage"])
 def test_map_file_on_garbage_names_the_file(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "model.safetensors"
