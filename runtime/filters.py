@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, UpdateRejected
 from .weights import Weights, is_float_dtype, wide_dtype
 
 Filter = Callable[[Weights, np.random.Generator], Weights]
@@ -78,6 +78,9 @@ def gaussian_dp(clip_norm: float = 1.0, noise_multiplier: float = 1.0, delta: fl
     def apply(delta: Weights, rng: np.random.Generator) -> Weights:
         floats = [v for v in delta.values() if is_float_dtype(v.dtype)]
         norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in floats)))
+        if not math.isfinite(norm):  # a NaN norm compared false and clipped nothing: raw values left noised lightly
+            raise UpdateRejected("gaussian_dp: the weights' L2 norm is not finite (NaN, Inf or overflow); "
+                                 "nothing was sent")
         scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
         sigma = noise_multiplier * clip_norm
         # float64 noise and scaling, rounded once to the tensor's dtype

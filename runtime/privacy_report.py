@@ -36,6 +36,7 @@ from .tasks import TaskKind
 MAX_REPORT_BYTES = 16 << 10
 MAX_CHAIN_STEPS = 32
 MAX_EXCLUDED_LISTED = 64
+MAX_NAME_CHARS = 128  # a listed tensor name, cut: 64 of them stay well inside MAX_REPORT_BYTES
 
 FilterName = Literal["exclude_vars", "percentile", "gaussian_dp", "svt"]
 Source = Literal["job", "site", "raised"]  # as the job asked; added by the site; the job's, made stronger

@@ -23,6 +23,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 CONTROL_PREFIX = "__fedkit_control__/"  # never a name a torch state_dict produces
+LOCAL_FIGURES = ("steps", "lr_sum")  # what a site-side algorithm reports in a result's "local" map
 
 
 class TaskKind(StrEnum):

@@ -31,6 +31,7 @@ import numpy as np
 from safetensors.numpy import save as _st_save
 
 from .errors import UpdateRejected
+from .safetensors_header import MAX_HEADER_BYTES
 
 Weights = dict[str, np.ndarray]
 
@@ -100,7 +101,6 @@ def _reason(error: UpdateRejected) -> str:
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
            "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
-MAX_HEADER_BYTES = 100 << 20
 
 
 def view_bytes(buf: bytearray | bytes | mmap.mmap) -> Weights:

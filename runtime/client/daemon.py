@@ -46,7 +46,7 @@ from ..procs import LOG_FILE
 from ..proto import fedkit_pb2 as pb
 from ..server_trust import refuse_revoked_server
 from ..task_config import TaskConfig
-from ..tasks import TaskKind, train_fields
+from ..tasks import LOCAL_FIGURES, TaskKind, train_fields
 from ..tls_diagnosis import diagnose
 from ..transport import (
     CHUNK_BYTES,
@@ -387,6 +387,8 @@ class ClientDaemon:
             # a refusal comes before any job code; in a thread: the first chain with filters imports NumPy
             try:
                 chain = await asyncio.to_thread(self._privacy.chain_for, h.job_id, client_cfg.filters)
+                if kind is TaskKind.INIT:
+                    self._privacy.check_builds_initial_model()
                 if kind in _RELEASING:  # a spent budget stops the job's code too, not only its upload
                     await self._dp_counted(h.job_id, h.task_name, h.round, self._check_dp_room, chain)
             except JobRejected as e:  # local/privacy.yml: a floor under `on_weaker_job: refuse`, or a DP budget
@@ -553,13 +555,13 @@ class ClientDaemon:
             reply = await self._worker.call_writing(command, out, timeout_s)
         with task.steps.timed("privacy"):
             await asyncio.to_thread(_keep_reference, received, reference)
-            report = await self._outgoing(kind, out, chain)
+            report = await self._outgoing(kind, out, chain, reference)  # the delta must fit the model received
         sent = out.with_suffix(SENT_SUFFIX)
         if client_cfg.keep_updates:
             await asyncio.to_thread(shutil.copyfile, sent, round_dir / "update_sent.safetensors")
             (round_dir / "update_sent.json").write_text(json.dumps({"n_samples": reply["n_samples"],
                                                                    "round": h.round, "task_id": h.task_id}))
-        metrics = {"train": reply["metrics"], "validation": reply["validation"], "local": reply.get("local") or {},
+        metrics = {"train": reply["metrics"], "validation": reply["validation"], "local": _local_figures(reply, config),
                    **({"local_validation": reply["local_validation"]} if reply.get("local_validation") else {}),
                    **_scalars(reply)}
         if config.wire_dtype != "float32":  # after the privacy chain: what leaves is its output, encoded
@@ -574,9 +576,13 @@ class ClientDaemon:
         """Apply the privacy chain to `raw`, writing what may leave next to it; the result's "privacy".
         A gaussian_dp upload is counted in the job's DP ledger and the site's; past a budget it is not written,
         and the refusal is audited (dp_budget_exhausted) before the task fails."""
-        report = await self._dp_counted(self._job_id, task, self._round, outgoing.prepare, task, raw,
-                                        raw.with_suffix(SENT_SUFFIX), chain, self._generator, reference,
-                                        ledger=self._ledger(self._job_id))
+        try:
+            report = await self._dp_counted(self._job_id, task, self._round, outgoing.prepare, task, raw,
+                                            raw.with_suffix(SENT_SUFFIX), chain, self._generator, reference,
+                                            ledger=self._ledger(self._job_id))
+        except ValidationError as e:  # what the job wrote broke a limit of the report: this task fails, not the site
+            raise UpdateRejected(f"the site could not describe what would leave ({e.error_count()} limit(s) of its "
+                                 "privacy report broken); nothing was sent") from None
         return {"privacy": report.model_dump(mode="json", exclude_none=True)}
 
     async def _dp_counted(self, job_id: str, task: str, round: int, fn: Callable[..., T], *args: Any,
@@ -794,6 +800,14 @@ def _site_paths_hidden(message: str, places: dict[str, str]) -> str:
         # a whole path only: not /srv/kit-data for /srv/kit
         message = re.sub(re.escape(location) + r"(?![\w.-])", places[location], message)
     return message
+
+
+def _local_figures(reply: dict[str, Any], config: TaskConfig) -> dict[str, float]:
+    """The reply's `local` map as it may leave: only a site-side algorithm's own figures (steps, lr_sum), only
+    when the task ran one. The job's code shares the worker's process, so it could fill the map at will."""
+    if config.algorithm is None:
+        return {}
+    return {k: v for k, v in (reply.get("local") or {}).items() if k in LOCAL_FIGURES}
 
 
 def _keep_reference(received: Path, reference: Path) -> None:

@@ -11,6 +11,12 @@ Everything a site uploads goes through `prepare`, whatever the task:
                   whole model (gaussian_dp clips the whole model to clip_norm and adds noise). A job that
                   ships `initial_model` avoids this, since then no site builds round 0.
 
+What the job's code wrote is checked before the chain runs: a train delta or a local model may hold only
+tensors of the model this site received, with their dtypes and shapes (names and shapes the job chose would
+leave past every filter, and the server's refusal would echo them), and under a chain with steps every float
+must be finite (one NaN made gaussian_dp's clipping norm NaN, which clipped nothing). A report lists only
+names the server already has: none for init, whose names are the job's.
+
 Tensors removed by exclude_vars never leave in any task. The result is written once, hashed from the same
 bytes, and described by a PrivacyReport (runtime.privacy_report), which the daemon sends and audits.
 An upload through gaussian_dp is a DP release: it is counted in the job's ledger and the site's (and refused
@@ -27,8 +33,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..privacy_report import MAX_CHAIN_STEPS, MAX_EXCLUDED_LISTED, AppliedTo, PrivacyReport
-from ..tasks import RESULT_WEIGHTS, TaskKind
+from ..errors import UpdateRejected
+from ..privacy_report import MAX_CHAIN_STEPS, MAX_EXCLUDED_LISTED, MAX_NAME_CHARS, AppliedTo, PrivacyReport
+from ..safetensors_header import read_layout
+from ..tasks import CONTROL_PREFIX, RESULT_WEIGHTS, TaskKind
 from .dp_ledger import DpLedger
 from .privacy_policy import EffectiveChain
 
@@ -43,11 +51,16 @@ Task = TaskKind  # the kinds that send weights: runtime.tasks.RESULT_WEIGHTS
 def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, rng: Any,
             reference_path: Path | None = None, *, ledger: DpLedger) -> PrivacyReport:
     """Filter the weights in `raw_path` as `task` requires, write what may leave to `out_path`, and report.
-    `reference_path`: the last global model this site received (submit_model only); `ledger`: the job's
-    count of DP releases on this site; `rng`: a NumPy Generator, or a callable that makes one (so a chain
-    without steps needs no NumPy). Raises UpdateRejected if a file is not valid safetensors, and
-    DpBudgetExhausted (out_path then absent) when the site's DP budget does not allow this release."""
+    `reference_path`: the last global model this site received (train: the one just trained on; required
+    for train and submit_model); `ledger`: the job's count of DP releases on this site; `rng`: a NumPy
+    Generator, or a callable that makes one (so a chain without steps needs no NumPy). Raises UpdateRejected
+    if a file is not valid safetensors or not what the task may send, and DpBudgetExhausted (out_path then
+    absent) when the site's DP budget does not allow this release."""
     out_path.unlink(missing_ok=True)  # nothing from an earlier attempt may be sent in this one's place
+    # names a report may list: those of a model the server sent, once what was written is checked against it
+    checked = task != TaskKind.INIT and reference_path is not None and reference_path.exists()
+    if checked or task == TaskKind.TRAIN:  # a train delta is always checked: a missing reference refuses it
+        _check_layout(task, raw_path, reference_path)
     if not chain.steps:  # nothing to apply: send the file as it is, without a load and a rewrite
         return _unfiltered(task, raw_path, out_path, chain)
     from ..filters import apply_filters
@@ -55,6 +68,7 @@ def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, r
 
     rng = rng() if callable(rng) else rng
     raw = load_file(raw_path)
+    _check_finite(raw)
     # only a filter that changes values needs the reference; exclusions alone send the model bit for bit
     changes_values = any(step.name != "exclude_vars" for step in chain.steps)
     reference = load_file(reference_path) if task == TaskKind.SUBMIT_MODEL and changes_values \
@@ -78,10 +92,47 @@ def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, r
     excluded = sorted(set(raw) - set(sent))
     zeroed = sorted(set(zeroed) & set(sent))  # an excluded tensor did not leave at all
     return PrivacyReport(task=task, applied_to=applied_to, on_weaker_job=chain.on_weaker_job,
-                         raised=chain.is_raised, chain=list(chain.steps), excluded=excluded[:MAX_EXCLUDED_LISTED],
+                         raised=chain.is_raised, chain=list(chain.steps), excluded=_listed(checked, excluded),
                          n_excluded=len(excluded), payload_sha256=hashlib.sha256(data).hexdigest(), dp=dp,
-                         zeroed=zeroed[:MAX_EXCLUDED_LISTED] or None, n_zeroed=len(zeroed) or None,
+                         zeroed=_listed(checked, zeroed) or None, n_zeroed=len(zeroed) or None,
                          raised_because=list(chain.raised_because[:MAX_CHAIN_STEPS]) or None)
+
+
+def _check_layout(task: Task, raw_path: Path, reference_path: Path | None) -> None:
+    """Refuse a train delta or local model with a tensor the received model lacks, or of another dtype or
+    shape (the server folds nothing else). Counts only: the names are the job's to choose."""
+    if reference_path is None or not reference_path.exists():
+        raise UpdateRejected(f"{task}: this site holds no model received in this job to check what the job's "
+                             "code wrote against; nothing was sent")
+    known = {k: v for k, v in read_layout(reference_path).items() if not k.startswith(CONTROL_PREFIX)}
+    written = read_layout(raw_path)
+    unknown = sum(1 for k in written if k not in known)
+    differ = sum(1 for k, v in written.items() if k in known and v != known[k])
+    if unknown or differ:
+        raise UpdateRejected(f"the job's code wrote {'a local model' if task == TaskKind.SUBMIT_MODEL else 'a delta'}"
+                             f" that does not fit the model this site received ({unknown} tensor(s) not in it, "
+                             f"{differ} of another dtype or shape); nothing was sent")
+
+
+def _check_finite(weights: Weights) -> None:
+    """Refuse non-finite floats before a chain runs on them: a NaN makes gaussian_dp's norm NaN (no clipping),
+    and a later step (percentile, or the job's own exclusion) could remove it before the server's check."""
+    import numpy as np
+
+    from ..weights import is_float_dtype
+
+    bad = sum(1 for v in weights.values() if is_float_dtype(v.dtype) and not np.isfinite(v).all())
+    if bad:
+        raise UpdateRejected(f"the job's code wrote weights with NaN or Inf in {bad} tensor(s); nothing was sent")
+
+
+def _listed(checked: bool, names: list[str]) -> list[str]:
+    """The names a report may list: none unless they were `checked` against a model the server sent (an init
+    model's names are the job's choice: one more channel out), else the first MAX_EXCLUDED_LISTED, each cut
+    to the report's limit."""
+    if not checked:
+        return []
+    return [n if len(n) <= MAX_NAME_CHARS else n[:MAX_NAME_CHARS - 3] + "..." for n in names[:MAX_EXCLUDED_LISTED]]
 
 
 def _unfiltered(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain) -> PrivacyReport:

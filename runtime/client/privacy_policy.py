@@ -88,6 +88,25 @@ class PrivacyPolicy(SettingsModel):
     # what the job's own reports may carry out; `reports: null` is the default (SettingsModel), as the
     # other sections' null says "none"
     reports: ReportPolicy = Field(default_factory=ReportPolicy)
+    build_initial_model: bool | None = Field(None, description=(
+        "whether this site's worker may build a job's round-0 model when the job ships none; its tensor names "
+        "and shapes are the job's code's choice and leave past every filter. null: not under a gaussian_dp, "
+        "percentile or svt floor, yes otherwise"))
+
+    @property
+    def builds_initial_model(self) -> bool:
+        if self.build_initial_model is not None:
+            return self.build_initial_model
+        return self.gaussian_dp is None and self.percentile is None and self.svt is None
+
+    def check_builds_initial_model(self) -> None:
+        """Raise JobRejected, in the site's words, when this site builds no round-0 model from job code."""
+        if not self.builds_initial_model:
+            why = ("build_initial_model: false" if self.build_initial_model is False else
+                   "a filter floor, under which build_initial_model defaults to false")
+            raise JobRejected(f"this site builds no round-0 model from job code (local/privacy.yml: {why}; the "
+                              "model's tensor names and shapes would leave unfiltered): ship initial_model with "
+                              "the job")
 
     @field_validator("exclude_vars")
     @classmethod

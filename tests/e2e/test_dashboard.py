@@ -57,7 +57,7 @@ def study(tmp_path: Path) -> Iterator[LocalStudy]:
         study.write_local("site-1", "privacy.yml", {
             "gaussian_dp": {"noise_multiplier": 1.0, "clip_norm": 1.0},
             "dp_site_budget": {"epsilon": 1000.0, "delta": 1e-5},
-            "reports": {"metric_names": ["score", "n_samples"]}})
+            "reports": {"metric_names": ["score", "n_samples"]}, "build_initial_model": True})
         yield study
     finally:
         study.stop_all()  # the dashboards too: they are registered in study.procs

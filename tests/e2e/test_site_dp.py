@@ -31,7 +31,8 @@ def _events(study: LocalStudy, site: str, event: str) -> list[dict[str, Any]]:
 def _start_with_budget(study: LocalStudy, setting: str, budget: float) -> None:
     """The server and site-1, whose local/privacy.yml adds gaussian_dp at NOISE and sets `setting`."""
     study.write_local("site-1", "privacy.yml", {"gaussian_dp": {"noise_multiplier": NOISE, "clip_norm": 1.0},
-                                                setting: {"epsilon": budget, "delta": DELTA}})
+                                                setting: {"epsilon": budget, "delta": DELTA},
+                                                "build_initial_model": True})  # round 0 is a release too
     study.start_server()
     study.start_sites()
 

@@ -60,7 +60,7 @@ def test_site_policy_filters_every_path_out_of_the_site(make_study, tmp_path):
               "site-2": {"noise_multiplier": 0.1, "clip_norm": 1.0}}
     for site, floor in floors.items():
         study.write_local(site, "privacy.yml", {"exclude_vars": [f"^{EXCLUDED.replace('.', '[.]')}$"],
-                                                "gaussian_dp": floor})
+                                                "gaussian_dp": floor, "build_initial_model": True})
     study.start_server()
     for site in study.clients:
         study.start(site)
@@ -119,8 +119,9 @@ def test_site_policy_filters_every_path_out_of_the_site(make_study, tmp_path):
             assert [(s["name"], s["source"]) for s in privacy["chain"]] == [("exclude_vars", "site"),
                                                                             ("gaussian_dp", "site")]
             assert privacy["chain"][1]["args"] == {**floors[site], **DP_ACCOUNTING} and privacy["raised"] is True
-            # later the worker holds it back already (the global never had it), so only round 0 drops it
-            assert privacy["excluded"] == ([EXCLUDED] if task == "init" else [])
+            # later the worker holds it back already (the global never had it), so only round 0 drops it; a
+            # round-0 model's names are the job's choice, so that report counts it without naming it
+            assert privacy["excluded"] == [] and privacy["n_excluded"] == (1 if task == "init" else 0)
             assert privacy["payload_sha256"] == entry["payload_sha256"] == _sha256(files[task])
         assert sent["train"]["privacy"]["applied_to"] == "delta"
         assert sent["submit_model"]["privacy"]["applied_to"] == "model_minus_last_global"

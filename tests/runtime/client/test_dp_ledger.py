@@ -48,7 +48,7 @@ class Site:
 
     def upload(self, filters: list[FilterConfig], task: str = "train") -> PrivacyReport:
         chain = self.policy.chain_for(self.job_id, filters)
-        return prepare(task, self.raw, self.out, chain, np.random.default_rng(0), None,
+        return prepare(task, self.raw, self.out, chain, np.random.default_rng(0), self.raw,  # as received
                        ledger=self.ledger())
 
     def ledger(self) -> DpLedger:

@@ -12,8 +12,10 @@ import pytest
 from runtime.client.dp_ledger import DpLedger
 from runtime.client.outgoing import prepare
 from runtime.client.privacy_policy import PrivacyPolicy
+from runtime.errors import UpdateRejected
+from runtime.filters import gaussian_dp
 from runtime.job_spec import FilterConfig
-from runtime.privacy_report import describe_chain
+from runtime.privacy_report import MAX_NAME_CHARS, describe_chain
 from runtime.weights import load_file, save_file
 
 DP = {"gaussian_dp": {"noise_multiplier": 0.5, "clip_norm": 1.0}}
@@ -44,14 +46,17 @@ def test_exclusions_never_leave_in_any_task(files: dict[str, Path]) -> None:
         report = prepare(task, files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"],
                      ledger=ledger(files))
         sent = load_file(files["out"])
-        assert "2.bias" not in sent and report.excluded == ["2.bias"] and report.n_excluded == 1
+        assert "2.bias" not in sent and report.n_excluded == 1
+        # an init model's names are the job's choice: counted, never listed (one more channel out)
+        assert report.excluded == ([] if task == "init" else ["2.bias"])
         assert report.payload_sha256 == hashlib.sha256(files["out"].read_bytes()).hexdigest()
         assert report.raised and report.task == task
 
 
 def test_delta_is_clipped_and_noised(files: dict[str, Path]) -> None:
     chain = PrivacyPolicy(**DP).chain_for("j", [])
-    report = prepare("train", files["raw"], files["out"], chain, np.random.default_rng(0), ledger=ledger(files))
+    report = prepare("train", files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"],
+                     ledger=ledger(files))
     raw, sent = load_file(files["raw"]), load_file(files["out"])
     assert report.applied_to == "delta"
     for name in ("0.weight", "0.bias", "2.bias"):
@@ -80,14 +85,16 @@ def test_data_parked_in_an_integer_tensor_never_leaves_under_a_chain_that_change
         sent = load_file(files["out"])
         np.testing.assert_array_equal(sent["leak.buf"], expected, err_msg=task)
         assert not sent["flags"][0], task
-        assert report.zeroed == ["flags", "leak.buf", "steps"] and report.n_zeroed == 3, task
+        assert report.n_zeroed == 3, task
+        assert report.zeroed == (None if task == "init" else ["flags", "leak.buf", "steps"]), task  # init: counted
         assert "3 non-float tensor(s) sent blank" in describe_chain(report.model_dump(mode="json", exclude_none=True))
 
 
 def test_exclusions_alone_send_integer_tensors_as_they_are(files: dict[str, Path]) -> None:
     """exclude_vars changes no value: what it lets through leaves bit for bit, and nothing is reported blank."""
     chain = PrivacyPolicy(exclude_vars=["^2\\.bias$"]).chain_for("j", [])
-    report = prepare("train", files["raw"], files["out"], chain, np.random.default_rng(0), ledger=ledger(files))
+    report = prepare("train", files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"],
+                     ledger=ledger(files))
     np.testing.assert_array_equal(load_file(files["out"])["steps"], load_file(files["raw"])["steps"])
     assert report.zeroed is None and "zeroed" not in report.model_dump(mode="json", exclude_none=True)
 
@@ -142,7 +149,8 @@ def test_the_report_says_why_the_site_raised_the_chain(files: dict[str, Path]) -
     """show_job's 'raised by site' comes with the site's reasons: what was below its minimum, what was missing."""
     policy = PrivacyPolicy(gaussian_dp={"noise_multiplier": 1.0, "clip_norm": 1.0}, percentile={"fraction": 0.5})
     chain = policy.chain_for("j", [FilterConfig(name="gaussian_dp", args={"noise_multiplier": 0.5, "clip_norm": 1.0})])
-    report = prepare("train", files["raw"], files["out"], chain, np.random.default_rng(0), ledger=ledger(files))
+    report = prepare("train", files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"],
+                     ledger=ledger(files))
 
     assert report.raised_because == [
         "gaussian_dp noise_multiplier=0.5 is below this site's minimum 1",
@@ -154,6 +162,76 @@ def test_the_report_says_why_the_site_raised_the_chain(files: dict[str, Path]) -
 
 def test_a_chain_the_site_did_not_raise_gives_no_reasons(files: dict[str, Path]) -> None:
     chain = PrivacyPolicy().chain_for("j", [FilterConfig(name="percentile", args={"fraction": 0.5})])
-    report = prepare("train", files["raw"], files["out"], chain, np.random.default_rng(0), ledger=ledger(files))
+    report = prepare("train", files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"],
+                     ledger=ledger(files))
 
     assert report.raised_because is None and not report.raised
+
+
+# ---- what the job's code wrote is checked before any filter reads it ----------------------------------------
+
+def test_a_nan_cannot_switch_off_dp_clipping_and_be_excluded_after(files: dict[str, Path]) -> None:
+    """A NaN made gaussian_dp's norm NaN (no clipping); the job then excluded the NaN's tensor after the DP
+    step, so raw values x1000 left with the site's usual epsilon. Refused before the chain, nothing charged."""
+    secret = np.array([14.4, 13.85, 14.96, 20.64], dtype=np.float32)
+    save_file({"w": secret * 1000, "carrier": np.array([np.nan], np.float32)}, files["raw"])
+    save_file({"w": np.zeros(4, np.float32), "carrier": np.zeros(1, np.float32)}, files["ref"])
+    chain = PrivacyPolicy(gaussian_dp={"noise_multiplier": 1.0, "clip_norm": 1.0}).chain_for(
+        "j", [FilterConfig(name="gaussian_dp", args={"noise_multiplier": 1.0, "clip_norm": 1.0}),
+              FilterConfig(name="exclude_vars", args={"pattern": "^carrier$"})])
+    for task in ("train", "init", "submit_model"):
+        with pytest.raises(UpdateRejected, match="NaN or Inf in 1 tensor"):
+            prepare(task, files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"],
+                    ledger=ledger(files))
+        assert not files["out"].exists(), task
+    assert ledger(files).read().releases == 0
+
+
+def test_the_dp_filter_itself_refuses_a_norm_that_is_not_finite() -> None:
+    dp = gaussian_dp(clip_norm=1.0, noise_multiplier=1.0)
+    for bad in (np.nan, np.inf):
+        with pytest.raises(UpdateRejected, match="norm is not finite"):
+            dp({"w": np.array([1.0, bad], np.float32)}, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("written", [
+    {"extra": np.zeros(3, np.float32)},                      # a tensor the model lacks: its name would leave
+    {"leak": np.zeros((0, 1440026), np.int64)},              # empty, yet its shape carries a number
+    {"0.bias": np.zeros(5, np.float32)},                     # another shape
+    {"0.bias": np.zeros(4, np.float64)},                     # another dtype
+], ids=["unknown-name", "empty-shape", "shape", "dtype"])
+@pytest.mark.parametrize("floor", [{}, DP], ids=["no-floor", "dp-floor"])
+def test_a_delta_or_local_model_must_fit_the_model_received(files: dict[str, Path], written: dict,
+                                                           floor: dict) -> None:
+    """Names and shapes the job chose passed every filter, and the server's refusal echoed them into
+    show_job; the site refuses them first, in words that name none of them."""
+    save_file({**model(1), **written}, files["raw"])
+    chain = PrivacyPolicy(**floor).chain_for("j", [])
+    for task in ("train", "submit_model"):
+        with pytest.raises(UpdateRejected, match=r"does not fit the model this site received") as caught:
+            prepare(task, files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"],
+                    ledger=ledger(files))
+        assert not any(name in str(caught.value) for name in written), caught.value
+        assert not files["out"].exists()
+
+
+def test_a_train_delta_without_the_model_received_is_refused(files: dict[str, Path]) -> None:
+    with pytest.raises(UpdateRejected, match="no model received"):
+        prepare("train", files["raw"], files["out"], PrivacyPolicy().chain_for("j", []), np.random.default_rng(0),
+                files["ref"].with_name("missing.safetensors"), ledger=ledger(files))
+
+
+def test_a_report_lists_no_name_the_job_chose_and_cuts_long_ones(files: dict[str, Path]) -> None:
+    """An init model's names are the job's: its report counts what was excluded but names none (a 300-character
+    name there crashed the site daemon on the report's length limit). A global model's long name is cut."""
+    long_name = "x_" + "A" * 300
+    save_file({**model(1), long_name: np.ones(2, np.float32)}, files["raw"])
+    chain = PrivacyPolicy(**DP).chain_for("j", [FilterConfig(name="exclude_vars", args={"pattern": "^x_"})])
+    report = prepare("init", files["raw"], files["out"], chain, np.random.default_rng(0), None, ledger=ledger(files))
+    assert report.excluded == [] and report.n_excluded == 1
+
+    save_file({**model(2), long_name: np.ones(2, np.float32)}, files["ref"])  # a global model with that name
+    report = prepare("train", files["raw"], files["out"], chain, np.random.default_rng(0), files["ref"],
+                     ledger=ledger(files))
+    assert report.n_excluded == 1 and len(report.excluded[0]) == MAX_NAME_CHARS
+    assert report.excluded[0].startswith("x_AAA") and report.excluded[0].endswith("...")

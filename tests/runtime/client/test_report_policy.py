@@ -216,3 +216,15 @@ def test_reports_null_is_the_default(tmp_path: Path) -> None:
     path = tmp_path / "privacy.yml"
     path.write_text("reports: null\n")
     assert PrivacyPolicy.load(path).reports.is_open
+
+
+def test_the_local_map_leaves_only_a_site_side_algorithms_own_figures() -> None:
+    """`local` is never rounded (SCAFFOLD computes with lr_sum), and the job's code shares the worker's
+    process, so it could fill the map at will: only steps and lr_sum leave, and only when an algorithm ran."""
+    from runtime.client.daemon import _local_figures
+    from runtime.task_config import TaskConfig
+    from runtime.tasks import Scaffold
+
+    reply = {"local": {"lr_sum": 0.5, "steps": 10.0, "patient_7_age": 14.40002699}}
+    assert _local_figures(reply, TaskConfig()) == {}
+    assert _local_figures(reply, TaskConfig(algorithm=Scaffold())) == {"lr_sum": 0.5, "steps": 10.0}

@@ -195,3 +195,27 @@ def test_an_error_report_the_server_refuses_is_not_called_a_refused_update(tmp_p
     assert ("job job-a train round 1: server refused this site's failure report: result arrived after its round "
             "closed (late)") in lines
     assert not any("result accepted" in line or "refused our result" in line for line in lines), lines
+
+
+@pytest.mark.parametrize(("privacy", "refused"), [
+    ({"gaussian_dp": {"noise_multiplier": 1.0, "clip_norm": 1.0}}, "a filter floor"),
+    ({"percentile": {"fraction": 0.5}}, "a filter floor"),
+    ({"build_initial_model": False}, "build_initial_model: false"),
+    ({"gaussian_dp": {"noise_multiplier": 1.0, "clip_norm": 1.0}, "build_initial_model": True}, None),
+    ({}, None),
+], ids=["dp-floor", "percentile-floor", "said-no", "dp-floor-said-yes", "no-floor"])
+def test_a_site_under_a_filter_floor_builds_no_round_0_model_from_job_code(tmp_path: Path, privacy: dict,
+                                                                          refused: str | None) -> None:
+    """A round-0 model's tensor names and shapes are the job's code's choice and pass every filter, so a
+    site whose floor changes values refuses to build one, before any job code runs, unless it says yes."""
+    server = FakeServer()
+    daemon = _daemon(tmp_path, server, privacy=PrivacyPolicy.model_validate(privacy))
+    _run_tasks(daemon, "job-a", (("init", 0),))
+    reasons = [r["reason"] for r in _events(daemon, "job_refused")]
+    if refused is None:
+        assert reasons == [] and server.job_fetches == 1  # it went on to fetch the job (its worker then ran)
+        return
+    assert len(reasons) == 1 and refused in reasons[0] and "ship initial_model" in reasons[0], reasons
+    assert server.job_fetches == 0, "refused before the job's archive is fetched"
+    (messages,) = server.results
+    assert b"ship initial_model" in messages[0]  # the site's own reason leaves
