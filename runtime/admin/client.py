@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
+import tempfile
 import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -125,16 +127,19 @@ class AdminClient:
             raise FedkitError(f"cannot write results to {dest}: it is a file, not a folder")
         if out.exists():
             raise CommandFailed(f"{out} exists already; remove it or download into another folder")
-        part_zip, part_dir = dest / f".{job_id}.zip.part", dest / f".{job_id}.part"
         made = [p for p in (dest, *dest.parents) if not p.exists()]  # the folders made here, removed on failure
         try:
             dest.mkdir(parents=True, exist_ok=True)
+            # fresh names, made here (O_EXCL): a link someone planted under a fixed .part name in a shared
+            # results folder was followed, and the download written wherever it pointed
+            fd, zip_name = tempfile.mkstemp(prefix=f".{job_id}.", suffix=".zip.part", dir=dest)
         except OSError as e:  # a file on the way (afile/sub), a place no one may write (/proc): before the server
             _remove_empty(made)
             raise _cannot_write(dest, e) from None
+        part_zip, part_dir = Path(zip_name), Path(zip_name[:-len(".zip.part")] + ".part")
         received = 0
         try:
-            with call_errors("download_job", self._target), part_zip.open("wb") as f:
+            with call_errors("download_job", self._target), os.fdopen(fd, "wb") as f:
                 async for chunk in self._stub.Download(
                         pb.AdminRequest(command="download_job", args_json=json.dumps({"job_id": job_id})),
                         timeout=TRANSFER_TIMEOUT_S):
@@ -142,6 +147,7 @@ class AdminClient:
                     received += len(chunk.data)
                     if progress:
                         progress(received, total_bytes)
+            part_dir.mkdir()  # beside the zip's unique name, so unique too; never one that exists already
             await asyncio.to_thread(_unzip, part_zip, part_dir)
             part_dir.rename(out)
             if keep_zip:

@@ -417,7 +417,7 @@ class AdminConsole:
         return data
 
     async def _shutdown(self, args: list[str]) -> Any:
-        if args[:1] == ["server"]:
+        if args == ["server"]:  # `shutdown server site-1` is a slip, not a request to stop the server
             data = await self._client.command("shutdown_server")
         elif len(args) == 2 and args[0] == "client":
             data = await self._client.command("shutdown_client", site=args[1])

@@ -62,6 +62,7 @@ STATE_CHANGING = frozenset({"abort_job", "clone_job", "delete_job", "submit_job"
                             "shutdown_client", "restart_client", "shutdown_server"})
 MAX_REQUEST_ARGS_BYTES = 64 << 10  # a console sends a few hundred bytes; overrides are the largest part
 MAX_REPLY_MESSAGE_CHARS = 1000
+MAX_REPLY_BYTES = 3 << 20  # under gRPC's 4 MB message limit, with room for the envelope
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 Handler = Callable[[Identity, dict[str, Any]], Awaitable[Any]]
@@ -95,22 +96,24 @@ class AdminService:
             "sys_info": self._sys_info, "tail_log": self._tail_log, "shutdown_client": self._shutdown_client,
             "restart_client": self._restart_client, "shutdown_server": self._shutdown_server,
         }
+        # what a policy may name: every command's permission (submit and download come as their own RPCs)
+        policy.check_commands({_PERMISSION_OF.get(c, c) for c in self._commands} | {"submit_job", "download_job"})
 
     # ---- RPC entry points ------------------------------------------------------------------------
 
     async def command(self, peer: Identity, request: pb.AdminRequest) -> pb.AdminReply:
         """Run one command. The role's right to the command is checked before any lookup, so a denied
         admin learns nothing about the target (not even whether a job exists) and is audited as denied."""
-        name, args = bounded_text(request.command, 64), {}
+        name, args = _printable(bounded_text(request.command, 64)), {}  # it goes into the log and the trail
         try:
             args = _decode_args(request.args_json)
             handler = self._commands.get(name)
             if handler is None:
                 raise CommandError(f"unknown command '{name}' (try 'help')")
+            if name != "help":  # a denied role does nothing, so it needs no request record, only its denial's
+                self._policy.scope(peer, _PERMISSION_OF.get(name, name))
             if name in STATE_CHANGING:
                 await self._record_request(peer, name, args)
-            if name != "help":
-                self._policy.scope(peer, _PERMISSION_OF.get(name, name))
             data = await handler(peer, args)
         except FedkitError as e:
             denied = isinstance(e, PermissionDenied) or name not in self._commands
@@ -127,7 +130,8 @@ class AdminService:
         message = str(err) if isinstance(err, FedkitError) else "internal server error (see the server log)"
         message = bounded_text(" ".join(message.split()), MAX_REPLY_MESSAGE_CHARS)
         with contextlib.suppress(OSError):  # the audit log itself failing: the admin still gets an answer
-            await self._record(peer, name, args, allowed=allowed, error=message)
+            await self._record(peer, name, args, allowed=allowed, error=message,  # made-up names: one key
+                               denial_key="" if name in self._commands else "an unknown command")
         return pb.AdminReply(ok=False, message=message)
 
     async def upload(self, peer: Identity, chunks: AsyncIterator[pb.UploadChunk]) -> pb.AdminReply:
@@ -304,7 +308,16 @@ class AdminService:
         return {"deleted": record.job_id, "state": "deleted"}
 
     async def _show_audit(self, peer: Identity, args: dict[str, Any]) -> Any:
-        return await asyncio.to_thread(self._audit.tail, _int_arg(args, "n", 20))
+        """The last N records, as many of the newest as fit in one reply (gRPC refuses a message over 4 MB:
+        2000 records of large arguments did not fit, and the dashboard's audit page failed)."""
+        records = await asyncio.to_thread(self._audit.tail, _int_arg(args, "n", 20))
+        size, keep = 0, 0
+        for record in reversed(records):
+            size += len(json.dumps(record, default=str)) + 2
+            if size > MAX_REPLY_BYTES:
+                break
+            keep += 1
+        return records[len(records) - keep:]
 
     def _site_org(self, site: str) -> str:
         if site == "server":
@@ -374,19 +387,24 @@ class AdminService:
             raise CommandError(f"{command}: the server cannot write its audit log, so nothing was done; "
                                "tell the server's site IT") from None
 
-    async def _record(self, peer: Identity, command: str, args: dict[str, Any], allowed: bool, error: str = "") -> None:
-        """Audit one command's outcome; off the event loop, because each record is fsynced."""
+    async def _record(self, peer: Identity, command: str, args: dict[str, Any], allowed: bool, error: str = "",
+                      denial_key: str = "") -> None:
+        """Audit one command's outcome; off the event loop, because each record is fsynced. Denials are counted
+        per admin and `denial_key` (default: the command)."""
         bounded, repeats = bounded_args(args), 0
         if allowed and not error and command not in STATE_CHANGING:
             repeats = self._repeated_reads.due(read_key(peer.name, command, bounded))
-            if repeats is None:
-                return  # counted; written with the next record of the same read
+        elif not allowed:  # the first denial at once; a flood of them (any arguments) once an interval, counted
+            repeats = self._repeated_reads.due(("denied", peer.name, denial_key or command))
+        if repeats is None:
+            return  # counted; written with the next record of the same read or denial
         await asyncio.to_thread(self._audit.append, "admin_command", admin=peer.name, org=peer.org,
                                 role=peer.role.value if peer.role else "", command=command, args=bounded,
                                 allowed=allowed, result="error" if error else "ok", error=bounded_text(error, 500),
                                 **({"repeats_since_last": repeats} if repeats else {}))
         if not allowed:
-            log.warning("denied %s (%s, %s): %s", peer.name, peer.role, command, error)
+            log.warning("denied %s (%s, %s): %s%s", peer.name, peer.role, command, _printable(error),
+                        f" ({repeats} more since the last record)" if repeats else "")
 
     def _zip_job(self, job_id: str) -> Path:
         """The job's folder, plus the server log lines that name it, as one zip in the workspace (not
@@ -482,3 +500,10 @@ def _tail(path: Path, n: int) -> list[str]:
     with path.open("rb") as f:
         f.seek(max(0, path.stat().st_size - 256 * 1024))
         return [ln.decode(errors="replace") for ln in f.read().splitlines()[-n:]]
+
+
+def _printable(text: str) -> str:
+    """`text` with line breaks and other control characters escaped: a command name or a reason sent by an
+    admin's own script must not forge lines in the server's log (which holds the audit anchors)."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+                   for c in text)

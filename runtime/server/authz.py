@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import RootModel
 
-from ..errors import PermissionDenied
+from ..errors import ConfigError, PermissionDenied
 from ..identity import Identity, Role
 from ..kit_config import load_model
 
@@ -46,8 +46,9 @@ class _PolicyFile(RootModel[dict[Role, dict[str, Scope]]]):
 
 
 class Policy:
-    def __init__(self, rules: dict[str, dict[str, Scope]]):
+    def __init__(self, rules: dict[str, dict[str, Scope]], source: Path | None = None):
         self._rules = rules
+        self._source = source
 
     @classmethod
     def load(cls, path: Path) -> Policy:
@@ -55,7 +56,16 @@ class Policy:
             return cls(DEFAULT_POLICY)
         parsed = load_model(path, _PolicyFile).root
         # a file changes the roles it names and leaves the others at their defaults
-        return cls({**DEFAULT_POLICY, **{role.value: rules for role, rules in parsed.items()}})
+        return cls({**DEFAULT_POLICY, **{role.value: rules for role, rules in parsed.items()}}, source=path)
+
+    def check_commands(self, known: set[str]) -> None:
+        """Raise ConfigError, one line naming the file, for a command the policy names that the server does not
+        have: a typo (`show_jobs`) silently took the right away, or granted nothing."""
+        unknown = sorted(f"{role}: {name}" for role, rules in self._rules.items() for name in rules
+                         if name != "*" and name not in known)
+        if unknown:
+            raise ConfigError(f"{self._source or 'authorization policy'}: unknown command(s) {'; '.join(unknown)}; "
+                              f"the commands are {', '.join(sorted(known))}")
 
     def scope(self, admin: Identity, command: str) -> Scope:
         """The scope `admin` holds for `command`; raises PermissionDenied when none."""

@@ -1,8 +1,10 @@
 """Successful read-only admin commands asked again and again (a dashboard polls check_status, list_jobs
 and show_job about once a second; wait_job polls) are audited once per admin, command and arguments per
 interval, with the count of the repeats in between: the trail still shows who read what and how often,
-without one fsynced record per poll burying everything else. Denied and failed commands, and every
-state-changing one, are always recorded (the caller decides which are coalesced)."""
+without one fsynced record per poll burying everything else. Denials are coalesced the same way per admin
+and command, whatever the arguments: the first is recorded at once, and a member's script sending thousands
+(13 MB of trail in 10 s) costs one record an interval. Failed commands and every state-changing request are
+always recorded (the caller decides which are coalesced)."""
 
 from __future__ import annotations
 

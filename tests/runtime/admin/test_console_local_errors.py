@@ -218,3 +218,37 @@ def test_a_command_line_a_command_cannot_take_exits_2(console: Callable[..., Any
     code, out, err, calls = console("-c", line, "--json")
     assert code == 2 and json.loads(out) == {"error": _one_line(err), "exit_code": 2}
     assert expected in _one_line(err) and calls == []
+
+
+def test_a_download_never_follows_links_planted_in_a_shared_results_folder(tmp_path: Path) -> None:
+    """The download came in under fixed .part names: a link planted there by anyone who can write the results
+    folder had the zip written over its target, or the results unpacked into the planter's folder."""
+    import asyncio
+    import io as _io
+    import zipfile
+
+    buf = _io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("metrics.jsonl", "{}\n")
+    archive = buf.getvalue()
+
+    class _Serving(_Stub):
+        def Download(self, request: pb.AdminRequest, timeout: float) -> AsyncIterator[pb.DataChunk]:
+            async def chunks() -> AsyncIterator[pb.DataChunk]:
+                yield pb.DataChunk(data=archive)
+            return chunks()
+
+    dest, victim, elsewhere = tmp_path / "results", tmp_path / "victim.txt", tmp_path / "elsewhere"
+    dest.mkdir()
+    elsewhere.mkdir()
+    victim.write_text("precious")
+    (dest / f".{JOB_ID}.zip.part").symlink_to(victim)
+    (dest / f".{JOB_ID}.part").symlink_to(elsewhere)
+
+    out, received = asyncio.run(_Client(_Serving({})).download_job(JOB_ID, dest, keep_zip=True))
+
+    assert victim.read_text() == "precious" and list(elsewhere.iterdir()) == []
+    assert out == dest / JOB_ID and not out.is_symlink() and (out / "metrics.jsonl").read_text() == "{}\n"
+    assert (dest / f"{JOB_ID}.zip").read_bytes() == archive and received == len(archive)
+    assert sorted(p.name for p in dest.iterdir()) == sorted([f".{JOB_ID}.zip.part", f".{JOB_ID}.part", JOB_ID,
+                                                             f"{JOB_ID}.zip"])  # the planted links, untouched

@@ -143,3 +143,17 @@ def test_an_own_org_command_with_an_unknown_target_is_denied(policy: Policy, com
 def test_an_own_jobs_command_on_a_job_of_unknown_submitter_is_denied(policy: Policy) -> None:
     with pytest.raises(PermissionDenied, match="only on its own jobs"):
         policy.check(_admin(Role.LEAD), "abort_job", job_submitter=None)
+
+
+def test_a_policy_naming_a_command_the_server_lacks_stops_it_in_one_line(tmp_path: Path) -> None:
+    """`show_jobs` (a typo) silently took show_job from members; `shutdown` (the console's word) gave leads
+    nothing. Both were accepted without a word."""
+    path = tmp_path / "authorization.yml"
+    path.write_text("member: {help: any, show_jobs: any}\nlead: {help: any, shutdown: own_org}\n")
+    policy = Policy.load(path)
+    with pytest.raises(ConfigError) as caught:
+        policy.check_commands({"help", "show_job", "shutdown_client"})
+    message = str(caught.value)
+    assert message.startswith(str(path)) and "lead: shutdown" in message and "member: show_jobs" in message
+    assert "\n" not in message
+    Policy(DEFAULT_POLICY).check_commands({c for rules in DEFAULT_POLICY.values() for c in rules} - {"*"})

@@ -48,7 +48,7 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_the_audit_trail_coalesces_polls_but_never_denials_failures_or_actions(tmp_path):
+def test_the_audit_trail_coalesces_polls_and_denials_but_never_failures_or_actions(tmp_path):
     path, clock = tmp_path / "audit.jsonl", Clock()
     service = _service(AuditLog(path), clock)
 
@@ -64,13 +64,17 @@ def test_the_audit_trail_coalesces_polls_but_never_denials_failures_or_actions(t
         await record(service, LEAD, "abort_job", {"job_id": "j1"}, allowed=True)
         clock.now += 60
         await record(service, LEAD, "check_status", {}, allowed=True)
+        await record(service, MEMBER, "abort_job", {"job_id": "other"}, allowed=False, error="denied")
 
     asyncio.run(polls())
     records = _records(path)
     reads = [r for r in records if r["command"] == "check_status"]
     assert [r.get("repeats_since_last", 0) for r in reads] == [0, 29]
     assert len([r for r in records if r["command"] == "show_job" and r["result"] == "ok"]) == 1
-    assert len([r for r in records if r["command"] == "abort_job" and not r["allowed"]]) == 30
+    # a member's denials: the first at once, then one record an interval saying how many came between,
+    # whatever their arguments (a script's flood wrote 13 MB of trail in 10 s)
+    denials = [r for r in records if r["command"] == "abort_job" and not r["allowed"]]
+    assert [(r["args"]["job_id"], r.get("repeats_since_last", 0)) for r in denials] == [("j1", 0), ("other", 29)]
     assert len([r for r in records if r["command"] == "show_job" and r["result"] == "error"]) == 30
     assert len([r for r in records if r["command"] == "abort_job" and r["allowed"]]) == 2
     assert verify(path).records == len(records)  # the chain holds: verify raises on a broken one
@@ -80,3 +84,41 @@ def test_an_interval_of_zero_records_every_read():
     reads = RepeatedReads(Clock(), repeat_after_s=0)
     key = read_key("a", "list_jobs", {})
     assert [reads.due(key) for _ in range(3)] == [0, 0, 0]
+
+
+def _real_service(path: Path, clock: Clock) -> AdminService:
+    """An AdminService with only what `command` needs for a refusal: its commands, policy, trail, counts."""
+    from runtime.server.authz import DEFAULT_POLICY, Policy
+
+    service = AdminService.__new__(AdminService)
+    service._commands = {"abort_job": None, "show_audit": None}
+    service._policy, service._audit = Policy(DEFAULT_POLICY), AuditLog(path)
+    service._repeated_reads = RepeatedReads(clock)
+    return service
+
+
+def test_an_admins_script_cannot_forge_lines_in_the_server_log_or_flood_it(tmp_path, caplog):
+    """A command name is the caller's text: with a newline in it a member wrote a line of its choosing into the
+    server's log, which holds the audit anchors. Escaped now, and a flood of made-up names is one denial."""
+    import logging
+
+    from runtime.proto import fedkit_pb2 as pb
+
+    path, clock = tmp_path / "audit.jsonl", Clock()
+    service = _real_service(path, clock)
+    forged = "x\n2026-12-03 21:00:00,000 INFO fedkit.server: audit log /w/audit.jsonl: 3 records"
+    caplog.set_level(logging.WARNING, logger="runtime.server.admin_service")
+
+    async def flood() -> list:
+        replies = [await service.command(MEMBER, pb.AdminRequest(command=forged, args_json="{}"))]
+        for i in range(50):
+            replies.append(await service.command(MEMBER, pb.AdminRequest(command=f"made-up-{i}", args_json="{}")))
+        return replies
+
+    replies = asyncio.run(flood())
+    assert all(not r.ok for r in replies)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines and all("\n" not in line for line in lines), lines
+    assert "x\\x0a2026-12-03 21:00:00,000 INFO" in lines[0]
+    records = _records(path)
+    assert len(records) == 1 and "\n" not in records[0]["command"]  # 51 made-up commands: one record so far
