@@ -197,13 +197,15 @@ app.add_typer(audit_app, name="audit")
 def audit_verify_cmd(
     log: Annotated[Path, typer.Argument(help="an audit.jsonl from a server or site workspace")],
     expect_head: Annotated[str | None, typer.Option(
-        "--expect-head", help="the head hash a server or site logged (log.txt): fail if the log ends elsewhere",
+        "--expect-head", help="a head hash a server or site logged (log.txt): fail unless the log holds that "
+                              "record (as record N with --expect-count); records after it are fine",
     )] = None,
     expect_count: Annotated[int | None, typer.Option(
         "--expect-count", min=0, help="the record count logged with that head: fail if records are missing")] = None,
 ) -> None:
     """Check an audit log's hash chain; names the line where it breaks (exit 1). Prints the head hash and
-    record count; with --expect-head/--expect-count, a log cut at its end fails too (exit 1)."""
+    record count; with --expect-head/--expect-count, a log cut before an anchor logged earlier, or rewritten
+    up to it, fails too (exit 1). A log that grew past the anchor passes."""
     if not log.is_file():
         raise ConfigError(f"{log}: no such audit log")
     report = audit.verify(log)

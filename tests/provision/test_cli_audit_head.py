@@ -51,7 +51,7 @@ def test_a_log_cut_at_its_end_fails_against_its_anchors_in_one_line(tmp_path: Pa
     for result in (by_head, by_count):
         assert result.exit_code == 1 and result.stdout == ""
         assert result.stderr.count("\n") == 1 and str(path) in result.stderr, result.stderr
-    assert "head" in by_head.stderr and head.hash[:12] in by_head.stderr
+    assert "no record has hash" in by_head.stderr and head.hash in by_head.stderr
     assert "3 records, expected 5" in by_count.stderr and "2 record(s) missing" in by_count.stderr
 
 
@@ -61,3 +61,32 @@ def test_a_reopened_log_knows_its_head_and_count(tmp_path: Path) -> None:
     again = AuditLog(path)
 
     assert again.head() == log.head() and again.head().records == 4
+
+
+def test_an_anchor_taken_earlier_passes_on_the_log_that_grew_since(tmp_path: Path) -> None:
+    """A running server's log grows past every anchor it logged: the anchor says what must be there, not
+    where the log ends (it failed with 'the log grew' on any live server)."""
+    path, log = _log(tmp_path, 3)
+    head = log.head()
+    for i in range(4):
+        log.append("later", i=i)
+
+    result = runner.invoke(app, ["audit", "verify", str(path), "--expect-head", head.hash, "--expect-count", "3"])
+    by_head = runner.invoke(app, ["audit", "verify", str(path), "--expect-head", head.hash])
+
+    assert result.exit_code == 0 and by_head.exit_code == 0, (result.stderr, by_head.stderr)
+    assert "7 records" in result.stdout
+
+
+def test_a_log_rewritten_up_to_an_anchor_fails_naming_both_hashes(tmp_path: Path) -> None:
+    path, log = _log(tmp_path, 3)
+    head = log.head()
+    path.unlink()
+    again = AuditLog(path)  # the same number of records, written anew: a chain that verifies
+    for i in range(3):
+        again.append("forged", i=i)
+
+    result = runner.invoke(app, ["audit", "verify", str(path), "--expect-head", head.hash, "--expect-count", "3"])
+
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert head.hash in result.stderr and again.head().hash in result.stderr, result.stderr

@@ -64,7 +64,7 @@ def test_a_modified_record_with_a_recomputed_hash_breaks_the_next_line(tmp_path:
     forged = json.loads(lines[1])
     forged["job_id"] = "job-X"
     forged["hash"] = record_hash(forged)
-    lines[1] = json.dumps(forged).encode() + b"\n"
+    lines[1] = json.dumps(forged, sort_keys=True, separators=(",", ":")).encode() + b"\n"  # as fedkit writes
     path.write_bytes(b"".join(lines))
 
     with pytest.raises(AuditChainBroken, match=r":3: chain broken"):
@@ -101,7 +101,7 @@ def test_a_forged_record_inserted_breaks_the_line_after_it(tmp_path: Path) -> No
     forged = {"time": _fixed_clock(), "event": "job_submitted", "job_id": "evil", "prev": records[0]["hash"]}
     forged["hash"] = record_hash(forged)
     lines = _lines(path)
-    lines.insert(1, json.dumps(forged).encode() + b"\n")
+    lines.insert(1, json.dumps(forged, sort_keys=True, separators=(",", ":")).encode() + b"\n")
     path.write_bytes(b"".join(lines))
     # Execute / Assert: the old record 2, now on line 3, no longer follows the one before it
     with pytest.raises(AuditChainBroken, match=r":3: chain broken"):
@@ -147,3 +147,38 @@ def test_tail_returns_the_last_records(tmp_path: Path) -> None:
 
     assert log.tail(2) == records[2:]
     assert log.tail(0) == []
+
+
+@pytest.mark.parametrize("edit", [
+    lambda line: line.replace(b'"event":', b'"event":"admin_command","event":', 1),  # a key given twice
+    lambda line: line.replace(b'","', b'", "', 1),                                    # a space
+    lambda line: line + b"\r",                                                      # a CR line end
+], ids=["repeated-key", "space", "crlf"])
+def test_a_record_whose_bytes_were_edited_fails_though_its_content_still_hashes(tmp_path: Path, edit) -> None:
+    """`"allowed":true,"allowed":false` parses to false and hashes as written, while grep and a reader see
+    true: a record is the bytes append() wrote, nothing else."""
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 3)
+    lines = _lines(path)
+    lines[1] = edit(lines[1].rstrip(b"\n")) + b"\n"
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(AuditChainBroken, match=r":2: record was edited"):
+        verify(path)
+
+
+def test_a_last_record_that_lost_only_its_newline_is_kept_and_a_cut_one_removed(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 3)
+    path.write_bytes(path.read_bytes()[:-1])  # a whole record, its newline lost
+    assert AuditLog(path).head().records == 3 and verify(path).records == 3
+    path.write_bytes(path.read_bytes()[:-20])  # cut mid-record by a crash: never complete, removed
+    assert AuditLog(path).head().records == 2 and verify(path).records == 2
+
+
+@pytest.mark.parametrize("last", [b"garbage", b"[1]"])
+def test_a_log_whose_last_line_is_no_record_refuses_appends_in_one_line(tmp_path: Path, last: bytes) -> None:
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 2)
+    path.write_bytes(path.read_bytes() + last + b"\n")
+    with pytest.raises(AuditChainBroken, match=r":3: the last line is not an audit record"):
+        AuditLog(path)
