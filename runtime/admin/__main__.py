@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 # gRPC's C core logs failed TLS handshakes to stderr on its own; the console says it in one line instead.
 # Set before grpc is imported (by .client), and only where the caller has not chosen a level.
@@ -129,9 +130,27 @@ def _hint(error: FedkitError) -> str:
     return ""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors, under --json, are one JSON object on stdout too (a script reads stdout:
+    `--json --port abc` left it empty)."""
+
+    def __init__(self, json_errors: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._json_errors = json_errors
+
+    def error(self, message: str) -> NoReturn:
+        if not self._json_errors:
+            super().error(message)
+        text = f"{message} (fl_admin.sh -h lists the options)"
+        print(f"fl_admin: {text}", file=sys.stderr)
+        print(json.dumps({"error": text, "exit_code": EXIT_USAGE}), flush=True)
+        sys.exit(EXIT_USAGE)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fl_admin.sh", epilog="commands:\n  " + "\n  ".join(USAGE.values()),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser("--json" in (sys.argv[1:] if argv is None else argv), prog="fl_admin.sh",
+                     epilog="commands:\n  " + "\n  ".join(USAGE.values()),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kit", type=Path, required=True)
     parser.add_argument("mode", nargs="?", choices=["dashboard"],
                         help="dashboard: serve the study dashboard on 127.0.0.1 (docs/dashboard.md)")

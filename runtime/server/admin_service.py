@@ -121,7 +121,7 @@ class AdminService:
         except Exception as e:  # a bug: the admin gets one line, the audit trail its record, the log the trace
             log.exception("admin command %s from %s failed", name, peer.name)
             return await self._refused(peer, name, args, e, allowed=True)
-        await self._record(peer, name, args, allowed=True)
+        await self._record(peer, name, {**args, **_made(name, data)}, allowed=True)
         return pb.AdminReply(ok=True, data_json=json.dumps(data, default=str))
 
     async def _refused(self, peer: Identity, name: str, args: dict[str, Any], err: Exception,
@@ -360,12 +360,14 @@ class AdminService:
     async def _shutdown_client(self, peer: Identity, args: dict[str, Any]) -> Any:
         site = str(args.get("site", ""))
         self._policy.check(peer, "shutdown_client", target_org=self._site_org(site))
+        self._check_connected(site, "shutdown")
         self._controls.queue(site, "shutdown")
         return {"site": site, "control": "shutdown", "note": "delivered with the site's next heartbeat"}
 
     async def _restart_client(self, peer: Identity, args: dict[str, Any]) -> Any:
         site = str(args.get("site", ""))
         self._policy.check(peer, "restart_client", target_org=self._site_org(site))
+        self._check_connected(site, "restart")
         self._controls.queue(site, "restart")
         return {"site": site, "control": "restart", "note": "delivered with the site's next heartbeat"}
 
@@ -374,7 +376,25 @@ class AdminService:
         asyncio.get_running_loop().call_later(0.5, self._on_shutdown)
         return {"server": "shutting down"}
 
+    def record_pending_repeats(self) -> None:
+        """At stop: one record per read or denial repeated since its last record, with the count, so the trail
+        does not lose them (they were written only with the next record of the same key)."""
+        for key, repeats in self._repeated_reads.take_pending():
+            if key[0] == "denied":
+                _, admin, command = key
+                fields = {"admin": admin, "command": command, "allowed": False}
+            else:
+                admin, command, args = key
+                fields = {"admin": admin, "command": command, "args": json.loads(args), "allowed": True}
+            self._audit.append("admin_command_repeats", **fields, repeats_since_last=repeats)
+
     # ---- helpers ---------------------------------------------------------------------------------
+
+    def _check_connected(self, site: str, word: str) -> None:
+        """A control word reaches a site with its next heartbeat: refuse one for a site that sends none."""
+        if site not in self._registry.alive():
+            raise CommandError(f"site '{site}' is {self._registry.state(site)}: a {word} reaches only a connected "
+                               "site (with its next heartbeat); nothing was queued")
 
     async def _record_request(self, peer: Identity, command: str, args: dict[str, Any]) -> None:
         """The record written before a state-changing command acts; if it cannot be written, nothing is done."""
@@ -507,3 +527,12 @@ def _printable(text: str) -> str:
     admin's own script must not forge lines in the server's log (which holds the audit anchors)."""
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
                    for c in text)
+
+
+def _made(command: str, data: Any) -> dict[str, Any]:
+    """What a command created, for its audit record: a clone's new job and its hashes, as submit_job records
+    its own (the clone's record named only the job it copied)."""
+    if command != "clone_job" or not isinstance(data, dict):
+        return {}
+    return {"new_job_id": data.get("job_id"), "job_sha256": data.get("job_sha256"),
+            "code_sha256": data.get("code_sha256")}

@@ -90,6 +90,7 @@ async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None =
         await runner_task
     await fed_server.stop(2.0)
     await admin_server.stop(2.0)
+    admin.record_pending_repeats()
     audit.append("server_stopped", name=cfg.name)
     log.info("audit log %s: %s", audit.path, audit.head())
     (ws / "daemon.pid").unlink(missing_ok=True)

@@ -58,6 +58,7 @@ class FederationService:
         except json.JSONDecodeError:
             host_info = {}
         session, rejoin = self._registry.register(peer, {str(k): str(v) for k, v in dict(host_info).items()})
+        self._controls.forget(peer.name)  # a new session: words queued for the one before are not for it
         resent = self._board.resend_all(peer.name) if rejoin else 0
         log.info("site %s (%s) %s%s", peer.name, peer.org, "rejoined" if rejoin else "registered",
                  f", {resent} unanswered task(s) resent" if resent else "")

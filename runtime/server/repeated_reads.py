@@ -43,6 +43,13 @@ class RepeatedReads:
         self._last[key] = now
         return self._repeats.pop(key, 0)
 
+    def take_pending(self) -> list[tuple[Hashable, int]]:
+        """Every key with repeats not yet in a record, and how many; forgotten here (the server stopping
+        writes them, so no read goes untraced)."""
+        pending = sorted(self._repeats.items(), key=lambda item: str(item[0]))
+        self._repeats.clear()
+        return pending
+
     def _drop_settled(self, now: float) -> None:
         """Forget keys past their interval with no repeat waiting to be recorded."""
         for key in [k for k, t in self._last.items() if now - t >= self._repeat_after_s and k not in self._repeats]:

@@ -21,6 +21,11 @@ class SiteControls:
         if word not in words:
             words.append(word)
 
+    def forget(self, site: str) -> None:
+        """Drop what was queued for `site`'s last session: a shutdown meant for a site that then went away
+        stopped it the next time its IT started it, minutes or days later."""
+        self._pending.pop(site, None)
+
     def next_for(self, site: str) -> str:
         """The oldest word queued for `site` ("" when none); it counts as delivered."""
         words = self._pending.get(site)

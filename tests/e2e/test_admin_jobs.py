@@ -56,6 +56,12 @@ def test_queue_runs_in_order_survives_server_stop_and_crash_and_runs_compare(mak
         assert before["started_at"] < before["finished_at"] <= after["started_at"] < after["finished_at"]
 
     _assert_comparable(study, *runs)
+    # the server's trail says what the clone made, as it does for a submission: its new id and hashes
+    trail = study.kits[study.server] / "workspace" / "audit.jsonl"
+    (cloned,) = [r for r in map(json.loads, trail.read_text().splitlines())
+                 if r["event"] == "admin_command" and r["command"] == "clone_job"]
+    assert cloned["args"]["job_id"] == first and cloned["args"]["new_job_id"] == third
+    assert cloned["args"]["job_sha256"] == done[third]["job_sha256"] == done[first]["job_sha256"]
 
     metrics = study.admin_json(f"show_job {first}", admin=SUBMITTER)["metrics"]
     _restart_server(study, crash=True)

@@ -252,3 +252,15 @@ def test_a_download_never_follows_links_planted_in_a_shared_results_folder(tmp_p
     assert (dest / f"{JOB_ID}.zip").read_bytes() == archive and received == len(archive)
     assert sorted(p.name for p in dest.iterdir()) == sorted([f".{JOB_ID}.zip.part", f".{JOB_ID}.part", JOB_ID,
                                                              f"{JOB_ID}.zip"])  # the planted links, untouched
+
+
+@pytest.mark.parametrize("flags", [["-c", "list_jobs", "--bogus"], ["--port", "abc"], ["-c"], ["dashbord"]],
+                         ids=["unknown-flag", "bad-port", "c-without-command", "unknown-mode"])
+def test_a_command_line_argparse_refuses_is_one_json_object_with_json(capsys: pytest.CaptureFixture[str],
+                                                                      flags: list[str]) -> None:
+    """README: with --json every outcome is one JSON object on stdout; argparse's own refusals left it empty."""
+    with pytest.raises(SystemExit) as exited:
+        admin_main.main(["--kit", "kit", "--json", *flags])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and json.loads(out)["exit_code"] == 2
+    assert json.loads(out)["error"] in err and err.startswith("fl_admin: ") and err.count("\n") == 1

@@ -122,3 +122,25 @@ def test_an_admins_script_cannot_forge_lines_in_the_server_log_or_flood_it(tmp_p
     assert "x\\x0a2026-12-03 21:00:00,000 INFO" in lines[0]
     records = _records(path)
     assert len(records) == 1 and "\n" not in records[0]["command"]  # 51 made-up commands: one record so far
+
+
+def test_reads_and_denials_counted_since_their_last_record_are_written_when_the_server_stops(tmp_path):
+    """Three tail_log reads within a minute, then a shutdown: only the first was in the trail, though each
+    fetched a site's log afresh."""
+    path, clock = tmp_path / "audit.jsonl", Clock()
+    service = _real_service(path, clock)
+
+    async def reads() -> None:
+        for _ in range(3):
+            await service._record(LEAD, "tail_log", {"site": "site-1", "n": 5}, allowed=True)
+            await service._record(MEMBER, "abort_job", {"job_id": "j"}, allowed=False, error="denied")
+            clock.now += 1
+
+    asyncio.run(reads())
+    service.record_pending_repeats()
+    service.record_pending_repeats()  # nothing twice
+    tail = [r for r in _records(path) if r["event"] == "admin_command_repeats"]
+    assert sorted((r["command"], r["allowed"], r["repeats_since_last"]) for r in tail) == [
+        ("abort_job", False, 2), ("tail_log", True, 2)]
+    assert next(r for r in tail if r["command"] == "tail_log")["args"] == {"site": "site-1", "n": 5}
+    assert verify(path).records == len(_records(path))
