@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from runtime.aggregators.custom import load_job_aggregator
 from runtime.errors import ConfigError, JobRejected
 from runtime.job_check import check_static
 from runtime.job_spec import CUSTOM_DIR, JobSpec, load_job_folder
@@ -164,7 +165,8 @@ def in_process_learners(job_dir: Path, spec: JobSpec, data: dict[str, Path | Non
 
 
 async def run_simulation(job_dir: Path, spec: JobSpec, data: dict[str, Path | None], out: Path,
-                         processes: int | None, console: Console | None = None) -> SimulationResult:
+                         processes: int | None, console: Console | None = None,
+                         overrides: list[str] | None = None) -> SimulationResult:
     """Start the sites (a pool, or in this process with processes=0), run the job, show the live table."""
     work = out / "work"
     pool: SitePool | None = None
@@ -178,7 +180,11 @@ async def run_simulation(job_dir: Path, spec: JobSpec, data: dict[str, Path | No
     files = await asyncio.to_thread(job_files, job_dir)
     table = asyncio.create_task(_live_table(out / JOB_ID / "metrics.jsonl", spec, len(data), console or Console()))
     try:
-        return await simulate(spec, sites, out, job_files=files, apply_filters=True)
+        # a custom aggregator is the person's own code on their own machine: it runs here, as on a server
+        # whose IT allowed job aggregators
+        code = job_dir.resolve() / CUSTOM_DIR
+        return await simulate(spec, sites, out, job_files=files, apply_filters=True, overrides=overrides,
+                              load_aggregator=lambda config: load_job_aggregator(code, config))
     finally:
         table.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -218,7 +224,7 @@ def simulate_command(job_dir: Path, sites: int | None, data_roots: list[Path], d
                   + (f"{n_proc} worker processes x {threads} threads" if n_proc else "in this process"),
                   markup=False, highlight=False)
     started = time.monotonic()
-    result = asyncio.run(run_simulation(job_dir, spec, data, out, processes, console))
+    result = asyncio.run(run_simulation(job_dir, spec, data, out, processes, console, overrides))
     record = result.record
     console.print()
     console.print(f"{record.state.value} in {time.monotonic() - started:.1f} s: rounds {record.rounds_done}/"

@@ -124,7 +124,9 @@ class ServerJobConfig(_Strict):
                                        description="safetensors files in the job folder that `evaluate` scores")
     max_n_samples: int = Field(10**9, ge=1, description="an update claiming more samples is refused")
     wire_dtype: Literal["float32", "float16", "bfloat16", "int8"] = Field(
-        "float32", description="what models and updates are cast to on the wire, both ways (runtime/quantize.py)")
+        "float32", description="what the server's models (to every site) and the sites' training updates are "
+                               "cast to on the wire (runtime/quantize.py); a site's round-0 and cross-site models "
+                               "go in full precision")
 
     @model_validator(mode="before")
     @classmethod

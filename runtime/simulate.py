@@ -30,6 +30,7 @@ import threading
 import time
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -43,7 +44,7 @@ from .client.privacy_policy import EffectiveChain, PrivacyPolicy
 from .client.worker import SiteState, handle
 from .errors import FedkitError
 from .identity import Identity, Kind
-from .job_spec import JobSpec, spec_to_json
+from .job_spec import JobSpec, sha256_hex, spec_to_json
 from .learner import Learner
 from .quantize import decode, encode
 from .server.controller import JobController
@@ -90,7 +91,8 @@ class SimulationResult:
 async def simulate(spec: JobSpec, learners: dict[str, Learner] | SitePool, folder: Path, *,
                    job_files: dict[str, bytes] | None = None, interrupt_after_results: int | None = None,
                    site_states: dict[str, SiteState] | None = None, apply_filters: bool = False,
-                   filter_seed: int = 0) -> SimulationResult:
+                   filter_seed: int = 0, overrides: list[str] | None = None,
+                   load_aggregator: Callable[[Any], Any] | None = None) -> SimulationResult:
     """Run (or resume) the job in `folder` with one in-process site per learner, or with the sites of a
     `SitePool` (runtime/simulate_pool.py: the learners live in worker processes). `job_files`: files of the
     job folder (initial_model, evaluate_models). `interrupt_after_results`: stop the server abruptly once
@@ -100,14 +102,16 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner] | SitePool, folde
     (config_fed_client.yml `filters:`) on everything a site sends, as a real site does (runtime.client.outgoing:
     train deltas, the round-0 model, models submitted for cross-site validation), with a NumPy generator seeded
     by `filter_seed` and the site's name, DP releases counted per site (under `folder`/dp/). These are the
-    job's filters only; a real site's privacy floor (its privacy policy) may add more.
+    job's filters only; a real site's privacy floor (its privacy policy) may add more. `overrides`: the
+    `--set` lines the spec was built with, kept in the record with the config hash, as submit_job keeps
+    them. `load_aggregator`: builds the job's custom aggregator (the person's own code, on their machine).
 
     Results are folded in arrival order, as on a real server: with several sites training at once the
     order varies between runs, so the global model is reproducible to float tolerance, not bit for bit."""
     # a bad filter fails here, once; a site without a privacy policy applies the job's filters as they are
     chain = PrivacyPolicy().chain_for(JOB_ID, spec.client.filters) if apply_filters else None
     store = JobStore(folder)
-    record = _job_record(store, spec, job_files or {})
+    record = _job_record(store, spec, job_files or {}, overrides or [])
     record.started_at = record.started_at or time.time()  # as the server's runner records it
     audit = AuditLog(folder / "audit.jsonl")
     board, registry = TaskBoard(time.monotonic), Registry(1e9, time.monotonic)
@@ -115,7 +119,8 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner] | SitePool, folde
     pool = learners if isinstance(learners, SitePool) else InProcessSites(learners, states)
     for site in pool.sites:
         registry.register(Identity(site, "simulated", Kind.CLIENT))
-    controller = JobController(record, spec, store, board, registry, audit, settings_max_update_factor=1.5)
+    controller = JobController(record, spec, store, board, registry, audit, settings_max_update_factor=1.5,
+                               load_aggregator=load_aggregator)
     accepted = asyncio.Event()
     counter = {"results": 0}
 
@@ -155,7 +160,12 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner] | SitePool, folde
             with contextlib.suppress(asyncio.CancelledError):
                 await run
             return SimulationResult(record, store.job_dir(JOB_ID), interrupted=True)
-        run.result()  # raises the job's failure
+        try:
+            run.result()  # raises the job's failure
+        except Exception as e:  # the record says so, as a real server's does ('running' was left behind)
+            record.state, record.error, record.finished_at = JobState.FAILED, str(e), time.time()
+            store.save(record)
+            raise
         record.state, record.finished_at = JobState.FINISHED, time.time()
         store.save(record)
         await asyncio.to_thread(draw_curves, store.job_dir(JOB_ID), spec.server.key_metric.name)
@@ -166,17 +176,19 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner] | SitePool, folde
         await asyncio.gather(*sites, interrupt, return_exceptions=True)
 
 
-def _job_record(store: JobStore, spec: JobSpec, job_files: dict[str, bytes]) -> JobRecord:
+def _job_record(store: JobStore, spec: JobSpec, job_files: dict[str, bytes], overrides: list[str]) -> JobRecord:
     if (store.job_dir(JOB_ID) / "record.json").exists():
         return store.load(JOB_ID)
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zf:
         for name, data in job_files.items():
             zf.writestr(name, data)
+    spec_json = spec_to_json(spec)  # the same hash a server gives the same settings (runtime.server.runner)
     record = JobRecord(job_id=JOB_ID, name=spec.meta.name, state=JobState.RUNNING, submitter="simulation",
                        submitter_org="", submitter_role="", submitted_at=time.time(), job_sha256="",
-                       config_hash="", rounds_total=spec.server.rounds)
-    return store.create(archive.getvalue(), spec_to_json(spec), record)
+                       config_hash=sha256_hex(spec_json.encode())[:16], overrides=list(overrides),
+                       rounds_total=spec.server.rounds)
+    return store.create(archive.getvalue(), spec_json, record)
 
 
 @runtime_checkable
@@ -269,7 +281,7 @@ def _result_payload(kind: TaskKind, out: Path, tmp: Path, chain: EffectiveChain 
         report = outgoing.prepare(kind, out, sent, chain, rng, tmp / LAST_GLOBAL, ledger=ledger)
         privacy, out = report.model_dump(mode="json", exclude_none=True), sent
     payload = bytearray(out.read_bytes())
-    if wire_dtype == "float32":
+    if wire_dtype == "float32" or kind is not TaskKind.TRAIN:  # a site encodes its training updates only
         return payload, {}, privacy
     encoded, error = encode(from_bytes(payload), wire_dtype)
     return bytearray(to_bytes(encoded)), error.as_metrics(), privacy

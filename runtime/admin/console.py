@@ -268,7 +268,8 @@ class AdminConsole:
                     for site, reason in entry["failed"].items():
                         table.add_row(label, site, "-", clean_remote(f"FAILED: {reason}"), "")
                 elif entry["type"] == "validation":
-                    table.add_row(f"model {entry['model_round']}", "all", "", "",
+                    # the sites that scored it: those whose result the round took, not always all
+                    table.add_row(f"model {entry['model_round']}", _scored_by(entry["sites"]), "", "",
                                   _fmt_metrics(entry["global"]) + ("  [best]" if entry["is_best"] else ""))
                 # other entries (models scored by evaluate/cross_site, wire statistics) have their own sections
             self._out.print(table)
@@ -559,3 +560,10 @@ def _fmt_control(data: dict[str, Any]) -> str:
 def _console_allowed(name: str, allowed: set[str]) -> bool:
     server_names = {"shutdown": "shutdown_client", "restart": "restart_client", "wait_job": "show_job"}
     return server_names.get(name, name) in allowed or name in allowed
+
+
+def _scored_by(sites: dict[str, Any]) -> str:
+    """Who scored a global model, for show_job's site column ("all" hid that a site whose update was refused
+    did not count)."""
+    names = sorted(sites)
+    return clean_remote(", ".join(names)) if len(names) <= 3 else f"{len(names)} sites"

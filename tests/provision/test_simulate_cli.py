@@ -82,3 +82,67 @@ def test_a_learner_that_does_not_load_is_named_in_one_line(tmp_path: Path) -> No
         assert result.exit_code == 2, result.output
         last = result.output.splitlines()[-1]
         assert "site 'site-1': the job's learner did not load (RuntimeError: no GPU here)" in last
+
+
+# a custom aggregator, as a job's custom/ holds it: the model moves by half of the last delta folded
+HALF_STEP = '''
+class HalfStep:
+    def __init__(self, scale=0.5):
+        self.scale, self.last, self.n_folded = scale, None, 0
+
+    def begin_round(self, model):
+        self.last, self.n_folded = None, 0
+
+    def fold(self, update):
+        self.last = {k: v.copy() for k, v in update.delta.items()}
+        self.n_folded += 1
+
+    def close_round(self, model):
+        return {k: (v + self.scale * self.last.get(k, 0)).astype(v.dtype) for k, v in model.items()}
+
+    def state(self):
+        return {}
+
+    def load_state(self, state):
+        pass
+
+    def task_extras(self):
+        return {}
+
+    def local_algorithm(self):
+        return None
+'''
+
+
+def test_the_record_keeps_the_overrides_and_hash_and_a_failure_says_failed(tmp_path: Path) -> None:
+    """record.json is the layout download_job gives: the --set lines and the config hash a server gives the
+    same settings, and a simulation that fails ends 'failed' with its error (it stayed 'running')."""
+    from runtime.job_spec import load_job_folder, sha256_hex, spec_to_json
+
+    sets = ["server.rounds=1", "client.learner.args.epochs=1"]
+    code, output = _simulate(tmp_path / "ok", "--sites", "2", "--demo-data", "--processes", "0",
+                             *[a for s in sets for a in ("--set", s)])
+    assert code == 0, output
+    record = json.loads((tmp_path / "ok" / "simulated" / "record.json").read_text())
+    assert record["overrides"] == sets
+    assert record["config_hash"] == sha256_hex(spec_to_json(load_job_folder(JOB_TEMPLATE, sets)).encode())[:16]
+
+    code, output = _simulate(tmp_path / "bad", "--sites", "2", "--demo-data", "--processes", "0",
+                             "--set", "server.rounds=1", "--set", "client.learner.args.batch_size=0")
+    assert code != 0
+    record = json.loads((tmp_path / "bad" / "simulated" / "record.json").read_text())
+    assert record["state"] == "failed" and record["error"] and record["finished_at"]
+
+
+def test_a_custom_aggregator_runs_in_a_simulation(tmp_path: Path) -> None:
+    """The person's own aggregator on their own machine: refused before ('this server does not run job code')."""
+    job = tmp_path / "job"
+    shutil.copytree(JOB_TEMPLATE, job)
+    (job / "custom" / "half_step.py").write_text(HALF_STEP)
+    result = CliRunner().invoke(app, [
+        "simulate", str(job), "--out", str(tmp_path / "out"), "--sites", "2", "--demo-data", "--processes", "0",
+        "--set", "server.rounds=1", "--set", "client.learner.args.epochs=1",
+        "--set", "server.aggregator={name: custom, path: 'half_step:HalfStep', args: {scale: 0.5}}"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "simulated" / "record.json").read_text())
+    assert record["state"] == "finished" and record["rounds_done"] == 1

@@ -100,7 +100,8 @@ def test_every_kind_of_metrics_entry_prints_and_the_privacy_lines_follow(tmp_pat
                "chain": [{"name": "percentile", "args": {"fraction": 0.5}, "source": "job"}]}
     metrics = [
         {"type": "shared", "task": "init", "round": 0, "step": 1, "sites": ["site-a"], "failed": {}, "privacy": {}},
-        {"type": "validation", "model_round": 0, "step": 2, "sites": {}, "global": {"accuracy": 0.5}, "is_best": False},
+        {"type": "validation", "model_round": 0, "step": 2, "sites": {"site-b": {"accuracy": 0.5}},
+         "global": {"accuracy": 0.5}, "is_best": False},
         {"type": "round", "round": 1, "step": 2, "sites": ["site-a"], "failed": {}, "n_samples": {"site-a": 3},
          "train": {"site-a": {"loss": 0.1}}, "privacy": {"site-a": privacy}},
         {"type": "wire", "step": 2, "round": 1, "wire_dtype": "int8"},            # written by the controller
@@ -113,4 +114,7 @@ def test_every_kind_of_metrics_entry_prints_and_the_privacy_lines_follow(tmp_pat
     asyncio.run(console.run_line("show_job j1"))
     printed = out.getvalue()
     assert "model 0" in printed and "(init)" in printed
+    # a model's score names the sites whose results counted (site-a's update was refused): not "all"
+    (scored,) = [line for line in printed.splitlines() if "model 0" in line and "accuracy" in line]
+    assert "site-b" in scored and "site-a" not in scored and " all " not in scored
     assert "  site-a: percentile(fraction=0.5)  [round 1]" in printed.splitlines()

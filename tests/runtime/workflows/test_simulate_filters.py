@@ -47,7 +47,8 @@ def test_exclude_vars_keeps_a_tensor_out_of_what_the_server_folds(tmp_path: Path
     np.testing.assert_allclose(filtered.global_model["w"], w, rtol=1e-5, atol=1e-6)
     assert "b" not in filtered.global_model  # it never left a site
     [round_0] = [e for e in filtered.metrics if e["type"] == "shared"]  # the model one site built
-    assert [r["excluded"] for r in round_0["privacy"].values()] == [["b"]]  # as that site reports it
+    # as that site reports it: counted, not named (a round-0 model's names are the job's choice)
+    assert [(r["excluded"], r["n_excluded"]) for r in round_0["privacy"].values()] == [([], 1)]
 
     plain = asyncio.run(simulate(spec, learners(tmp_path / "s2", SIZES), tmp_path / "plain"))
     assert abs(float(plain.global_model["b"][0])) > 1e-3  # the option is what kept it out
@@ -89,3 +90,20 @@ def test_gaussian_dp_runs_on_every_release_as_on_a_site_and_reports_its_epsilon(
         epsilons = [e["privacy"][site]["dp"]["epsilon_total"] for e in rounds]
         assert releases == ([2, 3] if site == builder else [1, 2])  # the site that built round 0 spent one more
         assert 0 < epsilons[0] < epsilons[1]
+
+
+@pytest.mark.parametrize("kind", ["init", "submit_model", "train"])
+def test_a_simulated_site_encodes_for_the_wire_what_a_real_one_does(tmp_path: Path, kind: str) -> None:
+    """A real site encodes its training updates only (its round-0 and cross-site models go in full
+    precision); the simulator encoded everything, so with wire_dtype int8 the two ended on other models."""
+    from runtime.client.dp_ledger import DpLedger
+    from runtime.simulate import _result_payload
+    from runtime.tasks import TaskKind
+    from runtime.weights import save_file
+
+    out = tmp_path / "out.safetensors"
+    save_file({"w": np.linspace(-1, 1, 64, dtype=np.float32)}, out)
+    payload, wire, _ = _result_payload(TaskKind(kind), out, tmp_path, None, np.random.default_rng(0),
+                                       DpLedger(tmp_path / "dp", "j"), "int8")
+    assert (bytes(payload) == out.read_bytes()) == (kind != "train")
+    assert bool(wire) == (kind == "train")
