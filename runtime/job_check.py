@@ -104,7 +104,23 @@ def check_static(folder: Path, overrides: list[str] | None = None) -> StaticResu
         problems.extend(_client_problems(folder, configs["client"]))
     if configs.get("server") is not None:
         problems.extend(_server_problems(folder, configs["server"]))
+        if configs.get("meta") is not None:
+            problems.extend(_weighting_problems(configs["meta"], configs["server"]))
     return StaticResult(problems, configs)
+
+
+def _weighting_problems(meta: Any, server: Any) -> list[Problem]:
+    """A site the job names but its own `weighting` map leaves out trains every round for nothing: the
+    aggregator refuses its update ("no weight for site")."""
+    weighting = getattr(server.aggregator, "weighting", None)
+    if not isinstance(weighting, dict) or meta.sites == "all":
+        return []
+    missing = [site for site in meta.sites if site not in weighting]
+    if not missing:
+        return []
+    return [Problem(SERVER_CONFIG, "aggregator.weighting",
+                    f"no weight for {', '.join(missing)}, which meta.yml sites lists: each of its updates would "
+                    "be refused; give it a weight or take it out of sites")]
 
 
 def require_static_ok(folder: Path, overrides: list[str] | None = None) -> None:
@@ -206,7 +222,21 @@ def _server_problems(folder: Path, server: Any) -> list[Problem]:
         if ".." in Path(name).parts or Path(name).is_absolute() or not path.is_file():
             problems.append(Problem(SERVER_CONFIG, key, f"no file '{name}' in the job folder: give a path inside "
                                                         "it, or remove the key"))
+        elif why := _not_a_model(path):  # it failed only when the job started, naming neither file nor key
+            problems.append(Problem(SERVER_CONFIG, key, f"'{name}' is not a usable model: {why}"))
     return problems
+
+
+def _not_a_model(path: Path) -> str:
+    """Why the safetensors file at `path` cannot be a job's model ("" when it can): its header and offsets
+    (the values are the server's to check when the job starts: a model may be gigabytes)."""
+    from .weights import check_file
+
+    try:
+        check_file(path, values=False)
+    except FedkitError as e:
+        return str(e).removeprefix(f"{path}: ")
+    return ""
 
 
 def _module_exists(folder: Path, module: str) -> bool:

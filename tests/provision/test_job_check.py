@@ -96,14 +96,35 @@ STATIC_CASES = {
                          "config_fed_server.yml: workflows.1: unknown workflow 'federated_magic': use one of"),
     "learner module missing": ("config_fed_client.yml", "learner:TabularLearner", "lerner:TabularLearner",
                                "config_fed_client.yml: learner.path: no module 'lerner' in custom/"),
+    # a listed site the job's own weights leave out trained every round for nothing (its update refused)
+    "site without a weight": ("meta.yml", "sites: all", "sites: [site-1, site-2, site-3]",
+                              "config_fed_server.yml: aggregator.weighting: no weight for site-3, which meta.yml "
+                              "sites lists", {"config_fed_server.yml": ("server_lr: 1.0",
+                                                                        "weighting: {site-1: 2.0, site-2: 1.0}")}),
+    # not a safetensors file: the job failed only when it started, in words naming neither file nor key
+    "initial model not a model": ("config_fed_server.yml", "rounds: 5", "rounds: 5\ninitial_model: start.safetensors",
+                                  "config_fed_server.yml: initial_model: 'start.safetensors' is not a usable model: "
+                                  "not a valid safetensors file", {"start.safetensors": (None, "garbage\n")}),
 }
+
+
+def _make_mistake(job: Path, case: str) -> tuple[str, str, str, str]:
+    """Apply STATIC_CASES[case] to `job` (and its other edits: a file's (old, new), or (None, content) for a
+    new file); returns (file, old, new, expected)."""
+    file, old, new, expected, *more = STATIC_CASES[case]
+    for other, (was, now) in (more[0] if more else {}).items():
+        if was is None:
+            (job / other).write_text(now)
+        else:
+            _edit(job / other, was, now)
+    _edit(job / file, old, new)
+    return file, old, new, expected
 
 
 @pytest.mark.parametrize("case", list(STATIC_CASES))
 def test_each_config_mistake_gets_its_one_line(tmp_path: Path, case: str) -> None:
-    file, old, new, expected = STATIC_CASES[case]
     job = _new(tmp_path)
-    _edit(job / file, old, new)
+    file, old, new, expected = _make_mistake(job, case)
     result = _cli("check", str(job))
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
@@ -122,9 +143,8 @@ def test_check_json_is_one_object_for_scripts(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("case", list(STATIC_CASES))
 def test_the_console_refuses_each_config_mistake_before_uploading(tmp_path: Path, case: str) -> None:
-    file, old, new, expected = STATIC_CASES[case]
     job = _new(tmp_path)
-    _edit(job / file, old, new)
+    file, old, new, expected = _make_mistake(job, case)
     client = _RecordingClient()
     console = AdminConsole(client, Console(file=io.StringIO(), markup=False))  # type: ignore[arg-type]
     with pytest.raises(JobRejected) as refused:
@@ -218,7 +238,8 @@ def test_the_schema_accepts_every_template(tmp_path: Path, template: str) -> Non
         assert errors == [], f"{template}/{name}: {errors[0].message if errors else ''}"
 
 
-@pytest.mark.parametrize("case", [c for c in STATIC_CASES if c != "learner module missing"])
+# a file's schema sees that file only: not the code, another file, or the model a key names
+@pytest.mark.parametrize("case", [c for c, v in STATIC_CASES.items() if c != "learner module missing" and len(v) == 4])
 def test_the_schema_rejects_each_config_mistake(tmp_path: Path, case: str) -> None:
     file, old, new, _ = STATIC_CASES[case]
     job = _new(tmp_path)
