@@ -1,8 +1,9 @@
 """Job templates: every folder of templates/jobs/ with a meta.yml is one, so a new template folder simply
 appears in `fedkit job templates` and can be used by `fedkit job new NAME --template T`.
 
-A template's one-line description is the first line of text of its README.md (headings skipped), else
-meta.yml's `description`. `--template` takes the folder name or any unique beginning of it (`tabular`).
+A template's one-line description is the first sentence of its README.md's text (headings skipped, wrapped
+lines joined), else meta.yml's `description`. `--template` takes the folder name or any unique beginning of
+it (`tabular`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,16 @@ def list_templates(root: Path = TEMPLATES_DIR) -> dict[str, str]:
 def describe(template: Path) -> str:
     readme = template / "README.md"
     if readme.is_file():
+        paragraph: list[str] = []  # a README wraps its lines: the first line alone ended mid-sentence
         for line in readme.read_text(errors="replace").splitlines():
             text = line.strip()
             if text and not text.startswith(("#", "<!--")):
-                return text
+                paragraph.append(text)
+            elif paragraph:
+                break
+        if paragraph:
+            text = " ".join(paragraph)
+            return text[:text.find(". ") + 1] if ". " in text else text  # its first sentence
     try:
         meta = yaml.safe_load((template / META).read_text())
     except yaml.YAMLError:

@@ -64,6 +64,10 @@ def site_data(sites: int | None, data_roots: list[Path], demo_data: bool, out: P
         if len(set(names)) < len(names) or any(not n or n.startswith(".") for n in names):
             names = [f"site-{i + 1}" for i in range(len(data_roots))]
         return {name: root.resolve() for name, root in zip(names, data_roots, strict=True)}
+    if len(data_roots) > sites:  # the rest were ignored without a word
+        raise ConfigError(f"--sites {sites} with {len(data_roots)} --data-roots: the last "
+                          f"{len(data_roots) - sites} would be left out; give --sites {len(data_roots)} or leave "
+                          "--sites out (one site per folder)")
     names = [f"site-{i + 1}" for i in range(sites)]
     if demo_data:
         from provision.demo_data import write_demo_data  # imports scikit-learn: only when asked for

@@ -57,6 +57,8 @@ def test_templates_lists_every_template_folder_with_one_line() -> None:
     lines = result.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(list_templates())
     assert "tabular_classifier" in list_templates() and all(len(line.split()) > 1 for line in lines)
+    # a README's first sentence, its wrapped lines joined: the first line alone ended mid-sentence
+    assert all(text.endswith(".") for text in list_templates().values()), list_templates()
 
 
 def test_new_names_the_job_and_gives_it_the_schema(tmp_path: Path) -> None:

@@ -61,6 +61,11 @@ def test_bad_input_gets_one_line(tmp_path: Path) -> None:
     assert code == 2 and "no sites: give --data-roots" in output
     code, output = _simulate(tmp_path / "c", "--data-roots", str(tmp_path / "nowhere"))
     assert code == 2 and "is not a folder" in output
+    roots = [tmp_path / f"root-{i}" for i in range(3)]
+    for root in roots:
+        root.mkdir()
+    code, output = _simulate(tmp_path / "c2", "--sites", "2", *[a for r in roots for a in ("--data-roots", str(r))])
+    assert code == 2 and "the last 1 would be left out" in output  # the third folder was ignored silently
     code, output = _simulate(tmp_path / "d", "--sites", "2", "--demo-data", "--set", "server.rounds=0")
     assert code == 2 and "config_fed_server.yml" in output and len(output.splitlines()) == 1
     # every problem at once, each with its fix, in the words submit_job and `fedkit job check` use
