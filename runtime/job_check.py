@@ -82,13 +82,15 @@ def check_static(folder: Path, overrides: list[str] | None = None) -> StaticResu
         except (JobRejected, UnicodeDecodeError) as e:
             problems.append(Problem(fname, "", str(e).removeprefix(f"{fname}: ")))
             raw[section] = None
+    set_by: dict[tuple[str, str], str] = {}  # (section, dotted key) -> the --set that put it there
     for text in overrides or []:
         try:
             section, path_parts, value = parse_override(text)
             if raw[section] is not None:
                 _apply(raw[section], path_parts, value)  # type: ignore[arg-type]
+                set_by[(section, ".".join(map(str, path_parts)))] = text
         except JobRejected as e:
-            problems.append(Problem("--set", text, str(e)))
+            problems.append(Problem("--set", "", str(e)))  # its message quotes the override already
     configs: dict[str, Any] = {}
     for section, (fname, model) in FILES.items():
         data = raw[section]
@@ -99,7 +101,12 @@ def check_static(folder: Path, overrides: list[str] | None = None) -> StaticResu
             configs[section] = model.model_validate(data)
         except ValidationError as e:
             configs[section] = None
-            problems.extend(Problem(fname, *_describe(model, err)) for err in e.errors())
+            for err in e.errors():
+                key, message = _describe(model, err)
+                # a key an override gave is the override's mistake, not the file's: say which
+                source = next((f"{fname} (--set {text})" for (sec, path), text in set_by.items()
+                               if sec == section and (key == path or key.startswith(path + "."))), fname)
+                problems.append(Problem(source, key, message))
     if configs.get("client") is not None:
         problems.extend(_client_problems(folder, configs["client"]))
     if configs.get("server") is not None:

@@ -72,8 +72,9 @@ def test_bad_input_gets_one_line(tmp_path: Path) -> None:
     code, output = _simulate(tmp_path / "e", "--sites", "2", "--demo-data", "--set", "server.roundz=1",
                              "--set", "meta.min_clients=0")
     assert code == 2 and len(output.splitlines()) == 1, output
-    assert "config_fed_server.yml: roundz: unknown key; did you mean 'rounds'?" in output
-    assert "meta.yml: min_clients: Input should be greater than or equal to 1" in output
+    # each named with the --set that made it (the files themselves are fine)
+    assert "config_fed_server.yml (--set server.roundz=1): roundz: unknown key; did you mean 'rounds'?" in output
+    assert "meta.yml (--set meta.min_clients=0): min_clients: Input should be greater than or equal to 1" in output
 
 
 def test_a_learner_that_does_not_load_is_named_in_one_line(tmp_path: Path) -> None:
