@@ -135,6 +135,9 @@ class ServerJobConfig(_Strict):
             for old, hint in _RENAMED.items():
                 if old in data:
                     raise ValueError(hint)
+            aggregator = data.get("aggregator")
+            if isinstance(aggregator, dict) and "name" not in aggregator:  # the documented default, not
+                data = {**data, "aggregator": {"name": "fedavg", **aggregator}}  # "unable to extract tag"
         return data
 
     @model_validator(mode="after")

@@ -279,3 +279,12 @@ def test_text_shown_to_other_admins_is_one_line_of_plain_text(override: str) -> 
 def test_an_override_with_a_control_character_is_refused() -> None:
     with pytest.raises(JobRejected, match=r"^override 'server\.rounds=3\\x1b\[2J': control character U\+001B"):
         parse_override("server.rounds=3\x1b[2J")
+
+
+def test_an_aggregator_without_a_name_is_fedavg_as_documented() -> None:
+    """docs/config-reference.md gives aggregator.name the default "fedavg"; leaving it out failed with pydantic's
+    'Unable to extract tag using discriminator'."""
+    from runtime.job_spec import ServerJobConfig
+
+    config = ServerJobConfig.model_validate({"rounds": 2, "aggregator": {"server_lr": 0.5}})
+    assert config.aggregator.name == "fedavg" and config.aggregator.server_lr == 0.5
