@@ -176,7 +176,8 @@ async def simulate(spec: JobSpec, learners: dict[str, Learner] | SitePool, folde
         await asyncio.gather(*sites, interrupt, return_exceptions=True)
 
 
-def _job_record(store: JobStore, spec: JobSpec, job_files: dict[str, bytes], overrides: list[str]) -> JobRecord:
+def _job_record(store: JobStore, spec: JobSpec, job_files: dict[str, bytes],
+                overrides: list[str] | None = None) -> JobRecord:
     if (store.job_dir(JOB_ID) / "record.json").exists():
         return store.load(JOB_ID)
     archive = io.BytesIO()
@@ -186,7 +187,7 @@ def _job_record(store: JobStore, spec: JobSpec, job_files: dict[str, bytes], ove
     spec_json = spec_to_json(spec)  # the same hash a server gives the same settings (runtime.server.runner)
     record = JobRecord(job_id=JOB_ID, name=spec.meta.name, state=JobState.RUNNING, submitter="simulation",
                        submitter_org="", submitter_role="", submitted_at=time.time(), job_sha256="",
-                       config_hash=sha256_hex(spec_json.encode())[:16], overrides=list(overrides),
+                       config_hash=sha256_hex(spec_json.encode())[:16], overrides=list(overrides or []),
                        rounds_total=spec.server.rounds)
     return store.create(archive.getvalue(), spec_json, record)
 
