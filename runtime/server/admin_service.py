@@ -113,6 +113,7 @@ class AdminService:
             if name != "help":  # a denied role does nothing, so it needs no request record, only its denial's
                 self._policy.scope(peer, _PERMISSION_OF.get(name, name))
             if name in STATE_CHANGING:
+                self._check_target(peer, name, args)  # another's job, another org's site: denied, not requested
                 await self._record_request(peer, name, args)
             data = await handler(peer, args)
         except FedkitError as e:
@@ -389,6 +390,14 @@ class AdminService:
             self._audit.append("admin_command_repeats", **fields, repeats_since_last=repeats)
 
     # ---- helpers ---------------------------------------------------------------------------------
+
+    def _check_target(self, peer: Identity, name: str, args: dict[str, Any]) -> None:
+        """The own_jobs / own_org check of a state-changing command, before its request record: a lead
+        aborting others' jobs in a loop wrote one request record per call (the handler checks again)."""
+        if name in ("abort_job", "clone_job", "delete_job"):
+            self._policy.check(peer, name, **_job_target(self._runner.store.load(_job_id(args))))
+        elif name in ("shutdown_client", "restart_client"):
+            self._policy.check(peer, name, target_org=self._site_org(str(args.get("site", ""))))
 
     def _check_connected(self, site: str, word: str) -> None:
         """A control word reaches a site with its next heartbeat: refuse one for a site that sends none."""

@@ -91,7 +91,10 @@ def _real_service(path: Path, clock: Clock) -> AdminService:
     from runtime.server.authz import DEFAULT_POLICY, Policy
 
     service = AdminService.__new__(AdminService)
-    service._commands = {"abort_job": None, "show_audit": None}
+    async def never(peer: Identity, args: dict) -> None:
+        raise AssertionError("a refused command reached its handler")
+
+    service._commands = {"abort_job": never, "show_audit": never}
     service._policy, service._audit = Policy(DEFAULT_POLICY), AuditLog(path)
     service._repeated_reads = RepeatedReads(clock)
     return service
@@ -144,3 +147,24 @@ def test_reads_and_denials_counted_since_their_last_record_are_written_when_the_
         ("abort_job", False, 2), ("tail_log", True, 2)]
     assert next(r for r in tail if r["command"] == "tail_log")["args"] == {"site": "site-1", "n": 5}
     assert verify(path).records == len(_records(path))
+
+
+def test_a_lead_aborting_others_jobs_in_a_loop_writes_no_request_records(tmp_path):
+    """own_jobs is checked before the request record: a denial does nothing, so it is one counted denial,
+    not one fsynced admin_request per call."""
+    from runtime.proto import fedkit_pb2 as pb
+
+    path, clock = tmp_path / "audit.jsonl", Clock()
+    service = _real_service(path, clock)
+    service._runner = SimpleNamespace(store=SimpleNamespace(
+        load=lambda job_id: SimpleNamespace(submitter="other@study.org", submitter_org="org-b")))
+
+    async def loop() -> list:
+        return [await service.command(LEAD, pb.AdminRequest(command="abort_job",
+                                                            args_json='{"job_id": "20260101-000000-abcdef"}'))
+                for _ in range(20)]
+
+    replies = asyncio.run(loop())
+    assert all(not r.ok and "denied" in r.message for r in replies)
+    records = _records(path)
+    assert [r["event"] for r in records] == ["admin_command"] and records[0]["allowed"] is False
