@@ -448,8 +448,8 @@ def call_errors(what: str, target: str) -> Iterator[None]:
             raise ServerUnreachable(f"{what}: server {target} unreachable ({code.name}): {details}") from None
         if code == grpc.StatusCode.UNAUTHENTICATED:
             raise CertificateError(f"{what}: {target} refused our certificate: {details}") from None
-        if code == grpc.StatusCode.PERMISSION_DENIED:
-            raise PermissionDenied(f"{what}: {details}") from None
+        if code == grpc.StatusCode.PERMISSION_DENIED:  # the server's "denied: ..." line is whole as it is
+            raise PermissionDenied(details if details.startswith("denied:") else f"{what}: {details}") from None
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             raise UpdateRejected(f"{what}: {details}") from None
         if code == grpc.StatusCode.ABORTED:

@@ -125,7 +125,7 @@ class Console:
             assert done.returncode == 0, f"{call.admin} '{call.line}' should be allowed: {message}"
             return json.loads(done.stdout)
         assert done.returncode == 1, f"{call.admin} '{call.line}' should be denied; exit {done.returncode}"
-        assert "\n" not in message and message.startswith("fl_admin: ") and "denied: role" in message, message
+        assert "\n" not in message and message.startswith("fl_admin: denied: role"), message  # README: one denied: line
         assert json.loads(done.stdout) == {"error": message.removeprefix("fl_admin: "), "exit_code": 1}
         return message
 
