@@ -120,8 +120,12 @@ def _weighting_problems(meta: Any, server: Any) -> list[Problem]:
     """A site the job names but its own `weighting` map leaves out trains every round for nothing: the
     aggregator refuses its update ("no weight for site")."""
     weighting = getattr(server.aggregator, "weighting", None)
-    if not isinstance(weighting, dict) or meta.sites == "all":
+    if not isinstance(weighting, dict):
         return []
+    if meta.sites == "all":  # every site the study has, or will have: which of them lack a weight is unknown
+        return [Problem(SERVER_CONFIG, "aggregator.weighting",
+                        "a weight per site needs meta.yml to list the sites (sites: [...]): with 'all', a site "
+                        "without a weight would train every round and have its update refused")]
     missing = [site for site in meta.sites if site not in weighting]
     if not missing:
         return []

@@ -6,7 +6,8 @@ Everything a site uploads goes through `prepare`, whatever the task:
     submit_model  the local model for cross-site validation, as `last global + chain(local - last global)`:
                   the server already holds the last global model it sent, so what the site reveals is a
                   filtered delta, exactly as strong as every round's; clipping and noise stay in scale with
-                  a delta instead of wrecking a whole model. Without a last global (none kept), as init.
+                  a delta instead of wrecking a whole model. Without a last global it is refused: a site
+                  that never received a model has no local model of the job's, only names of its choosing.
     init          the round-0 model: there is nothing the server already holds, so the chain runs on the
                   whole model (gaussian_dp clips the whole model to clip_norm and adds noise). A job that
                   ships `initial_model` avoids this, since then no site builds round 0.
@@ -57,9 +58,10 @@ def prepare(task: Task, raw_path: Path, out_path: Path, chain: EffectiveChain, r
     if a file is not valid safetensors or not what the task may send, and DpBudgetExhausted (out_path then
     absent) when the site's DP budget does not allow this release."""
     out_path.unlink(missing_ok=True)  # nothing from an earlier attempt may be sent in this one's place
-    # names a report may list: those of a model the server sent, once what was written is checked against it
-    checked = task != TaskKind.INIT and reference_path is not None and reference_path.exists()
-    if checked or task == TaskKind.TRAIN:  # a train delta is always checked: a missing reference refuses it
+    # names a report may list: those of a model the server sent, once what was written is checked against it;
+    # a delta or local model without the model it came from is refused (a site that never trained has none)
+    checked = task != TaskKind.INIT
+    if checked:
         _check_layout(task, raw_path, reference_path)
     if not chain.steps:  # nothing to apply: send the file as it is, without a load and a rewrite
         return _unfiltered(task, raw_path, out_path, chain)

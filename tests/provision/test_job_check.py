@@ -99,10 +99,12 @@ STATIC_CASES = {
     "learner module missing": ("config_fed_client.yml", "learner:TabularLearner", "lerner:TabularLearner",
                                "config_fed_client.yml: learner.path: no module 'lerner' in custom/"),
     # a listed site the job's own weights leave out trained every round for nothing (its update refused)
-    "site without a weight": ("meta.yml", "sites: all", "sites: [site-1, site-2, site-3]",
+    "site without a weight": ("config_fed_server.yml", "server_lr: 1.0", "weighting: {site-1: 2.0, site-2: 1.0}",
                               "config_fed_server.yml: aggregator.weighting: no weight for site-3, which meta.yml "
-                              "sites lists", {"config_fed_server.yml": ("server_lr: 1.0",
-                                                                        "weighting: {site-1: 2.0, site-2: 1.0}")}),
+                              "sites lists", {"meta.yml": ("sites: all", "sites: [site-1, site-2, site-3]")}),
+    "weights for sites: all": ("config_fed_server.yml", "server_lr: 1.0", "weighting: {site-1: 2.0}",
+                               "config_fed_server.yml: aggregator.weighting: a weight per site needs meta.yml to "
+                               "list the sites", {}),  # (no other edit: its meta.yml says sites: all)
     # not a safetensors file: the job failed only when it started, in words naming neither file nor key
     "initial model not a model": ("config_fed_server.yml", "rounds: 5", "rounds: 5\ninitial_model: start.safetensors",
                                   "config_fed_server.yml: initial_model: 'start.safetensors' is not a usable model: "

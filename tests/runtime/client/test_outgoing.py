@@ -116,13 +116,15 @@ def test_local_model_is_last_global_plus_a_filtered_delta(files: dict[str, Path]
     assert changed[from_local].min() >= changed[~from_local].max()
 
 
-def test_local_model_without_a_reference_is_filtered_whole(files: dict[str, Path]) -> None:
+def test_a_local_model_without_the_model_received_is_refused(files: dict[str, Path]) -> None:
+    """A site that never trained has no local model of the job's: its code could name tensors at will, and the
+    server's refusal echoed a name into show_job (it was filtered whole, as an init model, before)."""
+    save_file({**model(1), "PATIENT_4711_DIAG_C34_1": np.zeros(3, np.float32)}, files["raw"])
     chain = PrivacyPolicy(**DP).chain_for("j", [])
-    report = prepare("submit_model", files["raw"], files["out"], chain, np.random.default_rng(0),
-                     files["ref"].with_name("missing.safetensors"), ledger=ledger(files))
-    assert report.applied_to == "whole_model"
-    floats = [v for v in load_file(files["out"]).values() if v.dtype.kind == "f"]
-    assert len(floats) == 3
+    with pytest.raises(UpdateRejected, match="no model received"):
+        prepare("submit_model", files["raw"], files["out"], chain, np.random.default_rng(0),
+                files["ref"].with_name("missing.safetensors"), ledger=ledger(files))
+    assert not files["out"].exists()
 
 
 def test_initial_model_gets_the_chain_whole(files: dict[str, Path]) -> None:
