@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from typing import Any
 from .errors import AuditChainBroken
 
 GENESIS = "0" * 64
+log = logging.getLogger(__name__)
 
 
 def _canonical(record: dict[str, Any]) -> bytes:
@@ -89,6 +91,8 @@ class AuditLog:
                     f.write(b"\n")
                 data += b"\n"
             else:
+                log.warning("audit log %s: removed %d bytes after its last record, a record a crash cut off "
+                            "mid-write", self._path, len(data) - keep)
                 with self._path.open("r+b") as f:
                     f.truncate(keep)
                 data = data[:keep]
@@ -96,11 +100,11 @@ class AuditLog:
         self._count = len(lines)
         if not lines:
             return GENESIS
-        last = _parsed(lines[-1])
-        if last is None or not isinstance(last.get("hash"), str):
-            raise AuditChainBroken(f"{self._path}:{len(lines)}: the last line is not an audit record; nothing is "
-                                   "appended to a log that does not verify (fedkit audit verify names the damage)")
-        return last["hash"]
+        if not _whole_record(lines[-1]):  # chaining onto it would extend a log that no longer verifies
+            raise AuditChainBroken(f"{self._path}:{len(lines)}: the last line is not an audit record as fedkit "
+                                   "writes it; nothing is appended to a log that does not verify (fedkit audit "
+                                   "verify names the damage)")
+        return _parsed(lines[-1])["hash"]  # type: ignore[index]
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         with self._lock:
@@ -181,9 +185,9 @@ def _lines(path: Path) -> Iterator[_Line]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             line = raw.rstrip(b"\n")
-            if not line.strip():
+            if not line:  # fedkit writes no empty line; tolerated, as a trailing one was
                 continue
-            record = _parsed(line)
+            record = _parsed(line)  # a line of spaces is not a record: verify names it
             # a duplicate key ("allowed":true,"allowed":false) parses to the last value and hashes fine, while
             # grep and a reader see the first: only the bytes append() writes count
             yield _Line(lineno, record, as_written=record is not None and _canonical(record) == line)

@@ -175,10 +175,29 @@ def test_a_last_record_that_lost_only_its_newline_is_kept_and_a_cut_one_removed(
     assert AuditLog(path).head().records == 2 and verify(path).records == 2
 
 
-@pytest.mark.parametrize("last", [b"garbage", b"[1]"])
+@pytest.mark.parametrize("last", [b"garbage", b"[1]", b'{"hash":"abc"}'])
 def test_a_log_whose_last_line_is_no_record_refuses_appends_in_one_line(tmp_path: Path, last: bytes) -> None:
     path = tmp_path / "audit.jsonl"
     _write_log(path, 2)
     path.write_bytes(path.read_bytes() + last + b"\n")
     with pytest.raises(AuditChainBroken, match=r":3: the last line is not an audit record"):
         AuditLog(path)
+
+
+def test_a_crlf_log_is_not_appended_to(tmp_path: Path) -> None:
+    """A copy through a Windows editor: verify refuses its lines, so the server must not extend it."""
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 2)
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    with pytest.raises(AuditChainBroken, match=r":2: the last line is not an audit record"):
+        AuditLog(path)
+
+
+def test_a_line_of_spaces_inserted_mid_log_fails_verify(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    _write_log(path, 3)
+    lines = _lines(path)
+    lines.insert(1, b"   \n")
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(AuditChainBroken, match=r":2: not a JSON record"):
+        verify(path)
