@@ -381,9 +381,9 @@ class AdminService:
         """At stop: one record per read or denial repeated since its last record, with the count, so the trail
         does not lose them (they were written only with the next record of the same key)."""
         for key, repeats in self._repeated_reads.take_pending():
-            if key[0] == "denied":
-                _, admin, command = key
-                fields = {"admin": admin, "command": command, "allowed": False}
+            if key[0] in ("denied", "burst"):  # counted whatever their arguments
+                kind, admin, command = key
+                fields = {"admin": admin, "command": command, "allowed": kind == "burst"}
             else:
                 admin, command, args = key
                 fields = {"admin": admin, "command": command, "args": json.loads(args), "allowed": True}
@@ -421,12 +421,17 @@ class AdminService:
         """Audit one command's outcome; off the event loop, because each record is fsynced. Denials are counted
         per admin and `denial_key` (default: the command)."""
         bounded, repeats = bounded_args(args), 0
+        reads = self._repeated_reads
         if allowed and not error and command not in STATE_CHANGING:
-            repeats = self._repeated_reads.due(read_key(peer.name, command, bounded))
+            repeats = reads.due(read_key(peer.name, command, bounded))
         elif not allowed:  # the first denial at once; a flood of them (any arguments) once an interval, counted
-            repeats = self._repeated_reads.due(("denied", peer.name, denial_key or command))
+            repeats = reads.due(("denied", peer.name, denial_key or command))
         if repeats is None:
             return  # counted; written with the next record of the same read or denial
+        if allowed and command not in STATE_CHANGING and reads.over_budget(peer.name, command):
+            repeats = reads.due(("burst", peer.name, command))  # a read or failed read past its budget
+            if repeats is None:
+                return
         await asyncio.to_thread(self._audit.append, "admin_command", admin=peer.name, org=peer.org,
                                 role=peer.role.value if peer.role else "", command=command, args=bounded,
                                 allowed=allowed, result="error" if error else "ok", error=bounded_text(error, 500),

@@ -14,6 +14,10 @@ from typing import Any
 
 REPEAT_AFTER_S = 60.0
 MAX_TRACKED = 4096  # distinct (admin, command, args) kept; stale ones are dropped past this
+# records one admin's reads (or failed reads) of one command may write per interval, whatever the arguments:
+# past it they are counted together, so a script varying its arguments (show_job nosuch-1, -2, ...) cannot
+# grow the trail at its own pace (13 MB a minute)
+MAX_RECORDS_PER_INTERVAL = 30
 
 
 def read_key(admin: str, command: str, args: dict[str, Any]) -> tuple[str, str, str]:
@@ -26,6 +30,23 @@ class RepeatedReads:
         self._repeat_after_s = repeat_after_s
         self._last: dict[Hashable, float] = {}
         self._repeats: dict[Hashable, int] = {}
+        self._written: dict[Hashable, tuple[float, int]] = {}  # (admin, command) -> (window start, records)
+
+    def over_budget(self, admin: str, command: str) -> bool:
+        """Whether `admin` has written MAX_RECORDS_PER_INTERVAL records of `command` in this interval already
+        (counting this one when not)."""
+        if self._repeat_after_s <= 0:
+            return False
+        now, key = self._clock(), (admin, command)
+        start, n = self._written.get(key, (now, 0))
+        if now - start >= self._repeat_after_s:
+            start, n = now, 0
+        if n >= MAX_RECORDS_PER_INTERVAL:
+            return True
+        if len(self._written) >= MAX_TRACKED and key not in self._written:
+            self._written = {k: v for k, v in self._written.items() if now - v[0] < self._repeat_after_s}
+        self._written[key] = (start, n + 1)
+        return False
 
     def due(self, key: Hashable) -> int | None:
         """None when this read falls within the interval of the last record of the same key (it is

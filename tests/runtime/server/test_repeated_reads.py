@@ -168,3 +168,31 @@ def test_a_lead_aborting_others_jobs_in_a_loop_writes_no_request_records(tmp_pat
     assert all(not r.ok and "denied" in r.message for r in replies)
     records = _records(path)
     assert [r["event"] for r in records] == ["admin_command"] and records[0]["allowed"] is False
+
+
+def test_reads_with_ever_new_arguments_are_bounded_per_admin_and_command(tmp_path):
+    """Each new argument set was a new read to record, and failed reads were all recorded: a member's script
+    asking show_job nosuch-1, nosuch-2, ... grew the trail 13 MB a minute. Past a budget an interval, they
+    are counted together; the count is written with the next such record, or at stop."""
+    from runtime.server.repeated_reads import MAX_RECORDS_PER_INTERVAL
+
+    path, clock = tmp_path / "audit.jsonl", Clock()
+    service = _real_service(path, clock)
+
+    async def flood() -> None:
+        for i in range(200):
+            await service._record(MEMBER, "show_job", {"job_id": f"nosuch-{i}"}, allowed=True, error="no such job")
+            await service._record(MEMBER, "list_jobs", {"junk": i}, allowed=True)
+        await service._record(LEAD, "show_job", {"job_id": "j1"}, allowed=True)  # another admin: its own budget
+
+    asyncio.run(flood())
+    records = _records(path)
+    per_command = {c: [r for r in records if r["command"] == c and r["admin"] == MEMBER.name]
+                   for c in ("show_job", "list_jobs")}
+    assert all(len(rs) == MAX_RECORDS_PER_INTERVAL + 1 for rs in per_command.values()), \
+        {c: len(rs) for c, rs in per_command.items()}
+    assert [r["admin"] for r in records].count(LEAD.name) == 1
+    service.record_pending_repeats()
+    pending = {r["command"]: r["repeats_since_last"] for r in _records(path) if r["event"] == "admin_command_repeats"}
+    assert pending == {"show_job": 200 - MAX_RECORDS_PER_INTERVAL - 1, "list_jobs": 200 - MAX_RECORDS_PER_INTERVAL - 1}
+    assert verify(path).records == len(_records(path))
