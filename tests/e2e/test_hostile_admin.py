@@ -241,9 +241,13 @@ def test_each_hostile_request_is_refused_in_one_clear_line_and_audited(run: Run,
 
 
 def test_state_changing_requests_are_audited_before_they_act(run: Run) -> None:
-    for case in ("alias_bomb", "zip_bomb", "oversized_upload", "non_zip_upload", "member_huge_denied_args"):
+    for case in ("alias_bomb", "zip_bomb", "oversized_upload", "non_zip_upload"):
         events = [r["event"] for r in run.outcomes[case].audit]
         assert events == ["admin_request", "admin_command"], (case, events)
+    # a role that may not run the command does nothing: its denial is the record (a request record each
+    # time let a member's script write the trail at its own pace)
+    events = [r["event"] for r in run.outcomes["member_huge_denied_args"].audit]
+    assert events == ["admin_command"], events
 
 
 def test_huge_arguments_are_cut_in_the_audit_trail_with_a_marker(run: Run) -> None:
