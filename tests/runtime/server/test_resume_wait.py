@@ -47,12 +47,14 @@ class _Server:
                                          audit, heartbeat_interval_s=0.1, max_concurrent_uploads=2,
                                          max_concurrent_downloads=3, controls=SiteControls())
 
-    async def site(self, name: str, done: asyncio.Event, delay_s: float = 0.0) -> None:
-        """A site that connects after `delay_s` and answers every task, heartbeating all along."""
+    async def site(self, name: str, done: asyncio.Event, delay_s: float = 0.0, hold_round: int | None = None) -> None:
+        """A site that connects after `delay_s` and answers every task, heartbeating all along; with
+        `hold_round`, it holds that round's train task until `done` (so the server dies between rounds)."""
         await asyncio.sleep(delay_s)
         beats = asyncio.create_task(self._heartbeats(name, done))
+        pauses = {("before", hold_round): done.wait} if hold_round is not None else {}
         try:
-            await _site(self.service, name, done, {}, set())
+            await _site(self.service, name, done, pauses, set())
         finally:
             beats.cancel()
 
@@ -68,7 +70,9 @@ def test_a_resumed_job_waits_for_every_site_that_took_part(tmp_path: Path) -> No
 
     async def until_round_1_is_checkpointed_then_the_server_dies() -> None:
         server, done = _Server(store, audit), asyncio.Event()
-        sites = [asyncio.create_task(server.site(name, done)) for name in SITES]
+        # round 2 waits for the server's death: under load, the poll below once saw round 1's checkpoint only
+        # after round 2 had closed too
+        sites = [asyncio.create_task(server.site(name, done, hold_round=2)) for name in SITES]
         run = asyncio.create_task(server.controller.run())
         models = store.models_dir(server.controller.record.job_id)
         await asyncio.wait_for(_until(lambda: (c := load_checkpoint(models)) is not None
