@@ -119,11 +119,9 @@ def _check_layout(task: Task, raw_path: Path, reference_path: Path | None) -> No
 def _check_finite(weights: Weights) -> None:
     """Refuse non-finite floats before a chain runs on them: a NaN makes gaussian_dp's norm NaN (no clipping),
     and a later step (percentile, or the job's own exclusion) could remove it before the server's check."""
-    import numpy as np
+    from ..weights import all_finite, is_float_dtype
 
-    from ..weights import is_float_dtype
-
-    bad = sum(1 for v in weights.values() if is_float_dtype(v.dtype) and not np.isfinite(v).all())
+    bad = sum(1 for v in weights.values() if is_float_dtype(v.dtype) and not all_finite(v))
     if bad:
         raise UpdateRejected(f"the job's code wrote weights with NaN or Inf in {bad} tensor(s); nothing was sent")
 

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from provision.cli import app
 from runtime.weights import load_file
+from tests.runtime.server.test_job_intake import CUSTOM_AGGREGATOR  # a job's own aggregator
 
 from ..conftest import JOB_TEMPLATE
 
@@ -90,36 +91,6 @@ def test_a_learner_that_does_not_load_is_named_in_one_line(tmp_path: Path) -> No
         assert "site 'site-1': the job's learner did not load (RuntimeError: no GPU here)" in last
 
 
-# a custom aggregator, as a job's custom/ holds it: the model moves by half of the last delta folded
-HALF_STEP = '''
-class HalfStep:
-    def __init__(self, scale=0.5):
-        self.scale, self.last, self.n_folded = scale, None, 0
-
-    def begin_round(self, model):
-        self.last, self.n_folded = None, 0
-
-    def fold(self, update):
-        self.last = {k: v.copy() for k, v in update.delta.items()}
-        self.n_folded += 1
-
-    def close_round(self, model):
-        return {k: (v + self.scale * self.last.get(k, 0)).astype(v.dtype) for k, v in model.items()}
-
-    def state(self):
-        return {}
-
-    def load_state(self, state):
-        pass
-
-    def task_extras(self):
-        return {}
-
-    def local_algorithm(self):
-        return None
-'''
-
-
 def test_the_record_keeps_the_overrides_and_hash_and_a_failure_says_failed(tmp_path: Path) -> None:
     """record.json is the layout download_job gives: the --set lines and the config hash a server gives the
     same settings, and a simulation that fails ends 'failed' with its error (it stayed 'running')."""
@@ -144,11 +115,11 @@ def test_a_custom_aggregator_runs_in_a_simulation(tmp_path: Path) -> None:
     """The person's own aggregator on their own machine: refused before ('this server does not run job code')."""
     job = tmp_path / "job"
     shutil.copytree(JOB_TEMPLATE, job)
-    (job / "custom" / "half_step.py").write_text(HALF_STEP)
+    (job / "custom" / "half_step.py").write_text(CUSTOM_AGGREGATOR)
     result = CliRunner().invoke(app, [
         "simulate", str(job), "--out", str(tmp_path / "out"), "--sites", "2", "--demo-data", "--processes", "0",
         "--set", "server.rounds=1", "--set", "client.learner.args.epochs=1",
-        "--set", "server.aggregator={name: custom, path: 'half_step:HalfStep', args: {scale: 0.5}}"])
+        "--set", "server.aggregator={name: custom, path: 'half_step:HalfStep', args: {factor: 0.5}}"])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "out" / "simulated" / "record.json").read_text())
     assert record["state"] == "finished" and record["rounds_done"] == 1
