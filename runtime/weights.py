@@ -216,11 +216,12 @@ def _check_metadata(metadata: object) -> None:
         raise UpdateRejected("not a valid safetensors payload: __metadata__ must map strings to strings")
 
 
-def save_file(weights: Weights, path: Path) -> None:
-    """Atomic (temp file, rename), written from the arrays' memory without a serialized copy."""
+def save_file(weights: Weights, path: Path, reuse: Path | None = None) -> None:
+    """Atomic (temp file, rename), written from the arrays' memory without a serialized copy; with `reuse`,
+    written over that file and linked as `path` (model_bytes.write_safetensors)."""
     from .model_bytes import write_safetensors  # it builds on this module
 
-    write_safetensors(weights, path)
+    write_safetensors(weights, path, reuse=reuse)
 
 
 def load_file(path: Path) -> Weights:

@@ -286,6 +286,7 @@ class ClientDaemon:
             folders = JobFolders(self._ws / "jobs" / _safe_name(job_id))  # what its code left in scratch/outbox
             (folders.root / LAST_GLOBAL_FILE).unlink(missing_ok=True)
             await asyncio.to_thread(empty_folders, (folders.scratch, folders.outbox))
+            await asyncio.to_thread(shutil.rmtree, folders.reuse, True)
 
     # ---- tasks -----------------------------------------------------------------------------------
 
@@ -420,7 +421,14 @@ class ClientDaemon:
                     _shaped_by_job(e)))
         finally:
             if not keep_updates:
-                shutil.rmtree(round_dir, ignore_errors=True)
+                await asyncio.to_thread(self._remove_task_folder, round_dir)
+
+    def _remove_task_folder(self, round_dir: Path) -> None:
+        """Remove a finished task's folder, keeping the copy of the worker's result to write the next over."""
+        if self._worker is not None:
+            self._worker.results.reclaim(round_dir)
+        else:
+            shutil.rmtree(round_dir, ignore_errors=True)
 
     async def _ensure_job(self, h: pb.TaskHeader, config: dict[str, Any], job_dir: Path,
                           client_cfg: ClientJobConfig) -> None:

@@ -5,6 +5,7 @@
                          inbox    the daemon writes the models it received here (one folder per task);
                                   read-only to the worker
                          outbox   the worker writes its results here; read-write to the worker
+                         reuse    the daemon's last copy of a result, kept to be written over (reused_files)
 
 Everything in outbox is the job's code's doing, so the daemon opens a result there once, with O_NOFOLLOW
 and O_NONBLOCK relative to the outbox folder's descriptor, accepts only a regular file of bounded size,
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .worker_replies import WorkerReplyRefused
 
@@ -44,14 +47,21 @@ class JobFolders:
     def outbox(self) -> Path:
         return self.root / "outbox"
 
+    @property
+    def reuse(self) -> Path:
+        return self.root / "reuse"
+
     def create(self) -> None:
         """Make scratch, inbox and outbox (code appears when the job is unpacked)."""
         for folder in (self.scratch, self.inbox, self.outbox):
             folder.mkdir(parents=True, exist_ok=True)
 
 
-def take_result(outbox: Path, name: str, dest: Path, max_bytes: int) -> int:
+def take_result(outbox: Path, name: str, dest: Path, max_bytes: int,
+                open_dest: Callable[[Path], BinaryIO] | None = None) -> int:
     """Copy the worker's result `outbox/name` to `dest` (a daemon-owned path) and remove it from outbox.
+    `open_dest` opens the file written before it is renamed to `dest` (ReusedFiles.open: a kept file to
+    write over), a new file by default.
 
     Refuses (WorkerReplyRefused, one line) a missing file, a link, anything but a regular file, and a file
     over `max_bytes`. Returns the bytes copied."""
@@ -75,7 +85,7 @@ def take_result(outbox: Path, name: str, dest: Path, max_bytes: int) -> int:
                                          f"more than the {max_bytes} allowed")
             copied = 0
             tmp = dest.with_name(dest.name + ".part")
-            with os.fdopen(os.dup(fd), "rb") as src, tmp.open("wb") as out:
+            with os.fdopen(os.dup(fd), "rb") as src, (open_dest or _new_file)(tmp) as out:
                 while chunk := src.read(COPY_CHUNK_BYTES):
                     copied += len(chunk)
                     if copied > max_bytes:  # it grew while we read
@@ -83,6 +93,7 @@ def take_result(outbox: Path, name: str, dest: Path, max_bytes: int) -> int:
                         raise WorkerReplyRefused(f"worker reply refused: result {name} grew past "
                                                  f"{max_bytes} bytes while being read")
                     out.write(chunk)
+                out.truncate()  # a file written over may have been longer
             tmp.replace(dest)
         finally:
             os.close(fd)
@@ -93,3 +104,7 @@ def take_result(outbox: Path, name: str, dest: Path, max_bytes: int) -> int:
         return copied
     finally:
         os.close(dir_fd)
+
+
+def _new_file(path: Path) -> BinaryIO:
+    return path.open("wb")

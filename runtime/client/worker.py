@@ -44,6 +44,8 @@ from ..procs import die_with_parent
 from ..tasks import KeyMetricRef, TaskKind, read_train_fields, split_control
 from ..weights import Weights, is_float_dtype, map_file, save_file
 
+TRAIN_RESULT_FILE = ".train-result"  # in the outbox: each train result is written over the last, then linked
+
 
 def _load_learner(job_dir: Path, path: str, args: dict[str, Any], context: SiteContext) -> Learner:
     for folder in (job_dir / "custom", job_dir):
@@ -167,8 +169,9 @@ def _train(learner: Learner, cmd: dict[str, Any], local: SiteState, is_main: boo
     delta = result.weights if result.is_delta else _delta(result.weights, received)
     local_report = run.finish(delta) if run is not None else {}
     local.shared_names = frozenset(global_in)
-    if is_main:  # kept-local names stay here
-        save_file({k: v for k, v in delta.items() if k in global_in}, Path(cmd["out"]))
+    if is_main:  # kept-local names stay here; written over the last round's result (save_file's `reuse`)
+        out = Path(cmd["out"])
+        save_file({k: v for k, v in delta.items() if k in global_in}, out, reuse=out.parent / TRAIN_RESULT_FILE)
     local.weights = _applied(received, delta, frozenset(global_in)) if result.is_delta else result.weights
     reply = {"ok": True, "n_samples": int(result.n_samples), "validation": validation,
              "metrics": _numbers(result.metrics), "local": local_report}

@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import FedkitError
 from ..tasks import TaskKind
 from .job_folders import JobFolders, take_result
+from .reused_files import ReusedFiles
 from .sandbox import WORKER_LINE_LIMIT_BYTES, Sandbox, SandboxLimits, WorkerLaunch, WorkerProcess
 from .worker_replies import WorkerReply, WorkerReplyRefused, parse_reply
 from .worker_threads import short_blas_spin, thread_env
@@ -57,12 +58,13 @@ def _with_sandbox_hint(error: str, backend: str) -> str:
 
 
 class WorkerHandle:
-    def __init__(self, proc: WorkerProcess, job_id: str, sandbox: Sandbox, outbox: Path,
+    def __init__(self, proc: WorkerProcess, job_id: str, sandbox: Sandbox, folders: JobFolders,
                  max_result_bytes: int = MAX_RESULT_BYTES):
         self._proc = proc
         self.job_id = job_id
         self.sandbox = sandbox
-        self._outbox = outbox
+        self._outbox = folders.outbox
+        self.results = ReusedFiles(folders.reuse)  # the daemon's copies of results, each written over the last
         self._max_result_bytes = max_result_bytes
         self._results = 0
         self._lock = asyncio.Lock()
@@ -93,7 +95,7 @@ class WorkerHandle:
                               writable=(folders.scratch, folders.outbox), gpus=tuple(gpus),
                               limits=limits or SandboxLimits(), log_path=log_path, cwd=folders.scratch)
         proc = await sandbox.start(launch)
-        handle = cls(proc, job_id, sandbox, folders.outbox, max_result_bytes)
+        handle = cls(proc, job_id, sandbox, folders, max_result_bytes)
         try:  # importing the job's code and building its learner: job code runs from here on
             ready = await handle._read_reply(ready_timeout_s)
         except asyncio.CancelledError:  # the job ended or was aborted while its code was still starting: the
@@ -136,7 +138,7 @@ class WorkerHandle:
         name = f"{command.get('op', 'result')}-{self._results}.safetensors"
         reply = await self.call({**command, "out": str(self._outbox / name)}, timeout_s)
         try:
-            await asyncio.to_thread(take_result, self._outbox, name, dest, self._max_result_bytes)
+            await asyncio.to_thread(take_result, self._outbox, name, dest, self._max_result_bytes, self.results.open)
         except WorkerReplyRefused as e:
             await self.stop()
             raise WorkerFailed(str(e)) from None
@@ -180,6 +182,7 @@ class WorkerHandle:
     async def stop(self) -> None:
         """Ask the worker to stop, kill it after STOP_GRACE_S, and always await it (so the sandbox can
         release what it holds for the job, e.g. its cgroups)."""
+        await asyncio.to_thread(self.results.clear)
         if self._proc.returncode is not None:
             await self._proc.wait()
             return

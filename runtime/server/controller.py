@@ -38,6 +38,7 @@ from .registry import Registry
 from .site_selection import eligible_sites
 from .taskboard import NO_PAYLOAD, FilePayload, Payload, Task, TaskBoard, file_payload
 from .tracker import JobTracker
+from .update_spool import SpoolFiles
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class JobController:
         self._not_awaited: set[str] = set()  # offline sites a round's start waited for in vain (_rejoining)
         self._resume_wait_s = 0.0  # RESUME_WAIT_S from a resume until a round has started
         self._code_signature = store.code_signature(record.job_id)  # passed on to sites as submitted
+        self.spool_files = SpoolFiles(store.incoming_dir)  # large updates land here, file reused (update_spool)
 
     def is_selected(self, site: str) -> bool:
         """Whether `site` is one the job runs on and was sent a task in this run: only such a site may
@@ -197,6 +199,12 @@ class JobController:
 
     async def run(self) -> None:
         """Run (or resume) the job to its end. Raises RoundFailed, JobAborted or another FedkitError."""
+        try:
+            await self._run()
+        finally:
+            await asyncio.to_thread(self.spool_files.close)
+
+    async def _run(self) -> None:
         job_id, names = self.record.job_id, self.spec.server.workflows
         checkpoint = await asyncio.to_thread(load_checkpoint, self._store.models_dir(job_id)) or Checkpoint()
         self._step = checkpoint.step

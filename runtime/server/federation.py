@@ -147,7 +147,7 @@ class FederationService:
         try:
             # in memory when small, else spooled to disk and mapped for its fold (update_spool.py)
             incoming = IncomingUpdate(header.payload_bytes, controller.max_payload_bytes(task), header.payload_sha256,
-                                      self._runner.store.incoming_dir, self._free_buffers)
+                                      controller.spool_files, self._free_buffers)
             receiver = incoming.receiver
             trailer = ""
             async for chunk in with_idle_timeout(chunks, what=f"upload from {task.site}"):
@@ -167,7 +167,7 @@ class FederationService:
             await controller.accept_result(task, int(header.n_samples), metrics, header.error, payload)
         finally:
             try:
-                if incoming is not None:  # the buffer back for reuse, or the spool file gone; then the round's
+                if incoming is not None:  # the buffer or spool file back for reuse; then the round's
                     await asyncio.to_thread(_release, incoming)  # chunks out of the heap (runtime/heap.py)
             finally:
                 # even when gRPC cancels the handler again during that await (a reset link does): a slot

@@ -160,7 +160,7 @@ class _ExitedProcess:
     (False, "training worker exited with code -9 (see the site log)"),
 ])
 def test_a_worker_killed_for_its_memory_says_so(tmp_path, memory_exhausted, expected):
-    handle = WorkerHandle(_ExitedProcess(-9, memory_exhausted), "job-1", OffSandbox(), tmp_path)  # type: ignore[arg-type]
+    handle = WorkerHandle(_ExitedProcess(-9, memory_exhausted), "job-1", OffSandbox(), JobFolders(tmp_path))  # type: ignore[arg-type]
     with pytest.raises(WorkerFailed) as info:
         asyncio.run(handle.call({"op": "train"}, REPLY_TIMEOUT_S))
     assert str(info.value) == expected

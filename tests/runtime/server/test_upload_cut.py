@@ -22,11 +22,15 @@ from runtime.server.federation import FederationService
 from runtime.server.registry import Registry
 from runtime.server.site_controls import SiteControls
 from runtime.server.taskboard import Task, TaskBoard
+from runtime.server.update_spool import SpoolFiles
 from runtime.transport import CHUNK_BYTES
 
 
 class _Controller:
     """The job's controller as the upload path sees it before a result is complete."""
+
+    def __init__(self, spool_dir: Path):
+        self.spool_files = SpoolFiles(spool_dir)
 
     def max_payload_bytes(self, task: Task) -> int:
         return 1 << 30
@@ -48,7 +52,7 @@ def test_an_upload_cancelled_again_while_it_cleans_up_still_gives_its_slot_back(
         monkeypatch.setattr(federation, "_release", slow_release)
         board, registry = TaskBoard(time.monotonic), Registry(60.0, time.monotonic)
         store = SimpleNamespace(incoming_dir=tmp_path)
-        runner = SimpleNamespace(store=store, current=None, controller_for=lambda job_id: _Controller())
+        runner = SimpleNamespace(store=store, current=None, controller_for=lambda job_id: _Controller(tmp_path))
         service = FederationService(registry, board, runner, AuditLog(tmp_path / "audit.jsonl"),
                                     heartbeat_interval_s=1.0, max_concurrent_uploads=1, max_concurrent_downloads=1,
                                     controls=SiteControls())
