@@ -19,18 +19,22 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
+from .held_files import held_here
 from .weights import Weights, is_bfloat16, to_bytes, view_bytes
 
 # transport.CHUNK_BYTES (not imported: that would pull grpc into the workflows); any size up to the
 # transport's message cap works on the wire
 CHUNK_BYTES = 1 << 20
 WRITE_BYTES = 16 << 20  # how much of a tensor is hashed and written at once
+SPARE_SUFFIX = ".spare.tmp"  # a replaced model file kept to be written over (`SerializedModel.save`); .tmp:
+                             # never part of a job's download
 
 _NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
           np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16", np.dtype(np.int8): "I8",
@@ -54,10 +58,33 @@ class SerializedModel:
         return cls(chunks=chunks, nbytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
     @classmethod
-    def save(cls, weights: Weights, path: Path) -> SerializedModel:
+    def save(cls, weights: Weights, path: Path, keep_spare: bool = False) -> SerializedModel:
         """Write `weights` as a safetensors file at `path` atomically (temp file, fsync, rename), straight
-        from the arrays' memory, hashing on the way; nothing the size of the model is allocated."""
-        nbytes, sha256 = write_safetensors(weights, path, hash_bytes=True, fsync=True)
+        from the arrays' memory, hashing on the way; nothing the size of the model is allocated.
+
+        With `keep_spare` (a file replaced every round: the global model), the file replaced is kept as
+        `<name>.spare.tmp`, and the next save writes over it instead of a new file once nothing reads it
+        any more: no other name links it (a checkpoint reference, best.safetensors) and this process
+        neither maps it nor holds it open (a download still sending that round's model). Writing over
+        pages the page cache holds costs a fraction of fresh ones (runtime/client/reused_files.py)."""
+        if not keep_spare:
+            nbytes, sha256 = write_safetensors(weights, path, hash_bytes=True, fsync=True)
+            return cls(nbytes=nbytes, sha256=sha256, path=path)
+        spare = path.with_name(path.name + SPARE_SUFFIX)
+        replaced = path.with_name(path.name + ".replaced.tmp")
+        replaced.unlink(missing_ok=True)
+        try:
+            os.link(path, replaced)  # the model now at `path` stays on disk: the next save's spare
+        except FileNotFoundError:
+            pass
+        try:
+            over = spare if unread_elsewhere(spare) else None
+            nbytes, sha256 = write_safetensors(weights, path, hash_bytes=True, fsync=True, over=over)
+        except BaseException:
+            replaced.unlink(missing_ok=True)
+            raise
+        if replaced.exists():
+            replaced.replace(spare)  # a spare not written over goes now (unlinked: a reader keeps its bytes)
         return cls(nbytes=nbytes, sha256=sha256, path=path)
 
     @classmethod
@@ -89,7 +116,8 @@ class SerializedModel:
         """The model as read-only arrays over a map of its file, read in place: nothing is resident until
         it is read, and `weights.drop_model_pages` takes what was read out of this process again (the
         page cache keeps it). A model serialized in memory: `weights()`. The file must not change while
-        mapped; fedkit only ever replaces a model file by rename."""
+        mapped; fedkit replaces a model file by rename, and writes over a replaced one only once nothing
+        maps it (`save`'s keep_spare)."""
         if self.chunks or self.path is None:
             return self.weights()
         with self.path.open("rb") as f:
@@ -110,25 +138,25 @@ class SerializedModel:
         return view_bytes(buf)
 
 
-def write_safetensors(weights: Weights, path: Path, *, hash_bytes: bool = False,
-                      fsync: bool = False, reuse: Path | None = None) -> tuple[int, str]:
+def write_safetensors(weights: Weights, path: Path, *, hash_bytes: bool = False, fsync: bool = False,
+                      over: Path | None = None, keep_over: bool = False) -> tuple[int, str]:
     """Write `weights` as a safetensors file (the bytes safetensors' own writer makes) at `path`, through a
     temp file renamed into place, straight from the arrays' memory: safetensors' writer first copies every
     tensor into one bytes object, so a 2 GB model would cost 2 GB more to save. Returns (size, SHA-256 or
     "" when not `hash_bytes`).
 
-    With `reuse`, the bytes are written over that file (made if absent), which is then linked as `path`
-    and kept for the next write: a file written every round costs far less over pages the page cache
-    already holds than in fresh ones (runtime/client/reused_files.py). Only for a file that nothing reads
-    once the next write starts: the training worker's result, which its daemon copies before it asks for
-    another."""
+    With `over`, the bytes are written over that file (made if absent) instead of a new temp file, then
+    renamed to `path`, or with `keep_over` linked as `path` and kept under its name for the next write: a
+    file written every round costs far less over pages the page cache already holds than in fresh ones
+    (runtime/client/reused_files.py). Only for a file nothing reads any more: the training worker's last
+    result (its daemon copied it), the server's spare global file (`SerializedModel.save`)."""
     arrays = {name: np.ascontiguousarray(arr) if not arr.flags.c_contiguous else arr
               for name, arr in weights.items()}
     header_bytes = _header(arrays)
     digest = hashlib.sha256(header_bytes) if hash_bytes else None
     total = len(header_bytes)
-    tmp = reuse or path.with_suffix(path.suffix + ".tmp")
-    with _written_over(tmp) if reuse else tmp.open("wb") as f:
+    tmp = over or path.with_suffix(path.suffix + ".tmp")
+    with _written_over(tmp) if over else tmp.open("wb") as f:
         f.write(header_bytes)
         for name in _order(arrays):
             flat = memoryview(arrays[name].reshape(-1).view(np.uint8))
@@ -142,9 +170,9 @@ def write_safetensors(weights: Weights, path: Path, *, hash_bytes: bool = False,
         if fsync:
             f.flush()
             os.fsync(f.fileno())
-    if reuse:
+    if keep_over:
         path.unlink(missing_ok=True)
-        os.link(reuse, path)  # the complete file appears under its name at once, as by rename
+        os.link(tmp, path)  # the complete file appears under its name at once, as by rename
     else:
         tmp.replace(path)  # a crash never leaves a half-written model under the real name
     return total, digest.hexdigest() if digest is not None else ""
@@ -174,3 +202,19 @@ def _header(arrays: Weights) -> bytes:
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text
+
+
+def drop_spares(folder: Path) -> None:
+    """Delete the spare model files `SerializedModel.save` kept in `folder` (its job ended or stopped)."""
+    for spare in folder.glob("*" + SPARE_SUFFIX):
+        spare.unlink(missing_ok=True)
+
+
+def unread_elsewhere(path: Path) -> bool:
+    """Whether `path` is a regular file that nothing but this name reaches: one link, and neither mapped
+    nor open in this process (False when unsure)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and not held_here(info.st_ino)

@@ -221,7 +221,7 @@ def save_file(weights: Weights, path: Path, reuse: Path | None = None) -> None:
     written over that file and linked as `path` (model_bytes.write_safetensors)."""
     from .model_bytes import write_safetensors  # it builds on this module
 
-    write_safetensors(weights, path, reuse=reuse)
+    write_safetensors(weights, path, over=reuse, keep_over=reuse is not None)
 
 
 def load_file(path: Path) -> Weights:

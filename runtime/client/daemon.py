@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from pydantic import ValidationError
 
@@ -284,7 +284,7 @@ class ClientDaemon:
             self._job_id, self._round = "", 0
         with contextlib.suppress(JobRejected, OSError):  # the job is over: its privacy reference goes, and
             folders = JobFolders(self._ws / "jobs" / _safe_name(job_id))  # what its code left in scratch/outbox
-            (folders.root / LAST_GLOBAL_FILE).unlink(missing_ok=True)
+            (folders.inbox / LAST_GLOBAL_FILE).unlink(missing_ok=True)
             await asyncio.to_thread(empty_folders, (folders.scratch, folders.outbox))
             await asyncio.to_thread(shutil.rmtree, folders.reuse, True)
 
@@ -342,7 +342,7 @@ class ClientDaemon:
             if h.payload_bytes:
                 part = path.with_suffix(".part")
                 try:
-                    with part.open("wb") as f:
+                    with self._received_file(h.job_id, part) as f:
                         # TLS already guarantees integrity on the way; the server's hash is in the audit
                         # record of this task, and the size is checked. Hashing again here would cost
                         # every site a full pass over the model each round.
@@ -352,6 +352,7 @@ class ClientDaemon:
                             async for chunk in stream:
                                 await asyncio.to_thread(receiver.add, chunk)  # raw bytes; file I/O off the loop
                             receiver.finish()
+                            f.truncate()  # a file written over may have held a longer model
                 except OSError as e:  # the site's disk is full: fail this task, not the daemon (found by the soak)
                     part.unlink(missing_ok=True)
                     async for _chunk in stream:  # the download itself is fine: take the rest, keep none of it
@@ -422,6 +423,13 @@ class ClientDaemon:
         finally:
             if not keep_updates:
                 await asyncio.to_thread(self._remove_task_folder, round_dir)
+
+    def _received_file(self, job_id: str, path: Path) -> BinaryIO:
+        """Where a task's model is downloaded to: over the job's spare model when its worker let it go
+        (reused_files.SpareModel), else a new file."""
+        if self._worker is not None and self._worker.job_id == job_id:
+            return self._worker.received.open(path)
+        return path.open("wb")
 
     def _remove_task_folder(self, round_dir: Path) -> None:
         """Remove a finished task's folder, keeping the copy of the worker's result to write the next over."""
@@ -559,9 +567,12 @@ class ClientDaemon:
         config = task.config
         command = {"op": kind.value, "weights": str(received), "round": h.round,
                    **train_fields(config.algorithm, config.key_metric, config.keep_best_local)}
+        with contextlib.suppress(OSError):  # the model trained on last time: may a later download reuse it?
+            command["release"] = reference.stat().st_ino
         with task.steps.timed("worker"):
             reply = await self._worker.call_writing(command, out, timeout_s)
         with task.steps.timed("privacy"):
+            await asyncio.to_thread(self._worker.received.retire, reference, reply.get("held", True))
             await asyncio.to_thread(_keep_reference, received, reference)
             report = await self._outgoing(kind, out, chain, reference)  # the delta must fit the model received
         sent = out.with_suffix(SENT_SUFFIX)

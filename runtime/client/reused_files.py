@@ -1,16 +1,17 @@
-"""The site daemon's copy of each worker result, written over the last round's file instead of a new one.
+"""Model-sized files the site daemon writes every round, written over an earlier round's file instead of a
+new one: its copy of the worker's result (ReusedFiles) and the model it receives (SpareModel).
 
-Every training round the daemon copies the worker's result (one model-sized delta) out of the sandbox's
-reach. Writing over pages the page cache already holds costs a fraction of taking fresh ones: measured on
-the 2-core VM fedkit is benchmarked on, 40 MB written took 4-7 ms of CPU over a kept file against 30-150 ms
-into a new one (the kernel allocates, charges and zeroes every page; on a VM whose freed pages go back to
-the host, it faults each in again). So when a task's folder is removed, the file this pool handed out for
-it is kept (at most `keep`, in a folder of the job only the daemon sees) and the next copy is written over
-it, then cut where it ends.
+Writing over pages the page cache already holds costs a fraction of taking fresh ones: measured on the
+2-core VM fedkit is benchmarked on, 40 MB written took 4-7 ms of CPU over a kept file against 30-150 ms into
+a new one (the kernel allocates, charges and zeroes every page; on a VM whose freed pages go back to the
+host, it faults each in again). The kept files live in the job's reuse/ folder, which the sandbox does not
+see, and go when the job's worker stops or the job ends.
 
-Only the daemon's own copies are reused, never the model it received: the worker maps that file (privately)
-and may read its pages in a later round, so it is only ever replaced by rename. A kept file still linked
-under another name (a task folder kept with `keep_updates`, a hard link made for the upload) is not reused.
+- ReusedFiles: when a task's folder is removed, the copy of the worker's result made for it is kept (at
+  most `keep`), and the next copy is written over it, then cut where it ends. A copy still linked under
+  another name (a task folder kept with `keep_updates`) is not reused.
+- SpareModel: the worker maps each model it receives (privately) and may read its pages in a later round,
+  so a received model is written over only once the worker said it no longer maps or holds it open.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class ReusedFiles:
             shutil.rmtree(self._folder, ignore_errors=True)
 
     def _kept(self) -> list[Path]:
-        return _entries(self._folder)
+        return [p for p in _entries(self._folder) if p.suffix == ".reused"]  # not SpareModel's file beside them
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -86,3 +87,48 @@ def _entries(folder: Path) -> list[Path]:
         return sorted(folder.iterdir())
     except FileNotFoundError:
         return []
+
+
+class SpareModel:
+    """The global model this site trained on two rounds back, kept to receive a later download over it.
+
+    The worker maps each model it receives and may read it in a later round, so a received file is written
+    over only when the worker said, in its reply to the train task after it, that it no longer maps or holds
+    that file open (its `held` answer about the inode the train command named in `release`). By then the
+    file has left the inbox (the only folder of it the worker sees), so the worker cannot open it again. A
+    worker that lies only sees a later global model of its own job where it kept an old one."""
+
+    def __init__(self, folder: Path):
+        self._path = folder / "received.spare"
+        self._free = False
+        self._lock = threading.Lock()
+
+    def retire(self, model: Path, held: bool) -> None:
+        """`model` (the site's last reference model, about to be replaced) becomes the spare, unless another
+        name links it; free to be written over unless the worker `held` it."""
+        with self._lock:
+            self._free = False
+            try:
+                info = os.lstat(model)
+                if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                    return
+                self._path.parent.mkdir(mode=0o700, exist_ok=True)
+                os.rename(model, self._path)
+            except OSError:
+                return
+            self._free = not held
+
+    def open(self, path: Path) -> BinaryIO:
+        """A file to write the next received model at `path` (in the inbox): the spare when it is free, moved
+        there, else a new file. The writer truncates it where its writing ends."""
+        with self._lock:
+            if self._free:
+                self._free = False
+                try:
+                    info = os.lstat(self._path)
+                    if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+                        os.rename(self._path, path)
+                        return os.fdopen(os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "wb")
+                except OSError:
+                    pass
+        return path.open("wb")

@@ -10,12 +10,15 @@ Op names are runtime.tasks.TaskKind values.
     {"op": "validate", "weights": PATH}               -> {"ok": true, "metrics": {...}}
     {"op": "train", "weights": PATH, "round": R, "out": PATH,
      "algorithm": null | {"name": "fedprox", "mu": 0.01} | {"name": "scaffold"},      (tasks.LocalAlgorithm)
-     "key_metric": {"name": "auc", "higher_is_better": true}, "keep_best_local": false}
+     "key_metric": {"name": "auc", "higher_is_better": true}, "keep_best_local": false,
+     "release": INODE}                    (optional: the model trained on last time, see "held")
         -> {"ok": true, "n_samples": N, "metrics": {...}, "validation": {...},
             "local": {"steps": K, "lr_sum": L},    (counted while an algorithm runs; {} without one)
             "local_validation": {...},             (with keep_best_local: the trained model, scored here)
             "scalars": [[name, step, value], ...]} (what the learner logged with context.log_scalar)
-       (validation scores the received weights first; out holds the delta: trained minus received)
+       (validation scores the received weights first; out holds the delta: trained minus received;
+        with "release", "held": whether this process still maps or holds open that file: if not, the
+        daemon writes a later model over it, reused_files.SpareModel)
     {"op": "submit_model", "out": PATH}               -> {"ok": true}  (this site's best local model by the
         key metric among those trained with keep_best_local, else the last one trained)
     {"op": "stop"}                                    -> exits
@@ -39,6 +42,7 @@ import numpy as np
 
 from ..errors import FedkitError
 from ..heap import tune_malloc
+from ..held_files import held_here
 from ..learner import Learner, LearnerError, SiteContext
 from ..procs import die_with_parent
 from ..tasks import KeyMetricRef, TaskKind, read_train_fields, split_control
@@ -255,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         answer, error = {}, ""
         try:
             answer = handle(learner, cmd, local, ranks.is_main)
+            if "release" in cmd and answer.get("ok"):  # may the daemon write a later model over that file?
+                answer["held"] = ranks.world_size > 1 or held_here(int(cmd["release"]))  # other ranks: unseen
         except Exception as e:  # the learner is researcher code: report, keep serving
             traceback.print_exc()
             error = _one_line(e)

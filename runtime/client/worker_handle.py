@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import FedkitError
 from ..tasks import TaskKind
 from .job_folders import JobFolders, take_result
-from .reused_files import ReusedFiles
+from .reused_files import ReusedFiles, SpareModel
 from .sandbox import WORKER_LINE_LIMIT_BYTES, Sandbox, SandboxLimits, WorkerLaunch, WorkerProcess
 from .worker_replies import WorkerReply, WorkerReplyRefused, parse_reply
 from .worker_threads import short_blas_spin, thread_env
@@ -65,6 +65,7 @@ class WorkerHandle:
         self.sandbox = sandbox
         self._outbox = folders.outbox
         self.results = ReusedFiles(folders.reuse)  # the daemon's copies of results, each written over the last
+        self.received = SpareModel(folders.reuse)  # a model trained on two rounds back, for a download to reuse
         self._max_result_bytes = max_result_bytes
         self._results = 0
         self._lock = asyncio.Lock()

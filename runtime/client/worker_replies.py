@@ -63,6 +63,8 @@ class WorkerReply(BaseModel):
     local: dict[str, float] = {}             # what the site-side algorithm counted (steps, lr_sum)
     local_validation: dict[str, float] = {}  # the trained model scored on local data (keep_best_local)
     scalars: list[Point] = []                # what the learner logged: (name, step, value), runtime.scalar_log
+    held: bool = True                        # the worker still maps the model a train command named in
+                                             # `release` (reused_files.SpareModel): never written over then
 
     @field_validator("scalars", mode="before")
     @classmethod

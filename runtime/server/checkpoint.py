@@ -11,8 +11,9 @@ the round in flight then runs again, and a resumed job ends with the same model 
                                     runtime.model_bytes.SerializedModel): a hard link to the file it was
                                     written to (global.safetensors), named in the metadata with its SHA-256,
                                     so the model is written once per round, not twice. The global file is
-                                    always replaced by rename, never rewritten in place, so the link keeps
-                                    the checkpointed round's bytes even after the next round replaces it.
+                                    replaced by rename, and a replaced file is written over only while no
+                                    other name links it (SerializedModel.save), so the link keeps the
+                                    checkpointed round's bytes even after later rounds replace it.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from typing import Any
 from ..audit import AuditLog
 from ..errors import FedkitError, UpdateRejected
 from ..job_spec import JobSpec, read_zip_member
-from ..model_bytes import SerializedModel
+from ..model_bytes import SerializedModel, drop_spares
 from ..privacy_report import decode_report, decode_site_reports
 from ..quantize import WireError, decode, encode, is_encoded
 from ..task_config import TaskConfig
@@ -203,6 +203,7 @@ class JobController:
             await self._run()
         finally:
             await asyncio.to_thread(self.spool_files.close)
+            await asyncio.to_thread(drop_spares, self._store.models_dir(self.record.job_id))
 
     async def _run(self) -> None:
         job_id, names = self.record.job_id, self.spec.server.workflows

@@ -210,9 +210,10 @@ class JobStore:
         shutil.rmtree(d)
 
     def output_bytes(self, job_id: str) -> int:
-        """Bytes download_job would send (the folder's files), for a progress bar's total. A running job
-        replaces files (models, checkpoint references) while this walks its folder: one gone is not counted."""
-        return sum(_size_if_there(p) for p in self.job_dir(job_id).rglob("*"))
+        """Bytes download_job would send (the folder's files but temporary ones, *.tmp), for a progress bar's
+        total. A running job replaces files (models, checkpoint references) while this walks its folder: one
+        gone is not counted."""
+        return sum(_size_if_there(p) for p in self.job_dir(job_id).rglob("*") if not p.name.endswith(".tmp"))
 
 
 def _size_if_there(path: Path) -> int:

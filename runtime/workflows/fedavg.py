@@ -136,7 +136,8 @@ class FedAvgWorkflow:
         round's running sum, for FedAvg) goes back to the heap for the next round's sum, and whatever the
         close read of the old model's file leaves this process's resident memory."""
         old = self.model
-        self._bytes = SerializedModel.save(new, self._ctx.models_dir / GLOBAL_FILE)
+        # written over the file two rounds back once nothing reads it (SerializedModel.save's keep_spare)
+        self._bytes = SerializedModel.save(new, self._ctx.models_dir / GLOBAL_FILE, keep_spare=True)
         self.model = self._bytes.mapped()
         drop_model_pages(old)
 
@@ -180,8 +181,9 @@ def _check_key_metric_reported(name: str, by_site: dict[str, dict[str, float]], 
 
 def _keep_as_best(models: Path) -> None:
     """The global file becomes best.safetensors by a hard link, not a copy (a round that improves would
-    otherwise write the model a second time): the global file is only ever replaced by rename, never
-    rewritten in place, so the link keeps this round's bytes. A copy where links are not possible."""
+    otherwise write the model a second time): the global file is replaced by rename, and a replaced file
+    is written over only while no other name links it (SerializedModel.save), so the link keeps this
+    round's bytes. A copy where links are not possible."""
     tmp = models / "best.tmp"
     tmp.unlink(missing_ok=True)
     try:

@@ -74,7 +74,8 @@ def test_free_space_is_the_file_systems(tmp_path: Path) -> None:
 
 
 def test_an_ended_jobs_scratch_and_outbox_are_emptied(tmp_path: Path) -> None:
-    """What a job's code left on the site's disk goes when the server says the job ended (or was aborted)."""
+    """What a job's code left on the site's disk goes when the server says the job ended (or was aborted), and
+    the model-sized files the daemon kept for the job's next rounds go with it."""
     from runtime.client.job_folders import JobFolders
     from tests.runtime.client.test_site_refusals import FakeServer, _daemon
 
@@ -85,8 +86,12 @@ def test_an_ended_jobs_scratch_and_outbox_are_emptied(tmp_path: Path) -> None:
     (folders.scratch / "checkpoints" / "epoch-9.pt").write_bytes(b"x" * 1000)
     (folders.outbox / "train-3.safetensors").write_bytes(b"y")
     (folders.inbox / "round_0003_train").mkdir(parents=True)  # kept: keep_updates is the job's own request
+    (folders.inbox / "last_global.safetensors").write_bytes(b"m" * 1000)  # the privacy step's reference
+    folders.reuse.mkdir()
+    (folders.reuse / "received.spare").write_bytes(b"m" * 1000)  # a file kept to be written over
 
     asyncio.run(daemon._abandon_job("job-a"))
 
     assert folders.scratch.is_dir() and not any(folders.scratch.iterdir()) and not any(folders.outbox.iterdir())
     assert (folders.inbox / "round_0003_train").is_dir()
+    assert not (folders.inbox / "last_global.safetensors").exists() and not folders.reuse.exists()

@@ -1,7 +1,7 @@
-"""A site writes a model-sized file every round twice: the worker's result, and the daemon's copy of it
-out of the sandbox's reach. Each is written over the last round's file (pages the page cache already
-holds cost a fraction of new ones), and neither reuse may ever let one round's bytes reach another's
-reader or survive where a shorter file ends."""
+"""A site writes model-sized files every round: the model it receives, the worker's result, and the
+daemon's copy of that out of the sandbox's reach. Each is written over an earlier round's file (pages the
+page cache already holds cost a fraction of new ones), and no reuse may ever let one round's bytes reach
+another's reader or survive where a shorter file ends."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from runtime.client.job_folders import JobFolders, take_result
-from runtime.client.reused_files import ReusedFiles
+from runtime.client.reused_files import ReusedFiles, SpareModel
+from runtime.client.worker import SiteState, handle
+from runtime.held_files import held_here
+from runtime.learner import Learner, SiteContext, TrainResult
 from runtime.weights import load_file, save_file
 
 
@@ -107,3 +110,73 @@ def test_the_workers_result_is_written_over_its_last_and_linked_under_each_name(
     assert second.stat().st_size < len(taken)
     loaded = load_file(second)
     assert list(loaded) == ["w"] and np.array_equal(loaded["w"], small["w"])
+
+
+def test_the_spare_model_is_written_over_only_when_the_worker_let_it_go(folders: JobFolders) -> None:
+    spare = SpareModel(folders.reuse)
+    reference = folders.inbox / "last_global.safetensors"
+    reference.write_bytes(b"round 1 model, long")
+    inode = reference.stat().st_ino
+    spare.retire(reference, held=False)
+    assert not reference.exists()  # out of the inbox: the worker cannot open it again
+    with spare.open(folders.inbox / "global_in.part") as f:
+        f.write(b"round 3")
+        f.truncate()
+    assert (folders.inbox / "global_in.part").stat().st_ino == inode
+    assert (folders.inbox / "global_in.part").read_bytes() == b"round 3"
+    with spare.open(folders.inbox / "next.part") as f:  # taken: the next download gets a new file
+        f.write(b"x")
+    assert (folders.inbox / "next.part").stat().st_ino != inode
+
+
+def test_a_model_the_worker_still_holds_or_another_name_links_is_never_written_over(folders: JobFolders) -> None:
+    spare = SpareModel(folders.reuse)
+    held = folders.inbox / "last_global.safetensors"
+    held.write_bytes(b"round 1")
+    held_inode = held.stat().st_ino
+    spare.retire(held, held=True)
+    with spare.open(folders.inbox / "a.part") as f:
+        f.write(b"round 3")
+    assert (folders.inbox / "a.part").stat().st_ino != held_inode
+    assert (folders.reuse / "received.spare").read_bytes() == b"round 1"
+
+    linked = folders.inbox / "last_global.safetensors"
+    linked.write_bytes(b"round 2")
+    os.link(linked, folders.inbox / "round_0002_train.safetensors")  # its task folder kept (keep_updates)
+    spare.retire(linked, held=False)
+    assert linked.exists()  # left where it is: the other name must keep reading round 2
+    with spare.open(folders.inbox / "b.part") as f:
+        f.write(b"round 4")
+    assert (folders.inbox / "round_0002_train.safetensors").read_bytes() == b"round 2"
+
+
+class _DeltaLearner(Learner):
+    """Adds 1 to every tensor as a delta; with `keep`, keeps the first model it was given (its own business)."""
+
+    def __init__(self, keep: bool = False) -> None:
+        super().__init__(SiteContext(site="s", job_id="j", data_root=None, work_dir=Path(".")))
+        self.keep, self.kept = keep, None
+
+    def train(self, weights, round):
+        if self.keep and self.kept is None:
+            self.kept = weights
+        return TrainResult({k: np.ones_like(v) for k, v in weights.items()}, n_samples=1, is_delta=True)
+
+    def validate(self, weights):
+        return {"n_samples": 1.0}
+
+
+@pytest.mark.parametrize("keeps, held", [(False, False), (True, True)])
+def test_the_worker_says_whether_it_still_maps_the_model_it_trained_on_before(tmp_path: Path, keeps: bool,
+                                                                              held: bool) -> None:
+    """After training round 2, the worker's own state maps round 2's model only; a learner that kept round
+    1's arrays keeps its map, and the worker says so: the daemon then never writes over that file."""
+    learner, local = _DeltaLearner(keeps), SiteState()
+    for r in (1, 2):
+        save_file({"w": np.full(4096, float(r), np.float32)}, tmp_path / f"global_{r}.safetensors")
+        handle(learner, {"op": "train", "weights": str(tmp_path / f"global_{r}.safetensors"), "round": r,
+                         "out": str(tmp_path / f"delta_{r}.safetensors")}, local)
+    assert held_here((tmp_path / "global_1.safetensors").stat().st_ino) is held
+    assert held_here((tmp_path / "global_2.safetensors").stat().st_ino)  # the model it just trained
+    with (tmp_path / "delta_1.safetensors").open("rb"):
+        assert held_here((tmp_path / "delta_1.safetensors").stat().st_ino)  # open, not mapped

@@ -25,3 +25,14 @@ def test_a_file_replaced_while_the_folder_is_walked_is_skipped(tmp_path, monkeyp
     monkeypatch.setattr(Path, "is_file", lambda self: True if self == doomed else is_file(self))
     monkeypatch.setattr(Path, "stat", stat_gone_after_listing)
     assert store.output_bytes("j1") == 10
+
+
+def test_temporary_files_the_download_leaves_out_are_not_counted(tmp_path):
+    """A running job keeps its replaced global file as a spare to write over (global.safetensors.spare.tmp);
+    download_job leaves *.tmp out, so the progress total must too."""
+    store = JobStore(tmp_path / "jobs")
+    models = store.job_dir("j1") / "models"
+    models.mkdir(parents=True)
+    (models / "global.safetensors").write_bytes(b"m" * 40)
+    (models / "global.safetensors.spare.tmp").write_bytes(b"s" * 40)
+    assert store.output_bytes("j1") == 40
