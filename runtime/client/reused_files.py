@@ -49,7 +49,14 @@ class ReusedFiles:
         return os.fdopen(fd, "wb")
 
     def reclaim(self, folder: Path) -> None:
-        """Remove `folder` (a finished task's), keeping the files this pool handed out in it for later copies."""
+        """Remove `folder` (a finished task's), keeping the files this pool handed out in it for later copies.
+        Never raises: on any error (a full disk) the folder just goes, and nothing is kept."""
+        try:
+            self._reclaim(folder)
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _reclaim(self, folder: Path) -> None:
         with self._lock:
             handed: list[Path] = []
             for entry in _entries(folder):
@@ -85,7 +92,7 @@ class ReusedFiles:
 def _entries(folder: Path) -> list[Path]:
     try:
         return sorted(folder.iterdir())
-    except FileNotFoundError:
+    except OSError:  # absent, or not a folder: nothing kept there
         return []
 
 

@@ -180,3 +180,13 @@ def test_the_worker_says_whether_it_still_maps_the_model_it_trained_on_before(tm
     assert held_here((tmp_path / "global_2.safetensors").stat().st_ino)  # the model it just trained
     with (tmp_path / "delta_1.safetensors").open("rb"):
         assert held_here((tmp_path / "delta_1.safetensors").stat().st_ino)  # open, not mapped
+
+
+def test_a_folder_that_cannot_keep_anything_is_still_removed(folders: JobFolders) -> None:
+    """The daemon removes a task's folder in a finally: keeping a file must never fail the site (a full
+    disk, a reuse/ folder that cannot be made)."""
+    folders.reuse.write_bytes(b"not a folder")  # mkdir of reuse/ fails
+    pool = ReusedFiles(folders.reuse)
+    dest = _round(folders, pool, 1, b"a" * 10)
+    pool.reclaim(dest.parent)
+    assert not dest.parent.exists()
