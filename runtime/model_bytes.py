@@ -15,6 +15,7 @@ them. A `SerializedModel` made in memory (`of`, for a model that has no file) ke
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -205,9 +206,11 @@ def _header(arrays: Weights) -> bytes:
 
 
 def drop_spares(folder: Path) -> None:
-    """Delete the spare model files `SerializedModel.save` kept in `folder` (its job ended or stopped)."""
+    """Delete the spare model files `SerializedModel.save` kept in `folder` (its job ended or stopped); never
+    raises (it runs as a job ends, whose outcome it must not replace)."""
     for spare in folder.glob("*" + SPARE_SUFFIX):
-        spare.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            spare.unlink(missing_ok=True)
 
 
 def unread_elsewhere(path: Path) -> bool:

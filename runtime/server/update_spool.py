@@ -29,6 +29,7 @@ a file per update would cost more than it saves. At most one such buffer is kept
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import tempfile
@@ -105,7 +106,8 @@ def _closed_now(mapped: mmap.mmap) -> bool:
 def _delete(path: Path, file: BinaryIO, mapped: mmap.mmap | None) -> None:
     if mapped is not None:
         _closed_now(mapped)  # else unmapped when its last view goes; the deleted file's bytes live on till then
-    file.close()
+    with contextlib.suppress(OSError):  # a cut-off upload's buffered tail, on a full disk: it is going anyway
+        file.close()
     path.unlink(missing_ok=True)
 
 
