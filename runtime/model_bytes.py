@@ -20,14 +20,12 @@ import hashlib
 import json
 import mmap
 import os
-import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
-from .held_files import held_here
+from .file_reuse import held_here, open_over, sole_name
 from .weights import Weights, is_bfloat16, to_bytes, view_bytes
 
 # transport.CHUNK_BYTES (not imported: that would pull grpc into the workflows); any size up to the
@@ -66,8 +64,8 @@ class SerializedModel:
         With `keep_spare` (a file replaced every round: the global model), the file replaced is kept as
         `<name>.spare.tmp`, and the next save writes over it instead of a new file once nothing reads it
         any more: no other name links it (a checkpoint reference, best.safetensors) and this process
-        neither maps it nor holds it open (a download still sending that round's model). Writing over
-        pages the page cache holds costs a fraction of fresh ones (runtime/client/reused_files.py)."""
+        neither maps it nor holds it open (a download still sending that round's model): pages the page
+        cache holds cost a fraction of fresh ones (runtime/file_reuse.py)."""
         if not keep_spare:
             nbytes, sha256 = write_safetensors(weights, path, hash_bytes=True, fsync=True)
             return cls(nbytes=nbytes, sha256=sha256, path=path)
@@ -147,17 +145,16 @@ def write_safetensors(weights: Weights, path: Path, *, hash_bytes: bool = False,
     "" when not `hash_bytes`).
 
     With `over`, the bytes are written over that file (made if absent) instead of a new temp file, then
-    renamed to `path`, or with `keep_over` linked as `path` and kept under its name for the next write: a
-    file written every round costs far less over pages the page cache already holds than in fresh ones
-    (runtime/client/reused_files.py). Only for a file nothing reads any more: the training worker's last
-    result (its daemon copied it), the server's spare global file (`SerializedModel.save`)."""
+    renamed to `path`, or with `keep_over` linked as `path` and kept under its name for the next write
+    (runtime/file_reuse.py). Only for a file nothing reads any more: the training worker's last result (its
+    daemon copied it), the server's spare global file (`SerializedModel.save`)."""
     arrays = {name: np.ascontiguousarray(arr) if not arr.flags.c_contiguous else arr
               for name, arr in weights.items()}
     header_bytes = _header(arrays)
     digest = hashlib.sha256(header_bytes) if hash_bytes else None
     total = len(header_bytes)
     tmp = over or path.with_suffix(path.suffix + ".tmp")
-    with _written_over(tmp) if over else tmp.open("wb") as f:
+    with open_over(tmp) if over else tmp.open("wb") as f:
         f.write(header_bytes)
         for name in _order(arrays):
             flat = memoryview(arrays[name].reshape(-1).view(np.uint8))
@@ -177,11 +174,6 @@ def write_safetensors(weights: Weights, path: Path, *, hash_bytes: bool = False,
     else:
         tmp.replace(path)  # a crash never leaves a half-written model under the real name
     return total, digest.hexdigest() if digest is not None else ""
-
-
-def _written_over(path: Path) -> BinaryIO:
-    """`path` opened to be written from its start without truncating it first (a link there is refused)."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644), "wb")
 
 
 def _order(arrays: Weights) -> list[str]:
@@ -216,8 +208,5 @@ def drop_spares(folder: Path) -> None:
 def unread_elsewhere(path: Path) -> bool:
     """Whether `path` is a regular file that nothing but this name reaches: one link, and neither mapped
     nor open in this process (False when unsure)."""
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and not held_here(info.st_ino)
+    info = sole_name(path)
+    return info is not None and not held_here(info.st_ino)

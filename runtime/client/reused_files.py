@@ -1,11 +1,9 @@
 """Model-sized files the site daemon writes every round, written over an earlier round's file instead of a
 new one: its copy of the worker's result (ReusedFiles) and the model it receives (SpareModel).
 
-Writing over pages the page cache already holds costs a fraction of taking fresh ones: measured on the
-2-core VM fedkit is benchmarked on, 40 MB written took 4-7 ms of CPU over a kept file against 30-150 ms into
-a new one (the kernel allocates, charges and zeroes every page; on a VM whose freed pages go back to the
-host, it faults each in again). The kept files live in the job's reuse/ folder, which the sandbox does not
-see, and go when the job's worker stops or the job ends.
+Pages the page cache already holds cost a fraction of fresh ones (runtime/file_reuse.py, with the figures).
+The kept files live in the job's reuse/ folder, which the sandbox does not see, and go when the job's
+worker stops or the job ends.
 
 - ReusedFiles: when a task's folder is removed, the copy of the worker's result made for it is kept (at
   most `keep`), and the next copy is written over it, then cut where it ends. A copy still linked under
@@ -16,12 +14,15 @@ see, and go when the job's worker stops or the job ends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
 import threading
 from pathlib import Path
 from typing import BinaryIO
+
+from ..file_reuse import open_over, sole_name
 
 
 class ReusedFiles:
@@ -35,18 +36,13 @@ class ReusedFiles:
         """A file to write at `path` (in a folder only the daemon writes): a kept one moved there, or a new one.
         The writer truncates it where its writing ends."""
         with self._lock:
-            for kept in self._kept():
-                try:
-                    os.rename(kept, path)
-                    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                except OSError:  # gone, or moved under us: fall back to a new file
-                    continue
-                break
-            else:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            info = os.fstat(fd)
+            for kept in self._kept()[:1]:
+                with contextlib.suppress(OSError):  # it cannot be moved: a new file instead
+                    os.replace(kept, path)
+            file = open_over(path)  # a new file when none was kept
+            info = os.fstat(file.fileno())
             self._handed.add((info.st_dev, info.st_ino))
-        return os.fdopen(fd, "wb")
+        return file
 
     def reclaim(self, folder: Path) -> None:
         """Remove `folder` (a finished task's), keeping the files this pool handed out in it for later copies.
@@ -115,10 +111,9 @@ class SpareModel:
         name links it; free to be written over unless the worker `held` it."""
         with self._lock:
             self._free = False
+            if sole_name(model) is None:
+                return
             try:
-                info = os.lstat(model)
-                if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-                    return
                 self._path.parent.mkdir(mode=0o700, exist_ok=True)
                 os.rename(model, self._path)
             except OSError:
@@ -129,13 +124,9 @@ class SpareModel:
         """A file to write the next received model at `path` (in the inbox): the spare when it is free, moved
         there, else a new file. The writer truncates it where its writing ends."""
         with self._lock:
-            if self._free:
-                self._free = False
-                try:
-                    info = os.lstat(self._path)
-                    if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
-                        os.rename(self._path, path)
-                        return os.fdopen(os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "wb")
-                except OSError:
-                    pass
+            free, self._free = self._free, False
+            if free and sole_name(self._path) is not None:
+                with contextlib.suppress(OSError):  # it cannot be moved: a new file instead
+                    os.replace(self._path, path)
+                    return open_over(path)
         return path.open("wb")

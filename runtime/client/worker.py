@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import FedkitError
+from ..file_reuse import held_here
 from ..heap import tune_malloc
-from ..held_files import held_here
 from ..learner import Learner, LearnerError, SiteContext
 from ..procs import die_with_parent
 from ..tasks import KeyMetricRef, TaskKind, read_train_fields, split_control

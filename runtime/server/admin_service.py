@@ -447,8 +447,8 @@ class AdminService:
         fd, name = tempfile.mkstemp(suffix=".download.zip", dir=self._log_path.parent)
         os.close(fd)
         with zipfile.ZipFile(name, "w", zipfile.ZIP_STORED) as zf:  # models barely compress
-            for path in sorted(job_dir.rglob("*")):
-                if path.is_file() and not path.name.endswith(".tmp"):
+            for path in self._runner.store.output_files(job_id):
+                if path.is_file():
                     zf.write(path, path.relative_to(job_dir).as_posix())
             zf.writestr("server_log.txt", "".join(_lines_naming(self._log_path, job_id)))
         return Path(name)

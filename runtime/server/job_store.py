@@ -213,7 +213,12 @@ class JobStore:
         """Bytes download_job would send (the folder's files but temporary ones, *.tmp), for a progress bar's
         total. A running job replaces files (models, checkpoint references) while this walks its folder: one
         gone is not counted."""
-        return sum(_size_if_there(p) for p in self.job_dir(job_id).rglob("*") if not p.name.endswith(".tmp"))
+        return sum(_size_if_there(p) for p in self.output_files(job_id))
+
+    def output_files(self, job_id: str) -> list[Path]:
+        """What download_job sends of the job's folder: every path under it but temporary files (*.tmp: a
+        file being written, the spare model a running job writes over); folders among them."""
+        return [p for p in sorted(self.job_dir(job_id).rglob("*")) if not p.name.endswith(".tmp")]
 
 
 def _size_if_there(path: Path) -> int:

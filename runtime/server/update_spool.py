@@ -17,11 +17,9 @@ server's peak from 452 to 364 MB. Spooling costs one 1 MiB write per chunk into 
 mapping per fold, in worker threads.
 
 A spool file is rewritten in place by the job's next update (SpoolFiles), not deleted and made anew:
-writing over pages the page cache already holds costs a fraction of taking fresh ones. Measured on the
-2-core VM fedkit is benchmarked on, 40 MB written: 4-7 ms of CPU over a kept file's pages against 30-150
-ms into a new file (the kernel allocates, charges and zeroes each page; on a VM whose freed pages go back
-to the host, it faults them in again). The files live as long as the job (at most one per upload slot,
-since each update in flight holds a slot and its file) and are deleted when it ends.
+pages the page cache already holds cost a fraction of fresh ones (runtime/file_reuse.py, with the figures).
+The files live as long as the job (about one per upload slot, since each update in flight holds a slot and
+its file) and are deleted when it ends.
 
 A tiny update (a few counters, a test model) stays in memory, in a buffer reused from the previous one:
 a file per update would cost more than it saves. At most one such buffer is kept between updates.

@@ -14,7 +14,7 @@ import pytest
 from runtime.client.job_folders import JobFolders, take_result
 from runtime.client.reused_files import ReusedFiles, SpareModel
 from runtime.client.worker import SiteState, handle
-from runtime.held_files import held_here
+from runtime.file_reuse import held_here
 from runtime.learner import Learner, SiteContext, TrainResult
 from runtime.weights import load_file, save_file
 
@@ -112,32 +112,36 @@ def test_the_workers_result_is_written_over_its_last_and_linked_under_each_name(
     assert list(loaded) == ["w"] and np.array_equal(loaded["w"], small["w"])
 
 
+def _download(spare: SpareModel, path: Path, data: bytes) -> int:
+    """One model received at `path`, as the daemon writes it; the inode it landed in."""
+    with spare.open(path) as f:
+        f.write(data)
+        f.truncate()
+    return path.stat().st_ino
+
+
+def _retired(spare: SpareModel, reference: Path, data: bytes, held: bool) -> int:
+    """The site's reference model `data` retired as the spare; its inode."""
+    reference.write_bytes(data)
+    inode = reference.stat().st_ino
+    spare.retire(reference, held=held)
+    return inode
+
+
 def test_the_spare_model_is_written_over_only_when_the_worker_let_it_go(folders: JobFolders) -> None:
     spare = SpareModel(folders.reuse)
     reference = folders.inbox / "last_global.safetensors"
-    reference.write_bytes(b"round 1 model, long")
-    inode = reference.stat().st_ino
-    spare.retire(reference, held=False)
+    inode = _retired(spare, reference, b"round 1 model, long", held=False)
     assert not reference.exists()  # out of the inbox: the worker cannot open it again
-    with spare.open(folders.inbox / "global_in.part") as f:
-        f.write(b"round 3")
-        f.truncate()
-    assert (folders.inbox / "global_in.part").stat().st_ino == inode
+    assert _download(spare, folders.inbox / "global_in.part", b"round 3") == inode
     assert (folders.inbox / "global_in.part").read_bytes() == b"round 3"
-    with spare.open(folders.inbox / "next.part") as f:  # taken: the next download gets a new file
-        f.write(b"x")
-    assert (folders.inbox / "next.part").stat().st_ino != inode
+    assert _download(spare, folders.inbox / "next.part", b"x") != inode  # taken: the next download gets a new file
 
 
 def test_a_model_the_worker_still_holds_or_another_name_links_is_never_written_over(folders: JobFolders) -> None:
     spare = SpareModel(folders.reuse)
-    held = folders.inbox / "last_global.safetensors"
-    held.write_bytes(b"round 1")
-    held_inode = held.stat().st_ino
-    spare.retire(held, held=True)
-    with spare.open(folders.inbox / "a.part") as f:
-        f.write(b"round 3")
-    assert (folders.inbox / "a.part").stat().st_ino != held_inode
+    held_inode = _retired(spare, folders.inbox / "last_global.safetensors", b"round 1", held=True)
+    assert _download(spare, folders.inbox / "a.part", b"round 3") != held_inode
     assert (folders.reuse / "received.spare").read_bytes() == b"round 1"
 
     linked = folders.inbox / "last_global.safetensors"
@@ -145,8 +149,7 @@ def test_a_model_the_worker_still_holds_or_another_name_links_is_never_written_o
     os.link(linked, folders.inbox / "round_0002_train.safetensors")  # its task folder kept (keep_updates)
     spare.retire(linked, held=False)
     assert linked.exists()  # left where it is: the other name must keep reading round 2
-    with spare.open(folders.inbox / "b.part") as f:
-        f.write(b"round 4")
+    _download(spare, folders.inbox / "b.part", b"round 4")
     assert (folders.inbox / "round_0002_train.safetensors").read_bytes() == b"round 2"
 
 

@@ -12,14 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.client.job_folders import JobFolders
-from runtime.client.sandbox import OffSandbox
-from runtime.client.worker_handle import WorkerFailed, WorkerHandle
+from runtime.client.worker_handle import WorkerFailed
 from runtime.tasks import TaskKind, with_control
 from runtime.weights import load_file, save_file
-
-REPO = Path(__file__).resolve().parents[3]
-REPLY_TIMEOUT_S = 120.0
+from tests.runtime.client.worker_process import REPLY_TIMEOUT_S, start_worker
 
 LEARNER = textwrap.dedent('''
     import torch
@@ -56,16 +52,9 @@ LEARNER = textwrap.dedent('''
 
 async def _run(tmp_path: Path, steps: int) -> list[dict | str]:
     """Train rounds 1 and 2 with SCAFFOLD, then submit_model; each reply, or the one line a call failed with."""
-    folders = JobFolders(tmp_path / "job")
-    folders.create()
-    (folders.code / "custom").mkdir(parents=True)
-    (folders.code / "custom" / "tiny.py").write_text(LEARNER)
+    handle, folders = await start_worker(tmp_path, "tiny", LEARNER, "tiny:Tiny", {"steps": steps})
     model = {"weight": np.zeros((1, 3), np.float32), "bias": np.zeros(1, np.float32)}
     save_file(with_control(model, {"weight": np.full((1, 3), 0.5, np.float32)}), folders.inbox / "global.safetensors")
-    handle = await WorkerHandle.start(
-        sandbox=OffSandbox(), python="", kit=REPO, folders=folders, site="site-1", job_id="job-1", data_root="",
-        gpus=[], learner="tiny:Tiny", learner_args={"steps": steps}, log_path=tmp_path / "worker.log",
-        ready_timeout_s=REPLY_TIMEOUT_S)
     answers: list[dict | str] = []
     try:
         for r in (1, 2):

@@ -11,14 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.client.job_folders import JobFolders
-from runtime.client.sandbox import OffSandbox
-from runtime.client.worker_handle import WorkerHandle
 from runtime.tasks import TaskKind
 from runtime.weights import save_file
-
-REPO = Path(__file__).resolve().parents[3]
-REPLY_TIMEOUT_S = 120.0
+from tests.runtime.client.worker_process import REPLY_TIMEOUT_S, start_worker
 
 LEARNER = textwrap.dedent('''
     import numpy as np
@@ -40,14 +35,7 @@ LEARNER = textwrap.dedent('''
 
 
 async def _held_answers(tmp_path: Path, keep_first: bool) -> list[bool | None]:
-    folders = JobFolders(tmp_path / "job")
-    folders.create()
-    (folders.code / "custom").mkdir(parents=True)
-    (folders.code / "custom" / "delta.py").write_text(LEARNER)
-    handle = await WorkerHandle.start(
-        sandbox=OffSandbox(), python="", kit=REPO, folders=folders, site="site-1", job_id="job-1", data_root="",
-        gpus=[], learner="delta:Delta", learner_args={"keep_first": keep_first}, log_path=tmp_path / "worker.log",
-        ready_timeout_s=REPLY_TIMEOUT_S)
+    handle, folders = await start_worker(tmp_path, "delta", LEARNER, "delta:Delta", {"keep_first": keep_first})
     answers: list[bool | None] = []
     try:
         previous = None

@@ -21,6 +21,7 @@ from runtime.server.cross_site_report import (
     report_view,
     write_report,
 )
+from runtime.server.job_store import JobStore
 
 SITES = ["site-a", "site-b", "site-c"]
 MODELS = ["global", "best", "site:site-a", "site:site-b", "site:site-c"]
@@ -180,13 +181,13 @@ def test_view_of_a_report_written_before_issue_10_and_of_a_broken_one(tmp_path: 
 def test_download_job_ships_the_three_files_and_no_partial_one(tmp_path: Path) -> None:
     """download_job zips the job's folder (AdminService._zip_job) and the console unzips it (client._unzip):
     the report's files arrive as written, and a .tmp left by a write in progress does not."""
-    job_dir, log = tmp_path / "jobs" / "j1", tmp_path / "server.log"
+    store, log = JobStore(tmp_path / "jobs"), tmp_path / "server.log"
+    job_dir = store.job_dir("j1")
     job_dir.mkdir(parents=True)
     log.write_text("j1 started\n")
     write_report(job_dir, "cross_site", MODELS, SITES, _matrix(), "accuracy", True)
     (job_dir / (REPORT_PNG + ".tmp")).write_bytes(b"half")
-    service = SimpleNamespace(_runner=SimpleNamespace(store=SimpleNamespace(job_dir=lambda job_id: job_dir)),
-                              _log_path=log)
+    service = SimpleNamespace(_runner=SimpleNamespace(store=store), _log_path=log)
 
     archive = AdminService._zip_job(service, "j1")  # type: ignore[arg-type]
     try:
