@@ -235,6 +235,8 @@ def _under(path: Path, parent: Path) -> bool:
 # (python, its file's identity) -> its prefixes. A probe is an interpreter start: ~30 ms of CPU on every job's
 # worker start, which 100 sites on one machine pay 100 times. Asked again when the interpreter's file changes
 # or goes (a venv rebuilt or removed), so a broken one is still named as such; a failed probe is not kept.
+# The daemon's own interpreter (the default worker python) is not asked: the daemon knows its prefixes
+# (measured: 55 ms of CPU off each site's first job when 16 sites start one at once).
 _PREFIXES: dict[tuple[str, tuple[int, int, int]], tuple[Path, ...]] = {}
 
 
@@ -246,7 +248,9 @@ async def _interpreter_prefixes(python: str) -> list[Path]:
     except OSError:
         return await _ask_prefixes(python)  # says why it does not run
     if key not in _PREFIXES:
-        _PREFIXES[key] = tuple(await _ask_prefixes(python))
+        own = python == sys.executable and "PYTHONHOME" not in os.environ  # a probe's -I would ignore it
+        _PREFIXES[key] = tuple(_prefixes_of(python, [sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                                     sys.base_exec_prefix]) if own else await _ask_prefixes(python))
     return list(_PREFIXES[key])
 
 
@@ -265,9 +269,14 @@ async def _ask_prefixes(python: str) -> list[Path]:
     if proc.returncode != 0:
         raise SandboxUnavailable(f"job code refused: the worker interpreter {python} does not run "
                                  f"({err.decode(errors='replace').strip()[:200]}); check local/site.yml python")
+    return _prefixes_of(python, json.loads(out))
+
+
+def _prefixes_of(python: str, prefixes: list[str]) -> list[Path]:
+    """The interpreter's sys prefixes and the folders of its file (and of the file it links to)."""
     found: list[Path] = []
     # as the interpreter names them (a venv is found through its own path, so not resolved)
-    for text in json.loads(out):
+    for text in prefixes:
         path = Path(text)
         if path.is_absolute() and path not in found and path != Path("/"):
             found.append(path)

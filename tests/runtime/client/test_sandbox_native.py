@@ -248,3 +248,27 @@ def test_missing_bwrap_is_one_line_with_the_fix():
     reason = NativeSandbox(bwrap="/nonexistent/bwrap-not-here").unavailable_reason()
     assert reason and "\n" not in reason
     assert "bwrap" in reason and "sandbox.backend: off" in reason
+
+
+def test_the_daemons_own_interpreter_is_bound_as_its_probe_would_bind_it(tmp_path, monkeypatch):
+    """The default worker python (the daemon's own) is not probed with a process of its own: the folders
+    bound for it are the ones the probe names, and another interpreter is still asked."""
+    from runtime.client import sandbox_native
+
+    monkeypatch.setattr(sandbox_native, "_PREFIXES", {})
+    monkeypatch.delenv("PYTHONHOME", raising=False)
+    probed = asyncio.run(sandbox_native._ask_prefixes(sys.executable))
+    started: list[tuple] = []
+    real_exec = asyncio.create_subprocess_exec
+
+    async def counting_exec(*args, **kwargs):
+        started.append(args)
+        return await real_exec(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", counting_exec)
+    assert asyncio.run(sandbox_native._interpreter_prefixes(sys.executable)) == probed
+    assert started == []
+    other = tmp_path / "python3"  # the same interpreter by another path: not the daemon's own, so asked
+    other.symlink_to(sys.executable)
+    asyncio.run(sandbox_native._interpreter_prefixes(str(other)))
+    assert [a[0] for a in started] == [str(other)]
