@@ -47,6 +47,11 @@ class Hub:
 
     # ---- pages --------------------------------------------------------------------------------------
 
+    @property
+    def feeds(self) -> int:
+        """The live feeds open now (every tab of a browser shares one per job it shows)."""
+        return self._subscribers
+
     async def subscribe(self, job_id: str | None) -> AsyncIterator[tuple[str, str]]:
         """(event name, JSON text) for the study, the job list and `job_id`'s view, first as they stand, then
         each time one changes. Ends when the caller stops iterating (the page closed)."""

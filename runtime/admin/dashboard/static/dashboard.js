@@ -117,18 +117,56 @@ function selectJob(jobId) {
 
 // ---- the live feed ---------------------------------------------------------------------------------
 
+// A browser opens at most six HTTP/1.1 connections to one host and port, and a live feed holds one for as
+// long as it is open: with a feed per tab, a seventh tab could load nothing at all. So every tab of this
+// dashboard shares one feed per job shown, kept by a SharedWorker (static/feed.js); a browser without
+// SharedWorker gets a feed of its own per tab, as before.
+const FEED_EVENTS = {
+  status: (data) => { state.status = JSON.parse(data); renderStudy(); },
+  jobs: (data) => { state.jobs = JSON.parse(data); renderJobs(); },
+  job: (data) => { state.job = JSON.parse(data); renderJob(); renderCross(); },
+};
+const FEED_PING_MS = 5000;  // the shared feed forgets a tab it has not heard from in a while (a crashed tab)
+
+function showConnection(ok) {
+  const conn = document.getElementById("conn");
+  conn.textContent = ok ? "live" : "connection to the dashboard lost; retrying…";
+  conn.className = ok ? "ok" : "bad";
+}
+
 function connect() {
+  if (typeof SharedWorker === "function") connectShared();
+  else connectOwn();
+}
+
+function connectShared() {
+  if (!state.source) {
+    const port = new SharedWorker("/static/feed.js", { name: "fedkit-feed" }).port;
+    port.onmessage = (e) => {
+      if (e.data.job !== (state.jobId || "")) return;  // sent before this tab moved to another job
+      if (e.data.kind === "conn") showConnection(e.data.ok);
+      else if (e.data.kind === "event" && FEED_EVENTS[e.data.name]) FEED_EVENTS[e.data.name](e.data.data);
+    };
+    const watch = () => port.postMessage({ kind: "watch", token: TOKEN, job: state.jobId || "" });
+    // the watch again, now and then: a tab the feed forgot (throttled in the background) is taken back
+    setInterval(watch, FEED_PING_MS);
+    document.addEventListener("visibilitychange", () => { if (!document.hidden) watch(); });
+    window.addEventListener("pagehide", () => port.postMessage({ kind: "leave" }));
+    window.addEventListener("pageshow", (e) => { if (e.persisted) watch(); });  // back from the cache
+    state.source = { watch, close: () => {} };
+  }
+  state.source.watch();
+}
+
+function connectOwn() {
   if (state.source) state.source.close();
   const query = new URLSearchParams({ token: TOKEN });  // an EventSource cannot send headers
   if (state.jobId) query.set("job", state.jobId);
   const source = new EventSource(`/api/events?${query}`);
   state.source = source;
-  const conn = document.getElementById("conn");
-  source.onopen = () => { conn.textContent = "live"; conn.className = "ok"; };
-  source.onerror = () => { conn.textContent = "connection to the dashboard lost; retrying…"; conn.className = "bad"; };
-  source.addEventListener("status", (e) => { state.status = JSON.parse(e.data); renderStudy(); });
-  source.addEventListener("jobs", (e) => { state.jobs = JSON.parse(e.data); renderJobs(); });
-  source.addEventListener("job", (e) => { state.job = JSON.parse(e.data); renderJob(); renderCross(); });
+  source.onopen = () => showConnection(true);
+  source.onerror = () => showConnection(false);
+  for (const [name, handle] of Object.entries(FEED_EVENTS)) source.addEventListener(name, (e) => handle(e.data));
 }
 
 // ---- study -----------------------------------------------------------------------------------------
