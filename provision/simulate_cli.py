@@ -40,6 +40,7 @@ from runtime.job_spec import CUSTOM_DIR, JobSpec, load_job_folder
 from runtime.learner import Learner
 from runtime.simulate import JOB_ID, SimulationResult, SitePool, simulate
 from runtime.simulate_pool import ProcessPool, pool_shape
+from runtime.workflows import weighted_metrics
 
 MAX_SITES = 10_000
 MAX_JOB_FILE_BYTES = 256 << 20   # a job file the simulator reads into memory (the upload cap of a real job)
@@ -108,10 +109,17 @@ def _fmt(metrics: dict[str, Any]) -> str:
                      if k != "n_samples") or "-"
 
 
-def rounds_table(entries: list[dict[str, Any]], rounds_total: int, n_sites: int) -> Table:
-    """One row per round (how many sites answered, the weighted train metrics) and per scored global model."""
-    table = Table("round", "sites", "failed", "train (weighted)", "validation of the global model",
-                  title=f"{n_sites} virtual sites, {rounds_total} rounds")
+def table_title(spec: JobSpec, n_sites: int) -> str:
+    """What the study runs: its workflows, and its rounds where one of them trains."""
+    rounds = f", {spec.server.rounds} rounds" if "fedavg" in spec.server.workflows else ""
+    return f"{n_sites} virtual sites: {' then '.join(spec.server.workflows)}{rounds}"
+
+
+def rounds_table(entries: list[dict[str, Any]], title: str) -> Table:
+    """One row per round (how many sites answered, the weighted train metrics), per scored global model, and
+    per model the cross_site and evaluate workflows scored on every site (its mean over them, weighted)."""
+    table = Table("round / model", "sites", "failed", "train (weighted)", "validation (weighted over sites)",
+                  title=title)
     for e in entries:
         if e["type"] == "round":
             table.add_row(str(e["round"]), str(len(e["sites"])), str(len(e["failed"])) if e["failed"] else "",
@@ -119,6 +127,9 @@ def rounds_table(entries: list[dict[str, Any]], rounds_total: int, n_sites: int)
         elif e["type"] == "validation":
             table.add_row(f"model {e['model_round']}", "", "", "", _fmt(e["global"]) + ("  [best]" if e["is_best"]
                                                                                         else ""))
+        elif e["type"] == "scored":
+            table.add_row(f"scored {e['model']}", str(len(e["sites"])), str(len(e["failed"])) if e["failed"] else "",
+                          "", _fmt(weighted_metrics(e["sites"])))
         elif e["type"] == "shared":
             table.add_row(f"{e['round']} ({e['task']})", str(len(e["sites"])),
                           str(len(e["failed"])) if e["failed"] else "", "", "")
@@ -136,15 +147,16 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 async def _live_table(metrics: Path, spec: JobSpec, n_sites: int, console: Console) -> None:
-    with Live(rounds_table([], spec.server.rounds, n_sites), console=console, auto_refresh=False) as live:
+    title = table_title(spec, n_sites)
+    with Live(rounds_table([], title), console=console, auto_refresh=False) as live:
         try:
             while True:
                 entries = await asyncio.to_thread(_read_metrics, metrics)
-                live.update(rounds_table(entries, spec.server.rounds, n_sites), refresh=True)
+                live.update(rounds_table(entries, title), refresh=True)
                 await asyncio.sleep(REFRESH_S)  # a refresh period, not a synchronization
         finally:
             entries = await asyncio.to_thread(_read_metrics, metrics)
-            live.update(rounds_table(entries, spec.server.rounds, n_sites), refresh=True)
+            live.update(rounds_table(entries, title), refresh=True)
 
 
 def in_process_learners(job_dir: Path, spec: JobSpec, data: dict[str, Path | None], work: Path) -> dict[str, Learner]:
@@ -197,6 +209,13 @@ async def run_simulation(job_dir: Path, spec: JobSpec, data: dict[str, Path | No
             await pool.close()
 
 
+def _results(folder: Path) -> list[str]:
+    """The result files a person opens, as the folder holds them (models/ where a trained model was kept)."""
+    names = ["models/"] if (folder / "models" / "global.safetensors").is_file() else []
+    return names + [n for n in ("cross_site.json", "cross_site.csv", "cross_site.png", "metrics.jsonl", "record.json")
+                    if (folder / n).is_file()]
+
+
 def simulate_command(job_dir: Path, sites: int | None, data_roots: list[Path], demo_data: bool, out: Path,
                      processes: int | None, overrides: list[str], console: Console | None = None) -> SimulationResult:
     """`fedkit simulate`: check the input, run, print where the results are."""
@@ -231,8 +250,9 @@ def simulate_command(job_dir: Path, sites: int | None, data_roots: list[Path], d
     result = asyncio.run(run_simulation(job_dir, spec, data, out, processes, console, overrides))
     record = result.record
     console.print()
-    console.print(f"{record.state.value} in {time.monotonic() - started:.1f} s: rounds {record.rounds_done}/"
-                  f"{record.rounds_total}, final {_fmt(record.final_metrics or {})}", markup=False, highlight=False)
-    console.print(f"results in {result.folder} (models/, metrics.jsonl, record.json)", markup=False,
+    done = (f"rounds {record.rounds_done}/{record.rounds_total}, final {_fmt(record.final_metrics or {})}"
+            if "fedavg" in spec.server.workflows else f"no training (workflows: {', '.join(spec.server.workflows)})")
+    console.print(f"{record.state.value} in {time.monotonic() - started:.1f} s: {done}", markup=False, highlight=False)
+    console.print(f"results in {result.folder} ({', '.join(_results(result.folder))})", markup=False,
                   highlight=False)
     return result

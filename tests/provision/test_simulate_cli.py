@@ -123,3 +123,30 @@ def test_a_custom_aggregator_runs_in_a_simulation(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "out" / "simulated" / "record.json").read_text())
     assert record["state"] == "finished" and record["rounds_done"] == 1
+
+
+def test_an_evaluate_only_study_shows_each_models_score_over_the_sites(tmp_path: Path) -> None:
+    """External validation on virtual sites: the table has a row per scored model with its mean over the
+    sites weighted by their validation size (it printed an empty table, 'rounds 0/5, final -'), and the
+    summary names the cross-site report the study wrote."""
+    code, output = _simulate(tmp_path / "trained", "--sites", "3", "--demo-data", "--processes", "0",
+                             "--set", "server.rounds=1", "--set", "client.learner.args.epochs=1")
+    assert code == 0, output
+    job = tmp_path / "job"
+    shutil.copytree(JOB_TEMPLATE, job)
+    shutil.copy(tmp_path / "trained" / "simulated" / "models" / "global.safetensors", job / "model.safetensors")
+    result = CliRunner().invoke(app, [
+        "simulate", str(job), "--out", str(tmp_path / "eval"), "--sites", "3", "--demo-data", "--processes", "0",
+        "--set", "server.workflows=[evaluate]", "--set", "server.initial_model=model.safetensors"],
+        env={"COLUMNS": "200"})  # rich's width where stdout is no terminal: one table row per line
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval" / "simulated" / "cross_site.json").read_text())
+    by_site = report["matrix"]["model.safetensors"]
+    assert len(by_site) == 3
+    weight = sum(m["n_samples"] for m in by_site.values())
+    auc = sum(m["auc"] * m["n_samples"] for m in by_site.values()) / weight
+    row = next(line for line in result.output.splitlines() if "scored model.safetensors" in line)
+    assert f"auc={auc:.4f}" in row and "│ 3 " in row
+    assert "3 virtual sites: evaluate" in result.output and "rounds" not in result.output.split("\n")[1]
+    assert "no training (workflows: evaluate)" in result.output
+    assert "(cross_site.json, cross_site.csv, cross_site.png, metrics.jsonl, record.json)" in result.output
