@@ -4,7 +4,8 @@ on the researcher's machine, with no certificates and no server.
     1. the static check (runtime/job_check.py): the three configs against the schemas the server and sites
        use, the filters and the aggregator built, the workflows looked up, the files the configs name;
     2. the learner probe (provision/job_probe.py, a child process): the learner class imports, is a
-       runtime.learner.Learner with train and validate, and takes the configured args;
+       runtime.learner.Learner with train and validate, and takes the configured args; a custom
+       aggregator loaded and built as the server builds it at the job's start (another child process);
     3. with --data: the site's own training worker (runtime/client/worker.py through worker_handle.py, the
        `off` sandbox) on that data folder: init (unless the job ships initial_model); the job's workflow
        chain built as the server builds it (runtime.workflows.WORKFLOWS) and the first round it plans sent
@@ -79,6 +80,10 @@ def check_job(folder: Path, data: Path | None = None, overrides: list[str] | Non
         return report
     learner_problems = probe_learner(folder, client.learner.path, client.learner.args)
     report.problems.extend(Problem(CLIENT_CONFIG, "learner.path", line) for line in learner_problems)
+    if server is not None and server.aggregator.name == "custom" and \
+            not any(p.key.startswith("aggregator") for p in report.problems):
+        report.problems.extend(Problem(SERVER_CONFIG, "aggregator", line)
+                               for line in probe_aggregator(folder, server.aggregator.model_dump(mode="json")))
     if data is None or report.problems or server is None or static.configs.get("meta") is None:
         return report
     limit = timeout_s if timeout_s is not None else client.task_timeout_s
@@ -91,22 +96,30 @@ def check_job(folder: Path, data: Path | None = None, overrides: list[str] | Non
 
 def probe_learner(folder: Path, path: str, args: dict[str, Any]) -> list[str]:
     """provision.job_probe in a child process; its problems, or one line why it gave none."""
+    return _probe([str(folder.resolve()), path, json.dumps(args)], f"importing {path}")
+
+
+def probe_aggregator(folder: Path, config: dict[str, Any]) -> list[str]:
+    """The job's own aggregator loaded and built as the server would, in a child process (job code)."""
+    return _probe(["--aggregator", str(folder.resolve()), json.dumps(config)], f"building aggregator {config['path']}")
+
+
+def _probe(args: list[str], what: str) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="fedkit-probe-") as tmp:
         env = {**worker_env(os.environ), "PYTHONPATH": str(CODE_ROOT), "HOME": tmp}
         try:
-            proc = subprocess.run([sys.executable, "-m", "provision.job_probe", str(folder.resolve()), path,
-                                   json.dumps(args)], capture_output=True, text=True, env=env, cwd=tmp,
-                                  timeout=PROBE_TIMEOUT_S, check=False)
+            proc = subprocess.run([sys.executable, "-m", "provision.job_probe", *args], capture_output=True,
+                                  text=True, env=env, cwd=tmp, timeout=PROBE_TIMEOUT_S, check=False)
         except subprocess.TimeoutExpired:
-            return [f"importing {path} did not finish within {PROBE_TIMEOUT_S:g} s: does the module run work "
-                    "at import time?"]
+            return [f"{what} did not finish within {PROBE_TIMEOUT_S:g} s: does the module run work at import "
+                    "time?"]
     for line in reversed(proc.stdout.splitlines()):
         try:
             return list(json.loads(line)["problems"])
         except (ValueError, KeyError, TypeError):
             continue
     last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return [f"importing {path} ended the process (exit code {proc.returncode}): {last}"]
+    return [f"{what} ended the process (exit code {proc.returncode}): {last}"]
 
 
 async def _run_on_data(folder: Path, data: Path, spec: JobSpec,

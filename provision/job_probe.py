@@ -1,8 +1,13 @@
-"""The learner-contract probe `fedkit job check` runs in a child process: import the job's learner class
-the way the site's worker does (custom/ and the job folder on sys.path) and check it against the contract
-of runtime/learner.py, without building it (its constructor may need the site's data).
+"""The probes `fedkit job check` runs in a child process:
 
-    python -m provision.job_probe JOB_DIR MODULE:CLASS ARGS_JSON   -> one JSON line: {"problems": [...]}
+- the learner's: import the job's learner class the way the site's worker does (custom/ and the job folder
+  on sys.path) and check it against the contract of runtime/learner.py, without building it (its
+  constructor may need the site's data);
+- a custom aggregator's: load and build it exactly as the server does at the job's start
+  (runtime.aggregators.custom.load_job_aggregator: the class, the protocol's methods, its args).
+
+    python -m provision.job_probe JOB_DIR MODULE:CLASS ARGS_JSON        -> one JSON line: {"problems": [...]}
+    python -m provision.job_probe --aggregator JOB_DIR AGGREGATOR_JSON  -> the same
 
 It is a separate process because the job's module runs code on import: whatever it does (exit, print,
 hang, crash) stays out of the command line that asked, which waits for it with a deadline. Its prints go
@@ -55,11 +60,28 @@ def probe(job_dir: Path, path: str, args: dict[str, Any]) -> list[str]:
     return problems
 
 
+def probe_aggregator(job_dir: Path, config: dict[str, Any]) -> list[str]:
+    """The line the server would refuse the job's own aggregator with at the job's start (empty: none)."""
+    from runtime.aggregators.config import CustomAggregatorConfig
+    from runtime.aggregators.custom import load_job_aggregator
+    from runtime.errors import JobRejected
+    from runtime.job_spec import CUSTOM_DIR
+
+    try:
+        load_job_aggregator(job_dir / CUSTOM_DIR, CustomAggregatorConfig(**config))
+    except JobRejected as e:
+        return [str(e)]
+    return []
+
+
 def main(argv: list[str]) -> int:
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # the job's prints land on stderr, never in the answer
-    job_dir, path, args = Path(argv[0]), argv[1], json.loads(argv[2])
-    reply.write(json.dumps({"problems": probe(job_dir, path, args)}) + "\n")
+    if argv[0] == "--aggregator":
+        problems = probe_aggregator(Path(argv[1]), json.loads(argv[2]))
+    else:
+        problems = probe(Path(argv[0]), argv[1], json.loads(argv[2]))
+    reply.write(json.dumps({"problems": problems}) + "\n")
     return 0
 
 

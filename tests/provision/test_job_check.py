@@ -202,6 +202,36 @@ def test_a_broken_learner_gets_its_one_line(tmp_path: Path, case: str) -> None:
     assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
 
 
+AGGREGATOR_CASES = {  # what the server said only when the job started, after it was queued and waited
+    "misspelt arg": ("{name: custom, path: 'half_step:HalfStep', args: {factr: 0.5}}",
+                     "config_fed_server.yml: aggregator: custom aggregator 'half_step:HalfStep': "
+                     "HalfStep(**aggregator.args) failed: TypeError:"),
+    "no such class": ("{name: custom, path: 'half_step:HalfSteps', args: {}}",
+                      "config_fed_server.yml: aggregator: custom aggregator 'half_step:HalfSteps': half_step.py "
+                      "defines no class HalfSteps"),
+    "raises on import": ("{name: custom, path: 'raising_agg:Agg', args: {}}",
+                         "config_fed_server.yml: aggregator: custom aggregator 'raising_agg:Agg': importing "
+                         "raising_agg.py failed: RuntimeError: no GPU here"),
+}
+
+
+@pytest.mark.parametrize("case", list(AGGREGATOR_CASES))
+def test_a_custom_aggregator_the_server_would_refuse_gets_its_one_line(tmp_path: Path, case: str) -> None:
+    from tests.runtime.server.test_job_intake import CUSTOM_AGGREGATOR
+
+    setting, expected = AGGREGATOR_CASES[case]
+    job = _new(tmp_path)
+    (job / "custom" / "half_step.py").write_text(CUSTOM_AGGREGATOR)
+    (job / "custom" / "raising_agg.py").write_text("raise RuntimeError('no GPU here')\n")
+    ok = _cli("check", str(job), "--set", "server.aggregator={name: custom, path: 'half_step:HalfStep', "
+                                          "args: {factor: 0.5}}")
+    assert ok.exit_code == 0, ok.output
+    result = _cli("check", str(job), "--set", f"server.aggregator={setting}")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+
+
 def test_a_learner_raising_in_train_is_caught_by_the_run_on_data(tmp_path: Path) -> None:
     job = _new(tmp_path)
     (job / "custom" / "raising.py").write_text(textwrap.dedent("""
