@@ -136,7 +136,11 @@ class JobController:
                 # model, so with several uploads at once, only one such copy may exist at a time
                 result = await asyncio.to_thread(_decode_result, site, TaskKind(task.name), n_samples, metrics,
                                                  payload)
-                await asyncio.to_thread(self._workflow.fold, result)
+                try:
+                    await asyncio.to_thread(self._workflow.fold, result)
+                except UpdateRejected:  # the update goes; the site's checked scores of the model it was sent stay
+                    outcome.refused_validation[site] = dict(result.validation)
+                    raise
                 result = replace(result, weights=None)  # the receive buffer is reused; a decoded copy goes now
             if wire := _wire_error(metrics):
                 rnd.wire_errors[site] = wire

@@ -73,6 +73,14 @@ class RoundOutcome:
     failures: dict[str, str] = field(default_factory=dict)
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # per site: what its filters did
     site_reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # per site: what it kept of the job's reports
+    # the checked validation scores of sites whose update was refused (NaN, shape, max_n_samples): they scored
+    # the global model before training, so their scores count for that model as any other site's do
+    refused_validation: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def validations(self) -> dict[str, dict[str, float]]:
+        """Every site's validation of the model this round was sent, its update kept or refused."""
+        return {**{s: v for s, v in self.refused_validation.items() if v},
+                **{s: r.validation for s, r in self.results.items() if r.validation}}
 
 
 class Workflow(Protocol):

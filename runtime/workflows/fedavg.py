@@ -93,8 +93,7 @@ class FedAvgWorkflow:
     def close_round(self, outcome: RoundOutcome) -> None:
         if outcome.plan.kind is TaskKind.VALIDATE:
             self._record_validation(self._round, outcome)
-            self._ctx.results.final_metrics = weighted_metrics(
-                {s: r.validation for s, r in outcome.results.items() if r.validation})
+            self._ctx.results.final_metrics = weighted_metrics(outcome.validations())
             self._final_done = True
             return
         rnd = outcome.plan.round
@@ -145,7 +144,7 @@ class FedAvgWorkflow:
 
     def _record_validation(self, model_round: int, outcome: RoundOutcome) -> None:
         """Score the model of `model_round` from what the sites reported and keep it if it is the best."""
-        by_site = {s: r.validation for s, r in outcome.results.items() if r.validation}
+        by_site = outcome.validations()
         if not by_site:
             return
         overall = weighted_metrics(by_site)

@@ -71,6 +71,12 @@ def test_a_poisoned_update_is_refused_and_the_round_goes_on_with_the_others(tmp_
     np.testing.assert_allclose(result.global_model["w"], expected["w"], rtol=1e-5)
     (entry,) = [e for e in result.metrics if e["type"] == "round"]
     assert "NaN" in entry["failed"]["site-c"] or "finite" in entry["failed"]["site-c"]
+    # site-c scored model 0 before its training went wrong: that score counts for model 0 as the others' do
+    (scored,) = [e for e in result.metrics if e["type"] == "validation" and e["model_round"] == 0]
+    assert sorted(scored["sites"]) == ["site-a", "site-b", "site-c"]
+    data = [site_data(i, n, shift=float(i)) for i, n in enumerate((10, 20, 30))]
+    by_hand = sum(n * mse(ZERO, x, y) for n, (x, y) in zip((10, 20, 30), data, strict=True)) / 60
+    assert scored["global"]["mse"] == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_too_few_answers_fail_the_round_with_each_sites_reason(tmp_path: Path) -> None:
