@@ -41,6 +41,7 @@ class FederationService:
         self._upload_slots = TransferSlots(max_concurrent_uploads)
         self._download_slots = TransferSlots(max_concurrent_downloads)
         self._free_buffers: list[bytearray] = []
+        self._moving = 0  # model transfers in flight, either way: the heap's free pages go back once none is
 
     async def _append_audit(self, event: str, **fields) -> None:
         """An audit record, written (and fsynced) in a worker thread: an fsync on the event loop would stall
@@ -104,6 +105,7 @@ class FederationService:
             self._board.unsend(task)  # every slot busy: the site polls again and gets it then
             yield pb.TaskChunk(idle=pb.Idle())
             return
+        self._moving += 1 if payload.nbytes else 0
         try:
             yield pb.TaskChunk(header=pb.TaskHeader(
                 task_id=task.task_id, job_id=task.job_id, task_name=task.name, round=task.round,
@@ -117,10 +119,18 @@ class FederationService:
         finally:
             if payload.nbytes:
                 self._download_slots.release()
+                self._moving -= 1
         await self._append_audit("task_sent", site=peer.name, job_id=task.job_id, task=task.name, round=task.round,
                            task_id=task.task_id)
         if payload.nbytes:
-            await asyncio.to_thread(give_back_free_memory)  # the sent chunks out of the heap (runtime/heap.py)
+            await self._give_back_when_still()
+
+    async def _give_back_when_still(self) -> None:
+        """The heap's free pages back to the OS (runtime/heap.py) once no model transfer is in flight. While
+        one is, they are the buffers its next chunks use: given back after each of N transfers in a round,
+        the others fault them in again."""
+        if self._moving == 0:
+            await asyncio.to_thread(give_back_free_memory)
 
     async def get_job(self, peer: Identity, request: pb.GetJobRequest) -> AsyncIterator[pb.DataChunk]:
         self._check_session(peer, request.session_id)
@@ -144,6 +154,7 @@ class FederationService:
             return ""
         await self._upload_slots.acquire(header.lease_id, task.site)
         incoming = None
+        self._moving += 1
         try:
             # in memory when small, else spooled to disk and mapped for its fold (update_spool.py)
             incoming = IncomingUpdate(header.payload_bytes, controller.max_payload_bytes(task), header.payload_sha256,
@@ -166,9 +177,11 @@ class FederationService:
             payload = await asyncio.to_thread(incoming.finish, trailer)
             await controller.accept_result(task, int(header.n_samples), metrics, header.error, payload)
         finally:
+            self._moving -= 1
             try:
-                if incoming is not None:  # the buffer or spool file back for reuse; then the round's
-                    await asyncio.to_thread(_release, incoming)  # chunks out of the heap (runtime/heap.py)
+                if incoming is not None:  # the buffer or spool file back for reuse; then the round's chunks
+                    await asyncio.to_thread(_release, incoming)
+                    await self._give_back_when_still()  # out of the heap, once no other transfer needs them
             finally:
                 # even when gRPC cancels the handler again during that await (a reset link does): a slot
                 # lost here left the site asking for one for ever (tests/runtime/server/test_upload_cut.py)
@@ -219,7 +232,6 @@ class FederationService:
 
 def _release(incoming: IncomingUpdate) -> None:
     incoming.release()
-    give_back_free_memory()
 
 
 async def _decoded(chunks: AsyncIterator[pb.ResultChunk | bytes]) -> AsyncIterator[pb.ResultChunk | bytes]:
