@@ -105,7 +105,8 @@ class FederationService:
             self._board.unsend(task)  # every slot busy: the site polls again and gets it then
             yield pb.TaskChunk(idle=pb.Idle())
             return
-        self._moving += 1 if payload.nbytes else 0
+        if payload.nbytes:
+            self._moving += 1
         try:
             yield pb.TaskChunk(header=pb.TaskHeader(
                 task_id=task.task_id, job_id=task.job_id, task_name=task.name, round=task.round,

@@ -188,6 +188,13 @@ LEARNER_CASES = {
 }
 
 
+def _refused_in_one_line(result: Any, expected: str) -> None:
+    """`job check` failed (exit 1) with one line starting with `expected`, never a traceback."""
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+
+
 @pytest.mark.parametrize("case", list(LEARNER_CASES))
 def test_a_broken_learner_gets_its_one_line(tmp_path: Path, case: str) -> None:
     code, expected = LEARNER_CASES[case]
@@ -196,10 +203,7 @@ def test_a_broken_learner_gets_its_one_line(tmp_path: Path, case: str) -> None:
     _edit(job / "config_fed_client.yml", "learner:TabularLearner", "broken:Broken")
     _edit(job / "config_fed_client.yml", "    lr: 0.05\n    epochs: 2\n    batch_size: 32\n    hidden: 16\n"
           "    seed: 0\n", "    {}\n")
-    result = _cli("check", str(job))
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+    _refused_in_one_line(_cli("check", str(job)), expected)
 
 
 AGGREGATOR_CASES = {  # what the server said only when the job started, after it was queued and waited
@@ -226,10 +230,7 @@ def test_a_custom_aggregator_the_server_would_refuse_gets_its_one_line(tmp_path:
     ok = _cli("check", str(job), "--set", "server.aggregator={name: custom, path: 'half_step:HalfStep', "
                                           "args: {factor: 0.5}}")
     assert ok.exit_code == 0, ok.output
-    result = _cli("check", str(job), "--set", f"server.aggregator={setting}")
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+    _refused_in_one_line(_cli("check", str(job), "--set", f"server.aggregator={setting}"), expected)
 
 
 def test_a_learner_raising_in_train_is_caught_by_the_run_on_data(tmp_path: Path) -> None:

@@ -21,21 +21,18 @@ from runtime.server.federation import FederationService
 from runtime.server.registry import Registry
 from runtime.server.site_controls import SiteControls
 from runtime.server.taskboard import Task, TaskBoard
-from runtime.server.update_spool import SpoolFiles
 from runtime.transport import CHUNK_BYTES
+from tests.runtime.server.test_upload_cut import _Controller as CutController
 
 PAYLOAD = b"\1" * (2 * CHUNK_BYTES)
 
 
-class _Controller:
-    """The job's controller as the upload path sees it: takes every complete update."""
+class _Controller(CutController):
+    """The upload-cut test's controller, taking every complete update too."""
 
     def __init__(self, spool_dir: Path):
-        self.spool_files = SpoolFiles(spool_dir)
+        super().__init__(spool_dir)
         self.accepted: list[str] = []
-
-    def max_payload_bytes(self, task: Task) -> int:
-        return 1 << 30
 
     async def accept_result(self, task: Task, n_samples: int, metrics: dict[str, Any], error: str,
                             payload: Any) -> None:

@@ -153,7 +153,7 @@ function connectShared() {
     document.addEventListener("visibilitychange", () => { if (!document.hidden) watch(); });
     window.addEventListener("pagehide", () => port.postMessage({ kind: "leave" }));
     window.addEventListener("pageshow", (e) => { if (e.persisted) watch(); });  // back from the cache
-    state.source = { watch, close: () => {} };
+    state.source = { watch };
   }
   state.source.watch();
 }
