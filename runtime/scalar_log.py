@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 import threading
 from typing import Any
 
@@ -26,6 +27,7 @@ SCALAR_NAME = re.compile(r"^[A-Za-z0-9._/-]{1,64}$")  # the same rule as metric 
 MAX_SCALARS_PER_TASK = 1000
 MAX_SCALAR_NAMES_PER_TASK = 64
 MAX_STEP = (1 << 53) - 1  # exact in a JSON number and in TensorBoard's int64 step
+_MAX_FLOAT_INT = int(sys.float_info.max)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,16 @@ def _as_float(name: str, value: Any) -> float:
                              f"not {type(value).__name__}") from None
 
 
+def finite_number(value: Any) -> bool:
+    """A JSON number that is finite as a float. JSON holds integers of any size, and float() of one past
+    1.8e308 raises OverflowError, which a check of untrusted input must never do."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= _MAX_FLOAT_INT
+    return math.isfinite(value)
+
+
 def check_scalars(value: Any) -> list[Point]:
     """A reply's "scalars" as checked (name, step, value) triples; raises ValueError with a reason that
     never repeats a name (it may be what a hostile job tries to smuggle out)."""
@@ -116,7 +128,7 @@ def check_scalars(value: Any) -> list[Point]:
             raise ValueError(f"scalar #{i}: its name is not allowed; names must match {SCALAR_NAME.pattern}")
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
             raise ValueError(f"scalar #{i}: step must be an integer from 0 to {MAX_STEP}")
-        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+        if not finite_number(number):
             raise ValueError(f"scalar #{i}: value must be a finite number")
         names.add(name)
         checked.append((name, step, float(number)))

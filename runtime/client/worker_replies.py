@@ -14,14 +14,13 @@ job is that it never gets to read a secret in the first place.
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..errors import FedkitError
-from ..scalar_log import Point, check_scalars
+from ..scalar_log import Point, check_scalars, finite_number
 
 METRIC_NAME = re.compile(r"^[A-Za-z0-9._/-]{1,64}$")
 MAX_METRICS = 256
@@ -43,7 +42,7 @@ def _check_metrics(value: Any) -> dict[str, float]:
         if not METRIC_NAME.match(name):
             raise ValueError(f"metric name #{i} ({len(name)} characters) is not allowed; names must match "
                              f"{METRIC_NAME.pattern}")
-        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+        if not finite_number(number):
             raise ValueError(f"metric '{name}' is not a finite number")
         checked[name] = float(number)
     return checked
@@ -98,7 +97,7 @@ def parse_reply(line: bytes) -> WorkerReply:
     """Parse and check one reply line; raise WorkerReplyRefused with a one-line reason."""
     try:
         data = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past the parser's depth, a huge integer
         raise WorkerReplyRefused("worker reply refused: not a JSON line") from None
     if not isinstance(data, dict):
         raise WorkerReplyRefused("worker reply refused: not a JSON object")

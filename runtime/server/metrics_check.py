@@ -12,12 +12,11 @@ Raises UpdateRejected; the name at fault is shown with repr(), so its control ch
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any
 
 from ..errors import UpdateRejected
-from ..scalar_log import Point, check_scalars
+from ..scalar_log import Point, check_scalars, finite_number
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._/-]{1,64}")
 MAX_METRICS_PER_MAP = 256
@@ -43,7 +42,7 @@ def check_metrics(data: dict[str, Any]) -> None:
         for name, value in values.items():
             if not NAME_PATTERN.fullmatch(name):
                 raise UpdateRejected(f"metric name {name[:40]!r} in '{key}' must match {NAME_PATTERN.pattern}")
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            if not finite_number(value):
                 raise UpdateRejected(f"metric '{name}' in '{key}' must be a finite number, not {str(value)[:20]!r}")
     try:
         check_scalars(data.get("scalars"))
@@ -70,7 +69,7 @@ def decode_metrics(text: str) -> dict[str, Any]:
     check_metrics_size(text)
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, an integer past Python's digit limit, nested too deep
         raise UpdateRejected("metrics are not valid JSON") from None
     if not isinstance(data, dict):
         raise UpdateRejected("metrics must be a JSON object")

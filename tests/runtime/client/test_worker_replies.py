@@ -30,6 +30,8 @@ def test_a_good_train_reply_passes():
     ({"metrics": {"loss": True}}, "metric 'loss' is not a finite number"),
     ({"metrics": {f"m{i}": 1.0 for i in range(MAX_METRICS + 1)}}, f"{MAX_METRICS + 1} metrics, more than"),
     ({"local": {"lr_sum": float("inf")}}, "metric 'lr_sum' is not a finite number"),
+    ({"metrics": {"loss": 10 ** 400}}, "metric 'loss' is not a finite number"),  # float() of it raises
+    ({"scalars": [["loss", 1, -10 ** 400]]}, "scalar #1: value must be a finite number"),
     ({"local_validation": {SECRET: 0.5}}, "metric name #1 (86 characters) is not allowed"),
     ({"n_samples": -1}, "n_samples must be a non-negative integer"),
     ({"n_samples": 1.5}, "n_samples must be a non-negative integer"),
@@ -43,7 +45,10 @@ def test_bad_replies_are_refused_without_echoing(reply, expected):
     assert "\n" not in message and "MIGHAgEA" not in message
 
 
-@pytest.mark.parametrize("line", [b"not json", b"[1, 2]", b"\xff\xfe"])
+# a hostile job writes to the reply pipe itself: a line nested past the parser's depth or an integer past
+# Python's digit limit raised out of the parser and ended the site's daemon
+@pytest.mark.parametrize("line", [b"not json", b"[1, 2]", b"\xff\xfe", b"[" * 100_000,
+                                  b'{"ok": true, "n_samples": ' + b"9" * 5000 + b"}"])
 def test_non_objects_are_refused(line):
     with pytest.raises(WorkerReplyRefused, match="worker reply refused: not a JSON"):
         parse_reply(line)

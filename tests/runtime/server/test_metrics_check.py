@@ -24,10 +24,16 @@ def test_a_metric_name_outside_the_allowed_characters_is_refused(name: str) -> N
         decode_metrics(json.dumps({"train": {name: 1.0}}))
 
 
-@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", '"0.5"', "true", "[1]", "null"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", '"0.5"', "true", "[1]", "null", "1" * 400])
 def test_a_metric_value_that_is_not_a_finite_number_is_refused(value: str) -> None:
     with pytest.raises(UpdateRejected, match="finite number"):
         decode_metrics('{"validation": {"accuracy": ' + value + "}}")
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"train": {"loss": ' + "9" * 5000 + "}}"])
+def test_json_the_parser_itself_cannot_take_is_refused(text: str) -> None:
+    with pytest.raises(UpdateRejected, match="not valid JSON"):
+        decode_metrics(text)
 
 
 def test_too_many_metrics_in_one_map_are_refused() -> None:
