@@ -160,6 +160,14 @@ class SandboxSettings(SettingsModel):
                                                              "job's task_timeout_s")
     min_free_disk_mb: int | None = Field(1024, ge=0, description="a job's worker is stopped when the workspace's "
                                                                  "disk has less free; null = not watched")
+    run_as: str = Field("65534:65534", pattern=r"^[1-9][0-9]{0,9}:[1-9][0-9]{0,9}$",
+                        description="when this site runs as root: the unprivileged uid:gid job code runs as "
+                                    "(never root); it must be able to read data_root. Otherwise job code "
+                                    "runs as this site's own user")
+
+    def run_as_ids(self) -> tuple[int, int]:
+        uid, gid = self.run_as.split(":")
+        return int(uid), int(gid)
 
 
 class SiteLocalSettings(SettingsModel):

@@ -559,6 +559,7 @@ class ClientDaemon:
         if task.config.wire_dtype != "float32":  # the worker sees the model, never the wire encoding
             with task.steps.timed("decode"):
                 await asyncio.to_thread(_decode_wire, received)
+        await asyncio.to_thread(self._worker.sandbox.share_file, received)  # job code may run as another user
         if kind is TaskKind.VALIDATE:
             with task.steps.timed("worker"):
                 reply = await self._worker.call({"op": kind.value, "weights": str(received)}, timeout_s)

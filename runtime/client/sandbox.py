@@ -26,6 +26,7 @@ import importlib
 import logging
 import os
 import signal
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -90,6 +91,44 @@ class Sandbox(ABC):
     """One way to run a worker. `name` is what local/site.yml calls it and what the audit records."""
 
     name: str = ""
+    # (uid, gid) the worker runs as where that is not the daemon's own user: a site run as root runs job code
+    # as local/site.yml sandbox.run_as, never as root. None: the worker runs as the daemon's user.
+    worker_user: tuple[int, int] | None = None
+
+    def hand_over(self, readable: Sequence[Path], writable: Sequence[Path]) -> None:
+        """Let the worker's user read the trees in `readable` (the job's code, the daemon's inbox) and write
+        the folders in `writable` (scratch, outbox), where it is not the daemon's user. Readable means the
+        'other' permission bits: everything sits in the job's folder, which is the daemon's and private
+        (0700), so no one else on the machine gets in through them."""
+        if self.worker_user is None:
+            return
+        for top in readable:
+            share_read(top)
+            for dirpath, dirnames, filenames in os.walk(top):
+                for name in dirnames + filenames:
+                    share_read(Path(dirpath) / name)
+        for folder in writable:
+            os.chown(folder, *self.worker_user)
+
+    def share_file(self, path: Path) -> None:
+        """Let the worker's user read `path`, a file the daemon wrote for it, and enter its folder (e.g. a
+        task's model in the inbox); nothing to do where the worker is the daemon's own user."""
+        if self.worker_user is not None:
+            share_read(path.parent)
+            share_read(path)
+
+    def can_read(self, path: Path) -> bool:
+        """Whether the worker's user may list and read `path` (a folder such as the data root), by its mode.
+        Always true where the worker is the daemon's own user (the daemon's own access decides)."""
+        if self.worker_user is None:
+            return True
+        try:
+            info = path.stat()
+        except OSError:
+            return False
+        uid, gid = self.worker_user
+        shift = 6 if info.st_uid == uid else 3 if info.st_gid == gid else 0
+        return (info.st_mode >> shift) & 0o5 == 0o5
 
     @abstractmethod
     def unavailable_reason(self) -> str | None:
@@ -113,6 +152,15 @@ class Sandbox(ABC):
         reason = await asyncio.to_thread(self.unavailable_reason)
         if reason:
             raise SandboxUnavailable(f"job code refused: sandbox '{self.name}' is not available here: {reason}")
+
+
+def share_read(path: Path) -> None:
+    """Add 'other' read permission to a file, read and search to a folder; links are left alone."""
+    info = path.lstat()
+    if stat.S_ISDIR(info.st_mode):
+        os.chmod(path, stat.S_IMODE(info.st_mode) | 0o005)
+    elif stat.S_ISREG(info.st_mode):
+        os.chmod(path, stat.S_IMODE(info.st_mode) | 0o004)
 
 
 class OffSandbox(Sandbox):

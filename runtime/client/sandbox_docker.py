@@ -6,8 +6,9 @@ its own path, a path the daemon names is the same path on the host, so every fol
 is bound at its own path (read-only or read-write as given) and nothing else of the kit or host is there.
 
 The worker container has no network at all (network_mode "none": loopback inside only, so torchrun ranks
-still meet), runs as the daemon's own unprivileged uid with every capability dropped, a read-only root
-file system and a private /tmp, and the site's cpus/memory/pids limits. It is removed when it exits, and
+still meet), runs as the daemon's own unprivileged uid (a root daemon's job code as local/site.yml
+sandbox.run_as) with every capability dropped, a read-only root file system and a private /tmp, and the
+site's cpus/memory/pids limits. It is removed when it exits, and
 kill() removes it at once, which kills every process in it. Containers carry labels naming the kit and
 the daemon process that started them, so a restarted daemon removes what its predecessor left behind.
 
@@ -40,7 +41,6 @@ LABEL_DAEMON = "org.fedkit.daemon"    # the daemon process that started it (see 
 # A fresh value per daemon process: containers of this kit with another value are a dead daemon's leftovers.
 _DAEMON_TOKEN = uuid.uuid4().hex
 ENGINE_TIMEOUT_S = 30.0               # any one engine API call (the long wait for the exit has none: see wait())
-NOBODY = "65534:65534"                # the worker's user when the daemon itself runs as root
 STDOUT_QUEUE_CHUNKS = 64              # frames buffered before we stop reading the socket (backpressure)
 LINE_LIMIT_BYTES = 1 << 20            # longest stdout line the daemon accepts, as asyncio's limit=1 MiB
 TMP_SIZE = "1g"                       # the worker's private /tmp (tmpfs, counts against its memory)
@@ -179,6 +179,8 @@ class DockerSandbox(Sandbox):
         self._image = settings.image or os.environ.get(IMAGE_ENV) or ""
         self._client = client
         self._swept: set[str] = set()
+        if os.getuid() == 0:  # never root in the worker container: local/site.yml sandbox.run_as (nobody)
+            self.worker_user = settings.run_as_ids()
 
     # ---- the engine --------------------------------------------------------------------------------
 
@@ -258,12 +260,12 @@ class DockerSandbox(Sandbox):
                 device_ids=[str(g) for g in launch.gpus], capabilities=[["gpu"]])]
             # the granted GPUs are numbered from 0 inside the container
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(launch.gpus)))
-        uid = os.getuid()
+        user = self.worker_user or (os.getuid(), os.getgid())
         kit_dir = launch.runtime_dir.parent
         return {
             "image": self._image,
             "command": list(launch.argv),
-            "user": NOBODY if uid == 0 else f"{uid}:{os.getgid()}",
+            "user": "{}:{}".format(*user),
             "environment": env,
             "working_dir": str(launch.cwd),
             "stdin_open": True,  # with detach False this also sets StdinOnce: our half-close ends its stdin

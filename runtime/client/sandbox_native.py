@@ -16,8 +16,18 @@ Limits go into cgroups where the host lets the daemon write them (cgroups.py); o
 back to RLIMIT_AS (per process, and it counts address space, so it must be generous for torch) and cpus
 to CPU affinity; pids then stay unenforced. describe_limits() says which applies.
 
-Note on the uid: without a setuid bwrap, uid 65534 inside maps to the daemon's own uid outside, so the
-confinement comes from what is mounted, never from file permissions. Nothing secret is mounted.
+The uid outside: without a setuid bwrap, uid 65534 inside maps to the uid that started bwrap. For a daemon
+run as an ordinary user that is its own uid, and the confinement comes from what is mounted, never from
+file permissions (nothing secret is mounted). For a daemon run as root it would be root: job code would
+then write any root-owned file a mount shows it writable, /proc/sys included (kernel.core_pattern runs a
+program as root at the next crash), and use root's kernel keyring. So a root daemon maps the namespace
+itself (bwrap --userns-block-fd): uid 0 inside stays root outside for bwrap's own setup only, and uid 65534
+inside is local/site.yml sandbox.run_as (default nobody) outside. bwrap keeps CAP_SETUID/CAP_SETGID for a
+one-line step inside (DROP_TO_JOB_USER) that becomes 65534 and so loses every capability before the job's
+first instruction. The daemon shares the job's code and inbox with that user (Sandbox.hand_over,
+share_file); the data root must be readable by it. What a root site gives up: bwrap cannot combine
+--disable-userns with a map it did not write, so its job code may create user namespaces of its own, as
+any unprivileged user of the machine may; a site run as an ordinary user keeps that off too.
 """
 
 from __future__ import annotations
@@ -54,6 +64,11 @@ ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "local
              "host.conf", "gai.conf", "mime.types")
 TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 ENTER_SCRIPT = Path(__file__).with_name("sandbox_enter.py")
+# run inside the sandbox as its uid 0 with CAP_SETUID/CAP_SETGID only: become the job's user for good, then
+# the worker. Changing every uid from 0 clears every capability (and bwrap set no_new_privs).
+DROP_TO_JOB_USER = (f"import os, sys; os.setgroups([]); os.setgid({SANDBOX_UID}); os.setuid({SANDBOX_UID}); "
+                    "os.execv(sys.argv[1], sys.argv[1:])")
+MAP_TIMEOUT_S = 30.0
 _PREFIX_PROBE = ("import json, sys; "
                  "print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))")
 
@@ -61,9 +76,12 @@ _PREFIX_PROBE = ("import json, sys; "
 class NativeSandbox(Sandbox):
     name = "native"
 
-    def __init__(self, settings: SandboxSettings | None = None, bwrap: str | None = None):
+    def __init__(self, settings: SandboxSettings | None = None, bwrap: str | None = None,
+                 euid: int | None = None):
         self._settings = settings or SandboxSettings()
         self._bwrap = bwrap or shutil.which("bwrap") or ""
+        if (os.geteuid() if euid is None else euid) == 0:  # never root outside: see the module docstring
+            self.worker_user = self._settings.run_as_ids()
         self._can_disable_userns: bool | None = None  # bwrap >= 0.8: no user namespaces inside the sandbox
 
     def _disable_userns_flags(self) -> list[str]:
@@ -119,7 +137,9 @@ class NativeSandbox(Sandbox):
         if not self._bwrap:
             raise SandboxUnavailable(f"job code refused: {self.unavailable_reason()}")
         prefixes = await _interpreter_prefixes(launch.argv[0])
-        hardening = await asyncio.to_thread(self._disable_userns_flags)
+        # bwrap cannot disable user namespaces where the daemon maps them itself (--userns-block-fd): a root
+        # site's job may then make its own, as any unprivileged user may (the module docstring)
+        hardening = [] if self.worker_user is not None else await asyncio.to_thread(self._disable_userns_flags)
         limits = launch.limits
         groups = await asyncio.to_thread(
             lambda: cgroups.WorkerCgroups.create(cgroups.plan(limits), limits, secrets.token_hex(3)))
@@ -132,19 +152,32 @@ class NativeSandbox(Sandbox):
         if limits.cpus is not None and "cpu" not in enforced:
             enter += ["--cpus", str(limits.cpus)]
         data_fds: list[int] = []
+        mapping = _UserMap(self.worker_user, data_fds) if self.worker_user is not None else None
+        proc = None
         try:
-            argv = self._bwrap_argv(launch, prefixes, data_fds, hardening)
+            argv = self._bwrap_argv(launch, prefixes, data_fds, hardening, mapping)
             if enter:
                 # -S: no site module (it imports only the standard library), a third of its start-up
                 argv = [sys.executable, "-I", "-S", str(ENTER_SCRIPT), *enter, "--", *argv]
             env = {**launch.env, "HOME": str(launch.cwd), "USER": "nobody", "LOGNAME": "nobody", "TMPDIR": "/tmp"}
             proc, log_file = await spawn_worker(argv, env, "/", launch.log_path, pass_fds=data_fds)
+            for fd in data_fds:
+                os.close(fd)
+            data_fds.clear()
+            if mapping is not None:
+                await mapping.apply()
         except BaseException:
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
             await asyncio.to_thread(groups.remove)
             raise
         finally:
             for fd in data_fds:
                 os.close(fd)
+            if mapping is not None:
+                mapping.close()
         return _SandboxedProcess(proc, groups, log_file)
 
     def kill(self, proc: WorkerProcess) -> None:
@@ -161,17 +194,22 @@ class NativeSandbox(Sandbox):
     # ---- the bwrap command line --------------------------------------------------------------------
 
     def _bwrap_argv(self, launch: WorkerLaunch, prefixes: list[Path], data_fds: list[int],
-                    hardening: list[str]) -> list[str]:
+                    hardening: list[str], mapping: _UserMap | None = None) -> list[str]:
         args = [self._bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net",
-                "--unshare-cgroup-try", *hardening, "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
-                "--hostname", "fedkit-job", "--die-with-parent", "--new-session",
-                "--ro-bind", "/usr", "/usr"]
+                "--unshare-cgroup-try", *hardening]
+        if mapping is None:  # bwrap maps its own uid (the daemon's, not root) to the sandbox's
+            args += ["--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
+        else:  # the daemon maps the namespace; bwrap sets up as 0 and the job drops to 65534 (run_as outside)
+            args += ["--uid", "0", "--gid", "0", "--userns-block-fd", str(mapping.block_fd), "--info-fd",
+                     str(mapping.info_fd), "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        args += ["--hostname", "fedkit-job", "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
         for name in TOP_LEVEL:
             top = Path("/") / name
             if top.is_symlink():
                 args += ["--symlink", os.readlink(top), str(top)]
             elif top.is_dir():
                 args += ["--ro-bind", str(top), str(top)]
+        args += ["--perms", "0755", "--dir", "/etc"]  # else made 0700, which only root inside may read
         for name in ETC_FILES:
             args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
         for dest, text in (("/etc/passwd", f"nobody:x:{SANDBOX_UID}:{SANDBOX_UID}:nobody:/nonexistent:/bin/false\n"),
@@ -189,15 +227,29 @@ class NativeSandbox(Sandbox):
         binds.append(("--ro-bind", launch.runtime_dir))
         binds += [("--ro-bind", p) for p in launch.read_only]
         binds += [("--bind", p) for p in launch.writable]
-        # a data root (or a venv) that holds the kit would show its startup/ and workspace/: an empty tmpfs
-        # goes over the kit first, and only the binds inside it (runtime/, the job's folders) on top
+        # a data root, a venv or a system folder (/usr/local/...) that holds the kit would show its startup/
+        # (the site's key) and workspace/: an empty tmpfs goes over the kit first, and only the binds inside
+        # it (runtime/, the job's folders) on top
         kit = launch.runtime_dir.parent
-        if any(_under(kit, path) for _, path in binds):
+        shown = [path for _, path in binds] + [Path("/usr")] + [Path("/") / name for name in TOP_LEVEL]
+        if any(_under(kit, path) for path in shown):
             binds.append(("--tmpfs", kit))
+        if mapping is not None:
+            # bwrap makes the folders above a bind as the host has them (/root 0700, the workspace 0700),
+            # which the job's user, not root inside, could not pass through: made 0755 first (they are empty)
+            dests = {path for _, path in binds}
+            binds += [("--dir", up) for up in {up for d in dests for up in d.parents} - dests
+                      if up != Path("/") and not _under(up, Path("/usr"))]
         # parents before children, so a bind inside another one lands on top of it
-        for flag, path in sorted(binds, key=lambda b: (len(b[1].parts), b[0] == "--tmpfs")):
-            args += [flag, str(path)] if flag == "--tmpfs" else [flag, str(path), str(path)]
-        args += ["--chdir", str(launch.cwd), "--", *launch.argv]
+        for flag, path in sorted(binds, key=lambda b: (len(b[1].parts), {"--dir": 0, "--tmpfs": 2}.get(b[0], 1))):
+            if flag == "--tmpfs":
+                args += [flag, str(path)]
+            elif flag == "--dir":
+                args += ["--perms", "0755", flag, str(path)]
+            else:
+                args += [flag, str(path), str(path)]
+        drop = [launch.argv[0], "-I", "-S", "-c", DROP_TO_JOB_USER] if mapping is not None else []
+        args += ["--chdir", str(launch.cwd), "--", *drop, *launch.argv]
         return args
 
 
@@ -217,6 +269,51 @@ class _SandboxedProcess(LoggedProcess):
             self.memory_exhausted = await asyncio.to_thread(self.groups.memory_exhausted)
             await asyncio.to_thread(self.groups.remove)
         return code
+
+
+class _UserMap:
+    """The user namespace map a root daemon writes for bwrap (--userns-block-fd): bwrap reports its child's
+    pid on the info pipe and waits on the block pipe until the child's uid_map and gid_map are written.
+    Inside 0 -> outside 0 is bwrap's own setup (it makes the sandbox's root file system); inside 65534 ->
+    the run_as user is the job."""
+
+    def __init__(self, user: tuple[int, int], pass_fds: list[int]):
+        self._user = user
+        self.block_fd, self._block_w = os.pipe()
+        self._info_r, self.info_fd = os.pipe()
+        pass_fds += [self.block_fd, self.info_fd]  # closed in the daemon once bwrap has them
+        self._own = [self._block_w, self._info_r]
+
+    async def apply(self) -> None:
+        info = await asyncio.wait_for(asyncio.to_thread(self._read_info), MAP_TIMEOUT_S)
+        try:
+            pid = int(json.loads(info)["child-pid"])
+        except (ValueError, KeyError, TypeError):
+            raise SandboxUnavailable("job code refused: bwrap did not report its sandbox (no child-pid on "
+                                     "--info-fd); check the bubblewrap install " + FIX_HINT) from None
+        uid, gid = self._user
+        try:
+            Path(f"/proc/{pid}/uid_map").write_text(f"0 0 1\n{SANDBOX_UID} {uid} 1\n")
+            Path(f"/proc/{pid}/gid_map").write_text(f"0 0 1\n{SANDBOX_UID} {gid} 1\n")
+        except OSError as e:
+            raise SandboxUnavailable(f"job code refused: cannot map the sandbox's user to {uid}:{gid} "
+                                     f"({e.strerror}); check local/site.yml sandbox.run_as") from None
+        os.write(self._block_w, b"1")
+
+    def _read_info(self) -> bytes:
+        """bwrap's JSON, up to its end (the pipe closes when bwrap execs, or dies)."""
+        data = b""
+        while chunk := os.read(self._info_r, 4096):
+            data += chunk
+            if data.rstrip().endswith(b"}"):
+                break
+        return data
+
+    def close(self) -> None:
+        for fd in self._own:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._own.clear()
 
 
 def _data_fd(text: str, keep: list[int]) -> int:

@@ -19,7 +19,14 @@ from ..errors import FedkitError
 from ..tasks import TaskKind
 from .job_folders import JobFolders, take_result
 from .reused_files import ReusedFiles, SpareModel
-from .sandbox import WORKER_LINE_LIMIT_BYTES, Sandbox, SandboxLimits, WorkerLaunch, WorkerProcess
+from .sandbox import (
+    WORKER_LINE_LIMIT_BYTES,
+    Sandbox,
+    SandboxLimits,
+    SandboxUnavailable,
+    WorkerLaunch,
+    WorkerProcess,
+)
 from .worker_replies import WorkerReply, WorkerReplyRefused, parse_reply
 from .worker_threads import short_blas_spin, thread_env
 
@@ -91,6 +98,13 @@ class WorkerHandle:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         if threads is not None:
             env.update(thread_env(threads))  # the site's setting wins over what the daemon inherited
+        if data_root and not sandbox.can_read(Path(data_root)):  # false only where job code runs as another user
+            uid, gid = sandbox.worker_user or (0, 0)
+            raise SandboxUnavailable(
+                f"job code refused: data_root {data_root} is missing or cannot be read by the user job code runs "
+                f"as here ({uid}:{gid}, local/site.yml sandbox.run_as); let it read the data (e.g. chgrp -R {gid} "
+                "DATA_ROOT; chmod -R g+rX DATA_ROOT) or set run_as to a user that may")
+        await asyncio.to_thread(sandbox.hand_over, (folders.code, folders.inbox), (folders.scratch, folders.outbox))
         read_only = [folders.code, folders.inbox] + ([Path(data_root)] if data_root else [])
         launch = WorkerLaunch(argv=tuple(cmd), env=env, runtime_dir=kit / "runtime", read_only=tuple(read_only),
                               writable=(folders.scratch, folders.outbox), gpus=tuple(gpus),

@@ -19,6 +19,7 @@ import pytest
 from provision.local_study import wait_until
 from runtime.client.sandbox import SandboxLimits, WorkerLaunch
 from runtime.client.sandbox_native import NativeSandbox
+from runtime.kit_config import SandboxSettings
 from tests.conftest import pids_naming
 
 RUN_TIMEOUT_S = 60.0
@@ -66,6 +67,7 @@ async def _run(launch: WorkerLaunch) -> tuple[dict, int]:
 async def _run_noting_memory(launch: WorkerLaunch) -> tuple[dict, int, bool]:
     """As _run, and whether the sandbox saw the probe killed for passing its memory limit."""
     sandbox = NativeSandbox()
+    sandbox.hand_over((), launch.writable)  # as WorkerHandle.start does: a root daemon's job is another user
     proc = await sandbox.start(launch)
     answer: dict = {}
     try:
@@ -124,7 +126,9 @@ print(json.dumps({{"key": attempt(read({str(layout.key)!r})),
     assert answer["data"] == "done" and answer["inbox"] == "done" and answer["runtime"] is True
     assert answer["shadow"] == "FileNotFoundError" and answer["home"] is False
     assert answer["uid"] == 65534
-    assert answer["nested_userns"] == "OSError"  # no user namespaces of its own (bwrap --disable-userns)
+    # no user namespaces of its own (bwrap --disable-userns), except where the daemon is root and maps the
+    # namespace itself (sandbox_native's docstring): its job is then an unprivileged user of the machine
+    assert answer["nested_userns"] == ("done" if os.geteuid() == 0 else "OSError")
     assert answer["pid"] != os.getpid()
 
 
@@ -135,6 +139,7 @@ print(json.dumps({{"key": attempt(read({str(layout.key)!r})),
                   "runtime": os.path.exists({str(layout.runtime / "__init__.py")!r})}}))
 """)
     launch = dataclasses.replace(launch, read_only=(*launch.read_only, tmp_path))  # data_root: the kit's parent
+    tmp_path.chmod(0o755)  # a data root the job's user may read (pytest makes it 0700)
     answer, code = asyncio.run(_run(launch))
     assert code == 0
     assert answer == {"key": "FileNotFoundError", "data": "done", "runtime": True}
@@ -153,6 +158,41 @@ print(json.dumps({{name: attempt(write(path)) for name, path in targets.items()}
     for name in ("data", "runtime", "code", "inbox"):
         assert answer[name] == "OSError", name  # read-only file system
         assert not targets[name].exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="what a site run as root does; CI and make test run as root")
+def test_a_root_sites_job_is_an_unprivileged_user_of_the_machine(layout):
+    # uid 65534 inside was root outside: the job could write /proc/sys (kernel.core_pattern runs a program as
+    # root at the next crash) and every root-owned file a mount showed it writable
+    launch = layout.launch(ATTEMPT + f"""
+def sysctl():
+    with open("/proc/sys/kernel/core_pattern", "r+") as f:
+        f.write(f.read())  # the same value: harmless had it passed
+open({str(layout.scratch / "made")!r}, "w").close()
+print(json.dumps({{"sysctl": attempt(sysctl), "uid": os.getuid()}}))
+""")
+    answer, code = asyncio.run(_run(launch))
+    assert code == 0
+    assert answer == {"sysctl": "PermissionError", "uid": 65534}
+    assert (layout.scratch / "made").stat().st_uid == SandboxSettings().run_as_ids()[0]
+
+
+def test_a_root_daemon_shares_its_private_job_files_with_the_jobs_user(tmp_path):
+    sandbox = NativeSandbox(euid=0)
+    assert sandbox.worker_user == (65534, 65534)
+    code, model = tmp_path / "code", tmp_path / "inbox" / "r1" / "global_in.safetensors"
+    (code / "pkg").mkdir(parents=True, mode=0o700)
+    (code / "pkg" / "learner.py").write_text("x = 1\n")
+    (code / "pkg" / "learner.py").chmod(0o600)
+    model.parent.mkdir(parents=True, mode=0o700)
+    model.write_bytes(b"weights")
+    model.chmod(0o600)
+    assert not sandbox.can_read(code / "pkg")
+    sandbox.hand_over((code,), ())
+    sandbox.share_file(model)
+    assert sandbox.can_read(code / "pkg") and sandbox.can_read(model.parent)
+    assert (code / "pkg" / "learner.py").stat().st_mode & 0o777 == 0o604 and model.stat().st_mode & 0o777 == 0o604
+    assert NativeSandbox(euid=1000).worker_user is None  # an ordinary user's job runs as that user: nothing to do
 
 
 def test_probe_has_no_network_but_its_own_loopback(layout):
