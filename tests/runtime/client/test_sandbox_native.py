@@ -145,6 +145,21 @@ print(json.dumps({{"key": attempt(read({str(layout.key)!r})),
     assert answer == {"key": "FileNotFoundError", "data": "done", "runtime": True}
 
 
+@pytest.mark.parametrize("kit", ["/usr/local/fedkit/site-1", "/opt/fedkit/site-1"])
+def test_a_kit_under_a_system_folder_is_covered_before_the_job_folders_are_bound(kit):
+    # the whole of /usr is bound read-only: a kit under /usr/local showed the job its startup/ (the key)
+    kit_dir = Path(kit)
+    job = kit_dir / "workspace" / "jobs" / "j1"
+    launch = WorkerLaunch(argv=("/usr/bin/python3",), env={}, runtime_dir=kit_dir / "runtime",
+                          read_only=(job / "code",), writable=(job / "scratch",), gpus=(), limits=SandboxLimits(),
+                          log_path=Path("/dev/null"), cwd=job / "scratch")
+    args = NativeSandbox(euid=1000)._bwrap_argv(launch, [Path("/usr")], [], [])
+    covered = any(flag == "--tmpfs" and path == kit for flag, path in zip(args, args[1:]))
+    assert covered == kit.startswith("/usr/")
+    if covered:  # the cover before the job's own folders, which land on top of it
+        assert args.index(kit) < args.index(str(job / "code"))
+
+
 def test_probe_writes_only_scratch_and_outbox(layout):
     targets = {"data": layout.data / "x", "runtime": layout.runtime / "evil.py", "code": layout.code / "x",
                "inbox": layout.inbox / "x", "scratch": layout.scratch / "x", "outbox": layout.outbox / "x"}
