@@ -5,6 +5,7 @@ SIGTERM/SIGINT into a clean, awaited shutdown."""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import os
 import signal
@@ -12,11 +13,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     import asyncio
 
 WORKSPACE = "workspace"
 PID_FILE = "daemon.pid"
+LOCK_FILE = "daemon.lock"
 LOG_FILE = "log.txt"
 PR_SET_PDEATHSIG = 1
 # Models, logs, audit trails and job folders hold a study's results and a site's file names: owner only.
@@ -58,10 +62,41 @@ def setup_logging(log_path: Path, debug: bool = False) -> None:
         root.addHandler(handler)
 
 
+def hold_workspace(ws: Path, who: str) -> int:
+    """Lock the kit's workspace for this process's life, so a second start of the same kit stops here with
+    one line instead of running beside the first (two servers answering on one port and rewriting one job
+    store, two sites throwing each other off the server, two writers tearing one audit chain). An exclusive
+    flock on workspace/daemon.lock: the kernel releases it when the process ends, however it ends, and an
+    exec (a restart through start.sh) too, since the descriptor is close-on-exec. Returns the descriptor,
+    which must stay open. Raises ConfigError naming the running process."""
+    fd = os.open(ws / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        try:
+            pid = (ws / PID_FILE).read_text().strip() or "?"
+        except OSError:
+            pid = "?"
+        raise ConfigError(f"{who} is already running from this kit (pid {pid}, {ws / PID_FILE}); stop it with "
+                          "startup/stop.sh before starting it again") from None
+    return fd
+
+
 def write_pid(ws: Path) -> Path:
     path = ws / PID_FILE
     path.write_text(f"{os.getpid()}\n")
     return path
+
+
+def remove_pid(ws: Path) -> None:
+    """Remove the pid file if it still names this process (stop.sh must find the one that runs)."""
+    path = ws / PID_FILE
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass
 
 
 def die_with_parent() -> None:

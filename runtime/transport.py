@@ -67,7 +67,9 @@ _OPTIONS = [
     # loopback 15-20% slower (more window updates, more wake-ups); 32 MiB for downloads did not.
     ("grpc.http2.bdp_probe", 0),
 ]
-_SERVER_OPTIONS = [*_OPTIONS, ("grpc.http2.lookahead_bytes", SERVER_WINDOW_BYTES)]
+# no SO_REUSEPORT (gRPC sets it by default): a second server on a port in use, this study's or another's, must
+# fail to start, not take half of the connections
+_SERVER_OPTIONS = [*_OPTIONS, ("grpc.http2.lookahead_bytes", SERVER_WINDOW_BYTES), ("grpc.so_reuseport", 0)]
 _CLIENT_OPTIONS = [*_OPTIONS, ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
                    ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 10_000)]
 

@@ -23,7 +23,9 @@ from ..heap import tune_malloc  # noqa: E402
 from ..procs import (  # noqa: E402
     FILE_ONLY,
     LOG_FILE,
+    hold_workspace,
     private_umask,
+    remove_pid,
     setup_logging,
     stop_event_on_signals,
     workspace,
@@ -49,6 +51,7 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
     ws = workspace(kit)
     setup_logging(ws / LOG_FILE, debug)
     try:
+        hold_workspace(ws, f"the site of {kit}")
         cfg = kc.load_model(startup / kc.CLIENT_CONFIG, kc.ClientKitConfig)
         settings = kc.load_optional(local / "site.yml", kc.SiteLocalSettings)
         policy = JobPolicy.load(local / "job_policy.yml")
@@ -84,7 +87,7 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
     finally:
         audit.append("client_stopped", site=cfg.name)
         log.info("audit log %s: %s", audit.path, audit.head())
-        (ws / "daemon.pid").unlink(missing_ok=True)
+        remove_pid(ws)
     return daemon.restart_requested
 
 

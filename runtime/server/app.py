@@ -12,9 +12,19 @@ from .. import kit_config as kc
 from ..audit import AuditLog
 from ..certs import check_validity, not_revoked
 from ..crl import PIN_FILE, CrlPin
+from ..errors import FedkitError
 from ..heap import tune_malloc
 from ..identity import Kind
-from ..procs import LOG_FILE, setup_logging, stop_event_on_signals, workspace, write_pid
+from ..procs import (
+    FILE_ONLY,
+    LOG_FILE,
+    hold_workspace,
+    remove_pid,
+    setup_logging,
+    stop_event_on_signals,
+    workspace,
+    write_pid,
+)
 from ..transport import RpcServer, TlsFiles, require_kind
 from .admin_service import AdminService
 from .authz import Policy
@@ -38,13 +48,18 @@ async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None =
     settings = kc.load_optional(local / "server.yml", kc.ServerLocalSettings)
     ws = workspace(kit)
     setup_logging(ws / LOG_FILE, debug)
-    tune_malloc(one_arena=True)  # before the server starts its threads (runtime/heap.py)
-    tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
-    check_validity(tls.own_certificate(), f"{startup / cfg.cert}")
-    audit = AuditLog(ws / "audit.jsonl")
-    crl = CrlWatcher(local / kc.REVOCATION_LIST, tls.root_ca, CrlPin(ws / PIN_FILE),
-                     lambda problem: audit.append("crl_refused", reason=problem))
-    crl.load_at_start()  # a malformed, older or missing-but-remembered CRL stops the start, with its reason
+    try:
+        hold_workspace(ws, f"the server of {kit}")
+        tune_malloc(one_arena=True)  # before the server starts its threads (runtime/heap.py)
+        tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
+        check_validity(tls.own_certificate(), f"{startup / cfg.cert}")
+        audit = AuditLog(ws / "audit.jsonl")
+        crl = CrlWatcher(local / kc.REVOCATION_LIST, tls.root_ca, CrlPin(ws / PIN_FILE),
+                         lambda problem: audit.append("crl_refused", reason=problem))
+        crl.load_at_start()  # a malformed, older or missing-but-remembered CRL stops the start, with its reason
+    except FedkitError as e:  # main() prints it; the log says it too, for whoever reads only the log
+        log.error("server cannot start: %s", e, extra=FILE_ONLY)
+        raise
     registry = Registry(settings.heartbeat_timeout_s, time.monotonic, settings.disconnect_grace_s)
     board = TaskBoard(time.monotonic)
     runner = JobRunner(JobStore(ws / "jobs"), board, registry, audit, settings.max_update_bytes_factor,
@@ -93,4 +108,4 @@ async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None =
     admin.record_pending_repeats()
     audit.append("server_stopped", name=cfg.name)
     log.info("audit log %s: %s", audit.path, audit.head())
-    (ws / "daemon.pid").unlink(missing_ok=True)
+    remove_pid(ws)
