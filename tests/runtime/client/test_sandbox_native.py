@@ -154,7 +154,7 @@ def test_a_kit_under_a_system_folder_is_covered_before_the_job_folders_are_bound
                           read_only=(job / "code",), writable=(job / "scratch",), gpus=(), limits=SandboxLimits(),
                           log_path=Path("/dev/null"), cwd=job / "scratch")
     args = NativeSandbox(euid=1000)._bwrap_argv(launch, [Path("/usr")], [], [])
-    covered = any(flag == "--tmpfs" and path == kit for flag, path in zip(args, args[1:]))
+    covered = any(flag == "--tmpfs" and path == kit for flag, path in zip(args, args[1:], strict=False))
     assert covered == kit.startswith("/usr/")
     if covered:  # the cover before the job's own folders, which land on top of it
         assert args.index(kit) < args.index(str(job / "code"))
