@@ -85,6 +85,25 @@ app.add_typer(job_app, name="job")
 
 ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="the study's project.yml")]
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="folder holding <study>/state and prod_NN")]
+SubProjectOpt = Annotated[Path | None, typer.Option("--project", "-p", help="the study's project.yml")]
+SubWorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w",
+                                                      help="folder holding <study>/state and prod_NN")]
+DEFAULT_PROJECT, DEFAULT_WORKSPACE = Path("project.yml"), Path("workspace")
+
+
+def _study_paths(ctx: typer.Context, project: Path | None, workspace: Path | None) -> tuple[Path, Path]:
+    """project.yml and workspace for a `provision` subcommand, given after it or before it (`fedkit provision
+    -p X -w Y revoke NAME`, the order the bare command teaches): ignoring those given before it acted on
+    ./project.yml and ./workspace, another study's perhaps, and a revoke cannot be undone. Both places with
+    different values: refused."""
+    chosen = []
+    for key, own, default in (("project", project, DEFAULT_PROJECT), ("workspace", workspace, DEFAULT_WORKSPACE)):
+        given = ctx.parent.params.get(key) if ctx.parent is not None else None
+        before = given if given is not None and Path(given) != default else None  # the default: nothing given
+        if own is not None and before is not None and Path(own) != Path(before):
+            raise typer.BadParameter(f"--{key} given twice, as {before} and {own}; give it once")
+        chosen.append(Path(own or before or default))
+    return chosen[0], chosen[1]
 
 
 def _utc_now() -> dt.datetime:
@@ -113,8 +132,8 @@ def _root(
 @provision_app.callback(invoke_without_command=True)
 def provision_cmd(
     ctx: typer.Context,
-    project: ProjectOpt = Path("project.yml"),
-    workspace: WorkspaceOpt = Path("workspace"),
+    project: ProjectOpt = DEFAULT_PROJECT,
+    workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
 ) -> None:
     """Issue a signed kit (folder + zip) for every participant into WORKSPACE/<study>/prod_NN."""
     if ctx.invoked_subcommand is not None:
@@ -126,14 +145,16 @@ def provision_cmd(
 @provision_app.command("add-site")
 def add_site_cmd(
     name: Annotated[str, typer.Argument(help="a client site (or admin) already listed in project.yml")],
-    project: ProjectOpt = Path("project.yml"),
-    workspace: WorkspaceOpt = Path("workspace"),
+    ctx: typer.Context,
+    project: SubProjectOpt = None,
+    workspace: SubWorkspaceOpt = None,
 ) -> None:
     """Issue a kit for one new participant into the newest prod_NN under the same CA; others stay untouched.
 
     Add the site to project.yml first: project.yml stays the one record of who is in the study.
     The server's roster (fed_server.json) is not re-issued; the server trusts any site the CA signed.
     """
+    project, workspace = _study_paths(ctx, project, workspace)
     result = add_site(load_project(project), workspace, name, _utc_now(), project_source=str(project))
     _print_result(result)
 
@@ -141,10 +162,12 @@ def add_site_cmd(
 @provision_app.command("revoke")
 def revoke_cmd(
     name: Annotated[str, typer.Argument(help="participant whose certificates to revoke")],
-    project: ProjectOpt = Path("project.yml"),
-    workspace: WorkspaceOpt = Path("workspace"),
+    ctx: typer.Context,
+    project: SubProjectOpt = None,
+    workspace: SubWorkspaceOpt = None,
 ) -> None:
     """Revoke every certificate issued to NAME and rewrite the study's CRL."""
+    project, workspace = _study_paths(ctx, project, workspace)
     study = load_project(project)
     result = revoke(StudyWorkspace.for_study(workspace, study.name), name, _utc_now())
     if result.newly_revoked:

@@ -191,3 +191,24 @@ def test_a_provision_stopped_by_sigterm_leaves_no_half_written_kits(tmp_path: Pa
     assert proc.returncode == 128 + signal.SIGTERM
     assert sorted(p.name for p in study.iterdir()) == ["state"]  # the CA stays: later runs must reuse it
     assert not (study / "state" / "issued.json").exists()
+
+
+def test_study_options_before_a_subcommand_choose_the_study(tmp_path: Path, project_file: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # `fedkit provision -p X -w Y revoke NAME` (the bare command's order) acted on ./project.yml and ./workspace,
+    # another study's perhaps, and a revoke cannot be undone
+    production = tmp_path / "production"
+    production.mkdir()
+    shutil.copy(project_file, production / "project.yml")
+    monkeypatch.chdir(production)
+    assert fedkit("provision").exit_code == 0  # ./project.yml into ./workspace: the study not to touch
+    ws = tmp_path / "ws"
+    assert fedkit("provision", "-p", str(project_file), "-w", str(ws)).exit_code == 0
+
+    revoked = fedkit("provision", "-p", str(project_file), "-w", str(ws), "revoke", "site-1")
+
+    assert revoked.exit_code == 0, revoked.stderr
+    assert f"CRL written to {ws}/example-study/crl.pem" in revoked.stdout
+    assert not (production / "workspace" / "example-study" / "crl.pem").exists()
+    both = fedkit("provision", "-w", str(ws), "revoke", "site-2", "-w", str(tmp_path / "other"))
+    assert both.exit_code == 2 and "--workspace given twice" in both.stderr
