@@ -109,6 +109,15 @@ def finite_number(value: Any) -> bool:
     return math.isfinite(value)
 
 
+MAX_COUNT = 1 << 53  # the largest sample count any check takes: exact as a float, and no sum of them overflows
+
+
+def valid_count(value: Any) -> bool:
+    """A sample count as a metric may carry one (a validation's `n_samples`, its weight across sites): a finite
+    number from 0 to MAX_COUNT. A negative or huge one turned the job's global metrics into nonsense."""
+    return finite_number(value) and 0 <= value <= MAX_COUNT
+
+
 def check_scalars(value: Any) -> list[Point]:
     """A reply's "scalars" as checked (name, step, value) triples; raises ValueError with a reason that
     never repeats a name (it may be what a hostile job tries to smuggle out)."""

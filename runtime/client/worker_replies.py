@@ -20,12 +20,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..errors import FedkitError
-from ..scalar_log import Point, check_scalars, finite_number
+from ..scalar_log import MAX_COUNT, Point, check_scalars, finite_number, valid_count
 
 METRIC_NAME = re.compile(r"^[A-Za-z0-9._/-]{1,64}$")
 MAX_METRICS = 256
 MAX_N_SAMPLES = 1 << 53
 MAX_ERROR_CHARS = 1000
+COUNT_METRIC = "n_samples"  # in a metrics map: the weight of that site's figures across sites
 
 
 class WorkerReplyRefused(FedkitError):
@@ -44,6 +45,8 @@ def _check_metrics(value: Any) -> dict[str, float]:
                              f"{METRIC_NAME.pattern}")
         if not finite_number(number):
             raise ValueError(f"metric '{name}' is not a finite number")
+        if name == COUNT_METRIC and not valid_count(number):
+            raise ValueError(f"metric '{COUNT_METRIC}' must be a sample count from 0 to {MAX_COUNT}")
         checked[name] = float(number)
     return checked
 

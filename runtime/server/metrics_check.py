@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 from ..errors import UpdateRejected
-from ..scalar_log import Point, check_scalars, finite_number
+from ..scalar_log import MAX_COUNT, Point, check_scalars, finite_number, valid_count
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._/-]{1,64}")
 MAX_METRICS_PER_MAP = 256
@@ -44,6 +44,8 @@ def check_metrics(data: dict[str, Any]) -> None:
                 raise UpdateRejected(f"metric name {name[:40]!r} in '{key}' must match {NAME_PATTERN.pattern}")
             if not finite_number(value):
                 raise UpdateRejected(f"metric '{name}' in '{key}' must be a finite number, not {str(value)[:20]!r}")
+            if name == "n_samples" and not valid_count(value):  # the weight of this site's figures
+                raise UpdateRejected(f"metric 'n_samples' in '{key}' must be a sample count from 0 to {MAX_COUNT}")
     try:
         check_scalars(data.get("scalars"))
     except ValueError as e:

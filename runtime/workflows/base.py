@@ -25,6 +25,7 @@ import numpy as np
 
 from ..job_spec import JobSpec
 from ..model_bytes import SerializedModel
+from ..scalar_log import valid_count
 from ..tasks import LocalAlgorithm, TaskKind
 from ..weights import Weights
 
@@ -135,7 +136,10 @@ def weighted_metrics(by_site: dict[str, dict[str, float]]) -> dict[str, float]:
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
     for metrics in by_site.values():
-        w = float(metrics.get("n_samples", 1.0))
+        w = metrics.get("n_samples", 1.0)
+        if not valid_count(w):  # checked where it arrives; a weight that is no count weighs nothing here either
+            continue
+        w = float(w)
         for name, value in metrics.items():
             if name == "n_samples" or not isinstance(value, int | float) or not np.isfinite(value):
                 continue

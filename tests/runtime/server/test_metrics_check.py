@@ -36,6 +36,12 @@ def test_json_the_parser_itself_cannot_take_is_refused(text: str) -> None:
         decode_metrics(text)
 
 
+@pytest.mark.parametrize("count", [-40, 1e308])
+def test_a_validation_count_that_is_no_count_is_refused(count: float) -> None:
+    with pytest.raises(UpdateRejected, match="'n_samples' in 'validation' must be a sample count"):
+        decode_metrics(json.dumps({"validation": {"auc": 0.9, "n_samples": count}}))
+
+
 def test_too_many_metrics_in_one_map_are_refused() -> None:
     with pytest.raises(UpdateRejected, match="257 metrics .*limit 256"):
         decode_metrics(json.dumps({"train": {f"m{i}": 1.0 for i in range(257)}}))
