@@ -11,6 +11,7 @@ Never logs secrets: callers pass only names, hashes and arguments a person typed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -111,10 +112,19 @@ class AuditLog:
             record = {"time": self._clock(), "event": event, **fields, "prev": self._prev}
             record["hash"] = record_hash(record)
             # 0600 whatever the umask: the trail names jobs, sites and people
-            with open(os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as f:
-                f.write(_canonical(record) + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                end = os.fstat(fd).st_size
+                data = memoryview(_canonical(record) + b"\n")
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            except OSError:  # a full disk: a record half written would stop every later start; cut it off
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                raise
+            finally:
+                os.close(fd)
             self._prev = record["hash"]
             self._count += 1
             return record

@@ -507,7 +507,8 @@ class ClientDaemon:
                 site=self._cfg.name, job_id=job_id, data_root=self._settings.data_root or "",
                 gpus=self._settings.gpus, learner=client_cfg.learner.path, learner_args=client_cfg.learner.args,
                 log_path=self._ws / f"worker_{job_id}.log", nproc=nproc, limits=limits,
-                max_result_bytes=MAX_TASK_BYTES, threads=worker_threads, ready_timeout_s=ready_timeout_s)
+                max_result_bytes=MAX_TASK_BYTES, threads=worker_threads, ready_timeout_s=ready_timeout_s,
+                room=self._disk.room_bytes)
         except WorkerTimedOut as e:
             capped = (": this site's cap (local/site.yml sandbox.max_task_s)"
                       if ready_timeout_s < WORKER_START_TIMEOUT_S else "")

@@ -40,6 +40,13 @@ class DiskGuard:
                  free: Callable[[Path], float] = free_mb) -> None:
         self._workspace, self.min_free_mb, self._free = workspace, min_free_mb, free
 
+    def room_bytes(self) -> int | None:
+        """What may still be written above the floor (None: the guard is off): the daemon's own copy of a
+        job's result must fit in it, since the guard only stops the job's worker."""
+        if self.min_free_mb is None:
+            return None
+        return max(0, int((self._free(self._workspace) - self.min_free_mb) * MIB))
+
     def check_room(self, job_id: str) -> None:
         """Raise JobRejected when the disk is already below the floor (no worker starts)."""
         if self.min_free_mb is None:

@@ -58,13 +58,15 @@ class JobFolders:
 
 
 def take_result(outbox: Path, name: str, dest: Path, max_bytes: int,
-                open_dest: Callable[[Path], BinaryIO] | None = None) -> int:
+                open_dest: Callable[[Path], BinaryIO] | None = None, room: int | None = None) -> int:
     """Copy the worker's result `outbox/name` to `dest` (a daemon-owned path) and remove it from outbox.
     `open_dest` opens the file written before it is renamed to `dest` (ReusedFiles.open: a kept file to
     write over), a new file by default.
 
-    Refuses (WorkerReplyRefused, one line) a missing file, a link, anything but a regular file, and a file
-    over `max_bytes`. Returns the bytes copied."""
+    Refuses (WorkerReplyRefused, one line) a missing file, a link, anything but a regular file, a file over
+    `max_bytes`, and one larger than `room`, the bytes the site's disk holds above its floor (a sparse file
+    claiming gigabytes costs the job nothing to write and the site its whole disk to copy). Returns the bytes
+    copied."""
     if "/" in name or name in ("", ".", ".."):
         raise ValueError(f"bad result name {name!r}")
     dir_fd = os.open(outbox, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -83,6 +85,10 @@ def take_result(outbox: Path, name: str, dest: Path, max_bytes: int,
             if info.st_size > max_bytes:
                 raise WorkerReplyRefused(f"worker reply refused: result {name} has {info.st_size} bytes, "
                                          f"more than the {max_bytes} allowed")
+            if room is not None and info.st_size > room:
+                raise WorkerReplyRefused(f"worker reply refused: result {name} has {info.st_size} bytes, more than "
+                                         f"the {room} this site's disk holds above local/site.yml "
+                                         "sandbox.min_free_disk_mb")
             copied = 0
             tmp = dest.with_name(dest.name + ".part")
             with os.fdopen(os.dup(fd), "rb") as src, (open_dest or _new_file)(tmp) as out:

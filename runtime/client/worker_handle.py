@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ def _with_sandbox_hint(error: str, backend: str) -> str:
 
 class WorkerHandle:
     def __init__(self, proc: WorkerProcess, job_id: str, sandbox: Sandbox, folders: JobFolders,
-                 max_result_bytes: int = MAX_RESULT_BYTES):
+                 max_result_bytes: int = MAX_RESULT_BYTES, room: Callable[[], int | None] = lambda: None):
         self._proc = proc
         self.job_id = job_id
         self.sandbox = sandbox
@@ -74,6 +74,7 @@ class WorkerHandle:
         self.results = ReusedFiles(folders.reuse)  # the daemon's copies of results, each written over the last
         self.received = SpareModel(folders.reuse)  # a model trained on two rounds back, for a download to reuse
         self._max_result_bytes = max_result_bytes
+        self._room = room  # bytes the site's disk holds above its floor (DiskGuard.room_bytes)
         self._results = 0
         self._lock = asyncio.Lock()
 
@@ -82,7 +83,7 @@ class WorkerHandle:
                     data_root: str, gpus: list[int], learner: str, learner_args: dict[str, Any],
                     log_path: Path, nproc: int = 1, limits: SandboxLimits | None = None,
                     max_result_bytes: int = MAX_RESULT_BYTES, ready_timeout_s: float = WORKER_START_TIMEOUT_S,
-                    threads: int | None = None) -> WorkerHandle:
+                    threads: int | None = None, room: Callable[[], int | None] = lambda: None) -> WorkerHandle:
         """Start the job's worker through `sandbox`; raises SandboxUnavailable or WorkerFailed."""
         python = shutil.which(python or sys.executable) or python or sys.executable
         # several ranks: torchrun starts them; rank 0 speaks to us over the inherited stdin/stdout
@@ -110,7 +111,7 @@ class WorkerHandle:
                               writable=(folders.scratch, folders.outbox), gpus=tuple(gpus),
                               limits=limits or SandboxLimits(), log_path=log_path, cwd=folders.scratch)
         proc = await sandbox.start(launch)
-        handle = cls(proc, job_id, sandbox, folders, max_result_bytes)
+        handle = cls(proc, job_id, sandbox, folders, max_result_bytes, room)
         try:  # importing the job's code and building its learner: job code runs from here on
             ready = await handle._read_reply(ready_timeout_s)
         except asyncio.CancelledError:  # the job ended or was aborted while its code was still starting: the
@@ -153,7 +154,8 @@ class WorkerHandle:
         name = f"{command.get('op', 'result')}-{self._results}.safetensors"
         reply = await self.call({**command, "out": str(self._outbox / name)}, timeout_s)
         try:
-            await asyncio.to_thread(take_result, self._outbox, name, dest, self._max_result_bytes, self.results.open)
+            await asyncio.to_thread(take_result, self._outbox, name, dest, self._max_result_bytes, self.results.open,
+                                    self._room())
         except WorkerReplyRefused as e:
             await self.stop()
             raise WorkerFailed(str(e)) from None

@@ -201,3 +201,28 @@ def test_a_line_of_spaces_inserted_mid_log_fails_verify(tmp_path: Path) -> None:
     path.write_bytes(b"".join(lines))
     with pytest.raises(AuditChainBroken, match=r":2: not a JSON record"):
         verify(path)
+
+
+def test_a_record_the_disk_had_no_room_for_is_cut_off_and_the_log_still_takes_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a full disk wrote half a record: the site then refused to start ("the last line is not an audit record")
+    import errno
+    import os
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, clock=_fixed_clock)
+    log.append("client_started")
+    real_write = os.write
+
+    def half_then_full(fd: int, data) -> int:
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        log.append("error_reported", reason="x" * 200)
+    monkeypatch.setattr(os, "write", real_write)
+
+    assert verify(path).records == 1
+    AuditLog(path, clock=_fixed_clock).append("client_stopped")  # the next start appends again
+    assert verify(path).records == 2

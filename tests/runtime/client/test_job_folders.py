@@ -48,3 +48,22 @@ def test_an_oversized_or_missing_result_is_refused(folders):
         take_result(folders.outbox, "big", folders.inbox / "d", max_bytes=100)
     with pytest.raises(WorkerReplyRefused, match="wrote no result file"):
         take_result(folders.outbox, "absent", folders.inbox / "d", max_bytes=100)
+
+
+def test_a_sparse_result_larger_than_the_disk_holds_above_its_floor_is_refused_before_copying(folders):
+    # a job writes a header and truncates its result to 3 GiB: no disk space for it, the whole disk to copy
+    with open(folders.outbox / "train-1.safetensors", "wb") as f:
+        f.write(b"header")
+        f.truncate(3 << 30)
+    dest = folders.inbox / "delta.safetensors"
+    with pytest.raises(WorkerReplyRefused, match="more than the 1048576 this site's disk holds above"):
+        take_result(folders.outbox, "train-1.safetensors", dest, max_bytes=64 << 30, room=1 << 20)
+    assert not dest.exists() and not dest.with_name(dest.name + ".part").exists()
+
+
+def test_the_disk_guard_gives_the_room_above_its_floor(tmp_path):
+    from runtime.client.disk_guard import MIB, DiskGuard
+
+    assert DiskGuard(tmp_path, 1024, free=lambda _: 1536.0).room_bytes() == 512 * MIB
+    assert DiskGuard(tmp_path, 1024, free=lambda _: 900.0).room_bytes() == 0
+    assert DiskGuard(tmp_path, None).room_bytes() is None
