@@ -22,7 +22,7 @@ from runtime.errors import CertificateError
 
 from ._files import replace_file
 from .certs import SIGNATURE_HASH, CertificateAuthority, load_ca
-from .state import Revocation, StudyWorkspace, load_ledger, save_ledger
+from .state import Ledger, Revocation, StudyWorkspace, load_ledger, save_ledger
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,25 @@ def next_crl_number(previous_crl: Path, now: dt.datetime) -> int:
         raise CertificateError(f"{previous_crl}: cannot read the previous CRL's number ({e}); restore it "
                                "from backup so the new CRL can be numbered above it") from None
     return max(number, last + 1)
+
+
+def _previously_revoked(previous_crl: Path) -> list[tuple[str, dt.datetime]]:
+    """(serial, revocation date) of every entry of the last CRL written (none before the first revoke)."""
+    try:
+        crl = x509.load_pem_x509_crl(previous_crl.read_bytes())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise CertificateError(f"{previous_crl}: cannot read the previous CRL ({e}); restore it from backup so "
+                               "the new CRL keeps everyone it revoked") from None
+    return [(str(r.serial_number), r.revocation_date_utc) for r in crl]
+
+
+def _missing_from(ledger: Ledger, previous: list[tuple[str, dt.datetime]]) -> list[Revocation]:
+    done = ledger.revoked_serials()
+    names = {c.serial: c.name for c in ledger.issued}
+    return [Revocation(name=names.get(serial, "(in the previous CRL only)"), serial=serial, revoked_at=when)
+            for serial, when in previous if serial not in done]
 
 
 def build_crl(ca: CertificateAuthority, revocations: tuple[Revocation, ...], now: dt.datetime,
@@ -93,6 +112,9 @@ def _revoke(workspace: StudyWorkspace, name: str, now: dt.datetime) -> RevokeRes
             + (f" (issued: {', '.join(known)})" if known else "; nothing has been provisioned here")
         )
     ca = load_ca(workspace.ca_cert_path, workspace.ca_key_path, now)
+    # every serial the last CRL listed stays listed: a state/issued.json restored from a backup older than a
+    # revoke would otherwise publish a newer CRL without it, and servers would admit that participant again
+    ledger = ledger.with_revoked(_missing_from(ledger, _previously_revoked(workspace.crl_path)))
     done = ledger.revoked_serials()
     new = [s for s in serials if s not in done]
     ledger = ledger.with_revoked([Revocation(name=name, serial=s, revoked_at=now) for s in new])

@@ -41,3 +41,19 @@ def test_crl_number_grows_when_the_clock_goes_back(workspace: StudyWorkspace) ->
     first = crl_number(workspace.crl_path)
     revoke(workspace, "site-2", NOW + dt.timedelta(days=1))
     assert crl_number(workspace.crl_path) > first
+
+
+def test_a_ledger_restored_from_before_a_revoke_does_not_unrevoke_anyone(workspace: StudyWorkspace) -> None:
+    # state/ restored from a backup older than the revoke of site-1 (the README says to back it up): the next
+    # revoke rebuilt the CRL from the ledger alone, and servers admitted site-1 again
+    before = workspace.ledger_path.read_bytes()
+    revoke(workspace, "site-1", NOW + dt.timedelta(days=1))
+    site_1 = {r.serial_number for r in x509.load_pem_x509_crl(workspace.crl_path.read_bytes())}
+    workspace.ledger_path.write_bytes(before)
+
+    revoke(workspace, "site-2", NOW + dt.timedelta(days=2))
+
+    listed = {r.serial_number for r in x509.load_pem_x509_crl(workspace.crl_path.read_bytes())}
+    assert site_1 and site_1 < listed and len(listed) > len(site_1)
+    again = revoke(workspace, "site-1", NOW + dt.timedelta(days=3))  # the ledger learnt it back from the CRL
+    assert again.newly_revoked == () and {int(s) for s in again.already_revoked} == site_1
