@@ -84,9 +84,16 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
                          once=once)
     try:
         await daemon.run()
+    except OSError as e:  # the workspace's disk (full, gone): what the site does can no longer be recorded
+        log.error("site stopped: %s: %s", e.filename or "the workspace", e.strerror or e)
+        raise FedkitError(f"site stopped: {e.filename or 'the workspace'}: {e.strerror or e}; free room on "
+                          "the disk holding the workspace and start the site again") from None
     finally:
-        audit.append("client_stopped", site=cfg.name)
-        log.info("audit log %s: %s", audit.path, audit.head())
+        try:
+            audit.append("client_stopped", site=cfg.name)
+            log.info("audit log %s: %s", audit.path, audit.head())
+        except OSError as e:
+            log.error("audit log %s: cannot record the stop (%s)", audit.path, e.strerror or e)
         remove_pid(ws)
     return daemon.restart_requested
 

@@ -96,6 +96,7 @@ class JobStore:
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self._unreadable: dict[Path, int] = {}  # damaged records already logged, with the version logged
         # uploads stream here, beside the job folders (same file system: a finished one is moved, not copied);
         # a dot folder is never a job (job_dir refuses such ids)
         self.incoming_dir = root / ".incoming"
@@ -156,7 +157,11 @@ class JobStore:
         path = self.job_dir(job_id) / "record.json"
         if not path.exists():
             raise JobRejected(f"no such job '{job_id}'")
-        return JobRecord.from_json(json.loads(path.read_text()))
+        try:
+            return JobRecord.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as e:  # not an internal error: a file to repair
+            raise JobRejected(f"job {job_id}: its record {path} cannot be read ({e}); restore it from a backup, "
+                              "or move the job's folder away") from None
 
     def all(self) -> list[JobRecord]:
         """Every job, in submission order. An unreadable record is logged and skipped, not fatal: one
@@ -169,8 +174,20 @@ class JobStore:
             except FileNotFoundError:
                 continue  # not a job yet (being created), or being deleted
             except (OSError, ValueError, TypeError, KeyError) as e:
-                log.error("%s: unreadable job record skipped (%s)", path, e)
+                self._report_unreadable(path, e)
         return sorted(records, key=lambda r: r.queue_key)
+
+    def _report_unreadable(self, path: Path, error: Exception) -> None:
+        """Once per file and version: the scheduler reads every record twice a second while idle, and one
+        damaged record logged each time filled the log (about 170,000 lines a day)."""
+        try:
+            version = path.stat().st_mtime_ns
+        except OSError:
+            version = 0
+        if self._unreadable.get(path) != version:
+            self._unreadable[path] = version
+            log.error("%s: unreadable job record skipped (%s); restore it from a backup, or move the job's "
+                      "folder away", path, error)
 
     def archive(self, job_id: str) -> bytes:
         return (self.job_dir(job_id) / "job.zip").read_bytes()
