@@ -25,6 +25,9 @@ log = logging.getLogger("fedkit.client")
 
 CHECK_INTERVAL_S = 0.5
 MIB = 1 << 20
+# files the site may still need while a job runs (audit, ledgers, a task's folders): a job making millions
+# of empty files used up a file system's inodes with its free bytes untouched
+MIN_FREE_INODES = 10_000
 
 
 def free_mb(path: Path) -> float:
@@ -33,12 +36,25 @@ def free_mb(path: Path) -> float:
     return st.f_bavail * st.f_frsize / MIB
 
 
+def free_inodes(path: Path) -> int | None:
+    """Files an unprivileged writer may still create on `path`'s file system; None where it has no fixed
+    number (btrfs and others report 0 of 0)."""
+    st = os.statvfs(path)
+    return st.f_favail if st.f_files else None
+
+
 class DiskGuard:
     """The floor of free space under a site's workspace; None as the floor turns the guard off."""
 
     def __init__(self, workspace: Path, min_free_mb: int | None,
-                 free: Callable[[Path], float] = free_mb) -> None:
-        self._workspace, self.min_free_mb, self._free = workspace, min_free_mb, free
+                 free: Callable[[Path], float] = free_mb,
+                 inodes: Callable[[Path], int | None] = free_inodes) -> None:
+        self._workspace, self.min_free_mb, self._free, self._inodes = workspace, min_free_mb, free, inodes
+
+    def _short_of_files(self) -> int | None:
+        """The free inodes when they are below MIN_FREE_INODES, else None."""
+        left = self._inodes(self._workspace)
+        return left if left is not None and left < MIN_FREE_INODES else None
 
     def room_bytes(self) -> int | None:
         """What may still be written above the floor (None: the guard is off): the daemon's own copy of a
@@ -56,6 +72,9 @@ class DiskGuard:
             raise JobRejected(f"job {job_id} not started: the disk holding this site's workspace has {free:.0f} MiB "
                               f"free, below local/site.yml sandbox.min_free_disk_mb ({self.min_free_mb}); free "
                               "some space on it")
+        if (files := self._short_of_files()) is not None:
+            raise JobRejected(f"job {job_id} not started: the disk holding this site's workspace has room for only "
+                              f"{files} more files (fewer than {MIN_FREE_INODES}); remove some files from it")
 
     async def watch(self, job_id: str, job_folders: tuple[Path, ...], stop: Callable[[str], None]) -> None:
         """Until cancelled: when free space falls below the floor, `stop(reason)` (which kills the worker;
@@ -63,11 +82,13 @@ class DiskGuard:
         Returns at once when the guard is off."""
         if self.min_free_mb is None:
             return
-        while (free := self._free(self._workspace)) >= self.min_free_mb:
+        while (free := self._free(self._workspace)) >= self.min_free_mb and (files := self._short_of_files()) is None:
             await asyncio.sleep(CHECK_INTERVAL_S)
-        reason = (f"job {job_id} stopped on this site: the disk holding its workspace fell to {free:.0f} MiB free "
-                  f"while the job ran, below local/site.yml sandbox.min_free_disk_mb ({self.min_free_mb}); the "
-                  "job's scratch and outbox were emptied and this site takes no more of its tasks")
+        short = (f"fell to {free:.0f} MiB free while the job ran, below local/site.yml sandbox.min_free_disk_mb "
+                 f"({self.min_free_mb})" if free < self.min_free_mb else
+                 f"had room for only {files} more files while the job ran (fewer than {MIN_FREE_INODES})")
+        reason = (f"job {job_id} stopped on this site: the disk holding its workspace {short}; the job's scratch and "
+                  "outbox were emptied and this site takes no more of its tasks")
         log.error("%s", reason)
         stop(reason)
         await asyncio.to_thread(empty_folders, job_folders)

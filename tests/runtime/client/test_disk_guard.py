@@ -95,3 +95,17 @@ def test_an_ended_jobs_scratch_and_outbox_are_emptied(tmp_path: Path) -> None:
     assert folders.scratch.is_dir() and not any(folders.scratch.iterdir()) and not any(folders.outbox.iterdir())
     assert (folders.inbox / "round_0003_train").is_dir()
     assert not (folders.inbox / "last_global.safetensors").exists() and not folders.reuse.exists()
+
+
+def test_a_job_that_uses_up_the_files_is_stopped_too(tmp_path: Path, monkeypatch) -> None:
+    # 30,000 empty files used every inode of a workspace with its free bytes untouched; the guard saw bytes only
+    monkeypatch.setattr(disk_guard, "CHECK_INTERVAL_S", 0.001)
+    files = iter([500_000, 20_000, 9_000])
+    events: list[str] = []
+    guard = DiskGuard(tmp_path, 1024, FakeDisk([5000.0]), inodes=lambda _: next(files))
+    asyncio.run(asyncio.wait_for(guard.watch("job-1", (), events.append), 5))
+    (reason,) = events
+    assert "had room for only 9000 more files" in reason and "\n" not in reason
+    with pytest.raises(JobRejected, match="room for only 9000 more files"):
+        DiskGuard(tmp_path, 1024, FakeDisk([5000.0]), inodes=lambda _: 9_000).check_room("job-2")
+    DiskGuard(tmp_path, 1024, FakeDisk([5000.0]), inodes=lambda _: None).check_room("job-2")  # btrfs: no count
