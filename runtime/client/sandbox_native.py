@@ -25,9 +25,11 @@ itself (bwrap --userns-block-fd): uid 0 inside stays root outside for bwrap's ow
 inside is local/site.yml sandbox.run_as (default nobody) outside. bwrap keeps CAP_SETUID/CAP_SETGID for a
 one-line step inside (DROP_TO_JOB_USER) that becomes 65534 and so loses every capability before the job's
 first instruction. The daemon shares the job's code and inbox with that user (Sandbox.hand_over,
-share_file); the data root must be readable by it. What a root site gives up: bwrap cannot combine
---disable-userns with a map it did not write, so its job code may create user namespaces of its own, as
-any unprivileged user of the machine may; a site run as an ordinary user keeps that off too.
+share_file); the data root must be readable by it. bwrap cannot combine --disable-userns with a map it
+did not write: the seccomp filter below refuses new user namespaces there as well.
+
+A seccomp filter (seccomp_filter.py) refuses socket families beyond unix, inet and netlink (AF_VSOCK
+reaches a virtual machine's host whatever the network namespace) and new user namespaces.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import sys
 from pathlib import Path
 
 from ..kit_config import SandboxSettings
-from . import cgroups
+from . import cgroups, seccomp_filter
 from .sandbox import (
     FIX_HINT,
     LoggedProcess,
@@ -137,8 +139,8 @@ class NativeSandbox(Sandbox):
         if not self._bwrap:
             raise SandboxUnavailable(f"job code refused: {self.unavailable_reason()}")
         prefixes = await _interpreter_prefixes(launch.argv[0])
-        # bwrap cannot disable user namespaces where the daemon maps them itself (--userns-block-fd): a root
-        # site's job may then make its own, as any unprivileged user may (the module docstring)
+        # bwrap cannot disable user namespaces where the daemon maps them itself (--userns-block-fd); the
+        # seccomp filter refuses them there (the module docstring)
         hardening = [] if self.worker_user is not None else await asyncio.to_thread(self._disable_userns_flags)
         limits = launch.limits
         groups = await asyncio.to_thread(
@@ -202,6 +204,8 @@ class NativeSandbox(Sandbox):
         else:  # the daemon maps the namespace; bwrap sets up as 0 and the job drops to 65534 (run_as outside)
             args += ["--uid", "0", "--gid", "0", "--userns-block-fd", str(mapping.block_fd), "--info-fd",
                      str(mapping.info_fd), "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        if (syscalls := seccomp_filter.program()) is not None:  # no other socket families, no user namespaces
+            args += ["--seccomp", str(_data_fd(syscalls, data_fds))]
         args += ["--hostname", "fedkit-job", "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
         for name in TOP_LEVEL:
             top = Path("/") / name
@@ -215,13 +219,18 @@ class NativeSandbox(Sandbox):
         for dest, text in (("/etc/passwd", f"nobody:x:{SANDBOX_UID}:{SANDBOX_UID}:nobody:/nonexistent:/bin/false\n"),
                            ("/etc/group", f"nogroup:x:{SANDBOX_UID}:\n"),
                            ("/etc/hosts", "127.0.0.1 localhost fedkit-job\n::1 localhost\n")):
-            args += ["--ro-bind-data", str(_data_fd(text, data_fds)), dest]
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]
+            args += ["--perms", "0644", "--ro-bind-data", str(_data_fd(text, data_fds)), dest]  # else 0600: root-only
+        # modes given: where bwrap sets up as root inside (a root daemon's map), it made these 0755 or 0700 and
+        # root's, which the job's user could neither write (/tmp, /dev/shm) nor pass through (/sys)
+        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
+                 "--perms", "1777", "--tmpfs", "/dev/shm"]
         if launch.gpus:
             args += ["--ro-bind-try", "/sys", "/sys"]
             for dev in sorted(Path("/dev").glob("nvidia*")):
                 args += ["--dev-bind-try", str(dev), str(dev)]
         else:
+            for up in ("/sys", "/sys/devices", "/sys/devices/system"):
+                args += ["--perms", "0755", "--dir", up]
             args += ["--ro-bind-try", "/sys/devices/system/cpu", "/sys/devices/system/cpu"]
         binds: list[tuple[str, Path]] = [("--ro-bind", p) for p in prefixes if not _under(p, Path("/usr"))]
         binds.append(("--ro-bind", launch.runtime_dir))
@@ -316,12 +325,12 @@ class _UserMap:
         self._own.clear()
 
 
-def _data_fd(text: str, keep: list[int]) -> int:
-    """A pipe already holding `text` (small, so it never blocks), for bwrap's --ro-bind-data."""
+def _data_fd(data: str | bytes, keep: list[int]) -> int:
+    """A pipe already holding `data` (small, so it never blocks), for bwrap's --ro-bind-data or --seccomp."""
     read_fd, write_fd = os.pipe()
     keep.append(read_fd)
-    with os.fdopen(write_fd, "w") as f:
-        f.write(text)
+    with os.fdopen(write_fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
     return read_fd
 
 
