@@ -169,10 +169,11 @@ class NativeSandbox(Sandbox):
             if mapping is not None:
                 await mapping.apply()
         except BaseException:
-            if proc is not None and proc.returncode is None:
+            if proc is not None:  # bwrap started, its namespace was never mapped: it must not go on
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+                log_file.close()
             await asyncio.to_thread(groups.remove)
             raise
         finally:
@@ -294,7 +295,11 @@ class _UserMap:
         self._own = [self._block_w, self._info_r]
 
     async def apply(self) -> None:
-        info = await asyncio.wait_for(asyncio.to_thread(self._read_info), MAP_TIMEOUT_S)
+        try:
+            info = await asyncio.wait_for(asyncio.to_thread(self._read_info), MAP_TIMEOUT_S)
+        except TimeoutError:
+            raise SandboxUnavailable(f"job code refused: bwrap did not report its sandbox within {MAP_TIMEOUT_S:g} s "
+                                     "(the machine is overloaded?)") from None
         try:
             pid = int(json.loads(info)["child-pid"])
         except (ValueError, KeyError, TypeError):

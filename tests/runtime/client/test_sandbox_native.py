@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from provision.local_study import wait_until
-from runtime.client.sandbox import SandboxLimits, WorkerLaunch
+from runtime.client.sandbox import SandboxLimits, SandboxUnavailable, WorkerLaunch
 from runtime.client.sandbox_native import NativeSandbox
 from runtime.kit_config import SandboxSettings
 from tests.conftest import pids_naming
@@ -220,6 +220,14 @@ def test_a_root_daemon_shares_its_private_job_files_with_the_jobs_user(tmp_path)
     assert sandbox.can_read(code / "pkg") and sandbox.can_read(model.parent)
     assert (code / "pkg" / "learner.py").stat().st_mode & 0o777 == 0o604 and model.stat().st_mode & 0o777 == 0o604
     assert NativeSandbox(euid=1000).worker_user is None  # an ordinary user's job runs as that user: nothing to do
+
+
+def test_a_sandbox_that_never_reports_its_namespace_is_refused_in_one_line(layout):
+    # a root daemon maps the job's namespace once bwrap reports it; a bwrap that dies first must not hang it
+    sandbox = NativeSandbox(bwrap="/bin/true", euid=0)
+    with pytest.raises(SandboxUnavailable, match="bwrap did not report its sandbox") as err:
+        asyncio.run(sandbox.start(layout.launch("print('never runs')")))
+    assert "\n" not in str(err.value)
 
 
 def test_probe_has_no_network_but_its_own_loopback(layout):
