@@ -310,6 +310,17 @@ def run_stop(kit: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.parametrize("script", ["start.sh", "stop.sh", "docker.sh"])
+def test_a_script_run_with_sh_says_to_use_bash(kit_copy, script: str) -> None:
+    # dash printed "set: Illegal option -o pipefail" and nothing about what to do
+    kit = kit_copy("site-1")
+    done = subprocess.run(["sh", str(kit / "startup" / script)], capture_output=True, text=True, check=False,
+                          timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("run it with bash (bash " + f"{kit / 'startup' / script}, or "
+                                        f"{kit / 'startup' / script} itself), not sh")
+
+
 def test_stop_says_clearly_when_not_running(kit_copy) -> None:
     kit = kit_copy("site-1")
     done = run_stop(kit)
