@@ -84,7 +84,7 @@ async def refuse_revoked_server(stub: Any, tls: TlsFiles, host: str, port: int, 
     """Fetch the server's CRL over `stub` (a Federation or Admin stub) and its certificate, then run
     `check_not_revoked` with the pin in `workspace`. Raises CertificateError or ServerUnreachable."""
     target = f"{host}:{port}"
-    with call_errors("get CRL", target):
+    with call_errors("connect", target):  # the first call of every session: its failure is the connection's
         reply = await stub.GetCrl(pb.CrlRequest(), timeout=CRL_RPC_TIMEOUT_S)
     server_cert = await asyncio.to_thread(fetch_server_certificate, tls, host, port)
     root_ca = await asyncio.to_thread(load_root_ca, tls.root_ca)
