@@ -202,6 +202,10 @@ class AdminConsole:
             self._out.print(f"submitted job {record['job_id']} ({record['name']}), state {record['state']}")
             if record.get("waiting_for"):  # e.g. a misspelt site name: say so now, not after a silent wait
                 self._out.print(clean_remote(f"it waits: {record['waiting_for']}"), markup=False, highlight=False)
+            elif record.get("unknown_sites"):  # it can start without them: a misspelt name would pass unseen
+                self._out.print(clean_remote("note: never seen by this server (check the names): "
+                                             f"{', '.join(record['unknown_sites'])}; the job runs without them"),
+                                markup=False, highlight=False)
             self._out.print(_fmt_code(record), markup=False, highlight=False)
         return record
 

@@ -167,7 +167,8 @@ class AdminService:
                     part.path.unlink(missing_ok=True)  # moved into the job's folder when accepted
         await self._record(peer, "submit_job", {**args, "job_id": record.job_id, "job_sha256": record.job_sha256,
                                                 "code_sha256": record.code_sha256}, allowed=True)
-        reply = {**asdict(record), "waiting_for": await self._runner.waiting_for(record)}
+        reply = {**asdict(record), "waiting_for": await self._runner.waiting_for(record),
+                 "unknown_sites": await self._runner.unknown_sites(record)}
         return pb.AdminReply(ok=True, message=f"submitted job {record.job_id}", data_json=json.dumps(reply))
 
     async def download(self, peer: Identity, request: pb.AdminRequest) -> AsyncIterator[pb.DataChunk]:

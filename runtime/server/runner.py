@@ -35,7 +35,7 @@ from .controller import JobAborted, JobController
 from .job_quota import JobQuota
 from .job_store import FINAL_STATES, JobRecord, JobState, JobStore
 from .registry import Registry
-from .site_selection import enough_sites, waiting_for
+from .site_selection import enough_sites, unknown_sites, waiting_for
 from .taskboard import TaskBoard
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,14 @@ class JobRunner:
             return ""
         known = self._roster | {s.name for s in self._registry.sessions()}
         return waiting_for(meta, self._registry.alive(), known)
+
+    async def unknown_sites(self, record: JobRecord) -> list[str]:
+        """The sites a job names that this server has never heard of (site_selection.unknown_sites)."""
+        try:
+            meta = (await asyncio.to_thread(self.spec, record.job_id)).meta
+        except (OSError, ValueError):
+            return []
+        return unknown_sites(meta, self._roster | {s.name for s in self._registry.sessions()})
 
     def _sites_ready(self, record: JobRecord) -> bool:
         try:

@@ -32,11 +32,19 @@ def waiting_for(meta: JobMeta, alive: Iterable[str], known: Iterable[str]) -> st
             f"{'is' if len(online) == 1 else 'are'}{': ' + ', '.join(online) if online else ''}")
     if meta.sites == "all":
         return text
-    seen = set(known)
-    unknown = [s for s in meta.sites if s not in seen]
-    offline = [s for s in meta.sites if s in seen and s not in online]
+    unknown = unknown_sites(meta, known)
+    offline = [s for s in meta.sites if s not in unknown and s not in online]
     if offline:
         text += f"; offline: {', '.join(offline)}"
     if unknown:
         text += f"; never seen by this server (check the names): {', '.join(unknown)}"
     return text
+
+
+def unknown_sites(meta: JobMeta, known: Iterable[str]) -> list[str]:
+    """The sites a job names that this server has never heard of (`known`: its roster and every site that
+    ever registered): most likely misspelt, and a job that can start without them would never say so."""
+    if meta.sites == "all":
+        return []
+    seen = set(known)
+    return [s for s in meta.sites if s not in seen]

@@ -70,6 +70,8 @@ def test_the_runner_counts_its_roster_and_every_registered_site_as_known(tmp_pat
         registry.register(_site("site-1"))
         ready = await runner.waiting_for(record)
         assert record.state is JobState.QUEUED
+        # the job can start now, so it waits for nothing: the misspelt name is still named (submit_job says it)
+        assert await runner.unknown_sites(record) == ["site-9"]
         return before, after, ready
 
     before, after, ready = asyncio.run(scenario())
