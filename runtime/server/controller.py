@@ -444,7 +444,7 @@ class JobController:
 
     def _check_aborted(self) -> None:
         if self._aborted.is_set():
-            raise JobAborted(f"job {self.record.job_id} aborted")
+            raise JobAborted("stopped by abort_job while it ran")  # the record says "aborted" and the job id
 
 
 def _payload(plan: RoundPlan, wire_dtype: str) -> tuple[Payload | FilePayload, WireError | None]:

@@ -123,7 +123,8 @@ class JobRunner:
         if self._current and self._current.record.job_id == job_id:
             self._current.abort()
             return record  # the run loop records the end, once the controller has stopped
-        record.state, record.finished_at, record.error = JobState.ABORTED, time.time(), "aborted before start"
+        record.state, record.finished_at = JobState.ABORTED, time.time()
+        record.error = "stopped by abort_job before it started"
         self.store.save(record)
         return record
 

@@ -81,3 +81,14 @@ def test_the_runner_counts_its_roster_and_every_registered_site_as_known(tmp_pat
     assert after == "needs 2 sites online, 1 is: site-3; offline: site-1; " \
                     "never seen by this server (check the names): site-9"
     assert ready == ""
+
+
+def test_an_aborted_job_says_how_it_ended_without_repeating_its_state(tmp_path: Path) -> None:
+    # wait_job printed "job J aborted: job J aborted"
+    async def scenario() -> str:
+        runner = JobRunner(JobStore(tmp_path / "jobs"), TaskBoard(clock=lambda: 0.0), Registry(30.0, lambda: 0.0),
+                           AuditLog(tmp_path / "audit.jsonl"), 1.5, roster=["site-1"])
+        record = await _submit(runner, tmp_path, [])
+        return runner.abort(record.job_id).error
+
+    assert asyncio.run(scenario()) == "stopped by abort_job before it started"
