@@ -78,7 +78,8 @@ def check_job(folder: Path, data: Path | None = None, overrides: list[str] | Non
                                                              "(for the tabular template: fedkit demo's data)"))
     if client is None or any(p.key == "learner.path" for p in report.problems):
         return report
-    learner_problems = probe_learner(folder, client.learner.path, client.learner.args)
+    start_s = timeout_s or None  # the user's --timeout-s bounds the learner's start too, not only each step
+    learner_problems = probe_learner(folder, client.learner.path, client.learner.args, start_s)
     report.problems.extend(Problem(CLIENT_CONFIG, "learner.path", line) for line in learner_problems)
     if server is not None and server.aggregator.name == "custom" and \
             not any(p.key.startswith("aggregator") for p in report.problems):
@@ -88,15 +89,15 @@ def check_job(folder: Path, data: Path | None = None, overrides: list[str] | Non
         return report
     limit = timeout_s if timeout_s is not None else client.task_timeout_s
     spec = JobSpec(meta=static.configs["meta"], server=server, client=client)
-    problems, ran = asyncio.run(_run_on_data(folder, data, spec, limit))
+    problems, ran = asyncio.run(_run_on_data(folder, data, spec, limit, start_s or WORKER_READY_TIMEOUT_S))
     report.problems.extend(problems)
     report.ran = ran
     return report
 
 
-def probe_learner(folder: Path, path: str, args: dict[str, Any]) -> list[str]:
+def probe_learner(folder: Path, path: str, args: dict[str, Any], timeout_s: float | None = None) -> list[str]:
     """provision.job_probe in a child process; its problems, or one line why it gave none."""
-    return _probe([str(folder.resolve()), path, json.dumps(args)], f"importing {path}")
+    return _probe([str(folder.resolve()), path, json.dumps(args)], f"importing {path}", timeout_s)
 
 
 def probe_aggregator(folder: Path, config: dict[str, Any]) -> list[str]:
@@ -104,15 +105,16 @@ def probe_aggregator(folder: Path, config: dict[str, Any]) -> list[str]:
     return _probe(["--aggregator", str(folder.resolve()), json.dumps(config)], f"building aggregator {config['path']}")
 
 
-def _probe(args: list[str], what: str) -> list[str]:
+def _probe(args: list[str], what: str, timeout_s: float | None = None) -> list[str]:
+    limit = timeout_s or PROBE_TIMEOUT_S
     with tempfile.TemporaryDirectory(prefix="fedkit-probe-") as tmp:
         env = {**worker_env(os.environ), "PYTHONPATH": str(CODE_ROOT), "HOME": tmp}
         try:
             proc = subprocess.run([sys.executable, "-m", "provision.job_probe", *args], capture_output=True,
-                                  text=True, env=env, cwd=tmp, timeout=PROBE_TIMEOUT_S, check=False)
+                                  text=True, env=env, cwd=tmp, timeout=limit, check=False)
         except subprocess.TimeoutExpired:
-            return [f"{what} did not finish within {PROBE_TIMEOUT_S:g} s: does the module run work at import "
-                    "time?"]
+            return [f"{what} did not finish within {limit:g} s: does the module (or the learner's constructor) "
+                    "run long work, or hang?"]
     for line in reversed(proc.stdout.splitlines()):
         try:
             return list(json.loads(line)["problems"])
@@ -122,8 +124,8 @@ def _probe(args: list[str], what: str) -> list[str]:
     return [f"{what} ended the process (exit code {proc.returncode}): {last}"]
 
 
-async def _run_on_data(folder: Path, data: Path, spec: JobSpec,
-                       timeout_s: float) -> tuple[list[Problem], dict[str, Any]]:
+async def _run_on_data(folder: Path, data: Path, spec: JobSpec, timeout_s: float,
+                       start_timeout_s: float = WORKER_READY_TIMEOUT_S) -> tuple[list[Problem], dict[str, Any]]:
     """One init/train/validate in the site's own worker, as the job's first round asks it."""
     learner = spec.client.learner
     with tempfile.TemporaryDirectory(prefix="fedkit-check-") as tmp:
@@ -134,7 +136,7 @@ async def _run_on_data(folder: Path, data: Path, spec: JobSpec,
             handle = await WorkerHandle.start(
                 sandbox=OffSandbox(), python=sys.executable, kit=CODE_ROOT, folders=folders, site=SITE,
                 job_id="check", data_root=str(data.resolve()), gpus=[], learner=learner.path,
-                learner_args=learner.args, log_path=Path(tmp) / "worker.log", ready_timeout_s=WORKER_READY_TIMEOUT_S)
+                learner_args=learner.args, log_path=Path(tmp) / "worker.log", ready_timeout_s=start_timeout_s)
         except (WorkerFailed, FedkitError) as e:
             return [Problem(CLIENT_CONFIG, "learner", f"{_tail(e)}")], {}
         try:

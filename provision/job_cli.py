@@ -60,8 +60,9 @@ def check_cmd(folder: Annotated[Path, typer.Argument(help="a job folder")],
               set_: Annotated[list[str] | None, typer.Option("--set", help="an override as at submit, e.g. "
                                                              "server.rounds=5")] = None,
               as_json: Annotated[bool, typer.Option("--json", help="one JSON object: {ok, problems}")] = False,
-              timeout_s: Annotated[float | None, typer.Option("--timeout-s", help="per step with --data "
-                                                              "(default: the job's task_timeout_s)")] = None,
+              timeout_s: Annotated[float | None, typer.Option("--timeout-s", help="per step with --data, "
+                                                              "and for building the learner (default: the job's "
+                                                              "task_timeout_s; 120 s to build it)")] = None,
               ) -> None:
     """Check a job before submitting it; exit 0 when the server and sites would accept it, else 1."""
     report = check_job(folder, data, set_ or [], timeout_s)

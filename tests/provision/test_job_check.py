@@ -298,3 +298,20 @@ class _RecordingClient:
                          initial_model: Path | None = None) -> dict[str, Any]:
         self.uploads.append(folder)
         return {"job_id": "j1", "name": folder.name, "state": "submitted", "code_hash": "0" * 64}
+
+
+def test_a_learner_hanging_while_it_is_built_is_bounded_by_the_timeout_given(tmp_path: Path) -> None:
+    # --timeout-s 10 bounded each step only: building a hanging learner waited 120 s in the probe, then 300 s
+    job = _new(tmp_path)
+    (job / "custom" / "hanging.py").write_text(textwrap.dedent("""
+        import time
+        from learner import TabularLearner
+
+        class Hanging(TabularLearner):
+            def __init__(self, context, **args):
+                time.sleep(3600)
+        """))
+    _edit(job / "config_fed_client.yml", "learner:TabularLearner", "hanging:Hanging")
+    result = _cli("check", str(job), "--timeout-s", "3")
+    _refused_in_one_line(result, "config_fed_client.yml: learner.path: importing hanging:Hanging did not finish "
+                                 "within 3 s")
