@@ -65,6 +65,7 @@ PROBE_TIMEOUT_S = 30.0
 ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime", "nsswitch.conf",
              "host.conf", "gai.conf", "mime.types")
 TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+CPU_INFO = "/sys/devices/system/cpu"  # what a job without GPUs sees of /sys (core counts for thread pools)
 ENTER_SCRIPT = Path(__file__).with_name("sandbox_enter.py")
 # run inside the sandbox as its uid 0 with CAP_SETUID/CAP_SETGID only: become the job's user for good, then
 # the worker. Changing every uid from 0 clears every capability (and bwrap set no_new_privs).
@@ -214,15 +215,16 @@ class NativeSandbox(Sandbox):
                 args += ["--symlink", os.readlink(top), str(top)]
             elif top.is_dir():
                 args += ["--ro-bind", str(top), str(top)]
-        args += ["--perms", "0755", "--dir", "/etc"]  # else made 0700, which only root inside may read
+        system = [Path("/etc") / name for name in (*ETC_FILES, "passwd", "group", "hosts")]
+        args += _open_dirs(_dirs_above(system if launch.gpus else [*system, Path(CPU_INFO)]))
         for name in ETC_FILES:
             args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
         for dest, text in (("/etc/passwd", f"nobody:x:{SANDBOX_UID}:{SANDBOX_UID}:nobody:/nonexistent:/bin/false\n"),
                            ("/etc/group", f"nogroup:x:{SANDBOX_UID}:\n"),
                            ("/etc/hosts", "127.0.0.1 localhost fedkit-job\n::1 localhost\n")):
             args += ["--perms", "0644", "--ro-bind-data", str(_data_fd(text, data_fds)), dest]  # else 0600: root-only
-        # modes given: where bwrap sets up as root inside (a root daemon's map), it made these 0755 or 0700 and
-        # root's, which the job's user could neither write (/tmp, /dev/shm) nor pass through (/sys)
+        # modes given: where bwrap sets up as root inside (a root daemon's map), it made these 0755 and root's,
+        # which the job's user could not write
         args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
                  "--perms", "1777", "--tmpfs", "/dev/shm"]
         if launch.gpus:
@@ -230,9 +232,7 @@ class NativeSandbox(Sandbox):
             for dev in sorted(Path("/dev").glob("nvidia*")):
                 args += ["--dev-bind-try", str(dev), str(dev)]
         else:
-            for up in ("/sys", "/sys/devices", "/sys/devices/system"):
-                args += ["--perms", "0755", "--dir", up]
-            args += ["--ro-bind-try", "/sys/devices/system/cpu", "/sys/devices/system/cpu"]
+            args += ["--ro-bind-try", CPU_INFO, CPU_INFO]
         binds: list[tuple[str, Path]] = [("--ro-bind", p) for p in prefixes if not _under(p, Path("/usr"))]
         binds.append(("--ro-bind", launch.runtime_dir))
         binds += [("--ro-bind", p) for p in launch.read_only]
@@ -244,18 +244,13 @@ class NativeSandbox(Sandbox):
         shown = [path for _, path in binds] + [Path("/usr")] + [Path("/") / name for name in TOP_LEVEL]
         if any(_under(kit, path) for path in shown):
             binds.append(("--tmpfs", kit))
-        if mapping is not None:
-            # bwrap makes the folders above a bind as the host has them (/root 0700, the workspace 0700),
-            # which the job's user, not root inside, could not pass through: made 0755 first (they are empty)
-            dests = {path for _, path in binds}
-            binds += [("--dir", up) for up in {up for d in dests for up in d.parents} - dests
-                      if up != Path("/") and not _under(up, Path("/usr"))]
+        binds += [("--dir", up) for up in _dirs_above([path for _, path in binds])]
         # parents before children, so a bind inside another one lands on top of it
         for flag, path in sorted(binds, key=lambda b: (len(b[1].parts), {"--dir": 0, "--tmpfs": 2}.get(b[0], 1))):
             if flag == "--tmpfs":
                 args += [flag, str(path)]
             elif flag == "--dir":
-                args += ["--perms", "0755", flag, str(path)]
+                args += _open_dirs([path])
             else:
                 args += [flag, str(path), str(path)]
         drop = [launch.argv[0], "-I", "-S", "-c", DROP_TO_JOB_USER] if mapping is not None else []
@@ -337,6 +332,21 @@ def _data_fd(data: str | bytes, keep: list[int]) -> int:
     with os.fdopen(write_fd, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
     return read_fd
+
+
+def _dirs_above(dests: list[Path]) -> set[Path]:
+    """The folders bwrap would make above these mount points (not "/", nor inside the bound /usr)."""
+    return {up for d in dests for up in d.parents if up != Path("/") and not _under(up, Path("/usr"))} - set(dests)
+
+
+def _open_dirs(dirs: set[Path] | list[Path]) -> list[str]:
+    """Make `dirs` 0755, parents first, before bwrap makes them as the host has them (/root, a workspace:
+    0700) or 0700 (/etc, /sys): a job whose user is not root inside (a root daemon's map) could not pass
+    through them. They are empty folders of the sandbox's own root."""
+    args: list[str] = []
+    for up in sorted(dirs, key=lambda p: len(p.parts)):
+        args += ["--perms", "0755", "--dir", str(up)]
+    return args
 
 
 def _under(path: Path, parent: Path) -> bool:

@@ -22,6 +22,7 @@ from ..errors import FedkitError, JobRejected
 from ..identity import Identity
 from ..job_spec import (
     CUSTOM_DIR,
+    JobMeta,
     JobSpec,
     check_archive,
     load_job_spec,
@@ -168,22 +169,24 @@ class JobRunner:
     async def waiting_for(self, record: JobRecord) -> str:
         """Why a queued job is not running yet ("" for any other job, or one that can start). On the loop,
         where the registry changes; the spec is read in a thread (once: then it is kept)."""
-        if record.state is not JobState.QUEUED:
+        if record.state is not JobState.QUEUED or (meta := await self._meta(record)) is None:
             return ""
-        try:
-            meta = (await asyncio.to_thread(self.spec, record.job_id)).meta
-        except (OSError, ValueError):
-            return ""
-        known = self._roster | {s.name for s in self._registry.sessions()}
-        return waiting_for(meta, self._registry.alive(), known)
+        return waiting_for(meta, self._registry.alive(), self._known_sites())
 
     async def unknown_sites(self, record: JobRecord) -> list[str]:
         """The sites a job names that this server has never heard of (site_selection.unknown_sites)."""
+        meta = await self._meta(record)
+        return [] if meta is None else unknown_sites(meta, self._known_sites())
+
+    async def _meta(self, record: JobRecord) -> JobMeta | None:
         try:
-            meta = (await asyncio.to_thread(self.spec, record.job_id)).meta
+            return (await asyncio.to_thread(self.spec, record.job_id)).meta
         except (OSError, ValueError):
-            return []
-        return unknown_sites(meta, self._roster | {s.name for s in self._registry.sessions()})
+            return None
+
+    def _known_sites(self) -> set[str]:
+        """The roster and every site that ever registered: a name outside it is most likely misspelt."""
+        return self._roster | {s.name for s in self._registry.sessions()}
 
     def _sites_ready(self, record: JobRecord) -> bool:
         try:
