@@ -424,8 +424,10 @@ class JobController:
             for site in waiting:
                 if site in alive_waiting:
                     silent_since.pop(site, None)
-                else:
-                    silent_since.setdefault(site, now)
+                elif site not in silent_since:
+                    silent_since[site] = now
+                    log.warning("job %s %s: %s is gone (%s); it has %g s to come back", self.record.job_id,
+                                _what(outcome.plan), site, self._registry.why_gone(site), rejoin_wait_s)
             # a silent site is still waited for until rejoin_wait_s passed since it went silent
             owed = [s for s in waiting if s in alive_waiting or now - silent_since[s] < rejoin_wait_s]
             timed_out = now >= deadline

@@ -114,13 +114,19 @@ def _dead_and(registry: Registry, condition: Callable[[], bool]) -> Callable[[],
     return pause
 
 
-def test_a_site_silent_mid_round_is_waited_for_and_answers_the_same_round(tmp_path: Path) -> None:
+def test_a_site_silent_mid_round_is_waited_for_and_answers_the_same_round(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="runtime.server.controller")
     # silent until it counts dead and both other sites' updates are in: without the wait, round 1 would
     # close now, without it
     audit = _run_job(tmp_path, rejoin_wait_s=60, make_pauses=lambda registry, audit: {
         ("before", 1): _dead_and(registry, lambda: _accepted_trains(audit) >= 2)})
     assert _rounds(audit) == {1: SITES, 2: SITES}
     assert not [r for r in audit.tail(500) if r["event"] == "site_timed_out"]
+    # the server's log says so while it waits (the audit records only a site that never came back)
+    gone = [r.getMessage() for r in caplog.records if " is gone " in r.getMessage()]
+    assert len(gone) == 1 and "site-3 is gone (it went silent (no heartbeat for" in gone[0], gone
+    assert "it has 60 s to come back" in gone[0]
 
 
 def test_a_round_starts_once_a_site_that_took_part_is_back(tmp_path: Path) -> None:
