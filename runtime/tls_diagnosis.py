@@ -26,8 +26,10 @@ class Diagnosis:
     is_certificate_problem: bool  # retrying will not help: a person must change a kit
 
 
-def diagnose(tls: TlsFiles, host: str, port: int, timeout_s: float = 10.0) -> Diagnosis | None:
-    """Why this kit cannot talk TLS to host:port, in one line; None when the handshake is accepted."""
+def diagnose(tls: TlsFiles, host: str, port: int, timeout_s: float = 10.0,
+             holder: str = "this site's") -> Diagnosis | None:
+    """Why this kit cannot talk TLS to host:port, in one line; None when the handshake is accepted.
+    `holder` names whose certificate the server may have refused ("this site's", "this admin kit's")."""
     target = f"{host}:{port}"
     try:
         _, _, root_pem = tls.read()
@@ -51,7 +53,7 @@ def diagnose(tls: TlsFiles, host: str, port: int, timeout_s: float = 10.0) -> Di
                 first = b""
             if not first:
                 return Diagnosis(f"the server at {target} closed the connection right after the TLS handshake: "
-                                 "it refused this site's certificate, which was revoked, has expired, or belongs "
+                                 f"it refused {holder} certificate, which was revoked, has expired, or belongs "
                                  "to another study; ask lead IT for a new kit", True)
     except ssl.SSLCertVerificationError as e:
         return Diagnosis(f"the server at {target} presents a certificate this kit's study CA did not issue "
@@ -60,7 +62,7 @@ def diagnose(tls: TlsFiles, host: str, port: int, timeout_s: float = 10.0) -> Di
     except ssl.SSLError as e:
         if "ALERT" in (e.reason or "").upper():
             alert = (e.reason or "").replace("TLSV1_ALERT_", "").replace("SSLV3_ALERT_", "").replace("_", " ").lower()
-            return Diagnosis(f"the server at {target} refused this site's certificate (TLS alert: {alert}): it "
+            return Diagnosis(f"the server at {target} refused {holder} certificate (TLS alert: {alert}): it "
                              "was revoked, has expired, or belongs to another study; ask lead IT for a new kit", True)
         return Diagnosis(f"TLS with the server at {target} failed ({e.reason or e})", False)
     except OSError as e:

@@ -22,7 +22,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from rich.console import Console  # noqa: E402
 
-from ..errors import FedkitError, ServerUnreachable  # noqa: E402
+from ..errors import FedkitError  # noqa: E402
 from ..procs import private_umask  # noqa: E402
 from .client import AdminClient  # noqa: E402
 from .console import USAGE, AdminConsole, UsageError  # noqa: E402
@@ -120,16 +120,6 @@ def interactive(kit: Path, as_json: bool) -> int:
     return 0
 
 
-def _hint(error: FedkitError) -> str:
-    """With TLS 1.3 a server that refuses our certificate just closes the socket after the handshake,
-    which gRPC reports as an unreachable server; say what it most likely is."""
-    text = str(error).lower()
-    # "stream removed": a call under way broke off (the server stopped), not a refused handshake
-    if isinstance(error, ServerUnreachable) and "socket closed" in text and "stream removed" not in text:
-        return " (if the server is up, it refused this kit's certificate: use a kit from this study's provisioning)"
-    return ""
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors, under --json, are one JSON object on stdout too (a script reads stdout:
     `--json --port abc` left it empty)."""
@@ -175,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         code = EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILED
-        message = " ".join(f"{e}{_hint(e)}".split())
+        message = " ".join(str(e).split())
         print(f"fl_admin: {message}", file=sys.stderr)
         if args.json:  # a script reads stdout: every outcome is one JSON object there
             print(json.dumps({"error": message, "exit_code": code}), flush=True)

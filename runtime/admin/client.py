@@ -16,17 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from .. import kit_config as kc
-from ..errors import FedkitError, JobRejected
+from ..errors import CertificateError, FedkitError, JobRejected, ServerUnreachable
 from ..job_code import CodeSignature, code_hash_of_zip, sign_code
 from ..job_spec import load_job_folder, zip_folder
 from ..procs import workspace
 from ..proto import fedkit_pb2 as pb
 from ..server_trust import refuse_revoked_server
+from ..tls_diagnosis import diagnose
 from ..transport import TlsFiles, admin_stub, call_errors, iter_chunks, open_channel
 from .model_upload import model_to_send
 
 COMMAND_TIMEOUT_S = 30.0
 TRANSFER_TIMEOUT_S = 3600.0
+DIAGNOSE_TIMEOUT_S = 10.0  # our own handshake, after gRPC's failed: how long it may take
 
 
 class CommandFailed(FedkitError):
@@ -49,6 +51,15 @@ class AdminClient:
         try:  # no command goes to a server whose certificate lead IT has revoked
             await refuse_revoked_server(self._stub, self._tls, self.config.server_host, self.config.admin_port,
                                         workspace(self._kit))
+        except (ServerUnreachable, CertificateError):
+            await self._channel.close()
+            # gRPC words a certificate either side refused as a network fault or a raw OpenSSL code: a handshake
+            # of our own says which side's certificate is the problem
+            diagnosis = await asyncio.to_thread(diagnose, self._tls, self.config.server_host,
+                                                self.config.admin_port, DIAGNOSE_TIMEOUT_S, "this admin kit's")
+            if diagnosis is not None and diagnosis.is_certificate_problem:
+                raise CertificateError(f"connect: {diagnosis.message}") from None
+            raise
         except BaseException:
             await self._channel.close()
             raise

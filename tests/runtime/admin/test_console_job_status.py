@@ -11,7 +11,6 @@ import pytest
 from rich.console import Console
 
 from runtime.admin import console as console_module
-from runtime.admin.__main__ import _hint
 from runtime.admin.console import AdminConsole
 from runtime.errors import JobRejected, ServerUnreachable
 from tests.runtime.admin.canned import printed as printed_by
@@ -101,13 +100,6 @@ def test_wait_job_waits_through_a_server_restart(monkeypatch: pytest.MonkeyPatch
     assert server.calls == 4
     assert "server unreachable; still waiting for job j1" in out.getvalue()
     assert "job j1 finished" in out.getvalue()
-
-
-def test_a_call_cut_off_mid_stream_is_not_blamed_on_the_certificate() -> None:
-    cut = ServerUnreachable("wait_job: server localhost:8003 unreachable (UNAVAILABLE): Stream removed (Socket closed)")
-    refused = ServerUnreachable("list_jobs: server localhost:8003 unreachable (UNAVAILABLE): Socket closed")
-    assert _hint(cut) == ""
-    assert "refused this kit's certificate" in _hint(refused)
 
 
 def test_show_job_lists_each_sites_part_in_the_round_that_failed_the_job() -> None:
