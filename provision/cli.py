@@ -115,6 +115,13 @@ def _print_result(result: ProvisionResult) -> None:
     typer.echo(f"Study CA fingerprint (SHA-256): {result.ca_fingerprint}")
     typer.echo("  Give it to each site's IT by a channel other than the kit (phone, letter, signed mail): kits pin "
                "it on first start, and site IT compares.")
+    typer.echo(f"Certificates valid until {result.kits_not_after:%Y-%m-%d} (the study CA until "
+               f"{result.ca_not_after:%Y-%m-%d}): a participant cannot connect after its date; before then "
+               "`fedkit provision` again issues every kit anew under this CA.")
+    if result.kits_cut_by_ca:  # no kit of this CA can be renewed past its end
+        typer.echo(f"  Note: they end with the study CA, sooner than cert_validity_days asks; before "
+                   f"{result.ca_not_after:%Y-%m-%d} the study needs a new CA (provision into a new workspace), "
+                   "every participant a new kit, and every site the new CA fingerprint.")
     typer.echo(f"kits in {result.prod_dir}:")
     width = max(len(k.name) for k in result.kits)
     for kit in result.kits:

@@ -85,7 +85,7 @@ def open_ca(state: BuildState) -> None:
         state.ca = load_ca(ws.ca_cert_path, ws.ca_key_path, state.now)
         return
     ws.state_dir.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
-    state.ca = create_ca(state.project.name, state.now, state.project.cert_validity_days)
+    state.ca = create_ca(state.project.name, state.now, state.project.ca_days)
     save_ca(state.ca, ws.ca_cert_path, ws.ca_key_path)
     state.is_ca_new = True
 
@@ -294,12 +294,19 @@ class ProvisionResult:
     ca_cert_path: Path
     is_ca_new: bool
     ca_fingerprint: str  # SHA-256, as `openssl x509 -fingerprint -sha256` prints it; lead IT hands it out
+    ca_not_after: dt.datetime  # the study ends its certificates' life here: no kit outlives its CA
+    kits_not_after: dt.datetime  # the earliest end of the certificates this run issued
+    kits_cut_by_ca: bool  # the CA ends sooner than cert_validity_days from now: the kits end with it
 
 
 def _result(state: BuildState) -> ProvisionResult:
     kits = tuple(KitOutput(k.name, k.participant.kind, state.kit_dir(k), state.zip_path(k)) for k in state.kits)
+    ca = state.need_ca()
+    asked_end = state.now + dt.timedelta(days=state.project.cert_validity_days)
     return ProvisionResult(state.need_prod_dir(), kits, state.workspace.ca_cert_path, state.is_ca_new,
-                           ca_fingerprint(state.need_ca().cert_pem))
+                           ca_fingerprint(ca.cert_pem), ca.cert.not_valid_after_utc,
+                           min(c.not_after for c in state.issued),
+                           ca.cert.not_valid_after_utc < asked_end)
 
 
 def provision(

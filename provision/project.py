@@ -27,6 +27,9 @@ from runtime.plain_text import check_one_line
 API_VERSION = 1
 DEFAULT_CERT_VALIDITY_DAYS = 360
 MAX_CERT_VALIDITY_DAYS = 3650
+# The CA outlives the kits it signs: kits are renewed (provision, add-site) under the same CA, whose
+# fingerprint every site pinned; a CA as short-lived as its kits would cap every later kit at its end.
+DEFAULT_CA_VALIDITY_DAYS = 1825
 DEFAULT_DOCKER_IMAGE = "python:3.11-slim"
 # X.509 caps CN and O at 64 characters (RFC 5280 ub-common-name / ub-organization-name).
 MAX_NAME_CHARS = 64
@@ -180,6 +183,8 @@ class Project(_Strict):
     name: NonEmpty
     description: str = ""
     cert_validity_days: Annotated[int, Field(strict=True, ge=1, le=MAX_CERT_VALIDITY_DAYS)] = DEFAULT_CERT_VALIDITY_DAYS
+    # None: DEFAULT_CA_VALIDITY_DAYS, or cert_validity_days where that is longer
+    ca_validity_days: Annotated[int, Field(strict=True, ge=1, le=MAX_CERT_VALIDITY_DAYS)] | None = None
     docker_image: str = DEFAULT_DOCKER_IMAGE
     participants: tuple[Participant, ...]
 
@@ -187,6 +192,11 @@ class Project(_Strict):
     @classmethod
     def _study_folder_safe(cls, v: str) -> str:
         return _check_folder_safe(v)
+
+    @property
+    def ca_days(self) -> int:
+        """How long a CA created now stays valid (a CA reused from state/ keeps its own end)."""
+        return self.ca_validity_days or max(DEFAULT_CA_VALIDITY_DAYS, self.cert_validity_days)
 
     @field_validator("description")
     @classmethod

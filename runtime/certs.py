@@ -5,9 +5,10 @@ others can read, and the server refuses peers listed in the project's certificat
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -23,6 +24,32 @@ def check_validity(cert: x509.Certificate, label: str, now: datetime | None = No
     if now > cert.not_valid_after_utc:
         raise CertificateError(f"{label} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
                                "ask lead IT for a new kit")
+
+
+EXPIRY_WARNING_DAYS = 30  # a participant whose certificate ends sooner hears so at start and once a day
+DAY_S = 86400.0
+
+
+def expiry_warning(cert: x509.Certificate, label: str, now: datetime | None = None) -> str | None:
+    """One line for a certificate that ends within EXPIRY_WARNING_DAYS; None for one that does not.
+    After that date this participant can no longer connect, and only lead IT can issue a new kit."""
+    now = now or datetime.now(UTC)
+    left = cert.not_valid_after_utc - now
+    if left > timedelta(days=EXPIRY_WARNING_DAYS):
+        return None
+    return (f"{label} expires on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC (in {max(left.days, 0)} days): "
+            "after that it cannot connect; ask lead IT for a new kit before then")
+
+
+async def warn_before_expiry(cert: x509.Certificate, label: str, warn: Callable[[str], None],
+                             clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    """For a process that runs for months: `warn(line)` at start and once a day while the certificate ends
+    within EXPIRY_WARNING_DAYS; until then it sleeps (a day at a time, so a changed clock is followed)."""
+    while True:
+        message = expiry_warning(cert, label, clock())
+        if message is not None:
+            warn(message)
+        await asyncio.sleep(DAY_S)
 
 
 def check_private_key_mode(key: Path) -> None:

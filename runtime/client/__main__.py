@@ -17,7 +17,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from .. import kit_config as kc  # noqa: E402
 from ..audit import AuditLog  # noqa: E402
-from ..certs import check_validity  # noqa: E402
+from ..certs import check_validity, warn_before_expiry  # noqa: E402
 from ..errors import ConfigError, FedkitError  # noqa: E402
 from ..heap import tune_malloc  # noqa: E402
 from ..procs import (  # noqa: E402
@@ -82,6 +82,8 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
                     "limits them (see local/privacy.yml.example)")
     daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals(), privacy=privacy,
                          once=once)
+    expiry = asyncio.create_task(warn_before_expiry(
+        tls.own_certificate(), f"this site's certificate {startup / cfg.cert}", log.warning))
     try:
         await daemon.run()
     except OSError as e:  # the workspace's disk (full, gone): what the site does can no longer be recorded
@@ -89,6 +91,7 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
         raise FedkitError(f"site stopped: {e.filename or 'the workspace'}: {e.strerror or e}; free room on "
                           "the disk holding the workspace and start the site again") from None
     finally:
+        expiry.cancel()
         try:
             audit.append("client_stopped", site=cfg.name)
             log.info("audit log %s: %s", audit.path, audit.head())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import kit_config as kc
 from ..audit import AuditLog
-from ..certs import check_validity, not_revoked
+from ..certs import check_validity, not_revoked, warn_before_expiry
 from ..crl import PIN_FILE, CrlPin
 from ..errors import FedkitError
 from ..heap import tune_malloc
@@ -93,6 +93,8 @@ async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None =
     log.info("server %s for project %s listening on %s:%d (federation) and :%d (admin)",
              cfg.name, cfg.project, host, fed_server.port, admin_server.port)
 
+    expiry = asyncio.create_task(warn_before_expiry(  # every site and console loses the server with it
+        tls.own_certificate(), f"this server's certificate {startup / cfg.cert}", log.warning))
     runner_task = asyncio.create_task(runner.run_forever(), name="job-runner")
     stop_wait = asyncio.create_task(stop.wait())
     await asyncio.wait({runner_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -101,6 +103,7 @@ async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None =
     log.info("server shutting down")
     runner_task.cancel()
     stop_wait.cancel()
+    expiry.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner_task
     await fed_server.stop(2.0)

@@ -40,7 +40,7 @@ def test_ca_is_a_critical_ca_that_signs_certs_and_crls(provisioned) -> None:
     assert usage.key_cert_sign and usage.crl_sign
     assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
     assert ca.public_key().curve.name == "secp256r1"
-    assert ca.not_valid_after_utc - NOW == dt.timedelta(days=360)
+    assert ca.not_valid_after_utc - NOW == dt.timedelta(days=1825)  # outlives its kits (360 days)
 
 
 def test_ca_key_is_0600_in_state_and_never_in_a_kit(provisioned) -> None:

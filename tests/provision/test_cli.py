@@ -3,12 +3,14 @@ a traceback only with --debug."""
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from typer.testing import CliRunner
 
 from provision.certs import create_ca
@@ -212,3 +214,32 @@ def test_study_options_before_a_subcommand_choose_the_study(tmp_path: Path, proj
     assert not (production / "workspace" / "example-study" / "crl.pem").exists()
     both = fedkit("provision", "-w", str(ws), "revoke", "site-2", "-w", str(tmp_path / "other"))
     assert both.exit_code == 2 and "--workspace given twice" in both.stderr
+
+
+def _not_after(pem: Path) -> dt.datetime:
+    return x509.load_pem_x509_certificate(pem.read_bytes()).not_valid_after_utc
+
+
+def test_provision_says_when_the_kits_end_and_the_ca_outlives_them(tmp_path: Path, project_file: Path) -> None:
+    ws = tmp_path / "ws"
+    done = fedkit("provision", "-p", str(project_file), "-w", str(ws))
+    assert done.exit_code == 0, done.stderr
+    ca_end = _not_after(ws / "example-study/state/rootCA.pem")
+    kit_end = _not_after(ws / "example-study/prod_01/site-1/startup/client.crt")
+    # kits renewed a year on, under the same CA (the one every site pinned), still get their full year
+    assert ca_end - kit_end > dt.timedelta(days=4 * 365)
+    assert (f"Certificates valid until {kit_end:%Y-%m-%d} (the study CA until {ca_end:%Y-%m-%d})"
+            in done.stdout)
+    assert "Note:" not in done.stdout
+
+
+def test_provision_warns_when_the_ca_cuts_the_kits_short(tmp_path: Path, project_file: Path) -> None:
+    ws = tmp_path / "ws"
+    project_file.write_text(project_file.read_text().replace("cert_validity_days: 360",
+                                                             "cert_validity_days: 360\nca_validity_days: 100"))
+    done = fedkit("provision", "-p", str(project_file), "-w", str(ws))
+    assert done.exit_code == 0, done.stderr
+    ca_end = _not_after(ws / "example-study/state/rootCA.pem")
+    assert _not_after(ws / "example-study/prod_01/site-1/startup/client.crt") == ca_end
+    assert f"Note: they end with the study CA, sooner than cert_validity_days asks; before {ca_end:%Y-%m-%d}" \
+        in " ".join(done.stdout.split())
