@@ -184,6 +184,9 @@ class SiteLocalSettings(SettingsModel):
     python: str | None = Field(None, description="interpreter for the training worker; default: this one")
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
     send_log: bool = Field(True, description="answer an admin's tail_log with the end of workspace/log.txt")
+    keep_updates_max_mb: int = Field(2048, ge=0, description="the most, in MiB, the models jobs ask to keep here "
+                                                             "(keep_updates) may take together; past it the oldest "
+                                                             "go; 0 = keep none")
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -67,6 +67,7 @@ from .disk_guard import DiskGuard, empty_folders
 from .dp_ledger import SITE_LEDGER_FILE, DpLedger
 from .job_folders import JobFolders
 from .job_policy import JobPolicy
+from .kept_updates import MIB, trim_kept
 from .local_edits import LocalEdits
 from .privacy_policy import EffectiveChain, PrivacyPolicy
 from .report_policy import REPORT_KEY
@@ -153,6 +154,7 @@ class ClientDaemon:
         self._disk = DiskGuard(ws, settings.sandbox.min_free_disk_mb)
         self._disk_watch: asyncio.Task | None = None
         self._disk_stopped: dict[str, str] = {}  # job -> why the disk guard stopped it: no more of its tasks
+        self._keep_refused: set[str] = set()  # jobs told once that this site keeps none of their models
         self._key_withheld: set[str] = set()  # jobs whose key metric this site's reports policy withholds (warned)
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -384,7 +386,7 @@ class ClientDaemon:
                 raise JobRejected(self._disk_stopped[h.job_id])
             kind = _task_kind(h.task_name)
             client_cfg = ClientJobConfig.model_validate(task.config.client)
-            keep_updates = client_cfg.keep_updates
+            keep_updates = self._keeps_updates(h.job_id, client_cfg)
             config = task.config.model_dump(mode="json")
             # a refusal comes before any job code; in a thread: the first chain with filters imports NumPy
             try:
@@ -423,6 +425,34 @@ class ClientDaemon:
         finally:
             if not keep_updates:
                 await asyncio.to_thread(self._remove_task_folder, round_dir)
+            else:
+                await asyncio.to_thread(self._trim_kept_updates)
+
+    def _keeps_updates(self, job_id: str, client_cfg: ClientJobConfig) -> bool:
+        """Whether this task's models stay on the site: the job asks (keep_updates), the site allows
+        (local/site.yml keep_updates_max_mb above 0)."""
+        if not client_cfg.keep_updates:
+            return False
+        if self._settings.keep_updates_max_mb == 0:
+            if job_id not in self._keep_refused:
+                self._keep_refused.add(job_id)
+                log.info("job %s asks to keep its models on this site; local/site.yml keep_updates_max_mb is 0: "
+                         "none are kept", job_id)
+            return False
+        return True
+
+    def _trim_kept_updates(self) -> None:
+        """The oldest kept task folders go until all jobs' fit local/site.yml keep_updates_max_mb."""
+        cap = self._settings.keep_updates_max_mb
+        removed = trim_kept(self._ws / "jobs", cap)
+        if removed:
+            freed = sum(f.bytes for f in removed) / MIB
+            log.info("removed %d kept task folder(s), %.0f MiB, oldest first (%s): the models jobs keep here are "
+                     "capped at local/site.yml keep_updates_max_mb (%d MiB)", len(removed), freed,
+                     ", ".join(str(f.path.relative_to(self._ws)) for f in removed[:3]) + (" ..." if len(removed) > 3
+                                                                                          else ""), cap)
+            self._audit.append("kept_updates_removed", folders=[str(f.path.relative_to(self._ws)) for f in removed],
+                               bytes=sum(f.bytes for f in removed), max_mb=cap)
 
     def _received_file(self, job_id: str, path: Path) -> BinaryIO:
         """Where a task's model is downloaded to: over the job's spare model when its worker let it go
@@ -578,7 +608,7 @@ class ClientDaemon:
             await asyncio.to_thread(_keep_reference, received, reference)
             report = await self._outgoing(kind, out, chain, reference)  # the delta must fit the model received
         sent = out.with_suffix(SENT_SUFFIX)
-        if client_cfg.keep_updates:
+        if self._keeps_updates(h.job_id, client_cfg):
             await asyncio.to_thread(shutil.copyfile, sent, round_dir / "update_sent.safetensors")
             (round_dir / "update_sent.json").write_text(json.dumps({"n_samples": reply["n_samples"],
                                                                    "round": h.round, "task_id": h.task_id}))

@@ -76,3 +76,39 @@ def test_a_task_longer_than_the_sites_cap_fails_saying_so(make_study, tmp_path):
     wait_until(failed, 60, "the site to stop the round at its cap")
     assert failed()[0] == ("training worker gave no answer within 2 s: this site's cap (local/site.yml "
                            "sandbox.max_task_s), below the 120 s the job allows")
+
+
+def _kept(study, site: str, job_id: str) -> dict[str, int]:
+    """Task folder -> bytes on disk, of what the site kept of the job."""
+    inbox = study.kits[site] / "workspace" / "jobs" / job_id / "inbox"
+    return {d.name: sum(f.stat().st_blocks * 512 for f in d.rglob("*")) for d in inbox.iterdir() if d.is_dir()}
+
+
+def test_the_site_caps_what_jobs_keep_on_it(make_study, tmp_path):
+    # a job keeps each round's models (keep_updates); site-1 keeps at most 2 MiB of them, site-2 none
+    handle = make_study(sites=["site-1", "site-2"])
+    study = handle.study
+    study.update_local("site-1", "site.yml", {"keep_updates_max_mb": 2})
+    study.update_local("site-2", "site.yml", {"keep_updates_max_mb": 0})
+    study.start_server()
+    study.start_sites()
+
+    job = Path(shutil.copytree(SLEEPY_JOB, tmp_path / "sleepy"))  # 100k float32: 0.4 MB a model, 0.8 a round
+    job_id = study.admin_json(f"submit_job {job} --set server.rounds=5 --set client.keep_updates=true "
+                              "--set client.learner.args.n_params=100000 --set client.learner.args.train_s=0.1 "
+                              "--set meta.min_clients=2")["job_id"]
+    assert study.admin_json(f"wait_job {job_id} 240")["state"] == "finished"  # the cap fails no task
+
+    kept = _kept(study, "site-1", job_id)
+    assert 0 < sum(kept.values()) <= 2 << 20, kept
+    assert "round_0005_train" in kept and "round_0001_train" not in kept, kept  # the oldest went first
+    records = [json.loads(line) for line in (study.kits["site-1"] / "workspace" / "audit.jsonl").read_text()
+               .splitlines()]
+    removed = [f for r in records if r["event"] == "kept_updates_removed" for f in r["folders"]]
+    assert f"jobs/{job_id}/inbox/round_0001_train" in removed
+    assert "capped at local/site.yml keep_updates_max_mb (2 MiB)" in study.log_tail("site-1", 1 << 20)
+
+    assert _kept(study, "site-2", job_id) == {}
+    log = study.log_tail("site-2", 1 << 20)
+    assert log.count(f"job {job_id} asks to keep its models on this site; local/site.yml keep_updates_max_mb "
+                     "is 0: none are kept") == 1
