@@ -1,6 +1,6 @@
 """Privacy filters applied on the site to the delta before it leaves. Pure NumPy; no torch.
 
-    exclude_vars        drop named tensors (regex) from what is sent
+    exclude_vars        drop named tensors (an RE2 regex: runtime/name_patterns.py) from what is sent
     percentile          send only the largest-magnitude fraction of each tensor's entries (rest zeroed)
     gaussian_dp         clip the whole delta to an L2 norm, then add Gaussian noise (sigma * clip); its
                         epsilon is accounted on the site (runtime.privacy_accounting)
@@ -18,20 +18,20 @@ privacy step (runtime.client.outgoing) sends them blank under any chain that cha
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .errors import ConfigError, UpdateRejected
+from .name_patterns import tensor_name_pattern
 from .weights import Weights, is_float_dtype, wide_dtype
 
 Filter = Callable[[Weights, np.random.Generator], Weights]
 
 
 def exclude_vars(pattern: str) -> Filter:
-    regex = re.compile(pattern)
+    regex = tensor_name_pattern(pattern)  # RE2: it runs in the site's daemon over names the job chose
 
     def apply(delta: Weights, rng: np.random.Generator) -> Weights:
         return {k: v for k, v in delta.items() if not regex.search(k)}
@@ -140,7 +140,7 @@ def build_filters(entries: list[Any]) -> list[Filter]:
             raise ConfigError(f"config_fed_client.yml: unknown filter '{entry.name}' (known: {', '.join(FILTERS)})")
         try:
             built.append(factory(**entry.args))
-        except (TypeError, ValueError, re.error) as e:
+        except (TypeError, ValueError) as e:
             raise ConfigError(f"config_fed_client.yml: filter '{entry.name}': {e}") from None
     return built
 

@@ -38,7 +38,7 @@ from ..job_spec import FilterConfig
 from ..kit_config import SettingsModel, load_optional
 from ..privacy_accounting import GaussianMechanism
 from ..privacy_report import FilterStep
-from .report_policy import ReportPolicy, checked_patterns
+from .report_policy import ReportPolicy
 
 if TYPE_CHECKING:
     from ..filters import Filter
@@ -111,7 +111,12 @@ class PrivacyPolicy(SettingsModel):
     @field_validator("exclude_vars")
     @classmethod
     def _patterns_compile(cls, patterns: list[str]) -> list[str]:
-        return checked_patterns(patterns)
+        if patterns:  # the same engine as the filter they become; RE2 loads only for a site that has some
+            from ..name_patterns import tensor_name_pattern
+
+            for p in patterns:
+                tensor_name_pattern(p)
+        return patterns
 
     @classmethod
     def load(cls, path: Path) -> PrivacyPolicy:

@@ -136,6 +136,7 @@ def test_build_filters_rejects_an_unknown_name() -> None:
         ("svt", {"fraction": 2}),
         ("exclude_vars", {}),
         ("exclude_vars", {"pattern": "(unclosed"}),
+        ("exclude_vars", {"pattern": 7}),
         # not finite: svt withheld every entry (the job trained nothing); inf clipping made NaN noise
         ("svt", {"epsilon": float("nan")}),
         ("svt", {"clip": float("nan")}),
@@ -144,9 +145,26 @@ def test_build_filters_rejects_an_unknown_name() -> None:
         ("gaussian_dp", {"clip_norm": float("nan")}),
     ],
     ids=["unknown-arg", "fraction-0", "fraction-big", "fraction-text", "clip-0", "noise-neg", "eps-0",
-         "svt-fraction", "pattern-missing", "pattern-bad-regex", "svt-eps-nan", "svt-clip-nan", "svt-clip-inf",
-         "dp-clip-inf", "dp-clip-nan"],
+         "svt-fraction", "pattern-missing", "pattern-bad-regex", "pattern-number", "svt-eps-nan", "svt-clip-nan",
+         "svt-clip-inf", "dp-clip-inf", "dp-clip-nan"],
 )
 def test_build_filters_rejects_bad_arguments(name: str, args: dict) -> None:
     with pytest.raises(ConfigError, match=name):
         build_filters([FilterConfig(name=name, args=args)])
+
+
+def test_a_pattern_that_backtracks_forever_in_python_matches_at_once() -> None:
+    # a job's exclude_vars runs in the site's daemon over tensor names the job chose: Python's `re` took
+    # hours on this (2^40 ways to split the a's), holding the daemon, its heartbeats and SIGTERM
+    name = "a" * 40 + "!"
+    delta = {name: np.ones(2, dtype=np.float32), "a": np.ones(2, dtype=np.float32)}
+    assert list(apply_filters(delta, build_filters([FilterConfig(name="exclude_vars", args={
+        "pattern": "^(a+)+$"})]), np.random.default_rng(0))) == [name]
+
+
+def test_a_pattern_re2_cannot_run_is_refused_saying_why() -> None:
+    with pytest.raises(ConfigError) as refused:
+        build_filters([FilterConfig(name="exclude_vars", args={"pattern": "^(?!bias).*"})])
+    assert str(refused.value) == ("config_fed_client.yml: filter 'exclude_vars': '^(?!bias).*' is not a regular "
+                                  "expression RE2 accepts (invalid perl operator: (?!; it has no look-arounds or "
+                                  "back-references)")

@@ -157,3 +157,13 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
     assert chain.dp_release()[1] == 1e-6
     assert policy().chain_for("j", [FilterConfig(name="gaussian_dp", args={"delta": "1e-5"})]).steps[0].args["delta"] \
         == 1e-5
+
+
+def test_an_exclusion_the_filters_engine_cannot_run_is_refused_at_load(tmp_path: Path) -> None:
+    # exclude_vars patterns are RE2's (linear time over names a job chose): a look-ahead is named at start,
+    # not found at the first job
+    (tmp_path / "privacy.yml").write_text("exclude_vars: ['^(?!conv).*bias$']\n")
+    with pytest.raises(ConfigError) as refused:
+        PrivacyPolicy.load(tmp_path / "privacy.yml")
+    line = str(refused.value)
+    assert "privacy.yml" in line and "field 'exclude_vars'" in line and "RE2" in line and "\n" not in line, line
