@@ -11,6 +11,7 @@ class or its arguments) is refused, since it changes what runs without changing 
 
 from __future__ import annotations
 
+import json
 import zipfile
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,12 @@ def received_code(job_id: str, archive: bytes, task_config: dict[str, Any], clie
                         learner_to_run=client_cfg.learner.model_dump(mode="json"))
 
 
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON text, types included: Python's == takes 1, 1.0 and True for one value, so an override of
+    an approved `mode: 1` by `true` passed as unchanged and woke a branch the review never saw run."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 def _learner_as_submitted(archive: bytes) -> dict[str, Any] | None:
     """The learner section of the archive's own config_fed_client.yml; None when it does not stand alone
     (e.g. the learner comes only from an override), which a strict code rule then refuses."""
@@ -83,7 +90,7 @@ def check_code(rule: CodeRule | str, code: ReceivedCode, root_ca_pem: bytes,
         return "any code allowed"
     short = code.code_sha256[:16]
     prefix = f"site policy refuses job {code.job_id}"
-    if code.learner_submitted != code.learner_to_run:
+    if not _same_json(code.learner_submitted, code.learner_to_run):
         raise JobRejected(f"{prefix}: overrides change client.learner; this site runs approved code only as "
                           "submitted (edit config_fed_client.yml and have the new code hash approved)")
     if rule.approved_hashes is not None:

@@ -58,6 +58,21 @@ def test_learner_override_is_refused_under_a_strict_rule(pki) -> None:
         policy.check_code(received(learner_to_run={**LEARNER, "args": {"lr": 9}}), pki["ca"].cert_pem)
 
 
+@pytest.mark.parametrize("value", [True, 1.0, "1", [1]])
+def test_an_override_that_changes_only_a_type_is_a_change(pki, value) -> None:
+    # Python's == takes 1, 1.0 and True for one value: `mode: 1` approved, `--set ...mode=true` ran
+    # `if isinstance(self.mode, bool): leak()`, a branch the review never saw taken
+    policy = JobPolicy.model_validate({"code": {"approved_hashes": [CODE]}})
+    approved = {**LEARNER, "args": {"mode": 1}}
+    as_run = ReceivedCode(job_id="job-1", code_sha256=CODE, signature=None, learner_submitted=approved,
+                          learner_to_run={**LEARNER, "args": {"mode": value}})
+    with pytest.raises(JobRejected, match="overrides change client.learner"):
+        policy.check_code(as_run, pki["ca"].cert_pem)
+    unchanged = ReceivedCode(job_id="job-1", code_sha256=CODE, signature=None, learner_submitted=approved,
+                             learner_to_run={"args": {"mode": 1}, "path": LEARNER["path"]})  # key order is no change
+    assert "approved" in policy.check_code(unchanged, pki["ca"].cert_pem)
+
+
 @pytest.mark.parametrize(("signer", "code", "fragment"), [
     (None, CODE, "is not signed; signed_by requires one of: alice@a.org"),
     ("bob", CODE, "signed by 'bob@a.org', who is not in signed_by (alice@a.org)"),
