@@ -12,8 +12,12 @@ chain, so a hostile learner can put data in it. This policy, owned by site IT, d
   others, when allowed, on top); the rest are withheld.
 - `significant_digits`: metric and scalar values, scalar steps and the sample count are rounded to this
   many significant digits before they leave, which bounds what the low digits can carry. null: as
-  computed. The site-side algorithm's figures (`local`) are never rounded: the server's SCAFFOLD
-  computes with `lr_sum`, which must then be allowed by `metric_names`.
+  computed. The exponent would still be free (616 decades, about 9 bits a value), so with rounding a
+  value's magnitude is held to [`min_magnitude`, `max_magnitude`] (default 1e-4..1e6; smaller leaves as
+  0, larger as the bound; sample counts and steps are rounded, not bounded): at d digits a value then
+  takes at most about 2 * 9 * 10^(d-1) * 10 + 1 forms (d=1: 181, under 8 bits). The site-side
+  algorithm's figures (`local`) are never rounded: the server's SCAFFOLD computes with `lr_sum`, which
+  must then be allowed by `metric_names`.
 - `scalars`: false keeps the learner's logged curves on the site.
 - `error_details`: false keeps every failure the job's code could have shaped (its worker's errors and
   exit, the weights it wrote) on the site: the server is told only that the job's code failed, and the
@@ -62,6 +66,13 @@ class ReportPolicy(SettingsModel):
                              description="at most this many metrics per map leave")
     significant_digits: int | None = Field(None, ge=1, le=17, description="values rounded to this many "
                                                                           "significant digits; null: as computed")
+    # with rounding, the exponent is the channel left: 1e-308..1e308 are 616 decades, about 9 more bits per
+    # value; these bound it to the decades metrics live in (10 by default)
+    min_magnitude: float = Field(1e-4, gt=0, allow_inf_nan=False,
+                                 description="with significant_digits: a value smaller in magnitude leaves as 0")
+    max_magnitude: float = Field(1e6, gt=0, allow_inf_nan=False,
+                                 description="with significant_digits: a value larger in magnitude leaves as "
+                                             "this, signed (not the sample count)")
     scalars: bool = Field(True, description="the learner's logged scalars may leave")
     error_details: bool = Field(True, description="a failed task's message may leave")
 
@@ -95,10 +106,11 @@ class ReportPolicy(SettingsModel):
                 kept.append(WEIGHT)
             withheld |= len(kept) < len(values)
             # the site-side algorithm's figures are inputs to the server's (SCAFFOLD's lr_sum): never rounded
-            out[key] = {name: values[name] if key == "local" else self._rounded(values[name]) for name in kept}
+            out[key] = {name: values[name] if key == "local" else self._rounded(values[name], bounded=name != WEIGHT)
+                        for name in kept}
         points = metrics.get("scalars") or []
-        kept_points = [[name, int(self._rounded(step)), self._rounded(value)] for name, step, value in points
-                       if self.scalars and self.allows(name)]
+        kept_points = [[name, int(self._rounded(step, bounded=False)), self._rounded(value)]
+                       for name, step, value in points if self.scalars and self.allows(name)]
         out.pop("scalars", None)
         if kept_points:
             out["scalars"] = kept_points
@@ -112,18 +124,24 @@ class ReportPolicy(SettingsModel):
         return out
 
     def sample_count(self, n_samples: int) -> int:
-        """The sample count as it may leave: rounded like the values (at least 1 when it was)."""
-        return max(int(self._rounded(n_samples)), min(n_samples, 1))
+        """The sample count as it may leave: rounded like the values (at least 1 when it was), never capped."""
+        return max(int(self._rounded(n_samples, bounded=False)), min(n_samples, 1))
 
     def error_text(self, message: str, shaped_by_job: bool) -> str:
         """What a failure report says: the message, or, for a failure the job's code could shape, a generic
         line (under `error_details: false`)."""
         return GENERIC_ERROR if shaped_by_job and not self.error_details else message
 
-    def _rounded(self, value: Any) -> Any:
+    def _rounded(self, value: Any, bounded: bool = True) -> Any:
+        """`value` to significant_digits, its magnitude held to [min_magnitude, max_magnitude] (below: 0)."""
         if self.significant_digits is None or isinstance(value, bool) or not isinstance(value, int | float) \
                 or not math.isfinite(value):
             return value
+        if bounded and abs(value) < self.min_magnitude:
+            return type(value)(0)
+        if bounded and abs(value) > self.max_magnitude:
+            value = math.copysign(self.max_magnitude, value) if isinstance(value, float) \
+                else int(math.copysign(int(self.max_magnitude), value))
         rounded = float(f"{value:.{self.significant_digits}g}")
         if not math.isfinite(rounded):  # 1.8e308 to one digit overflows; the server would refuse the result
             return value

@@ -78,7 +78,21 @@ def test_the_site_side_algorithms_figures_are_filtered_but_never_rounded() -> No
 
 
 def test_rounding_never_makes_a_value_infinite() -> None:
-    assert ReportPolicy(significant_digits=1).apply({"train": {"big": 1.797e308}})["train"] == {"big": 1.797e308}
+    policy = ReportPolicy(significant_digits=1, max_magnitude=1.797e308)
+    assert policy.apply({"train": {"big": 1.797e308}})["train"] == {"big": 1.797e308}
+
+
+def test_with_rounding_the_exponent_carries_nothing_past_the_bounds() -> None:
+    # a learner put a patient's value 14.4 in the exponent of `loss` (4e-15), which one digit kept whole
+    policy = ReportPolicy(significant_digits=1)
+    sent = policy.apply({"train": {"loss": 4e-15, "huge": -3.2e200, "auc": 0.93, "n_samples": 2_345_678},
+                         "validation": {"acc": 0.000049, "n_samples": 12_345_678}})
+    assert sent["train"] == {"auc": 0.9, "huge": -1e6, "loss": 0.0, "n_samples": 2_000_000}
+    assert sent["validation"] == {"acc": 0.0, "n_samples": 10_000_000}  # a weight is rounded, never capped
+    assert policy.sample_count(12_345_678) == 10_000_000
+    wide = ReportPolicy(significant_digits=2, min_magnitude=1e-20, max_magnitude=1e20)
+    assert wide.apply({"train": {"loss": 4.1e-15}})["train"] == {"loss": 4.1e-15}
+    assert ReportPolicy().apply({"train": {"loss": 4e-15}})["train"] == {"loss": 4e-15}  # no rounding: as computed
 
 
 @pytest.mark.parametrize(("policy", "from_job_code", "sent"), [
