@@ -274,7 +274,8 @@ class AdminConsole:
                 elif entry["type"] == "validation":
                     # the sites that scored it: those whose result the round took, not always all
                     table.add_row(f"model {entry['model_round']}", _scored_by(entry["sites"]), "", "",
-                                  _fmt_metrics(entry["global"]) + ("  [best]" if entry["is_best"] else ""))
+                                  _fmt_metrics(entry["global"]) + ("  [best]" if entry["is_best"] else "")
+                                  + _compared_on(entry))
                 # other entries (models scored by evaluate/cross_site, wire statistics) have their own sections
             self._out.print(table)
             for line in scalar_lines(data.get("scalars")):
@@ -348,7 +349,7 @@ class AdminConsole:
 
     def _print_progress_row(self, entry: dict[str, Any], columns: list[str]) -> None:
         values = "  ".join(f"{entry['global'].get(c, float('nan')):>9.4f}" for c in columns)
-        best = "  best so far" if entry["is_best"] else ""
+        best = ("  best so far" if entry["is_best"] else "") + _compared_on(entry)
         self._out.print(f"{entry['model_round']:>5}  {len(entry['sites']):>5}  {values}{best}", highlight=False)
 
     def _job_ended(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -564,6 +565,12 @@ def _fmt_control(data: dict[str, Any]) -> str:
 def _console_allowed(name: str, allowed: set[str]) -> bool:
     server_names = {"shutdown": "shutdown_client", "restart": "restart_client", "wait_job": "show_job"}
     return server_names.get(name, name) in allowed or name in allowed
+
+
+def _compared_on(entry: dict[str, Any]) -> str:
+    """A model whose scoring sites differ from the best's was compared with it on the sites both had."""
+    common = entry.get("compared_on")
+    return f"  (against the best on {', '.join(common)})" if common else ""
 
 
 def _scored_by(sites: dict[str, Any]) -> str:

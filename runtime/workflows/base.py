@@ -105,6 +105,8 @@ class JobResults:
     rounds_done: int = 0
     best_round: int | None = None
     best_metric: float | None = None
+    # each site's validation of the best model: a later round is compared with it on the sites both have
+    best_by_site: dict[str, dict[str, float]] = field(default_factory=dict)
     final_metrics: dict[str, float] = field(default_factory=dict)
     sites: set[str] = field(default_factory=set)
 

@@ -24,7 +24,7 @@ from ..errors import FedkitError, UpdateRejected
 from ..model_bytes import SerializedModel
 from ..tasks import FedProx, TaskKind
 from ..weights import Weights, check_update, drop_model_pages
-from .base import RoundOutcome, RoundPlan, SiteResult, WorkflowContext, weighted_metrics
+from .base import JobResults, RoundOutcome, RoundPlan, SiteResult, WorkflowContext, weighted_metrics
 from .initial_model import GLOBAL_FILE
 
 BEST_FILE = "best.safetensors"
@@ -151,17 +151,38 @@ class FedAvgWorkflow:
         key, results = self._cfg.key_metric, self._ctx.results
         _check_key_metric_reported(key.name, by_site, outcome)
         score = overall.get(key.name)
-        is_best = False
+        is_best, compared_on = False, None
         if score is not None and model_round > 0:
-            best = results.best_metric
-            if best is None or (score > best if key.higher_is_better else score < best):
-                is_best = True
-                results.best_metric, results.best_round = score, model_round
+            is_best, compared_on = _improves(by_site, results, key.name, key.higher_is_better)
+            if is_best:
+                results.best_metric, results.best_round, results.best_by_site = score, model_round, by_site
                 # the global file still holds the model of `model_round` here (it is replaced after)
                 _keep_as_best(self._ctx.models_dir)
         self._ctx.append_metrics({"type": "validation", "workflow": self.name, "step": outcome.step,
                                   "model_round": model_round, "sites": by_site, "global": overall,
-                                  "is_best": is_best})
+                                  "is_best": is_best, **({"compared_on": compared_on} if compared_on else {})})
+
+
+def _improves(by_site: dict[str, dict[str, float]], results: JobResults, key: str,
+              higher_is_better: bool) -> tuple[bool, list[str] | None]:
+    """Whether a model scored `by_site` beats the best so far, and the sites compared on when not all of
+    either round's. Scores are compared on the sites that scored both models: a round that a weak site
+    failed to validate would otherwise look better for that site's absence alone (and one a strong site
+    missed, worse). With no site in common (or no per-site figures of the best, from an older checkpoint),
+    the whole scores are compared."""
+    if results.best_metric is None:
+        return True, None
+    common = sorted(s for s in set(by_site) & set(results.best_by_site)
+                    if key in by_site[s] and key in results.best_by_site[s])
+    both = set(by_site) | set(results.best_by_site)
+    new, old = weighted_metrics(by_site).get(key), results.best_metric
+    if common and set(common) != both:
+        new = weighted_metrics({s: by_site[s] for s in common}).get(key)
+        old = weighted_metrics({s: results.best_by_site[s] for s in common}).get(key)
+    if new is None or old is None:
+        return False, None
+    better = new > old if higher_is_better else new < old
+    return better, common if common and set(common) != both else None
 
 
 def _check_key_metric_reported(name: str, by_site: dict[str, dict[str, float]], outcome: RoundOutcome) -> None:

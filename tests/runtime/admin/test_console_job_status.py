@@ -110,3 +110,15 @@ def test_show_job_lists_each_sites_part_in_the_round_that_failed_the_job() -> No
     rows = [" ".join(line.replace("│", " ").split()) for line in printed.splitlines()]
     assert "3 site-1 100 loss=0.2500 (answered; the round failed for want of others)" in rows
     assert "3 site-2 - FAILED: round deadline passed" in rows
+
+
+def test_show_job_says_when_a_model_was_compared_with_the_best_on_fewer_sites() -> None:
+    running = {**RECORD, "state": "running", "rounds_done": 3, "best_round": 1, "best_metric": 3.0}
+    printed = printed_by("show_job j1", {"show_job": {"record": running, "queue_position": None, "metrics": [
+        {"type": "validation", "model_round": 1, "sites": {"a": {"mse": 1.0}, "b": {"mse": 5.0}},
+         "global": {"mse": 3.0}, "is_best": True},
+        {"type": "validation", "model_round": 2, "sites": {"a": {"mse": 1.2}}, "global": {"mse": 1.2},
+         "is_best": False, "compared_on": ["a"]}]}})
+    rows = [" ".join(line.replace("│", " ").split()) for line in printed.splitlines()]
+    assert any(r.startswith("model 1") and r.endswith("[best]") for r in rows), rows
+    assert any(r.startswith("model 2") and r.endswith("mse=1.2000 (against the best on a)") for r in rows), rows

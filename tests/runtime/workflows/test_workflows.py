@@ -4,6 +4,7 @@ controller where the workflow alone says it."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,25 @@ def test_site_selection_keeps_the_wanted_online_sites_in_registry_order() -> Non
     assert eligible_sites(every, ["a", "b", "c"], exclude={"b"}) == ["a", "c"]
     assert enough_sites(some, ["a", "c"]) and not enough_sites(some, ["a", "b"])
     assert not enough_sites(every, ["a", "b"])
+
+
+def test_the_best_model_is_chosen_on_the_sites_that_scored_both_rounds(tmp_path: Path) -> None:
+    """A weak site (b) that fails to validate one round must not make that round the best by its absence:
+    rounds are compared on the sites that scored both (the key metric is mse, lower is better)."""
+    workflow, entries = _fedavg(tmp_path, "rounds: 4")
+    scores = {2: {"a": 1.0, "b": 5.0},  # round 2's sites validate the model of round 1: whole score 3.0
+              3: {"a": 1.2},            # b failed: 1.2 alone beats 3.0, yet a's own score got worse
+              4: {"a": 0.9, "b": 4.0}}  # better on both sites
+    while (plan := workflow.next_round()) is not None and plan.kind is TaskKind.TRAIN:
+        results = {}
+        for site in ("a", "b"):
+            if site in scores.get(plan.round, {"a": 0, "b": 0}):
+                validation = {"mse": scores[plan.round][site], "n_samples": 1.0} if plan.round in scores else {}
+                results[site] = replace(_train(site, 1, [0.1, 0, 0]), validation=validation)
+                workflow.fold(results[site])
+        workflow.close_round(RoundOutcome(plan=plan, step=plan.round, results=results))
+    validations = {e["model_round"]: e for e in entries if e["type"] == "validation"}
+    assert {r: (e["global"]["mse"], e["is_best"]) for r, e in validations.items()} == {
+        1: (3.0, True), 2: (1.2, False), 3: (2.45, True)}
+    assert validations[2]["compared_on"] == ["a"] and "compared_on" not in validations[3]
+    assert (workflow._ctx.results.best_round, workflow._ctx.results.best_metric) == (3, 2.45)
