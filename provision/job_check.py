@@ -35,12 +35,12 @@ from runtime.aggregators.config import FedAvgConfig
 from runtime.client.job_folders import JobFolders
 from runtime.client.sandbox import OffSandbox
 from runtime.client.worker_handle import WorkerFailed, WorkerHandle, worker_env
-from runtime.errors import FedkitError
+from runtime.errors import FedkitError, UpdateRejected
 from runtime.filters import apply_filters, build_filters
 from runtime.job_check import Problem, check_static
 from runtime.job_spec import CLIENT_CONFIG, SERVER_CONFIG, ClientJobConfig, JobSpec, ServerJobConfig
 from runtime.tasks import KeyMetricRef, TaskKind, train_fields, with_control
-from runtime.weights import Weights, from_bytes, load_file, save_file
+from runtime.weights import Weights, check_update, from_bytes, load_file, save_file
 from runtime.workflows import WORKFLOWS, RoundPlan, WorkflowContext
 from runtime.workflows.initial_model import GLOBAL_FILE
 
@@ -176,6 +176,9 @@ async def _steps(handle: WorkerHandle, folder: Path, folders: JobFolders, spec: 
         except WorkerFailed as e:
             return [Problem(CLIENT_CONFIG, "learner", f"train failed: {_tail(e)}")], ran
         ran["train"] = {"n_samples": reply.get("n_samples"), "metrics": reply.get("metrics") or {}}
+        if problem := _refused_update(load_file(delta_path), reply, plan.model if plan.model is not None else model,
+                                      server.max_n_samples):
+            return [problem], ran
         try:
             apply_filters(load_file(delta_path), build_filters(client.filters), np.random.default_rng(0))
         except Exception as e:  # noqa: BLE001 - a filter's arguments can still fail on this model's tensors
@@ -198,6 +201,23 @@ async def _steps(handle: WorkerHandle, folder: Path, folders: JobFolders, spec: 
                         f"'{key.name}' is not among the metrics validate() returned ({', '.join(sorted(metrics))}"
                         "): return it, or name one of these")], ran
     return [], ran
+
+
+def _refused_update(written: Weights, reply: dict[str, Any], model: Weights, max_n_samples: int) -> Problem | None:
+    """What the sites and the server would refuse in a train result (runtime.weights.check_update, fedavg's
+    sample-count bounds): a learner returning NaN or a sample count of 0 passed `job check` and then failed
+    every round of the study. Judged against the model the task sent (a full model or a delta alike)."""
+    n_samples = reply.get("n_samples")
+    try:
+        if not isinstance(n_samples, int) or n_samples <= 0:
+            raise UpdateRejected(f"n_samples must be a positive whole number, got {n_samples!r}")
+        if n_samples > max_n_samples:
+            raise UpdateRejected(f"n_samples {n_samples} exceeds the job's max_n_samples {max_n_samples} "
+                                 "(config_fed_server.yml)")
+        check_update(written, model)
+    except UpdateRejected as e:
+        return Problem(CLIENT_CONFIG, "learner", f"train's result would be refused: {_tail(e)}")
+    return None
 
 
 def _first_plan(folder: Path, server_dir: Path, spec: JobSpec, model: Weights) -> RoundPlan:

@@ -315,3 +315,31 @@ def test_a_learner_hanging_while_it_is_built_is_bounded_by_the_timeout_given(tmp
     result = _cli("check", str(job), "--timeout-s", "3")
     _refused_in_one_line(result, "config_fed_client.yml: learner.path: importing hanging:Hanging did not finish "
                                  "within 3 s")
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    ("r = super().train(weights, round)\n"
+     "                k = next(iter(r.weights))\n"
+     "                r.weights[k] = r.weights[k] * float('nan')\n"
+     "                return r", "holds NaN or Inf"),
+    ("return dataclasses.replace(super().train(weights, round), n_samples=0)", "n_samples must be a positive"),
+    ("return dataclasses.replace(super().train(weights, round), n_samples=10**10)",
+     "exceeds the job's max_n_samples"),
+], ids=["nan-weights", "no-samples", "too-many-samples"])
+def test_a_train_result_the_server_would_refuse_fails_the_check(tmp_path: Path, body: str, said: str) -> None:
+    # each passed `job check --data` and then failed every round of the study
+    job = _new(tmp_path)
+    (job / "custom" / "odd.py").write_text(textwrap.dedent(f"""
+        import dataclasses
+        from learner import TabularLearner
+
+        class Odd(TabularLearner):
+            def train(self, weights, round):
+                {body}
+        """))
+    _edit(job / "config_fed_client.yml", "learner:TabularLearner", "odd:Odd")
+    data = _sample_data("tabular_classifier", tmp_path / "data")
+    result = _cli("check", str(job), "--data", str(data))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("config_fed_client.yml: learner: train") and said in line, line
