@@ -188,6 +188,18 @@ class SiteLocalSettings(SettingsModel):
                                                              "(keep_updates) may take together; past it the oldest "
                                                              "go; 0 = keep none")
 
+    @field_validator("data_root")
+    @classmethod
+    def _absolute_data_root(cls, value: str | None) -> str | None:
+        """`~` expanded here, once, for the start's checks and the sandbox's mount alike (the mount took
+        `~/data` as written and found nothing); a relative path would depend on where start.sh ran."""
+        if not value:
+            return value
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            raise ValueError(f"'{value}' is a relative path; give the data folder's full path, e.g. /data/study")
+        return str(path)
+
 
 M = TypeVar("M", bound=BaseModel)
 

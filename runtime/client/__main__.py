@@ -36,6 +36,7 @@ from .daemon import ClientDaemon  # noqa: E402
 from .disk_guard import free_mb  # noqa: E402
 from .job_policy import JobPolicy  # noqa: E402
 from .privacy_policy import PRIVACY_FILE, PrivacyPolicy  # noqa: E402
+from .sandbox import job_user, readable_by  # noqa: E402
 
 log = logging.getLogger("fedkit.client")
 
@@ -60,7 +61,7 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
         tls = TlsFiles(startup / cfg.cert, startup / cfg.key, startup / cfg.root_ca)
         tls.read()  # a missing, unreadable or group/world-readable key stops the start here, with the fix
         check_validity(tls.own_certificate(), str(startup / cfg.cert))
-        check_data_root(settings.data_root, kit)
+        check_data_root(settings.data_root, kit, job_user(settings))
     except FedkitError as e:  # main() prints it to stderr, as its one line: here it goes to the log file only
         log.error("site cannot start: %s", e, extra=FILE_ONLY)
         raise
@@ -101,16 +102,32 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
     return daemon.restart_requested
 
 
-def check_data_root(data_root: str | None, kit: Path) -> None:
-    """Refuse a data root that holds this kit: every job would see what lies beside the site's data (other
-    kits' keys, a CA's state, this kit's folder where a sandbox cannot hide it), so it must name the folder
-    of the data alone. Raises ConfigError with the fix."""
+def check_data_root(data_root: str | None, kit: Path, job_user: tuple[int, int] | None = None) -> None:
+    """Refuse, at the site's start, a data root every job would fail on: missing (not mounted yet), a file,
+    unreadable by this site's user or by `job_user` (the user job code runs as; None: this one); and one
+    that holds this kit: every job would see what lies beside the site's data (other kits' keys, a CA's
+    state, this kit's folder where a sandbox cannot hide it). Raises ConfigError with the fix."""
     if not data_root:
         return
-    root = Path(data_root).expanduser().resolve()
+    given = Path(data_root)
+    if not given.exists():
+        raise ConfigError(f"local/site.yml: data_root {data_root} does not exist (not created, or not mounted "
+                          "yet); create or mount it, or correct the path, and start the site again")
+    if not given.is_dir():
+        raise ConfigError(f"local/site.yml: data_root {data_root} is a file; give the folder that holds this "
+                          "site's data")
+    root = given.resolve()
     if kit == root or root in kit.parents:
         raise ConfigError(f"local/site.yml: data_root {data_root} holds this kit ({kit}): every job reads all "
                           "of it, keys of other kits included; give the folder that holds only this site's data")
+    if not os.access(given, os.R_OK | os.X_OK):
+        raise ConfigError(f"local/site.yml: data_root {data_root} cannot be read by this site's user "
+                          f"(uid {os.geteuid()}); give it read access (chmod -R u+rX or g+rX) and start again")
+    if job_user is not None and not readable_by(given, *job_user):
+        uid, gid = job_user
+        raise ConfigError(f"local/site.yml: data_root {data_root} cannot be read by the user job code runs as "
+                          f"({uid}:{gid}, sandbox.run_as); let it read the data (e.g. chgrp -R {gid} {data_root}; "
+                          f"chmod -R g+rX {data_root}) or set run_as to a user that may")
 
 
 def main(argv: list[str] | None = None) -> int:

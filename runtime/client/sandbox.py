@@ -38,7 +38,7 @@ from .worker_log import CappedLog, pump
 
 if TYPE_CHECKING:
     from ..audit import AuditLog
-    from ..kit_config import SandboxSettings
+    from ..kit_config import SandboxSettings, SiteLocalSettings
 
 log = logging.getLogger("fedkit.client")
 
@@ -87,6 +87,24 @@ class WorkerProcess(Protocol):
     async def wait(self) -> int: ...
 
 
+def readable_by(path: Path, uid: int, gid: int) -> bool:
+    """Whether user uid (group gid) may list and read the folder `path`, by its mode bits."""
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    shift = 6 if info.st_uid == uid else 3 if info.st_gid == gid else 0
+    return (info.st_mode >> shift) & 0o5 == 0o5
+
+
+def job_user(settings: SiteLocalSettings) -> tuple[int, int] | None:
+    """The (uid, gid) job code runs as where it is not this process's user: sandbox.run_as for a site run
+    as root (native and docker), None otherwise (the worker is the daemon's own user, or no sandbox)."""
+    if os.geteuid() != 0 or settings.sandbox.backend == "off":
+        return None
+    return settings.sandbox.run_as_ids()
+
+
 class Sandbox(ABC):
     """One way to run a worker. `name` is what local/site.yml calls it and what the audit records."""
 
@@ -120,15 +138,7 @@ class Sandbox(ABC):
     def can_read(self, path: Path) -> bool:
         """Whether the worker's user may list and read `path` (a folder such as the data root), by its mode.
         Always true where the worker is the daemon's own user (the daemon's own access decides)."""
-        if self.worker_user is None:
-            return True
-        try:
-            info = path.stat()
-        except OSError:
-            return False
-        uid, gid = self.worker_user
-        shift = 6 if info.st_uid == uid else 3 if info.st_gid == gid else 0
-        return (info.st_mode >> shift) & 0o5 == 0o5
+        return self.worker_user is None or readable_by(path, *self.worker_user)
 
     @abstractmethod
     def unavailable_reason(self) -> str | None:

@@ -99,10 +99,13 @@ class WorkerHandle:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         if threads is not None:
             env.update(thread_env(threads))  # the site's setting wins over what the daemon inherited
+        if data_root and not Path(data_root).is_dir():  # the site's start checked it: since gone or unmounted
+            raise SandboxUnavailable(f"job code refused: data_root {data_root} is no longer there (unmounted or "
+                                     "moved since the site started)")
         if data_root and not sandbox.can_read(Path(data_root)):  # false only where job code runs as another user
             uid, gid = sandbox.worker_user or (0, 0)
             raise SandboxUnavailable(
-                f"job code refused: data_root {data_root} is missing or cannot be read by the user job code runs "
+                f"job code refused: data_root {data_root} cannot be read by the user job code runs "
                 f"as here ({uid}:{gid}, local/site.yml sandbox.run_as); let it read the data (e.g. chgrp -R {gid} "
                 "DATA_ROOT; chmod -R g+rX DATA_ROOT) or set run_as to a user that may")
         await asyncio.to_thread(sandbox.hand_over, (folders.code, folders.inbox), (folders.scratch, folders.outbox))

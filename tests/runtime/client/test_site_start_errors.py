@@ -80,3 +80,59 @@ def test_a_data_root_that_holds_the_kit_is_refused(study: LocalStudy, where: str
     assert line == (f"fedkit client: local/site.yml: data_root {data_root} holds this kit ({kit.resolve()}): every "
                     "job reads all of it, keys of other kits included; give the folder that holds only this "
                     "site's data")
+
+
+def _start_with_data_root(study: LocalStudy, data_root: str, env: dict[str, str] | None = None) -> str:
+    site = study.clients[0]
+    kit = study.kits[site]
+    for name in ("privacy.yml", "job_policy.yml", "site.yml"):
+        (kit / "local" / name).unlink(missing_ok=True)
+    study.write_local(site, "site.yml", {"data_root": data_root})
+    done = subprocess.run(["bash", str(kit / "startup" / "start.sh")], capture_output=True, text=True,
+                          env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                               "FEDKIT_PYTHON": sys.executable, **(env or {})},
+                          stdin=subprocess.DEVNULL, timeout=120, check=False)
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    return line.removeprefix("fedkit client: ")
+
+
+def test_a_data_root_that_is_not_there_is_refused_at_start(study: LocalStudy, tmp_path: Path) -> None:
+    # each started, registered, and failed only at the first job, with advice for another fault
+    missing = tmp_path / "not-mounted"
+    assert _start_with_data_root(study, str(missing)) == (
+        f"local/site.yml: data_root {missing} does not exist (not created, or not mounted yet); create or mount it, "
+        "or correct the path, and start the site again")
+    (tmp_path / "train.csv").write_text("a,b\n")
+    assert _start_with_data_root(study, str(tmp_path / "train.csv")) == (
+        f"local/site.yml: data_root {tmp_path / 'train.csv'} is a file; give the folder that holds this site's data")
+    relative = _start_with_data_root(study, "data/site-1")
+    assert "field 'data_root'" in relative and "'data/site-1' is a relative path; give the data folder's full " \
+        "path" in relative, relative
+
+
+def test_a_data_root_under_home_is_the_folder_the_job_reads(study: LocalStudy, tmp_path: Path) -> None:
+    # `~/data` passed the start's check (expanded) and the sandbox mounted `~/data` as written: every job refused
+    (tmp_path / "data" / "site-1").mkdir(parents=True)
+    site = study.clients[0]
+    study.write_local(site, "site.yml", {"data_root": "~/data/site-1"})
+    env = {**os.environ, "HOME": str(tmp_path)}
+    probe = ("import sys; from pathlib import Path; from runtime import kit_config as kc; "
+             "print(kc.load_optional(Path(sys.argv[1]), kc.SiteLocalSettings).data_root)")
+    done = subprocess.run([sys.executable, "-c", probe, str(study.kits[site] / "local" / "site.yml")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=60, check=True)
+    assert done.stdout.strip() == str(tmp_path / "data" / "site-1")
+
+
+def test_a_data_root_job_code_cannot_read_is_refused_at_start(study: LocalStudy, tmp_path: Path) -> None:
+    private = tmp_path / "private-data"
+    private.mkdir()
+    if os.geteuid() == 0:  # a root site runs job code as sandbox.run_as (nobody): the site could read it, not jobs
+        private.chmod(0o700)
+        assert _start_with_data_root(study, str(private)) == (
+            f"local/site.yml: data_root {private} cannot be read by the user job code runs as (65534:65534, "
+            f"sandbox.run_as); let it read the data (e.g. chgrp -R 65534 {private}; chmod -R g+rX {private}) or set "
+            "run_as to a user that may")
+    else:
+        private.chmod(0o000)
+        assert f"data_root {private} cannot be read by this site's user" in _start_with_data_root(study, str(private))
