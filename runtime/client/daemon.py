@@ -267,8 +267,10 @@ class ClientDaemon:
             log_tail = ""
             if reply.control == "send_log":  # an admin ran tail_log for this site: answer at once
                 self._audit.append("control_received", control=reply.control)
-                log_tail = await asyncio.to_thread(_log_tail, self._ws / LOG_FILE) if self._settings.send_log \
-                    else NO_LOG
+                # the site's folders masked as in failure reports: the server need not learn its disk layout
+                log_tail = _site_paths_hidden(await asyncio.to_thread(_log_tail, self._ws / LOG_FILE),
+                                              _site_places(self._kit, self._settings.data_root)) \
+                    if self._settings.send_log else NO_LOG
                 continue
             await asyncio.sleep(self._heartbeat_interval_s)
 

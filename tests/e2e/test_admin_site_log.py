@@ -17,6 +17,10 @@ def test_tail_log_of_a_site_returns_its_recent_log_lines(make_study):
     assert data["site"] == "site-1"
     assert 0 < len(data["lines"]) <= 20
     assert any("registered with" in line for line in data["lines"])
+    # the site's folders leave masked, as in failure reports: its log names the audit file by its full path
+    kit = str(study.kits["site-1"])
+    assert any("<kit>/workspace/audit.jsonl" in line for line in data["lines"]), data["lines"]
+    assert not any(kit in line for line in data["lines"])
     site_audit = (study.kits["site-1"] / "workspace" / "audit.jsonl").read_text()
     assert '"control":"send_log"' in site_audit  # the site records that its log was asked for
 
