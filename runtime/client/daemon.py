@@ -706,8 +706,9 @@ class ClientDaemon:
                 lease = await self._reserve_upload(h.task_id)
         privacy = metrics.get("privacy") or {}
         known = privacy.get("payload_sha256", "")
+        metrics_json = json.dumps(metrics)
         header = pb.ResultHeader(session_id=self._session_id, task_id=h.task_id, n_samples=n_samples,
-                                 metrics_json=json.dumps(metrics), payload_bytes=size, lease_id=lease,
+                                 metrics_json=metrics_json, payload_bytes=size, lease_id=lease,
                                  payload_sha256=known)
         digest = None if known else hashlib.sha256()
 
@@ -727,7 +728,8 @@ class ClientDaemon:
         size_sent, digest_hex = size, (known or digest.hexdigest()) if size else ""
         if reply.accepted:
             self._audit.append("update_sent", job_id=h.job_id, task=h.task_name, round=h.round,
-                               n_samples=n_samples, payload_sha256=digest_hex, privacy=privacy or None)
+                               n_samples=n_samples, payload_sha256=digest_hex, privacy=privacy or None,
+                               **_reported(metrics, metrics_json))
             log.info("job %s %s round %d: result accepted (%d bytes, n_samples=%d); %s", h.job_id, h.task_name,
                      h.round, size_sent, n_samples, steps)
         else:
@@ -890,6 +892,16 @@ def _safe_name(text: str) -> str:
 
 
 NO_LOG = "this site keeps its log to itself (local/site.yml send_log: false); ask its IT for workspace/log.txt"
+
+
+def _reported(metrics: dict[str, Any], metrics_json: str) -> dict[str, Any]:
+    """What of a result beside its weights the site's audit keeps, so site IT can answer "what did we
+    report?" from its own records: every metric that left, as it left (after `reports:`), the number of
+    scalar points, and the sha256 of the exact metrics text sent (scalars included)."""
+    reported = {k: v for k, v in metrics.items() if k not in ("privacy", "scalars")}
+    if metrics.get("scalars"):
+        reported["scalar_points"] = len(metrics["scalars"])
+    return {"reported": reported, "metrics_sha256": sha256_hex(metrics_json.encode())}
 
 
 def _log_tail(path: Path, max_bytes: int = 64 << 10) -> str:

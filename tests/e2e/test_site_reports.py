@@ -70,6 +70,14 @@ def test_the_site_keeps_what_its_reports_policy_does_not_allow(make_study, tmp_p
                   (study.kits["site-1"] / "workspace" / "audit.jsonl").read_text().splitlines()]
     assert [r["reason"] for r in site_audit if r["event"] == "error_reported"] == [GENERIC_ERROR]
     assert any(secret in r["reason"] for r in site_audit if r["event"] == "task_failed")
+    # site IT can say from its own audit what left: each result's metrics as sent, and the hash of their text
+    sent = [r for r in site_audit if r["event"] == "update_sent"]
+    assert sent and all(len(r["metrics_sha256"]) == 64 for r in sent)
+    train_sent = [r["reported"]["train"] for r in sent if r["task"] == "train"]
+    assert train_sent and train_sent[0] == {"loss": 0.5}  # what show_job's round shows arrived
+    assert all(r["reported"]["validation"]["score"] == 0.123 for r in sent if "validation" in r["reported"]
+               and r["reported"]["validation"])
+    assert all(secret not in json.dumps(r["reported"]) for r in sent)
     assert secret in (study.kits["site-1"] / "workspace" / "log.txt").read_text()  # and its log does
     # which is why the site may keep its log from tail_log (local/site.yml send_log: false)
     assert study.admin_json("tail_log site-1")["lines"] == [NO_LOG]
