@@ -423,7 +423,7 @@ class ClientDaemon:
                 # what the job's code could shape: its worker's errors and exit, the weights it wrote
                 await self._report_failure(h, self._privacy.reports.error_text(
                     _site_paths_hidden(str(e), _site_places(self._kit, self._settings.data_root)),
-                    _shaped_by_job(e)))
+                    _shaped_by_job(e)), declines=self._declines(h.job_id, e))
         finally:
             if not keep_updates:
                 await asyncio.to_thread(self._remove_task_folder, round_dir)
@@ -737,11 +737,20 @@ class ClientDaemon:
             log.warning("job %s %s round %d: server refused our result: %s", h.job_id, h.task_name, h.round,
                         reply.reason)
 
-    async def _report_failure(self, h: pb.TaskHeader, reason: str) -> None:
+    def _declines(self, job_id: str, error: Exception) -> bool:
+        """Whether this failure means the site runs none of the job while this daemon runs: its own policy
+        refused the job (org/role, code, privacy floor), a privacy budget is spent, or the job filled its
+        disk. Each holds until the site restarts (policies are read at start); the server then asks again."""
+        return isinstance(error, DpBudgetExhausted) or job_id in self._disk_stopped \
+            or any(job == job_id for job, _ in self._refused)
+
+    async def _report_failure(self, h: pb.TaskHeader, reason: str, declines: bool = False) -> None:
         """Tell the server this site's task failed, and why: a result header with the error, no weights and
         no metrics (the server counts it as this site's failure of the round). Audited as what it is, an
-        error report (`error_reported`, with the reason that left the site), never as an update sent."""
-        header = pb.ResultHeader(session_id=self._session_id, task_id=h.task_id, metrics_json="{}", error=reason)
+        error report (`error_reported`, with the reason that left the site), never as an update sent.
+        `declines`: the site will run none of this job while it runs (the server stops tasking it)."""
+        header = pb.ResultHeader(session_id=self._session_id, task_id=h.task_id, metrics_json="{}", error=reason,
+                                 declines_job=declines)
 
         async def chunks() -> AsyncIterator[bytes]:
             yield header_message(header)
@@ -749,7 +758,8 @@ class ClientDaemon:
         with call_errors("report failure", self._target):
             reply = await self._bulk.SubmitResult(chunks(), timeout=RPC_TIMEOUT_S)
         if reply.accepted:
-            self._audit.append("error_reported", job_id=h.job_id, task=h.task_name, round=h.round, reason=reason)
+            self._audit.append("error_reported", job_id=h.job_id, task=h.task_name, round=h.round, reason=reason,
+                               **({"declines_job": True} if declines else {}))
             log.info("job %s %s round %d: the server took this site's failure report", h.job_id, h.task_name,
                      h.round)
         else:

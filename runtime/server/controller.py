@@ -93,6 +93,7 @@ class JobController:
         self._tasked: set[str] = set()  # every site this run has sent a task: the ones that may fetch the job
         self._prepared: set[str] = set()  # the sites told to start the job's worker during round 0
         self._not_awaited: set[str] = set()  # offline sites a round's start waited for in vain (_rejoining)
+        self._declined: dict[str, str] = {}  # site -> the session in which it declined the job (restarted: asked again)
         self._resume_wait_s = 0.0  # RESUME_WAIT_S from a resume until a round has started
         self._code_signature = store.code_signature(record.job_id)  # passed on to sites as submitted
         self.spool_files = SpoolFiles(store.incoming_dir)  # large updates land here, file reused (update_spool)
@@ -157,6 +158,23 @@ class JobController:
         finally:
             self._board.complete(task)
             rnd.changed.set()
+
+    async def declined(self, site: str, reason: str) -> None:
+        """The site said it will run none of this job while it runs (its policy refused it, its privacy budget
+        is spent, the job filled its disk): later rounds leave it out instead of tasking it every round to be
+        refused again. Until it registers anew (a restart, e.g. with a changed policy): then it is asked."""
+        session = self._registry.session(site)
+        if session is None or self._declined.get(site) == session.session_id:
+            return
+        self._declined[site] = session.session_id
+        log.warning("job %s: %s declines it (%s); it gets none of the job's tasks unless it restarts",
+                    self.record.job_id, site, reason)
+        await asyncio.to_thread(self._audit.append, "site_declined", job_id=self.record.job_id, site=site,
+                                reason=reason)
+
+    def _declines(self, site: str) -> bool:
+        session = self._registry.session(site)
+        return session is not None and self._declined.get(site) == session.session_id
 
     async def reject(self, task: Task, reason: str) -> None:
         """Record a result refused before it could be parsed (size, hash, stream) as the site's failure."""
@@ -377,7 +395,7 @@ class JobController:
         rejoin_until = started + min(rejoin_wait_s, timeout_s)
         while True:
             self._check_aborted()
-            alive = self._registry.alive()
+            alive = [s for s in self._registry.alive() if not self._declines(s)]
             sites = eligible_sites(self.spec.meta, alive, plan.exclude)
             away = eligible_sites(self.spec.meta, self._rejoining(alive), plan.exclude)
             if len(sites) >= need and (not away or loop.time() >= rejoin_until):
@@ -392,7 +410,9 @@ class JobController:
             if plan.if_no_site and not sites:
                 raise RoundFailed(plan.if_no_site)
             if loop.time() >= deadline:
-                raise RoundFailed(f"{_what(plan)}: only {len(sites)} of min {need} sites online after {timeout_s:g} s")
+                declining = sorted(s for s in self._declined if self._declines(s))
+                raise RoundFailed(f"{_what(plan)}: only {len(sites)} of min {need} sites online after {timeout_s:g} s"
+                                  + (f" ({', '.join(declining)} declined the job)" if declining else ""))
             try:
                 await asyncio.wait_for(self._aborted.wait(), TICK_S)
             except TimeoutError:

@@ -151,6 +151,8 @@ class FederationService:
         """Take the payload in, check it and hand it to the controller; returns its SHA-256."""
         metrics = decode_metrics(header.metrics_json)
         if not header.payload_bytes or header.error:
+            if header.error and header.declines_job:
+                await controller.declined(task.site, header.error)
             await controller.accept_result(task, int(header.n_samples), metrics, header.error, None)
             return ""
         await self._upload_slots.acquire(header.lease_id, task.site)

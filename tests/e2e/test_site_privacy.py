@@ -216,3 +216,30 @@ def test_signed_by_accepts_only_listed_signers(make_study, tmp_path):
     assert f"signed by {LEAD}" in shown
     assert {r["job_id"] for r in _events(study, "site-1", "job_refused")} == {unsigned["job_id"], by_other["job_id"]}
 
+
+
+def test_a_site_that_declines_a_job_is_left_out_of_its_later_rounds(make_study, tmp_path):
+    # site-2's policy refuses the job's code: before, the server tasked it every round to be refused again
+    # (a 300-round job: 300 refusals, each audited and logged on the site)
+    handle = make_study(sites=["site-1", "site-2"])
+    study = handle.study
+    study.write_local("site-2", "job_policy.yml", {"code": {"approved_hashes": ["0" * 64]}})
+    study.start_server()
+    study.start_sites()
+    job = handle.job(tmp_path / "job")
+    job_id = study.admin_json(f"submit_job {job} --set server.rounds=4 --set meta.min_clients=1")["job_id"]
+    assert study.admin_json(f"wait_job {job_id} 300")["state"] == "finished"
+
+    received = [(r["task"], r["round"]) for r in _events(study, "site-2", "task_received") if r["job_id"] == job_id]
+    (reported,) = [r for r in _events(study, "site-2", "error_reported") if r["job_id"] == job_id]
+    assert reported["declines_job"] is True
+    # a prepare (never answered) at most, then the one task it declined, and nothing after
+    assert received[-1] == (reported["task"], reported["round"]) and len(received) <= 2, received
+    server_audit = [json.loads(line) for line in
+                    (study.kits[study.server] / "workspace" / "audit.jsonl").read_text().splitlines()]
+    declined = [r for r in server_audit if r["event"] == "site_declined"]
+    assert [(r["site"], r["job_id"]) for r in declined] == [("site-2", job_id)]
+    assert "approved_hashes" in declined[0]["reason"]
+    rounds = {r["round"]: r["sites"] for r in server_audit if r["event"] == "round_done" and r["job_id"] == job_id}
+    assert all(sites == ["site-1"] for sites in rounds.values()) and len(rounds) == 4, rounds
+    assert "site-2 declines it" in (study.kits[study.server] / "workspace" / "log.txt").read_text()

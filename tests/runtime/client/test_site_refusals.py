@@ -174,11 +174,13 @@ def test_an_error_report_is_audited_as_one_and_never_as_an_update_sent(tmp_path:
     assert f"job job-a train round 1 failed: {reason}" in lines
     assert "job job-a train round 1: the server took this site's failure report" in lines
 
-    # the server gets what it always got: one header with the error, no weights, no metrics, no trailer
+    # the server gets one header with the error, no weights, no metrics, no trailer; a refusal by the site's
+    # policy declines the whole job (the server tasks the site no more for it)
     (messages,) = server.results
     assert messages == [pb.ResultChunk(header=pb.ResultHeader(
         session_id="session-1", task_id="job-a-train-1", n_samples=0, metrics_json="{}", payload_bytes=0,
-        error=reason, lease_id="", payload_sha256="")).SerializeToString()]
+        error=reason, lease_id="", payload_sha256="", declines_job=True)).SerializeToString()]
+    assert reported["declines_job"] is True
 
 
 def test_an_error_report_the_server_refuses_is_not_called_a_refused_update(tmp_path: Path, caplog) -> None:
