@@ -7,6 +7,7 @@ Loading raises ConfigError naming the file and the field; it never returns a hal
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
@@ -204,16 +205,30 @@ class SiteLocalSettings(SettingsModel):
 M = TypeVar("M", bound=BaseModel)
 
 
-def _format_validation_error(path: Path, err: ValidationError) -> str:
-    """One line naming every problem (field and message): site IT fixes them all in one pass."""
+def _format_validation_error(path: Path, err: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line naming every problem (field and message): site IT fixes them all in one pass. An unknown
+    key gets the known key it most resembles (`data_rot`: did you mean data_root?)."""
     return problems_line(str(path), (f"field '{'.'.join(str(p) for p in e['loc']) or '(top level)'}': "
-                                     f"{_plain_message(e)}" for e in err.errors()))
+                                     f"{plain_message(e)}{_did_you_mean(e, model)}" for e in err.errors()))
+
+
+def _did_you_mean(error: Any, model: type[BaseModel] | None) -> str:
+    if error["type"] != "extra_forbidden" or model is None or not error["loc"]:
+        return ""
+    for part in error["loc"][:-1]:  # down to the section that holds the unknown key
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(error["loc"][-1]), list(model.model_fields), n=1, cutoff=0.75)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 _SECTION_ERRORS = frozenset({"model_type", "model_attributes_type", "dataclass_type", "dict_type"})
 
 
-def _plain_message(error: Any) -> str:
+def plain_message(error: Any) -> str:
     """pydantic's message, in the file's own terms where pydantic's would puzzle a person: a section given a
     single value is named by its class ("instance of DpBudget"), and text where a whole number belongs is
     "unable to parse string as an integer"."""
@@ -223,6 +238,9 @@ def _plain_message(error: Any) -> str:
         return f"is a section (indented `key: value` lines, or {{key: value, ...}}), {given}"
     if error["type"] == "int_parsing" and isinstance(value, str):
         return f"should be a whole number, not {_shown(value)}"
+    if error["type"] == "string_type" and isinstance(value, int | float) and not isinstance(value, bool):
+        # YAML reads an unquoted all-digit hash (or a version, a code) as a number
+        return f"should be text, not {_shown(value)}: put it in quotes"
     return str(error["msg"])
 
 
@@ -247,7 +265,7 @@ def load_model(path: Path, model: type[M]) -> M:
     try:
         return model.model_validate(data or {})
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(path, e)) from None
+        raise ConfigError(_format_validation_error(path, e, model)) from None
 
 
 def load_optional(path: Path, model: type[M]) -> M:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import JobRejected
 from ..identity import Role
-from ..kit_config import load_optional
+from ..kit_config import load_optional, plain_message
 from .code_approval import CodeRule, ReceivedCode, check_code
 
 
@@ -40,7 +40,8 @@ class JobPolicy(BaseModel):
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}") from None
+            raise ValueError(f"{where + ': ' if where else ''}{plain_message(first).removeprefix('Value error, ')}") \
+                from None
 
     @classmethod
     def load(cls, path: Path) -> JobPolicy:

@@ -72,16 +72,31 @@ def test_true_or_false_where_a_number_belongs_is_refused(tmp_path: Path, file: s
     ("site.yml", "sandbox: {pids: 1.5e0}\n", "field 'sandbox.pids': Input should be a valid integer, got a number "
                                              "with a fractional part"),
     ("site.yml", "sandbox: {pids: many}\n", "field 'sandbox.pids': should be a whole number, not the text 'many'"),
+    # a misspelt key is named with the one it resembles, in its own section
+    ("site.yml", "data_rot: /data\n", "field 'data_rot': Extra inputs are not permitted (did you mean 'data_root'?)"),
+    ("site.yml", "sandbox: {memory: 100}\n", "field 'sandbox.memory': Extra inputs are not permitted (did you mean "
+                                             "'memory_mb'?)"),
+    ("privacy.yml", "reports: {metric_name: [loss]}\n", "field 'reports.metric_name': Extra inputs are not "
+                                                        "permitted (did you mean 'metric_names'?)"),
+    ("site.yml", "bogus: 1\n", "field 'bogus': Extra inputs are not permitted"),
+    # YAML reads an unquoted all-digit hash as a number
+    ("job_policy.yml", "code: {approved_hashes: [1234567890]}\n", "field 'code': Value error, approved_hashes.0: "
+                                                                  "should be text, not the number 1234567890: put "
+                                                                  "it in quotes"),
 ])
 def test_a_mistake_is_said_in_the_files_terms(tmp_path: Path, file: str, text: str, expected: str) -> None:
     """Not pydantic's class names ("instance of DpBudget"), nor "unable to parse string as an integer"."""
     from runtime.client.privacy_policy import PrivacyPolicy
 
+    from runtime.client.job_policy import JobPolicy
+
     path = tmp_path / file
     path.write_text(text)
     with pytest.raises(ConfigError) as caught:
-        kc.load_model(path, kc.SiteLocalSettings if file == "site.yml" else PrivacyPolicy)
-    assert str(caught.value).startswith(f"{path}: {expected}")
+        kc.load_model(path, {"site.yml": kc.SiteLocalSettings, "privacy.yml": PrivacyPolicy,
+                             "job_policy.yml": JobPolicy}[file])
+    assert str(caught.value).startswith(f"{path}: {expected}"), str(caught.value)
+    assert file != "site.yml" or "bogus" not in text or "did you mean" not in str(caught.value)
     assert "instance of" not in str(caught.value) and "unable to parse" not in str(caught.value)
 
 
