@@ -86,9 +86,8 @@ def test_true_or_false_where_a_number_belongs_is_refused(tmp_path: Path, file: s
 ])
 def test_a_mistake_is_said_in_the_files_terms(tmp_path: Path, file: str, text: str, expected: str) -> None:
     """Not pydantic's class names ("instance of DpBudget"), nor "unable to parse string as an integer"."""
-    from runtime.client.privacy_policy import PrivacyPolicy
-
     from runtime.client.job_policy import JobPolicy
+    from runtime.client.privacy_policy import PrivacyPolicy
 
     path = tmp_path / file
     path.write_text(text)
