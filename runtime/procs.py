@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -22,6 +23,8 @@ WORKSPACE = "workspace"
 PID_FILE = "daemon.pid"
 LOCK_FILE = "daemon.lock"
 LOG_FILE = "log.txt"
+LOG_MAX_BYTES = 64 << 20
+LOG_BACKUPS = 4
 PR_SET_PDEATHSIG = 1
 # Models, logs, audit trails and job folders hold a study's results and a site's file names: owner only.
 PRIVATE_UMASK = 0o077
@@ -57,7 +60,10 @@ def setup_logging(log_path: Path, debug: bool = False) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     stderr = logging.StreamHandler(sys.stderr)
     stderr.addFilter(lambda record: not getattr(record, "file_only", False))
-    for handler in (logging.FileHandler(log_path), stderr):
+    # rotated: a site or server runs for months (log.txt.1 .. .4 keep the older lines; the audit log is not
+    # rotated, its hash chain spans the file)
+    rotating = logging.handlers.RotatingFileHandler(log_path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
+    for handler in (rotating, stderr):
         handler.setFormatter(fmt)
         root.addHandler(handler)
 

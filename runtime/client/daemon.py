@@ -156,6 +156,7 @@ class ClientDaemon:
         self._disk_stopped: dict[str, str] = {}  # job -> why the disk guard stopped it: no more of its tasks
         self._keep_refused: set[str] = set()  # jobs told once that this site keeps none of their models
         self._key_withheld: set[str] = set()  # jobs whose key metric this site's reports policy withholds (warned)
+        self._outage = Outage(time.monotonic)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -170,6 +171,7 @@ class ClientDaemon:
                 try:
                     await self._register()
                     self._registered_once = True
+                    self._outage.ended()
                     backoff = BACKOFF_START_S
                     await self._session()
                 except SessionExpired as e:
@@ -185,7 +187,7 @@ class ClientDaemon:
                         self._give_up_if_once(CertificateError(message), started, at_once=True)
                         backoff = BACKOFF_MAX_S  # a person must act: retry slowly meanwhile
                     else:
-                        log.warning("%s; retrying in up to %.1f s", e, backoff)
+                        self._outage.failed(f"{e}; retrying in up to {backoff:.1f} s")
                         self._give_up_if_once(e, started)
                 except FedkitError as e:  # worth a line, and a slower retry
                     log.error("%s", e)
@@ -912,6 +914,34 @@ def _reported(metrics: dict[str, Any], metrics_json: str) -> dict[str, Any]:
     if metrics.get("scalars"):
         reported["scalar_points"] = len(metrics["scalars"])
     return {"reported": reported, "metrics_sha256": sha256_hex(metrics_json.encode())}
+
+
+class Outage:
+    """The server unreachable, in the site's log: the first failed try in full, then one line a minute (a
+    weekend's outage logged every retry was 25,000 lines), and one when it is back."""
+
+    EVERY_S = 60.0
+
+    def __init__(self, clock: Callable[[], float]):
+        self._clock = clock
+        self._since: float | None = None
+        self._last_logged = 0.0
+        self._tries = 0
+
+    def failed(self, line: str) -> None:
+        now = self._clock()
+        self._tries += 1
+        if self._since is None:
+            self._since, self._last_logged = now, now
+            log.warning("%s", line)
+        elif now - self._last_logged >= self.EVERY_S:
+            self._last_logged = now
+            log.warning("%s (still, for %.0f s, %d tries)", line, now - self._since, self._tries)
+
+    def ended(self) -> None:
+        if self._since is not None and self._tries > 1:
+            log.info("server reachable again after %.0f s (%d tries)", self._clock() - self._since, self._tries)
+        self._since, self._tries = None, 0
 
 
 def _log_tail(path: Path, max_bytes: int = 64 << 10) -> str:
