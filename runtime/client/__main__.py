@@ -37,6 +37,7 @@ from .disk_guard import free_mb  # noqa: E402
 from .job_policy import JobPolicy  # noqa: E402
 from .privacy_policy import PRIVACY_FILE, PrivacyPolicy  # noqa: E402
 from .sandbox import job_user, readable_by  # noqa: E402
+from .worker_threads import granted_cores  # noqa: E402
 
 log = logging.getLogger("fedkit.client")
 
@@ -73,6 +74,8 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
                  allowed_roles=rules["allowed_roles"])  # what this site enforces, from the start
     log.info("audit log %s: %s", audit.path, audit.head())
     log.info("site %s (%s) starting; server %s:%d", cfg.name, cfg.org, cfg.server_host, cfg.fed_learn_port)
+    for line in machine_mismatches(settings):
+        log.warning("%s", line)
     floor = settings.sandbox.min_free_disk_mb
     if floor is not None and (free := free_mb(ws)) < floor:
         log.warning("the disk holding this site's workspace has %.0f MiB free, below local/site.yml "
@@ -100,6 +103,25 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
             log.error("audit log %s: cannot record the stop (%s)", audit.path, e.strerror or e)
         remove_pid(ws)
     return daemon.restart_requested
+
+
+def machine_mismatches(settings: kc.SiteLocalSettings, cores: int | None = None,
+                       nvidia_devices: list[str] | None = None) -> list[str]:
+    """Lines for local/site.yml settings this machine cannot honour: GPUs it does not show, more cores than it
+    has. Warnings, not refusals: a container may show devices differently, and the job still runs."""
+    cores = granted_cores() if cores is None else cores
+    if nvidia_devices is None:
+        nvidia_devices = [p.name for p in Path("/dev").glob("nvidia[0-9]*")]
+    lines = []
+    missing = [g for g in settings.gpus if f"nvidia{g}" not in nvidia_devices]
+    if missing:
+        lines.append(f"local/site.yml gpus lists {', '.join(map(str, missing))}, which this machine does not show "
+                     f"(/dev/nvidiaN; it shows {len(nvidia_devices)}): jobs asking for them fail or train on CPU")
+    cpus = settings.sandbox.cpus
+    if cpus is not None and cpus > cores:
+        lines.append(f"local/site.yml sandbox.cpus is {cpus:g}, above the {cores} cores this site may use: a job "
+                     f"gets {cores} threads per rank at most")
+    return lines
 
 
 def check_data_root(data_root: str | None, kit: Path, job_user: tuple[int, int] | None = None) -> None:

@@ -35,7 +35,8 @@ def threads_per_rank(settings: SiteLocalSettings, nproc: int) -> int:
     """Threads for each of the worker's `nproc` ranks."""
     if settings.threads is not None:
         return settings.threads
-    cores = math.ceil(settings.sandbox.cpus) if settings.sandbox.cpus else granted_cores()
+    # a cpus limit above the machine's cores grants no more of them (64 threads on 2 cores is slower)
+    cores = min(math.ceil(settings.sandbox.cpus), granted_cores()) if settings.sandbox.cpus else granted_cores()
     return max(1, cores // max(1, nproc))
 
 

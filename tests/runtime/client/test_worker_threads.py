@@ -12,6 +12,7 @@ import pytest
 from runtime.client.job_folders import JobFolders
 from runtime.client.sandbox import OffSandbox
 from runtime.client.worker_handle import WorkerHandle
+from runtime.client import worker_threads
 from runtime.client.worker_threads import granted_cores, threads_per_rank
 from runtime.kit_config import SandboxSettings, SiteLocalSettings
 from runtime.weights import save_file
@@ -37,9 +38,24 @@ LEARNER = textwrap.dedent('''
     (SiteLocalSettings(sandbox=SandboxSettings(cpus=4)), 2, 2),              # the sandbox's cores, split
     (SiteLocalSettings(sandbox=SandboxSettings(cpus=1.5)), 1, 2),
     (SiteLocalSettings(sandbox=SandboxSettings(cpus=1)), 4, 1),              # never below one
+    (SiteLocalSettings(sandbox=SandboxSettings(cpus=64)), 1, 8),             # no more than the machine has
 ])
-def test_threads_follow_the_site_setting_else_the_granted_cores(settings, nproc, expected) -> None:
+def test_threads_follow_the_site_setting_else_the_granted_cores(settings, nproc, expected, monkeypatch) -> None:
+    monkeypatch.setattr(worker_threads, "granted_cores", lambda: 8)  # an 8-core machine
     assert threads_per_rank(settings, nproc) == expected
+
+
+def test_settings_this_machine_cannot_honour_are_named_at_start() -> None:
+    from runtime.client.__main__ import machine_mismatches
+
+    asks = SiteLocalSettings(gpus=[0, 1], sandbox=SandboxSettings(cpus=64))
+    assert machine_mismatches(asks, cores=2, nvidia_devices=["nvidia0"]) == [
+        "local/site.yml gpus lists 1, which this machine does not show (/dev/nvidiaN; it shows 1): jobs asking "
+        "for them fail or train on CPU",
+        "local/site.yml sandbox.cpus is 64, above the 2 cores this site may use: a job gets 2 threads per rank at "
+        "most"]
+    assert machine_mismatches(asks, cores=64, nvidia_devices=["nvidia0", "nvidia1"]) == []
+    assert machine_mismatches(SiteLocalSettings(), cores=2, nvidia_devices=[]) == []
 
 
 def test_by_default_a_worker_gets_the_machines_cores_split_between_its_ranks() -> None:
