@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from runtime.client import worker_threads
 from runtime.client.job_folders import JobFolders
 from runtime.client.sandbox import OffSandbox
 from runtime.client.worker_handle import WorkerHandle
-from runtime.client import worker_threads
 from runtime.client.worker_threads import granted_cores, threads_per_rank
 from runtime.kit_config import SandboxSettings, SiteLocalSettings
 from runtime.weights import save_file
