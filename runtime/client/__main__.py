@@ -91,9 +91,10 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
     try:
         await daemon.run()
     except OSError as e:  # the workspace's disk (full, gone): what the site does can no longer be recorded
-        log.error("site stopped: %s: %s", e.filename or "the workspace", e.strerror or e)
-        raise FedkitError(f"site stopped: {e.filename or 'the workspace'}: {e.strerror or e}; free room on "
-                          "the disk holding the workspace and start the site again") from None
+        line = (f"site stopped: {e.filename or 'the workspace'}: {e.strerror or e}; free room on the disk holding "
+                "the workspace and start the site again")
+        log.error("%s", line, extra=FILE_ONLY)
+        raise FedkitError(line) from None
     finally:
         expiry.cancel()
         try:
