@@ -84,6 +84,7 @@ POLL_WAIT_S = 20.0
 UPLOAD_WAIT_LOG_S = 60.0  # how often a site still waiting for an upload slot says so in its log
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 15.0
+STOPPING_NOTICE_S = 2.0  # how long a stopping site waits for the server to take its last heartbeat
 ONCE_DEADLINE_S = 60.0  # --once: how long a site keeps trying to reach the server before it gives up
 MAX_TASK_BYTES = 64 << 30
 
@@ -198,6 +199,7 @@ class ClientDaemon:
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
         finally:
             await self._stop_worker()
+            await self._say_stopping()
             await channel.close()
 
     def _give_up_if_once(self, error: FedkitError, started: float, at_once: bool = False) -> None:
@@ -235,6 +237,16 @@ class ClientDaemon:
             for t in loops:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
+
+    async def _say_stopping(self) -> None:
+        """The last heartbeat: this site stops on purpose (stop.sh, a shutdown), so the server shows it stopped,
+        not dead, and stops waiting for it at once. Best effort: a server that does not answer is not waited
+        for."""
+        if not self._session_id or not self._registered_once:
+            return
+        with contextlib.suppress(FedkitError, asyncio.TimeoutError), call_errors("heartbeat", self._target):
+            await self._stub.Heartbeat(pb.HeartbeatRequest(session_id=self._session_id, stopping=True),
+                                       timeout=STOPPING_NOTICE_S)
 
     async def _presence(self) -> None:
         """Hold the presence stream open: the server learns at once when this site's connection drops."""

@@ -74,6 +74,11 @@ class FederationService:
             stale.append(request.job_id)  # finished, aborted or never ours: the site should stop it
         if request.log_tail and known:
             self._controls.log_received(peer.name, request.log_tail)
+        if request.stopping and known:
+            self._registry.mark_stopped(peer.name)
+            log.info("site %s: stopped by its site", peer.name)
+            await self._append_audit("site_stopped", site=peer.name)
+            return pb.HeartbeatReply()
         control = self._controls.next_for(peer.name) if known else ""
         if control:
             await self._append_audit("control_delivered", site=peer.name, control=control)
@@ -88,7 +93,8 @@ class FederationService:
             yield pb.PresenceEvent()  # pragma: no cover (unreachable; makes this an async generator)
         finally:
             self._registry.disconnected(peer.name, connection)
-            if self._registry.session(peer.name) is not None and self._registry.is_suspect(peer.name):
+            session = self._registry.session(peer.name)
+            if session is not None and not session.is_stopped and self._registry.is_suspect(peer.name):
                 log.info("site %s: connection dropped; dead in %.0f s unless it reconnects", peer.name,
                          self._registry.disconnect_grace_s)
 

@@ -29,6 +29,7 @@ class SiteSession:
     connection: int = 0                   # the newest presence stream's number (0: none yet)
     disconnected_at: float | None = None  # when the newest presence stream ended; None while it is open
     is_revoked: bool = False              # its certificate was refused as revoked since it registered
+    is_stopped: bool = False              # it said it stops on purpose (stop.sh, shutdown): gone, not dead
 
 
 class Registry:
@@ -82,6 +83,12 @@ class Registry:
         session = self._sites.get(site)
         return None if session is None else self._clock() - session.last_seen
 
+    def mark_stopped(self, site: str) -> None:
+        """The site said, with its last heartbeat, that it stops on purpose: gone now, and shown as stopped."""
+        session = self._sites.get(site)
+        if session is not None:
+            session.is_stopped = True
+
     def mark_revoked(self, site: str) -> None:
         """The site's certificate was just refused as revoked: it is gone, whatever its last heartbeat."""
         session = self._sites.get(site)
@@ -90,7 +97,7 @@ class Registry:
 
     def is_alive(self, site: str) -> bool:
         session = self._sites.get(site)
-        if session is None or session.is_revoked:
+        if session is None or session.is_revoked or session.is_stopped:
             return False
         now = self._clock()
         if session.disconnected_at is not None and now - session.disconnected_at > self._grace_s:
@@ -104,6 +111,8 @@ class Registry:
             return "unknown"
         if session.is_revoked:
             return "revoked"
+        if session.is_stopped:
+            return "stopped"
         if not self.is_alive(site):
             return "dead"
         if session.disconnected_at is not None:
@@ -118,6 +127,8 @@ class Registry:
             return "never registered"
         if session.is_revoked:
             return "its certificate was revoked"
+        if session.is_stopped:
+            return "its site stopped it"
         if session.disconnected_at is not None:
             return f"its connection dropped and it did not reconnect within {self._grace_s:g} s"
         return f"it went silent (no heartbeat for {self._clock() - session.last_seen:.0f} s)"
