@@ -18,6 +18,7 @@ import logging
 import platform
 import random
 import re
+import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -36,6 +37,7 @@ from ..errors import (
     DpBudgetExhausted,
     FedkitError,
     JobRejected,
+    PermissionDenied,
     ServerUnreachable,
     SessionExpired,
     UpdateRejected,
@@ -158,6 +160,7 @@ class ClientDaemon:
         self._keep_refused: set[str] = set()  # jobs told once that this site keeps none of their models
         self._key_withheld: set[str] = set()  # jobs whose key metric this site's reports policy withholds (warned)
         self._outage = Outage(time.monotonic)
+        self._instance_id = secrets.token_hex(8)  # this process: a copy of the kit elsewhere has another
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -190,6 +193,8 @@ class ClientDaemon:
                     else:
                         self._outage.failed(f"{e}; retrying in up to {backoff:.1f} s")
                         self._give_up_if_once(e, started)
+                except PermissionDenied as e:  # another copy of this kit holds the site: it may stop any time
+                    self._outage.failed(f"{e}; retrying in up to {backoff:.1f} s")
                 except FedkitError as e:  # worth a line, and a slower retry
                     log.error("%s", e)
                     backoff = BACKOFF_MAX_S
@@ -216,7 +221,8 @@ class ClientDaemon:
         await refuse_revoked_server(self._stub, self._tls, self._cfg.server_host, self._cfg.fed_learn_port, self._ws)
         with call_errors("register", self._target):
             reply = await self._stub.Register(
-                pb.RegisterRequest(runtime_version=VERSION, host_info_json=json.dumps(info)), timeout=RPC_TIMEOUT_S)
+                pb.RegisterRequest(runtime_version=VERSION, host_info_json=json.dumps(info),
+                                   instance_id=self._instance_id), timeout=RPC_TIMEOUT_S)
         self._session_id = reply.session_id
         self._heartbeat_interval_s = reply.heartbeat_interval_s or self._heartbeat_interval_s
         log.info("registered with %s as %s", self._target, self._cfg.name)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x66\x65\x64kit.proto\x12\x06\x66\x65\x64kit\"%\n\x0fPresenceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x0f\n\rPresenceEvent\"E\n\x0eReserveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"1\n\x0cReserveReply\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\"B\n\x0fRegisterRequest\x12\x17\n\x0fruntime_version\x18\x01 \x01(\t\x12\x16\n\x0ehost_info_json\x18\x02 \x01(\t\"A\n\rRegisterReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"i\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x10\n\x08log_tail\x18\x04 \x01(\t\x12\x10\n\x08stopping\x18\x05 \x01(\x08\"P\n\x0eHeartbeatReply\x12\x17\n\x0fmust_reregister\x18\x01 \x01(\x08\x12\x14\n\x0c\x61\x62orted_jobs\x18\x02 \x03(\t\x12\x0f\n\x07\x63ontrol\x18\x03 \x01(\t\"4\n\x0eGetTaskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\xba\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x11\n\ttask_name\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\t\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\x12\x12\n\njob_sha256\x18\t \x01(\t\"\x06\n\x04Idle\"g\n\tTaskChunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedkit.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x1c\n\x04idle\x18\x03 \x01(\x0b\x32\x0c.fedkit.IdleH\x00\x42\x06\n\x04kind\"3\n\rGetJobRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"\x19\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xc2\x01\n\x0cResultHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tn_samples\x18\x03 \x01(\x04\x12\x14\n\x0cmetrics_json\x18\x04 \x01(\t\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x10\n\x08lease_id\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x65\x63lines_job\x18\t \x01(\x08\"_\n\x0bResultChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.fedkit.ResultHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06sha256\x18\x03 \x01(\tH\x00\x42\x06\n\x04kind\"/\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x0c\x41\x64minRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x11\n\targs_json\x18\x02 \x01(\t\"<\n\nAdminReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tdata_json\x18\x03 \x01(\t\"M\n\x0bUploadChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.fedkit.AdminRequestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x0c\n\nCrlRequest\"\x1b\n\x08\x43rlReply\x12\x0f\n\x07\x63rl_pem\x18\x01 \x01(\x0c\x32\xde\x03\n\nFederation\x12:\n\x08Register\x12\x17.fedkit.RegisterRequest\x1a\x15.fedkit.RegisterReply\x12=\n\tHeartbeat\x12\x18.fedkit.HeartbeatRequest\x1a\x16.fedkit.HeartbeatReply\x12\x36\n\x07GetTask\x12\x16.fedkit.GetTaskRequest\x1a\x11.fedkit.TaskChunk0\x01\x12\x34\n\x06GetJob\x12\x15.fedkit.GetJobRequest\x1a\x11.fedkit.DataChunk0\x01\x12=\n\rReserveUpload\x12\x16.fedkit.ReserveRequest\x1a\x14.fedkit.ReserveReply\x12:\n\x0cSubmitResult\x12\x13.fedkit.ResultChunk\x1a\x13.fedkit.SubmitReply(\x01\x12.\n\x06GetCrl\x12\x12.fedkit.CrlRequest\x1a\x10.fedkit.CrlReply\x12<\n\x08Presence\x12\x17.fedkit.PresenceRequest\x1a\x15.fedkit.PresenceEvent0\x01\x32\xd8\x01\n\x05\x41\x64min\x12\x33\n\x07\x43ommand\x12\x14.fedkit.AdminRequest\x1a\x12.fedkit.AdminReply\x12\x33\n\x06Upload\x12\x13.fedkit.UploadChunk\x1a\x12.fedkit.AdminReply(\x01\x12\x35\n\x08\x44ownload\x12\x14.fedkit.AdminRequest\x1a\x11.fedkit.DataChunk0\x01\x12.\n\x06GetCrl\x12\x12.fedkit.CrlRequest\x1a\x10.fedkit.CrlReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x66\x65\x64kit.proto\x12\x06\x66\x65\x64kit\"%\n\x0fPresenceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x0f\n\rPresenceEvent\"E\n\x0eReserveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"1\n\x0cReserveReply\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\"W\n\x0fRegisterRequest\x12\x17\n\x0fruntime_version\x18\x01 \x01(\t\x12\x16\n\x0ehost_info_json\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"A\n\rRegisterReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"i\n\x10HeartbeatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x10\n\x08log_tail\x18\x04 \x01(\t\x12\x10\n\x08stopping\x18\x05 \x01(\x08\"P\n\x0eHeartbeatReply\x12\x17\n\x0fmust_reregister\x18\x01 \x01(\x08\x12\x14\n\x0c\x61\x62orted_jobs\x18\x02 \x03(\t\x12\x0f\n\x07\x63ontrol\x18\x03 \x01(\t\"4\n\x0eGetTaskRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\xba\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x11\n\ttask_name\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\t\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\x12\x12\n\njob_sha256\x18\t \x01(\t\"\x06\n\x04Idle\"g\n\tTaskChunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedkit.TaskHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x1c\n\x04idle\x18\x03 \x01(\x0b\x32\x0c.fedkit.IdleH\x00\x42\x06\n\x04kind\"3\n\rGetJobRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"\x19\n\tDataChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xc2\x01\n\x0cResultHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tn_samples\x18\x03 \x01(\x04\x12\x14\n\x0cmetrics_json\x18\x04 \x01(\t\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x10\n\x08lease_id\x18\x08 \x01(\t\x12\x14\n\x0c\x64\x65\x63lines_job\x18\t \x01(\x08\"_\n\x0bResultChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.fedkit.ResultHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06sha256\x18\x03 \x01(\tH\x00\x42\x06\n\x04kind\"/\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x0c\x41\x64minRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x11\n\targs_json\x18\x02 \x01(\t\"<\n\nAdminReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tdata_json\x18\x03 \x01(\t\"M\n\x0bUploadChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.fedkit.AdminRequestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x0c\n\nCrlRequest\"\x1b\n\x08\x43rlReply\x12\x0f\n\x07\x63rl_pem\x18\x01 \x01(\x0c\x32\xde\x03\n\nFederation\x12:\n\x08Register\x12\x17.fedkit.RegisterRequest\x1a\x15.fedkit.RegisterReply\x12=\n\tHeartbeat\x12\x18.fedkit.HeartbeatRequest\x1a\x16.fedkit.HeartbeatReply\x12\x36\n\x07GetTask\x12\x16.fedkit.GetTaskRequest\x1a\x11.fedkit.TaskChunk0\x01\x12\x34\n\x06GetJob\x12\x15.fedkit.GetJobRequest\x1a\x11.fedkit.DataChunk0\x01\x12=\n\rReserveUpload\x12\x16.fedkit.ReserveRequest\x1a\x14.fedkit.ReserveReply\x12:\n\x0cSubmitResult\x12\x13.fedkit.ResultChunk\x1a\x13.fedkit.SubmitReply(\x01\x12.\n\x06GetCrl\x12\x12.fedkit.CrlRequest\x1a\x10.fedkit.CrlReply\x12<\n\x08Presence\x12\x17.fedkit.PresenceRequest\x1a\x15.fedkit.PresenceEvent0\x01\x32\xd8\x01\n\x05\x41\x64min\x12\x33\n\x07\x43ommand\x12\x14.fedkit.AdminRequest\x1a\x12.fedkit.AdminReply\x12\x33\n\x06Upload\x12\x13.fedkit.UploadChunk\x1a\x12.fedkit.AdminReply(\x01\x12\x35\n\x08\x44ownload\x12\x14.fedkit.AdminRequest\x1a\x11.fedkit.DataChunk0\x01\x12.\n\x06GetCrl\x12\x12.fedkit.CrlRequest\x1a\x10.fedkit.CrlReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,43 +40,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESERVEREPLY']._serialized_start=151
   _globals['_RESERVEREPLY']._serialized_end=200
   _globals['_REGISTERREQUEST']._serialized_start=202
-  _globals['_REGISTERREQUEST']._serialized_end=268
-  _globals['_REGISTERREPLY']._serialized_start=270
-  _globals['_REGISTERREPLY']._serialized_end=335
-  _globals['_HEARTBEATREQUEST']._serialized_start=337
-  _globals['_HEARTBEATREQUEST']._serialized_end=442
-  _globals['_HEARTBEATREPLY']._serialized_start=444
-  _globals['_HEARTBEATREPLY']._serialized_end=524
-  _globals['_GETTASKREQUEST']._serialized_start=526
-  _globals['_GETTASKREQUEST']._serialized_end=578
-  _globals['_TASKHEADER']._serialized_start=581
-  _globals['_TASKHEADER']._serialized_end=767
-  _globals['_IDLE']._serialized_start=769
-  _globals['_IDLE']._serialized_end=775
-  _globals['_TASKCHUNK']._serialized_start=777
-  _globals['_TASKCHUNK']._serialized_end=880
-  _globals['_GETJOBREQUEST']._serialized_start=882
-  _globals['_GETJOBREQUEST']._serialized_end=933
-  _globals['_DATACHUNK']._serialized_start=935
-  _globals['_DATACHUNK']._serialized_end=960
-  _globals['_RESULTHEADER']._serialized_start=963
-  _globals['_RESULTHEADER']._serialized_end=1157
-  _globals['_RESULTCHUNK']._serialized_start=1159
-  _globals['_RESULTCHUNK']._serialized_end=1254
-  _globals['_SUBMITREPLY']._serialized_start=1256
-  _globals['_SUBMITREPLY']._serialized_end=1303
-  _globals['_ADMINREQUEST']._serialized_start=1305
-  _globals['_ADMINREQUEST']._serialized_end=1355
-  _globals['_ADMINREPLY']._serialized_start=1357
-  _globals['_ADMINREPLY']._serialized_end=1417
-  _globals['_UPLOADCHUNK']._serialized_start=1419
-  _globals['_UPLOADCHUNK']._serialized_end=1496
-  _globals['_CRLREQUEST']._serialized_start=1498
-  _globals['_CRLREQUEST']._serialized_end=1510
-  _globals['_CRLREPLY']._serialized_start=1512
-  _globals['_CRLREPLY']._serialized_end=1539
-  _globals['_FEDERATION']._serialized_start=1542
-  _globals['_FEDERATION']._serialized_end=2020
-  _globals['_ADMIN']._serialized_start=2023
-  _globals['_ADMIN']._serialized_end=2239
+  _globals['_REGISTERREQUEST']._serialized_end=289
+  _globals['_REGISTERREPLY']._serialized_start=291
+  _globals['_REGISTERREPLY']._serialized_end=356
+  _globals['_HEARTBEATREQUEST']._serialized_start=358
+  _globals['_HEARTBEATREQUEST']._serialized_end=463
+  _globals['_HEARTBEATREPLY']._serialized_start=465
+  _globals['_HEARTBEATREPLY']._serialized_end=545
+  _globals['_GETTASKREQUEST']._serialized_start=547
+  _globals['_GETTASKREQUEST']._serialized_end=599
+  _globals['_TASKHEADER']._serialized_start=602
+  _globals['_TASKHEADER']._serialized_end=788
+  _globals['_IDLE']._serialized_start=790
+  _globals['_IDLE']._serialized_end=796
+  _globals['_TASKCHUNK']._serialized_start=798
+  _globals['_TASKCHUNK']._serialized_end=901
+  _globals['_GETJOBREQUEST']._serialized_start=903
+  _globals['_GETJOBREQUEST']._serialized_end=954
+  _globals['_DATACHUNK']._serialized_start=956
+  _globals['_DATACHUNK']._serialized_end=981
+  _globals['_RESULTHEADER']._serialized_start=984
+  _globals['_RESULTHEADER']._serialized_end=1178
+  _globals['_RESULTCHUNK']._serialized_start=1180
+  _globals['_RESULTCHUNK']._serialized_end=1275
+  _globals['_SUBMITREPLY']._serialized_start=1277
+  _globals['_SUBMITREPLY']._serialized_end=1324
+  _globals['_ADMINREQUEST']._serialized_start=1326
+  _globals['_ADMINREQUEST']._serialized_end=1376
+  _globals['_ADMINREPLY']._serialized_start=1378
+  _globals['_ADMINREPLY']._serialized_end=1438
+  _globals['_UPLOADCHUNK']._serialized_start=1440
+  _globals['_UPLOADCHUNK']._serialized_end=1517
+  _globals['_CRLREQUEST']._serialized_start=1519
+  _globals['_CRLREQUEST']._serialized_end=1531
+  _globals['_CRLREPLY']._serialized_start=1533
+  _globals['_CRLREPLY']._serialized_end=1560
+  _globals['_FEDERATION']._serialized_start=1563
+  _globals['_FEDERATION']._serialized_end=2041
+  _globals['_ADMIN']._serialized_start=2044
+  _globals['_ADMIN']._serialized_end=2260
 # @@protoc_insertion_point(module_scope)

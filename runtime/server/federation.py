@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from ..audit import AuditLog
-from ..errors import FedkitError, JobRejected, SessionExpired, TransferStalled, UpdateRejected
+from ..errors import FedkitError, JobRejected, PermissionDenied, SessionExpired, TransferStalled, UpdateRejected
 from ..heap import give_back_free_memory
 from ..identity import Identity
 from ..proto import fedkit_pb2 as pb
@@ -42,6 +42,7 @@ class FederationService:
         self._download_slots = TransferSlots(max_concurrent_downloads)
         self._free_buffers: list[bytearray] = []
         self._moving = 0  # model transfers in flight, either way: the heap's free pages go back once none is
+        self._refused_copies: set[str] = set()  # instance ids of second copies of a site, refused (logged once)
 
     async def _append_audit(self, event: str, **fields) -> None:
         """An audit record, written (and fsynced) in a worker thread: an fsync on the event loop would stall
@@ -58,7 +59,19 @@ class FederationService:
             host_info = json.loads(request.host_info_json or "{}")
         except json.JSONDecodeError:
             host_info = {}
-        session, rejoin = self._registry.register(peer, {str(k): str(v) for k, v in dict(host_info).items()})
+        holder = self._registry.held_by_another(peer.name, request.instance_id)
+        if holder is not None:
+            where = holder.host_info.get("hostname", "?")
+            if request.instance_id not in self._refused_copies:  # once per process, not at each of its retries
+                self._refused_copies.add(request.instance_id)
+                log.warning("site %s: a second copy of its kit tried to register (from %s) while the one on %s is "
+                            "connected; refused", peer.name, host_info.get("hostname", "?"), where)
+                await self._append_audit("site_copy_refused", site=peer.name, connected_on=where,
+                                         refused_on=str(host_info.get("hostname", "?")))
+            raise PermissionDenied(f"denied: {peer.name} is already connected to this server (from host {where}): "
+                                   "another copy of this site's kit is running; stop one of them (startup/stop.sh)")
+        session, rejoin = self._registry.register(peer, {str(k): str(v) for k, v in dict(host_info).items()},
+                                                  request.instance_id)
         self._controls.forget(peer.name)  # a new session: words queued for the one before are not for it
         resent = self._board.resend_all(peer.name) if rejoin else 0
         log.info("site %s (%s) %s%s", peer.name, peer.org, "rejoined" if rejoin else "registered",

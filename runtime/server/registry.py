@@ -30,6 +30,7 @@ class SiteSession:
     disconnected_at: float | None = None  # when the newest presence stream ended; None while it is open
     is_revoked: bool = False              # its certificate was refused as revoked since it registered
     is_stopped: bool = False              # it said it stops on purpose (stop.sh, shutdown): gone, not dead
+    instance_id: str = ""                 # the site process's own random id (RegisterRequest.instance_id)
 
 
 class Registry:
@@ -41,12 +42,14 @@ class Registry:
         self._sites: dict[str, SiteSession] = {}
         self._connections = 0  # numbers presence streams across sessions: an old stream never counts
 
-    def register(self, peer: Identity, host_info: dict[str, str] | None = None) -> tuple[SiteSession, bool]:
+    def register(self, peer: Identity, host_info: dict[str, str] | None = None,
+                 instance_id: str = "") -> tuple[SiteSession, bool]:
         """A new session for `peer`; returns it and whether the site had a session already (a rejoin)."""
         now = self._clock()
         had_session = peer.name in self._sites
         session = SiteSession(name=peer.name, org=peer.org, session_id=secrets.token_hex(16),
-                              registered_at=now, last_seen=now, host_info=host_info or {})
+                              registered_at=now, last_seen=now, host_info=host_info or {},
+                              instance_id=instance_id)
         self._sites[peer.name] = session
         return session, had_session
 
@@ -82,6 +85,18 @@ class Registry:
         """Seconds since the site's last sign of life, on the registry's own clock; None if unknown."""
         session = self._sites.get(site)
         return None if session is None else self._clock() - session.last_seen
+
+    def held_by_another(self, site: str, instance_id: str) -> SiteSession | None:
+        """The live session of another process of this site, if one holds it: alive, its presence stream
+        open, and another instance id. Then a second copy of the site's kit is running (its certificate is
+        the same), and registering it would throw the first off. A restarted site is not held back: a process
+        that ended closed its stream (and one on a machine that died stops counting at its heartbeat timeout),
+        and the same process registering again (after a network cut) has the same id."""
+        session = self._sites.get(site)
+        if (session is None or not instance_id or not session.instance_id or session.instance_id == instance_id
+                or not self.is_alive(site) or session.connection == 0 or session.disconnected_at is not None):
+            return None
+        return session
 
     def mark_stopped(self, site: str) -> None:
         """The site said, with its last heartbeat, that it stops on purpose: gone now, and shown as stopped."""

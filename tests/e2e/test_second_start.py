@@ -5,10 +5,12 @@ stop.sh needs. Real kits, started by their own start.sh."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 from pathlib import Path
 
-from provision.local_study import LocalStudy
+from provision.local_study import LocalStudy, wait_until
 from runtime.audit import verify
 
 
@@ -39,3 +41,32 @@ def test_a_running_kit_started_again_is_refused_and_the_first_keeps_running(make
     assert study.online_sites() == ["site-1"]  # the first server still answers, and the site is still its
     for name in (study.server, "site-1"):
         verify(study.kits[name] / "workspace" / "audit.jsonl")  # raises where a second writer tore the chain
+
+
+def test_a_copy_of_a_sites_kit_run_elsewhere_is_refused_while_the_first_is_connected(make_study, tmp_path) -> None:
+    # the workspace lock holds one folder; a copy of the kit in another folder (or on another machine) has the
+    # same certificate and registered beside the first, each throwing the other off the server
+    study = make_study(sites=["site-1"]).study
+    study.start_server()
+    study.start_sites()
+    copy = tmp_path / "elsewhere" / "site-1"
+    shutil.copytree(study.kits["site-1"], copy, ignore=shutil.ignore_patterns("workspace"))
+    study.kits["site-1 copy"] = copy
+    second = study.start("site-1 copy")
+    try:
+        log = copy / "workspace" / "log.txt"
+        wait_until(lambda: log.exists() and "another copy of this site's kit is running" in log.read_text(), 60,
+                   "the copy to be refused")
+        assert second.poll() is None  # it keeps trying, and takes over once the first stops
+        status = study.admin_json("check_status client")["sites"]
+        assert [(s["site"], s["online"]) for s in status] == [("site-1", True)]
+        audit = [json.loads(line) for line in
+                 (study.kits[study.server] / "workspace" / "audit.jsonl").read_text().splitlines()]
+        assert [r["event"] for r in audit].count("site_copy_refused") == 1  # once, not at each of its retries
+        registered = [r for r in audit if r["event"] == "site_registered"]
+        assert len(registered) == 1
+
+        study.stop("site-1")
+        wait_until(lambda: "registered with" in log.read_text(), 60, "the copy to register once the first stopped")
+    finally:
+        study.stop("site-1 copy")
