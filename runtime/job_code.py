@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field
 
+from .bounded_zip import is_plain_path
 from .errors import CertificateError, JobRejected
 from .identity import Identity, Kind, identity_from_cert
 from .job_spec import MAX_JOB_FILES, MAX_JOB_ZIP_BYTES
@@ -55,6 +56,8 @@ def code_hash(files: Iterable[tuple[str, bytes]]) -> str:
 def _combine(file_hashes: Iterable[tuple[str, str]]) -> str:
     entries = sorted(file_hashes)
     paths = [p for p, _ in entries]
+    if odd := next((p for p in paths if not is_plain_path(p)), None):
+        raise JobRejected(f"job archive entry '{odd[:200]}' is not a plain relative path")
     if len(set(paths)) != len(paths):
         dup = next(p for p in paths if paths.count(p) > 1)
         raise JobRejected(f"job archive holds '{dup}' more than once")

@@ -100,3 +100,18 @@ def test_safe_extract_caps_every_member_and_the_total(tmp_path: Path) -> None:
 def test_reading_configs_from_something_that_is_not_a_zip_says_so(data: bytes) -> None:
     with pytest.raises(JobRejected, match="not a valid zip"):
         read_zip_configs(data)
+
+
+@pytest.mark.parametrize("odd", ["custom/./learner.py", "custom//learner.py", "./custom/learner.py"])
+def test_a_path_in_two_spellings_is_refused_by_the_hash_and_the_extraction(tmp_path: Path, odd: str) -> None:
+    # both names were hashed (the code hash a site approves) and both extracted to one file, the last written
+    # winning: a reviewer reading `custom/learner.py` approved what `custom/./learner.py` put there
+    from runtime.job_code import code_hash_of_zip
+
+    archive = _zip({**{k: v.encode() for k, v in GOOD.items()}, "custom/learner.py": b"reviewed",
+                    odd: b"what runs"})
+    with pytest.raises(JobRejected, match=f"'{odd}' is not a plain relative path"):
+        code_hash_of_zip(archive)
+    with pytest.raises(JobRejected, match=f"'{odd}' is unsafe"):
+        safe_extract(archive, tmp_path / "job")
+    assert not (tmp_path / "job" / "custom" / "learner.py").exists()
