@@ -186,7 +186,8 @@ class ClientJobConfig(_Strict):
     keep_updates: bool = Field(False, description="keep each received global and each sent update on the "
                                                 "site, within its local/site.yml keep_updates_max_mb")
     task_timeout_s: float = Field(3600.0, gt=0, description="a site gives up on one task (init, train, "
-                                                            "validate) after this many seconds")
+                                                            "validate) after this many seconds, and on building "
+                                                            "the learner after this many (at most 300)")
 
 
 class JobSpec(BaseModel):

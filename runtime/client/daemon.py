@@ -550,9 +550,9 @@ class ClientDaemon:
         nproc = self._settings.nproc or max(1, len(self._settings.gpus))
         worker_threads = threads_per_rank(self._settings, nproc)
         # the job's code runs from the worker's start (its imports, its learner's constructor): the site's
-        # cap on how long job code may run at once holds there too
+        # cap on how long job code may run at once holds there too, and so does the job's own task timeout
         cap = self._settings.sandbox.max_task_s
-        ready_timeout_s = WORKER_START_TIMEOUT_S if cap is None else min(WORKER_START_TIMEOUT_S, cap)
+        ready_timeout_s = min(WORKER_START_TIMEOUT_S, client_cfg.task_timeout_s, cap or WORKER_START_TIMEOUT_S)
         try:
             worker = await WorkerHandle.start(
                 sandbox=sandbox, python=self._settings.python or "", kit=self._kit, folders=folders,
@@ -563,7 +563,8 @@ class ClientDaemon:
                 room=self._disk.room_bytes)
         except WorkerTimedOut as e:
             capped = (": this site's cap (local/site.yml sandbox.max_task_s)"
-                      if ready_timeout_s < WORKER_START_TIMEOUT_S else "")
+                      if cap is not None and ready_timeout_s == cap
+                      else ": the job's task_timeout_s" if ready_timeout_s == client_cfg.task_timeout_s else "")
             raise WorkerTimedOut(f"{e} while starting (importing the job's code, building its learner){capped}") \
                 from None
         self._audit.append("worker_started", job_id=job_id, backend=sandbox.name, threads=worker_threads,

@@ -112,3 +112,24 @@ def test_the_site_caps_what_jobs_keep_on_it(make_study, tmp_path):
     log = study.log_tail("site-2", 1 << 20)
     assert log.count(f"job {job_id} asks to keep its models on this site; local/site.yml keep_updates_max_mb "
                      "is 0: none are kept") == 1
+
+
+def test_a_learner_hanging_while_it_is_built_is_stopped_at_the_jobs_task_timeout(make_study, tmp_path):
+    # it waited the worker start's 300 s whatever the job asked
+    handle = make_study(sites=["site-1"])
+    study = handle.study
+    study.start_server()
+    study.start_sites()
+
+    job = Path(shutil.copytree(SLEEPY_JOB, tmp_path / "sleepy"))
+    job_id = study.admin_json(f"submit_job {job} --set server.rounds=1 --set client.learner.args.init_s=600 "
+                              "--set client.task_timeout_s=3 --set server.round_timeout_s=120")["job_id"]
+    audit_path = study.kits["site-1"] / "workspace" / "audit.jsonl"
+
+    def failed() -> list[str]:
+        return [r["reason"] for r in map(json.loads, audit_path.read_text().splitlines())
+                if r["event"] == "task_failed" and r["job_id"] == job_id]
+
+    wait_until(failed, 60, "the site to stop the worker's start at the job's timeout")
+    assert failed()[0].endswith("while starting (importing the job's code, building its learner): the job's "
+                                "task_timeout_s"), failed()

@@ -14,8 +14,10 @@ DELTA = 0.001
 
 
 class SleepyLearner(Learner):
-    def __init__(self, context: SiteContext, n_params: int = 1000, n_tensors: int = 4, train_s: float = 1.0):
+    def __init__(self, context: SiteContext, n_params: int = 1000, n_tensors: int = 4, train_s: float = 1.0,
+                 init_s: float = 0.0):
         super().__init__(context)
+        time.sleep(init_s)  # a learner slow (or hung) while it is built: loading a model, a stuck mount
         self.sizes = [n_params // n_tensors] * n_tensors
         self.sizes[-1] += n_params - sum(self.sizes)
         self.train_s = train_s
