@@ -44,12 +44,15 @@ class ScalarLog:
     the last one it logged (0 first), so a per-batch loss logged without a step still forms one curve
     across rounds."""
 
-    def __init__(self, max_points: int = MAX_SCALARS_PER_TASK, max_names: int = MAX_SCALAR_NAMES_PER_TASK):
+    def __init__(self, max_points: int = MAX_SCALARS_PER_TASK, max_names: int = MAX_SCALAR_NAMES_PER_TASK,
+                 last_steps: dict[str, int] | None = None):
+        """`last_steps`: each name's last step in this job so far (a restarted worker's curves go on from
+        there instead of starting again at 0 over the old ones)."""
         self._max_points, self._max_names = max_points, max_names
         self._lock = threading.Lock()
         self._points: list[Point] = []
         self._names: set[str] = set()
-        self._last_step: dict[str, int] = {}
+        self._last_step: dict[str, int] = dict(last_steps or {})
         self._dropped: dict[str, int] = {}  # why -> how many, reported once per task
 
     def log(self, name: str, value: Any, step: int | None = None) -> None:
@@ -148,3 +151,11 @@ def check_scalars(value: Any) -> list[Point]:
 
 __all__ = ["MAX_SCALARS_PER_TASK", "MAX_SCALAR_NAMES_PER_TASK", "SCALAR_NAME", "Point", "ScalarLog",
            "ScalarLogError", "check_scalars"]
+
+
+def last_steps(known: dict[str, int], points: list[Point] | list[list[Any]]) -> dict[str, int]:
+    """`known` (name -> last step) advanced by a reply's checked points."""
+    out = dict(known)
+    for name, step, _ in points:
+        out[name] = max(out.get(name, -1), int(step))
+    return out

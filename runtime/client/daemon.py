@@ -46,6 +46,7 @@ from ..heap import give_back_free_memory
 from ..job_spec import TRAINING_WORKFLOWS, ClientJobConfig, safe_extract, sha256_hex
 from ..procs import LOG_FILE
 from ..proto import fedkit_pb2 as pb
+from ..scalar_log import last_steps
 from ..server_trust import refuse_revoked_server
 from ..task_config import TaskConfig
 from ..tasks import LOCAL_FIGURES, TaskKind, train_fields
@@ -86,6 +87,7 @@ POLL_WAIT_S = 20.0
 UPLOAD_WAIT_LOG_S = 60.0  # how often a site still waiting for an upload slot says so in its log
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 15.0
+SCALAR_STEPS_FILE = "scalar_steps.json"  # in a job's folder: each logged scalar's last step
 STOPPING_NOTICE_S = 2.0  # how long a stopping site waits for the server to take its last heartbeat
 ONCE_DEADLINE_S = 60.0  # --once: how long a site keeps trying to reach the server before it gives up
 MAX_TASK_BYTES = 64 << 30
@@ -450,6 +452,16 @@ class ClientDaemon:
             else:
                 await asyncio.to_thread(self._trim_kept_updates)
 
+    def _scalars(self, job_id: str, reply: dict[str, Any]) -> dict[str, Any]:
+        """The learner's logged scalars (checked by worker_replies), sent with the result's metrics; their last
+        steps are kept in the job's folder, so a restarted worker's curves go on from there."""
+        if not reply.get("scalars"):
+            return {}
+        path = self._ws / "jobs" / _safe_name(job_id) / SCALAR_STEPS_FILE
+        with contextlib.suppress(OSError):
+            path.write_text(json.dumps(last_steps(_read_steps(path), reply["scalars"])))
+        return {"scalars": [list(p) for p in reply["scalars"]]}
+
     def _keeps_updates(self, job_id: str, client_cfg: ClientJobConfig) -> bool:
         """Whether this task's models stay on the site: the job asks (keep_updates), the site allows
         (local/site.yml keep_updates_max_mb above 0)."""
@@ -560,7 +572,7 @@ class ClientDaemon:
                 gpus=self._settings.gpus, learner=client_cfg.learner.path, learner_args=client_cfg.learner.args,
                 log_path=self._ws / f"worker_{job_id}.log", nproc=nproc, limits=limits,
                 max_result_bytes=MAX_TASK_BYTES, threads=worker_threads, ready_timeout_s=ready_timeout_s,
-                room=self._disk.room_bytes)
+                room=self._disk.room_bytes, scalar_steps=_read_steps(folders.root / SCALAR_STEPS_FILE))
         except WorkerTimedOut as e:
             capped = (": this site's cap (local/site.yml sandbox.max_task_s)"
                       if cap is not None and ready_timeout_s == cap
@@ -617,7 +629,7 @@ class ClientDaemon:
         if kind is TaskKind.VALIDATE:
             with task.steps.timed("worker"):
                 reply = await self._worker.call({"op": kind.value, "weights": str(received)}, timeout_s)
-            return 0, {"validation": reply["metrics"], **_scalars(reply)}, None
+            return 0, {"validation": reply["metrics"], **self._scalars(h.job_id, reply)}, None
         out = round_dir / "delta_out.safetensors"
         config = task.config
         command = {"op": kind.value, "weights": str(received), "round": h.round,
@@ -637,7 +649,7 @@ class ClientDaemon:
                                                                    "round": h.round, "task_id": h.task_id}))
         metrics = {"train": reply["metrics"], "validation": reply["validation"], "local": _local_figures(reply, config),
                    **({"local_validation": reply["local_validation"]} if reply.get("local_validation") else {}),
-                   **_scalars(reply)}
+                   **self._scalars(h.job_id, reply)}
         if config.wire_dtype != "float32":  # after the privacy chain: what leaves is its output, encoded
             with task.steps.timed("encode"):
                 sent, digest, error = await asyncio.to_thread(_encode_wire, sent, config.wire_dtype)
@@ -935,6 +947,15 @@ def _reported(metrics: dict[str, Any], metrics_json: str) -> dict[str, Any]:
     return {"reported": reported, "metrics_sha256": sha256_hex(metrics_json.encode())}
 
 
+def _read_steps(path: Path) -> dict[str, int]:
+    """A job's scalar_steps.json (the daemon's own file, beside the job's folders): name -> last step."""
+    try:
+        data = json.loads(path.read_text())
+        return {str(k): int(v) for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 class Outage:
     """The server unreachable, in the site's log: the first failed try in full, then one line a minute (a
     weekend's outage logged every retry was 25,000 lines), and one when it is back."""
@@ -976,6 +997,3 @@ def _log_tail(path: Path, max_bytes: int = 64 << 10) -> str:
     return text or "(empty log)"
 
 
-def _scalars(reply: dict[str, Any]) -> dict[str, Any]:
-    """The learner's logged scalars (checked by worker_replies), sent with the result's metrics."""
-    return {"scalars": [list(p) for p in reply["scalars"]]} if reply.get("scalars") else {}

@@ -45,6 +45,7 @@ from ..file_reuse import held_here
 from ..heap import tune_malloc
 from ..learner import Learner, LearnerError, SiteContext
 from ..procs import die_with_parent
+from ..scalar_log import ScalarLog
 from ..tasks import KeyMetricRef, TaskKind, read_train_fields, split_control
 from ..weights import Weights, is_float_dtype, map_file, save_file
 
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", default="")
     p.add_argument("--learner", required=True, help="module:Class")
     p.add_argument("--learner-args", default="{}", help="JSON object")
+    p.add_argument("--scalar-steps", default="{}", help="JSON object: each scalar's last step in this job so far")
     a = p.parse_args(argv)
 
     die_with_parent()
@@ -242,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ranks = Ranks.from_env()  # one process, or one rank of several started by torchrun
     context = SiteContext(site=a.site, job_id=a.job_id, data_root=Path(a.data_root) if a.data_root else None,
                           work_dir=a.work_dir, gpus=tuple(int(g) for g in a.gpus.split(",") if g),
-                          rank=ranks.rank, world_size=ranks.world_size)
+                          rank=ranks.rank, world_size=ranks.world_size,
+                          scalars=ScalarLog(last_steps=json.loads(a.scalar_steps)))
     error = ""
     try:
         learner = _load_learner(a.job_dir, a.learner, json.loads(a.learner_args), context)

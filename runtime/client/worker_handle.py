@@ -83,7 +83,8 @@ class WorkerHandle:
                     data_root: str, gpus: list[int], learner: str, learner_args: dict[str, Any],
                     log_path: Path, nproc: int = 1, limits: SandboxLimits | None = None,
                     max_result_bytes: int = MAX_RESULT_BYTES, ready_timeout_s: float = WORKER_START_TIMEOUT_S,
-                    threads: int | None = None, room: Callable[[], int | None] = lambda: None) -> WorkerHandle:
+                    threads: int | None = None, room: Callable[[], int | None] = lambda: None,
+                    scalar_steps: dict[str, int] | None = None) -> WorkerHandle:
         """Start the job's worker through `sandbox`; raises SandboxUnavailable or WorkerFailed."""
         python = shutil.which(python or sys.executable) or python or sys.executable
         # several ranks: torchrun starts them; rank 0 speaks to us over the inherited stdin/stdout
@@ -92,7 +93,7 @@ class WorkerHandle:
         cmd = [python, *launcher, "-m", "runtime.client.worker", "--job-dir", str(folders.code),
                "--work-dir", str(folders.scratch), "--site", site, "--job-id", job_id, "--data-root", data_root,
                "--gpus", ",".join(map(str, gpus)), "--learner", learner,
-               "--learner-args", json.dumps(learner_args)]
+               "--learner-args", json.dumps(learner_args), "--scalar-steps", json.dumps(scalar_steps or {})]
         env = {**short_blas_spin(worker_env(os.environ)), "PYTHONPATH": str(kit), "PYTHONUNBUFFERED": "1",
                "HOME": str(folders.scratch)}
         if gpus:

@@ -133,3 +133,55 @@ def test_the_server_takes_well_formed_scalars_as_triples() -> None:
     data = decode_metrics(json.dumps({"train": {"loss": 0.5}, "scalars": [["loss", 3, 0.5], ["lr", 0, 1]]}))
     assert scalars(data.get("scalars")) == (("loss", 3, 0.5), ("lr", 0, 1.0))
     assert scalars(None) == ()
+
+
+_STEPPING_LEARNER = '''
+from runtime.learner import Learner
+
+class Stepping(Learner):
+    def train(self, weights, round):
+        raise NotImplementedError
+
+    def validate(self, weights):
+        self.context.log_scalar("val_loss", 0.5)  # no step: the worker counts on per name
+        return {"score": 1.0}
+'''
+
+
+async def _two_workers(tmp_path: Path) -> list[list]:
+    """One job's worker, stopped and started again (a site restarted mid-job), with the steps the daemon
+    kept in between (runtime/client/daemon.py keeps them in the job's scalar_steps.json)."""
+    from runtime.client.job_folders import JobFolders
+    from runtime.client.sandbox import OffSandbox
+    from runtime.client.worker_handle import WorkerHandle
+    from runtime.scalar_log import last_steps
+
+    folders = JobFolders(tmp_path / "job")
+    folders.create()
+    (folders.code / "custom").mkdir(parents=True)
+    (folders.code / "custom" / "stepping.py").write_text(_STEPPING_LEARNER)
+    weights = folders.inbox / "global.safetensors"
+    save_file({}, weights)
+    steps: dict[str, int] = {}
+    sent = []
+    for _ in range(2):
+        worker = await WorkerHandle.start(sandbox=OffSandbox(), python="", kit=Path(__file__).parents[2],
+                                          folders=folders, site="s", job_id="j", data_root="", gpus=[],
+                                          learner="stepping:Stepping", learner_args={},
+                                          log_path=tmp_path / "worker.log", scalar_steps=steps)
+        try:
+            for _ in range(2):
+                reply = await worker.call({"op": "validate", "weights": str(weights)}, 120.0)
+                sent += reply["scalars"]
+                steps = last_steps(steps, reply["scalars"])
+        finally:
+            await worker.stop()
+    return sent
+
+
+def test_a_restarted_workers_curves_go_on_from_the_last_step(tmp_path: Path) -> None:
+    # they started again at 0, drawn over the first worker's points in TensorBoard
+    import asyncio
+
+    assert [(name, step) for name, step, _ in asyncio.run(_two_workers(tmp_path))] == [
+        ("val_loss", 0), ("val_loss", 1), ("val_loss", 2), ("val_loss", 3)]
