@@ -160,6 +160,7 @@ class ClientDaemon:
         self._disk_watch: asyncio.Task | None = None
         self._disk_stopped: dict[str, str] = {}  # job -> why the disk guard stopped it: no more of its tasks
         self._keep_refused: set[str] = set()  # jobs told once that this site keeps none of their models
+        self._declined_jobs: set[str] = set()  # jobs this site's policy refuses whole (the server is told)
         self._key_withheld: set[str] = set()  # jobs whose key metric this site's reports policy withholds (warned)
         self._outage = Outage(time.monotonic)
         self._instance_id = secrets.token_hex(8)  # this process: a copy of the kit elsewhere has another
@@ -415,12 +416,16 @@ class ClientDaemon:
             # a refusal comes before any job code; in a thread: the first chain with filters imports NumPy
             try:
                 chain = await asyncio.to_thread(self._privacy.chain_for, h.job_id, client_cfg.filters)
+            except JobRejected as e:  # local/privacy.yml: a floor under `on_weaker_job: refuse`, for every task
+                self._job_refused(h, config, "privacy", e, declines=True)
+                raise
+            try:
                 if kind is TaskKind.INIT:
                     self._privacy.check_builds_initial_model()
                 if kind in _RELEASING:  # a spent budget stops the job's code too, not only its upload
                     await self._dp_counted(h.job_id, h.task_name, h.round, self._check_dp_room, chain)
-            except JobRejected as e:  # local/privacy.yml: a floor under `on_weaker_job: refuse`, or a DP budget
-                self._job_refused(h, config, "privacy", e)
+            except JobRejected as e:  # this task only: building round 0 here, a spent DP budget (a validation may
+                self._job_refused(h, config, "privacy", e)  # still run), an unreadable ledger site IT may restore
                 raise
             await self._ensure_job(h, config, job_dir, client_cfg)
             if kind is TaskKind.PREPARE:  # the job's worker is running for its first real task: no answer
@@ -445,7 +450,7 @@ class ClientDaemon:
                 # what the job's code could shape: its worker's errors and exit, the weights it wrote
                 await self._report_failure(h, self._privacy.reports.error_text(
                     _site_paths_hidden(str(e), _site_places(self._kit, self._settings.data_root)),
-                    _shaped_by_job(e)), declines=self._declines(h.job_id, e))
+                    _shaped_by_job(e)), declines=self._declines(h.job_id))
         finally:
             if not keep_updates:
                 await asyncio.to_thread(self._remove_task_folder, round_dir)
@@ -512,7 +517,7 @@ class ClientDaemon:
         try:
             self._policy.check(h.job_id, submitter)  # raises JobRejected with the site's reason
         except JobRejected as e:  # local/job_policy.yml allowed_orgs / allowed_roles
-            self._job_refused(h, config, "org_role", e)
+            self._job_refused(h, config, "org_role", e, declines=True)
             raise
         code_dir = JobFolders(job_dir).code
         if self._policy.requires_code_check:  # extract afresh: what runs must be exactly what was approved
@@ -531,7 +536,8 @@ class ClientDaemon:
             try:
                 approval = await asyncio.to_thread(self._approve_code, code)
             except JobRejected as e:  # local/job_policy.yml code:
-                self._job_refused(h, config, "code", e, job_sha256=digest, code_sha256=code.code_sha256)
+                self._job_refused(h, config, "code", e, job_sha256=digest, code_sha256=code.code_sha256,
+                                  declines=True)
                 raise
             await asyncio.to_thread(safe_extract, archive, code_dir)
             self._audit.append("job_received", job_id=h.job_id, job_name=config.get("job_name", ""),
@@ -540,12 +546,14 @@ class ClientDaemon:
         self._worker = await self._start_worker(h.job_id, JobFolders(job_dir), client_cfg)
 
     def _job_refused(self, h: pb.TaskHeader, config: dict[str, Any], rule: str, error: JobRejected,
-                     job_sha256: str = "", code_sha256: str = "") -> None:
+                     job_sha256: str = "", code_sha256: str = "", declines: bool = False) -> None:
         """Audit that this site's own policy refused a job (`rule`: org_role, code or privacy): who submitted
         it, its hashes, and the reason; once per job and reason, though the server tasks a refusing site again
         each round. The archive's hash is the one the server announced unless the site fetched the archive;
         its code hash is known ("" otherwise) only once the archive was fetched, which only the code rule does."""
         reason = str(error)
+        if declines:  # a refusal of every task of the job, until the site restarts with other settings
+            self._declined_jobs.add(h.job_id)
         if (h.job_id, reason) in self._refused:
             return
         self._refused.add((h.job_id, reason))
@@ -770,12 +778,12 @@ class ClientDaemon:
             log.warning("job %s %s round %d: server refused our result: %s", h.job_id, h.task_name, h.round,
                         reply.reason)
 
-    def _declines(self, job_id: str, error: Exception) -> bool:
-        """Whether this failure means the site runs none of the job while this daemon runs: its own policy
-        refused the job (org/role, code, privacy floor), a privacy budget is spent, or the job filled its
-        disk. Each holds until the site restarts (policies are read at start); the server then asks again."""
-        return isinstance(error, DpBudgetExhausted) or job_id in self._disk_stopped \
-            or any(job == job_id for job, _ in self._refused)
+    def _declines(self, job_id: str) -> bool:
+        """Whether the site runs none of the job's tasks while this daemon runs: its own policy refused the
+        whole job (org/role, code, the privacy floor under `refuse`), or the job filled its disk. Each holds
+        until the site restarts (policies are read at start); the server then asks again. Refusals of one
+        kind of task (building round 0, a spent DP budget, which still lets validations run) are not."""
+        return job_id in self._declined_jobs or job_id in self._disk_stopped
 
     async def _report_failure(self, h: pb.TaskHeader, reason: str, declines: bool = False) -> None:
         """Tell the server this site's task failed, and why: a result header with the error, no weights and

@@ -221,3 +221,6 @@ def test_a_site_under_a_filter_floor_builds_no_round_0_model_from_job_code(tmp_p
     assert server.job_fetches == 0, "refused before the job's archive is fetched"
     (messages,) = server.results
     assert b"ship initial_model" in messages[0]  # the site's own reason leaves
+    # refusing to build round 0 is not refusing the job: the server must not leave the site out of its rounds
+    header = pb.ResultChunk.FromString(messages[0]).header
+    assert not header.declines_job
