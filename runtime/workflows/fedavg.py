@@ -22,6 +22,7 @@ from typing import Any
 from ..aggregators import Update, build_aggregator, update_weight
 from ..errors import FedkitError, UpdateRejected
 from ..model_bytes import SerializedModel
+from ..scalar_log import valid_count
 from ..tasks import FedProx, TaskKind
 from ..weights import Weights, check_update, drop_model_pages
 from .base import JobResults, RoundOutcome, RoundPlan, SiteResult, WorkflowContext, weighted_metrics
@@ -165,24 +166,37 @@ class FedAvgWorkflow:
 
 def _improves(by_site: dict[str, dict[str, float]], results: JobResults, key: str,
               higher_is_better: bool) -> tuple[bool, list[str] | None]:
-    """Whether a model scored `by_site` beats the best so far, and the sites compared on when not all of
-    either round's. Scores are compared on the sites that scored both models: a round that a weak site
-    failed to validate would otherwise look better for that site's absence alone (and one a strong site
-    missed, worse). With no site in common (or no per-site figures of the best, from an older checkpoint),
-    the whole scores are compared."""
+    """Whether a model scored `by_site` beats the best so far, and the sites compared on when they are not
+    all the sites that scored either. Scores are compared on the sites that scored both models with the key
+    metric: a round a weak site failed to validate would otherwise look better for its absence alone (and
+    one a strong site missed, worse). Those sites must carry more than half of the best's validation weight
+    (n_samples); else the round is not judged better (one site of several must not pick the best, which
+    all later rounds are then compared on). With no per-site figures of the best (an older checkpoint), the
+    whole scores are compared."""
     if results.best_metric is None:
         return True, None
-    common = sorted(s for s in set(by_site) & set(results.best_by_site)
-                    if key in by_site[s] and key in results.best_by_site[s])
-    both = set(by_site) | set(results.best_by_site)
-    new, old = weighted_metrics(by_site).get(key), results.best_metric
-    if common and set(common) != both:
-        new = weighted_metrics({s: by_site[s] for s in common}).get(key)
-        old = weighted_metrics({s: results.best_by_site[s] for s in common}).get(key)
-    if new is None or old is None:
-        return False, None
-    better = new > old if higher_is_better else new < old
-    return better, common if common and set(common) != both else None
+    best = {s: m for s, m in results.best_by_site.items() if key in m}
+    new = {s: m for s, m in by_site.items() if key in m}
+    if not best or set(new) == set(best):
+        score = weighted_metrics(by_site).get(key)
+        return score is not None and _better(score, results.best_metric, higher_is_better), None
+    common = sorted(set(new) & set(best))
+    if 2 * _weight({s: best[s] for s in common}) <= _weight(best):
+        return False, common
+    new_score = weighted_metrics({s: new[s] for s in common}).get(key)
+    best_score = weighted_metrics({s: best[s] for s in common}).get(key)
+    if new_score is None or best_score is None:
+        return False, common
+    return _better(new_score, best_score, higher_is_better), common
+
+
+def _better(score: float, than: float, higher_is_better: bool) -> bool:
+    return score > than if higher_is_better else score < than
+
+
+def _weight(by_site: dict[str, dict[str, float]]) -> float:
+    """The sites' validation weight together: their n_samples (1 when absent), as weighted_metrics counts."""
+    return sum(float(w) for m in by_site.values() if valid_count(w := m.get("n_samples", 1.0)))
 
 
 def _check_key_metric_reported(name: str, by_site: dict[str, dict[str, float]], outcome: RoundOutcome) -> None:

@@ -193,3 +193,31 @@ def test_the_best_model_is_chosen_on_the_sites_that_scored_both_rounds(tmp_path:
         1: (3.0, True), 2: (1.2, False), 3: (2.45, True)}
     assert validations[2]["compared_on"] == ["a"] and "compared_on" not in validations[3]
     assert (workflow._ctx.results.best_round, workflow._ctx.results.best_metric) == (3, 2.45)
+
+
+def _results(best: dict[str, dict[str, float]]) -> JobResults:
+    from runtime.workflows.base import weighted_metrics
+
+    return JobResults(best_round=1, best_metric=weighted_metrics(best)["acc"], best_by_site=best)
+
+
+@pytest.mark.parametrize(("best", "new", "expected"), [
+    # one site of two (half the weight) cannot make a model the best, to be the yardstick of every later round
+    ({"a": {"acc": 0.9}, "w": {"acc": 0.5}}, {"w": {"acc": 0.51}}, (False, ["w"])),
+    # the sites that carry most of the best's weight can
+    ({"a": {"acc": 0.9, "n_samples": 300}, "w": {"acc": 0.5, "n_samples": 100}}, {"a": {"acc": 0.91}},
+     (True, ["a"])),
+    ({"a": {"acc": 0.9, "n_samples": 300}, "w": {"acc": 0.5, "n_samples": 100}}, {"a": {"acc": 0.89}},
+     (False, ["a"])),
+    # a site whose reports withhold the key metric (every round) is no difference between the rounds
+    ({"a": {"acc": 0.8}, "w": {"loss": 1.0}}, {"a": {"acc": 0.85}, "w": {"loss": 0.9}}, (True, None)),
+    # more sites than the best had: compared on the best's
+    ({"a": {"acc": 0.8}}, {"a": {"acc": 0.7}, "z": {"acc": 1.0}}, (False, ["a"])),
+    # no per-site figures of the best (a checkpoint from before they were kept): the whole scores
+    ({}, {"a": {"acc": 0.7}}, (True, None)),
+], ids=["one-of-two", "most-weight-better", "most-weight-worse", "key-withheld", "superset", "old-checkpoint"])
+def test_rounds_scored_by_other_sites_are_compared_fairly(best, new, expected) -> None:
+    from runtime.workflows.fedavg import _improves
+
+    results = _results(best) if best else JobResults(best_round=1, best_metric=0.5)
+    assert _improves(new, results, "acc", higher_is_better=True) == expected
