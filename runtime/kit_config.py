@@ -196,7 +196,10 @@ class SiteLocalSettings(SettingsModel):
         `~/data` as written and found nothing); a relative path would depend on where start.sh ran."""
         if not value:
             return value
-        path = Path(value).expanduser()
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError as e:  # ~user unknown, or no home for this user
+            raise ValueError(f"'{value}': {e}; give the data folder's full path") from None
         if not path.is_absolute():
             raise ValueError(f"'{value}' is a relative path; give the data folder's full path, e.g. /data/study")
         return str(path)
@@ -217,10 +220,11 @@ def _did_you_mean(error: Any, model: type[BaseModel] | None) -> str:
         return ""
     for part in error["loc"][:-1]:  # down to the section that holds the unknown key
         field = model.model_fields.get(str(part))
-        annotation = field.annotation if field is not None else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        candidates = (field.annotation, *get_args(field.annotation)) if field is not None else ()
+        section = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if section is None:  # a section that is optional (`dp_budget: DpBudget | None`) too
             return ""
-        model = annotation
+        model = section
     close = difflib.get_close_matches(str(error["loc"][-1]), list(model.model_fields), n=1, cutoff=0.75)
     return f" (did you mean '{close[0]}'?)" if close else ""
 

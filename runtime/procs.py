@@ -53,6 +53,12 @@ def workspace(kit: Path) -> Path:
 FILE_ONLY = {"file_only": True}
 
 
+def log_files(log_path: Path) -> list[Path]:
+    """The log and its rotated predecessors that exist, oldest first (log.txt.4 .. log.txt.1, log.txt)."""
+    rotated = [log_path.with_name(f"{log_path.name}.{i}") for i in range(LOG_BACKUPS, 0, -1)]
+    return [p for p in (*rotated, log_path) if p.exists()]
+
+
 def setup_logging(log_path: Path, debug: bool = False) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()

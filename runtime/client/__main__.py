@@ -114,7 +114,8 @@ def machine_mismatches(settings: kc.SiteLocalSettings, cores: int | None = None,
     if nvidia_devices is None:
         nvidia_devices = [p.name for p in Path("/dev").glob("nvidia[0-9]*")]
     lines = []
-    missing = [g for g in settings.gpus if f"nvidia{g}" not in nvidia_devices]
+    # counted, not matched by number: a container given some of a host's GPUs shows /dev/nvidia3 as CUDA's 0
+    missing = [g for g in settings.gpus if g >= len(nvidia_devices)]
     if missing:
         lines.append(f"local/site.yml gpus lists {', '.join(map(str, missing))}, which this machine does not show "
                      f"(/dev/nvidiaN; it shows {len(nvidia_devices)}): jobs asking for them fail or train on CPU")

@@ -44,7 +44,7 @@ from ..errors import (
 )
 from ..heap import give_back_free_memory
 from ..job_spec import TRAINING_WORKFLOWS, ClientJobConfig, safe_extract, sha256_hex
-from ..procs import LOG_FILE
+from ..procs import LOG_FILE, log_files
 from ..proto import fedkit_pb2 as pb
 from ..scalar_log import last_steps
 from ..server_trust import refuse_revoked_server
@@ -168,6 +168,7 @@ class ClientDaemon:
     # ---- lifecycle -------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        await asyncio.to_thread(self._trim_kept_updates)  # keep_updates_max_mb may have been lowered since
         channel = open_channel(self._tls, self._cfg.server_host, self._cfg.fed_learn_port)
         self._stub = federation_stub(channel)
         self._bulk = bulk_stub(channel)  # tasks and results: the model bytes as raw messages
@@ -196,7 +197,7 @@ class ClientDaemon:
                     else:
                         self._outage.failed(f"{e}; retrying in up to {backoff:.1f} s")
                         self._give_up_if_once(e, started)
-                except PermissionDenied as e:  # another copy of this kit holds the site: it may stop any time
+                except HeldElsewhere as e:  # another copy of this kit holds the site: it may stop any time
                     self._outage.failed(f"{e}; retrying in up to {backoff:.1f} s")
                 except FedkitError as e:  # worth a line, and a slower retry
                     log.error("%s", e)
@@ -222,7 +223,7 @@ class ClientDaemon:
         info = {"hostname": platform.node(), "python": platform.python_version(), "platform": platform.platform(),
                 "gpus": ",".join(map(str, self._settings.gpus))}
         await refuse_revoked_server(self._stub, self._tls, self._cfg.server_host, self._cfg.fed_learn_port, self._ws)
-        with call_errors("register", self._target):
+        with _held_elsewhere(), call_errors("register", self._target):
             reply = await self._stub.Register(
                 pb.RegisterRequest(runtime_version=VERSION, host_info_json=json.dumps(info),
                                    instance_id=self._instance_id), timeout=RPC_TIMEOUT_S)
@@ -251,8 +252,8 @@ class ClientDaemon:
         """The last heartbeat: this site stops on purpose (stop.sh, a shutdown), so the server shows it stopped,
         not dead, and stops waiting for it at once. Best effort: a server that does not answer is not waited
         for."""
-        if not self._session_id or not self._registered_once:
-            return
+        if not self._session_id or not self._registered_once or not self._stop.is_set():
+            return  # not a stop asked for (a crash, a full disk): the server must count it dead, not stopped
         with contextlib.suppress(FedkitError, asyncio.TimeoutError), call_errors("heartbeat", self._target):
             await self._stub.Heartbeat(pb.HeartbeatRequest(session_id=self._session_id, stopping=True),
                                        timeout=STOPPING_NOTICE_S)
@@ -964,6 +965,18 @@ def _read_steps(path: Path) -> dict[str, int]:
         return {}
 
 
+class HeldElsewhere(FedkitError):
+    """The server refused to register this site: another process of its kit is connected."""
+
+
+@contextlib.contextmanager
+def _held_elsewhere() -> Iterator[None]:
+    try:
+        yield
+    except PermissionDenied as e:  # at registration, the one refusal a site's own certificate can get
+        raise HeldElsewhere(str(e)) from None
+
+
 class Outage:
     """The server unreachable, in the site's log: the first failed try in full, then one line a minute (a
     weekend's outage logged every retry was 25,000 lines), and one when it is back."""
@@ -993,14 +1006,18 @@ class Outage:
 
 
 def _log_tail(path: Path, max_bytes: int = 64 << 10) -> str:
-    """The end of this site's log, for an admin's tail_log (never more than `max_bytes`)."""
-    if not path.exists():
-        return ""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        f.seek(max(0, size - max_bytes))
-        text = f.read().decode(errors="replace")
-    if size > max_bytes:
+    """The end of this site's log, for an admin's tail_log (never more than `max_bytes`), reaching into the
+    newest rotated file when the log has just turned."""
+    data = b""
+    for part in reversed(log_files(path)):
+        room = max_bytes - len(data)
+        with part.open("rb") as f:
+            f.seek(max(0, part.stat().st_size - room))
+            data = f.read(room) + data
+        if len(data) >= max_bytes:
+            break
+    text = data.decode(errors="replace")
+    if len(data) >= max_bytes:
         text = text.partition("\n")[2]  # drop the line the cut went through
     return text or "(empty log)"
 

@@ -35,7 +35,7 @@ import math
 import re
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..kit_config import SettingsModel
 from ..privacy_report import SiteReports
@@ -75,6 +75,13 @@ class ReportPolicy(SettingsModel):
                                              "this, signed (not the sample count)")
     scalars: bool = Field(True, description="the learner's logged scalars may leave")
     error_details: bool = Field(True, description="a failed task's message may leave")
+
+    @model_validator(mode="after")
+    def _magnitudes_in_order(self) -> ReportPolicy:
+        if self.min_magnitude >= self.max_magnitude:
+            raise ValueError(f"min_magnitude ({self.min_magnitude:g}) must be below max_magnitude "
+                             f"({self.max_magnitude:g})")
+        return self
 
     @field_validator("metric_names")
     @classmethod

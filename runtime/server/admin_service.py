@@ -33,6 +33,7 @@ from typing import Any
 from ..audit import AuditLog
 from ..errors import FedkitError, PermissionDenied
 from ..identity import Identity
+from ..procs import log_files
 from ..proto import fedkit_pb2 as pb
 from ..transport import CHUNK_BYTES
 from .audit_args import bounded_args, bounded_text
@@ -523,18 +524,24 @@ def _job_target(record: JobRecord) -> dict[str, str]:
 
 
 def _lines_naming(path: Path, text: str) -> list[str]:
-    if not path.exists():
-        return []
-    with path.open(errors="replace") as f:
-        return [line for line in f if text in line]
+    """The lines naming `text` in the log and its rotated files (a long job's first lines rotate out)."""
+    lines = []
+    for part in log_files(path):
+        with part.open(errors="replace") as f:
+            lines += [line for line in f if text in line]
+    return lines
 
 
 def _tail(path: Path, n: int) -> list[str]:
-    if not path.exists():
-        return []
-    with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - 256 * 1024))
-        return [ln.decode(errors="replace") for ln in f.read().splitlines()[-n:]]
+    """The last `n` lines of the log, reaching into the newest rotated file when the log has just turned."""
+    lines: list[str] = []
+    for part in reversed(log_files(path)):
+        with part.open("rb") as f:
+            f.seek(max(0, part.stat().st_size - 256 * 1024))
+            lines = [ln.decode(errors="replace") for ln in f.read().splitlines()] + lines
+        if len(lines) >= n:
+            break
+    return lines[-n:]
 
 
 def _printable(text: str) -> str:

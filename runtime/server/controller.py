@@ -395,9 +395,9 @@ class JobController:
         rejoin_until = started + min(rejoin_wait_s, timeout_s)
         while True:
             self._check_aborted()
-            alive = [s for s in self._registry.alive() if not self._declines(s)]
-            sites = eligible_sites(self.spec.meta, alive, plan.exclude)
-            away = eligible_sites(self.spec.meta, self._rejoining(alive), plan.exclude)
+            online = self._registry.alive()
+            sites = eligible_sites(self.spec.meta, [s for s in online if not self._declines(s)], plan.exclude)
+            away = eligible_sites(self.spec.meta, self._rejoining(online), plan.exclude)  # a decliner is not away
             if len(sites) >= need and (not away or loop.time() >= rejoin_until):
                 self._not_awaited.update(away)
                 self._resume_wait_s = 0.0

@@ -68,8 +68,11 @@ class FederationService:
                             "connected; refused", peer.name, host_info.get("hostname", "?"), where)
                 await self._append_audit("site_copy_refused", site=peer.name, connected_on=where,
                                          refused_on=str(host_info.get("hostname", "?")))
+            wait_s = max(0.0, self._registry.heartbeat_timeout_s - (self._registry.seconds_since_seen(peer.name) or 0))
             raise PermissionDenied(f"denied: {peer.name} is already connected to this server (from host {where}): "
-                                   "another copy of this site's kit is running; stop one of them (startup/stop.sh)")
+                                   "another copy of this site's kit is running (stop one of them with "
+                                   "startup/stop.sh), or its previous process died without closing its connection "
+                                   f"(then this one is let in within {wait_s:.0f} s)")
         session, rejoin = self._registry.register(peer, {str(k): str(v) for k, v in dict(host_info).items()},
                                                   request.instance_id)
         self._controls.forget(peer.name)  # a new session: words queued for the one before are not for it

@@ -79,6 +79,12 @@ def test_true_or_false_where_a_number_belongs_is_refused(tmp_path: Path, file: s
     ("privacy.yml", "reports: {metric_name: [loss]}\n", "field 'reports.metric_name': Extra inputs are not "
                                                         "permitted (did you mean 'metric_names'?)"),
     ("site.yml", "bogus: 1\n", "field 'bogus': Extra inputs are not permitted"),
+    ("privacy.yml", "dp_budget: {epsilon: 1, delta: 1.0e-5, deltta: 1}\n", "field 'dp_budget.deltta': Extra "
+                                                                         "inputs are not permitted (did you mean "
+                                                                         "'delta'?)"),  # an optional section
+    ("privacy.yml", "reports: {significant_digits: 1, min_magnitude: 10, max_magnitude: 1}\n",
+     "field 'reports': Value error, min_magnitude (10) must be below max_magnitude (1)"),
+    ("site.yml", "data_root: ~no-such-user-here/data\n", "field 'data_root': Value error, '~no-such-user-here/data':"),
     # YAML reads an unquoted all-digit hash as a number
     ("job_policy.yml", "code: {approved_hashes: [1234567890]}\n", "field 'code': Value error, approved_hashes.0: "
                                                                   "should be text, not the number 1234567890: put "

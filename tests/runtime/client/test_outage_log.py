@@ -48,3 +48,17 @@ def test_the_workspace_log_rotates(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert kept == ["log.txt", "log.txt.1", "log.txt.2", "log.txt.3", "log.txt.4"]
     assert all(p.stat().st_size <= 2000 for p in tmp_path.iterdir())
     assert "line 199 " in (tmp_path / "log.txt").read_text()
+
+
+def test_a_log_tail_reaches_into_the_rotated_file_after_a_turn(tmp_path: Path) -> None:
+    from runtime.client.daemon import _log_tail
+    from runtime.server.admin_service import _lines_naming, _tail
+
+    log = tmp_path / "log.txt"
+    (tmp_path / "log.txt.2").write_text("".join(f"old {i} job-7\n" for i in range(3)))
+    (tmp_path / "log.txt.1").write_text("".join(f"line {i}\n" for i in range(100)))
+    log.write_text("just turned\n")
+    assert _tail(log, 3) == ["line 98", "line 99", "just turned"]  # tail_log server
+    assert _log_tail(log).endswith("line 99\njust turned\n")  # tail_log SITE: it said "(empty log)"
+    assert _log_tail(log, max_bytes=30).splitlines() == ["line 98", "line 99", "just turned"]
+    assert len(_lines_naming(log, "job-7")) == 3  # download_job's server_log.txt: a long job's first lines too

@@ -224,3 +224,24 @@ def test_a_site_under_a_filter_floor_builds_no_round_0_model_from_job_code(tmp_p
     # refusing to build round 0 is not refusing the job: the server must not leave the site out of its rounds
     header = pb.ResultChunk.FromString(messages[0]).header
     assert not header.declines_job
+
+
+class _HeartbeatRecorder:
+    def __init__(self) -> None:
+        self.requests: list[pb.HeartbeatRequest] = []
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, timeout: float) -> pb.HeartbeatReply:  # noqa: N802
+        self.requests.append(request)
+        return pb.HeartbeatReply()
+
+
+def test_only_a_stop_asked_for_is_told_to_the_server_as_one(tmp_path: Path) -> None:
+    # a daemon ending on a crash or a full disk must count as dead on the server, not as stopped by its site IT
+    daemon = _daemon(tmp_path, FakeServer())
+    daemon._registered_once = True
+    daemon._stub = recorder = _HeartbeatRecorder()
+    asyncio.run(daemon._say_stopping())
+    assert recorder.requests == []
+    daemon._stop.set()  # stop.sh's SIGTERM, a shutdown or restart asked by an admin
+    asyncio.run(daemon._say_stopping())
+    assert [(r.session_id, r.stopping) for r in recorder.requests] == [("session-1", True)]

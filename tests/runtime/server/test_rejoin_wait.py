@@ -40,6 +40,27 @@ HEARTBEAT_TIMEOUT_S = 0.3
 Pauses = dict[tuple[str, int], Callable[[], Awaitable[None]]]
 
 
+async def _declining_site(service: FederationService, name: str, done: asyncio.Event) -> None:
+    """A site that takes part in round 1 and then refuses the whole job (restarted with a stricter policy):
+    it answers later tasks with a declining failure."""
+    peer = Identity(name, f"org-{name}", Kind.CLIENT)
+    session = (await service.register(peer, pb.RegisterRequest(host_info_json="{}"))).session_id
+    while not done.is_set():
+        messages = [m async for m in service.get_task(peer, pb.GetTaskRequest(session_id=session, wait_s=0.05))]
+        if messages[0].WhichOneof("kind") != "header":
+            continue
+        if messages[0].header.round <= 1:
+            await _answer(service, peer, session, messages)
+            continue
+        reply = pb.ResultHeader(session_id=session, task_id=messages[0].header.task_id, metrics_json="{}",
+                                error="site policy refuses job: its code hash is not in approved_hashes",
+                                declines_job=True)
+
+        async def one(r: pb.ResultHeader = reply):
+            yield pb.ResultChunk(header=r)
+        await service.submit_result(peer, one())
+
+
 async def _site(service: FederationService, name: str, done: asyncio.Event, pauses: Pauses, silent: set[str]) -> None:
     """A site that answers every task, and goes silent where `pauses` says: before answering a train task
     (its task is then re-sent when it registers again) or after."""
@@ -68,7 +89,7 @@ async def _site(service: FederationService, name: str, done: asyncio.Event, paus
 
 
 def _run_job(tmp_path: Path, rejoin_wait_s: float, make_pauses: Callable[[Registry, AuditLog], Pauses],
-             rounds: int = 2) -> AuditLog:
+             rounds: int = 2, declining: str = "") -> AuditLog:
     initial = to_bytes({"w": np.zeros(8, dtype=np.float32)})
     spec = load_job_spec({"meta.yml": "name: rejoin\nmin_clients: 2",
                           "config_fed_client.yml": "learner: {path: a:B}",
@@ -94,7 +115,8 @@ def _run_job(tmp_path: Path, rejoin_wait_s: float, make_pauses: Callable[[Regist
             await asyncio.sleep(0.05)
 
     asyncio.run(_run_with_sites(controller, registry, SITES, lambda done: [
-        *(_site(service, n, done, pauses if n == "site-3" else {}, silent) for n in SITES),
+        *(_declining_site(service, n, done) if n == declining else
+          _site(service, n, done, pauses if n == "site-3" else {}, silent) for n in SITES),
         *(keep_alive(n, done) for n in SITES)], 120))
     return audit
 
@@ -163,3 +185,15 @@ def test_a_site_gone_for_good_is_waited_for_once_not_every_round(tmp_path: Path,
     # one round's start waited for it (round 2, or round 3 when it was still counted alive at round 2's
     # start and went silent in it); rounds 4 (and 3) started without waiting
     assert len(went_on) == 1 and "site-3" in went_on[0], went_on
+
+
+def test_a_site_that_declined_the_job_is_not_waited_for_as_offline(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # it took part, then refused the job while online: later rounds leave it out at once, neither waiting
+    # rejoin_wait_s for it as if it were away nor saying it is offline
+    caplog.set_level(logging.INFO, logger="runtime.server.controller")
+    audit = _run_job(tmp_path, rejoin_wait_s=60, rounds=3, make_pauses=lambda registry, audit: {},
+                     declining="site-3")
+    assert _rounds(audit) == {1: SITES, 2: SITES[:2], 3: SITES[:2]}
+    assert [(r["site"]) for r in audit.tail(500) if r["event"] == "site_declined"] == ["site-3"]
+    assert not [r.getMessage() for r in caplog.records if "goes on without" in r.getMessage()]
