@@ -92,14 +92,17 @@ def take_result(outbox: Path, name: str, dest: Path, max_bytes: int,
             copied = 0
             tmp = dest.with_name(dest.name + ".part")
             with os.fdopen(os.dup(fd), "rb") as src, (open_dest or _new_file)(tmp) as out:
-                while chunk := src.read(COPY_CHUNK_BYTES):
+                # the size checked above, and not a byte more: the job's code may still hold the file and
+                # extend it (a sparse gigabytes costs it nothing, the site's disk all its room) while we copy
+                while copied < info.st_size and (chunk := src.read(min(COPY_CHUNK_BYTES, info.st_size - copied))):
                     copied += len(chunk)
-                    if copied > max_bytes:  # it grew while we read
-                        tmp.unlink(missing_ok=True)
-                        raise WorkerReplyRefused(f"worker reply refused: result {name} grew past "
-                                                 f"{max_bytes} bytes while being read")
                     out.write(chunk)
+                grew = src.read(1)
                 out.truncate()  # a file written over may have been longer
+            if copied != info.st_size or grew:
+                tmp.unlink(missing_ok=True)
+                raise WorkerReplyRefused(f"worker reply refused: result {name} changed size while being read "
+                                         "(the job's code still wrote it after its reply)")
             tmp.replace(dest)
         finally:
             os.close(fd)

@@ -67,3 +67,36 @@ def test_the_disk_guard_gives_the_room_above_its_floor(tmp_path):
     assert DiskGuard(tmp_path, 1024, free=lambda _: 1536.0).room_bytes() == 512 * MIB
     assert DiskGuard(tmp_path, 1024, free=lambda _: 900.0).room_bytes() == 0
     assert DiskGuard(tmp_path, None).room_bytes() is None
+
+
+def test_a_result_the_job_extends_while_it_is_copied_is_refused_after_its_checked_size(folders):
+    # the job's code still holds its result and makes it sparse gigabytes once the copy starts: it cost the job
+    # nothing and the site's disk all its room (the size checks ran once, at open)
+    result = folders.outbox / "train-1.safetensors"
+    result.write_bytes(b"w" * (3 << 20))
+    written: list[int] = []
+
+    class Growing:
+        def __init__(self, path):
+            self._f = open(path, "wb")  # noqa: SIM115 - closed by __exit__
+
+        def write(self, data):
+            if not written:
+                os.truncate(result, 60 << 30)  # 60 GiB, sparse
+            written.append(len(data))
+            return self._f.write(data)
+
+        def truncate(self):
+            return self._f.truncate()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    dest = folders.inbox / "delta.safetensors"
+    with pytest.raises(WorkerReplyRefused, match="changed size while being read"):
+        take_result(folders.outbox, "train-1.safetensors", dest, max_bytes=64 << 30, open_dest=Growing)
+    assert sum(written) == 3 << 20  # what was checked, not a byte more
+    assert not dest.exists() and not dest.with_name(dest.name + ".part").exists()
