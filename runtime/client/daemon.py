@@ -306,10 +306,11 @@ class ClientDaemon:
             log.info("job %s ended on the server; stopping its worker", job_id)
             if self._current is not None:
                 self._current.cancel()
-            if self._worker is not None:
+            if self._worker is not None and self._worker.job_id == job_id:
                 self._worker.kill()
-            await self._stop_worker()
-            self._job_id, self._round = "", 0
+            await self._stop_worker(job_id)
+            if self._job_id == job_id:  # the next job's task may have begun while the worker stopped
+                self._job_id, self._round = "", 0
         with contextlib.suppress(JobRejected, OSError):  # the job is over: its privacy reference goes, and
             folders = JobFolders(self._ws / "jobs" / _safe_name(job_id))  # what its code left in scratch/outbox
             (folders.inbox / LAST_GLOBAL_FILE).unlink(missing_ok=True)
@@ -424,7 +425,7 @@ class ClientDaemon:
                 if kind is TaskKind.INIT:
                     self._privacy.check_builds_initial_model()
                 if kind in _RELEASING:  # a spent budget stops the job's code too, not only its upload
-                    await self._dp_counted(h.job_id, h.task_name, h.round, self._check_dp_room, chain)
+                    await self._dp_counted(h.job_id, h.task_name, h.round, self._check_dp_room, h.job_id, chain)
             except JobRejected as e:  # this task only: building round 0 here, a spent DP budget (a validation may
                 self._job_refused(h, config, "privacy", e)  # still run), an unreadable ledger site IT may restore
                 raise
@@ -619,13 +620,13 @@ class ClientDaemon:
             with task.steps.timed("worker"):
                 await self._worker.call_writing({"op": kind.value}, out, timeout_s)
             with task.steps.timed("privacy"):
-                return 0, await self._outgoing(kind, out, chain), out.with_suffix(SENT_SUFFIX)
+                return 0, await self._outgoing(h, kind, out, chain), out.with_suffix(SENT_SUFFIX)
         if kind is TaskKind.SUBMIT_MODEL:
             out = round_dir / "local_model.safetensors"
             with task.steps.timed("worker"):
                 await self._worker.call_writing({"op": kind.value}, out, timeout_s)
             with task.steps.timed("privacy"):
-                metrics = await self._outgoing(kind, out, chain, reference)
+                metrics = await self._outgoing(h, kind, out, chain, reference)
             self._audit.append("local_model_shared", job_id=h.job_id, round=h.round)
             return 0, metrics, out.with_suffix(SENT_SUFFIX)
         received = task.payload_path
@@ -650,7 +651,7 @@ class ClientDaemon:
         with task.steps.timed("privacy"):
             await asyncio.to_thread(self._worker.received.retire, reference, reply.get("held", True))
             await asyncio.to_thread(_keep_reference, received, reference)
-            report = await self._outgoing(kind, out, chain, reference)  # the delta must fit the model received
+            report = await self._outgoing(h, kind, out, chain, reference)  # the delta must fit the model received
         sent = out.with_suffix(SENT_SUFFIX)
         if self._keeps_updates(h.job_id, client_cfg):
             await asyncio.to_thread(shutil.copyfile, sent, round_dir / "update_sent.safetensors")
@@ -666,15 +667,16 @@ class ClientDaemon:
             metrics["wire"] = error.as_metrics()
         return int(reply["n_samples"]), {**metrics, **report}, sent
 
-    async def _outgoing(self, task: TaskKind, raw: Path, chain: EffectiveChain,
+    async def _outgoing(self, h: pb.TaskHeader, task: TaskKind, raw: Path, chain: EffectiveChain,
                         reference: Path | None = None) -> dict[str, Any]:
         """Apply the privacy chain to `raw`, writing what may leave next to it; the result's "privacy".
         A gaussian_dp upload is counted in the job's DP ledger and the site's; past a budget it is not written,
-        and the refusal is audited (dp_budget_exhausted) before the task fails."""
+        and the refusal is audited (dp_budget_exhausted) before the task fails. The job is the task's, never
+        the daemon's current one: an abort may move that on while this runs."""
         try:
-            report = await self._dp_counted(self._job_id, task, self._round, outgoing.prepare, task, raw,
+            report = await self._dp_counted(h.job_id, task, h.round, outgoing.prepare, task, raw,
                                             raw.with_suffix(SENT_SUFFIX), chain, self._generator, reference,
-                                            ledger=self._ledger(self._job_id))
+                                            ledger=self._ledger(h.job_id))
         except ValidationError as e:  # what the job wrote broke a limit of the report: this task fails, not the site
             raise UpdateRejected(f"the site could not describe what would leave ({e.error_count()} limit(s) of its "
                                  "privacy report broken); nothing was sent") from None
@@ -689,11 +691,11 @@ class ClientDaemon:
             self._audit.append("dp_budget_exhausted", job_id=job_id, task=task, round=round, **e.details)
             raise
 
-    def _check_dp_room(self, chain: EffectiveChain) -> None:
+    def _check_dp_room(self, job_id: str, chain: EffectiveChain) -> None:
         """Raise DpBudgetExhausted when the job's next release through `chain` would pass a budget."""
         release = chain.dp_release()
         if release is not None and (chain.dp_budget is not None or chain.dp_site_budget is not None):
-            self._ledger(self._job_id).check_room(release[0], chain.dp_budget, chain.dp_site_budget)
+            self._ledger(job_id).check_room(release[0], chain.dp_budget, chain.dp_site_budget)
 
     def _ledger(self, job_id: str) -> DpLedger:
         """The job's DP ledger on this site, with the site's ledger of all jobs."""
@@ -819,15 +821,18 @@ class ClientDaemon:
         self._disk_watch = asyncio.create_task(self._disk.watch(job_id, (folders.scratch, folders.outbox), stop),
                                                name="disk guard")
 
-    async def _stop_worker(self) -> None:
+    async def _stop_worker(self, job_id: str | None = None) -> None:
+        """Stop the training worker (only job `job_id`'s, when given). It is let go before the await: a task
+        of another job starting meanwhile starts its own worker, which this stop then never touches."""
+        worker = self._worker
+        if worker is None or (job_id is not None and worker.job_id != job_id):
+            return
+        self._worker = None
         if self._disk_watch is not None:
             self._disk_watch.cancel()
             self._disk_watch = None
-        if self._worker is not None:
-            job_id = self._worker.job_id
-            await self._worker.stop()
-            self._worker = None
-            log.info("stopped the training worker of job %s", job_id)
+        await worker.stop()
+        log.info("stopped the training worker of job %s", worker.job_id)
 
 
 def _shaped_by_job(error: Exception) -> bool:

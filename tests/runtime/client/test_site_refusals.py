@@ -245,3 +245,42 @@ def test_only_a_stop_asked_for_is_told_to_the_server_as_one(tmp_path: Path) -> N
     daemon._stop.set()  # stop.sh's SIGTERM, a shutdown or restart asked by an admin
     asyncio.run(daemon._say_stopping())
     assert [(r.session_id, r.stopping) for r in recorder.requests] == [("session-1", True)]
+
+
+class _SlowWorker:
+    """A worker whose stop takes a while (SIGTERM, grace, SIGKILL): the daemon's other tasks run meanwhile."""
+
+    def __init__(self, job_id: str, release: asyncio.Event | None = None) -> None:
+        self.job_id, self._release = job_id, release
+        self.killed = self.stopped = False
+
+    def kill(self) -> None:
+        self.killed = True
+
+    async def stop(self) -> None:
+        if self._release is not None:
+            await self._release.wait()
+        self.stopped = True
+
+
+def test_an_abort_while_the_next_job_starts_leaves_that_job_alone(tmp_path: Path) -> None:
+    # found by a hostile researcher aborting their own job while another's was queued: the next job's task
+    # ran with the daemon's job reset to "" ("invalid id '' from the server", and its DP release charged to
+    # no ledger), and the abort's stop could stop the next job's worker
+    daemon = _daemon(tmp_path, FakeServer())
+
+    async def scenario() -> tuple[str, _SlowWorker, _SlowWorker]:
+        release = asyncio.Event()
+        first = _SlowWorker("job-1", release)
+        daemon._worker, daemon._job_id, daemon._round = first, "job-1", 3
+        abort = asyncio.create_task(daemon._abandon_job("job-1"))
+        await asyncio.sleep(0.01)  # the abort waits for job-1's worker to stop...
+        second = _SlowWorker("job-2")
+        daemon._worker, daemon._job_id, daemon._round = second, "job-2", 0  # ...while job-2's task begins
+        release.set()
+        await abort
+        return daemon._job_id, first, second
+
+    job_id, first, second = asyncio.run(scenario())
+    assert first.killed and first.stopped
+    assert job_id == "job-2" and daemon._worker is second and not (second.killed or second.stopped)
