@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, UpdateRejected
-from .name_patterns import tensor_name_pattern
+from .name_patterns import check_names_matchable, tensor_name_pattern
 from .weights import Weights, is_float_dtype, wide_dtype
 
 Filter = Callable[[Weights, np.random.Generator], Weights]
@@ -34,6 +34,7 @@ def exclude_vars(pattern: str) -> Filter:
     regex = tensor_name_pattern(pattern)  # RE2: it runs in the site's daemon over names the job chose
 
     def apply(delta: Weights, rng: np.random.Generator) -> Weights:
+        check_names_matchable(list(delta))
         return {k: v for k, v in delta.items() if not regex.search(k)}
 
     return apply

@@ -181,8 +181,9 @@ class FilterConfig(_Strict):
 
 class ClientJobConfig(_Strict):
     learner: LearnerConfig = Field(description="the class each site runs on its own data")
-    filters: list[FilterConfig] = Field(default_factory=list, description="privacy filters run in order on the "
-                                                                          "update before it leaves the site")
+    filters: list[FilterConfig] = Field(default_factory=list, max_length=16,
+                                        description="privacy filters run in order on the update before it leaves "
+                                                    "the site")
     keep_updates: bool = Field(False, description="keep each received global and each sent update on the "
                                                 "site, within its local/site.yml keep_updates_max_mb")
     task_timeout_s: float = Field(3600.0, gt=0, description="a site gives up on one task (init, train, "

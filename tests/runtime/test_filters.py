@@ -168,3 +168,31 @@ def test_a_pattern_re2_cannot_run_is_refused_saying_why() -> None:
     assert str(refused.value) == ("config_fed_client.yml: filter 'exclude_vars': '^(?!bias).*' is not a regular "
                                   "expression RE2 accepts (invalid perl operator: (?!; it has no look-arounds or "
                                   "back-references)")
+
+
+def test_a_pattern_too_costly_to_run_is_refused() -> None:
+    # linear, but at 14 s a MiB of names: 900 of them over a 50 MB name were days of the daemon's CPU
+    with pytest.raises(ConfigError, match="is too complex .* RE2 instructions, at most 200"):
+        build_filters([FilterConfig(name="exclude_vars", args={"pattern": "(?:[ab]{0,999}a){1}[ab]{999}c"})])
+    build_filters([FilterConfig(name="exclude_vars", args={
+        "pattern": r"^(model\.)?(encoder|decoder)\.layers\.[0-9]+\.(self_attn|mlp)\.(q|k|v|o)_proj\.(weight|bias)$"})])
+
+
+def test_names_too_long_to_match_fail_the_update_not_the_site() -> None:
+    from runtime.errors import UpdateRejected
+    from runtime.name_patterns import MAX_MATCHED_CHARS
+
+    chain = build_filters([FilterConfig(name="exclude_vars", args={"pattern": "bias$"})])
+    long_name = "a" * (MAX_MATCHED_CHARS + 1)
+    with pytest.raises(UpdateRejected, match=f"more than the {MAX_MATCHED_CHARS} this site matches"):
+        apply_filters({long_name: np.ones(1, np.float32)}, chain, np.random.default_rng(0))
+
+
+def test_a_job_asks_for_at_most_16_filters() -> None:
+    from runtime.errors import JobRejected
+    from runtime.job_spec import load_job_spec
+
+    many = "filters: [" + ", ".join(["{name: exclude_vars, args: {pattern: x}}"] * 17) + "]"
+    with pytest.raises(JobRejected, match="filters"):
+        load_job_spec({"meta.yml": "name: j", "config_fed_server.yml": "rounds: 1",
+                       "config_fed_client.yml": "learner: {path: 'a:B'}\n" + many})
