@@ -57,7 +57,7 @@ class ScalarLog:
 
     def log(self, name: str, value: Any, step: int | None = None) -> None:
         """Record one point; raises ScalarLogError for a name or value no hop would accept."""
-        if not isinstance(name, str) or not SCALAR_NAME.match(name):
+        if not isinstance(name, str) or not SCALAR_NAME.fullmatch(name):
             shown = f"({len(name)} characters)" if isinstance(name, str) else f"of type {type(name).__name__}"
             raise ScalarLogError(f"log_scalar: name {shown} is not allowed; names must match {SCALAR_NAME.pattern}")
         number = _as_float(name, value)
@@ -136,7 +136,7 @@ def check_scalars(value: Any) -> list[Point]:
         if not isinstance(item, list | tuple) or len(item) != 3:
             raise ValueError(f"scalar #{i} is not a [name, step, value] triple")
         name, step, number = item
-        if not isinstance(name, str) or not SCALAR_NAME.match(name):
+        if not isinstance(name, str) or not SCALAR_NAME.fullmatch(name):
             raise ValueError(f"scalar #{i}: its name is not allowed; names must match {SCALAR_NAME.pattern}")
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
             raise ValueError(f"scalar #{i}: step must be an integer from 0 to {MAX_STEP}")

@@ -919,7 +919,10 @@ def _local_figures(reply: dict[str, Any], config: TaskConfig) -> dict[str, float
     when the task ran one. The job's code shares the worker's process, so it could fill the map at will."""
     if config.algorithm is None:
         return {}
-    return {k: v for k, v in (reply.get("local") or {}).items() if k in LOCAL_FIGURES}
+    local = {k: v for k, v in (reply.get("local") or {}).items() if k in LOCAL_FIGURES}
+    if "steps" in local and not (isinstance(local["steps"], int) or float(local["steps"]).is_integer()):
+        del local["steps"]  # a count or nothing: 1234567.891011 carried the job's digits, not a count
+    return local
 
 
 def _keep_reference(received: Path, reference: Path) -> None:

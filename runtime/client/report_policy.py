@@ -16,8 +16,10 @@ chain, so a hostile learner can put data in it. This policy, owned by site IT, d
   value's magnitude is held to [`min_magnitude`, `max_magnitude`] (default 1e-4..1e6; smaller leaves as
   0, larger as the bound; sample counts and steps are rounded, not bounded): at d digits a value then
   takes at most about 2 * 9 * 10^(d-1) * 10 + 1 forms (d=1: 181, under 8 bits). The site-side
-  algorithm's figures (`local`) are never rounded: the server's SCAFFOLD computes with `lr_sum`, which
-  must then be allowed by `metric_names`.
+  algorithm's figures (`local`: FedProx's and SCAFFOLD's step count, SCAFFOLD's `lr_sum`) are rounded
+  too, never bounded: the job's code shares the worker's process and can set them, and the server's
+  SCAFFOLD computes with `lr_sum` (to d digits its control variates move by about 10^-d relatively),
+  which must then be allowed by `metric_names`.
 - `scalars`: false keeps the learner's logged curves on the site.
 - `error_details`: false keeps every failure the job's code could have shaped (its worker's errors and
   exit, the weights it wrote) on the site: the server is told only that the job's code failed, and the
@@ -112,8 +114,9 @@ class ReportPolicy(SettingsModel):
             if WEIGHT in values and self.allows(WEIGHT):  # what weighs the others across sites: never cut
                 kept.append(WEIGHT)
             withheld |= len(kept) < len(values)
-            # the site-side algorithm's figures are inputs to the server's (SCAFFOLD's lr_sum): never rounded
-            out[key] = {name: values[name] if key == "local" else self._rounded(values[name], bounded=name != WEIGHT)
+            # the site-side algorithm's figures are inputs to the server's (SCAFFOLD's lr_sum): rounded, never
+            # bounded; the weight across sites likewise
+            out[key] = {name: self._rounded(values[name], bounded=key != "local" and name != WEIGHT)
                         for name in kept}
         points = metrics.get("scalars") or []
         kept_points = [[name, int(self._rounded(step, bounded=False)), self._rounded(value)]

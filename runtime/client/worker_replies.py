@@ -40,7 +40,7 @@ def _check_metrics(value: Any) -> dict[str, float]:
         raise ValueError(f"{len(value)} metrics, more than the {MAX_METRICS} allowed")
     checked: dict[str, float] = {}
     for i, (name, number) in enumerate(value.items(), start=1):
-        if not METRIC_NAME.match(name):
+        if not METRIC_NAME.fullmatch(name):
             raise ValueError(f"metric name #{i} ({len(name)} characters) is not allowed; names must match "
                              f"{METRIC_NAME.pattern}")
         if not finite_number(number):

@@ -185,3 +185,12 @@ def test_a_restarted_workers_curves_go_on_from_the_last_step(tmp_path: Path) -> 
 
     assert [(name, step) for name, step, _ in asyncio.run(_two_workers(tmp_path))] == [
         ("val_loss", 0), ("val_loss", 1), ("val_loss", 2), ("val_loss", 3)]
+
+
+def test_a_name_ending_in_a_line_break_is_refused_at_the_site_as_at_the_server() -> None:
+    # `^...$` matched "loss\n" at the site; the server's fullmatch refused the whole result, whose metrics
+    # the site then never recorded as sent
+    with pytest.raises(WorkerReplyRefused):
+        parse_reply(json.dumps({"ok": True, "n_samples": 1, "metrics": {"loss\n": 0.5}}).encode())
+    with pytest.raises(ScalarLogError):
+        ScalarLog().log("loss\n", 0.5)

@@ -70,11 +70,13 @@ def test_steps_and_the_sample_count_are_rounded_too() -> None:
     assert ReportPolicy().sample_count(123456) == 123456
 
 
-def test_the_site_side_algorithms_figures_are_filtered_but_never_rounded() -> None:
-    """SCAFFOLD's server computes with local['lr_sum']: rounding it would corrupt the control variates."""
-    out = ReportPolicy(metric_names=["lr_sum"], significant_digits=1).apply({"local": {"lr_sum": 0.123456,
-                                                                                       "other": 1.0}})
-    assert out["local"] == {"lr_sum": 0.123456}
+def test_the_site_side_algorithms_figures_are_filtered_and_rounded_but_never_bounded() -> None:
+    """The job's code shares the worker's process and can set local['lr_sum'] (16 digits of its choosing
+    left the site whole); SCAFFOLD's server computes with it, so it is rounded, never set to 0 or capped."""
+    policy = ReportPolicy(metric_names=["lr_sum", "steps"], significant_digits=2)
+    out = policy.apply({"local": {"lr_sum": 0.3141592653589793, "steps": 1_234_567, "other": 1.0}})
+    assert out["local"] == {"lr_sum": 0.31, "steps": 1_200_000}
+    assert policy.apply({"local": {"lr_sum": 0.00001234}})["local"] == {"lr_sum": 0.000012}  # below min_magnitude
 
 
 def test_rounding_never_makes_a_value_infinite() -> None:
@@ -233,8 +235,8 @@ def test_reports_null_is_the_default(tmp_path: Path) -> None:
 
 
 def test_the_local_map_leaves_only_a_site_side_algorithms_own_figures() -> None:
-    """`local` is never rounded (SCAFFOLD computes with lr_sum), and the job's code shares the worker's
-    process, so it could fill the map at will: only steps and lr_sum leave, and only when an algorithm ran."""
+    """The job's code shares the worker's process, so it could fill the map at will: only steps (a whole
+    count) and lr_sum leave, and only when an algorithm ran."""
     from runtime.client.daemon import _local_figures
     from runtime.task_config import TaskConfig
     from runtime.tasks import Scaffold
@@ -242,3 +244,5 @@ def test_the_local_map_leaves_only_a_site_side_algorithms_own_figures() -> None:
     reply = {"local": {"lr_sum": 0.5, "steps": 10.0, "patient_7_age": 14.40002699}}
     assert _local_figures(reply, TaskConfig()) == {}
     assert _local_figures(reply, TaskConfig(algorithm=Scaffold())) == {"lr_sum": 0.5, "steps": 10.0}
+    odd = {"local": {"lr_sum": 0.5, "steps": 1234567.891011}}  # the job's digits, not a count
+    assert _local_figures(odd, TaskConfig(algorithm=Scaffold())) == {"lr_sum": 0.5}
