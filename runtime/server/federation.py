@@ -22,6 +22,8 @@ from .taskboard import TaskBoard
 from .transfer_slots import TransferSlots
 from .update_spool import IncomingUpdate
 
+MAX_REFUSED_COPIES = 1024  # instance ids of refused copies remembered (to log each once)
+
 log = logging.getLogger(__name__)
 
 MAX_POLL_S = 30.0
@@ -59,11 +61,14 @@ class FederationService:
             host_info = json.loads(request.host_info_json or "{}")
         except json.JSONDecodeError:
             host_info = {}
-        holder = self._registry.held_by_another(peer.name, request.instance_id)
+        instance_id = request.instance_id[:64]  # a site's own random id; a peer's text, so bounded
+        holder = self._registry.held_by_another(peer.name, instance_id)
         if holder is not None:
             where = holder.host_info.get("hostname", "?")
-            if request.instance_id not in self._refused_copies:  # once per process, not at each of its retries
-                self._refused_copies.add(request.instance_id)
+            if instance_id not in self._refused_copies:  # once per process, not at each of its retries
+                if len(self._refused_copies) >= MAX_REFUSED_COPIES:  # a bound, whatever a peer sends
+                    self._refused_copies.clear()
+                self._refused_copies.add(instance_id)
                 log.warning("site %s: a second copy of its kit tried to register (from %s) while the one on %s is "
                             "connected; refused", peer.name, host_info.get("hostname", "?"), where)
                 await self._append_audit("site_copy_refused", site=peer.name, connected_on=where,
@@ -74,7 +79,7 @@ class FederationService:
                                    "startup/stop.sh), or its previous process died without closing its connection "
                                    f"(then this one is let in within {wait_s:.0f} s)")
         session, rejoin = self._registry.register(peer, {str(k): str(v) for k, v in dict(host_info).items()},
-                                                  request.instance_id)
+                                                  instance_id)
         self._controls.forget(peer.name)  # a new session: words queued for the one before are not for it
         resent = self._board.resend_all(peer.name) if rejoin else 0
         log.info("site %s (%s) %s%s", peer.name, peer.org, "rejoined" if rejoin else "registered",
