@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .client.worker_replies import WorkerReplyRefused, parse_reply
 from .client.worker_threads import granted_cores, short_blas_spin, thread_env
 from .errors import ConfigError
 from .simulate import SiteTaskFailed
@@ -135,6 +136,10 @@ class ProcessPool:
         reply = json.loads(line)
         if not reply.get("ok"):
             raise SiteTaskFailed(str(reply.get("error", "no error given")))
+        try:  # the checks a site's daemon makes of its worker's reply (names, values, counts)
+            parse_reply(line)
+        except WorkerReplyRefused as e:
+            raise SiteTaskFailed(f"site '{site}': {e}") from None
         return reply
 
     async def close(self) -> None:

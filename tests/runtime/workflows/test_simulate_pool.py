@@ -75,3 +75,46 @@ def test_pool_shape_shares_the_cores() -> None:
     assert pool_shape(1, cores=8) == (1, 8)       # one site: one process with every core
     assert pool_shape(3, cores=8) == (3, 2)
     assert pool_shape(100, processes=4, cores=2) == (4, 1)
+
+
+ODD_METRICS = '''
+import numpy as np
+from runtime.learner import Learner, TrainResult
+
+
+class Odd(Learner):
+    """site-2 reports a metric a site's daemon refuses (a name with a space: it carries data)."""
+
+    def initial_weights(self):
+        return {"w": np.zeros(2, dtype=np.float32)}
+
+    def train(self, weights, round):
+        name = "patient 7 age" if self.context.site == "site-2" else "loss"
+        return TrainResult({"w": weights["w"] + 1}, 10, {name: 0.5})
+
+    def validate(self, weights):
+        return {"score": 1.0}
+'''
+
+
+def test_a_reply_a_site_would_refuse_fails_that_site_in_a_simulation_too(tmp_path: Path) -> None:
+    # `fedkit simulate` passed what every real site refuses, so a job that simulated fine failed in the study
+    job = tmp_path / "job"
+    (job / "custom").mkdir(parents=True)
+    (job / "custom" / "odd.py").write_text(ODD_METRICS)
+    spec = load_job_spec({"meta.yml": "name: odd\nmin_clients: 1", "config_fed_client.yml": "learner: {path: odd:Odd}",
+                          "config_fed_server.yml": "rounds: 1\nkey_metric: {name: score}"})
+    data = {s: tmp_path / "data" / s for s in ("site-1", "site-2")}
+    for folder in data.values():
+        folder.mkdir(parents=True)
+
+    async def run():
+        pool = await ProcessPool.start(job, spec.client.learner.path, {}, data, tmp_path / "work", processes=1)
+        try:
+            return await simulate(spec, pool, tmp_path / "server")
+        finally:
+            await pool.close()
+
+    (round_1,) = [e for e in asyncio.run(run()).metrics if e["type"] == "round"]
+    assert round_1["sites"] == ["site-1"]
+    assert "worker reply refused" in round_1["failed"]["site-2"] and "metric" in round_1["failed"]["site-2"]
