@@ -35,10 +35,19 @@ from runtime.aggregators.config import FedAvgConfig
 from runtime.client.job_folders import JobFolders
 from runtime.client.sandbox import OffSandbox
 from runtime.client.worker_handle import WorkerFailed, WorkerHandle, worker_env
-from runtime.errors import FedkitError, UpdateRejected
+from runtime.errors import ConfigError, FedkitError, JobRejected, UpdateRejected
 from runtime.filters import apply_filters, build_filters
 from runtime.job_check import Problem, check_static
-from runtime.job_spec import CLIENT_CONFIG, SERVER_CONFIG, ClientJobConfig, JobSpec, ServerJobConfig
+from runtime.job_code import code_hash_of_zip
+from runtime.job_spec import (
+    CLIENT_CONFIG,
+    MAX_JOB_ZIP_BYTES,
+    SERVER_CONFIG,
+    ClientJobConfig,
+    JobSpec,
+    ServerJobConfig,
+    zip_folder,
+)
 from runtime.tasks import KeyMetricRef, TaskKind, train_fields, with_control
 from runtime.weights import Weights, check_update, from_bytes, load_file, save_file
 from runtime.workflows import WORKFLOWS, RoundPlan, WorkflowContext
@@ -70,7 +79,7 @@ def check_job(folder: Path, data: Path | None = None, overrides: list[str] | Non
               timeout_s: float | None = None) -> CheckReport:
     """Check `folder` (and, with `data`, run it once there). Never raises for a problem of the job."""
     static = check_static(folder, overrides)
-    report = CheckReport(list(static.problems))
+    report = CheckReport(list(static.problems) + _packaging_problems(folder))
     client: ClientJobConfig | None = static.configs.get("client")
     server: ServerJobConfig | None = static.configs.get("server")
     if data is not None and not data.is_dir():
@@ -93,6 +102,23 @@ def check_job(folder: Path, data: Path | None = None, overrides: list[str] | Non
     report.problems.extend(problems)
     report.ran = ran
     return report
+
+
+def _packaging_problems(folder: Path) -> list[Problem]:
+    """What submit_job would refuse in the folder itself: a link, a FIFO or device, an archive past the
+    server's cap (its default; a server may set a lower one) or holding more files than a site takes."""
+    if not folder.is_dir():
+        return []  # check_static says so
+    try:
+        archive = zip_folder(folder)
+        code_hash_of_zip(archive)
+    except (ConfigError, JobRejected) as e:
+        return [Problem(folder.name, "", str(e).replace(f"{folder}/", ""))]
+    if len(archive) > MAX_JOB_ZIP_BYTES:
+        return [Problem(folder.name, "", f"zips to {len(archive) >> 20} MiB, more than the {MAX_JOB_ZIP_BYTES >> 20} "
+                                         "MiB a server takes; ship large files (models: initial_model, or "
+                                         "submit_job --initial-model) or read data from the site's data_root")]
+    return []
 
 
 def probe_learner(folder: Path, path: str, args: dict[str, Any], timeout_s: float | None = None) -> list[str]:

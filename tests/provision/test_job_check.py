@@ -8,6 +8,7 @@ import asyncio
 import importlib
 import io
 import json
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -343,3 +344,24 @@ def test_a_train_result_the_server_would_refuse_fails_the_check(tmp_path: Path, 
     assert result.exit_code == 1 and "Traceback" not in result.output
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("config_fed_client.yml: learner: train") and said in line, line
+
+
+def test_what_submit_would_refuse_in_the_folder_fails_the_check(tmp_path: Path, monkeypatch) -> None:
+    # a link (it would carry what it points to) and an archive past the server's cap passed `job check`
+    # and were refused only at submit_job
+    import provision.job_check as job_check
+
+    job = _new(tmp_path)
+    secret = tmp_path / "client.key"
+    secret.write_text("KEY")
+    (job / "custom" / "key.pem").symlink_to(secret)
+    result = _cli("check", str(job))
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "study-job: custom/key.pem: a symbolic link; a job folder sends its own files only: copy the file in if "
+        "the job needs it, or remove the link"]
+    (job / "custom" / "key.pem").unlink()
+    (job / "custom" / "weights.bin").write_bytes(os.urandom(3 << 20))
+    monkeypatch.setattr(job_check, "MAX_JOB_ZIP_BYTES", 2 << 20)
+    result = _cli("check", str(job))
+    assert result.exit_code == 1 and "zips to 3 MiB, more than the 2 MiB a server takes" in result.stderr
