@@ -57,24 +57,30 @@ def test_a_job_that_fills_the_disk_is_stopped_and_cleaned_up(make_study, tmp_pat
     assert "min_free_disk_mb" in json.dumps(shown)
 
 
-def test_a_task_longer_than_the_sites_cap_fails_saying_so(make_study, tmp_path):
-    handle = make_study(sites=["site-1"])
-    study = handle.study
-    study.update_local("site-1", "site.yml", {"sandbox": {"max_task_s": 2}})
+def _sleepy_task_failures(study, tmp_path, settings: str) -> list[str]:
+    """Start the study, run the sleepy job for one round with `settings`, and wait for site-1 to fail a task
+    of it; the reasons site-1 audited."""
     study.start_server()
     study.start_sites()
-
     job = Path(shutil.copytree(SLEEPY_JOB, tmp_path / "sleepy"))
-    job_id = study.admin_json(f"submit_job {job} --set server.rounds=1 --set client.learner.args.train_s=30 "
-                              "--set client.task_timeout_s=120 --set server.round_timeout_s=300")["job_id"]
+    job_id = study.admin_json(f"submit_job {job} --set server.rounds=1 {settings}")["job_id"]
     audit_path = study.kits["site-1"] / "workspace" / "audit.jsonl"
 
     def failed() -> list[str]:
         return [r["reason"] for r in map(json.loads, audit_path.read_text().splitlines())
                 if r["event"] == "task_failed" and r["job_id"] == job_id]
 
-    wait_until(failed, 60, "the site to stop the round at its cap")
-    assert failed()[0] == ("training worker gave no answer within 2 s: this site's cap (local/site.yml "
+    wait_until(failed, 60, "site-1 to fail a task of the job")
+    return failed()
+
+
+def test_a_task_longer_than_the_sites_cap_fails_saying_so(make_study, tmp_path):
+    handle = make_study(sites=["site-1"])
+    study = handle.study
+    study.update_local("site-1", "site.yml", {"sandbox": {"max_task_s": 2}})
+    reasons = _sleepy_task_failures(study, tmp_path, "--set client.learner.args.train_s=30 "
+                                    "--set client.task_timeout_s=120 --set server.round_timeout_s=300")
+    assert reasons[0] == ("training worker gave no answer within 2 s: this site's cap (local/site.yml "
                            "sandbox.max_task_s), below the 120 s the job allows")
 
 
@@ -118,18 +124,7 @@ def test_a_learner_hanging_while_it_is_built_is_stopped_at_the_jobs_task_timeout
     # it waited the worker start's 300 s whatever the job asked
     handle = make_study(sites=["site-1"])
     study = handle.study
-    study.start_server()
-    study.start_sites()
-
-    job = Path(shutil.copytree(SLEEPY_JOB, tmp_path / "sleepy"))
-    job_id = study.admin_json(f"submit_job {job} --set server.rounds=1 --set client.learner.args.init_s=600 "
-                              "--set client.task_timeout_s=3 --set server.round_timeout_s=120")["job_id"]
-    audit_path = study.kits["site-1"] / "workspace" / "audit.jsonl"
-
-    def failed() -> list[str]:
-        return [r["reason"] for r in map(json.loads, audit_path.read_text().splitlines())
-                if r["event"] == "task_failed" and r["job_id"] == job_id]
-
-    wait_until(failed, 60, "the site to stop the worker's start at the job's timeout")
-    assert failed()[0].endswith("while starting (importing the job's code, building its learner): the job's "
-                                "task_timeout_s"), failed()
+    reasons = _sleepy_task_failures(study, tmp_path, "--set client.learner.args.init_s=600 "
+                                    "--set client.task_timeout_s=3 --set server.round_timeout_s=120")
+    assert reasons[0].endswith("while starting (importing the job's code, building its learner): the job's "
+                               "task_timeout_s"), reasons
