@@ -248,6 +248,10 @@ class AdminConsole:
             for part in cross_site_output(data.get("cross_site"), self._out.width):  # the study's result, first
                 self._out.print(part, markup=False, highlight=False)
             table = Table("round", "site", "n_samples", "train metrics", "validation of model")
+            if data.get("metrics_skipped"):  # a long job's entries do not all fit one reply
+                self._out.print(f"(the first {data['metrics_skipped']} of {data['metrics_total']} metric entries "
+                                f"are not shown: download_job {data['record']['job_id']} DIR has them all, in "
+                                "metrics.jsonl)", markup=False, highlight=False)
             for entry in data["metrics"]:
                 if entry["type"] == "round":
                     for site in entry["sites"]:
@@ -332,14 +336,15 @@ class AdminConsole:
                 await asyncio.sleep(SERVER_RETRY_S)
                 seen = 0  # a resumed job drops the metrics of the round it was in: read them all again
                 continue
-            for entry in data["metrics"][seen:]:
+            # the reply carries the entries from `seen` on (its newest, when they are too many for one reply)
+            for entry in data["metrics"][max(0, seen - data.get("metrics_skipped", 0)):]:
                 if entry["type"] == "validation" and not self._json and entry["model_round"] not in shown:
                     if not columns:  # the first model scored: its metric names head the columns
                         columns = sorted(entry["global"])
                         self._out.print("round  sites  " + "  ".join(f"{c:>9}" for c in columns), highlight=False)
                     self._print_progress_row(entry, columns)
                     shown.add(entry["model_round"])
-            seen = len(data["metrics"])
+            seen = data.get("metrics_total", len(data["metrics"]))  # an older server: all its entries
             record = data["record"]
             if record["state"] in FINAL_STATES:
                 return self._job_ended(record)

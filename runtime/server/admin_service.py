@@ -48,6 +48,8 @@ from .site_controls import SiteControls
 from .tracker import draw_curves, latest_scalars
 from .upload_spool import spool
 
+METRICS_VIEW_BYTES = 2 << 20  # the metric entries a show_job or wait_job reply carries, newest first
+
 log = logging.getLogger(__name__)
 
 SITE_LOG_TIMEOUT_S = 20.0  # a few heartbeats
@@ -249,16 +251,20 @@ class AdminService:
     async def _show_job(self, peer: Identity, args: dict[str, Any]) -> Any:
         return await self._job_view(peer, _job_id(args))
 
-    async def _job_view(self, peer: Identity, job_id: str) -> dict[str, Any]:
-        """A job's record and per-round metrics, with where it stands in the queue and its output size."""
+    async def _job_view(self, peer: Identity, job_id: str, since: int = 0) -> dict[str, Any]:
+        """A job's record and per-round metrics (the newest that fit a reply, from entry `since` on), with
+        where it stands in the queue and its output size."""
         record = await asyncio.to_thread(self._runner.store.load, job_id)
         self._policy.check(peer, "show_job", **_job_target(record))
-        details = await asyncio.to_thread(self._job_details, record)
+        details = await asyncio.to_thread(self._job_details, record, since)
         return {**details, "waiting_for": await self._runner.waiting_for(record)}  # why a queued job waits
 
-    def _job_details(self, record: JobRecord) -> dict[str, Any]:
+    def _job_details(self, record: JobRecord, since: int = 0) -> dict[str, Any]:
         queued = self._runner.queued()
-        return {"record": asdict(record), "metrics": self._runner.store.metrics(record.job_id),
+        entries = self._runner.store.metrics(record.job_id)
+        first = _first_shown(entries, since, METRICS_VIEW_BYTES)
+        return {"record": asdict(record), "metrics": entries[first:], "metrics_total": len(entries),
+                "metrics_skipped": first,
                 "queue_position": queued.index(record.job_id) + 1 if record.job_id in queued else None,
                 "output_bytes": self._runner.store.output_bytes(record.job_id),
                 "cross_site": report_view(self._runner.store.job_dir(record.job_id)),  # None until a report exists
@@ -272,8 +278,8 @@ class AdminService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _number_arg(args, "wait_s", MAX_WAIT_S, 0, MAX_WAIT_S)
         while True:
-            view = await self._job_view(peer, job_id)
-            if len(view["metrics"]) > seen or view["record"]["state"] in FINAL_STATES or loop.time() >= deadline:
+            view = await self._job_view(peer, job_id, since=seen)
+            if view["metrics_total"] > seen or view["record"]["state"] in FINAL_STATES or loop.time() >= deadline:
                 return view
             await asyncio.sleep(WAIT_POLL_S)
 
@@ -521,6 +527,20 @@ def _number_arg(args: dict[str, Any], name: str, default: float, least: float, m
 def _job_target(record: JobRecord) -> dict[str, str]:
     """What an own_jobs or own_org rule compares for a job: its submitter, and the submitter's org."""
     return {"job_submitter": record.submitter, "target_org": record.submitter_org}
+
+
+def _first_shown(entries: list[dict[str, Any]], since: int, budget_bytes: int) -> int:
+    """The index of the first entry a view carries: the newest from `since` on whose JSON fits `budget_bytes`
+    (a reply is one gRPC message: a 3000-round job's 7 MB of metrics made show_job, wait_job and
+    download_job fail; download_job's metrics.jsonl holds them all)."""
+    first, used = len(entries), 0
+    while first > min(since, len(entries)):
+        size = len(json.dumps(entries[first - 1]))
+        if used + size > budget_bytes:
+            break
+        used += size
+        first -= 1
+    return first
 
 
 def _lines_naming(path: Path, text: str) -> list[str]:

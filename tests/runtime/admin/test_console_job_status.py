@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from typing import Any
 
 import pytest
@@ -122,3 +123,54 @@ def test_show_job_says_when_a_model_was_compared_with_the_best_on_fewer_sites() 
     rows = [" ".join(line.replace("│", " ").split()) for line in printed.splitlines()]
     assert any(r.startswith("model 1") and r.endswith("[best]") for r in rows), rows
     assert any(r.startswith("model 2") and r.endswith("mse=1.2000 (against the best on a)") for r in rows), rows
+
+
+def _validation(model_round: int) -> dict[str, Any]:
+    return {"type": "validation", "model_round": model_round, "sites": {"a": {"acc": 0.5}}, "global": {"acc": 0.5},
+            "is_best": False}
+
+
+class _Recording(_Scripted):
+    def __init__(self, answers: list[Any]):
+        super().__init__(answers)
+        self.args: list[dict[str, Any]] = []
+
+    async def command(self, name: str, **args: Any) -> Any:
+        self.args.append(args)
+        return await super().command(name, **args)
+
+
+def test_wait_job_follows_a_job_whose_metrics_do_not_fit_one_reply() -> None:
+    # a long job's metrics (7 MB for 3000 rounds) made every show_job and wait_job fail; the server now sends
+    # the newest entries from what the console has seen on, and says how many there are in all
+    running, done = {**RECORD, "state": "running"}, {**RECORD, "state": "finished"}
+    server = _Recording([
+        {"record": running, "metrics": [_validation(r) for r in (8, 9)], "metrics_total": 10, "metrics_skipped": 8},
+        {"record": done, "metrics": [_validation(r) for r in (9, 10, 11)], "metrics_total": 12,
+         "metrics_skipped": 9}])
+    out = io.StringIO()
+    console = AdminConsole(server, Console(file=out, width=200, markup=False, highlight=False))  # type: ignore[arg-type]
+    asyncio.run(console.run_line("wait_job j1 60"))
+    assert [a["seen_metrics"] for a in server.args] == [0, 10]
+    rounds = [line.split()[0] for line in out.getvalue().splitlines() if line.strip()[:1].isdigit()]
+    assert rounds == ["8", "9", "10", "11"]  # each once: 9 was in both replies
+
+
+def test_show_job_says_when_the_oldest_metrics_are_left_out() -> None:
+    running = {**RECORD, "state": "running"}
+    printed = printed_by("show_job j1", {"show_job": {"record": running, "queue_position": None,
+                                                    "metrics": [_validation(2999)], "metrics_total": 9000,
+                                                    "metrics_skipped": 8999}})
+    assert ("(the first 8999 of 9000 metric entries are not shown: download_job j1 DIR has them all, in "
+            "metrics.jsonl)") in printed
+
+
+def test_a_view_carries_the_newest_entries_that_fit_from_what_was_seen() -> None:
+    from runtime.server.admin_service import _first_shown
+
+    entries = [{"i": i, "pad": "x" * 90} for i in range(100)]  # about 110 bytes each in JSON
+    assert _first_shown(entries, 0, 10_000_000) == 0  # all fit
+    first = _first_shown(entries, 0, 1000)
+    assert 90 <= first < 100 and sum(len(json.dumps(e)) for e in entries[first:]) <= 1000
+    assert _first_shown(entries, 95, 10_000_000) == 95  # only what the console has not seen
+    assert _first_shown(entries, 100, 1000) == 100 and _first_shown([], 0, 1000) == 0
