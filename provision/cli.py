@@ -136,16 +136,24 @@ def _root(
     """fedkit: provisioning-first federated learning for multi-institution studies."""
 
 
+ReinstateOpt = Annotated[list[str] | None, typer.Option(
+    "--reinstate", metavar="NAME", help="issue a new kit to NAME although its certificates were revoked "
+                                        "(a lost or stolen kit replaced); repeat for several")]
+
+
 @provision_app.callback(invoke_without_command=True)
 def provision_cmd(
     ctx: typer.Context,
     project: ProjectOpt = DEFAULT_PROJECT,
     workspace: WorkspaceOpt = DEFAULT_WORKSPACE,
+    reinstate: ReinstateOpt = None,
 ) -> None:
-    """Issue a signed kit (folder + zip) for every participant into WORKSPACE/<study>/prod_NN."""
+    """Issue a signed kit (folder + zip) for every participant into WORKSPACE/<study>/prod_NN.
+
+    A participant whose certificates were all revoked is refused unless named with --reinstate."""
     if ctx.invoked_subcommand is not None:
         return
-    result = provision(load_project(project), workspace, _utc_now())
+    result = provision(load_project(project), workspace, _utc_now(), reinstate=reinstate or ())
     _print_result(result)
 
 
@@ -155,6 +163,7 @@ def add_site_cmd(
     ctx: typer.Context,
     project: SubProjectOpt = None,
     workspace: SubWorkspaceOpt = None,
+    reinstate: ReinstateOpt = None,
 ) -> None:
     """Issue a kit for one new participant into the newest prod_NN under the same CA; others stay untouched.
 
@@ -162,7 +171,8 @@ def add_site_cmd(
     The server's roster (fed_server.json) is not re-issued; the server trusts any site the CA signed.
     """
     project, workspace = _study_paths(ctx, project, workspace)
-    result = add_site(load_project(project), workspace, name, _utc_now(), project_source=str(project))
+    result = add_site(load_project(project), workspace, name, _utc_now(), project_source=str(project),
+                      reinstate=reinstate or ())
     _print_result(result)
 
 

@@ -310,9 +310,11 @@ def _result(state: BuildState) -> ProvisionResult:
 
 
 def provision(
-    project: Project, workspace: Path, now: dt.datetime, renderer: KitRenderer | None = None
+    project: Project, workspace: Path, now: dt.datetime, renderer: KitRenderer | None = None,
+    reinstate: Sequence[str] = (),
 ) -> ProvisionResult:
-    """Issue a kit for every participant into a new WORKSPACE/<study>/prod_NN. `now` is aware UTC."""
+    """Issue a kit for every participant into a new WORKSPACE/<study>/prod_NN. `now` is aware UTC.
+    A participant whose every certificate was revoked gets none unless named in `reinstate`."""
     state = BuildState(
         project=project,
         workspace=StudyWorkspace.for_study(workspace, project.name),
@@ -321,8 +323,25 @@ def provision(
         renderer=renderer or KitRenderer(),
     )
     with state.workspace.locked():
+        refuse_revoked(state.workspace, [p.name for p in state.targets], reinstate)
         run_steps(state, PROVISION_STEPS)
     return _result(state)
+
+
+def refuse_revoked(workspace: StudyWorkspace, names: Sequence[str], reinstate: Sequence[str] = ()) -> None:
+    """Raise ProjectConfigError when a participant to be issued a kit had every certificate revoked: renewing all
+    kits (a routine `fedkit provision`) let a revoked site back into the study, its new serial on no CRL.
+    `reinstate` names those issued a kit on purpose (a lost or stolen kit replaced)."""
+    ledger = load_ledger(workspace.ledger_path)
+    revoked = ledger.revoked_serials()
+    barred = [n for n in names if n not in reinstate and (serials := ledger.serials_of(n))
+              and all(s in revoked for s in serials)]
+    if barred:
+        who = ", ".join(barred)
+        raise ProjectConfigError(f"project.yml lists {who}, whose certificates were revoked: a new kit would let "
+                                 f"{'it' if len(barred) == 1 else 'them'} back in. Remove {who} from project.yml, "
+                                 "or issue a new kit on purpose (a lost or stolen kit replaced) with "
+                                 f"{' '.join(f'--reinstate {n}' for n in barred)}")
 
 
 def add_site(
@@ -332,6 +351,7 @@ def add_site(
     now: dt.datetime,
     renderer: KitRenderer | None = None,
     project_source: str = "project.yml",
+    reinstate: Sequence[str] = (),
 ) -> ProvisionResult:
     """Issue a kit for the one participant `name` (a client site or an admin listed in project.yml) into
     the newest prod_NN, under the existing CA, leaving every other kit untouched.
@@ -356,5 +376,6 @@ def add_site(
         project=project, workspace=ws, targets=(participant,), now=now, renderer=renderer or KitRenderer()
     )
     with ws.locked():
+        refuse_revoked(ws, [name], reinstate)
         run_steps(state, ADD_SITE_STEPS)
     return _result(state)

@@ -243,3 +243,25 @@ def test_provision_warns_when_the_ca_cuts_the_kits_short(tmp_path: Path, project
     assert _not_after(ws / "example-study/prod_01/site-1/startup/client.crt") == ca_end
     assert f"Note: they end with the study CA, sooner than cert_validity_days asks; before {ca_end:%Y-%m-%d}" \
         in " ".join(done.stdout.split())
+
+
+def test_renewing_kits_never_lets_a_revoked_participant_back_in_by_accident(tmp_path: Path,
+                                                                          project_file: Path) -> None:
+    # a routine `fedkit provision` (renewing every kit) issued the revoked site-2 a new certificate whose
+    # serial no CRL listed: it rejoined the study and sent updates
+    ws = tmp_path / "ws"
+    assert fedkit("provision", "-p", str(project_file), "-w", str(ws)).exit_code == 0
+    assert fedkit("provision", "revoke", "site-2", "-p", str(project_file), "-w", str(ws)).exit_code == 0
+    expected = ("project.yml lists site-2, whose certificates were revoked: a new kit would let it back in. "
+                "Remove site-2 from project.yml, or issue a new kit on purpose (a lost or stolen kit replaced) "
+                "with --reinstate site-2")
+    for args in (["provision"], ["provision", "add-site", "site-2"]):
+        refused = fedkit(*args, "-p", str(project_file), "-w", str(ws))
+        assert refused.exit_code == 2 and refused.stderr.strip() == expected, refused.stderr
+    assert sorted(p.name for p in (ws / "example-study").iterdir()) == ["crl.pem", "prod_01", "state"]
+
+    reinstated = fedkit("provision", "-p", str(project_file), "-w", str(ws), "--reinstate", "site-2")
+    assert reinstated.exit_code == 0, reinstated.stderr
+    assert (ws / "example-study" / "prod_02" / "site-2.zip").exists()
+    again = fedkit("provision", "-p", str(project_file), "-w", str(ws))  # it holds a live certificate now
+    assert again.exit_code == 0, again.stderr
