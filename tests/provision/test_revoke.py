@@ -124,7 +124,9 @@ def test_a_server_kit_issued_after_a_revoke_refuses_the_revoked_from_its_first_s
     workspace: StudyWorkspace, example_project: Project, renderer: KitRenderer
 ) -> None:
     revoke(workspace, "site-2", REVOKED_AT)
-    later = provision(example_project, workspace.root.parent, REVOKED_AT + dt.timedelta(hours=1), renderer)
+    without = example_project.model_copy(update={"participants": tuple(
+        p for p in example_project.participants if p.name != "site-2")})  # lead IT took it out of the study
+    later = provision(without, workspace.root.parent, REVOKED_AT + dt.timedelta(hours=1), renderer)
     server = next(k for k in later.kits if k.kind is Kind.SERVER)
     assert (server.kit_dir / "local" / "crl.pem").read_bytes() == workspace.crl_path.read_bytes()
     with zipfile.ZipFile(server.zip_path) as z:
