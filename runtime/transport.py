@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,6 +384,27 @@ def require_kind(kind: Kind, extra: PeerCheck | None = None) -> PeerCheck:
     return check
 
 
+def refuse_taken_addresses(host: str, port: int) -> None:
+    """Raise ConfigError when `port` is taken on any address `host` resolves to. gRPC listens on those it
+    can and only logs the others: with 127.0.0.1:PORT held by another program, a server listened on ::1
+    alone and said it was up, while every site dialing 127.0.0.1 reached the other program."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # gRPC's own bind says why
+    for family, kind, proto, _, sockaddr in {(i[0], i[1], i[2], i[3], i[4]) for i in infos}:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no clash
+            try:
+                probe.bind(sockaddr)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:  # not an address of this machine: gRPC skips it too
+                    continue
+                raise ConfigError(f"cannot listen on {host_port(host, port)}: {sockaddr[0]} port {port}: "
+                                  f"{e.strerror or e} (another program holds it; stop it or choose another port "
+                                  "in project.yml)") from None
+
+
 class RpcServer:
     """One gRPC server on one port with mutual TLS; start/stop it from async code."""
 
@@ -390,6 +413,8 @@ class RpcServer:
         self._server = grpc.aio.server(options=_SERVER_OPTIONS)
         creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=root, require_client_auth=True)
         address = host_port(host, port)
+        if port:
+            refuse_taken_addresses(host, port)
         try:
             self.port = self._server.add_secure_port(address, creds)
         except RuntimeError as e:
