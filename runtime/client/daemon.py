@@ -191,7 +191,7 @@ class ClientDaemon:
                                                         self._cfg.fed_learn_port)
                     if isinstance(e, CertificateError) or (diagnosis and diagnosis.is_certificate_problem):
                         message = diagnosis.message if diagnosis and diagnosis.is_certificate_problem else str(e)
-                        log.error("%s", message)
+                        self._outage.failed(message, logging.ERROR)  # a revoked site retries for ever: once a minute
                         self._give_up_if_once(CertificateError(message), started, at_once=True)
                         backoff = BACKOFF_MAX_S  # a person must act: retry slowly meanwhile
                     else:
@@ -986,8 +986,9 @@ def _held_elsewhere() -> Iterator[None]:
 
 
 class Outage:
-    """The server unreachable, in the site's log: the first failed try in full, then one line a minute (a
-    weekend's outage logged every retry was 25,000 lines), and one when it is back."""
+    """The server unreachable (or refusing this site's certificate), in the site's log: the first failed try
+    in full, then one line a minute (a weekend's outage logged every retry was 25,000 lines), and one when it
+    is back."""
 
     EVERY_S = 60.0
 
@@ -997,15 +998,15 @@ class Outage:
         self._last_logged = 0.0
         self._tries = 0
 
-    def failed(self, line: str) -> None:
+    def failed(self, line: str, level: int = logging.WARNING) -> None:
         now = self._clock()
         self._tries += 1
         if self._since is None:
             self._since, self._last_logged = now, now
-            log.warning("%s", line)
+            log.log(level, "%s", line)
         elif now - self._last_logged >= self.EVERY_S:
             self._last_logged = now
-            log.warning("%s (still, for %.0f s, %d tries)", line, now - self._since, self._tries)
+            log.log(level, "%s (still, for %.0f s, %d tries)", line, now - self._since, self._tries)
 
     def ended(self) -> None:
         if self._since is not None and self._tries > 1:
