@@ -8,9 +8,10 @@ on the researcher's machine, with no certificates and no server.
        aggregator loaded and built as the server builds it at the job's start (another child process);
     3. with --data: the site's own training worker (runtime/client/worker.py through worker_handle.py, the
        `off` sandbox) on that data folder: init (unless the job ships initial_model); the job's workflow
-       chain built as the server builds it (runtime.workflows.WORKFLOWS) and the first round it plans sent
-       to the worker (a train with FedProx/SCAFFOLD as the job asks, or an evaluate's validate); the job's
-       filters over the update; submit_model when cross_site follows; one validate.
+       chain built as the server builds it (runtime.workflows.WORKFLOWS); one validate of the model it
+       sends (the key metric checked); the first round it plans sent to the worker (a train with
+       FedProx/SCAFFOLD as the job asks); the result checked as the sites and the server check it; the
+       job's filters over the update; submit_model when cross_site follows.
 
 Job code runs only in child processes, each awaited with a deadline.
 """
@@ -193,6 +194,18 @@ async def _steps(handle: WorkerHandle, folder: Path, folders: JobFolders, spec: 
     sent = folders.inbox / "global.safetensors"
     save_file(with_control(plan.model if plan.model is not None else model, plan.extras), sent)
     key = server.key_metric
+    # validate first: a wrong key_metric is the server config's fault, wherever else it would also show
+    # (with cross_site, train validates the trained model with it too, and failed first)
+    try:
+        reply = await handle.call({"op": TaskKind.VALIDATE, "weights": str(sent)}, timeout_s)
+    except WorkerFailed as e:
+        return [Problem(CLIENT_CONFIG, "learner", f"validate failed: {_tail(e)}")], ran
+    metrics = reply.get("metrics") or {}
+    ran["validate"] = metrics
+    if key.name not in metrics:
+        return [Problem(SERVER_CONFIG, "key_metric.name",
+                        f"'{key.name}' is not among the metrics validate() returned ({', '.join(sorted(metrics))}"
+                        "): return it, or name one of these")], ran
     if plan.kind is TaskKind.TRAIN:
         delta_path = folders.inbox / "delta.safetensors"
         command = {"op": TaskKind.TRAIN, "weights": str(sent), "round": plan.round,
@@ -216,16 +229,6 @@ async def _steps(handle: WorkerHandle, folder: Path, folders: JobFolders, spec: 
                                           timeout_s)
             except WorkerFailed as e:
                 return [Problem(CLIENT_CONFIG, "learner", f"submit_model (cross_site) failed: {_tail(e)}")], ran
-    try:
-        reply = await handle.call({"op": TaskKind.VALIDATE, "weights": str(sent)}, timeout_s)
-    except WorkerFailed as e:
-        return [Problem(CLIENT_CONFIG, "learner", f"validate failed: {_tail(e)}")], ran
-    metrics = reply.get("metrics") or {}
-    ran["validate"] = metrics
-    if key.name not in metrics:
-        return [Problem(SERVER_CONFIG, "key_metric.name",
-                        f"'{key.name}' is not among the metrics validate() returned ({', '.join(sorted(metrics))}"
-                        "): return it, or name one of these")], ran
     return [], ran
 
 

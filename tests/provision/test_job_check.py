@@ -365,3 +365,19 @@ def test_what_submit_would_refuse_in_the_folder_fails_the_check(tmp_path: Path, 
     monkeypatch.setattr(job_check, "MAX_JOB_ZIP_BYTES", 2 << 20)
     result = _cli("check", str(job))
     assert result.exit_code == 1 and "zips to 3 MiB, more than the 2 MiB a server takes" in result.stderr
+
+
+@pytest.mark.parametrize("workflows", ["[fedavg]", "[fedavg, cross_site]"])
+def test_a_wrong_key_metric_is_the_server_configs_whatever_the_workflows(tmp_path: Path, workflows: str) -> None:
+    # with cross_site, train validates the trained model with the key metric too, and the check blamed the
+    # learner's train in config_fed_client.yml
+    job = _new(tmp_path)
+    _edit(job / "config_fed_server.yml", "workflows: [fedavg]", f"workflows: {workflows}")
+    text = (job / "config_fed_server.yml").read_text()
+    (job / "config_fed_server.yml").write_text(text.replace("name: auc", "name: AUC", 1))
+    data = _sample_data("tabular_classifier", tmp_path / "data")
+    result = _cli("check", str(job), "--data", str(data))
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("config_fed_server.yml: key_metric.name: 'AUC' is not among the metrics validate() "
+                           "returned"), line
