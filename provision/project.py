@@ -10,6 +10,7 @@ mistakes into one ProjectConfigError line naming the file, the participant (inde
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 from pathlib import Path
@@ -299,8 +300,22 @@ def _describe(error: ErrorDetails) -> str:
     return f"field '{field}': {message}" if field else message
 
 
+def _did_you_mean(loc: list[Any]) -> str:
+    """For an unknown key: the known key of its place it most resembles (`fed_learn_prt`: fed_learn_port)."""
+    specs = {"server": ServerSpec, "client": ClientSpec, "admin": AdminSpec}
+    if len(loc) == 1:
+        known = list(Project.model_fields)
+    elif len(loc) == 4 and loc[0] == "participants" and loc[2] in specs:
+        known = list(specs[loc[2]].model_fields)
+    else:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.75)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _locate(data: Any, error: ErrorDetails) -> str:
     """One problem as text: participant (index and name) if it is about one, then field and message."""
+    hint = _did_you_mean(list(error["loc"])) if error["type"] == "extra_forbidden" else ""
     loc = list(error["loc"])
     ctx = error.get("ctx") or {}
     where = ""
@@ -315,7 +330,7 @@ def _locate(data: Any, error: ErrorDetails) -> str:
     if index >= 0:
         name = _name_at(data, index)
         where = f"participants[{index}]" + (f" ({name})" if name else "") + ": "
-    return where + _describe({**error, "loc": tuple(loc)})
+    return where + _describe({**error, "loc": tuple(loc)}) + hint
 
 
 def format_validation_error(source: str, data: Any, err: ValidationError) -> str:

@@ -119,6 +119,16 @@ BAD_CASES: list[tuple[str, str, str]] = [
         "project.yml: unknown key 'owner'",
     ),
     (
+        "misspelt-key-participant",  # named with the key it resembles
+        yaml.safe_dump(with_participant(0, admin_prt=9000)),
+        "project.yml: participants[0] (fl.example.org): unknown key 'admin_prt' (did you mean 'admin_port'?)",
+    ),
+    (
+        "misspelt-key-top",
+        yaml.safe_dump(with_top(cert_validty_days=30)),
+        "project.yml: unknown key 'cert_validty_days' (did you mean 'cert_validity_days'?)",
+    ),
+    (
         "missing-field",
         yaml.safe_dump(with_participant(1, org=None)),
         "project.yml: participants[1] (site-1): field 'org': missing",
