@@ -30,23 +30,29 @@ EXPIRY_WARNING_DAYS = 30  # a participant whose certificate ends sooner hears so
 DAY_S = 86400.0
 
 
-def expiry_warning(cert: x509.Certificate, label: str, now: datetime | None = None) -> str | None:
+def expiry_warning(cert: x509.Certificate, label: str, now: datetime | None = None,
+                   ca: x509.Certificate | None = None) -> str | None:
     """One line for a certificate that ends within EXPIRY_WARNING_DAYS; None for one that does not.
-    After that date this participant can no longer connect, and only lead IT can issue a new kit."""
+    After that date this participant can no longer connect, and only lead IT can issue a new kit; when the
+    study CA (`ca`) ends then too, a kit renewed under it cannot help, and the line says so."""
     now = now or datetime.now(UTC)
     left = cert.not_valid_after_utc - now
     if left > timedelta(days=EXPIRY_WARNING_DAYS):
         return None
+    fix = ("ask lead IT for a new kit before then" if ca is None or ca.not_valid_after_utc - cert.not_valid_after_utc
+           > timedelta(days=1) else "the study CA ends then too: lead IT must create a new study CA and issue "
+           "every participant a new kit")
     return (f"{label} expires on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC (in {max(left.days, 0)} days): "
-            "after that it cannot connect; ask lead IT for a new kit before then")
+            f"after that it cannot connect; {fix}")
 
 
 async def warn_before_expiry(cert: x509.Certificate, label: str, warn: Callable[[str], None],
-                             clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                             clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                             ca: x509.Certificate | None = None) -> None:
     """For a process that runs for months: `warn(line)` at start and once a day while the certificate ends
     within EXPIRY_WARNING_DAYS; until then it sleeps (a day at a time, so a changed clock is followed)."""
     while True:
-        message = expiry_warning(cert, label, clock())
+        message = expiry_warning(cert, label, clock(), ca)
         if message is not None:
             warn(message)
         await asyncio.sleep(DAY_S)

@@ -340,8 +340,8 @@ def pin_ca(kit_dir: Path) -> tuple[str | None, str | None]:
         except OSError as e:
             return f"{pin}: cannot pin the study CA ({e.strerror}); make local/ writable, or write lead IT's " \
                    "CA fingerprint there yourself", None
-        return None, (f"{pin}: pinned this kit's study CA, SHA-256 fingerprint {actual}; site IT: compare it with "
-                      "the fingerprint lead IT gave you out of band, and if they differ stop and call lead IT")
+        return None, (f"{pin}: pinned this kit's study CA, SHA-256 fingerprint {actual}; compare it with the "
+                      "fingerprint lead IT gave you out of band, and if they differ stop and call lead IT")
     except OSError as e:
         return f"{pin}: cannot read ({e.strerror})", None
     pinned = parse_fingerprint(text)

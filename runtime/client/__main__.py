@@ -18,6 +18,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from .. import kit_config as kc  # noqa: E402
 from ..audit import AuditLog  # noqa: E402
 from ..certs import check_validity, warn_before_expiry  # noqa: E402
+from ..crl import load_root_ca  # noqa: E402
 from ..errors import ConfigError, FedkitError  # noqa: E402
 from ..heap import tune_malloc  # noqa: E402
 from ..procs import (  # noqa: E402
@@ -87,7 +88,8 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
     daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals(), privacy=privacy,
                          once=once)
     expiry = asyncio.create_task(warn_before_expiry(
-        tls.own_certificate(), f"this site's certificate {startup / cfg.cert}", log.warning))
+        tls.own_certificate(), f"this site's certificate {startup / cfg.cert}", log.warning,
+        ca=load_root_ca(tls.root_ca)))
     try:
         await daemon.run()
     except OSError as e:  # the workspace's disk (full, gone): what the site does can no longer be recorded

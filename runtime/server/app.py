@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import kit_config as kc
 from ..audit import AuditLog
 from ..certs import check_validity, not_revoked, warn_before_expiry
-from ..crl import PIN_FILE, CrlPin
+from ..crl import PIN_FILE, CrlPin, load_root_ca
 from ..errors import FedkitError
 from ..heap import tune_malloc
 from ..identity import Kind
@@ -94,7 +94,8 @@ async def serve(kit: Path, debug: bool = False, handshakes: StderrWatch | None =
              cfg.name, cfg.project, host, fed_server.port, admin_server.port)
 
     expiry = asyncio.create_task(warn_before_expiry(  # every site and console loses the server with it
-        tls.own_certificate(), f"this server's certificate {startup / cfg.cert}", log.warning))
+        tls.own_certificate(), f"this server's certificate {startup / cfg.cert}", log.warning,
+        ca=load_root_ca(tls.root_ca)))
     runner_task = asyncio.create_task(runner.run_forever(), name="job-runner")
     stop_wait = asyncio.create_task(stop.wait())
     await asyncio.wait({runner_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)

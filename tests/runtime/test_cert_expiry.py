@@ -40,3 +40,17 @@ def test_a_running_process_hears_it_once_a_day(monkeypatch: pytest.MonkeyPatch) 
         asyncio.run(warn_before_expiry(cert, "c", warned.append, clock=lambda: NOW + dt.timedelta(days=next(days))))
     assert slept == [certs.DAY_S] * 20
     assert len(warned) == 10 and "(in 30 days)" in warned[0] and "(in 21 days)" in warned[-1]  # days 70..79
+
+
+def test_when_the_study_ca_ends_too_the_warning_says_a_new_kit_cannot_help() -> None:
+    from provision.certs import issue_credential
+    from provision.project import ClientSpec
+
+    ca = create_ca("study", NOW, validity_days=20)
+    cert = issue_credential(ca, ClientSpec(type="client", name="site-1", org="o"), NOW, 360, "study").cert
+    line = expiry_warning(cert, "c", NOW + dt.timedelta(days=5), ca=ca.cert)  # capped at the CA's end
+    assert line is not None and line.endswith("after that it cannot connect; the study CA ends then too: lead IT "
+                                              "must create a new study CA and issue every participant a new kit")
+    longer = create_ca("study", NOW, validity_days=1000)
+    assert (expiry_warning(cert, "c", NOW + dt.timedelta(days=5), ca=longer.cert) or "").endswith(
+        "ask lead IT for a new kit before then")
