@@ -59,6 +59,20 @@ def log_files(log_path: Path) -> list[Path]:
     return [p for p in (*rotated, log_path) if p.exists()]
 
 
+def log_tail_bytes(log_path: Path, max_bytes: int) -> tuple[bytes, bool]:
+    """The last `max_bytes` of the log, reaching into the rotated files when the log has just turned, and
+    whether older lines were left out (the first line returned is then cut)."""
+    data = b""
+    for part in reversed(log_files(log_path)):
+        room = max_bytes - len(data)
+        with part.open("rb") as f:
+            f.seek(max(0, part.stat().st_size - room))
+            data = f.read(room) + data
+        if len(data) >= max_bytes:
+            return data, True
+    return data, False
+
+
 def setup_logging(log_path: Path, debug: bool = False) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()

@@ -44,7 +44,7 @@ from ..errors import (
 )
 from ..heap import give_back_free_memory
 from ..job_spec import TRAINING_WORKFLOWS, ClientJobConfig, safe_extract, sha256_hex
-from ..procs import LOG_FILE, log_files
+from ..procs import LOG_FILE, log_tail_bytes
 from ..proto import fedkit_pb2 as pb
 from ..scalar_log import last_steps
 from ..server_trust import refuse_revoked_server
@@ -1015,18 +1015,10 @@ class Outage:
 
 
 def _log_tail(path: Path, max_bytes: int = 64 << 10) -> str:
-    """The end of this site's log, for an admin's tail_log (never more than `max_bytes`), reaching into the
-    newest rotated file when the log has just turned."""
-    data = b""
-    for part in reversed(log_files(path)):
-        room = max_bytes - len(data)
-        with part.open("rb") as f:
-            f.seek(max(0, part.stat().st_size - room))
-            data = f.read(room) + data
-        if len(data) >= max_bytes:
-            break
+    """The end of this site's log, for an admin's tail_log (never more than `max_bytes`)."""
+    data, cut = log_tail_bytes(path, max_bytes)
     text = data.decode(errors="replace")
-    if len(data) >= max_bytes:
+    if cut:
         text = text.partition("\n")[2]  # drop the line the cut went through
     return text or "(empty log)"
 

@@ -33,7 +33,7 @@ from typing import Any
 from ..audit import AuditLog
 from ..errors import FedkitError, PermissionDenied
 from ..identity import Identity
-from ..procs import log_files
+from ..procs import log_files, log_tail_bytes
 from ..proto import fedkit_pb2 as pb
 from ..transport import CHUNK_BYTES
 from .audit_args import bounded_args, bounded_text
@@ -553,15 +553,9 @@ def _lines_naming(path: Path, text: str) -> list[str]:
 
 
 def _tail(path: Path, n: int) -> list[str]:
-    """The last `n` lines of the log, reaching into the newest rotated file when the log has just turned."""
-    lines: list[str] = []
-    for part in reversed(log_files(path)):
-        with part.open("rb") as f:
-            f.seek(max(0, part.stat().st_size - 256 * 1024))
-            lines = [ln.decode(errors="replace") for ln in f.read().splitlines()] + lines
-        if len(lines) >= n:
-            break
-    return lines[-n:]
+    """The last `n` lines of the log (of its last 256 KiB, rotated files included)."""
+    data, _ = log_tail_bytes(path, 256 * 1024)
+    return [ln.decode(errors="replace") for ln in data.splitlines()[-n:]]
 
 
 def _printable(text: str) -> str:

@@ -154,7 +154,7 @@ class FedAvgWorkflow:
         score = overall.get(key.name)
         is_best, compared_on = False, None
         if score is not None and model_round > 0:
-            is_best, compared_on = _improves(by_site, results, key.name, key.higher_is_better)
+            is_best, compared_on = _improves(by_site, score, results, key.name, key.higher_is_better)
             if is_best:
                 results.best_metric, results.best_round, results.best_by_site = score, model_round, by_site
                 # the global file still holds the model of `model_round` here (it is replaced after)
@@ -164,22 +164,21 @@ class FedAvgWorkflow:
                                   "is_best": is_best, **({"compared_on": compared_on} if compared_on else {})})
 
 
-def _improves(by_site: dict[str, dict[str, float]], results: JobResults, key: str,
+def _improves(by_site: dict[str, dict[str, float]], score: float, results: JobResults, key: str,
               higher_is_better: bool) -> tuple[bool, list[str] | None]:
-    """Whether a model scored `by_site` beats the best so far, and the sites compared on when they are not
-    all the sites that scored either. Scores are compared on the sites that scored both models with the key
-    metric: a round a weak site failed to validate would otherwise look better for its absence alone (and
-    one a strong site missed, worse). Those sites must carry more than half of the best's validation weight
-    (n_samples); else the round is not judged better (one site of several must not pick the best, which
-    all later rounds are then compared on). With no per-site figures of the best (an older checkpoint), the
-    whole scores are compared."""
+    """Whether a model scored `by_site` (`score` over them all) beats the best so far, and the sites
+    compared on when they are not all the sites that scored either. Scores are compared on the sites that
+    scored both models with the key metric: a round a weak site failed to validate would otherwise look
+    better for its absence alone (and one a strong site missed, worse). Those sites must carry more than
+    half of the best's validation weight (n_samples); else the round is not judged better (one site of
+    several must not pick the best, which all later rounds are then compared on). With no per-site
+    figures of the best (an older checkpoint), the whole scores are compared."""
     if results.best_metric is None:
         return True, None
     best = {s: m for s, m in results.best_by_site.items() if key in m}
     new = {s: m for s, m in by_site.items() if key in m}
     if not best or set(new) == set(best):
-        score = weighted_metrics(by_site).get(key)
-        return score is not None and _better(score, results.best_metric, higher_is_better), None
+        return _better(score, results.best_metric, higher_is_better), None
     common = sorted(set(new) & set(best))
     if 2 * _weight({s: best[s] for s in common}) <= _weight(best):
         return False, common

@@ -40,30 +40,11 @@ HEARTBEAT_TIMEOUT_S = 0.3
 Pauses = dict[tuple[str, int], Callable[[], Awaitable[None]]]
 
 
-async def _declining_site(service: FederationService, name: str, done: asyncio.Event) -> None:
-    """A site that takes part in round 1 and then refuses the whole job (restarted with a stricter policy):
-    it answers later tasks with a declining failure."""
-    peer = Identity(name, f"org-{name}", Kind.CLIENT)
-    session = (await service.register(peer, pb.RegisterRequest(host_info_json="{}"))).session_id
-    while not done.is_set():
-        messages = [m async for m in service.get_task(peer, pb.GetTaskRequest(session_id=session, wait_s=0.05))]
-        if messages[0].WhichOneof("kind") != "header":
-            continue
-        if messages[0].header.round <= 1:
-            await _answer(service, peer, session, messages)
-            continue
-        reply = pb.ResultHeader(session_id=session, task_id=messages[0].header.task_id, metrics_json="{}",
-                                error="site policy refuses job: its code hash is not in approved_hashes",
-                                declines_job=True)
-
-        async def one(r: pb.ResultHeader = reply):
-            yield pb.ResultChunk(header=r)
-        await service.submit_result(peer, one())
-
-
-async def _site(service: FederationService, name: str, done: asyncio.Event, pauses: Pauses, silent: set[str]) -> None:
+async def _site(service: FederationService, name: str, done: asyncio.Event, pauses: Pauses, silent: set[str],
+                declines: bool = False) -> None:
     """A site that answers every task, and goes silent where `pauses` says: before answering a train task
-    (its task is then re-sent when it registers again) or after."""
+    (its task is then re-sent when it registers again) or after. One that `declines` takes part in round 1,
+    then refuses the whole job (restarted with a stricter policy): its later tasks get a declining failure."""
     peer = Identity(name, f"org-{name}", Kind.CLIENT)
     session = (await service.register(peer, pb.RegisterRequest(host_info_json="{}"))).session_id
 
@@ -80,12 +61,24 @@ async def _site(service: FederationService, name: str, done: asyncio.Event, paus
         if messages[0].WhichOneof("kind") != "header":
             continue
         header = messages[0].header
+        if declines and header.round > 1:
+            await _decline(service, peer, session, header)
+            continue
         if header.task_name == "train" and await away("before", header.round):
             session = (await service.register(peer, pb.RegisterRequest(host_info_json="{}"))).session_id
             continue  # its unanswered task is sent again
         await _answer(service, peer, session, messages)
         if header.task_name == "train" and await away("after", header.round):
             session = (await service.register(peer, pb.RegisterRequest(host_info_json="{}"))).session_id
+
+
+async def _decline(service: FederationService, peer: Identity, session: str, header: pb.TaskHeader) -> None:
+    reply = pb.ResultHeader(session_id=session, task_id=header.task_id, metrics_json="{}", declines_job=True,
+                            error="site policy refuses job: its code hash is not in approved_hashes")
+
+    async def one():
+        yield pb.ResultChunk(header=reply)
+    await service.submit_result(peer, one())
 
 
 def _run_job(tmp_path: Path, rejoin_wait_s: float, make_pauses: Callable[[Registry, AuditLog], Pauses],
@@ -115,8 +108,7 @@ def _run_job(tmp_path: Path, rejoin_wait_s: float, make_pauses: Callable[[Regist
             await asyncio.sleep(0.05)
 
     asyncio.run(_run_with_sites(controller, registry, SITES, lambda done: [
-        *(_declining_site(service, n, done) if n == declining else
-          _site(service, n, done, pauses if n == "site-3" else {}, silent) for n in SITES),
+        *(_site(service, n, done, pauses if n == "site-3" else {}, silent, declines=n == declining) for n in SITES),
         *(keep_alive(n, done) for n in SITES)], 120))
     return audit
 

@@ -217,7 +217,8 @@ def _results(best: dict[str, dict[str, float]]) -> JobResults:
     ({}, {"a": {"acc": 0.7}}, (True, None)),
 ], ids=["one-of-two", "most-weight-better", "most-weight-worse", "key-withheld", "superset", "old-checkpoint"])
 def test_rounds_scored_by_other_sites_are_compared_fairly(best, new, expected) -> None:
+    from runtime.workflows.base import weighted_metrics
     from runtime.workflows.fedavg import _improves
 
     results = _results(best) if best else JobResults(best_round=1, best_metric=0.5)
-    assert _improves(new, results, "acc", higher_is_better=True) == expected
+    assert _improves(new, weighted_metrics(new)["acc"], results, "acc", higher_is_better=True) == expected
