@@ -35,7 +35,7 @@ import runtime
 from runtime.aggregators.config import FedAvgConfig
 from runtime.client.job_folders import JobFolders
 from runtime.client.sandbox import OffSandbox
-from runtime.client.worker_handle import WorkerFailed, WorkerHandle, worker_env
+from runtime.client.worker_handle import WORKER_START_TIMEOUT_S, WorkerFailed, WorkerHandle, WorkerTimedOut, worker_env
 from runtime.errors import ConfigError, FedkitError, JobRejected, UpdateRejected
 from runtime.filters import apply_filters, build_filters
 from runtime.job_check import Problem, check_static
@@ -55,7 +55,6 @@ from runtime.workflows import WORKFLOWS, RoundPlan, WorkflowContext
 from runtime.workflows.initial_model import GLOBAL_FILE
 
 PROBE_TIMEOUT_S = 120.0
-WORKER_READY_TIMEOUT_S = 300.0
 SITE = "job-check"
 CODE_ROOT = Path(runtime.__file__).resolve().parents[1]  # holds runtime/ and provision/
 
@@ -99,7 +98,9 @@ def check_job(folder: Path, data: Path | None = None, overrides: list[str] | Non
         return report
     limit = timeout_s if timeout_s is not None else client.task_timeout_s
     spec = JobSpec(meta=static.configs["meta"], server=server, client=client)
-    problems, ran = asyncio.run(_run_on_data(folder, data, spec, limit, start_s or WORKER_READY_TIMEOUT_S))
+    # as a site bounds it: the job's task_timeout_s, at most the worker start's own bound
+    ready_s = start_s or min(WORKER_START_TIMEOUT_S, client.task_timeout_s)
+    problems, ran = asyncio.run(_run_on_data(folder, data, spec, limit, ready_s))
     report.problems.extend(problems)
     report.ran = ran
     return report
@@ -140,8 +141,8 @@ def _probe(args: list[str], what: str, timeout_s: float | None = None) -> list[s
             proc = subprocess.run([sys.executable, "-m", "provision.job_probe", *args], capture_output=True,
                                   text=True, env=env, cwd=tmp, timeout=limit, check=False)
         except subprocess.TimeoutExpired:
-            return [f"{what} did not finish within {limit:g} s: does the module (or the learner's constructor) "
-                    "run long work, or hang?"]
+            return [f"{what} did not finish within {limit:g} s: does the module run long work when imported, "
+                    "or hang?"]
     for line in reversed(proc.stdout.splitlines()):
         try:
             return list(json.loads(line)["problems"])
@@ -152,7 +153,7 @@ def _probe(args: list[str], what: str, timeout_s: float | None = None) -> list[s
 
 
 async def _run_on_data(folder: Path, data: Path, spec: JobSpec, timeout_s: float,
-                       start_timeout_s: float = WORKER_READY_TIMEOUT_S) -> tuple[list[Problem], dict[str, Any]]:
+                       start_timeout_s: float = WORKER_START_TIMEOUT_S) -> tuple[list[Problem], dict[str, Any]]:
     """One init/train/validate in the site's own worker, as the job's first round asks it."""
     learner = spec.client.learner
     with tempfile.TemporaryDirectory(prefix="fedkit-check-") as tmp:
@@ -164,6 +165,10 @@ async def _run_on_data(folder: Path, data: Path, spec: JobSpec, timeout_s: float
                 sandbox=OffSandbox(), python=sys.executable, kit=CODE_ROOT, folders=folders, site=SITE,
                 job_id="check", data_root=str(data.resolve()), gpus=[], learner=learner.path,
                 learner_args=learner.args, log_path=Path(tmp) / "worker.log", ready_timeout_s=start_timeout_s)
+        except WorkerTimedOut as e:  # the constructor runs only here (the probe imports the class only)
+            return [Problem(CLIENT_CONFIG, "learner", f"{_tail(e)} while starting (importing {learner.path}, "
+                                                      "building the learner on the data): does its constructor "
+                                                      "run long work, or hang?")], {}
         except (WorkerFailed, FedkitError) as e:
             return [Problem(CLIENT_CONFIG, "learner", f"{_tail(e)}")], {}
         try:

@@ -61,8 +61,9 @@ def check_cmd(folder: Annotated[Path, typer.Argument(help="a job folder")],
                                                              "server.rounds=5")] = None,
               as_json: Annotated[bool, typer.Option("--json", help="one JSON object: {ok, problems}")] = False,
               timeout_s: Annotated[float | None, typer.Option("--timeout-s", help="per step with --data, "
-                                                              "and for building the learner (default: the job's "
-                                                              "task_timeout_s; 120 s to build it)")] = None,
+                                                              "and for importing and building the learner "
+                                                              "(default: the job's task_timeout_s; 120 s to "
+                                                              "import)")] = None,
               ) -> None:
     """Check a job before submitting it; exit 0 when the server and sites would accept it, else 1."""
     report = check_job(folder, data, set_ or [], timeout_s)

@@ -302,7 +302,8 @@ class _RecordingClient:
 
 
 def test_a_learner_hanging_while_it_is_built_is_bounded_by_the_timeout_given(tmp_path: Path) -> None:
-    # --timeout-s 10 bounded each step only: building a hanging learner waited 120 s in the probe, then 300 s
+    # --timeout-s bounded each step only: a learner hanging in its constructor (which runs only with --data,
+    # in the worker) waited the worker start's 300 s whatever was given
     job = _new(tmp_path)
     (job / "custom" / "hanging.py").write_text(textwrap.dedent("""
         import time
@@ -313,9 +314,20 @@ def test_a_learner_hanging_while_it_is_built_is_bounded_by_the_timeout_given(tmp
                 time.sleep(3600)
         """))
     _edit(job / "config_fed_client.yml", "learner:TabularLearner", "hanging:Hanging")
-    result = _cli("check", str(job), "--timeout-s", "3")
+    assert _cli("check", str(job)).exit_code == 0  # without data the class is imported and checked, not built
+    data = _sample_data("tabular_classifier", tmp_path / "data")
+    result = _cli("check", str(job), "--data", str(data), "--timeout-s", "30")
+    _refused_in_one_line(result, "config_fed_client.yml: learner: training worker gave no answer within 30 s "
+                                 "while starting (importing hanging:Hanging, building the learner")
+
+
+def test_a_module_hanging_when_imported_is_bounded_by_the_timeout_given(tmp_path: Path) -> None:
+    job = _new(tmp_path)
+    (job / "custom" / "hanging.py").write_text("import time\ntime.sleep(3600)\n")
+    _edit(job / "config_fed_client.yml", "learner:TabularLearner", "hanging:Hanging")
+    result = _cli("check", str(job), "--timeout-s", "20")
     _refused_in_one_line(result, "config_fed_client.yml: learner.path: importing hanging:Hanging did not finish "
-                                 "within 3 s")
+                                 "within 20 s: does the module run long work when imported")
 
 
 @pytest.mark.parametrize(("body", "said"), [
