@@ -21,7 +21,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -114,6 +114,9 @@ class Steps:
 
 # the tasks whose weights are a DP release, and the prepare that starts their worker: a spent budget stops them
 _RELEASING = frozenset({TaskKind.PREPARE, TaskKind.INIT, TaskKind.TRAIN, TaskKind.SUBMIT_MODEL})
+# a job's spent DP budget stays spent while the site runs (its privacy.yml is read at start): the server is
+# told to send none of the job's releasing tasks it may still plan (a prepare is never answered, init runs once)
+_DECLINED_WHEN_SPENT = (TaskKind.TRAIN.value, TaskKind.SUBMIT_MODEL.value)
 
 
 @dataclass
@@ -452,7 +455,8 @@ class ClientDaemon:
                 # what the job's code could shape: its worker's errors and exit, the weights it wrote
                 await self._report_failure(h, self._privacy.reports.error_text(
                     _site_paths_hidden(str(e), _site_places(self._kit, self._settings.data_root)),
-                    _shaped_by_job(e)), declines=self._declines(h.job_id))
+                    _shaped_by_job(e)), declines=self._declines(h.job_id),
+                    declines_tasks=_DECLINED_WHEN_SPENT if isinstance(e, DpBudgetExhausted) else ())
         finally:
             if not keep_updates:
                 await asyncio.to_thread(self._remove_task_folder, round_dir)
@@ -788,13 +792,15 @@ class ClientDaemon:
         kind of task (building round 0, a spent DP budget, which still lets validations run) are not."""
         return job_id in self._declined_jobs or job_id in self._disk_stopped
 
-    async def _report_failure(self, h: pb.TaskHeader, reason: str, declines: bool = False) -> None:
+    async def _report_failure(self, h: pb.TaskHeader, reason: str, declines: bool = False,
+                              declines_tasks: Iterable[str] = ()) -> None:
         """Tell the server this site's task failed, and why: a result header with the error, no weights and
         no metrics (the server counts it as this site's failure of the round). Audited as what it is, an
         error report (`error_reported`, with the reason that left the site), never as an update sent.
-        `declines`: the site will run none of this job while it runs (the server stops tasking it)."""
+        `declines`: the site will run none of this job while it runs (the server stops tasking it);
+        `declines_tasks`: none of these kinds of its tasks (a spent DP budget: the server still asks validations)."""
         header = pb.ResultHeader(session_id=self._session_id, task_id=h.task_id, metrics_json="{}", error=reason,
-                                 declines_job=declines)
+                                 declines_job=declines, declines_tasks=sorted(declines_tasks))
 
         async def chunks() -> AsyncIterator[bytes]:
             yield header_message(header)
@@ -803,7 +809,8 @@ class ClientDaemon:
             reply = await self._bulk.SubmitResult(chunks(), timeout=RPC_TIMEOUT_S)
         if reply.accepted:
             self._audit.append("error_reported", job_id=h.job_id, task=h.task_name, round=h.round, reason=reason,
-                               **({"declines_job": True} if declines else {}))
+                               **({"declines_job": True} if declines else {}),
+                               **({"declines_tasks": sorted(declines_tasks)} if declines_tasks else {}))
             log.info("job %s %s round %d: the server took this site's failure report", h.job_id, h.task_name,
                      h.round)
         else:

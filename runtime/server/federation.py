@@ -13,6 +13,7 @@ from ..errors import FedkitError, JobRejected, PermissionDenied, SessionExpired,
 from ..heap import give_back_free_memory
 from ..identity import Identity
 from ..proto import fedkit_pb2 as pb
+from ..tasks import declined_kinds
 from ..transport import CHUNK_BYTES, with_idle_timeout
 from .metrics_check import decode_metrics
 from .registry import Registry
@@ -178,8 +179,9 @@ class FederationService:
         """Take the payload in, check it and hand it to the controller; returns its SHA-256."""
         metrics = decode_metrics(header.metrics_json)
         if not header.payload_bytes or header.error:
-            if header.error and header.declines_job:
-                await controller.declined(task.site, header.error)
+            if header.error and (header.declines_job or header.declines_tasks):
+                await controller.declined(task.site, header.error,
+                                          None if header.declines_job else declined_kinds(header.declines_tasks))
             await controller.accept_result(task, int(header.n_samples), metrics, header.error, None)
             return ""
         await self._upload_slots.acquire(header.lease_id, task.site)
