@@ -253,6 +253,23 @@ def audit_verify_cmd(
     typer.echo(f"{log}: ok ({report.records} records, chain intact, head {report.last_hash})")
 
 
+@audit_app.command("report")
+def audit_report_cmd(
+    log: Annotated[Path, typer.Argument(help="a site's workspace/audit.jsonl")],
+    job: Annotated[str | None, typer.Option("--job", help="only job ids starting with this")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="only records from this UTC date or time on "
+                                              "(2026-11-01, 2026-11-01T08:00)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+) -> None:
+    """What a site's audit trail says, job by job: who sent each job, which code ran and in what sandbox,
+    what left (updates, bytes, privacy filters, DP spent, error messages), what the site refused. The hash
+    chain is checked first (exit 1 where it breaks). A site kit runs the same as startup/audit_report.sh."""
+    from runtime import audit_report
+
+    activity = audit_report.summarize(log, job, audit_report.since_date(since) if since else None)
+    typer.echo(audit_report.as_json_text(activity) if as_json else audit_report.render(activity))
+
+
 @app.command("demo")
 def demo_cmd(
     workspace: Annotated[

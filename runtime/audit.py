@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -193,23 +193,39 @@ class _Line:
 
 def _lines(path: Path) -> Iterator[_Line]:
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.rstrip(b"\n")
-            if not line:  # fedkit writes no empty line; tolerated, as a trailing one was
-                continue
-            record = _parsed(line)  # a line of spaces is not a record: verify names it
-            # a duplicate key ("allowed":true,"allowed":false) parses to the last value and hashes fine, while
-            # grep and a reader see the first: only the bytes append() writes count
-            yield _Line(lineno, record, as_written=record is not None and _canonical(record) == line)
+        yield from _lines_of(f)
+
+
+def _lines_of(raw_lines: Iterable[bytes]) -> Iterator[_Line]:
+    for lineno, raw in enumerate(raw_lines, start=1):
+        line = raw.rstrip(b"\n")
+        if not line:  # fedkit writes no empty line; tolerated, as a trailing one was
+            continue
+        record = _parsed(line)  # a line of spaces is not a record: verify names it
+        # a duplicate key ("allowed":true,"allowed":false) parses to the last value and hashes fine, while
+        # grep and a reader see the first: only the bytes append() writes count
+        yield _Line(lineno, record, as_written=record is not None and _canonical(record) == line)
 
 
 def verify(path: Path) -> VerifyReport:
     """Check the whole chain; raise AuditChainBroken naming the first line that does not follow, and
     saying what happened there where the neighbours tell (modified, inserted, or a record deleted)."""
+    return _verify_lines(path, _lines(path))
+
+
+def verified_records(path: Path) -> tuple[VerifyReport, list[dict[str, Any]]]:
+    """Every record of a log, once its chain is checked as verify() does. Read at once, so the log may be
+    growing: a last line still being written (no newline yet) is left out, not called damage."""
+    data = path.read_bytes()
+    lines = list(_lines_of(data[:data.rfind(b"\n")].split(b"\n") if b"\n" in data else []))
+    report = _verify_lines(path, iter(lines))
+    return report, [line.record for line in lines if line.record is not None]
+
+
+def _verify_lines(path: Path, lines: Iterator[_Line]) -> VerifyReport:
     before: _Link | None = None
     prev = _Link(0, GENESIS)
     count = 0
-    lines = _lines(path)
     current = next(lines, None)
     while current is not None:
         following = next(lines, None)

@@ -776,7 +776,8 @@ class ClientDaemon:
         size_sent, digest_hex = size, (known or digest.hexdigest()) if size else ""
         if reply.accepted:
             self._audit.append("update_sent", job_id=h.job_id, task=h.task_name, round=h.round,
-                               n_samples=n_samples, payload_sha256=digest_hex, privacy=privacy or None,
+                               n_samples=n_samples, payload_sha256=digest_hex, payload_bytes=size_sent,
+                               privacy=privacy or None,
                                **_reported(metrics, metrics_json))
             log.info("job %s %s round %d: result accepted (%d bytes, n_samples=%d); %s", h.job_id, h.task_name,
                      h.round, size_sent, n_samples, steps)

@@ -6,6 +6,7 @@ One site, two rounds, to keep it short."""
 from __future__ import annotations
 
 import json
+import subprocess
 from typing import Any
 
 import dp_accounting
@@ -79,6 +80,19 @@ def test_site_reports_its_epsilon_and_stops_at_its_budget(make_study, tmp_path):
     refusals = [r for r in _events(study, "site-1", "job_refused") if r["job_id"] == job_id]
     assert [r["rule"] for r in refusals] == ["privacy"] and "dp_budget" in refusals[0]["reason"]
     assert json.loads((site_job / "dp_ledger.json").read_text())["releases"] == 2
+
+    # the site's own report of its audit trail (startup/audit_report.sh) says the same, from the records
+    ran = subprocess.run(["bash", str(study.kits["site-1"] / "startup" / "audit_report.sh"), "--json", "--job",
+                          job_id], capture_output=True, text=True, env=study.env(), timeout=120, check=False)
+    assert ran.returncode == 0, ran.stderr
+    (report,) = json.loads(ran.stdout)["jobs"]
+    assert report["submitter"].startswith(study.admins[0]) and report["code_approval"] == ["any code allowed"]
+    assert report["uploads_with_weights"] == 2 and report["bytes_sent"] == sum(
+        f.stat().st_size for f in site_job.glob("inbox/*/*.sent.safetensors"))  # what left, kept by keep_updates
+    assert [f for f in report["filters"] if f.startswith("gaussian_dp")] == ["gaussian_dp (site)"]
+    assert report["dp"]["releases"] == 2 and report["dp"]["epsilon_total"] == pytest.approx(accountant_epsilon(2))
+    assert report["refused"] == {f"privacy: {refusals[0]['reason']}": 1} and report["dp_refused"] == {"dp_budget": 1}
+    assert list(report["errors_sent"]) == [reported["reason"]] and report["tasks_failed"] == 1
 
     # show_job: the total so far, per site, at the site's delta
     table = study.admin(f"show_job {job_id}", as_json=False).stdout
