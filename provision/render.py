@@ -88,6 +88,7 @@ KIT_TEMPLATES: Mapping[Kind, tuple[TemplateFile, ...]] = {
         *_COMMON,
         *_DAEMON,
         TemplateFile("audit_report.sh.j2", "startup/audit_report.sh", EXECUTABLE_MODE),
+        TemplateFile("review_job.sh.j2", "startup/review_job.sh", EXECUTABLE_MODE),
         TemplateFile("readme.client.txt.j2", "readme.txt"),
         TemplateFile("site.yml.example.j2", "local/site.yml.example"),
         TemplateFile("job_policy.yml.example.j2", "local/job_policy.yml.example"),

@@ -23,6 +23,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -66,6 +67,7 @@ from ..transport import (
 )
 from . import outgoing
 from .code_approval import ReceivedCode, received_code
+from .code_review import keep_for_review
 from .disk_guard import DiskGuard, empty_folders
 from .dp_ledger import SITE_LEDGER_FILE, DpLedger
 from .job_folders import JobFolders
@@ -544,12 +546,30 @@ class ClientDaemon:
             except JobRejected as e:  # local/job_policy.yml code:
                 self._job_refused(h, config, "code", e, job_sha256=digest, code_sha256=code.code_sha256,
                                   declines=True)
+                await self._keep_for_review(h, config, archive, digest, code, str(e))
                 raise
             await asyncio.to_thread(safe_extract, archive, code_dir)
             self._audit.append("job_received", job_id=h.job_id, job_name=config.get("job_name", ""),
                                job_sha256=digest, code_sha256=code.code_sha256, code_approval=approval,
                                submitter=submitter)
         self._worker = await self._start_worker(h.job_id, JobFolders(job_dir), client_cfg)
+
+    async def _keep_for_review(self, h: pb.TaskHeader, config: dict[str, Any], archive: bytes, digest: str,
+                               code: ReceivedCode, reason: str) -> None:
+        """Keep code the code rule refused, as received, for site IT to read before approving its hash
+        (startup/review_job.sh); a site that cannot keep it (its disk) still refuses the job."""
+        facts = {"job_name": config.get("job_name", ""), "submitter": config.get("submitter", {}),
+                 "refused_at": datetime.now(UTC).isoformat(timespec="seconds"), "reason": reason,
+                 "code_sha256": code.code_sha256, "job_sha256": digest,
+                 "learner_to_run": code.learner_to_run}
+        try:
+            kept = await asyncio.to_thread(keep_for_review, self._ws, _safe_name(h.job_id), archive, facts)
+        except OSError as e:
+            log.warning("job %s: its refused code could not be kept for review: %s", h.job_id, e)
+            return
+        if kept:
+            log.info("job %s: its refused code is kept for review: startup/review_job.sh %s", h.job_id, h.job_id)
+            self._audit.append("code_kept_for_review", job_id=h.job_id, code_sha256=code.code_sha256)
 
     def _job_refused(self, h: pb.TaskHeader, config: dict[str, Any], rule: str, error: JobRejected,
                      job_sha256: str = "", code_sha256: str = "", declines: bool = False) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import subprocess
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -180,12 +181,31 @@ def test_approved_hashes_refuse_until_site_it_approves(make_study, tmp_path):
     assert audited["code_sha256"] == code and "approved_hashes" in audited["reason"]
     assert _events(study, "site-1", "job_received") == [], "refused code is never unpacked"
 
-    study.write_local("site-1", "job_policy.yml", {"code": {"approved_hashes": ["0" * 64, code]}})
+    # site IT reads the very code that asked to run (kept as received) and takes its hash from there
+    assert [r["code_sha256"] for r in _events(study, "site-1", "code_kept_for_review")] == [code]
+    listed = _kit_script(study, "site-1", "review_job.sh")
+    assert refused["job_id"] in listed and f"code {code[:16]}..." in listed
+    review = _kit_script(study, "site-1", "review_job.sh", refused["job_id"])
+    unpacked = study.kits["site-1"] / "workspace" / "review" / refused["job_id"]
+    assert f"unpacked, never run, into {unpacked}:" in review and "custom/learner.py" in review
+    assert (unpacked / "custom" / "learner.py").read_bytes() == (job / "custom" / "learner.py").read_bytes()
+    approve = review.splitlines()[-2].strip()
+    assert approve == f"- {code}"
+    assert not _events(study, "site-1", "job_received"), "reviewing ran nothing"
+
+    study.write_local("site-1", "job_policy.yml", {"code": {"approved_hashes": ["0" * 64, approve[2:]]}})
     _restart(study, "site-1")
     accepted = study.admin_json(f"clone_job {refused['job_id']}")
     assert study.admin_json(f"wait_job {accepted['job_id']} 300")["state"] == "finished"
     (received,) = _events(study, "site-1", "job_received")
     assert received["code_sha256"] == code and received["code_approval"] == f"code hash {code[:16]} approved"
+
+
+def _kit_script(study: Any, kit: str, script: str, *args: str) -> str:
+    ran = subprocess.run(["bash", str(study.kits[kit] / "startup" / script), *args], capture_output=True,
+                         text=True, env=study.env(), timeout=120, check=False)
+    assert ran.returncode == 0, ran.stderr
+    return ran.stdout
 
 
 def test_signed_by_accepts_only_listed_signers(make_study, tmp_path):

@@ -55,13 +55,14 @@ EXPECTED_LAYOUT = {
         "local/job_policy.yml.example",
         "local/privacy.yml.example",
         "startup/audit_report.sh",
+        "startup/review_job.sh",
     },
     Kind.ADMIN: COMMON | {"startup/fed_admin.json", "startup/client.crt", "startup/client.key", "startup/fl_admin.sh",
                           "startup/docker.sh", "startup/Dockerfile"},
 }
 NOW = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)
 EXECUTABLES = {"startup/start.sh", "startup/stop.sh", "startup/docker.sh", "startup/fl_admin.sh",
-               "startup/audit_report.sh"}
+               "startup/audit_report.sh", "startup/review_job.sh"}
 
 
 def files_of(kit_dir: Path) -> dict[str, Path]:
@@ -228,6 +229,7 @@ def test_launch_lines_exec_the_right_runtime_module(provisioned) -> None:
         ("site-1", "start.sh"): 'exec "$PYTHON" -m runtime.client --kit "$KIT_DIR" "$@"',
         ("admin@study.org", "fl_admin.sh"): 'exec "$PYTHON" -m runtime.admin --kit "$KIT_DIR" "$@"',
         ("site-1", "audit_report.sh"): 'exec "$PYTHON" -m runtime.audit_report --kit "$KIT_DIR" "$@"',
+        ("site-1", "review_job.sh"): 'exec "$PYTHON" -m runtime.client.code_review --kit "$KIT_DIR" "$@"',
     }
     for (kit, script), line in expected.items():
         assert (provisioned.kit(kit) / "startup" / script).read_text().rstrip().endswith(line)

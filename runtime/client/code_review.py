@@ -1,0 +1,143 @@
+"""Code this site's strict code rule refused, kept for site IT to review (startup/review_job.sh).
+
+Under `code: {approved_hashes: ...}` or `{signed_by: ...}` a job with other code is refused before any of
+it runs. To approve it, site IT must read exactly the code that asked to run, and its hash: the site keeps
+the archive it received (the bytes it hashed), never unpacked, with what it knew of the job:
+
+    workspace/review/<job>.zip    the job's archive as received
+    workspace/review/<job>.json   job name, submitter, when and why it was refused, its code and archive hashes,
+                                  the learner as it would run (after --set overrides)
+
+`review_job.sh` lists them; `review_job.sh JOB` unpacks one into workspace/review/<job>/ (as the site
+unpacks a job: no links, no paths out, bounded sizes), checks the archive still has the hash it was refused
+with, and says how to approve it. Nothing here imports or runs the job's code. The newest MAX_KEPT
+archives are kept, within MAX_KEPT_BYTES.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, JobRejected
+from ..job_code import code_hash_of_zip
+from ..job_spec import safe_extract
+
+REVIEW_DIR = "review"
+MAX_KEPT = 16
+MAX_KEPT_BYTES = 512 << 20
+
+
+def keep_for_review(workspace: Path, job_id: str, archive: bytes, facts: dict[str, Any]) -> bool:
+    """Keep a refused job's archive and `facts` (JSON-able) for review, unless it is kept already or would
+    pass MAX_KEPT_BYTES alone; then trim the oldest. Returns whether it was kept."""
+    folder = workspace / REVIEW_DIR
+    if len(archive) > MAX_KEPT_BYTES or (folder / f"{job_id}.zip").exists():
+        return False
+    folder.mkdir(exist_ok=True)
+    part = folder / f"{job_id}.zip.part"
+    part.write_bytes(archive)
+    (folder / f"{job_id}.json").write_text(json.dumps({"job_id": job_id, **facts}, indent=1, sort_keys=True))
+    part.replace(folder / f"{job_id}.zip")
+    _trim(folder)
+    return True
+
+
+def _trim(folder: Path) -> None:
+    kept = sorted(folder.glob("*.zip"), key=lambda p: p.stat().st_mtime, reverse=True)
+    total = 0
+    for i, archive in enumerate(kept):
+        total += archive.stat().st_size
+        if i >= MAX_KEPT or total > MAX_KEPT_BYTES:
+            _forget(folder, archive.name.removesuffix(".zip"))
+
+
+def _forget(folder: Path, job_id: str) -> None:
+    for path in (folder / f"{job_id}.zip", folder / f"{job_id}.json"):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(folder / job_id, ignore_errors=True)
+
+
+def pending(workspace: Path) -> list[dict[str, Any]]:
+    """The kept reviews, newest first."""
+    folder = workspace / REVIEW_DIR
+    archives = sorted(folder.glob("*.zip"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return [json.loads(facts.read_text()) for facts in (a.with_suffix(".json") for a in archives) if facts.is_file()]
+
+
+def unpack(workspace: Path, job_id: str) -> tuple[dict[str, Any], Path, list[tuple[str, int]]]:
+    """Unpack a kept job into workspace/review/<job>/ (afresh); its facts, the folder and its files (name,
+    bytes). Raises ConfigError if none is kept, JobRejected if the archive no longer hashes as it did."""
+    folder = workspace / REVIEW_DIR
+    archive, facts_file = folder / f"{job_id}.zip", folder / f"{job_id}.json"
+    if "/" in job_id or job_id.startswith(".") or not archive.is_file() or not facts_file.is_file():
+        kept = ", ".join(f["job_id"] for f in pending(workspace)) or "none"
+        raise ConfigError(f"no refused job '{job_id}' kept for review (kept: {kept})")
+    facts = json.loads(facts_file.read_text())
+    data = archive.read_bytes()
+    if code_hash_of_zip(data) != facts.get("code_sha256"):
+        raise JobRejected(f"{archive}: its code hash is no longer {facts.get('code_sha256')}: the file changed "
+                          "since the site refused it; do not approve from it")
+    dest = folder / job_id
+    shutil.rmtree(dest, ignore_errors=True)
+    safe_extract(data, dest)
+    files = sorted((str(p.relative_to(dest)), p.stat().st_size) for p in dest.rglob("*") if p.is_file())
+    return facts, dest, files
+
+
+def render_pending(reviews: list[dict[str, Any]]) -> str:
+    if not reviews:
+        return "no refused job is kept for review"
+    lines = ["refused jobs kept for review (newest first); review one with: startup/review_job.sh JOB"]
+    for facts in reviews:
+        lines.append(f"  {facts['job_id']}  \"{facts.get('job_name', '')}\" from {_person(facts.get('submitter'))} "
+                     f"at {facts.get('refused_at', '?')}: code {facts.get('code_sha256', '?')[:16]}...")
+    return "\n".join(lines)
+
+
+def render_review(facts: dict[str, Any], dest: Path, files: list[tuple[str, int]]) -> str:
+    code = facts.get("code_sha256", "?")
+    lines = [f"job {facts['job_id']} \"{facts.get('job_name', '')}\" from {_person(facts.get('submitter'))}",
+             f"refused at {facts.get('refused_at', '?')}: {facts.get('reason', '')}",
+             f"code sha256 {code} (the archive still hashes so)",
+             f"learner as it would run: {json.dumps(facts.get('learner_to_run'), sort_keys=True)}",
+             f"unpacked, never run, into {dest}:"]
+    lines += [f"  {name}  ({size} bytes)" for name, size in files]
+    lines += ["to approve this code after reading it, add its hash to local/job_policy.yml and restart the site:",
+              "  code:", "    approved_hashes:", f"      - {code}",
+              "then ask the study's researcher to submit it again (clone_job)."]
+    return "\n".join(lines)
+
+
+def _person(submitter: Any) -> str:
+    if not isinstance(submitter, dict) or not submitter.get("name"):
+        return "?"
+    return f"{submitter['name']} ({submitter.get('org', '?')}, {submitter.get('role', '?')})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m runtime.client.code_review --kit KIT [JOB]` (startup/review_job.sh)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="review_job.sh", description="Jobs this site's code rule refused, "
+                                     "kept to be read before approving their code hash.")
+    parser.add_argument("job", nargs="?", help="a job id: unpack its code (never run) and say how to approve it")
+    parser.add_argument("--kit", type=Path, default=Path.cwd(), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    workspace = args.kit / "workspace"
+    try:
+        if args.job is None:
+            print(render_pending(pending(workspace)))
+        else:
+            print(render_review(*unpack(workspace, args.job)))
+    except (ConfigError, JobRejected, OSError, ValueError) as e:
+        print(f"review_job: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

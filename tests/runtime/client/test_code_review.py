@@ -1,0 +1,60 @@
+"""Refused code kept for site IT's review (runtime/client/code_review.py): bounded, unpacked only on request
+and safely, and never approved from an archive that changed since it was refused. The daemon's side (what
+it keeps when its code rule refuses a job) runs end to end in tests/e2e/test_site_privacy.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from runtime.client import code_review
+from runtime.client.code_review import keep_for_review, pending, unpack
+from runtime.errors import ConfigError, JobRejected
+from runtime.job_code import code_hash_of_zip
+
+
+def _archive(body: str) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("custom/learner.py", body)
+        zf.writestr("config_fed_client.yml", "learner: {path: learner:L}\n")
+    return buffer.getvalue()
+
+
+def _keep(ws: Path, job_id: str, archive: bytes) -> bool:
+    return keep_for_review(ws, job_id, archive, {"code_sha256": code_hash_of_zip(archive), "job_name": job_id,
+                                                 "submitter": {"name": "lead@study.org"}, "reason": "not approved"})
+
+
+def test_a_kept_job_unpacks_as_received_and_runs_nothing(tmp_path: Path) -> None:
+    archive = _archive("raise SystemExit('never imported')\n")
+    assert _keep(tmp_path, "job-1", archive) and not _keep(tmp_path, "job-1", archive)  # kept once
+    facts, dest, files = unpack(tmp_path, "job-1")
+    assert facts["code_sha256"] == code_hash_of_zip(archive) and dest == tmp_path / "review" / "job-1"
+    assert [name for name, _ in files] == ["config_fed_client.yml", "custom/learner.py"]
+    assert (dest / "custom" / "learner.py").read_text() == "raise SystemExit('never imported')\n"
+
+
+def test_an_archive_changed_since_it_was_refused_is_not_offered_for_approval(tmp_path: Path) -> None:
+    _keep(tmp_path, "job-1", _archive("x = 1\n"))
+    (tmp_path / "review" / "job-1.zip").write_bytes(_archive("x = 2\n"))  # someone swapped what will be read
+    with pytest.raises(JobRejected, match="the file changed since the site refused it"):
+        unpack(tmp_path, "job-1")
+
+
+def test_only_the_newest_are_kept_and_unknown_names_are_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(code_review, "MAX_KEPT", 3)
+    for i in range(5):
+        _keep(tmp_path, f"job-{i}", _archive(f"x = {i}\n"))
+        os.utime(tmp_path / "review" / f"job-{i}.zip", (1000 + i, 1000 + i))  # file times a second apart
+        code_review._trim(tmp_path / "review")
+    assert [f["job_id"] for f in pending(tmp_path)] == ["job-4", "job-3", "job-2"]
+    assert sorted(p.name for p in (tmp_path / "review").iterdir()) == [
+        f"job-{i}.{ext}" for i in (2, 3, 4) for ext in ("json", "zip")]
+    for name in ("job-0", "../review/job-4", ".hidden"):
+        with pytest.raises(ConfigError, match=r"no refused job .* kept for review \(kept: job-4, job-3, job-2\)"):
+            unpack(tmp_path, name)
