@@ -210,30 +210,34 @@ def _lines_of(raw_lines: Iterable[bytes]) -> Iterator[_Line]:
 def verify(path: Path) -> VerifyReport:
     """Check the whole chain; raise AuditChainBroken naming the first line that does not follow, and
     saying what happened there where the neighbours tell (modified, inserted, or a record deleted)."""
-    return _verify_lines(path, _lines(path))
+    count, last = 0, GENESIS
+    for line in _checked(path, _lines(path)):
+        count, last = count + 1, line.record["hash"]  # type: ignore[index]
+    return VerifyReport(records=count, last_hash=last)
 
 
-def verified_records(path: Path) -> tuple[VerifyReport, list[dict[str, Any]]]:
-    """Every record of a log, once its chain is checked as verify() does. Read at once, so the log may be
+def verified_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Each record in turn, once its place in the chain is checked as verify() checks it: raises
+    AuditChainBroken at the first line that does not follow (a caller summarizing the records must then
+    drop what it took from the ones before). One pass, one record in memory at a time. The log may be
     growing: a last line still being written (no newline yet) is left out, not called damage."""
-    data = path.read_bytes()
-    lines = list(_lines_of(data[:data.rfind(b"\n")].split(b"\n") if b"\n" in data else []))
-    report = _verify_lines(path, iter(lines))
-    return report, [line.record for line in lines if line.record is not None]
+    with path.open("rb") as f:
+        whole = (raw for raw in f if raw.endswith(b"\n"))  # only the last line can lack its newline
+        for line in _checked(path, _lines_of(whole)):
+            yield line.record  # type: ignore[misc]
 
 
-def _verify_lines(path: Path, lines: Iterator[_Line]) -> VerifyReport:
+def _checked(path: Path, lines: Iterator[_Line]) -> Iterator[_Line]:
+    """`lines` in turn, each once it follows the one before (one line of lookahead names what happened)."""
     before: _Link | None = None
     prev = _Link(0, GENESIS)
-    count = 0
     current = next(lines, None)
     while current is not None:
         following = next(lines, None)
         _check_line(path, current, prev, before, following)
         before, prev = prev, _Link(current.lineno, current.record["hash"])  # type: ignore[index]
-        count += 1
+        yield current
         current = following
-    return VerifyReport(records=count, last_hash=prev.hash)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .audit import verified_records
+from .audit import GENESIS, verified_records
 from .errors import ConfigError
 
 MAX_REASONS_SHOWN = 3  # distinct reasons listed per job and kind; all of them are counted
@@ -89,11 +89,12 @@ def summarize(path: Path, job: str | None = None, since: str | None = None) -> S
     starting with `job` and records from `since` (an ISO date or time, UTC) when given."""
     if not path.is_file():
         raise ConfigError(f"{path}: no such audit log")
-    verified, records = verified_records(path)
-    if records and records[0].get("event") == "server_started":
-        raise ConfigError(f"{path} is a server's audit log; this report reads a site's (its workspace/audit.jsonl)")
-    activity = SiteActivity(path, verified.records, verified.last_hash)
-    for record in records:
+    activity = SiteActivity(path, 0, GENESIS)
+    for record in verified_records(path):
+        if not activity.records and record.get("event") == "server_started":
+            raise ConfigError(f"{path} is a server's audit log; this report reads a site's (its "
+                              "workspace/audit.jsonl)")
+        activity.records, activity.head = activity.records + 1, str(record.get("hash"))
         if since is not None and str(record.get("time", "")) < since:
             continue
         if job is not None and not str(record.get("job_id", "")).startswith(job):
