@@ -115,6 +115,7 @@ class Steps:
 
 
 # the tasks whose weights are a DP release, and the prepare that starts their worker: a spent budget stops them
+DISK_CLEANUP_WAIT_S = 120.0  # emptying a job's folders after it filled the disk (millions of files: slow)
 _RELEASING = frozenset({TaskKind.PREPARE, TaskKind.INIT, TaskKind.TRAIN, TaskKind.SUBMIT_MODEL})
 # a job's spent DP budget stays spent while the site runs (its privacy.yml is read at start): the server is
 # told to send none of the job's releasing tasks it may still plan (a prepare is never answered, init runs once)
@@ -164,6 +165,7 @@ class ClientDaemon:
         self._disk = DiskGuard(ws, settings.sandbox.min_free_disk_mb)
         self._disk_watch: asyncio.Task | None = None
         self._disk_stopped: dict[str, str] = {}  # job -> why the disk guard stopped it: no more of its tasks
+        self._cleaning: set[asyncio.Task] = set()  # disk guards emptying a stopped job's folders (held: not GC'd)
         self._keep_refused: set[str] = set()  # jobs told once that this site keeps none of their models
         self._declined_jobs: set[str] = set()  # jobs this site's policy refuses whole (the server is told)
         self._key_withheld: set[str] = set()  # jobs whose key metric this site's reports policy withholds (warned)
@@ -451,6 +453,7 @@ class ClientDaemon:
         except (WorkerFailed, JobRejected, ConfigError, UpdateRejected, OSError) as e:
             if isinstance(e, WorkerFailed) and h.job_id in self._disk_stopped:  # killed by the disk guard
                 e = JobRejected(self._disk_stopped[h.job_id])
+                await self._disk_cleaned(h.job_id)
             log.error("job %s %s round %d failed: %s", h.job_id, h.task_name, h.round, e)
             self._audit.append("task_failed", job_id=h.job_id, task=h.task_name, round=h.round, reason=str(e))
             if h.task_name != TaskKind.PREPARE:  # a prepare is never answered: the job's first task says it
@@ -841,13 +844,25 @@ class ClientDaemon:
                         h.task_name, h.round, reply.reason)
 
     def _watch_disk(self, job_id: str, folders: JobFolders, worker: WorkerHandle) -> None:
+        """The disk guard over the job's worker. The worker is killed and its folders emptied before anything
+        is written: a job that filled the disk to its last byte left no room for the audit record, whose
+        failure then stopped the whole site with the job's files still filling its disk."""
         def stop(reason: str) -> None:
             self._disk_stopped[job_id] = reason
-            self._audit.append("job_stopped", job_id=job_id, rule="disk", reason=reason)
             worker.kill()
 
-        self._disk_watch = asyncio.create_task(self._disk.watch(job_id, (folders.scratch, folders.outbox), stop),
-                                               name="disk guard")
+        def stopped(reason: str) -> None:
+            self._audit.append("job_stopped", job_id=job_id, rule="disk", reason=reason)
+
+        self._disk_watch = asyncio.create_task(
+            self._disk.watch(job_id, (folders.scratch, folders.outbox), stop, stopped), name="disk guard")
+
+    async def _disk_cleaned(self, job_id: str) -> None:
+        """Wait until the disk guard that stopped `job_id` has emptied its folders (the task it interrupted
+        fails meanwhile, and its failure is written to the audit log only then)."""
+        watch = self._disk_watch
+        if watch is not None and job_id in self._disk_stopped:
+            await asyncio.wait([watch], timeout=DISK_CLEANUP_WAIT_S)
 
     async def _stop_worker(self, job_id: str | None = None) -> None:
         """Stop the training worker (only job `job_id`'s, when given). It is let go before the await: a task
@@ -857,7 +872,11 @@ class ClientDaemon:
             return
         self._worker = None
         if self._disk_watch is not None:
-            self._disk_watch.cancel()
+            if worker.job_id in self._disk_stopped:  # it fired and is emptying the job's folders: let it finish
+                self._cleaning.add(self._disk_watch)
+                self._disk_watch.add_done_callback(self._cleaning.discard)
+            else:
+                self._disk_watch.cancel()
             self._disk_watch = None
         await worker.stop()
         log.info("stopped the training worker of job %s", worker.job_id)

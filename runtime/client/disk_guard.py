@@ -76,9 +76,11 @@ class DiskGuard:
             raise JobRejected(f"job {job_id} not started: the disk holding this site's workspace has room for only "
                               f"{files} more files (fewer than {MIN_FREE_INODES}); remove some files from it")
 
-    async def watch(self, job_id: str, job_folders: tuple[Path, ...], stop: Callable[[str], None]) -> None:
+    async def watch(self, job_id: str, job_folders: tuple[Path, ...], stop: Callable[[str], None],
+                    stopped: Callable[[str], None] | None = None) -> None:
         """Until cancelled: when free space falls below the floor, `stop(reason)` (which kills the worker;
-        the reason first, so the task the kill interrupts fails with it), then empty the job's folders.
+        the reason first, so the task the kill interrupts fails with it), then empty the job's folders, then
+        `stopped(reason)`: only then may the site write again (its audit), the disk being possibly full.
         Returns at once when the guard is off."""
         if self.min_free_mb is None:
             return
@@ -92,6 +94,8 @@ class DiskGuard:
         log.error("%s", reason)
         stop(reason)
         await asyncio.to_thread(empty_folders, job_folders)
+        if stopped is not None:
+            stopped(reason)
 
 
 def empty_folders(folders: tuple[Path, ...]) -> None:

@@ -18,7 +18,8 @@ import sys
 
 def main(argv: list[str]) -> int:
     if "--" not in argv:
-        print("sandbox_enter: usage: [--procs FILE]... [--rlimit-as BYTES] [--cpus N] -- COMMAND...", file=sys.stderr)
+        print("sandbox_enter: usage: [--procs FILE]... [--rlimit-as BYTES] [--cpus N] [--nproc UID:PIDS] -- "
+              "COMMAND...", file=sys.stderr)
         return 2
     split = argv.index("--")
     options, command = argv[:split], argv[split + 1:]
@@ -34,6 +35,10 @@ def main(argv: list[str]) -> int:
             elif flag == "--cpus":  # fallback without a cpu cgroup: pin to as many cores as allowed
                 cores = sorted(os.sched_getaffinity(0))[:max(1, int(float(value) + 0.999))]
                 os.sched_setaffinity(0, cores)
+            elif flag == "--nproc":  # fallback without a pids cgroup: UID may run PIDS more threads than now
+                uid, pids = (int(part) for part in value.split(":"))
+                limit = threads_of(uid) + pids
+                resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
             else:
                 print(f"sandbox_enter: unknown option {flag}", file=sys.stderr)
                 return 2
@@ -42,6 +47,22 @@ def main(argv: list[str]) -> int:
             return 125
     os.execvp(command[0], command)
     return 127  # not reached
+
+
+def threads_of(uid: int) -> int:
+    """Threads whose real user is `uid` (what RLIMIT_NPROC counts), from /proc."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:  # it ended meanwhile
+            continue
+        if int(fields.get("Uid", "-1 ").split()[0]) == uid:
+            count += int(fields.get("Threads", "1"))
+    return count
 
 
 if __name__ == "__main__":

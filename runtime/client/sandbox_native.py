@@ -13,8 +13,11 @@ What the worker gets (every path at its host path, see sandbox.py):
       takes every process of the pid namespace along (a setsid()-ed grandchild included).
 
 Limits go into cgroups where the host lets the daemon write them (cgroups.py); otherwise memory falls
-back to RLIMIT_AS (per process, and it counts address space, so it must be generous for torch) and cpus
-to CPU affinity; pids then stay unenforced. describe_limits() says which applies.
+back to RLIMIT_AS (per process, and it counts address space, so it must be generous for torch; /tmp and
+/dev/shm are then sized to half the limit each, since tmpfs pages are in no address space), cpus to CPU
+affinity, and pids to RLIMIT_NPROC on the job's user (its threads now plus pids: a fork storm stops
+there, not at the user's whole limit, which a site running job code as its own user needs to go on).
+describe_limits() says which applies.
 
 The uid outside: without a setuid bwrap, uid 65534 inside maps to the uid that started bwrap. For a daemon
 run as an ordinary user that is its own uid, and the confinement comes from what is mounted, never from
@@ -43,6 +46,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 from ..kit_config import SandboxSettings
@@ -85,19 +89,32 @@ class NativeSandbox(Sandbox):
         self._bwrap = bwrap or shutil.which("bwrap") or ""
         if (os.geteuid() if euid is None else euid) == 0:  # never root outside: see the module docstring
             self.worker_user = self._settings.run_as_ids()
-        self._can_disable_userns: bool | None = None  # bwrap >= 0.8: no user namespaces inside the sandbox
+        self._help: str | None = None  # bwrap --help: which options this bwrap has
 
-    def _disable_userns_flags(self) -> list[str]:
-        """--disable-userns where this bwrap has it: job code then cannot make user namespaces of its own,
-        which many kernel exploits need. Asked once per sandbox (bwrap --help)."""
-        if self._can_disable_userns is None:
+    def _has_option(self, option: str) -> bool:
+        """Whether this bwrap takes `option` (bwrap >= 0.8: --disable-userns, --size). Asked once per sandbox."""
+        if self._help is None:
             try:
                 done = subprocess.run([self._bwrap, "--help"], capture_output=True, text=True,
                                       timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
-                self._can_disable_userns = "--disable-userns" in done.stdout + done.stderr
+                self._help = done.stdout + done.stderr
             except (OSError, subprocess.TimeoutExpired):
-                self._can_disable_userns = False
-        return ["--disable-userns"] if self._can_disable_userns else []
+                self._help = ""
+        return option in self._help
+
+    def _disable_userns_flags(self) -> list[str]:
+        """--disable-userns where this bwrap has it: job code then cannot make user namespaces of its own,
+        which many kernel exploits need."""
+        return ["--disable-userns"] if self._has_option("--disable-userns") else []
+
+    def _tmpfs_bytes(self, limits: SandboxLimits, enforced: Collection[str]) -> int | None:
+        """The size of each of the sandbox's /tmp and /dev/shm where the memory limit falls back to an
+        address-space rlimit: tmpfs pages are not in a process's address space, so without a size a job
+        limited to 256 MiB wrote 2 GiB into /dev/shm (up to half the host's memory each). Half the limit
+        each; none where a memory cgroup holds (it counts tmpfs pages) or there is no limit."""
+        if limits.memory_bytes is None or "memory" in enforced:
+            return None
+        return max(limits.memory_bytes // 2, 1 << 20)
 
     # ---- can it run here ---------------------------------------------------------------------------
 
@@ -129,10 +146,24 @@ class NativeSandbox(Sandbox):
                 out[key] = "no limit"
                 continue
             shown = f"{value >> 20} MiB" if key == "memory" else f"{value:g}"
-            how = the_plan.enforced_by(controller) or {"cpus": "cpu affinity", "memory": "rlimit (address space)",
-                                                      "pids": "not enforced (no writable cgroup)"}[key]
+            how = the_plan.enforced_by(controller) or self._fallback(key, value)
             out[key] = f"{shown} ({how})"
         return out
+
+    def _fallback(self, key: str, value: float) -> str:
+        """How a limit holds without a writable cgroup (sandbox_enter.py sets it)."""
+        if key == "cpus":
+            return "cpu affinity"
+        if key == "pids":
+            return ("rlimit (processes of the job's user)" if self._job_uid() != 0
+                    else "not enforced (no writable cgroup)")
+        tmpfs = (f"/tmp and /dev/shm {int(value) >> 21} MiB each" if self._has_option("--size")
+                 else "/tmp and /dev/shm not capped: bwrap older than 0.8")
+        return f"rlimit (address space); {tmpfs}"
+
+    def _job_uid(self) -> int:
+        """The host uid job code runs as: run_as under a root site, else the site's own."""
+        return self.worker_user[0] if self.worker_user is not None else os.getuid()
 
     # ---- start and kill ----------------------------------------------------------------------------
 
@@ -154,11 +185,16 @@ class NativeSandbox(Sandbox):
             enter += ["--rlimit-as", str(limits.memory_bytes)]
         if limits.cpus is not None and "cpu" not in enforced:
             enter += ["--cpus", str(limits.cpus)]
+        if limits.pids is not None and "pids" not in enforced and self._job_uid() != 0:
+            # the job's user may run `pids` more threads than it runs now: a fork storm no longer takes the
+            # user's whole process limit, which a site running job code as its own user needs to go on
+            enter += ["--nproc", f"{self._job_uid()}:{limits.pids}"]
+        tmpfs_bytes = self._tmpfs_bytes(limits, enforced) if self._has_option("--size") else None
         data_fds: list[int] = []
         mapping = _UserMap(self.worker_user, data_fds) if self.worker_user is not None else None
         proc = None
         try:
-            argv = self._bwrap_argv(launch, prefixes, data_fds, hardening, mapping)
+            argv = self._bwrap_argv(launch, prefixes, data_fds, hardening, mapping, tmpfs_bytes)
             if enter:
                 # -S: no site module (it imports only the standard library), a third of its start-up
                 argv = [sys.executable, "-I", "-S", str(ENTER_SCRIPT), *enter, "--", *argv]
@@ -198,7 +234,8 @@ class NativeSandbox(Sandbox):
     # ---- the bwrap command line --------------------------------------------------------------------
 
     def _bwrap_argv(self, launch: WorkerLaunch, prefixes: list[Path], data_fds: list[int],
-                    hardening: list[str], mapping: _UserMap | None = None) -> list[str]:
+                    hardening: list[str], mapping: _UserMap | None = None,
+                    tmpfs_bytes: int | None = None) -> list[str]:
         args = [self._bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net",
                 "--unshare-cgroup-try", *hardening]
         if mapping is None:  # bwrap maps its own uid (the daemon's, not root) to the sandbox's
@@ -225,8 +262,9 @@ class NativeSandbox(Sandbox):
             args += ["--perms", "0644", "--ro-bind-data", str(_data_fd(text, data_fds)), dest]  # else 0600: root-only
         # modes given: where bwrap sets up as root inside (a root daemon's map), it made these 0755 and root's,
         # which the job's user could not write
-        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
-                 "--perms", "1777", "--tmpfs", "/dev/shm"]
+        sized = ["--size", str(tmpfs_bytes)] if tmpfs_bytes is not None else []
+        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", *sized, "--tmpfs", "/tmp",
+                 "--perms", "1777", *sized, "--tmpfs", "/dev/shm"]
         if launch.gpus:
             args += ["--ro-bind-try", "/sys", "/sys"]
             for dev in sorted(Path("/dev").glob("nvidia*")):

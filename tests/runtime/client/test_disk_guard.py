@@ -44,9 +44,14 @@ def test_a_job_that_fills_the_disk_is_stopped_and_its_folders_emptied(tmp_path: 
         events.append(reason)
         assert (scratch / "deep").exists(), "the reason is recorded and the worker killed before the clean-up"
 
+    def stopped(reason: str) -> None:  # the site writes (its audit) only now: a full disk has room again
+        events.append("recorded")
+        assert not any(scratch.iterdir()) and not any(outbox.iterdir())
+
     guard = DiskGuard(tmp_path, 1024, FakeDisk([5000.0, 3000.0, 1500.0, 700.0]))
-    asyncio.run(asyncio.wait_for(guard.watch("job-1", (scratch, outbox), stop), 5))
-    (reason,) = events
+    asyncio.run(asyncio.wait_for(guard.watch("job-1", (scratch, outbox), stop, stopped), 5))
+    reason, recorded = events
+    assert recorded == "recorded"
     assert reason.startswith("job job-1 stopped on this site: the disk holding its workspace fell to 700 MiB free")
     assert "takes no more of its tasks" in reason and "\n" not in reason
     assert scratch.is_dir() and outbox.is_dir() and not any(scratch.iterdir()) and not any(outbox.iterdir())

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from provision.local_study import wait_until
+from runtime.client import cgroups
 from runtime.client.sandbox import SandboxLimits, SandboxUnavailable, WorkerLaunch
 from runtime.client.sandbox_native import NativeSandbox
 from runtime.kit_config import SandboxSettings
@@ -319,6 +320,63 @@ print(json.dumps({"outcome": outcome, "started": started}), flush=True)
 """, limits=limits)
     answer, code = asyncio.run(_run(launch))
     assert answer["outcome"] == "refused" and answer["started"] < 32
+
+
+@pytest.fixture
+def no_cgroups(monkeypatch):
+    """A host where the site cannot write cgroups (a site not run as root, no delegated cgroup): the
+    limits fall back to what sandbox_enter.py sets."""
+    monkeypatch.setattr(cgroups, "plan", lambda limits, *args: cgroups.CgroupPlan({}))
+
+
+def test_without_cgroups_tmp_and_shm_are_within_the_memory_limit(layout, no_cgroups):
+    # RLIMIT_AS does not count tmpfs pages: a job limited to 256 MiB wrote 2 GiB into /dev/shm
+    limits = SandboxLimits(memory_bytes=256 << 20, pids=64)
+    assert NativeSandbox().describe_limits(limits)["memory"] == \
+        "256 MiB (rlimit (address space); /tmp and /dev/shm 128 MiB each)"
+    launch = layout.launch("""
+import json
+def fill(folder):
+    written = 0
+    try:
+        with open(folder + "/fill", "wb") as f:
+            for _ in range(400):
+                f.write(b"x" * (1 << 20))
+                f.flush()
+                written += 1
+    except OSError as e:
+        return [written, e.errno]
+    return [written, 0]
+print(json.dumps({"tmp": fill("/tmp"), "shm": fill("/dev/shm")}), flush=True)
+""", limits=limits)
+    answer, code = asyncio.run(_run(launch))
+    for folder in ("tmp", "shm"):
+        written, error = answer[folder]
+        assert error == errno.ENOSPC and written <= 128, answer
+
+
+def test_without_cgroups_a_fork_storm_stops_at_the_pids_limit(layout, no_cgroups):
+    # the job's user kept its whole process limit: a fork storm left the site unable to start processes
+    limits = SandboxLimits(pids=32)
+    assert NativeSandbox().describe_limits(limits)["pids"] == "32 (rlimit (processes of the job's user))"
+    launch = layout.launch("""
+import json, os, time
+children, outcome = [], "all started"
+try:
+    for _ in range(200):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(5)
+            os._exit(0)
+        children.append(pid)
+except OSError as e:
+    outcome = e.errno
+for pid in children:
+    os.kill(pid, 9)
+print(json.dumps({"outcome": outcome, "started": len(children)}), flush=True)
+""", limits=limits)
+    answer, code = asyncio.run(_run(launch))
+    assert answer["outcome"] == errno.EAGAIN and answer["started"] < 200, answer
 
 
 def test_missing_bwrap_is_one_line_with_the_fix():
