@@ -128,7 +128,7 @@ def _take_job(job: JobActivity, event: Any, record: dict[str, Any]) -> None:
         job.tasks[str(record.get("task"))] += 1
     elif event == "job_received":
         job.name = str(record.get("job_name", ""))
-        job.submitter = _person(record.get("submitter"))
+        job.submitter = person(record.get("submitter"))
         _add(job.code_sha256, record.get("code_sha256"))
         _add(job.approvals, record.get("code_approval"))
     elif event == "worker_started":
@@ -139,7 +139,7 @@ def _take_job(job: JobActivity, event: Any, record: dict[str, Any]) -> None:
         job.errors_sent[str(record.get("reason", ""))] += 1
     elif event == "job_refused":
         job.refusals[f"{record.get('rule')}: {record.get('reason')}"] += 1
-        job.submitter = job.submitter or _person(record.get("submitter"))
+        job.submitter = job.submitter or person(record.get("submitter"))
     elif event == "dp_budget_exhausted":
         job.dp_refused[str(record.get("budget", "dp_budget"))] += 1
     elif event == "task_failed":
@@ -174,7 +174,8 @@ def _add(values: list[str], value: Any) -> None:
         values.append(str(value))
 
 
-def _person(submitter: Any) -> str:
+def person(submitter: Any) -> str:
+    """A job's submitter as the audit records it, in words ("" when unknown)."""
     if not isinstance(submitter, dict) or not submitter.get("name"):
         return ""
     return f"{submitter['name']} ({submitter.get('org', '?')}, {submitter.get('role', '?')})"

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..audit_report import person
 from ..errors import ConfigError, JobRejected
 from ..job_code import code_hash_of_zip
 from ..job_spec import safe_extract
@@ -93,14 +94,15 @@ def render_pending(reviews: list[dict[str, Any]]) -> str:
         return "no refused job is kept for review"
     lines = ["refused jobs kept for review (newest first); review one with: startup/review_job.sh JOB"]
     for facts in reviews:
-        lines.append(f"  {facts['job_id']}  \"{facts.get('job_name', '')}\" from {_person(facts.get('submitter'))} "
+        who = person(facts.get("submitter")) or "?"
+        lines.append(f"  {facts['job_id']}  \"{facts.get('job_name', '')}\" from {who} "
                      f"at {facts.get('refused_at', '?')}: code {facts.get('code_sha256', '?')[:16]}...")
     return "\n".join(lines)
 
 
 def render_review(facts: dict[str, Any], dest: Path, files: list[tuple[str, int]]) -> str:
     code = facts.get("code_sha256", "?")
-    lines = [f"job {facts['job_id']} \"{facts.get('job_name', '')}\" from {_person(facts.get('submitter'))}",
+    lines = [f"job {facts['job_id']} \"{facts.get('job_name', '')}\" from {person(facts.get('submitter')) or '?'}",
              f"refused at {facts.get('refused_at', '?')}: {facts.get('reason', '')}",
              f"code sha256 {code} (the archive still hashes so)",
              f"learner as it would run: {json.dumps(facts.get('learner_to_run'), sort_keys=True)}",
@@ -110,12 +112,6 @@ def render_review(facts: dict[str, Any], dest: Path, files: list[tuple[str, int]
               "  code:", "    approved_hashes:", f"      - {code}",
               "then ask the study's researcher to submit it again (clone_job)."]
     return "\n".join(lines)
-
-
-def _person(submitter: Any) -> str:
-    if not isinstance(submitter, dict) or not submitter.get("name"):
-        return "?"
-    return f"{submitter['name']} ({submitter.get('org', '?')}, {submitter.get('role', '?')})"
 
 
 def main(argv: list[str] | None = None) -> int:
