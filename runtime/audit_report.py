@@ -43,6 +43,9 @@ class JobActivity:
     most_excluded: int = 0  # the most tensors one upload left out
     dp: dict[str, Any] | None = None  # the newest DP release: epsilon_total, delta, releases
     dp_refused: Counter[str] = field(default_factory=Counter)  # budget -> releases it refused
+    metric_names: dict[str, list[str]] = field(default_factory=dict)  # group (train, validation..) -> names
+    metric_values: int = 0  # numbers that left beside the weights (the job's code chose them)
+    scalar_points: int = 0
     errors_sent: Counter[str] = field(default_factory=Counter)  # reason text that left -> times
     refusals: Counter[str] = field(default_factory=Counter)  # "rule: reason" -> times
     failures: int = 0
@@ -56,8 +59,9 @@ class JobActivity:
                 "uploads_without_size": self.unmeasured, "filters": self.filters,
                 "filters_raised_by_site": self.raised, "most_tensors_excluded": self.most_excluded, "dp": self.dp,
                 "dp_refused": dict(self.dp_refused),
-                "errors_sent": dict(self.errors_sent), "refused": dict(self.refusals),
-                "tasks_failed": self.failures, "stopped": self.stopped}
+                "metric_names": self.metric_names, "metric_values": self.metric_values,
+                "scalar_points": self.scalar_points, "errors_sent": dict(self.errors_sent),
+                "refused": dict(self.refusals), "tasks_failed": self.failures, "stopped": self.stopped}
 
 
 @dataclass
@@ -150,6 +154,7 @@ def _take_job(job: JobActivity, event: Any, record: dict[str, Any]) -> None:
 
 def _take_upload(job: JobActivity, record: dict[str, Any]) -> None:
     job.sent[str(record.get("task"))] += 1
+    _take_reported(job, record.get("reported"))
     if record.get("payload_sha256"):  # weights left (a validation sends scores only)
         job.weight_uploads += 1
         if isinstance(record.get("payload_bytes"), int):
@@ -167,6 +172,19 @@ def _take_upload(job: JobActivity, record: dict[str, Any]) -> None:
         job.most_excluded = max(job.most_excluded, privacy["n_excluded"])
     if isinstance(privacy.get("dp"), dict):
         job.dp = privacy["dp"]
+
+
+def _take_reported(job: JobActivity, reported: Any) -> None:
+    """The metrics that left with a result, as the site's `reports:` let them (daemon._reported)."""
+    if not isinstance(reported, dict):
+        return
+    for group, values in reported.items():
+        if group == "scalar_points" and isinstance(values, int):
+            job.scalar_points += values
+        elif isinstance(values, dict):
+            for name in values:
+                _add(job.metric_names.setdefault(str(group), []), name)
+            job.metric_values += len(values)
 
 
 def _add(values: list[str], value: Any) -> None:
@@ -226,6 +244,10 @@ def _render_job(job: JobActivity) -> list[str]:
         lines.append(f"  privacy: {', '.join(job.filters) or 'no filter'}"
                      + (f"; raised by this site for {job.raised} upload(s)" if job.raised else "")
                      + (f"; up to {job.most_excluded} tensor(s) kept back per upload" if job.most_excluded else ""))
+    if job.metric_values or job.scalar_points:
+        groups = "; ".join(f"{group}: {', '.join(names)}" for group, names in job.metric_names.items() if names)
+        lines.append(f"  numbers reported: {job.metric_values} value(s)" + (f" ({groups})" if groups else "")
+                     + (f", {job.scalar_points} curve point(s)" if job.scalar_points else ""))
     if job.dp is not None or job.dp_refused:
         spent = "none" if job.dp is None else (f"epsilon {job.dp.get('epsilon_total', 0):.3g} at delta "
                                                f"{job.dp.get('delta')} after {job.dp.get('releases')} release(s)")

@@ -93,6 +93,9 @@ def test_site_reports_its_epsilon_and_stops_at_its_budget(make_study, tmp_path):
     assert report["dp"]["releases"] == 2 and report["dp"]["epsilon_total"] == pytest.approx(accountant_epsilon(2))
     assert report["refused"] == {f"privacy: {refusals[0]['reason']}": 1} and report["dp_refused"] == {"dp_budget": 1}
     assert list(report["errors_sent"]) == [reported["reason"]] and report["tasks_failed"] == 1
+    uploads = [r for r in _events(study, "site-1", "update_sent") if r["job_id"] == job_id]
+    assert report["scalar_points"] == sum(r["reported"].get("scalar_points", 0) for r in uploads) > 0
+    assert "loss" in report["metric_names"]["train"]
 
     # show_job: the total so far, per site, at the site's delta
     table = study.admin(f"show_job {job_id}", as_json=False).stdout

@@ -32,7 +32,9 @@ def _site_log(path: Path, days: list[str]) -> AuditLog:
         audit.append("worker_started", job_id=job, backend="bwrap", threads=2, limits={"memory": "8 GiB"})
         audit.append("update_sent", job_id=job, task="train", round=1, n_samples=10, payload_sha256="d" * 64,
                      payload_bytes=1000, privacy={"chain": [{"name": "percentile", "source": "site"}],
-                                                  "raised": True, "n_excluded": 3})
+                                                  "raised": True, "n_excluded": 3},
+                     reported={"train": {"loss": 0.5}, "validation": {"auc": 0.9, "loss": 0.4}, "local": {},
+                               "scalar_points": 12})
     return audit
 
 
@@ -49,6 +51,7 @@ def test_the_report_says_who_sent_what_ran_and_what_left(tmp_path: Path) -> None
     assert "submitted by lead@study.org (coordinating-center, lead)" in ran and f"code sha256 {'c' * 64}" in ran
     assert "ran in: bwrap (memory 8 GiB)" in ran and "what left: train 1; 1 with weights, 1.0 kB" in ran
     assert "privacy: percentile (site); raised by this site for 1 upload(s); up to 3 tensor(s) kept back" in ran
+    assert "numbers reported: 3 value(s) (train: loss; validation: auc, loss), 12 curve point(s)" in ran
     assert "none of its code ran here" in refused and "1x code: its code hash is not approved" in refused
     assert "error messages sent to the server (1):\n    1x refused: not approved" in refused
 
