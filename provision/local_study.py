@@ -118,7 +118,11 @@ class LocalStudy:
         data = yaml.safe_load(project_yml.read_text())
         server_entry = next(p for p in data["participants"] if p.get("type") == "server")
         if free_ports:
-            server_entry["fed_learn_port"], server_entry["admin_port"] = free_port(), free_port()
+            fed_learn = free_port()
+            admin = free_port()
+            while admin == fed_learn:  # two draws may meet (about once in 23,000)
+                admin = free_port()
+            server_entry["fed_learn_port"], server_entry["admin_port"] = fed_learn, admin
         if edit is not None:
             edit(data)
         root.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ MEMBER = "member@study.org"
 SLEEPY_JOB = Path(__file__).parent / "jobs" / "sleepy"
 ARTIFACTS = REPO / "test-artifacts" / "dashboard"
 HEARTBEAT_TIMEOUT_S = 5.0
-TRAIN_S = 15.0  # each round lasts at least this long: room to see a killed site die before its round ends
+TRAIN_S = 25.0  # each round lasts at least this long: room to see a killed site die before its round ends
 UI_TIMEOUT_MS = 90_000
 
 

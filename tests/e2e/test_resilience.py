@@ -156,7 +156,7 @@ def test_client_killed_mid_round_round_completes_and_site_rejoins(make_study, tm
     study = make_study(sites=["site-1", "site-2", "site-3"], heartbeat_timeout_s=hb_timeout_s,
                        server_settings={"disconnect_grace_s": grace_s}).study
     _start_all(study)
-    rounds, round_timeout_s = 7, 4 * hb_timeout_s
+    rounds, round_timeout_s = 10, 4 * hb_timeout_s  # rounds left after the kill: time for site-3 to restart
     job_id = _submit(study, tmp_path, f"server.rounds={rounds}", "meta.min_clients=2",
                      "client.learner.args.train_s=1.5", f"server.round_timeout_s={round_timeout_s}")
 

@@ -40,7 +40,8 @@ def test_check_status_tells_idle_busy_and_revoked_sites_apart(make_study, tmp_pa
     study = handle.study
 
     job = handle.job(tmp_path / "job")
-    job_id = study.admin_json(f"submit_job {job} --set server.rounds=30 --set meta.min_clients=1")["job_id"]
+    # rounds enough to outlast the wait on any machine (30 ended in under a second once torch was loaded)
+    job_id = study.admin_json(f"submit_job {job} --set server.rounds=1000 --set meta.min_clients=1")["job_id"]
     wait_until(lambda: all(s.startswith("round ") and s.endswith(f"of job {job_id}") for s in _states(study).values()),
                120, "both sites to report the job's round")
 

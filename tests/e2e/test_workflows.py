@@ -107,8 +107,8 @@ def test_global_model_beats_local_models_off_diagonal_on_label_skewed_sites(make
 def test_server_killed_mid_job_ends_with_the_uninterrupted_model(make_study, tmp_path, aggregator):
     handle = make_study(sites=SITES[:2])
     study = _started(handle.study)
-    # eight short rounds, the kill when round 3 goes out: the five left take longer than one poll of the audit
-    sets = (f"--set server.rounds=8 --set 'server.aggregator={aggregator}' --set meta.min_clients=2 "
+    # short rounds (30 ms where torch is warm), the kill when round 3 goes out: the 17 left outlast many polls
+    sets = (f"--set server.rounds=20 --set 'server.aggregator={aggregator}' --set meta.min_clients=2 "
             "--set client.learner.args.epochs=1")
 
     straight = study.admin_json(f"submit_job {handle.job(tmp_path / 'a')} {sets}")["job_id"]
@@ -116,8 +116,10 @@ def test_server_killed_mid_job_ends_with_the_uninterrupted_model(make_study, tmp
     resumed = study.admin_json(f"submit_job {handle.job(tmp_path / 'b')} {sets}")["job_id"]
     wait_until(lambda: len([r for r in _audit(study, study.server) if r["event"] == "task_sent"
                             and r.get("job_id") == resumed and r.get("task") == "train" and r.get("round") == 3]) == 2,
-               180, "round 3 sent to both sites")
+               180, "round 3 sent to both sites", interval_s=0.02)
     study.kill(study.server)
+    assert not [r for r in _audit(study, study.server) if r["event"] == "job_ended" and r.get("job_id") == resumed], \
+        "the job ended before the server was killed: nothing was left to resume"
     study.start_server()
     _wait_finished(study, resumed)
 

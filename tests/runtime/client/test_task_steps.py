@@ -3,6 +3,7 @@ order the steps first ran, and a step that failed still counts (a slow upload th
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -21,7 +22,7 @@ def test_steps_add_up_in_the_order_they_first_ran() -> None:
 
     assert list(steps.seconds) == ["worker", "upload"]
     assert steps.seconds["worker"] >= 0.04
-    assert str(steps).startswith("worker 0.0") and ", upload 0.00 s" in str(steps)
+    assert re.fullmatch(r"worker \d+\.\d\d s, upload \d+\.\d\d s", str(steps)), str(steps)  # not its timing
 
 
 def test_a_step_that_fails_is_still_counted() -> None:
