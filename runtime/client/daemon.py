@@ -549,7 +549,8 @@ class ClientDaemon:
             except JobRejected as e:  # local/job_policy.yml code:
                 self._job_refused(h, config, "code", e, job_sha256=digest, code_sha256=code.code_sha256,
                                   declines=True)
-                await self._keep_for_review(h, config, archive, digest, code, str(e))
+                if await self._keep_for_review(h, config, archive, digest, code, str(e)):
+                    raise JobRejected(f"{e}; the site keeps the code for its IT to review") from None
                 raise
             await asyncio.to_thread(safe_extract, archive, code_dir)
             self._audit.append("job_received", job_id=h.job_id, job_name=config.get("job_name", ""),
@@ -558,7 +559,7 @@ class ClientDaemon:
         self._worker = await self._start_worker(h.job_id, JobFolders(job_dir), client_cfg)
 
     async def _keep_for_review(self, h: pb.TaskHeader, config: dict[str, Any], archive: bytes, digest: str,
-                               code: ReceivedCode, reason: str) -> None:
+                               code: ReceivedCode, reason: str) -> bool:
         """Keep code the code rule refused, as received, for site IT to read before approving its hash
         (startup/review_job.sh); a site that cannot keep it (its disk) still refuses the job."""
         facts = {"job_name": config.get("job_name", ""), "submitter": config.get("submitter", {}),
@@ -569,10 +570,11 @@ class ClientDaemon:
             kept = await asyncio.to_thread(keep_for_review, self._ws, _safe_name(h.job_id), archive, facts)
         except OSError as e:
             log.warning("job %s: its refused code could not be kept for review: %s", h.job_id, e)
-            return
+            return False
         if kept:
             log.info("job %s: its refused code is kept for review: startup/review_job.sh %s", h.job_id, h.job_id)
             self._audit.append("code_kept_for_review", job_id=h.job_id, code_sha256=code.code_sha256)
+        return kept
 
     def _job_refused(self, h: pb.TaskHeader, config: dict[str, Any], rule: str, error: JobRejected,
                      job_sha256: str = "", code_sha256: str = "", declines: bool = False) -> None:

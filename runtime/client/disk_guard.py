@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +28,7 @@ MIB = 1 << 20
 # files the site may still need while a job runs (audit, ledgers, a task's folders): a job making millions
 # of empty files used up a file system's inodes with its free bytes untouched
 MIN_FREE_INODES = 10_000
+EMPTY_TIMEOUT_S = 600.0  # millions of files take a while
 
 
 def free_mb(path: Path) -> float:
@@ -98,13 +99,29 @@ class DiskGuard:
             stopped(reason)
 
 
-def empty_folders(folders: tuple[Path, ...]) -> None:
-    """Remove everything inside each folder, keeping the folder."""
+def empty_folders(folders: tuple[Path, ...]) -> list[str]:
+    """Remove everything inside each folder, keeping the folder; never raises. What a job left there is its
+    code's doing: a tree 1,000 folders deep (shutil.rmtree recursed into it until RecursionError, which
+    stopped the whole site with the disk still full) or folders it made unwritable. GNU find walks any
+    depth without following links; `-execdir` gives chmod a short relative name at every depth. Returns
+    one line per folder it could not empty (also logged)."""
+    problems = []
     for folder in folders:
         if not folder.is_dir():
             continue
-        for entry in folder.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+        try:
+            os.chmod(folder, folder.stat().st_mode | 0o700)  # the job's own folder: it may have locked it
+            for command in (["find", str(folder), "-mindepth", "1", "-type", "d", "!", "-perm", "-u=rwx",
+                             "-execdir", "chmod", "u+rwx", "{}", ";"],
+                            ["find", str(folder), "-mindepth", "1", "-delete"]):
+                subprocess.run(command, capture_output=True, timeout=EMPTY_TIMEOUT_S, check=False,
+                               stdin=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+            left = next(folder.iterdir(), None)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            left, problem = folder, str(e)
+        else:
+            problem = f"{left.name} is still there" if left is not None else ""
+        if left is not None:
+            problems.append(f"{folder}: {problem}")
+            log.error("could not empty %s: %s; remove what is left by hand", folder, problem)
+    return problems

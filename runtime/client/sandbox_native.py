@@ -159,7 +159,8 @@ class NativeSandbox(Sandbox):
                     else "not enforced (no writable cgroup)")
         tmpfs = (f"/tmp and /dev/shm {int(value) >> 21} MiB each" if self._has_option("--size")
                  else "/tmp and /dev/shm not capped: bwrap older than 0.8")
-        return f"rlimit (address space); {tmpfs}"
+        # memfd_create and System V shared memory take RAM that no address space or file system counts
+        return f"rlimit (address space, per process); {tmpfs}; memfd and SysV shm not bounded"
 
     def _job_uid(self) -> int:
         """The host uid job code runs as: run_as under a root site, else the site's own."""
@@ -291,6 +292,9 @@ class NativeSandbox(Sandbox):
                 args += _open_dirs([path])
             else:
                 args += [flag, str(path), str(path)]
+        # the sandbox's own root and /dev are tmpfs its user owns: writable, each could take half the host's
+        # memory whatever the job's limit; nothing needs to write there once the mounts are made
+        args += ["--remount-ro", "/", "--remount-ro", "/dev"]
         drop = [launch.argv[0], "-I", "-S", "-c", DROP_TO_JOB_USER] if mapping is not None else []
         args += ["--chdir", str(launch.cwd), "--", *drop, *launch.argv]
         return args

@@ -176,7 +176,7 @@ def test_approved_hashes_refuse_until_site_it_approves(make_study, tmp_path):
     assert refused["code_sha256"] == code  # the console and `fedkit job hash` agree
     error = _refused(study, refused["job_id"])
     assert f"site-1: site policy refuses job {refused['job_id']}: its code hash {code} is not in approved_hashes" \
-        in error
+        in error and "the site keeps the code for its IT to review" in error
     (audited,) = _events(study, "site-1", "job_refused")
     assert audited["code_sha256"] == code and "approved_hashes" in audited["reason"]
     assert _events(study, "site-1", "job_received") == [], "refused code is never unpacked"

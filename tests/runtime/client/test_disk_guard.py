@@ -5,12 +5,13 @@ the kill, and the job's folders are emptied; off, it watches nothing."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
 
 from runtime.client import disk_guard
-from runtime.client.disk_guard import DiskGuard, free_mb
+from runtime.client.disk_guard import DiskGuard, empty_folders, free_mb
 from runtime.errors import JobRejected
 
 
@@ -114,3 +115,27 @@ def test_a_job_that_uses_up_the_files_is_stopped_too(tmp_path: Path, monkeypatch
     with pytest.raises(JobRejected, match="room for only 9000 more files"):
         DiskGuard(tmp_path, 1024, FakeDisk([5000.0]), inodes=lambda _: 9_000).check_room("job-2")
     DiskGuard(tmp_path, 1024, FakeDisk([5000.0]), inodes=lambda _: None).check_room("job-2")  # btrfs: no count
+
+
+def test_a_tree_of_any_depth_or_lock_is_emptied_and_links_are_not_followed(tmp_path: Path) -> None:
+    # a job's 1,200-deep tree made shutil.rmtree raise RecursionError, which stopped the site
+    scratch, outside = tmp_path / "scratch", tmp_path / "outside.txt"
+    outside.write_text("the site's")
+    scratch.mkdir()
+    fd = os.open(scratch, os.O_RDONLY)
+    for _ in range(1200):  # by descriptor, as a job would: the path is too long to name
+        os.mkdir("d", dir_fd=fd)
+        fd, parent = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+        os.close(parent)
+    os.write(big := os.open("big.bin", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd), b"x" * 1000)
+    os.close(big)
+    os.close(fd)
+    (scratch / "link").symlink_to(outside)
+    (scratch / "linked_dir").symlink_to(tmp_path, target_is_directory=True)
+    (scratch / "locked").mkdir()
+    (scratch / "locked" / "f").write_text("y")
+    (scratch / "locked").chmod(0o500)
+    scratch.chmod(0o500)
+    assert empty_folders((scratch,)) == []
+    assert scratch.is_dir() and not any(scratch.iterdir())
+    assert outside.read_text() == "the site's" and (tmp_path / "outside.txt").exists()

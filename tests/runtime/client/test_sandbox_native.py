@@ -170,7 +170,9 @@ def test_a_kit_under_a_system_folder_is_covered_before_the_job_folders_are_bound
 
 def test_probe_writes_only_scratch_and_outbox(layout):
     targets = {"data": layout.data / "x", "runtime": layout.runtime / "evil.py", "code": layout.code / "x",
-               "inbox": layout.inbox / "x", "scratch": layout.scratch / "x", "outbox": layout.outbox / "x"}
+               "inbox": layout.inbox / "x", "scratch": layout.scratch / "x", "outbox": layout.outbox / "x",
+               # the sandbox's own root and /dev: tmpfs that a job once filled past its memory limit
+               "root": Path("/x"), "dev": Path("/dev/x"), "etc": Path("/etc/x")}
     launch = layout.launch(ATTEMPT + f"""
 targets = {json.dumps({k: str(v) for k, v in targets.items()})}
 print(json.dumps({{name: attempt(write(path)) for name, path in targets.items()}}))
@@ -178,9 +180,9 @@ print(json.dumps({{name: attempt(write(path)) for name, path in targets.items()}
     answer, code = asyncio.run(_run(launch))
     assert code == 0
     assert answer["scratch"] == "done" and answer["outbox"] == "done"
-    for name in ("data", "runtime", "code", "inbox"):
-        assert answer[name] == "OSError", name  # read-only file system
-        assert not targets[name].exists()
+    for name in ("data", "runtime", "code", "inbox", "root", "dev", "etc"):
+        assert answer[name] == "OSError", (name, answer[name])  # read-only file system
+        assert name in ("root", "dev", "etc") or not targets[name].exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="what a site run as root does; CI and make test run as root")
@@ -333,7 +335,8 @@ def test_without_cgroups_tmp_and_shm_are_within_the_memory_limit(layout, no_cgro
     # RLIMIT_AS does not count tmpfs pages: a job limited to 256 MiB wrote 2 GiB into /dev/shm
     limits = SandboxLimits(memory_bytes=256 << 20, pids=64)
     assert NativeSandbox().describe_limits(limits)["memory"] == \
-        "256 MiB (rlimit (address space); /tmp and /dev/shm 128 MiB each)"
+        "256 MiB (rlimit (address space, per process); /tmp and /dev/shm 128 MiB each; memfd and SysV shm not " \
+        "bounded)"
     launch = layout.launch("""
 import json
 def fill(folder):
