@@ -33,11 +33,12 @@ from ..procs import (  # noqa: E402
     write_pid,
 )
 from ..transport import TlsFiles  # noqa: E402
+from . import cgroups  # noqa: E402
 from .daemon import ClientDaemon  # noqa: E402
 from .disk_guard import free_mb  # noqa: E402
 from .job_policy import JobPolicy  # noqa: E402
 from .privacy_policy import PRIVACY_FILE, PrivacyPolicy  # noqa: E402
-from .sandbox import job_user, readable_by  # noqa: E402
+from .sandbox import job_user, limits_of, readable_by  # noqa: E402
 from .worker_threads import granted_cores  # noqa: E402
 
 log = logging.getLogger("fedkit.client")
@@ -109,9 +110,10 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
 
 
 def machine_mismatches(settings: kc.SiteLocalSettings, cores: int | None = None,
-                       nvidia_devices: list[str] | None = None) -> list[str]:
+                       nvidia_devices: list[str] | None = None, memory_cgroup: bool | None = None) -> list[str]:
     """Lines for local/site.yml settings this machine cannot honour: GPUs it does not show, more cores than it
-    has. Warnings, not refusals: a container may show devices differently, and the job still runs."""
+    has, a memory limit without a memory cgroup (the native sandbox then holds it per process only).
+    Warnings, not refusals: a container may show devices differently, and the job still runs."""
     cores = granted_cores() if cores is None else cores
     if nvidia_devices is None:
         nvidia_devices = [p.name for p in Path("/dev").glob("nvidia[0-9]*")]
@@ -125,6 +127,15 @@ def machine_mismatches(settings: kc.SiteLocalSettings, cores: int | None = None,
     if cpus is not None and cpus > cores:
         lines.append(f"local/site.yml sandbox.cpus is {cpus:g}, above the {cores} cores this site may use: a job "
                      f"gets {cores} threads per rank at most")
+    memory = settings.sandbox.memory_mb
+    if memory is not None and settings.sandbox.backend in ("auto", "native") and not os.environ.get("FEDKIT_IN_DOCKER"):
+        if memory_cgroup is None:
+            memory_cgroup = cgroups.plan(limits_of(settings.sandbox)).enforced_by("memory") is not None
+        if not memory_cgroup:
+            lines.append(f"local/site.yml sandbox.memory_mb is {memory}, but this site cannot create a memory cgroup "
+                         "(it is not root and has no delegated cgroup): the limit holds per process only, and a "
+                         "job's memfd and System V shared memory escape it; run the site as root, or give it a "
+                         "delegated cgroup, where jobs must be held to it")
     return lines
 
 

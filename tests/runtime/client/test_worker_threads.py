@@ -56,6 +56,10 @@ def test_settings_this_machine_cannot_honour_are_named_at_start() -> None:
         "most"]
     assert machine_mismatches(asks, cores=64, nvidia_devices=["nvidia0", "nvidia1"]) == []
     assert machine_mismatches(SiteLocalSettings(), cores=2, nvidia_devices=[]) == []
+    limited = SiteLocalSettings(sandbox=SandboxSettings(memory_mb=4096))
+    (line,) = machine_mismatches(limited, cores=2, nvidia_devices=[], memory_cgroup=False)
+    assert line.startswith("local/site.yml sandbox.memory_mb is 4096, but this site cannot create a memory cgroup")
+    assert machine_mismatches(limited, cores=2, nvidia_devices=[], memory_cgroup=True) == []
 
 
 def test_by_default_a_worker_gets_the_machines_cores_split_between_its_ranks() -> None:
