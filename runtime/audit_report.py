@@ -17,6 +17,7 @@ from typing import Any
 
 from .audit import GENESIS, verified_records
 from .errors import ConfigError
+from .plain_text import shown
 
 MAX_REASONS_SHOWN = 3  # distinct reasons listed per job and kind; all of them are counted
 
@@ -218,7 +219,7 @@ def render(activity: SiteActivity) -> str:
         lines.append("no job in this period")
     for job in activity.jobs.values():
         lines += ["", *_render_job(job)]
-    return "\n".join(lines)
+    return "\n".join(shown(line) for line in lines)  # what a job's code wrote is printed, never obeyed
 
 
 def _render_job(job: JobActivity) -> list[str]:

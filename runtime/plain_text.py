@@ -19,3 +19,10 @@ def check_one_line(text: str) -> str:
         if unicodedata.category(ch) in _REFUSED_CATEGORIES:
             raise ValueError(f"control character U+{ord(ch):04X} not allowed; write it as one line of plain text")
     return text
+
+
+def shown(text: object) -> str:
+    """`text` safe to print on a terminal whatever it holds (a record a job's code shaped, a name a server
+    sent): each character check_one_line refuses is written as its escape, e.g. \\x1b."""
+    return "".join(ch.encode("unicode_escape").decode() if unicodedata.category(ch) in _REFUSED_CATEGORIES else ch
+                   for ch in str(text))

@@ -26,6 +26,7 @@ from ..audit_report import person
 from ..errors import ConfigError, JobRejected
 from ..job_code import code_hash_of_zip
 from ..job_spec import safe_extract
+from ..plain_text import shown
 
 REVIEW_DIR = "review"
 MAX_KEPT = 16
@@ -97,7 +98,7 @@ def render_pending(reviews: list[dict[str, Any]]) -> str:
         who = person(facts.get("submitter")) or "?"
         lines.append(f"  {facts['job_id']}  \"{facts.get('job_name', '')}\" from {who} "
                      f"at {facts.get('refused_at', '?')}: code {facts.get('code_sha256', '?')[:16]}...")
-    return "\n".join(lines)
+    return "\n".join(shown(line) for line in lines)
 
 
 def render_review(facts: dict[str, Any], dest: Path, files: list[tuple[str, int]]) -> str:
@@ -111,7 +112,7 @@ def render_review(facts: dict[str, Any], dest: Path, files: list[tuple[str, int]
     lines += ["to approve this code after reading it, add its hash to local/job_policy.yml and restart the site:",
               "  code:", "    approved_hashes:", f"      - {code}",
               "then ask the study's researcher to submit it again (clone_job)."]
-    return "\n".join(lines)
+    return "\n".join(shown(line) for line in lines)  # file names are the job's: printed, never obeyed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,8 @@ def test_the_report_says_who_sent_what_ran_and_what_left(tmp_path: Path) -> None
     audit.append("task_received", job_id="refused-job", task="train", round=1, task_id="u", payload_sha256="")
     audit.append("job_refused", job_id="refused-job", rule="code", reason="its code hash is not approved",
                  submitter=SUBMITTER)
-    audit.append("error_reported", job_id="refused-job", task="train", round=1, reason="refused: not approved")
+    audit.append("error_reported", job_id="refused-job", task="train", round=1,
+                 reason="refused: not approved\x1b[2J\x1b[31m")  # a job's text: a terminal must not obey it
     text = render(summarize(log))
     assert "site-1 (hospital-a)" in text and "chain intact" in text
     ran, refused = text.split("\n\njob ")[1:]
@@ -53,7 +54,8 @@ def test_the_report_says_who_sent_what_ran_and_what_left(tmp_path: Path) -> None
     assert "privacy: percentile (site); raised by this site for 1 upload(s); up to 3 tensor(s) kept back" in ran
     assert "numbers reported: 3 value(s) (train: loss; validation: auc, loss), 12 curve point(s)" in ran
     assert "none of its code ran here" in refused and "1x code: its code hash is not approved" in refused
-    assert "error messages sent to the server (1):\n    1x refused: not approved" in refused
+    assert "error messages sent to the server (1):\n    1x refused: not approved\\x1b[2J\\x1b[31m" in refused
+    assert "\x1b" not in text
 
 
 def test_a_log_whose_chain_breaks_gets_no_report(tmp_path: Path) -> None:
