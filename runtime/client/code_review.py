@@ -34,10 +34,12 @@ MAX_KEPT_BYTES = 512 << 20
 
 
 def keep_for_review(workspace: Path, job_id: str, archive: bytes, facts: dict[str, Any]) -> bool:
-    """Keep a refused job's archive and `facts` (JSON-able) for review, unless it is kept already or would
-    pass MAX_KEPT_BYTES alone; then trim the oldest. Returns whether it was kept."""
+    """Keep a refused job's archive and `facts` (JSON-able) for review, unless it would pass MAX_KEPT_BYTES
+    alone; then trim the oldest. Returns whether it is kept (now, or since an earlier refusal)."""
     folder = workspace / REVIEW_DIR
-    if len(archive) > MAX_KEPT_BYTES or (folder / f"{job_id}.zip").exists():
+    if is_kept(workspace, job_id):
+        return True
+    if len(archive) > MAX_KEPT_BYTES:
         return False
     folder.mkdir(exist_ok=True)
     part = folder / f"{job_id}.zip.part"
@@ -46,6 +48,10 @@ def keep_for_review(workspace: Path, job_id: str, archive: bytes, facts: dict[st
     part.replace(folder / f"{job_id}.zip")
     _trim(folder)
     return True
+
+
+def is_kept(workspace: Path, job_id: str) -> bool:
+    return (workspace / REVIEW_DIR / f"{job_id}.zip").exists()
 
 
 def _trim(folder: Path) -> None:

@@ -67,7 +67,7 @@ from ..transport import (
 )
 from . import outgoing
 from .code_approval import ReceivedCode, received_code
-from .code_review import keep_for_review
+from .code_review import is_kept, keep_for_review
 from .disk_guard import DiskGuard, empty_folders
 from .dp_ledger import SITE_LEDGER_FILE, DpLedger
 from .job_folders import JobFolders
@@ -566,12 +566,13 @@ class ClientDaemon:
                  "refused_at": datetime.now(UTC).isoformat(timespec="seconds"), "reason": reason,
                  "code_sha256": code.code_sha256, "job_sha256": digest,
                  "learner_to_run": code.learner_to_run}
+        already = is_kept(self._ws, _safe_name(h.job_id))
         try:
             kept = await asyncio.to_thread(keep_for_review, self._ws, _safe_name(h.job_id), archive, facts)
         except OSError as e:
             log.warning("job %s: its refused code could not be kept for review: %s", h.job_id, e)
             return False
-        if kept:
+        if kept and not already:
             log.info("job %s: its refused code is kept for review: startup/review_job.sh %s", h.job_id, h.job_id)
             self._audit.append("code_kept_for_review", job_id=h.job_id, code_sha256=code.code_sha256)
         return kept

@@ -32,7 +32,8 @@ def _keep(ws: Path, job_id: str, archive: bytes) -> bool:
 
 def test_a_kept_job_unpacks_as_received_and_runs_nothing(tmp_path: Path) -> None:
     archive = _archive("raise SystemExit('never imported')\n")
-    assert _keep(tmp_path, "job-1", archive) and not _keep(tmp_path, "job-1", archive)  # kept once
+    assert _keep(tmp_path, "job-1", archive) and _keep(tmp_path, "job-1", archive)  # kept, once
+    assert len(list((tmp_path / "review").iterdir())) == 2
     facts, dest, files = unpack(tmp_path, "job-1")
     assert facts["code_sha256"] == code_hash_of_zip(archive) and dest == tmp_path / "review" / "job-1"
     assert [name for name, _ in files] == ["config_fed_client.yml", "custom/learner.py"]
