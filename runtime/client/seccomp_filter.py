@@ -8,7 +8,10 @@ Namespaces leave two ways out that no mount closes:
     - user namespaces of its own, where it is root again for much of the kernel: unshare() and clone() with
       CLONE_NEWUSER are refused, and clone3() (whose flags the filter cannot read) answers ENOSYS, so C
       libraries fall back to clone(). bwrap's --disable-userns does the same where bwrap maps the namespace
-      itself, and cannot where a root site's daemon does (sandbox_native.py).
+      itself, and cannot where a root site's daemon does (sandbox_native.py);
+    - the kernel's keyrings (add_key, request_key, keyctl answer ENOSYS, as Docker's default profile has
+      them): a user's keyring outlives the job, so one job could leave what the next job of the same user
+      (every job of a root site runs as sandbox.run_as) reads.
 A refused call fails with an errno (EAFNOSUPPORT, EPERM, ENOSYS), as on a kernel without that feature, so
 libraries take their fallbacks; calls of another ABI (32-bit, x32) are refused whole.
 
@@ -35,9 +38,12 @@ ALLOWED_FAMILIES = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6, socket.AF_N
 
 # AUDIT_ARCH_* and the calls' numbers on each machine
 _MACHINES = {
-    "x86_64": (0xC000003E, {"socket": 41, "socketpair": 53, "clone": 56, "unshare": 272, "clone3": 435}),
-    "aarch64": (0xC00000B7, {"socket": 198, "socketpair": 199, "clone": 220, "unshare": 97, "clone3": 435}),
+    "x86_64": (0xC000003E, {"socket": 41, "socketpair": 53, "clone": 56, "unshare": 272, "clone3": 435,
+                            "add_key": 248, "request_key": 249, "keyctl": 250}),
+    "aarch64": (0xC00000B7, {"socket": 198, "socketpair": 199, "clone": 220, "unshare": 97, "clone3": 435,
+                             "add_key": 217, "request_key": 218, "keyctl": 219}),
 }
+KEYRING_CALLS = ("add_key", "request_key", "keyctl")
 
 
 def _op(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
@@ -68,7 +74,7 @@ def program(machine: str | None = None) -> bytes | None:
     arch, nr = known
     blocks = {nr["socket"]: _families_only(), nr["socketpair"]: _families_only(),
               nr["unshare"]: _no_new_user_namespace(), nr["clone"]: _no_new_user_namespace(),
-              nr["clone3"]: [_deny(errno.ENOSYS)]}
+              nr["clone3"]: [_deny(errno.ENOSYS)], **{nr[call]: [_deny(errno.ENOSYS)] for call in KEYRING_CALLS}}
     out = [_op(_LD_ABS_W, _ARCH), _op(_JEQ, arch, jt=1), _deny(errno.EPERM), _op(_LD_ABS_W, _NR),
            _op(_JGE, X32_SYSCALL_BIT, jt=0, jf=1), _deny(errno.EPERM)]
     for number, block in blocks.items():
