@@ -10,12 +10,15 @@ the archive it received (the bytes it hashed), never unpacked, with what it knew
 
 `review_job.sh` lists them; `review_job.sh JOB` unpacks one into workspace/review/<job>/ (as the site
 unpacks a job: no links, no paths out, bounded sizes), checks the archive still has the hash it was refused
-with, and says how to approve it. Nothing here imports or runs the job's code. The newest MAX_KEPT
-archives are kept, within MAX_KEPT_BYTES.
+with, and says how to approve it; `--against OTHER` first shows what changed from the code of another job
+(one that ran here, as approved), so a new version of reviewed code is read as its diff. Nothing here
+imports or runs the job's code. The newest MAX_KEPT archives are kept, within MAX_KEPT_BYTES.
 """
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import json
 import shutil
 import sys
@@ -31,6 +34,7 @@ from ..plain_text import shown
 REVIEW_DIR = "review"
 MAX_KEPT = 16
 MAX_KEPT_BYTES = 512 << 20
+MAX_DIFFED_BYTES = 1 << 20
 
 
 def keep_for_review(workspace: Path, job_id: str, archive: bytes, facts: dict[str, Any]) -> bool:
@@ -96,6 +100,43 @@ def unpack(workspace: Path, job_id: str) -> tuple[dict[str, Any], Path, list[tup
     return facts, dest, files
 
 
+def code_of(workspace: Path, job_id: str) -> Path:
+    """The code of `job_id` as this site has it: a job that ran here (workspace/jobs/<job>/code, as it was
+    approved and unpacked) or a refused one kept for review (unpacked now). Raises ConfigError if neither."""
+    if "/" not in job_id and not job_id.startswith("."):
+        ran = workspace / "jobs" / job_id / "code"
+        if ran.is_dir():
+            return ran
+        if is_kept(workspace, job_id):
+            return unpack(workspace, job_id)[1]
+    raise ConfigError(f"job '{job_id}' neither ran on this site (workspace/jobs/{job_id}/code) nor is kept for review")
+
+
+def code_diff(old: Path, new: Path) -> list[str]:
+    """What changed from folder `old` to folder `new`: files added and removed, and for each file that
+    differs a unified diff (text under MAX_DIFFED_BYTES) or its two sha256 (anything else)."""
+    def files(root: Path) -> dict[str, Path]:
+        return {str(p.relative_to(root)): p for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
+
+    before, after = files(old), files(new)
+    lines = [f"added: {name}" for name in sorted(after.keys() - before.keys())]
+    lines += [f"removed: {name}" for name in sorted(before.keys() - after.keys())]
+    for name in sorted(before.keys() & after.keys()):
+        a, b = before[name].read_bytes(), after[name].read_bytes()
+        if a == b:
+            continue
+        try:
+            if max(len(a), len(b)) > MAX_DIFFED_BYTES:
+                raise UnicodeDecodeError("utf-8", b"", 0, 1, "too large to show")
+            lines += difflib.unified_diff(a.decode().splitlines(), b.decode().splitlines(), f"a/{name}",
+                                          f"b/{name}", lineterm="")
+        except UnicodeDecodeError:
+            lines.append(f"changed: {name} (sha256 {hashlib.sha256(a).hexdigest()[:16]}... -> "
+                         f"{hashlib.sha256(b).hexdigest()[:16]}..., not shown: binary or over "
+                         f"{MAX_DIFFED_BYTES >> 20} MiB)")
+    return lines or ["no file differs"]
+
+
 def render_pending(reviews: list[dict[str, Any]]) -> str:
     if not reviews:
         return "no refused job is kept for review"
@@ -128,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="review_job.sh", description="Jobs this site's code rule refused, "
                                      "kept to be read before approving their code hash.")
     parser.add_argument("job", nargs="?", help="a job id: unpack its code (never run) and say how to approve it")
+    parser.add_argument("--against", metavar="JOB", help="also show what changed from the code of JOB (one that "
+                        "ran here, or another kept one): a new version of approved code is read as its diff")
     parser.add_argument("--kit", type=Path, default=Path.cwd(), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     workspace = args.kit / "workspace"
@@ -135,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.job is None:
             print(render_pending(pending(workspace)))
         else:
-            print(render_review(*unpack(workspace, args.job)))
+            facts, dest, files = unpack(workspace, args.job)
+            if args.against:
+                print(f"changes from the code of job {args.against} to this one:")
+                print("\n".join(shown(line) for line in code_diff(code_of(workspace, args.against), dest)))
+                print()
+            print(render_review(facts, dest, files))
     except (ConfigError, JobRejected, OSError, ValueError) as e:
         print(f"review_job: {e}", file=sys.stderr)
         return 1

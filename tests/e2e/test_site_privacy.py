@@ -200,6 +200,18 @@ def test_approved_hashes_refuse_until_site_it_approves(make_study, tmp_path):
     (received,) = _events(study, "site-1", "job_received")
     assert received["code_sha256"] == code and received["code_approval"] == f"code hash {code[:16]} approved"
 
+    # its next version is read as what changed from the code that ran
+    with (job / "custom" / "learner.py").open("a") as f:
+        f.write("# version 2: one line more\n")
+    changed = study.admin_json(f"submit_job {job} {FAST}")
+    assert "the site keeps the code for its IT to review" in _refused(study, changed["job_id"])
+    review = _kit_script(study, "site-1", "review_job.sh", changed["job_id"], "--against", accepted["job_id"])
+    diff = review[:review.index("\n\njob ")].splitlines()
+    assert diff[:4] == [f"changes from the code of job {accepted['job_id']} to this one:",
+                        "--- a/custom/learner.py", "+++ b/custom/learner.py", diff[3]] and diff[3].startswith("@@")
+    assert [line for line in diff if line.startswith(("+", "-")) and line[:3] not in ("+++", "---")] == \
+        ["+# version 2: one line more"]
+
 
 def _kit_script(study: Any, kit: str, script: str, *args: str) -> str:
     ran = subprocess.run(["bash", str(study.kits[kit] / "startup" / script), *args], capture_output=True,

@@ -4,6 +4,7 @@ it keeps when its code rule refuses a job) runs end to end in tests/e2e/test_sit
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import zipfile
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runtime.client import code_review
-from runtime.client.code_review import keep_for_review, pending, unpack
+from runtime.client.code_review import keep_for_review, main, pending, unpack
 from runtime.errors import ConfigError, JobRejected
 from runtime.job_code import code_hash_of_zip
 
@@ -59,3 +60,29 @@ def test_only_the_newest_are_kept_and_unknown_names_are_refused(tmp_path: Path, 
     for name in ("job-0", "../review/job-4", ".hidden"):
         with pytest.raises(ConfigError, match=r"no refused job .* kept for review \(kept: job-4, job-3, job-2\)"):
             unpack(tmp_path, name)
+
+
+def test_a_new_version_of_reviewed_code_is_shown_as_its_diff(tmp_path: Path, capsys) -> None:
+    kit = tmp_path / "kit"
+    ran = kit / "workspace" / "jobs" / "job-0" / "code" / "custom"  # approved, ran here
+    ran.mkdir(parents=True)
+    (ran / "learner.py").write_text("lr = 0.1\nepochs = 2\n")
+    (ran / "helper.py").write_text("x = 1\n")
+    (ran / "weights.bin").write_bytes(b"\x00\xff" * 10)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:  # the new version: one line changed, a file gone, one added
+        zf.writestr("custom/learner.py", "lr = 0.1\nepochs = 2\nimport socket  # new\n")
+        zf.writestr("custom/weights.bin", b"\x01\xff" * 10)
+        zf.writestr("custom/extra.py", "y = 2\n")
+    _keep(kit / "workspace", "job-1", buffer.getvalue())
+    assert main(["--kit", str(kit), "job-1", "--against", "job-0"]) == 0
+    out = capsys.readouterr().out
+    diff = out[:out.index("\n\njob job-1")]
+    assert diff.splitlines() == [
+        "changes from the code of job job-0 to this one:", "added: custom/extra.py", "removed: custom/helper.py",
+        "--- a/custom/learner.py", "+++ b/custom/learner.py", "@@ -1,2 +1,3 @@", " lr = 0.1", " epochs = 2",
+        "+import socket  # new",
+        "changed: custom/weights.bin (sha256 " + hashlib.sha256(b"\x00\xff" * 10).hexdigest()[:16] + "... -> "
+        + hashlib.sha256(b"\x01\xff" * 10).hexdigest()[:16] + "..., not shown: binary or over 1 MiB)"]
+    assert main(["--kit", str(kit), "job-1", "--against", "job-9"]) == 1
+    assert "job 'job-9' neither ran on this site" in capsys.readouterr().err
