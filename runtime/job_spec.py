@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import strict_yaml
 from .aggregators.config import AggregatorConfig, FedAvgConfig
-from .bounded_zip import check_entries, extract_capped, open_zip, read_member
+from .bounded_zip import check_entries, extract_capped, is_plain_path, open_zip, read_member
 from .errors import ConfigError, JobRejected
 from .plain_text import check_one_line
 
@@ -140,6 +140,16 @@ class ServerJobConfig(_Strict):
                 data = {**data, "aggregator": {"name": "fedavg", **aggregator}}  # "unable to extract tag"
         return data
 
+    @field_validator("initial_model")
+    @classmethod
+    def _initial_in_job_folder(cls, v: str | None) -> str | None:
+        return None if v is None else _job_file(v)
+
+    @field_validator("evaluate_models")
+    @classmethod
+    def _models_in_job_folder(cls, v: list[str]) -> list[str]:
+        return [_job_file(name) for name in v]
+
     @model_validator(mode="after")
     def _consistent(self) -> ServerJobConfig:
         names = self.workflows
@@ -178,6 +188,22 @@ class FilterConfig(_Strict):
     name: str = Field(description="a privacy filter: exclude_vars, percentile, gaussian_dp or svt")
     args: dict[str, Any] = Field(default_factory=dict, description="the filter's arguments")
 
+    @field_validator("args")
+    @classmethod
+    def _text_one_line(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """Every text in the arguments is one line of plain text: show_job prints a site's filters with
+        them, so an exclude_vars pattern holding ESC and a newline wrote a fake line on an admin's terminal."""
+        def check(value: Any) -> None:
+            if isinstance(value, str):
+                check_one_line(value)
+            elif isinstance(value, dict | list):
+                for item in value.values() if isinstance(value, dict) else value:
+                    check(item)
+        for key, value in v.items():
+            check_one_line(str(key))
+            check(value)
+        return v
+
 
 class ClientJobConfig(_Strict):
     learner: LearnerConfig = Field(description="the class each site runs on its own data")
@@ -197,6 +223,16 @@ class JobSpec(BaseModel):
     meta: JobMeta
     server: ServerJobConfig
     client: ClientJobConfig
+
+
+def _job_file(name: str) -> str:
+    """A file of the job folder the server reads (initial_model, evaluate_models): a plain relative path,
+    one line of plain text; its name labels rows of the cross-site report and the console's status."""
+    check_one_line(name)
+    if not is_plain_path(name):
+        raise ValueError(f"{name!r}: give a file of the job folder as a plain relative path (e.g. "
+                         "models/base.safetensors)")
+    return name
 
 
 def _parse_yaml(name: str, text: str) -> dict[str, Any]:

@@ -21,8 +21,10 @@ def check_one_line(text: str) -> str:
     return text
 
 
-def shown(text: object) -> str:
+def shown(text: object, keep: str = "") -> str:
     """`text` safe to print on a terminal whatever it holds (a record a job's code shaped, a name a server
-    sent): each character check_one_line refuses is written as its escape, e.g. \\x1b."""
-    return "".join(ch.encode("unicode_escape").decode() if unicodedata.category(ch) in _REFUSED_CATEGORIES else ch
+    sent): each character check_one_line refuses, but those in `keep` (say "\\n\\t" for text of several
+    lines), is written as its escape, e.g. \\x1b: the reader sees it, the terminal never obeys it."""
+    return "".join(ch.encode("unicode_escape").decode()
+                   if ch not in keep and unicodedata.category(ch) in _REFUSED_CATEGORIES else ch
                    for ch in str(text))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+from .plain_text import shown
 
 if TYPE_CHECKING:
     import asyncio
@@ -73,8 +74,18 @@ def log_tail_bytes(log_path: Path, max_bytes: int) -> tuple[bytes, bool]:
     return data, False
 
 
+class LineSafeFormatter(logging.Formatter):
+    """Log lines no message can forge: what a message carries from elsewhere (a failure reason a site or a
+    job's tensor names shaped, a label a job chose) may hold a newline followed by a line of its own, say a
+    fake `audit log ...: N records, head HASH` anchor. Control and format characters are escaped (\\x1b),
+    and a message's further lines (a traceback, a task dump) are indented, so only fedkit starts a line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return shown(super().format(record), keep="\n\t").replace("\n", "\n    ")
+
+
 def setup_logging(log_path: Path, debug: bool = False) -> None:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = LineSafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.DEBUG if debug else logging.INFO)

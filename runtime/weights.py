@@ -31,11 +31,19 @@ import numpy as np
 from safetensors.numpy import save as _st_save
 
 from .errors import UpdateRejected
+from .plain_text import shown
 from .safetensors_header import MAX_HEADER_BYTES
 
 Weights = dict[str, np.ndarray]
 
 _BFLOAT16_NAME = "bfloat16"
+MAX_NAME_SHOWN = 80
+
+
+def _named(name: str) -> str:
+    """A tensor's name as an error quotes it: the sender chose it (a job's code, a site), so bounded and with
+    its control characters escaped; the error reaches logs and admins' terminals."""
+    return shown(name[:MAX_NAME_SHOWN]) + ("..." if len(name) > MAX_NAME_SHOWN else "")
 
 
 def bfloat16() -> np.dtype:
@@ -132,7 +140,7 @@ def view_bytes(buf: bytearray | bytes | mmap.mmap) -> Weights:
     for begin, end, name, dtype, shape in entries:
         count = math.prod(shape)
         if begin != covered or end - begin != count * dtype.itemsize or end > size:
-            raise UpdateRejected(f"tensor '{name}': its offsets do not match its shape and dtype")
+            raise UpdateRejected(f"tensor '{_named(name)}': its offsets do not match its shape and dtype")
         covered = end
         out[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=start + begin).reshape(shape)
     if covered != size:
@@ -160,7 +168,7 @@ def check_file(path: Path, chunk_bytes: int = 16 << 20, values: bool = True) -> 
             covered, start = 0, 8 + n_header
             for begin, end, name, dtype, shape in entries:
                 if begin != covered or end - begin != math.prod(shape) * dtype.itemsize:
-                    raise UpdateRejected(f"tensor '{name}': its offsets do not match its shape and dtype")
+                    raise UpdateRejected(f"tensor '{_named(name)}': its offsets do not match its shape and dtype")
                 covered = end
             if covered != size - start:
                 raise UpdateRejected(f"{size - start - covered} bytes after the last tensor, or tensors past "
@@ -168,7 +176,7 @@ def check_file(path: Path, chunk_bytes: int = 16 << 20, values: bool = True) -> 
             for begin, end, name, dtype, _ in entries if values else ():
                 if is_float_dtype(dtype) and not _file_range_finite(f, start + begin, end - begin, dtype,
                                                                     chunk_bytes):
-                    raise UpdateRejected(f"{path}: tensor '{name}' holds NaN or Inf")
+                    raise UpdateRejected(f"{path}: tensor '{_named(name)}' holds NaN or Inf")
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise UpdateRejected(f"{path}: not a valid safetensors file: header is not JSON") from None
     except OSError as e:
@@ -198,14 +206,14 @@ def _is_count(value: object) -> bool:
 def _header_entry(name: str, info: object) -> tuple[int, int, str, np.dtype, tuple[int, ...]]:
     """(begin, end, name, dtype, shape) of one header entry, each field checked."""
     if not isinstance(info, dict):
-        raise UpdateRejected(f"tensor '{name}': malformed entry in the header")
+        raise UpdateRejected(f"tensor '{_named(name)}': malformed entry in the header")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise UpdateRejected(f"tensor '{name}': unsupported dtype {str(dtype)[:16]!r}")
+        raise UpdateRejected(f"tensor '{_named(name)}': unsupported dtype {str(dtype)[:16]!r}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise UpdateRejected(f"tensor '{name}': shape must be a list of non-negative integers")
+        raise UpdateRejected(f"tensor '{_named(name)}': shape must be a list of non-negative integers")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets):
-        raise UpdateRejected(f"tensor '{name}': data_offsets must be two non-negative integers")
+        raise UpdateRejected(f"tensor '{_named(name)}': data_offsets must be two non-negative integers")
     numpy_dtype = bfloat16() if dtype == "BF16" else np.dtype(_DTYPES[dtype])
     return offsets[0], offsets[1], name, numpy_dtype, tuple(shape)
 
@@ -292,13 +300,13 @@ def check_update(update: Weights, reference: Weights) -> None:
     for name, arr in update.items():
         ref = reference.get(name)
         if ref is None:
-            raise UpdateRejected(f"unknown tensor '{name}' (not in the global model)")
+            raise UpdateRejected(f"unknown tensor '{_named(name)}' (not in the global model)")
         if arr.shape != ref.shape:
-            raise UpdateRejected(f"tensor '{name}' has shape {arr.shape}, model has {ref.shape}")
+            raise UpdateRejected(f"tensor '{_named(name)}' has shape {arr.shape}, model has {ref.shape}")
         if arr.dtype != ref.dtype:
-            raise UpdateRejected(f"tensor '{name}' has dtype {arr.dtype}, model has {ref.dtype}")
+            raise UpdateRejected(f"tensor '{_named(name)}' has dtype {arr.dtype}, model has {ref.dtype}")
         if is_float_dtype(arr.dtype) and not all_finite(arr):
-            raise UpdateRejected(f"tensor '{name}' holds NaN or Inf")
+            raise UpdateRejected(f"tensor '{_named(name)}' holds NaN or Inf")
         drop_read_pages(arr)  # checked: a spooled update is not all resident before its fold
 
 

@@ -23,9 +23,11 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from rich.console import Console  # noqa: E402
 
 from ..errors import FedkitError  # noqa: E402
+from ..plain_text import shown  # noqa: E402
 from ..procs import private_umask  # noqa: E402
 from .client import AdminClient  # noqa: E402
 from .console import USAGE, AdminConsole, UsageError  # noqa: E402
+from .sanitize import SafeConsole  # noqa: E402
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -35,7 +37,7 @@ def _console() -> Console:
     """Rich output, with markup off: job names, overrides (`meta.sites=[site-1]`) and errors print as they
     are. Piped into a file or another program, wide enough that tables are not cut to 80 columns."""
     width = None if sys.stdout.isatty() else 200
-    return Console(width=width, markup=False, highlight=False)
+    return SafeConsole(width=width, markup=False, highlight=False)
 
 
 async def one_shot(kit: Path, line: str, as_json: bool) -> int:
@@ -81,8 +83,8 @@ class _Shell(cmd.Cmd):
     def default(self, line: str) -> bool:
         try:
             self._loop.run_until_complete(self._console.run_line(line))
-        except FedkitError as e:
-            print(f"error: {e}", file=sys.stderr)
+        except FedkitError as e:  # its text may hold what a job shaped: escaped, never obeyed by the terminal
+            print(f"error: {shown(e, keep=chr(10))}", file=sys.stderr)
             if self._as_json:  # a script feeding lines reads stdout: one JSON object per line, errors too
                 code = EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILED
                 print(json.dumps({"error": " ".join(str(e).split()), "exit_code": code}), flush=True)
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         code = EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILED
         message = " ".join(str(e).split())
-        print(f"fl_admin: {message}", file=sys.stderr)
+        print(f"fl_admin: {shown(message)}", file=sys.stderr)  # what a job shaped: escaped, never obeyed
         if args.json:  # a script reads stdout: every outcome is one JSON object there
             print(json.dumps({"error": message, "exit_code": code}), flush=True)
         return code

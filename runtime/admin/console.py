@@ -25,7 +25,7 @@ from ..privacy_report import describe_chain
 from ..tasks import TaskKind
 from .client import AdminClient, unreadable_job_files
 from .cross_site_table import cross_site_output
-from .sanitize import clean_remote
+from .sanitize import SafeConsole, clean_remote
 from .scalars_view import scalar_lines
 
 USAGE = {
@@ -397,7 +397,7 @@ class AdminConsole:
     def _transfer_bar(self, what: str) -> Iterator[Transfer]:
         """A rich progress bar on stderr for people; nothing for --json, whose stdout a script parses, nor for
         a stderr that is not a terminal (rich leaves a blank line there, above the one line of an error)."""
-        stderr = Console(stderr=True)
+        stderr = SafeConsole(stderr=True)
         if self._json or not stderr.is_terminal:
             yield lambda done, total: None
             return

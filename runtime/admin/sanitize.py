@@ -9,6 +9,12 @@ sequences (CSI, OSC, DCS and the rest) and every C0 and C1 control character exc
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+
+from rich.console import Console
+from rich.segment import Segment
+
+from ..plain_text import shown
 
 _ESCAPE_SEQUENCE = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, clearing
@@ -22,3 +28,15 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but \t \n, DEL, C1
 def clean_remote(text: object) -> str:
     """`text` as a string with terminal control sequences and control characters removed."""
     return _CONTROL.sub("", _ESCAPE_SEQUENCE.sub("", str(text)))
+
+
+class SafeConsole(Console):
+    """A rich Console whose every printed piece of text has its control and format characters escaped
+    (plain_text.shown; newlines and tabs kept), whatever path it came by: a job's name, a filter argument, a
+    failure reason a site or a tensor name shaped. Rich's own styling is kept: it is rendered from each
+    segment's style, never from the text; rich's own control segments (cursor moves) pass as they are."""
+
+    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
+        return super()._render_buffer(segment if segment.control else
+                                      Segment(shown(segment.text, keep="\n\t"), segment.style, segment.control)
+                                      for segment in buffer)

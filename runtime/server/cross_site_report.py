@@ -130,13 +130,15 @@ def report_csv(report: CrossSiteReport) -> str:
     metrics = sorted({name for row in report.matrix.values() for cell in row.values() for name in cell})
     header = list(CSV_FIXED_COLUMNS) + [f"metric.{m}" if m in CSV_FIXED_COLUMNS else m for m in metrics]
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    # every text quoted: a spreadsheet whose list separator is `;` split an unquoted `x;=HYPERLINK(...)` and
+    # evaluated its second half; numbers stay numbers
+    writer = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     writer.writerow([_csv_text(h) for h in header])
     for model in report.models:
         for site in report.sites:
             cell = report.matrix[model].get(site)
             if cell is not None:
-                writer.writerow([_csv_text(model), _csv_text(site)] + [repr(cell[m]) if m in cell else ""
+                writer.writerow([_csv_text(model), _csv_text(site)] + [float(cell[m]) if m in cell else ""
                                                                        for m in metrics])
     return out.getvalue()
 

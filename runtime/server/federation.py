@@ -12,6 +12,7 @@ from ..audit import AuditLog
 from ..errors import FedkitError, JobRejected, PermissionDenied, SessionExpired, TransferStalled, UpdateRejected
 from ..heap import give_back_free_memory
 from ..identity import Identity
+from ..plain_text import shown
 from ..proto import fedkit_pb2 as pb
 from ..tasks import declined_kinds
 from ..transport import CHUNK_BYTES, with_idle_timeout
@@ -24,6 +25,7 @@ from .transfer_slots import TransferSlots
 from .update_spool import IncomingUpdate
 
 MAX_REFUSED_COPIES = 1024  # instance ids of refused copies remembered (to log each once)
+MAX_SITE_ERROR_CHARS = 2000  # a site sends at most ~1,000 characters of a job's error text, plus its own words
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +180,14 @@ class FederationService:
                        chunks: AsyncIterator[pb.ResultChunk | bytes]) -> str:
         """Take the payload in, check it and hand it to the controller; returns its SHA-256."""
         metrics = decode_metrics(header.metrics_json)
-        if not header.payload_bytes or header.error:
-            if header.error and (header.declines_job or header.declines_tasks):
-                await controller.declined(task.site, header.error,
+        # a site's words, shaped in part by a job's code: one bounded line of plain text from here on (the
+        # job's record, show_job, the server's log and audit)
+        error = shown(" ".join(header.error[:MAX_SITE_ERROR_CHARS].split())) if header.error else ""
+        if not header.payload_bytes or error:
+            if error and (header.declines_job or header.declines_tasks):
+                await controller.declined(task.site, error,
                                           None if header.declines_job else declined_kinds(header.declines_tasks))
-            await controller.accept_result(task, int(header.n_samples), metrics, header.error, None)
+            await controller.accept_result(task, int(header.n_samples), metrics, error, None)
             return ""
         await self._upload_slots.acquire(header.lease_id, task.site)
         incoming = None
@@ -207,7 +212,7 @@ class FederationService:
                 # an honest site always ends with the hash trailer: the link broke, the site may resend
                 raise TransferStalled(f"upload from {task.site} ended before its end marker")
             payload = await asyncio.to_thread(incoming.finish, trailer)
-            await controller.accept_result(task, int(header.n_samples), metrics, header.error, payload)
+            await controller.accept_result(task, int(header.n_samples), metrics, error, payload)
         finally:
             self._moving -= 1
             try:

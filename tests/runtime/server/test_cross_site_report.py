@@ -115,7 +115,8 @@ def test_missing_and_non_finite_cells_are_absent_not_nan(tmp_path: Path) -> None
 def test_hostile_model_and_metric_names_stay_text(tmp_path: Path) -> None:
     """An evaluate job names its models (file names) and its code names the metrics: a formula, a quote, a
     comma, a newline or mathtext in them must neither run in a spreadsheet nor break the files."""
-    models = ['=HYPERLINK("http://x","click")', "a,b\"c\nd.safetensors", "$\\frac{1}{0}$_^"]
+    models = ['=HYPERLINK("http://x","click")', "a,b\"c\nd.safetensors", "$\\frac{1}{0}$_^",
+              'x;=HYPERLINK(CHAR(104)&CHAR(116))']  # no comma nor quote: csv left it unquoted
     metric = "@SUM(A1:A9),$x^$"
     matrix = {m: {s: {metric: 0.5 + i / 10, "model": 1.0} for s in SITES} for i, m in enumerate(models)}
 
@@ -124,8 +125,12 @@ def test_hostile_model_and_metric_names_stay_text(tmp_path: Path) -> None:
     with open(tmp_path / REPORT_CSV, newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["model", "site", "'" + metric, "metric.model"]  # never two "model" columns
-    assert [r[0] for r in rows[1::3]] == ["'" + models[0], models[1], models[2]]
+    assert [r[0] for r in rows[1::3]] == ["'" + models[0], models[1], models[2], models[3]]
     assert all(not cell.startswith(("=", "+", "@")) for row in rows for cell in row)
+    with open(tmp_path / REPORT_CSV, newline="") as f:  # as a spreadsheet whose list separator is ; reads it
+        cells = [cell for row in csv.reader(f, delimiter=";") for cell in row]
+    assert all(not cell.startswith(("=", "+", "@")) for cell in cells), cells
+    assert rows[-1][2:] == ["0.8", "1.0"]  # numbers stay numbers
     assert json.loads((tmp_path / REPORT_JSON).read_text())["models"] == models
     assert _png_size((tmp_path / REPORT_PNG).read_bytes())  # mathtext off: "$\frac{1}{0}$" is drawn as text
 
