@@ -18,7 +18,6 @@ variates) under CONTROL_PREFIX; `split_control` separates them from the model at
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -40,13 +39,6 @@ RESULT_WEIGHTS: dict[TaskKind, Literal["whole_model", "delta"] | None] = {
     TaskKind.INIT: "whole_model", TaskKind.TRAIN: "delta", TaskKind.VALIDATE: None,
     TaskKind.SUBMIT_MODEL: "whole_model", TaskKind.PREPARE: None,
 }
-
-
-def declined_kinds(names: Iterable[str]) -> frozenset[TaskKind]:
-    """The kinds of task a site's failure report says it declines (ResultHeader.declines_tasks): a peer's
-    text, so what names no kind is ignored."""
-    known = {kind.value: kind for kind in TaskKind}
-    return frozenset(known[name] for name in list(names)[:len(known)] if name in known)
 
 
 # The local algorithms and the key metric are plain frozen dataclasses, and this module imports no pydantic,

@@ -21,7 +21,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,10 +116,6 @@ class Steps:
 
 # the tasks whose weights are a DP release, and the prepare that starts their worker: a spent budget stops them
 DISK_CLEANUP_WAIT_S = 120.0  # emptying a job's folders after it filled the disk (millions of files: slow)
-_RELEASING = frozenset({TaskKind.PREPARE, TaskKind.INIT, TaskKind.TRAIN, TaskKind.SUBMIT_MODEL})
-# a job's spent DP budget stays spent while the site runs (its privacy.yml is read at start): the server is
-# told to send none of the job's releasing tasks it may still plan (a prepare is never answered, init runs once)
-_DECLINED_WHEN_SPENT = (TaskKind.TRAIN.value, TaskKind.SUBMIT_MODEL.value)
 
 
 @dataclass
@@ -431,10 +427,11 @@ class ClientDaemon:
             try:
                 if kind is TaskKind.INIT:
                     self._privacy.check_builds_initial_model()
-                if kind in _RELEASING:  # a spent budget stops the job's code too, not only its upload
-                    await self._dp_counted(h.job_id, h.task_name, h.round, self._check_dp_room, h.job_id, chain)
-            except JobRejected as e:  # this task only: building round 0 here, a spent DP budget (a validation may
-                self._job_refused(h, config, "privacy", e)  # still run), an unreadable ledger site IT may restore
+                # a spent budget stops the job's code, and every kind of task: a validation sends no weights,
+                # but scores of weights the server chose read the data too, outside any budget
+                await self._dp_counted(h.job_id, h.task_name, h.round, self._check_dp_room, h.job_id, chain)
+            except JobRejected as e:  # building round 0 here: this task only; a spent DP budget: the whole job
+                self._job_refused(h, config, "privacy", e, declines=isinstance(e, DpBudgetExhausted))
                 raise
             await self._ensure_job(h, config, job_dir, client_cfg)
             if kind is TaskKind.PREPARE:  # the job's worker is running for its first real task: no answer
@@ -454,14 +451,15 @@ class ClientDaemon:
             if isinstance(e, WorkerFailed) and h.job_id in self._disk_stopped:  # killed by the disk guard
                 e = JobRejected(self._disk_stopped[h.job_id])
                 await self._disk_cleaned(h.job_id)
+            if isinstance(e, DpBudgetExhausted):  # at its upload: another job took the site budget's last room
+                self._declined_jobs.add(h.job_id)
             log.error("job %s %s round %d failed: %s", h.job_id, h.task_name, h.round, e)
             self._audit.append("task_failed", job_id=h.job_id, task=h.task_name, round=h.round, reason=str(e))
             if h.task_name != TaskKind.PREPARE:  # a prepare is never answered: the job's first task says it
                 # what the job's code could shape: its worker's errors and exit, the weights it wrote
                 await self._report_failure(h, self._privacy.reports.error_text(
                     _site_paths_hidden(str(e), _site_places(self._kit, self._settings.data_root)),
-                    _shaped_by_job(e)), declines=self._declines(h.job_id),
-                    declines_tasks=_DECLINED_WHEN_SPENT if isinstance(e, DpBudgetExhausted) else ())
+                    _shaped_by_job(e)), declines=self._declines(h.job_id))
         finally:
             if not keep_updates:
                 await asyncio.to_thread(self._remove_task_folder, round_dir)
@@ -814,20 +812,18 @@ class ClientDaemon:
 
     def _declines(self, job_id: str) -> bool:
         """Whether the site runs none of the job's tasks while this daemon runs: its own policy refused the
-        whole job (org/role, code, the privacy floor under `refuse`), or the job filled its disk. Each holds
-        until the site restarts (policies are read at start); the server then asks again. Refusals of one
-        kind of task (building round 0, a spent DP budget, which still lets validations run) are not."""
+        whole job (org/role, code, the privacy floor under `refuse`), its DP budget (or the site's) has no room
+        for another release, or the job filled its disk. Each holds until the site restarts (policies are
+        read at start); the server then asks again. A refusal to build round 0 is of that task only."""
         return job_id in self._declined_jobs or job_id in self._disk_stopped
 
-    async def _report_failure(self, h: pb.TaskHeader, reason: str, declines: bool = False,
-                              declines_tasks: Iterable[str] = ()) -> None:
+    async def _report_failure(self, h: pb.TaskHeader, reason: str, declines: bool = False) -> None:
         """Tell the server this site's task failed, and why: a result header with the error, no weights and
         no metrics (the server counts it as this site's failure of the round). Audited as what it is, an
         error report (`error_reported`, with the reason that left the site), never as an update sent.
-        `declines`: the site will run none of this job while it runs (the server stops tasking it);
-        `declines_tasks`: none of these kinds of its tasks (a spent DP budget: the server still asks validations)."""
+        `declines`: the site will run none of this job while it runs (the server stops tasking it)."""
         header = pb.ResultHeader(session_id=self._session_id, task_id=h.task_id, metrics_json="{}", error=reason,
-                                 declines_job=declines, declines_tasks=sorted(declines_tasks))
+                                 declines_job=declines)
 
         async def chunks() -> AsyncIterator[bytes]:
             yield header_message(header)
@@ -836,8 +832,7 @@ class ClientDaemon:
             reply = await self._bulk.SubmitResult(chunks(), timeout=RPC_TIMEOUT_S)
         if reply.accepted:
             self._audit.append("error_reported", job_id=h.job_id, task=h.task_name, round=h.round, reason=reason,
-                               **({"declines_job": True} if declines else {}),
-                               **({"declines_tasks": sorted(declines_tasks)} if declines_tasks else {}))
+                               **({"declines_job": True} if declines else {}))
             log.info("job %s %s round %d: the server took this site's failure report", h.job_id, h.task_name,
                      h.round)
         else:

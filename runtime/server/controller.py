@@ -93,9 +93,7 @@ class JobController:
         self._tasked: set[str] = set()  # every site this run has sent a task: the ones that may fetch the job
         self._prepared: set[str] = set()  # the sites told to start the job's worker during round 0
         self._not_awaited: set[str] = set()  # offline sites a round's start waited for in vain (_rejoining)
-        # site -> the session in which it declined the job, and which kinds of its tasks (None: all of them);
-        # a site that registers anew (a restart, e.g. with a changed policy) is asked again
-        self._declined: dict[str, tuple[str, frozenset[TaskKind] | None]] = {}
+        self._declined: dict[str, str] = {}  # site -> the session in which it declined the job (restarted: asked again)
         self._resume_wait_s = 0.0  # RESUME_WAIT_S from a resume until a round has started
         self._code_signature = store.code_signature(record.job_id)  # passed on to sites as submitted
         self.spool_files = SpoolFiles(store.incoming_dir)  # large updates land here, file reused (update_spool)
@@ -161,32 +159,22 @@ class JobController:
             self._board.complete(task)
             rnd.changed.set()
 
-    async def declined(self, site: str, reason: str, kinds: frozenset[TaskKind] | None = None) -> None:
-        """The site said it will run none of this job's tasks (`kinds` None: its policy refused the job, the
-        job filled its disk) or none of those kinds (its DP budget for the job is spent: it still validates)
-        while it runs: later rounds leave it out of such tasks instead of tasking it every round to be refused
-        again. Until it registers anew (a restart, e.g. with a changed policy): then it is asked."""
+    async def declined(self, site: str, reason: str) -> None:
+        """The site said it will run none of this job while it runs (its policy refused it, its privacy budget
+        is spent, the job filled its disk): later rounds leave it out instead of tasking it every round to be
+        refused again. Until it registers anew (a restart, e.g. with a changed policy): then it is asked."""
         session = self._registry.session(site)
-        if session is None or kinds == frozenset():
+        if session is None or self._declined.get(site) == session.session_id:
             return
-        before = self._declined.get(site)
-        if before is not None and before[0] == session.session_id:
-            if before[1] is None or (kinds is not None and kinds <= before[1]):
-                return
-            kinds = None if kinds is None else kinds | before[1]
-        self._declined[site] = (session.session_id, kinds)
-        what = "it" if kinds is None else f"its {_kinds_text(kinds)} tasks"
-        log.warning("job %s: %s declines %s (%s); it gets none of them unless it restarts", self.record.job_id,
-                    site, what, reason)
+        self._declined[site] = session.session_id
+        log.warning("job %s: %s declines it (%s); it gets none of the job's tasks unless it restarts",
+                    self.record.job_id, site, reason)
         await asyncio.to_thread(self._audit.append, "site_declined", job_id=self.record.job_id, site=site,
-                                reason=reason, **({} if kinds is None else {"tasks": sorted(kinds)}))
+                                reason=reason)
 
-    def _declines(self, site: str, kind: TaskKind) -> bool:
-        """Whether `site` declined this kind of the job's tasks in its current session."""
+    def _declines(self, site: str) -> bool:
         session = self._registry.session(site)
-        declined = self._declined.get(site)
-        return (session is not None and declined is not None and declined[0] == session.session_id
-                and (declined[1] is None or kind in declined[1]))
+        return session is not None and self._declined.get(site) == session.session_id
 
     async def reject(self, task: Task, reason: str) -> None:
         """Record a result refused before it could be parsed (size, hash, stream) as the site's failure."""
@@ -408,8 +396,7 @@ class JobController:
         while True:
             self._check_aborted()
             online = self._registry.alive()
-            sites = eligible_sites(self.spec.meta, [s for s in online if not self._declines(s, plan.kind)],
-                                   plan.exclude)
+            sites = eligible_sites(self.spec.meta, [s for s in online if not self._declines(s)], plan.exclude)
             away = eligible_sites(self.spec.meta, self._rejoining(online), plan.exclude)  # a decliner is not away
             if len(sites) >= need and (not away or loop.time() >= rejoin_until):
                 self._not_awaited.update(away)
@@ -423,10 +410,9 @@ class JobController:
             if plan.if_no_site and not sites:
                 raise RoundFailed(plan.if_no_site)
             if loop.time() >= deadline:
-                declining = sorted(s for s in self._declined if self._declines(s, plan.kind))
+                declining = sorted(s for s in self._declined if self._declines(s))
                 raise RoundFailed(f"{_what(plan)}: only {len(sites)} of min {need} sites online after {timeout_s:g} s"
-                                  + (f" ({', '.join(declining)} declined the job's {plan.kind.value} tasks)"
-                                     if declining else ""))
+                                  + (f" ({', '.join(declining)} declined the job)" if declining else ""))
             try:
                 await asyncio.wait_for(self._aborted.wait(), TICK_S)
             except TimeoutError:
@@ -519,10 +505,6 @@ def _wire_error(metrics: dict[str, Any]) -> dict[str, float]:
     site's word: shown, never acted on)."""
     reported = numbers(metrics.get("wire"))
     return {k: v for k in WireError().as_metrics() if math.isfinite(v := reported.get(k, math.nan))}
-
-
-def _kinds_text(kinds: frozenset[TaskKind]) -> str:
-    return " and ".join(sorted(kind.value for kind in kinds))
 
 
 def _what(plan: RoundPlan) -> str:

@@ -14,7 +14,6 @@ from ..heap import give_back_free_memory
 from ..identity import Identity
 from ..plain_text import shown
 from ..proto import fedkit_pb2 as pb
-from ..tasks import declined_kinds
 from ..transport import CHUNK_BYTES, with_idle_timeout
 from .metrics_check import decode_metrics
 from .registry import Registry
@@ -184,9 +183,8 @@ class FederationService:
         # job's record, show_job, the server's log and audit)
         error = shown(" ".join(header.error[:MAX_SITE_ERROR_CHARS].split())) if header.error else ""
         if not header.payload_bytes or error:
-            if error and (header.declines_job or header.declines_tasks):
-                await controller.declined(task.site, error,
-                                          None if header.declines_job else declined_kinds(header.declines_tasks))
+            if error and header.declines_job:
+                await controller.declined(task.site, error)
             await controller.accept_result(task, int(header.n_samples), metrics, error, None)
             return ""
         await self._upload_slots.acquire(header.lease_id, task.site)

@@ -142,7 +142,8 @@ def test_each_refusal_by_site_policy_is_one_job_refused_record(tmp_path: Path, k
     # every task still fails with the reason, and each task but the prepare tells the server
     failed = [r for r in _events(daemon, "task_failed") if r["job_id"] == "job-a"]
     assert [(r["task"], r["round"]) for r in failed] == list(TASKS)
-    assert all(r["reason"] == refused[0]["reason"] for r in failed)
+    # (the code rule's also says the site keeps the code for its IT to review)
+    assert all(r["reason"].startswith(refused[0]["reason"]) for r in failed)
     assert len(server.results) == 4  # job-a rounds 1 and 2, job-b rounds 1 and 2
     assert _events(daemon, "job_received") == [] and _events(daemon, "update_sent") == []
     if kind != "code":
@@ -284,3 +285,19 @@ def test_an_abort_while_the_next_job_starts_leaves_that_job_alone(tmp_path: Path
     job_id, first, second = asyncio.run(scenario())
     assert first.killed and first.stopped
     assert job_id == "job-2" and daemon._worker is second and not (second.killed or second.stopped)
+
+
+def test_a_spent_dp_budget_answers_no_validation_either_and_declines_the_job(tmp_path: Path) -> None:
+    # a validation sends no weights, but the scores of weights the server chose read the data too: a
+    # compromised server located every validation record by bisecting on hundreds of them, outside any budget
+    privacy = PrivacyPolicy.model_validate({"gaussian_dp": {"noise_multiplier": 1.0, "clip_norm": 1.0},
+                                            "dp_site_budget": {"epsilon": 0.1, "delta": 1e-5}})  # no release fits
+    server = FakeServer()
+    daemon = _daemon(tmp_path, server, privacy=privacy)
+    _run_tasks(daemon, "invented-job", (("validate", 1),))
+    (failed,) = _events(daemon, "task_failed")
+    assert failed["task"] == "validate" and "DP budget for all jobs is exhausted" in failed["reason"]
+    assert [r["budget"] for r in _events(daemon, "dp_budget_exhausted")] == ["dp_site_budget"]
+    (reported,) = _events(daemon, "error_reported")
+    assert reported["declines_job"] is True  # the server leaves the site out of the rest of the job
+    assert server.job_fetches == 0 and _events(daemon, "update_sent") == []

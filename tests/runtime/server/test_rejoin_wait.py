@@ -34,7 +34,6 @@ from runtime.weights import to_bytes
 from tests.runtime.server.test_event_loop_not_blocked import _answer, _run_with_sites, _Runner, _until
 
 SITES = ["site-1", "site-2", "site-3"]
-JOB = "job"  # a site declining all of the job's tasks
 HEARTBEAT_TIMEOUT_S = 0.3
 # When the coming-and-going site goes away: ("before" | "after" answering, train round) -> returns once it
 # may come back (it then registers again, as a restarted daemon does)
@@ -42,11 +41,10 @@ Pauses = dict[tuple[str, int], Callable[[], Awaitable[None]]]
 
 
 async def _site(service: FederationService, name: str, done: asyncio.Event, pauses: Pauses, silent: set[str],
-                declines: frozenset[str] = frozenset()) -> None:
+                declines: bool = False) -> None:
     """A site that answers every task, and goes silent where `pauses` says: before answering a train task
     (its task is then re-sent when it registers again) or after. One that `declines` takes part in round 1,
-    then refuses the whole job (JOB: restarted with a stricter policy) or those kinds of its tasks (its DP
-    budget spent): such tasks get a declining failure."""
+    then refuses the whole job (restarted with a stricter policy): its later tasks get a declining failure."""
     peer = Identity(name, f"org-{name}", Kind.CLIENT)
     session = (await service.register(peer, pb.RegisterRequest(host_info_json="{}"))).session_id
 
@@ -63,8 +61,8 @@ async def _site(service: FederationService, name: str, done: asyncio.Event, paus
         if messages[0].WhichOneof("kind") != "header":
             continue
         header = messages[0].header
-        if header.round > 1 and (JOB in declines or header.task_name in declines):
-            await _decline(service, peer, session, header, declines)
+        if declines and header.round > 1:
+            await _decline(service, peer, session, header)
             continue
         if header.task_name == "train" and await away("before", header.round):
             session = (await service.register(peer, pb.RegisterRequest(host_info_json="{}"))).session_id
@@ -74,14 +72,9 @@ async def _site(service: FederationService, name: str, done: asyncio.Event, paus
             session = (await service.register(peer, pb.RegisterRequest(host_info_json="{}"))).session_id
 
 
-async def _decline(service: FederationService, peer: Identity, session: str, header: pb.TaskHeader,
-                   declines: frozenset[str]) -> None:
-    if JOB in declines:
-        reply = pb.ResultHeader(session_id=session, task_id=header.task_id, metrics_json="{}", declines_job=True,
-                                error="site policy refuses job: its code hash is not in approved_hashes")
-    else:
-        reply = pb.ResultHeader(session_id=session, task_id=header.task_id, metrics_json="{}",
-                                declines_tasks=sorted(declines), error="DP budget exhausted on this site")
+async def _decline(service: FederationService, peer: Identity, session: str, header: pb.TaskHeader) -> None:
+    reply = pb.ResultHeader(session_id=session, task_id=header.task_id, metrics_json="{}", declines_job=True,
+                            error="site policy refuses job: its code hash is not in approved_hashes")
 
     async def one():
         yield pb.ResultChunk(header=reply)
@@ -89,14 +82,12 @@ async def _decline(service: FederationService, peer: Identity, session: str, hea
 
 
 def _run_job(tmp_path: Path, rejoin_wait_s: float, make_pauses: Callable[[Registry, AuditLog], Pauses],
-             rounds: int = 2, declining: str = "", declines: frozenset[str] = frozenset({JOB}),
-             workflows: str = "[fedavg]") -> AuditLog:
+             rounds: int = 2, declining: str = "") -> AuditLog:
     initial = to_bytes({"w": np.zeros(8, dtype=np.float32)})
     spec = load_job_spec({"meta.yml": "name: rejoin\nmin_clients: 2",
                           "config_fed_client.yml": "learner: {path: a:B}",
                           "config_fed_server.yml": f"rounds: {rounds}\ninitial_model: init.safetensors\n"
-                                                   f"rejoin_wait_s: {rejoin_wait_s}\nround_timeout_s: 120\n"
-                                                   f"workflows: {workflows}"})
+                                                   f"rejoin_wait_s: {rejoin_wait_s}\nround_timeout_s: 120"})
     store = JobStore(tmp_path / "jobs")
     record = _job_record(store, spec, {"init.safetensors": initial})
     audit = AuditLog(tmp_path / "audit.jsonl")
@@ -117,8 +108,7 @@ def _run_job(tmp_path: Path, rejoin_wait_s: float, make_pauses: Callable[[Regist
             await asyncio.sleep(0.05)
 
     asyncio.run(_run_with_sites(controller, registry, SITES, lambda done: [
-        *(_site(service, n, done, pauses if n == "site-3" else {}, silent,
-                declines=declines if n == declining else frozenset()) for n in SITES),
+        *(_site(service, n, done, pauses if n == "site-3" else {}, silent, declines=n == declining) for n in SITES),
         *(keep_alive(n, done) for n in SITES)], 120))
     return audit
 
@@ -199,17 +189,3 @@ def test_a_site_that_declined_the_job_is_not_waited_for_as_offline(tmp_path: Pat
     assert _rounds(audit) == {1: SITES, 2: SITES[:2], 3: SITES[:2]}
     assert [(r["site"]) for r in audit.tail(500) if r["event"] == "site_declined"] == ["site-3"]
     assert not [r.getMessage() for r in caplog.records if "goes on without" in r.getMessage()]
-
-
-def test_a_site_whose_dp_budget_is_spent_is_left_out_of_training_and_still_validates(tmp_path: Path) -> None:
-    # it was tasked (and refused) each later train round; its scores of the final model still count
-    audit = _run_job(tmp_path, rejoin_wait_s=60, rounds=3, make_pauses=lambda registry, audit: {},
-                     declining="site-3", declines=frozenset({"train", "submit_model"}), workflows="[fedavg, evaluate]")
-    records = audit.tail(500)
-    declined = [(r["site"], r["tasks"]) for r in records if r["event"] == "site_declined"]
-    assert declined == [("site-3", ["submit_model", "train"])]
-    assert _rounds(audit) == {1: SITES, 2: SITES[:2], 3: SITES[:2]}
-    site_3 = [(r["task"], r["round"]) for r in records if r["event"] == "task_sent" and r["site"] == "site-3"]
-    assert site_3[:2] == [("train", 1), ("train", 2)] and {task for task, _ in site_3[2:]} == {"validate"}
-    validated = [r["site"] for r in records if r["event"] == "result_accepted" and r.get("task") == "validate"]
-    assert sorted(set(validated)) == SITES and "evaluation_done" in [r["event"] for r in records]
