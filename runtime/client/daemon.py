@@ -44,7 +44,8 @@ from ..errors import (
     UpdateRejected,
 )
 from ..heap import give_back_free_memory
-from ..job_spec import TRAINING_WORKFLOWS, ClientJobConfig, safe_extract, sha256_hex
+from ..job_spec import MAX_JOB_ZIP_BYTES, TRAINING_WORKFLOWS, ClientJobConfig, safe_extract, sha256_hex
+from ..plain_text import shown
 from ..procs import LOG_FILE, log_tail_bytes
 from ..proto import fedkit_pb2 as pb
 from ..scalar_log import last_steps
@@ -93,6 +94,7 @@ SCALAR_STEPS_FILE = "scalar_steps.json"  # in a job's folder: each logged scalar
 STOPPING_NOTICE_S = 2.0  # how long a stopping site waits for the server to take its last heartbeat
 ONCE_DEADLINE_S = 60.0  # --once: how long a site keeps trying to reach the server before it gives up
 MAX_TASK_BYTES = 64 << 30
+MAX_ID_CHARS = 128  # a job or task id from the server, used as a folder name
 
 
 class Steps:
@@ -371,6 +373,13 @@ class ClientDaemon:
                              config_error=f"cannot store the task's model under {round_dir}: {e.strerror or e}")
             path = round_dir / "global_in.safetensors"
             steps = Steps()
+            room = self._disk.room_bytes()
+            if h.payload_bytes and room is not None and h.payload_bytes > room:  # fail before writing a byte
+                call.cancel()
+                return _Task(header=h, round_dir=round_dir, payload_path=None, config=None,
+                             config_error=f"the task's model ({h.payload_bytes >> 20} MiB) would take the disk "
+                                          "holding this site's workspace below local/site.yml "
+                                          f"sandbox.min_free_disk_mb ({self._disk.min_free_mb}); not downloaded")
             if h.payload_bytes:
                 part = path.with_suffix(".part")
                 try:
@@ -532,10 +541,15 @@ class ClientDaemon:
         if self._policy.requires_code_check:  # extract afresh: what runs must be exactly what was approved
             await asyncio.to_thread(shutil.rmtree, code_dir, True)
         if not code_dir.exists():
-            parts = []
+            parts, received = [], 0
             with call_errors("get job", self._target):
                 call = self._stub.GetJob(pb.GetJobRequest(session_id=self._session_id, job_id=h.job_id))
                 async for chunk in with_idle_timeout(call, what="job download"):
+                    received += len(chunk.data)
+                    if received > MAX_JOB_ZIP_BYTES:  # in memory: a server streaming on would take the host's
+                        call.cancel()
+                        raise JobRejected(f"job {h.job_id}: its archive passed {MAX_JOB_ZIP_BYTES >> 20} MiB while "
+                                          "it came; refused")
                     parts.append(chunk.data)
             archive = b"".join(parts)
             digest = await asyncio.to_thread(sha256_hex, archive)
@@ -990,9 +1004,11 @@ def _local_revocations(crl_path: Path, root_ca: Path) -> frozenset[int]:
 
 
 def _safe_name(text: str) -> str:
-    """A server-given id used as a folder name: no path tricks."""
-    if not text or "/" in text or "\\" in text or text.startswith("."):
-        raise JobRejected(f"invalid id '{text[:40]}' from the server")
+    """A server-given id used as a folder name: no path tricks, no control characters (a NUL byte made
+    mkdir raise ValueError, which stopped the site), no name too long for a file system."""
+    if (not text or "/" in text or "\\" in text or text.startswith(".") or len(text) > MAX_ID_CHARS
+            or any(not ch.isprintable() for ch in text)):
+        raise JobRejected(f"invalid id {shown(text[:40])!r} from the server")
     return text
 
 
