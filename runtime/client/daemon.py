@@ -540,6 +540,9 @@ class ClientDaemon:
         code_dir = JobFolders(job_dir).code
         if self._policy.requires_code_check:  # extract afresh: what runs must be exactly what was approved
             await asyncio.to_thread(shutil.rmtree, code_dir, True)
+            if code_dir.exists():  # a file left there would run beside the approved code (custom/ is imported)
+                raise JobRejected(f"job {h.job_id}: its earlier code folder {code_dir} could not be removed; "
+                                  "remove it by hand so only approved code runs")
         if not code_dir.exists():
             parts, received = [], 0
             with call_errors("get job", self._target):
