@@ -93,3 +93,21 @@ def test_a_model_larger_than_the_room_above_the_disk_floor_is_not_downloaded(tmp
 def test_an_id_no_folder_can_be_named_after_is_refused_in_one_line(bad: str) -> None:
     with pytest.raises(JobRejected, match="invalid id .* from the server"):
         _safe_name(bad)
+
+
+def test_a_strict_site_runs_no_code_beside_the_approved_code(tmp_path: Path, monkeypatch) -> None:
+    # an earlier job's code folder that could not be removed would be imported beside the approved code
+    from runtime.client.job_policy import JobPolicy
+    from runtime.job_code import code_hash_of_zip
+    from tests.runtime.client.test_site_refusals import ARCHIVE
+
+    policy = JobPolicy.model_validate({"code": {"approved_hashes": [code_hash_of_zip(ARCHIVE)]}})
+    daemon = _daemon(tmp_path, FakeServer(), policy=policy)
+    left = daemon._ws / "jobs" / "job-a" / "code" / "custom"
+    left.mkdir(parents=True)
+    (left / "evil.py").write_text("import os\n")
+    monkeypatch.setattr(daemon_module.shutil, "rmtree", lambda path, ignore_errors=False: None)  # it resists
+    _run_tasks(daemon, "job-a", (("train", 1),))
+    (failed,) = _events(daemon, "task_failed")
+    assert "its earlier code folder" in failed["reason"] and "could not be removed" in failed["reason"]
+    assert _events(daemon, "job_received") == [] and _events(daemon, "worker_started") == []
