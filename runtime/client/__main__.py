@@ -86,6 +86,10 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
         log.warning("this site puts differential privacy on the weights, but a job's metrics, logged scalars and "
                     "error messages leave as its code writes them, without noise; local/privacy.yml `reports:` "
                     "limits them (see local/privacy.yml.example)")
+    if privacy.gaussian_dp and not (privacy.dp_budget or privacy.dp_site_budget):
+        log.warning("local/privacy.yml adds gaussian_dp noise but sets no dp_budget or dp_site_budget: every "
+                    "release is counted, none is refused, so a server sending the same task again and again "
+                    "could average the noise away; dp_site_budget bounds what all jobs together may take")
     daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals(), privacy=privacy,
                          once=once)
     expiry = asyncio.create_task(warn_before_expiry(
