@@ -82,14 +82,8 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
     if floor is not None and (free := free_mb(ws)) < floor:
         log.warning("the disk holding this site's workspace has %.0f MiB free, below local/site.yml "
                     "sandbox.min_free_disk_mb (%d): no job's worker starts until there is room", free, floor)
-    if privacy.reports.is_open and (privacy.gaussian_dp or privacy.dp_budget or privacy.dp_site_budget):
-        log.warning("this site puts differential privacy on the weights, but a job's metrics, logged scalars and "
-                    "error messages leave as its code writes them, without noise; local/privacy.yml `reports:` "
-                    "limits them (see local/privacy.yml.example)")
-    if privacy.gaussian_dp and not (privacy.dp_budget or privacy.dp_site_budget):
-        log.warning("local/privacy.yml adds gaussian_dp noise but sets no dp_budget or dp_site_budget: every "
-                    "release is counted, none is refused, so a server sending the same task again and again "
-                    "could average the noise away; dp_site_budget bounds what all jobs together may take")
+    for line in privacy_gaps(privacy):
+        log.warning("%s", line)
     daemon = ClientDaemon(kit, cfg, settings, ws, audit, policy, stop_event_on_signals(), privacy=privacy,
                          once=once)
     expiry = asyncio.create_task(warn_before_expiry(
@@ -111,6 +105,20 @@ async def run(kit: Path, debug: bool, once: bool = False) -> bool:
             log.error("audit log %s: cannot record the stop (%s)", audit.path, e.strerror or e)
         remove_pid(ws)
     return daemon.restart_requested
+
+
+def privacy_gaps(privacy: PrivacyPolicy) -> list[str]:
+    """Lines for what a site's differential privacy leaves open, said at its start."""
+    lines = []
+    if privacy.reports.is_open and (privacy.gaussian_dp or privacy.dp_budget or privacy.dp_site_budget):
+        lines.append("this site puts differential privacy on the weights, but a job's metrics, logged scalars and "
+                     "error messages leave as its code writes them, without noise; local/privacy.yml `reports:` "
+                     "limits them (see local/privacy.yml.example)")
+    if privacy.gaussian_dp and not (privacy.dp_budget or privacy.dp_site_budget):
+        lines.append("local/privacy.yml adds gaussian_dp noise but sets no dp_budget or dp_site_budget: every "
+                     "release is counted, none is refused, so a server sending the same task again and again "
+                     "could average the noise away; dp_site_budget bounds what all jobs together may take")
+    return lines
 
 
 def machine_mismatches(settings: kc.SiteLocalSettings, cores: int | None = None,

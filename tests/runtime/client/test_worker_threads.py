@@ -88,3 +88,16 @@ def test_the_real_worker_runs_torch_with_the_sites_thread_count(tmp_path: Path) 
     assert asyncio.run(_worker_threads(tmp_path, 1)) == 1.0
     if granted_cores() > 1:  # torch never runs more threads than there are cores
         assert asyncio.run(_worker_threads(tmp_path / "b", 2)) == 2.0
+
+
+def test_what_a_sites_differential_privacy_leaves_open_is_said_at_start() -> None:
+    from runtime.client.__main__ import privacy_gaps
+    from runtime.client.privacy_policy import PrivacyPolicy
+
+    noise = {"gaussian_dp": {"noise_multiplier": 1.0, "clip_norm": 1.0}}
+    open_reports, no_budget = privacy_gaps(PrivacyPolicy.model_validate(noise))
+    assert "metrics, logged scalars and error messages leave as its code writes them" in open_reports
+    assert "sets no dp_budget or dp_site_budget" in no_budget and "average the noise away" in no_budget
+    budgeted = PrivacyPolicy.model_validate({**noise, "dp_site_budget": {"epsilon": 8.0, "delta": 1e-5},
+                                             "reports": {"metric_names": ["auc"]}})
+    assert privacy_gaps(budgeted) == [] and privacy_gaps(PrivacyPolicy()) == []
