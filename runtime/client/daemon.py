@@ -78,6 +78,7 @@ from .local_edits import LocalEdits
 from .privacy_policy import EffectiveChain, PrivacyPolicy
 from .report_policy import REPORT_KEY
 from .sandbox import limits_of, sandbox_for_job
+from .score_count import ScoresExhausted, count_score
 from .worker_handle import WORKER_START_TIMEOUT_S, WorkerFailed, WorkerHandle, WorkerOutOfMemory, WorkerTimedOut
 from .worker_threads import threads_per_rank
 
@@ -439,8 +440,10 @@ class ClientDaemon:
                 # a spent budget stops the job's code, and every kind of task: a validation sends no weights,
                 # but scores of weights the server chose read the data too, outside any budget
                 await self._dp_counted(h.job_id, h.task_name, h.round, self._check_dp_room, h.job_id, chain)
-            except JobRejected as e:  # building round 0 here: this task only; a spent DP budget: the whole job
-                self._job_refused(h, config, "privacy", e, declines=isinstance(e, DpBudgetExhausted))
+                if kind in (TaskKind.TRAIN, TaskKind.VALIDATE):  # each scores a model on the data first
+                    await asyncio.to_thread(count_score, self._ws, h.job_id, self._privacy.scores)
+            except JobRejected as e:  # building round 0 here: this task only; a spent budget or cap: the whole job
+                self._job_refused(h, config, "privacy", e, declines=isinstance(e, DpBudgetExhausted | ScoresExhausted))
                 raise
             await self._ensure_job(h, config, job_dir, client_cfg)
             if kind is TaskKind.PREPARE:  # the job's worker is running for its first real task: no answer

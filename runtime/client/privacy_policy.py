@@ -39,6 +39,7 @@ from ..kit_config import SettingsModel, load_optional
 from ..privacy_accounting import GaussianMechanism
 from ..privacy_report import FilterStep
 from .report_policy import ReportPolicy
+from .score_count import ScoreCaps
 
 if TYPE_CHECKING:
     from ..filters import Filter
@@ -88,6 +89,7 @@ class PrivacyPolicy(SettingsModel):
     # what the job's own reports may carry out; `reports: null` is the default (SettingsModel), as the
     # other sections' null says "none"
     reports: ReportPolicy = Field(default_factory=ReportPolicy)
+    scores: ScoreCaps = Field(default_factory=ScoreCaps)  # how many models jobs may have scored on the data
     build_initial_model: bool | None = Field(None, description=(
         "whether this site's worker may build a job's round-0 model when the job ships none; its tensor names "
         "and shapes are the job's code's choice and leave past every filter. null: not under a gaussian_dp, "
