@@ -117,7 +117,6 @@ class Steps:
         return ", ".join(f"{step} {s:.2f} s" for step, s in self.seconds.items())
 
 
-# the tasks whose weights are a DP release, and the prepare that starts their worker: a spent budget stops them
 DISK_CLEANUP_WAIT_S = 120.0  # emptying a job's folders after it filled the disk (millions of files: slow)
 
 
