@@ -21,7 +21,8 @@ from tests.runtime.client.test_site_refusals import FakeServer, _daemon, _events
 
 
 class _EndlessArchive(FakeServer):
-    """GetJob streams 1 MiB chunks for as long as it is read."""
+    """GetJob streams 1 MiB chunks as long as it is read, up to 64 (a bound of the test's own: a site that
+    read on would fail its assertion, not fill this machine's memory)."""
 
     def GetJob(self, request: pb.GetJobRequest) -> Any:  # noqa: N802 (the gRPC name)
         self.job_fetches += 1
@@ -34,6 +35,8 @@ class _EndlessArchive(FakeServer):
                 return self
 
             async def __anext__(self) -> Any:
+                if self.sent == 64:
+                    raise StopAsyncIteration
                 self.sent += 1
                 server.chunks_sent = self.sent
                 return SimpleNamespace(data=b"x" * (1 << 20))
