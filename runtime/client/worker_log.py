@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from pathlib import Path
 
 MIB = 1 << 20
@@ -50,11 +51,22 @@ class CappedLog:
             self._file.close()
 
 
+# ASCII control bytes but newline and tab: ESC would reach the terminal of whoever reads the log with `cat`
+# or `tail` (clearing it, retitling it, faking lines); byte-wise, so a character cut between reads is intact
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def inert(data: bytes) -> bytes:
+    """`data` with each control byte written as its escape (\\x1b): read in the log, never obeyed."""
+    return _CONTROL_BYTES.sub(lambda m: b"\\x%02x" % m.group()[0], data)
+
+
 async def pump(stream: asyncio.StreamReader, log: CappedLog) -> None:
-    """Copy `stream` (a worker's stderr) into `log` until EOF; file writes off the event loop."""
+    """Copy `stream` (a worker's stderr, the job's code's words) into `log` until EOF, its control bytes
+    escaped; file writes off the event loop."""
     try:
         while data := await stream.read(READ_BYTES):
-            await asyncio.to_thread(log.write, data)
+            await asyncio.to_thread(log.write, inert(data))
     except OSError:  # the site's disk is full: drain the pipe, so the worker never blocks on its stderr
         while await stream.read(READ_BYTES):
             pass

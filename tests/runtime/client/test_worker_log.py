@@ -51,6 +51,18 @@ def test_pump_copies_a_stream_to_its_end_and_closes_the_log(tmp_path: Path) -> N
     assert (tmp_path / "w.log").read_bytes().endswith(b"a" * 500)
 
 
+def test_pump_writes_a_jobs_control_bytes_as_text(tmp_path: Path) -> None:
+    # the job's stderr is read by site IT with cat or tail: ESC would clear or retitle their terminal
+    async def scenario() -> None:
+        stream = asyncio.StreamReader()
+        stream.feed_data("ok\x1b[2J\x1b]0;pwned\x07\rhidden\tcol é\n".encode())
+        stream.feed_eof()
+        await pump(stream, CappedLog(tmp_path / "w.log"))
+
+    asyncio.run(scenario())
+    assert (tmp_path / "w.log").read_text() == "ok\\x1b[2J\\x1b]0;pwned\\x07\\x0dhidden\tcol é\n"
+
+
 FLOOD = """
 import sys
 chunk = "x" * 65535 + "\\n"
