@@ -441,8 +441,8 @@ class ClientDaemon:
                 await self._dp_counted(h.job_id, h.task_name, h.round, self._check_dp_room, h.job_id, chain)
                 if kind in (TaskKind.TRAIN, TaskKind.VALIDATE):  # each scores a model on the data first
                     await asyncio.to_thread(count_score, self._ws, h.job_id, self._privacy.scores)
-            except JobRejected as e:  # building round 0 here: this task only; a spent budget or cap: the whole job
-                self._job_refused(h, config, "privacy", e, declines=isinstance(e, DpBudgetExhausted | ScoresExhausted))
+            except JobRejected as e:  # building round 0 here: this task only; a spent budget or cap: the whole
+                self._job_refused(h, config, "privacy", e)  # job (below, with a budget spent at an upload)
                 raise
             await self._ensure_job(h, config, job_dir, client_cfg)
             if kind is TaskKind.PREPARE:  # the job's worker is running for its first real task: no answer
@@ -462,8 +462,8 @@ class ClientDaemon:
             if isinstance(e, WorkerFailed) and h.job_id in self._disk_stopped:  # killed by the disk guard
                 e = JobRejected(self._disk_stopped[h.job_id])
                 await self._disk_cleaned(h.job_id)
-            if isinstance(e, DpBudgetExhausted):  # at its upload: another job took the site budget's last room
-                self._declined_jobs.add(h.job_id)
+            if isinstance(e, DpBudgetExhausted | ScoresExhausted):  # before the job's code ran, or at its upload
+                self._declined_jobs.add(h.job_id)  # (another job took the site budget's last room): no more of it
             log.error("job %s %s round %d failed: %s", h.job_id, h.task_name, h.round, e)
             self._audit.append("task_failed", job_id=h.job_id, task=h.task_name, round=h.round, reason=str(e))
             if h.task_name != TaskKind.PREPARE:  # a prepare is never answered: the job's first task says it
@@ -583,9 +583,10 @@ class ClientDaemon:
                  "refused_at": datetime.now(UTC).isoformat(timespec="seconds"), "reason": reason,
                  "code_sha256": code.code_sha256, "job_sha256": digest,
                  "learner_to_run": code.learner_to_run}
-        already = is_kept(self._ws, _safe_name(h.job_id))
+        job = _safe_name(h.job_id)
+        already = is_kept(self._ws, job)
         try:
-            kept = await asyncio.to_thread(keep_for_review, self._ws, _safe_name(h.job_id), archive, facts)
+            kept = await asyncio.to_thread(keep_for_review, self._ws, job, archive, facts)
         except OSError as e:
             log.warning("job %s: its refused code could not be kept for review: %s", h.job_id, e)
             return False

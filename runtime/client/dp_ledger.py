@@ -26,7 +26,6 @@ do, until site IT restores or removes the file.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import DpBudgetExhausted, JobRejected
 from ..privacy_accounting import GaussianMechanism, epsilon
 from ..privacy_report import MAX_RELEASES, DpSpend
+from .durable import write_durably
 from .privacy_policy import DpBudget
 
 LEDGER_FILE = "dp_ledger.json"
@@ -206,18 +206,7 @@ def _read(path: Path, model: type[_R], unreadable: Callable[[str], JobRejected])
 
 
 def _write(path: Path, ledger: _Releases) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(ledger.model_dump_json(indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
+    write_durably(path, ledger.model_dump_json(indent=1) + "\n")
 
 
 def _json_epsilon(value: float) -> float | Literal["inf"]:

@@ -80,6 +80,11 @@ _PREFIX_PROBE = ("import json, sys; "
                  "print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))")
 
 
+def _tmpfs_size(memory_bytes: int) -> int:
+    """Each of /tmp and /dev/shm without a memory cgroup: half the limit, the two together within it."""
+    return max(memory_bytes // 2, 1 << 20)
+
+
 class NativeSandbox(Sandbox):
     name = "native"
 
@@ -111,10 +116,11 @@ class NativeSandbox(Sandbox):
         """The size of each of the sandbox's /tmp and /dev/shm where the memory limit falls back to an
         address-space rlimit: tmpfs pages are not in a process's address space, so without a size a job
         limited to 256 MiB wrote 2 GiB into /dev/shm (up to half the host's memory each). Half the limit
-        each; none where a memory cgroup holds (it counts tmpfs pages) or there is no limit."""
-        if limits.memory_bytes is None or "memory" in enforced:
+        each; none where a memory cgroup holds (it counts tmpfs pages), there is no limit, or this bwrap
+        cannot size a tmpfs (older than 0.8)."""
+        if limits.memory_bytes is None or "memory" in enforced or not self._has_option("--size"):
             return None
-        return max(limits.memory_bytes // 2, 1 << 20)
+        return _tmpfs_size(limits.memory_bytes)
 
     # ---- can it run here ---------------------------------------------------------------------------
 
@@ -157,7 +163,7 @@ class NativeSandbox(Sandbox):
         if key == "pids":
             return ("rlimit (processes of the job's user)" if self._job_uid() != 0
                     else "not enforced (no writable cgroup)")
-        tmpfs = (f"/tmp and /dev/shm {int(value) >> 21} MiB each" if self._has_option("--size")
+        tmpfs = (f"/tmp and /dev/shm {_tmpfs_size(int(value)) >> 20} MiB each" if self._has_option("--size")
                  else "/tmp and /dev/shm not capped: bwrap older than 0.8")
         # memfd_create and System V shared memory take RAM that no address space or file system counts
         return f"rlimit (address space, per process); {tmpfs}; memfd and SysV shm not bounded"
@@ -190,7 +196,7 @@ class NativeSandbox(Sandbox):
             # the job's user may run `pids` more threads than it runs now: a fork storm no longer takes the
             # user's whole process limit, which a site running job code as its own user needs to go on
             enter += ["--nproc", f"{self._job_uid()}:{limits.pids}"]
-        tmpfs_bytes = self._tmpfs_bytes(limits, enforced) if self._has_option("--size") else None
+        tmpfs_bytes = self._tmpfs_bytes(limits, enforced)
         data_fds: list[int] = []
         mapping = _UserMap(self.worker_user, data_fds) if self.worker_user is not None else None
         proc = None

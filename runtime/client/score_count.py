@@ -11,13 +11,13 @@ any of the job's code runs:
                    to start counting again)
 
 Past a cap the task is refused and the site declines the rest of the job. Counts live in
-workspace/scores.json (written whole, then renamed). Without caps nothing is counted or written.
+workspace/scores.json (written as the DP ledgers are: whole, synced, then renamed). Without caps nothing is
+counted or written.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from pydantic import Field
 
 from ..errors import JobRejected
 from ..kit_config import SettingsModel
+from .durable import write_durably
 
 SCORES_FILE = "scores.json"
 _LOCK = threading.Lock()
@@ -62,8 +63,4 @@ def count_score(workspace: Path, job_id: str, caps: ScoreCaps) -> None:
                                       f"cap (local/privacy.yml scores.{setting}); it answers no more of the job")
         counts["jobs"][job_id] = job + 1
         counts["total"] = int(counts["total"]) + 1
-        part = path.with_suffix(".json.part")
-        part.write_text(json.dumps(counts, sort_keys=True))
-        with open(part, "rb") as f:
-            os.fsync(f.fileno())
-        part.replace(path)
+        write_durably(path, json.dumps(counts, sort_keys=True))
