@@ -99,6 +99,19 @@ class Run:
 
 # ---- the server's records ----------------------------------------------------------------------------
 
+def _whole_records(path: Path, start: int, text: str) -> list[dict[str, Any]]:
+    """The audit records in `text`, read from `start` of a log the server is appending to: a mark taken
+    while a record was being written falls inside it (the file grows a page at a time), and the last line
+    may still be coming; neither is a record of the case."""
+    if start:
+        with path.open("rb") as f:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":  # the mark fell inside a record begun before the case
+                text = text.partition("\n")[2]
+    lines = text.split("\n")[:-1]  # the part after the last newline is a record still being written
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 class ServerRecords:
     """Audit records and log text the server appends, read as deltas around each case."""
 
@@ -118,8 +131,7 @@ class ServerRecords:
             with path.open("rb") as f:
                 f.seek(start)
                 texts.append(f.read().decode(errors="replace"))
-        audit = [json.loads(line) for line in texts[0].splitlines() if line.strip()]
-        return audit, texts[1] + texts[2]
+        return _whole_records(self.audit_path, mark[0], texts[0]), texts[1] + texts[2]
 
     async def capture(self, outcome: Outcome, action: Callable[[], Awaitable[pb.SubmitReply | None]],
                       expect_audit: bool = True) -> None:
